@@ -1,0 +1,1 @@
+"""Files shipped with the package: the sample H&E image and the default models."""

@@ -1,0 +1,13 @@
+"""Errors a user can act on. The CLI prints them as one line; the widgets as a notification."""
+
+
+class GenSelfDiffError(Exception):
+    """Base class: a problem with the user's input or environment, with a readable message."""
+
+
+class DataError(GenSelfDiffError):
+    """Unreadable, missing, empty or mismatched data (images, masks, slides)."""
+
+
+class CheckpointError(GenSelfDiffError):
+    """A checkpoint folder that is missing, incomplete or inconsistent."""

@@ -1,0 +1,55 @@
+"""Shared fixtures. Real data lives in ../shared/data (never copied into the repository); tests
+that need it skip with a message saying so when the folder is absent."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_data_dir() -> Path | None:
+    env = os.environ.get("GENSELFDIFF_DATA")
+    cand = Path(env) if env else REPO.parent / "shared" / "data"
+    return cand if cand.is_dir() else None
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    d = shared_data_dir()
+    if d is None:
+        pytest.skip("real data not found: expected ../shared/data next to the repository "
+                    "(or set GENSELFDIFF_DATA); see ../shared/data/README.md")
+    return d
+
+
+@pytest.fixture(scope="session")
+def glas_dir(shared_data) -> Path:
+    d = shared_data / "glas" / "train"
+    if not (d / "images").is_dir():
+        pytest.skip(f"GlaS training set not found under {d}")
+    return d
+
+
+@pytest.fixture(scope="session")
+def monuseg_dir(shared_data) -> Path:
+    d = shared_data / "monuseg" / "train"
+    if not (d / "images").is_dir():
+        pytest.skip(f"MoNuSeg training set not found under {d}")
+    return d
+
+
+@pytest.fixture(scope="session")
+def slides_dir(shared_data) -> Path:
+    d = shared_data / "slides"
+    if not d.is_dir():
+        pytest.skip(f"slides not found under {d}")
+    return d
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
