@@ -1,0 +1,159 @@
+"""Checkpoints: a folder with ``model.safetensors`` + ``config.json`` (and, while training,
+``training_state.safetensors`` + ``training_state.json`` for resuming).
+
+Nothing here unpickles: tensors go through safetensors, everything else through JSON. A save
+writes a complete new folder next to the target and swaps it in with renames, so a crash leaves
+either the old checkpoint or the new one, never a mixture. A crash between the two renames leaves
+``<name>.old``, which :func:`resolve` recovers.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .errors import CheckpointError
+from .unet import UNet, UNetConfig
+
+FORMAT_VERSION = 1
+MODEL_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+STATE_TENSORS = "training_state.safetensors"
+STATE_JSON = "training_state.json"
+
+
+def versions() -> dict[str, str]:
+    from .. import __version__
+    return {"napari_genselfdiff": __version__, "torch": torch.__version__, "python": platform.python_version()}
+
+
+def resolve(path: str | os.PathLike) -> Path:
+    """The checkpoint folder at ``path``, recovering an interrupted swap if needed."""
+    path = Path(path)
+    old = path.with_name(path.name + ".old")
+    if not path.exists() and old.is_dir():
+        old.rename(path)
+    return path
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True))
+
+
+def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, config: dict,
+                    training_state: dict | None = None) -> Path:
+    """Write ``model``'s weights and ``config`` (plus an optional resumable training state).
+
+    ``training_state`` may hold tensors at any depth of dicts/lists: they are flattened into
+    ``training_state.safetensors``; everything else must be JSON-serialisable.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / MODEL_FILE))
+        if training_state is not None:
+            tensors: dict[str, torch.Tensor] = {}
+            skeleton = _split_tensors(training_state, "", tensors)
+            save_file(tensors, str(tmp / STATE_TENSORS))
+            _write_json(tmp / STATE_JSON, skeleton)
+        _write_json(tmp / CONFIG_FILE, {**config, "format_version": FORMAT_VERSION})
+        old = path.with_name(path.name + ".old")
+        if old.exists():
+            shutil.rmtree(old)
+        if path.exists():
+            path.rename(old)
+        tmp.rename(path)
+        if old.exists():
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _split_tensors(obj: Any, prefix: str, out: dict[str, torch.Tensor]) -> Any:
+    """Replace tensors by ``{"__tensor__": key}`` placeholders, collecting them in ``out``."""
+    if isinstance(obj, torch.Tensor):
+        out[prefix] = obj.detach().contiguous().cpu()
+        return {"__tensor__": prefix}
+    if isinstance(obj, dict):
+        return {str(k): _split_tensors(v, f"{prefix}.{k}" if prefix else str(k), out) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_split_tensors(v, f"{prefix}.{i}", out) for i, v in enumerate(obj)]
+    return obj
+
+
+def _join_tensors(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, dict):
+        if set(obj) == {"__tensor__"}:
+            return tensors[obj["__tensor__"]]
+        return {k: _join_tensors(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_join_tensors(v, tensors) for v in obj]
+    return obj
+
+
+def load_config(path: str | os.PathLike) -> dict:
+    path = resolve(path)
+    cfg_file = path / CONFIG_FILE
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint folder")
+    if not cfg_file.is_file() or not (path / MODEL_FILE).is_file():
+        raise CheckpointError(f"{path}: not a checkpoint (needs {MODEL_FILE} and {CONFIG_FILE})")
+    try:
+        cfg = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{cfg_file}: unreadable config ({e})") from None
+    if not isinstance(cfg, dict) or "model" not in cfg:
+        raise CheckpointError(f"{cfg_file}: config lacks the model architecture ('model')")
+    if cfg.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(f"{path}: written by a newer napari-genselfdiff (format {cfg['format_version']})")
+    return cfg
+
+
+def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    path = resolve(path)
+    try:
+        return load_file(str(path / MODEL_FILE))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path / MODEL_FILE}: unreadable weights ({e})") from None
+
+
+def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[UNet, dict]:
+    """Build the U-Net described by the checkpoint's config and load its weights."""
+    cfg = load_config(path)
+    model = UNet(UNetConfig.from_dict(cfg["model"]))
+    weights = load_weights(path)
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{path}: weights do not match the config "
+                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return model.to(device), cfg
+
+
+def load_training_state(path: str | os.PathLike) -> dict | None:
+    """The resumable state saved with the checkpoint, or None if it has none."""
+    path = resolve(path)
+    if not (path / STATE_JSON).is_file():
+        return None
+    try:
+        skeleton = json.loads((path / STATE_JSON).read_text())
+        tensors = load_file(str(path / STATE_TENSORS)) if (path / STATE_TENSORS).is_file() else {}
+    except (json.JSONDecodeError, SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: unreadable training state ({e})") from None
+    return _join_tensors(skeleton, tensors)
+
+
+def optimizer_state_from_json(state: dict) -> dict:
+    """Undo JSON's stringification of the optimizer's integer parameter ids."""
+    return {"state": {int(k): v for k, v in state["state"].items()}, "param_groups": state["param_groups"]}

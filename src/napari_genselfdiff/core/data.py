@@ -1,0 +1,405 @@
+"""Training data: reading images and masks, patch sampling, augmentation, label fractions.
+
+Everything random takes an explicit ``numpy.random.Generator``; the training loops derive one
+generator per step from (seed, step), so a run resumed from a checkpoint sees exactly the batches
+it would have seen without the interruption.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from .errors import DataError
+
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
+SLIDE_EXTS = {".svs", ".ndpi", ".scn", ".zarr", ".btf"}
+
+
+# ---------------------------------------------------------------------------------------------
+# reading
+
+def read_image(path: str | os.PathLike) -> np.ndarray:
+    """An RGB uint8 (H, W, 3) image from a small PNG/JPEG/TIFF file, with clear errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    try:
+        if path.suffix.lower() in {".tif", ".tiff"}:
+            import tifffile
+            arr = tifffile.imread(path)
+        else:
+            import imageio.v3 as iio
+            arr = iio.imread(path)
+    except Exception as e:  # every decoder has its own exception types
+        raise DataError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
+    return to_rgb_uint8(np.asarray(arr), path)
+
+
+def to_rgb_uint8(arr: np.ndarray, source: object = "image") -> np.ndarray:
+    """Grayscale -> RGB, RGBA -> RGB on white, 16-bit -> 8-bit; other shapes are an error."""
+    arr = np.squeeze(arr) if arr.ndim > 3 else arr
+    if arr.ndim == 2:
+        arr = np.repeat(arr[..., None], 3, axis=2)
+    if arr.ndim != 3:
+        raise DataError(f"{source}: expected a 2-D RGB image, got shape {arr.shape}")
+    if arr.shape[-1] not in (1, 3, 4) and arr.shape[0] in (1, 3, 4):
+        arr = np.moveaxis(arr, 0, -1)  # channels first (TIFF planar)
+    if arr.shape[-1] == 1:
+        arr = np.repeat(arr, 3, axis=2)
+    if arr.dtype == np.uint16:
+        arr = (arr.astype(np.float32) / 257.0).round().astype(np.uint8)
+    elif arr.dtype == bool:
+        arr = arr.astype(np.uint8) * 255
+    elif np.issubdtype(arr.dtype, np.floating):
+        if np.nanmin(arr) < 0 or np.nanmax(arr) > 1:
+            raise DataError(f"{source}: float image with values outside [0, 1]; cannot convert safely")
+        arr = (np.nan_to_num(arr) * 255).round().astype(np.uint8)
+    elif arr.dtype != np.uint8:
+        raise DataError(f"{source}: unsupported pixel type {arr.dtype}")
+    if arr.shape[-1] == 4:
+        a = arr[..., 3:4].astype(np.float32) / 255.0
+        arr = (arr[..., :3] * a + 255 * (1 - a)).round().astype(np.uint8)
+    if arr.shape[-1] != 3:
+        raise DataError(f"{source}: expected 1, 3 or 4 channels, got shape {arr.shape}")
+    return np.ascontiguousarray(arr)
+
+
+def read_mask(path: str | os.PathLike) -> np.ndarray:
+    """A mask as stored: 2-D integer array (0/255 binary, class ids or instance ids)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    try:
+        if path.suffix.lower() in {".tif", ".tiff"}:
+            import tifffile
+            arr = tifffile.imread(path)
+        else:
+            import imageio.v3 as iio
+            arr = iio.imread(path)
+    except Exception as e:
+        raise DataError(f"{path}: cannot read mask ({type(e).__name__}: {e})") from None
+    arr = np.asarray(arr)
+    if arr.ndim == 3 and arr.shape[-1] in (3, 4):  # an RGB-saved mask: channels must agree
+        if not (np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(arr[..., 0], arr[..., 2])):
+            raise DataError(f"{path}: colour mask; expected a single-channel label image")
+        arr = arr[..., 0]
+    arr = np.squeeze(arr)
+    if arr.ndim != 2 or not (np.issubdtype(arr.dtype, np.integer) or arr.dtype == bool):
+        raise DataError(f"{path}: expected a 2-D integer mask, got shape {arr.shape} {arr.dtype}")
+    return arr
+
+
+# ---------------------------------------------------------------------------------------------
+# tasks: from stored masks to training targets
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """What a segmentation model predicts."""
+
+    task: str = "glands"  # glands | nuclei | multiclass
+    num_classes: int = 2
+    class_names: tuple[str, ...] = ("background", "gland")
+    boundary: bool = False  # nuclei: a third class on object boundaries, to separate touching nuclei
+
+    @classmethod
+    def make(cls, task: str, boundary: bool = False, num_classes: int | None = None) -> "TaskSpec":
+        if task == "glands":
+            return cls("glands", 2, ("background", "gland"), False)
+        if task == "nuclei":
+            if boundary:
+                return cls("nuclei", 3, ("background", "nucleus", "boundary"), True)
+            return cls("nuclei", 2, ("background", "nucleus"), False)
+        if task == "multiclass":
+            n = num_classes or 2
+            return cls("multiclass", n, tuple(["background"] + [f"class{i}" for i in range(1, n)]), False)
+        raise DataError(f"unknown task {task!r}: choose glands, nuclei or multiclass")
+
+    def to_dict(self) -> dict:
+        return {"task": self.task, "num_classes": self.num_classes, "class_names": list(self.class_names),
+                "boundary": self.boundary}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TaskSpec":
+        return cls(d["task"], int(d["num_classes"]), tuple(d["class_names"]), bool(d.get("boundary", False)))
+
+
+def mask_to_target(mask: np.ndarray, spec: TaskSpec, source: object = "mask") -> np.ndarray:
+    """Turn a stored mask into class ids (uint8) for ``spec``.
+
+    0/255 masks are binary; masks whose values are all < num_classes are class ids (for binary
+    tasks any value > 0 is foreground, which also covers instance-id masks). With a boundary class,
+    object boundaries (between instances, or of connected components of a binary mask) become 2.
+    """
+    mask = np.asarray(mask)
+    values = np.unique(mask)
+    if spec.task == "multiclass":
+        if values.max(initial=0) >= spec.num_classes:
+            if set(values.tolist()) <= {0, 255}:
+                return (mask > 0).astype(np.uint8)
+            raise DataError(f"{source}: value {values.max()} is not a class id below {spec.num_classes}")
+        return mask.astype(np.uint8)
+    fg = mask > 0
+    if not spec.boundary:
+        return fg.astype(np.uint8)
+    from skimage.segmentation import find_boundaries
+    inst = mask if len(values) > 2 else ndi.label(fg)[0]
+    target = fg.astype(np.uint8)
+    target[find_boundaries(inst, mode="inner") & fg] = 2
+    return target
+
+
+# ---------------------------------------------------------------------------------------------
+# folders
+
+def list_images(folder: str | os.PathLike) -> list[Path]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{folder}: no such folder")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS and not p.name.startswith("."))
+    return files
+
+
+def pair_images_and_masks(images_dir: str | os.PathLike, masks_dir: str | os.PathLike) -> list[tuple[Path, Path]]:
+    """Match images to masks by file stem (a mask may add ``_mask``/``_anno``/``_label``)."""
+    images = list_images(images_dir)
+    if not images:
+        raise DataError(f"{images_dir}: no images ({', '.join(sorted(IMAGE_EXTS))})")
+    masks = {p.stem: p for p in list_images(masks_dir)}
+    pairs = []
+    for img in images:
+        for stem in (img.stem, img.stem + "_mask", img.stem + "_anno", img.stem + "_label", img.stem + "_labels"):
+            if stem in masks:
+                pairs.append((img, masks[stem]))
+                break
+        else:
+            raise DataError(f"{img}: no mask for this image in {masks_dir}")
+    return pairs
+
+
+@dataclass
+class LabeledImage:
+    name: str
+    image: np.ndarray  # (H, W, 3) uint8
+    target: np.ndarray  # (H, W) uint8 class ids
+    instances: np.ndarray | None = None
+
+
+def load_labeled_folder(images_dir, masks_dir, spec: TaskSpec) -> list[LabeledImage]:
+    out = []
+    for img_path, mask_path in pair_images_and_masks(images_dir, masks_dir):
+        image = read_image(img_path)
+        mask = read_mask(mask_path)
+        if mask.shape != image.shape[:2]:
+            raise DataError(f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image "
+                            f"{img_path.name} is {image.shape[1]}x{image.shape[0]}")
+        out.append(LabeledImage(img_path.stem, image, mask_to_target(mask, spec, mask_path)))
+    return out
+
+
+def select_fraction(items: Sequence, fraction: float, seed: int) -> list:
+    """A deterministic subset with ``round(fraction * n)`` items (at least one)."""
+    if not 0 < fraction <= 1:
+        raise DataError(f"label fraction must be in (0, 1], got {fraction}")
+    n = max(1, int(round(fraction * len(items))))
+    idx = np.sort(np.random.default_rng(seed).permutation(len(items))[:n])
+    return [items[i] for i in idx]
+
+
+def split_items(items: Sequence, val_fraction: float, seed: int) -> tuple[list, list]:
+    """Split by item (by image, never by patch) into (train, validation)."""
+    if val_fraction <= 0:
+        return list(items), []
+    n_val = max(1, int(round(val_fraction * len(items))))
+    if n_val >= len(items):
+        raise DataError(f"validation fraction {val_fraction} leaves no training images out of {len(items)}")
+    perm = np.random.default_rng(seed + 7919).permutation(len(items))
+    val = set(perm[:n_val].tolist())
+    return [x for i, x in enumerate(items) if i not in val], [x for i, x in enumerate(items) if i in val]
+
+
+# ---------------------------------------------------------------------------------------------
+# unlabeled sources
+
+class UnlabeledSource:
+    """Something tiles can be drawn from: ``sample(rng, size) -> (size, size, 3) uint8``."""
+
+    name: str = "source"
+
+    def sample(self, rng: np.random.Generator, size: int) -> np.ndarray:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+@dataclass
+class ImageSource(UnlabeledSource):
+    image: np.ndarray
+    name: str = "image"
+
+    def sample(self, rng, size):
+        return random_crop(self.image, None, rng, size)[0]
+
+
+@dataclass
+class SlideSource(UnlabeledSource):
+    """Random tissue tiles from a (lazy) slide at full resolution."""
+
+    path: Path
+    name: str = "slide"
+    _slide: object = field(default=None, repr=False)
+    _tissue: np.ndarray | None = field(default=None, repr=False)
+    _scale: float = 1.0
+
+    def _open(self):
+        if self._slide is None:
+            from ..slide.reader import open_slide
+            from ..slide.tiler import tissue_mask
+            self._slide = open_slide(self.path)
+            self._tissue, self._scale = tissue_mask(self._slide)
+            if not self._tissue.any():
+                raise DataError(f"{self.path}: no tissue found to sample unlabeled tiles from")
+        return self._slide
+
+    def sample(self, rng, size):
+        slide = self._open()
+        ys, xs = np.nonzero(self._tissue)
+        i = rng.integers(len(ys))
+        h, w = slide.shape[:2]
+        cy = (ys[i] + rng.random()) * self._scale
+        cx = (xs[i] + rng.random()) * self._scale
+        y = int(np.clip(cy - size / 2, 0, max(h - size, 0)))
+        x = int(np.clip(cx - size / 2, 0, max(w - size, 0)))
+        return np.asarray(slide.read_region(0, y, x, size, size))
+
+
+def unlabeled_sources(paths: Sequence[str | os.PathLike]) -> list[UnlabeledSource]:
+    """Folders of images and slide files -> sources. Small images are loaded into memory."""
+    sources: list[UnlabeledSource] = []
+    for p in map(Path, paths):
+        if p.is_dir() and p.suffix.lower() != ".zarr":
+            files = list_images(p)
+            if not files:
+                raise DataError(f"{p}: folder has no images")
+            sources += [ImageSource(read_image(f), f.name) for f in files]
+        elif p.exists() and (p.suffix.lower() in SLIDE_EXTS or _is_large_tiff(p)):
+            sources.append(SlideSource(p, p.name))
+        elif p.is_file():
+            sources.append(ImageSource(read_image(p), p.name))
+        else:
+            raise DataError(f"{p}: no such file or folder")
+    if not sources:
+        raise DataError("no unlabeled images given")
+    return sources
+
+
+def _is_large_tiff(p: Path, limit: int = 8192) -> bool:
+    if p.suffix.lower() not in {".tif", ".tiff"}:
+        return False
+    import tifffile
+    try:
+        with tifffile.TiffFile(p) as tf:
+            shape = tf.series[0].shape
+            return len(tf.series[0].levels) > 1 or max(shape[:2]) > limit
+    except Exception as e:
+        raise DataError(f"{p}: cannot read TIFF ({type(e).__name__}: {e})") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# patches and augmentation
+
+def random_crop(image: np.ndarray, target: np.ndarray | None, rng: np.random.Generator, size: int):
+    """A random ``size`` x ``size`` crop; images smaller than that are reflect-padded first."""
+    h, w = image.shape[:2]
+    ph, pw = max(0, size - h), max(0, size - w)
+    if ph or pw:
+        pad = ((ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2))
+        image = np.pad(image, pad + ((0, 0),), mode="reflect")
+        if target is not None:
+            target = np.pad(target, pad, mode="reflect")
+        h, w = image.shape[:2]
+    y = int(rng.integers(0, h - size + 1))
+    x = int(rng.integers(0, w - size + 1))
+    crop = image[y:y + size, x:x + size]
+    return crop, (None if target is None else target[y:y + size, x:x + size])
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    flips: bool = True
+    rot90: bool = True
+    blur_p: float = 0.2
+    color_jitter: float = 0.1  # brightness / contrast / saturation amplitude
+    stain_sigma: float = 0.05  # H&E stain perturbation in HED space (Tellez et al. 2018)
+    stain_p: float = 0.5
+
+    @classmethod
+    def none(cls) -> "AugmentConfig":
+        return cls(False, False, 0.0, 0.0, 0.0, 0.0)
+
+
+def augment(image: np.ndarray, target: np.ndarray | None, rng: np.random.Generator,
+            cfg: AugmentConfig = AugmentConfig()) -> tuple[np.ndarray, np.ndarray | None]:
+    """Geometric transforms hit image and target alike; photometric ones only the image."""
+    if cfg.flips and rng.random() < 0.5:
+        image, target = image[:, ::-1], (None if target is None else target[:, ::-1])
+    if cfg.flips and rng.random() < 0.5:
+        image, target = image[::-1], (None if target is None else target[::-1])
+    if cfg.rot90:
+        k = int(rng.integers(4))
+        image, target = np.rot90(image, k), (None if target is None else np.rot90(target, k))
+    img = image.astype(np.float32) / 255.0
+    if cfg.stain_sigma > 0 and rng.random() < cfg.stain_p:
+        img = stain_augment(img, rng, cfg.stain_sigma)
+    if cfg.color_jitter > 0:
+        a = cfg.color_jitter
+        img = img * (1 + rng.uniform(-a, a))  # brightness
+        mean = img.mean()
+        img = (img - mean) * (1 + rng.uniform(-a, a)) + mean  # contrast
+        grey = img.mean(axis=2, keepdims=True)
+        img = (img - grey) * (1 + rng.uniform(-a, a)) + grey  # saturation
+    if cfg.blur_p > 0 and rng.random() < cfg.blur_p:
+        img = ndi.gaussian_filter(img, sigma=(rng.uniform(0.3, 1.2),) * 2 + (0,))
+    out = (np.clip(img, 0, 1) * 255).round().astype(np.uint8)
+    return out, (None if target is None else np.ascontiguousarray(target))
+
+
+def stain_augment(img: np.ndarray, rng: np.random.Generator, sigma: float) -> np.ndarray:
+    """Scale and shift each stain channel (haematoxylin, eosin, DAB) of a [0, 1] RGB image."""
+    from skimage.color import hed2rgb, rgb2hed
+    hed = rgb2hed(np.clip(img, 1e-3, 1))
+    alpha = rng.uniform(1 - sigma, 1 + sigma, size=3)
+    beta = rng.uniform(-sigma, sigma, size=3) * np.abs(hed).reshape(-1, 3).max(axis=0).clip(1e-3)
+    return hed2rgb(hed * alpha + beta).astype(np.float32)
+
+
+def to_model_input(batch_uint8: np.ndarray) -> np.ndarray:
+    """(B, H, W, 3) uint8 -> (B, 3, H, W) float32 in [-1, 1]: the one normalisation used for both
+    pretraining and fine-tuning (recorded in checkpoints as ``"minus_one_one"``)."""
+    return np.ascontiguousarray(batch_uint8.transpose(0, 3, 1, 2), dtype=np.float32) / 127.5 - 1.0
+
+
+NORMALIZATION = "minus_one_one"
+
+
+def sample_unlabeled_batch(sources: Sequence[UnlabeledSource], rng: np.random.Generator, batch: int, size: int,
+                           aug: AugmentConfig) -> np.ndarray:
+    tiles = []
+    for _ in range(batch):
+        src = sources[int(rng.integers(len(sources)))]
+        tiles.append(augment(src.sample(rng, size), None, rng, aug)[0])
+    return np.stack(tiles)
+
+
+def sample_labeled_batch(items: Sequence[LabeledImage], rng: np.random.Generator, batch: int, size: int,
+                         aug: AugmentConfig) -> tuple[np.ndarray, np.ndarray]:
+    imgs, tgts = [], []
+    for _ in range(batch):
+        item = items[int(rng.integers(len(items)))]
+        img, tgt = random_crop(item.image, item.target, rng, size)
+        img, tgt = augment(img, tgt, rng, aug)
+        imgs.append(img)
+        tgts.append(tgt)
+    return np.stack(imgs), np.stack(tgts)

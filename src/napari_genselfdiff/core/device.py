@@ -1,0 +1,38 @@
+"""Device choice: cuda, then mps, then cpu, and a sentence saying which and why."""
+from __future__ import annotations
+
+import torch
+
+from .errors import GenSelfDiffError
+
+CHOICES = ("auto", "cuda", "mps", "cpu")
+
+
+def available_devices() -> list[str]:
+    found = []
+    if torch.cuda.is_available():
+        found.append("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        found.append("mps")
+    return found + ["cpu"]
+
+
+def pick_device(name: str = "auto") -> tuple[torch.device, str]:
+    """Resolve ``name`` (auto/cuda/mps/cpu or e.g. cuda:1) to a device and a one-line explanation."""
+    name = (name or "auto").lower()
+    found = available_devices()
+    if name == "auto":
+        dev = found[0]
+        if dev == "cuda":
+            why = f"using cuda ({torch.cuda.get_device_name(0)})"
+        elif dev == "mps":
+            why = "using mps (Apple GPU)"
+        else:
+            why = "using cpu (no CUDA or MPS GPU found)"
+        return torch.device(dev), why
+    base = name.split(":")[0]
+    if base not in CHOICES:
+        raise GenSelfDiffError(f"unknown device {name!r}: choose auto, cuda, mps or cpu")
+    if base not in found:
+        raise GenSelfDiffError(f"device {name!r} is not available here (found: {', '.join(found)})")
+    return torch.device(name), f"using {name}"

@@ -1,0 +1,388 @@
+"""The two training stages as generators that yield :class:`Progress` events.
+
+The CLI, the napari widgets (through ``thread_worker``) and the tests all drive these same
+generators. Cancelling is closing the generator (``gen.close()``, or just dropping it): its
+``finally`` saves a checkpoint with everything learned so far, so nothing is lost, and
+``resume=True`` continues the same run. Each step draws its batch, timesteps and noise from
+random generators seeded with (seed, step), so an interrupted-and-resumed run computes the same
+steps as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+import warnings
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from . import checkpoint as ckpt
+from .data import (NORMALIZATION, AugmentConfig, LabeledImage, TaskSpec, UnlabeledSource, sample_labeled_batch,
+                   sample_unlabeled_batch, to_model_input)
+from .device import pick_device
+from .diffusion import Diffusion, ScheduleConfig
+from .errors import CheckpointError, DataError, GenSelfDiffError
+from .inference import TorchPredictor, autocast_for, predict_image
+from .losses import build_loss, parse_loss
+from .unet import UNet, UNetConfig, transfer_pretrained
+
+
+@dataclass
+class Progress:
+    """One training event. ``done`` marks the last one; ``checkpoint`` is set when one was written."""
+
+    stage: str
+    step: int
+    total: int
+    loss: float = float("nan")
+    lr: float = 0.0
+    images_per_s: float = 0.0
+    eta_s: float = float("nan")
+    metrics: dict | None = None
+    checkpoint: str | None = None
+    message: str = ""
+    done: bool = False
+
+
+@dataclass
+class PretrainConfig:
+    preset: str = "small"
+    steps: int = 1000
+    patch: int = 256
+    batch: int = 8
+    lr: float = 1e-4
+    warmup: int = 50
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    seed: int = 0
+    checkpoint_every: int = 200
+    amp: bool = True
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    # photometric augmentation is mild for the pretext: the model should learn real H&E colours
+    augment: AugmentConfig = field(default_factory=lambda: AugmentConfig(blur_p=0.0, color_jitter=0.05, stain_p=0.3))
+
+
+@dataclass
+class FinetuneConfig:
+    task: str = "glands"
+    boundary: bool = False
+    num_classes: int | None = None  # multiclass only
+    preset: str = "small"  # used when training from scratch
+    steps: int = 500
+    patch: int = 256
+    batch: int = 8
+    lr: float = 1e-4
+    warmup: int = 20
+    weight_decay: float = 1e-4
+    grad_clip: float = 1.0
+    loss: str = "focal+ssl"
+    seed: int = 0
+    label_fraction: float = 1.0
+    checkpoint_every: int = 100
+    val_every: int = 100
+    amp: bool = True
+    mpp: float | None = None  # microns per pixel of the training images, if known
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+def _lr_at(step: int, total: int, base: float, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to 10% of the base rate."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    frac = (step - warmup) / max(1, total - warmup)
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
+
+
+def _step_rngs(seed: int, step: int, device: torch.device) -> tuple[np.random.Generator, torch.Generator]:
+    g = torch.Generator(device=device)
+    g.manual_seed((seed * 1_000_003 + step) % (2**63))
+    return np.random.default_rng([seed, step]), g
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+class _Trainer:
+    """Optimizer, AMP, checkpointing and resuming shared by both stages."""
+
+    def __init__(self, model: UNet, device: torch.device, lr: float, weight_decay: float, amp: bool):
+        self.model = model.to(device)
+        self.device = device
+        self.opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+        self.amp = amp and device.type == "cuda"
+        use_scaler = self.amp and not torch.cuda.is_bf16_supported()
+        self.scaler = torch.amp.GradScaler("cuda", enabled=use_scaler) if self.amp else None
+
+    def step(self, loss_fn: Callable[[], torch.Tensor], grad_clip: float) -> float:
+        self.model.train()
+        self.opt.zero_grad(set_to_none=True)
+        try:
+            with autocast_for(self.device, self.amp):
+                loss = loss_fn()
+            if not torch.isfinite(loss):
+                raise GenSelfDiffError(f"training diverged (loss {loss.item()}); lower the learning rate")
+            if self.scaler is not None and self.scaler.is_enabled():
+                self.scaler.scale(loss).backward()
+                self.scaler.unscale_(self.opt)
+            else:
+                loss.backward()
+            if grad_clip:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), grad_clip)
+            if self.scaler is not None and self.scaler.is_enabled():
+                self.scaler.step(self.opt)
+                self.scaler.update()
+            else:
+                self.opt.step()
+        except torch.OutOfMemoryError:
+            raise GenSelfDiffError(f"out of memory on {self.device}: lower the batch size or the patch size "
+                                   "(the last checkpoint is kept)") from None
+        return float(loss.detach())
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+
+    def state(self, step: int, run: dict) -> dict:
+        return {"step": step, "optimizer": self.opt.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None, "run": run}
+
+    def restore(self, state: dict) -> int:
+        self.opt.load_state_dict(ckpt.optimizer_state_from_json(state["optimizer"]))
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        return int(state["step"])
+
+
+def _prepare_out(out: Path, resume: bool, overwrite: bool, stage: str) -> dict | None:
+    """The training state to resume from, or None for a fresh run; refuses to clobber work."""
+    out = ckpt.resolve(out)
+    if not out.exists():
+        return None
+    if resume:
+        state = ckpt.load_training_state(out)
+        if state is None:
+            raise CheckpointError(f"{out}: has no training state to resume from")
+        if state.get("run", {}).get("stage") != stage:
+            raise CheckpointError(f"{out}: is a {state.get('run', {}).get('stage')} run, cannot resume it as {stage}")
+        return state
+    if overwrite:
+        return None
+    raise CheckpointError(f"{out}: already exists; resume it (--resume) or choose another output folder")
+
+
+def _run(stage: str, trainer: _Trainer, *, total: int, start: int, lr: float, warmup: int, batch: int,
+         grad_clip: float, checkpoint_every: int, loss_at: Callable[[int], Callable[[], torch.Tensor]],
+         save: Callable[[int], Path], validate: Callable[[], dict] | None = None, val_every: int = 0,
+         message: str = "") -> Iterator[Progress]:
+    """The loop both stages share: lr schedule, timing, periodic and final checkpoints."""
+    step, saved_at, path = start, start, None
+    yield Progress(stage, step, total, message=message)
+    t_start, images = time.perf_counter(), 0
+    try:
+        while step < total:
+            rate = _lr_at(step, total, lr, warmup)
+            trainer.set_lr(rate)
+            loss = trainer.step(loss_at(step), grad_clip)
+            step += 1
+            images += batch
+            elapsed = time.perf_counter() - t_start
+            ips = images / elapsed if elapsed > 0 else 0.0
+            event = Progress(stage, step, total, loss, rate, ips, (total - step) * batch / ips if ips else float("nan"))
+            if checkpoint_every and step % checkpoint_every == 0 and step < total:
+                event.checkpoint, saved_at = str(save(step)), step
+            if validate is not None and val_every and (step % val_every == 0 or step == total):
+                event.metrics = validate()
+            yield event
+        path, saved_at = save(step), step
+    finally:
+        if step > saved_at:  # cancelled or failed: keep what was learned
+            try:
+                save(step)
+            except Exception as e:  # never mask the original error
+                warnings.warn(f"could not save the checkpoint after stopping: {e}")
+    yield Progress(stage, step, total, checkpoint=str(path), done=True, message=f"saved {path}")
+
+
+# ---------------------------------------------------------------------------------------------
+# stage 1: diffusion pretraining on unlabeled tiles
+
+def pretrain(sources: Sequence[UnlabeledSource], out: str | os.PathLike, cfg: PretrainConfig = PretrainConfig(), *,
+             device: str = "auto", resume: bool = False, overwrite: bool = False,
+             model_config: UNetConfig | None = None) -> Iterator[Progress]:
+    """Train a U-Net to predict the noise added to unlabeled tiles (the self-supervised pretext)."""
+    if not sources:
+        raise DataError("no unlabeled images to pretrain on")
+    out = Path(out)
+    dev, why = pick_device(device)
+    state = _prepare_out(out, resume, overwrite, "pretrain")
+    if state is not None:
+        saved = ckpt.load_config(out)
+        ucfg = UNetConfig.from_dict(saved["model"])
+        cfg = replace(cfg, schedule=ScheduleConfig.from_dict(saved["schedule"]))
+    else:
+        ucfg = model_config or UNetConfig.from_preset(cfg.preset, in_channels=3, out_channels=3)
+    if cfg.patch % ucfg.multiple:
+        raise DataError(f"patch size {cfg.patch} must be a multiple of {ucfg.multiple} for this model")
+    model = UNet(ucfg)
+    if state is not None:
+        model.load_state_dict(ckpt.load_weights(out))
+    diffusion = Diffusion(cfg.schedule).to(dev)
+    trainer = _Trainer(model, dev, cfg.lr, cfg.weight_decay, cfg.amp)
+    start = trainer.restore(state) if state is not None else 0
+    run = {"stage": "pretrain", **_jsonable(asdict(cfg))}
+    source_names = [s.name for s in sources]
+
+    def loss_at(step: int):
+        rng, gen = _step_rngs(cfg.seed, step, dev)
+        batch = sample_unlabeled_batch(sources, rng, cfg.batch, cfg.patch, cfg.augment)
+        x0 = torch.from_numpy(to_model_input(batch)).to(dev)
+        return lambda: diffusion.loss(trainer.model, x0, generator=gen)
+
+    def save(step: int) -> Path:
+        config = {"kind": "pretrain", "model": ucfg.to_dict(), "schedule": cfg.schedule.to_dict(),
+                  "normalization": NORMALIZATION, "patch_size": cfg.patch,
+                  "training": {"stage": "pretrain", "steps": step, "seed": cfg.seed, "batch": cfg.batch,
+                               "lr": cfg.lr, "sources": source_names[:50], "n_sources": len(source_names),
+                               "device": str(dev), "time": _now()},
+                  "versions": ckpt.versions()}
+        return ckpt.save_checkpoint(out, trainer.model, config, trainer.state(step, run))
+
+    msg = f"pretraining {ucfg.preset or 'custom'} U-Net on {len(sources)} source(s), {why}"
+    if start:
+        msg += f"; resumed at step {start}"
+    yield from _run("pretrain", trainer, total=cfg.steps, start=start, lr=cfg.lr, warmup=cfg.warmup,
+                    batch=cfg.batch, grad_clip=cfg.grad_clip, checkpoint_every=cfg.checkpoint_every,
+                    loss_at=loss_at, save=save, message=msg)
+
+
+# ---------------------------------------------------------------------------------------------
+# stage 2: segmentation fine-tuning on a few labeled tiles
+
+def build_segmentation_model(spec: TaskSpec, init: str | os.PathLike | None, preset: str) -> tuple[UNet, dict, str]:
+    """A segmentation U-Net: from scratch, from a pretrained diffusion model (all but the head
+    copied), or continuing a segmentation model (all weights). Returns (model, init info, message)."""
+    if init is None:
+        model = UNet(UNetConfig.from_preset(preset, in_channels=3, out_channels=spec.num_classes))
+        return model, {"init": "scratch"}, f"from scratch ({preset})"
+    init_cfg = ckpt.load_config(init)
+    if init_cfg.get("normalization", NORMALIZATION) != NORMALIZATION:
+        raise CheckpointError(f"{init}: unsupported input normalisation {init_cfg.get('normalization')!r}")
+    ucfg = UNetConfig.from_dict(init_cfg["model"]).with_outputs(spec.num_classes)
+    model = UNet(ucfg)
+    weights = ckpt.load_weights(init)
+    same_head = init_cfg.get("kind") == "segmentation" and init_cfg["task"]["num_classes"] == spec.num_classes
+    if same_head:
+        model.load_state_dict(weights)
+        how = f"all weights from segmentation model {init}"
+    else:
+        report = transfer_pretrained(weights, model)
+        how = f"{len(report['copied'])} tensors from {init_cfg.get('kind')} model {init}, new {spec.num_classes}-class head"
+    info = {"init": str(init), "init_kind": init_cfg.get("kind"), "init_training": init_cfg.get("training")}
+    return model, info, how
+
+
+def evaluate_dice(predictor, items: Sequence[LabeledImage]) -> dict:
+    """Mean foreground Dice (class > 0) of ``predictor`` over whole images."""
+    from .metrics import dice
+    scores = [dice(predict_image(predictor, it.image).argmax(0) > 0, it.target > 0) for it in items]
+    return {"val_dice": float(np.mean(scores)), "n_val": len(items)}
+
+
+def finetune(items: Sequence[LabeledImage], out: str | os.PathLike, cfg: FinetuneConfig = FinetuneConfig(), *,
+             init: str | os.PathLike | None = None, val_items: Sequence[LabeledImage] = (), device: str = "auto",
+             resume: bool = False, overwrite: bool = False) -> Iterator[Progress]:
+    """Fine-tune for segmentation with ``cfg.loss`` (focal + SSL by default); t = 0 throughout."""
+    spec = TaskSpec.make(cfg.task, cfg.boundary, cfg.num_classes)
+    parse_loss(cfg.loss)  # fail before any work on a typo
+    if not items:
+        raise DataError("no labeled images to fine-tune on")
+    if all(not (it.target > 0).any() for it in items):
+        raise DataError("every training mask is empty: there is nothing to learn (draw some labels first)")
+    out = Path(out)
+    dev, why = pick_device(device)
+    state = _prepare_out(out, resume, overwrite, "finetune")
+    train = items
+    if state is None and cfg.label_fraction < 1:
+        from .data import select_fraction
+        train = select_fraction(items, cfg.label_fraction, cfg.seed)
+    if state is not None:
+        model, _ = ckpt.load_model(out)
+        saved = ckpt.load_config(out)
+        init_info, how = saved["training"].get("init_info", {}), f"resumed {out}"
+        train = select_fraction_from_names(items, saved["training"].get("train_images"))
+    else:
+        model, init_info, how = build_segmentation_model(spec, init, cfg.preset)
+    if cfg.patch % model.config.multiple:
+        raise DataError(f"patch size {cfg.patch} must be a multiple of {model.config.multiple} for this model")
+    trainer = _Trainer(model, dev, cfg.lr, cfg.weight_decay, cfg.amp)
+    start = trainer.restore(state) if state is not None else 0
+    loss_fn = build_loss(cfg.loss)
+    run = {"stage": "finetune", **_jsonable(asdict(cfg))}
+    latest: dict = {}
+
+    def loss_at(step: int):
+        rng, _ = _step_rngs(cfg.seed, step, dev)
+        imgs, tgts = sample_labeled_batch(train, rng, cfg.batch, cfg.patch, cfg.augment)
+        x = torch.from_numpy(to_model_input(imgs)).to(dev)
+        y = torch.from_numpy(tgts.astype(np.int64)).to(dev)
+        return lambda: loss_fn(trainer.model(x), y)
+
+    def config_at(step: int) -> dict:
+        return {"kind": "segmentation", "model": model.config.to_dict(), "normalization": NORMALIZATION,
+                "task": spec.to_dict(), "patch_size": cfg.patch, "mpp": cfg.mpp,
+                "training": {"stage": "finetune", "steps": step, "seed": cfg.seed, "loss": cfg.loss,
+                             "label_fraction": cfg.label_fraction, "train_images": [it.name for it in train],
+                             "val_images": [it.name for it in val_items], "init_info": init_info,
+                             "batch": cfg.batch, "lr": cfg.lr, "device": str(dev), "time": _now()},
+                "validation": latest, "versions": ckpt.versions()}
+
+    def save(step: int) -> Path:
+        return ckpt.save_checkpoint(out, trainer.model, config_at(step), trainer.state(step, run))
+
+    def validate() -> dict:
+        predictor = TorchPredictor(trainer.model, config_at(0), dev, amp=cfg.amp)
+        latest.update(evaluate_dice(predictor, val_items))
+        return dict(latest)
+
+    msg = (f"fine-tuning for {spec.task} ({spec.num_classes} classes) on {len(train)} image(s)"
+           f"{f', validating on {len(val_items)}' if val_items else ''}; {how}; {why}")
+    yield from _run("finetune", trainer, total=cfg.steps, start=start, lr=cfg.lr, warmup=cfg.warmup,
+                    batch=cfg.batch, grad_clip=cfg.grad_clip, checkpoint_every=cfg.checkpoint_every,
+                    loss_at=loss_at, save=save, validate=validate if val_items else None,
+                    val_every=cfg.val_every, message=msg)
+
+
+def select_fraction_from_names(items: Sequence[LabeledImage], names: list[str] | None) -> list[LabeledImage]:
+    """On resume, train on exactly the images the run started with."""
+    if not names:
+        return list(items)
+    by_name = {it.name: it for it in items}
+    missing = [n for n in names if n not in by_name]
+    if missing:
+        raise DataError(f"cannot resume: training images {missing[:3]} are no longer in the labeled set")
+    return [by_name[n] for n in names]
+
+
+def _jsonable(d):
+    if isinstance(d, dict):
+        return {k: _jsonable(v) for k, v in d.items()}
+    if isinstance(d, (list, tuple)):
+        return [_jsonable(v) for v in d]
+    return d
+
+
+def drain(events: Iterator[Progress], on_event: Callable[[Progress], None] | None = None) -> Progress:
+    """Run a training generator to the end; returns the last event."""
+    last = None
+    for last in events:
+        if on_event:
+            on_event(last)
+    if last is None:
+        raise GenSelfDiffError("training produced no events")
+    return last

@@ -1,0 +1,251 @@
+"""The time-conditioned U-Net of GenSelfDiff-HIS.
+
+Shape of the network (the paper's reference setup, after the DDPM U-Net it builds on):
+
+* a 7x7 stem convolution to ``base`` channels;
+* per level (channel multipliers ``mults``, e.g. (1, 2, 4, 8)): ``blocks`` residual blocks
+  (conv3x3 -> GroupNorm -> SiLU, the time embedding added as a per-channel scale and shift),
+  optional *linear* attention, then a stride-2 downsampling (not after the last level);
+* a bottleneck of residual block -> *full* attention (``scaled_dot_product_attention``) ->
+  residual block;
+* the mirrored decoder, each block fed the matching encoder feature (skip connection);
+* a final residual block and a 1x1 output convolution (``final_conv``).
+
+The same network serves both stages. For the diffusion pretext it predicts the noise
+(``out_channels = in_channels``); for segmentation the output convolution is replaced by one with
+``num_classes`` outputs and the time input is 0 (:func:`transfer_pretrained`).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+PRESETS: dict[str, dict] = {
+    # seconds on a CPU: for tests and smoke runs
+    "tiny": dict(base=16, mults=(1, 2, 2), blocks=1, heads=2, head_dim=16, linear_attention=False),
+    # a CPU-friendly model that still learns: one block per level, linear attention only at the
+    # two coarsest levels (at full resolution it dominates CPU time)
+    "small": dict(base=32, mults=(1, 2, 4, 8), blocks=1, heads=4, head_dim=32, linear_attention_from=2),
+    # the paper's reference size (~35M parameters)
+    "paper": dict(base=64, mults=(1, 2, 4, 8), blocks=2, heads=4, head_dim=32),
+}
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """Architecture of :class:`UNet`; stored verbatim in every checkpoint's ``config.json``."""
+
+    in_channels: int = 3
+    out_channels: int = 3
+    base: int = 64
+    mults: tuple[int, ...] = (1, 2, 4, 8)
+    blocks: int = 2
+    groups: int = 8
+    heads: int = 4
+    head_dim: int = 32
+    linear_attention: bool = True
+    linear_attention_from: int = 0  # first level (0 = full resolution) with linear attention
+    mid_attention: bool = True
+    preset: str | None = field(default=None, compare=False)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "UNetConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides, "preset": name})
+
+    @property
+    def multiple(self) -> int:
+        """Input height and width must be multiples of this."""
+        return 2 ** (len(self.mults) - 1)
+
+    def with_outputs(self, out_channels: int) -> "UNetConfig":
+        return replace(self, out_channels=out_channels)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["mults"] = list(self.mults)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "UNetConfig":
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        known["mults"] = tuple(known.get("mults", cls.mults))
+        return cls(**known)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding of (possibly fractional) timesteps, shape (B, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / max(half - 1, 1))
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([args.sin(), args.cos()], dim=1)
+    return F.pad(emb, (0, dim % 2))
+
+
+class ResBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, tdim: int, groups: int):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, cin)
+        self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.time = nn.Sequential(nn.SiLU(), nn.Linear(tdim, 2 * cout))
+        self.norm2 = nn.GroupNorm(groups, cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
+        self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        scale, shift = self.time(temb)[:, :, None, None].chunk(2, dim=1)
+        h = F.silu(self.norm2(h) * (1 + scale) + shift)
+        return self.conv2(h) + self.skip(x)
+
+
+class LinearAttention(nn.Module):
+    """Linear attention (softmax over keys' positions and queries' channels): O(HW) memory."""
+
+    def __init__(self, ch: int, heads: int, head_dim: int, groups: int):
+        super().__init__()
+        self.heads, self.scale = heads, head_dim**-0.5
+        inner = heads * head_dim
+        self.norm = nn.GroupNorm(groups, ch)
+        self.qkv = nn.Conv2d(ch, 3 * inner, 1, bias=False)
+        self.out = nn.Sequential(nn.Conv2d(inner, ch, 1), nn.GroupNorm(1, ch))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, self.heads, -1, h * w).unbind(1)
+        q = q.softmax(dim=-2) * self.scale
+        k = k.softmax(dim=-1)
+        context = torch.einsum("bhdn,bhen->bhde", k, v)
+        out = torch.einsum("bhde,bhdn->bhen", context, q).reshape(b, -1, h, w)
+        return x + self.out(out)
+
+
+class FullAttention(nn.Module):
+    """Multi-head self-attention over all positions (bottleneck only), fused SDPA kernel."""
+
+    def __init__(self, ch: int, heads: int, head_dim: int, groups: int):
+        super().__init__()
+        self.heads = heads
+        inner = heads * head_dim
+        self.norm = nn.GroupNorm(groups, ch)
+        self.qkv = nn.Conv2d(ch, 3 * inner, 1, bias=False)
+        self.out = nn.Conv2d(inner, ch, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, self.heads, -1, h * w).transpose(-1, -2).unbind(1)
+        out = F.scaled_dot_product_attention(q, k, v)  # (b, heads, hw, d)
+        return x + self.out(out.transpose(-1, -2).reshape(b, -1, h, w))
+
+
+class UNet(nn.Module):
+    """Time-conditioned U-Net; ``forward(x, t)`` with ``t`` (B,) timesteps, or None for t = 0."""
+
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        self.config = cfg = config
+        tdim = cfg.base * 4
+        g = cfg.groups
+        self.time_mlp = nn.Sequential(nn.Linear(cfg.base, tdim), nn.GELU(), nn.Linear(tdim, tdim))
+        self.stem = nn.Conv2d(cfg.in_channels, cfg.base, 7, padding=3)
+        chans = [cfg.base * m for m in cfg.mults]
+
+        def attn(ch: int, level: int) -> nn.Module:
+            if cfg.linear_attention and level >= cfg.linear_attention_from:
+                return LinearAttention(ch, cfg.heads, cfg.head_dim, g)
+            return nn.Identity()
+
+        self.down = nn.ModuleList()
+        skips: list[int] = []
+        ch = cfg.base
+        for i, cout in enumerate(chans):
+            level = nn.ModuleDict()
+            level["blocks"] = nn.ModuleList()
+            for _ in range(cfg.blocks):
+                level["blocks"].append(ResBlock(ch, cout, tdim, g))
+                ch = cout
+                skips.append(ch)
+            level["attn"] = attn(ch, i)
+            level["down"] = nn.Conv2d(ch, ch, 3, stride=2, padding=1) if i < len(chans) - 1 else nn.Identity()
+            self.down.append(level)
+
+        self.mid1 = ResBlock(ch, ch, tdim, g)
+        self.mid_attn = FullAttention(ch, cfg.heads, cfg.head_dim, g) if cfg.mid_attention else nn.Identity()
+        self.mid2 = ResBlock(ch, ch, tdim, g)
+
+        self.up = nn.ModuleList()
+        for i, cout in reversed(list(enumerate(chans))):
+            level = nn.ModuleDict()
+            level["blocks"] = nn.ModuleList()
+            for _ in range(cfg.blocks):
+                level["blocks"].append(ResBlock(ch + skips.pop(), cout, tdim, g))
+                ch = cout
+            level["attn"] = attn(ch, i)
+            level["up"] = nn.Conv2d(ch, chans[i - 1], 3, padding=1) if i > 0 else nn.Identity()
+            if i > 0:
+                ch = chans[i - 1]
+            self.up.append(level)
+
+        self.final_block = ResBlock(ch + cfg.base, cfg.base, tdim, g)
+        self.final_conv = nn.Conv2d(cfg.base, cfg.out_channels, 1)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
+        m = self.config.multiple
+        if x.shape[-1] % m or x.shape[-2] % m:
+            raise ValueError(f"input size {tuple(x.shape[-2:])} is not a multiple of {m}")
+        if t is None:
+            t = torch.zeros(x.shape[0], device=x.device)
+        temb = self.time_mlp(timestep_embedding(t, self.config.base).to(x.dtype))
+        h = self.stem(x)
+        stem = h
+        skips = []
+        for level in self.down:
+            for block in level["blocks"]:
+                h = block(h, temb)
+                skips.append(h)
+            h = level["attn"](h)
+            h = level["down"](h)
+        h = self.mid2(self.mid_attn(self.mid1(h, temb)), temb)
+        for level in self.up:
+            for block in level["blocks"]:
+                h = block(torch.cat([h, skips.pop()], dim=1), temb)
+            h = level["attn"](h)
+            if not isinstance(level["up"], nn.Identity):
+                h = level["up"](F.interpolate(h, scale_factor=2.0, mode="nearest"))
+        h = self.final_block(torch.cat([h, stem], dim=1), temb)
+        return self.final_conv(h)
+
+
+HEAD_PREFIX = "final_conv."
+
+
+def transfer_pretrained(pretrained: dict[str, torch.Tensor], model: UNet) -> dict[str, list[str]]:
+    """Copy every pretrained tensor except the output convolution into ``model`` (in place).
+
+    Returns ``{"copied": [...], "skipped": [...]}``. A tensor outside the head whose shape does not
+    match is an error: the two networks are not the same architecture.
+    """
+    own = model.state_dict()
+    copied, skipped = [], []
+    for name, tensor in own.items():
+        if name.startswith(HEAD_PREFIX):
+            skipped.append(name)
+            continue
+        if name not in pretrained:
+            raise ValueError(f"pretrained weights lack {name!r}: not the same architecture")
+        if pretrained[name].shape != tensor.shape:
+            raise ValueError(f"shape mismatch for {name!r}: pretrained {tuple(pretrained[name].shape)} "
+                             f"vs model {tuple(tensor.shape)}")
+        own[name] = pretrained[name].to(tensor.dtype)
+        copied.append(name)
+    model.load_state_dict(own)
+    return {"copied": copied, "skipped": skipped}
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
