@@ -1,0 +1,254 @@
+"""Dock widget: fine-tune a segmentation model on a few labeled images, in the background.
+
+Training data is an image layer with the Labels layer painted on it, or folders of image/mask
+pairs. With one layer pair, a validation split is made by cutting the image into four quadrants
+and holding some out, so a validation Dice can be reported while training.
+"""
+from __future__ import annotations
+
+from contextlib import closing
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from napari.utils.notifications import show_error
+from qtpy.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, QGroupBox, QStackedWidget,
+                            QVBoxLayout, QWidget)
+
+from ..core.data import LabeledImage, TaskSpec, load_labeled_folder, mask_to_target, split_items
+from ..core.errors import DataError, GenSelfDiffError
+from ..core.losses import LOSSES, parse_loss
+from ..core.training import FinetuneConfig, Progress, finetune
+from ..core.unet import PRESETS
+from ._common import (DeviceChooser, JobRunner, LayerChoices, PathEdit, ProgressPanel, Settings, StopsJobsOnClose,
+                      int_spin, is_labels, is_rgb_image, layer_to_rgb, start_cancel_row)
+
+LAYERS, FOLDERS = "image + labels layers", "folders of image/mask pairs"
+QUADRANTS = ("top-left", "top-right", "bottom-left", "bottom-right")
+RECENT_MODELS = "recent_models"
+
+
+def quadrants(item: LabeledImage) -> list[LabeledImage]:
+    """Cut a labeled image into its four quadrants (the validation unit for a single image)."""
+    h, w = item.target.shape
+    cy, cx = h // 2, w // 2
+    boxes = [(0, cy, 0, cx), (0, cy, cx, w), (cy, h, 0, cx), (cy, h, cx, w)]
+    return [LabeledImage(f"{item.name} [{q}]", item.image[y0:y1, x0:x1], item.target[y0:y1, x0:x1])
+            for q, (y0, y1, x0, x1) in zip(QUADRANTS, boxes)]
+
+
+def layer_pair_items(image_layer, labels_layer, spec: TaskSpec) -> LabeledImage:
+    """The image layer and its painted Labels layer as one training item, checked for the user."""
+    if image_layer is None or labels_layer is None:
+        raise DataError("choose an image layer and the Labels layer painted on it")
+    if image_layer.multiscale or labels_layer.multiscale:
+        raise DataError("fine-tuning needs single-scale layers: crop a region of the slide into a new layer, "
+                        "or use folders of image/mask pairs")
+    image = layer_to_rgb(image_layer.data, image_layer.name)
+    labels = np.asarray(labels_layer.data)
+    if labels.shape != image.shape[:2]:
+        raise DataError(f"Labels layer {labels_layer.name!r} is {labels.shape[1]}x{labels.shape[0]} but image "
+                        f"layer {image_layer.name!r} is {image.shape[1]}x{image.shape[0]}")
+    if not (labels > 0).any():
+        raise DataError(f"Labels layer {labels_layer.name!r} is empty: paint some {spec.task} first")
+    return LabeledImage(image_layer.name, image, mask_to_target(labels, spec, f"layer {labels_layer.name!r}"))
+
+
+def split_for_validation(items: list[LabeledImage], fraction: float, single_pair: bool,
+                         seed: int = 0) -> tuple[list[LabeledImage], list[LabeledImage]]:
+    """(train, validation); a single image is split by quadrants, folders by image."""
+    if fraction <= 0:
+        return items, []
+    if single_pair:
+        items = quadrants(items[0])
+    train, val = split_items(items, fraction, seed)
+    if all(not (it.target > 0).any() for it in train):
+        raise DataError("the labels all fall in the held-out validation part: paint more, or set the "
+                        "validation fraction to 0")
+    return train, val
+
+
+def finetune_job(items: list[LabeledImage], out: str, cfg: FinetuneConfig, init: str | None,
+                 val_items: list[LabeledImage], device: str, resume: bool) -> Iterator[Progress]:
+    """Fine-tune (yielding the core's events); returns the final checkpoint folder."""
+    last = None
+    with closing(finetune(items, out, cfg, init=init, val_items=val_items, device=device,
+                          resume=resume)) as events:
+        for last in events:
+            yield last
+    return last.checkpoint if last is not None and last.done else None
+
+
+class FinetuneWidget(StopsJobsOnClose, QWidget):
+    """Choose labeled data, a task and a starting point, then fine-tune in the background."""
+
+    def __init__(self, napari_viewer, settings: Settings | None = None):
+        super().__init__()
+        self.viewer = napari_viewer
+        self.settings = settings or Settings("finetune")
+        self.runner = JobRunner("fine-tuning", self)
+        self.runners = (self.runner,)
+        self._last: Progress | None = None
+        self._metrics: dict = {}
+        self._build()
+        self.progress.follow(self.runner)
+        self.runner.event.connect(self.progress.show_progress)
+        self.runner.event.connect(self._remember)
+        self.runner.result.connect(self._on_done)
+        self.runner.stopped.connect(self._on_stopped)
+
+    def _build(self) -> None:
+        lay = QVBoxLayout(self)
+
+        data = QGroupBox("Labeled data")
+        form = QFormLayout(data)
+        self.source = QComboBox()
+        self.source.addItems([LAYERS, FOLDERS])
+        form.addRow("From", self.source)
+        self.pages = QStackedWidget()
+        layers_page, folders_page = QWidget(), QWidget()
+        lf, ff = QFormLayout(layers_page), QFormLayout(folders_page)
+        lf.setContentsMargins(0, 0, 0, 0)
+        ff.setContentsMargins(0, 0, 0, 0)
+        self.image_layer, self.labels_layer = QComboBox(), QComboBox()
+        self.image_choices = LayerChoices(self.viewer, is_rgb_image, self.image_layer)
+        self.labels_choices = LayerChoices(self.viewer, is_labels, self.labels_layer)
+        lf.addRow("Image layer", self.image_layer)
+        lf.addRow("Labels layer", self.labels_layer)
+        self.images_dir, self.masks_dir = PathEdit("dir", "folder of images"), PathEdit("dir", "folder of masks")
+        ff.addRow("Images", self.images_dir)
+        ff.addRow("Masks", self.masks_dir)
+        self.pages.addWidget(layers_page)
+        self.pages.addWidget(folders_page)
+        self.source.currentIndexChanged.connect(self.pages.setCurrentIndex)
+        form.addRow(self.pages)
+        self.val_fraction = QDoubleSpinBox()
+        self.val_fraction.setRange(0.0, 0.5)
+        self.val_fraction.setSingleStep(0.05)
+        self.val_fraction.setValue(0.0)
+        self.val_fraction.setToolTip("part held out to report a validation Dice (one layer pair: by quadrant; "
+                                     "folders: by image); 0 = no validation")
+        form.addRow("Validation fraction", self.val_fraction)
+        lay.addWidget(data)
+
+        task = QGroupBox("Model")
+        form = QFormLayout(task)
+        self.task = QComboBox()
+        self.task.addItems(["glands", "nuclei"])
+        form.addRow("Task", self.task)
+        self.boundary = QCheckBox("boundary class (separates touching nuclei)")
+        form.addRow("", self.boundary)
+        self.task.currentTextChanged.connect(lambda t: self.boundary.setEnabled(t == "nuclei"))
+        self.init = PathEdit("dir", "empty: train from scratch")
+        self.init.setToolTip("a pretraining checkpoint folder (recommended) or a segmentation model to continue")
+        form.addRow("Pretrained model", self.init)
+        self.preset = QComboBox()
+        self.preset.addItems(list(PRESETS))
+        self.preset.setCurrentText("small")
+        self.preset.setToolTip("model size when training from scratch (a pretrained model brings its own)")
+        form.addRow("Size if from scratch", self.preset)
+        self.loss = QComboBox()
+        self.loss.setEditable(True)
+        self.loss.addItems(["focal+ssl", "ce+dice", "focal", "ce", "dice", "tversky"])
+        self.loss.setToolTip(f"a weighted sum of {', '.join(LOSSES)}, e.g. focal+ssl or 0.5*dice+ce")
+        form.addRow("Loss", self.loss)
+        self.patch = int_spin(32, 1024, 256, 32, "training tile size in pixels")
+        form.addRow("Patch size", self.patch)
+        self.steps = int_spin(1, 1_000_000, 500, 50, "optimisation steps")
+        form.addRow("Steps", self.steps)
+        self.batch = int_spin(1, 256, 8, 1, "tiles per step")
+        form.addRow("Batch", self.batch)
+        self.device = DeviceChooser()
+        form.addRow("Device", self.device)
+        self.out = PathEdit("dir", "folder for the model")
+        self.out.setText(str(Path.home() / "genselfdiff" / "segmentation"))
+        form.addRow("Output folder", self.out)
+        self.resume = QCheckBox("resume the run in this folder, if there is one")
+        form.addRow("", self.resume)
+        lay.addWidget(task)
+
+        row, self.start_btn, self.cancel_btn = start_cancel_row("Start fine-tuning")
+        self.start_btn.clicked.connect(self.start)
+        self.cancel_btn.clicked.connect(self.runner.cancel)
+        lay.addWidget(row)
+        self.progress = ProgressPanel()
+        lay.addWidget(self.progress)
+        lay.addStretch(1)
+
+        for key, w in [("source", self.source), ("images_dir", self.images_dir), ("masks_dir", self.masks_dir),
+                       ("val_fraction", self.val_fraction), ("task", self.task), ("boundary", self.boundary),
+                       ("init", self.init), ("preset", self.preset), ("loss", self.loss), ("patch", self.patch),
+                       ("steps", self.steps), ("batch", self.batch), ("device", self.device.combo),
+                       ("out", self.out), ("resume", self.resume)]:
+            self.settings.bind(key, w)
+        self.boundary.setEnabled(self.task.currentText() == "nuclei")
+
+    # -- actions ---------------------------------------------------------------------------
+
+    def spec(self) -> TaskSpec:
+        return TaskSpec.make(self.task.currentText(), self.boundary.isChecked() and self.boundary.isEnabled())
+
+    def training_data(self) -> tuple[list[LabeledImage], list[LabeledImage]]:
+        """(train, validation) items from the chosen layers or folders."""
+        spec = self.spec()
+        if self.source.currentText() == LAYERS:
+            items = [layer_pair_items(self.image_choices.by_name(self.image_layer.currentText()),
+                                      self.labels_choices.by_name(self.labels_layer.currentText()), spec)]
+        else:
+            if not self.images_dir.text() or not self.masks_dir.text():
+                raise DataError("choose the folder of images and the folder of masks")
+            items = load_labeled_folder(self.images_dir.text(), self.masks_dir.text(), spec)
+            if all(not (it.target > 0).any() for it in items):
+                raise DataError(f"{self.masks_dir.text()}: every mask is empty, there is nothing to learn")
+        return split_for_validation(items, self.val_fraction.value(), self.source.currentText() == LAYERS)
+
+    def config(self) -> FinetuneConfig:
+        spec = self.spec()
+        steps = self.steps.value()
+        return FinetuneConfig(task=spec.task, boundary=spec.boundary, preset=self.preset.currentText(), steps=steps,
+                              patch=self.patch.value(), batch=self.batch.value(), loss=self.loss.currentText().strip(),
+                              checkpoint_every=max(1, min(100, steps // 5)), val_every=max(1, min(100, steps // 5)))
+
+    def start(self) -> None:
+        try:
+            cfg = self.config()
+            parse_loss(cfg.loss)
+            out = self.out.text()
+            if not out:
+                raise DataError("choose an output folder for the model")
+            if Path(out).exists() and any(Path(out).iterdir()) and not self.resume.isChecked():
+                raise DataError(f"{out}: already exists; tick 'resume' or choose another output folder")
+            train, val = self.training_data()
+        except (GenSelfDiffError, ValueError) as e:
+            show_error(str(e))
+            return
+        self._last, self._metrics = None, {}
+        self.progress.reset(f"fine-tuning on {len(train)} image(s)" + (f", validating on {len(val)}" if val else ""))
+        self._set_running(True)
+        self.runner.start(finetune_job, train, out, cfg, self.init.text() or None, val, self.device.device,
+                          self.resume.isChecked())
+
+    def _set_running(self, running: bool) -> None:
+        self.start_btn.setEnabled(not running)
+        self.cancel_btn.setEnabled(running)
+
+    def _remember(self, ev: Progress) -> None:
+        self._last = ev
+        self._metrics = ev.metrics or self._metrics
+
+    def _on_done(self, checkpoint: str | None) -> None:
+        if not checkpoint:
+            return
+        shared = Settings("models", self.settings.path)
+        recent = [checkpoint] + [p for p in shared.get(RECENT_MODELS, []) if p != checkpoint]
+        shared.set(RECENT_MODELS, recent[:10])
+        dice = f" (validation Dice {self._metrics['val_dice']:.3f})" if "val_dice" in self._metrics else ""
+        self.progress.set_status(f"done: model saved in {checkpoint}{dice}; it is listed in the Predict widget")
+
+    def _on_stopped(self, cancelled: bool) -> None:
+        self._set_running(False)
+        if cancelled:
+            last = self._last
+            at = f" at step {last.step}/{last.total}" if last else ""
+            self.progress.set_status(f"cancelled{at}; the checkpoint in {self.out.text()} keeps what was learned "
+                                     "(tick 'resume' to continue it)")

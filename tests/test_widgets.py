@@ -1,0 +1,378 @@
+"""The napari plugin: manifest, dock widgets running real (tiny) jobs in a real viewer, cancel,
+closing during a job, error paths, remembered settings, reader / writer / sample data.
+
+Runs under Xvfb (pytest-xvfb) with QT_API=pyqt6. Screenshots of each docked widget are saved
+to ``screenshots/`` at the repository root (git-ignored) for a person to look at.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("napari")
+pytest.importorskip("pytestqt")
+
+from qtpy.QtCore import QThreadPool, QTimer  # noqa: E402
+
+from napari_genselfdiff._sample_data import SAMPLE_NAME, sample_he  # noqa: E402
+from napari_genselfdiff._widgets import _common  # noqa: E402
+from napari_genselfdiff._widgets._common import Settings  # noqa: E402
+from napari_genselfdiff._widgets.finetune import FinetuneWidget, quadrants  # noqa: E402
+from napari_genselfdiff._widgets.pretrain import TILES_LAYER, PretrainWidget  # noqa: E402
+from napari_genselfdiff.core.data import LabeledImage  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SHOTS = REPO / "screenshots"
+MANIFEST = REPO / "src" / "napari_genselfdiff" / "napari.yaml"
+
+
+# ---------------------------------------------------------------------------------------------
+# fixtures and helpers
+
+@pytest.fixture(autouse=True)
+def settings_dir(tmp_path, monkeypatch) -> Path:
+    """Every widget's settings go to a fresh folder, never the user's real config."""
+    d = tmp_path / "config"
+    monkeypatch.setenv(_common.CONFIG_ENV, str(d))
+    return d
+
+
+@pytest.fixture
+def errors(monkeypatch) -> list[str]:
+    """Messages the widgets sent to napari's error notifications."""
+    seen: list[str] = []
+    import napari.utils.notifications as notifications
+
+    original = notifications.show_error
+
+    def record(message: str) -> None:
+        seen.append(message)
+        original(message)
+
+    for module in ("_common", "pretrain", "finetune", "predict"):
+        monkeypatch.setattr(f"napari_genselfdiff._widgets.{module}.show_error", record)
+    return seen
+
+
+@pytest.fixture(scope="session")
+def he_image() -> np.ndarray:
+    return sample_he()[0][0]
+
+
+@pytest.fixture
+def viewer(make_napari_viewer):
+    v = make_napari_viewer(show=True)
+    v.window._qt_window.resize(1280, 900)
+    return v
+
+
+class Ticker:
+    """Counts QTimer ticks: proof that the GUI event loop runs while a job works."""
+
+    def __init__(self, interval_ms: int = 20):
+        self.count = 0
+        self.timer = QTimer()
+        self.timer.timeout.connect(self._tick)
+        self.timer.start(interval_ms)
+
+    def _tick(self) -> None:
+        self.count += 1
+
+    def stop(self) -> int:
+        self.timer.stop()
+        return self.count
+
+
+def dock(viewer, widget, name: str):
+    viewer.window.add_dock_widget(widget, name=name, area="right")
+    return widget
+
+
+def screenshot(viewer, qtbot, name: str) -> Path:
+    SHOTS.mkdir(exist_ok=True)
+    viewer.reset_view()
+    qtbot.wait(100)
+    path = SHOTS / f"{name}.png"
+    viewer.screenshot(str(path), canvas_only=False)
+    assert path.stat().st_size > 10_000
+    return path
+
+
+def tiny_pretrain_settings(w: PretrainWidget, out: Path, steps: int) -> None:
+    w.preset.setCurrentText("tiny")
+    w.patch.setValue(32)
+    w.steps.setValue(steps)
+    w.batch.setValue(2)
+    w.device.combo.setCurrentText("cpu")
+    w.out.setText(str(out))
+    w.n_tiles.setValue(4)
+    w.ddim_steps.setValue(2)
+
+
+def training_state(ckpt: Path) -> dict:
+    assert (ckpt / "model.safetensors").is_file() and (ckpt / "config.json").is_file()
+    return json.loads((ckpt / "training_state.json").read_text())
+
+
+def wait_idle(qtbot, widget, timeout: int = 60_000) -> None:
+    qtbot.waitUntil(lambda: not widget.runner.running, timeout=timeout)
+
+
+# ---------------------------------------------------------------------------------------------
+# manifest
+
+def test_manifest_validates_and_contributes_the_widgets():
+    from npe2 import PluginManifest
+
+    pm = PluginManifest.from_file(MANIFEST)
+    pm.validate_imports()
+    widgets = {w.display_name: w.command for w in pm.contributions.widgets}
+    assert set(widgets) == {"Pretrain (self-supervised)", "Fine-tune segmentation", "Predict glands / nuclei"}
+    commands = {c.id: c.python_name for c in pm.contributions.commands}
+    assert commands[widgets["Pretrain (self-supervised)"]].endswith("pretrain:PretrainWidget")
+    assert [r.command for r in pm.contributions.readers] == ["napari-genselfdiff.get_reader"]
+    assert pm.contributions.writers[0].layer_types == ["labels"]
+    assert pm.contributions.sample_data[0].display_name == SAMPLE_NAME
+
+
+def test_napari_discovers_this_manifest():
+    """The entry point resolves ``napari_genselfdiff:napari.yaml`` through sys.path, so with
+    PYTHONPATH=src napari loads the manifest of the checkout under test."""
+    from npe2 import PluginManager
+
+    pm = PluginManager()
+    pm.discover(include_npe1=False)
+    found = pm.get_manifest("napari-genselfdiff")
+    import napari_genselfdiff
+    assert Path(napari_genselfdiff.__file__).parent == MANIFEST.parent
+    assert {c.id for c in found.contributions.commands} == \
+        {c.id for c in __import__("npe2").PluginManifest.from_file(MANIFEST).contributions.commands}
+
+
+# ---------------------------------------------------------------------------------------------
+# settings
+
+def test_settings_are_remembered_between_widgets(make_napari_viewer, settings_dir):
+    v = make_napari_viewer()
+    w = PretrainWidget(v)
+    w.steps.setValue(1234)
+    w.preset.setCurrentText("tiny")
+    w.out.setText("/somewhere/else")
+    w.resume.setChecked(False)
+    again = PretrainWidget(v)
+    assert again.steps.value() == 1234
+    assert again.preset.currentText() == "tiny"
+    assert again.out.text() == "/somewhere/else"
+    assert not again.resume.isChecked()
+    assert (settings_dir / _common.SETTINGS_FILE).is_file()
+    other = FinetuneWidget(v)  # sections are per widget
+    assert other.steps.value() == 500
+
+
+def test_damaged_settings_file_falls_back_to_defaults(make_napari_viewer, settings_dir):
+    settings_dir.mkdir(parents=True)
+    (settings_dir / _common.SETTINGS_FILE).write_text("{not json")
+    w = PretrainWidget(make_napari_viewer())
+    assert w.steps.value() == 1000
+    w.steps.setValue(7)  # and it repairs the file
+    assert Settings("pretrain").get("steps") == 7
+
+
+# ---------------------------------------------------------------------------------------------
+# pretraining
+
+def test_pretrain_widget_trains_and_shows_generated_tiles(viewer, qtbot, tmp_path, he_image):
+    viewer.add_image(he_image, name="H&E", rgb=True)
+    w = dock(viewer, PretrainWidget(viewer), "Pretrain")
+    assert [w.layers.item(i).text() for i in range(w.layers.count())] == ["H&E"]
+    w.layers.item(0).setSelected(True)
+    out = tmp_path / "pretrained"
+    tiny_pretrain_settings(w, out, steps=4)
+    ticker = Ticker()
+    w.start_btn.click()
+    assert not w.start_btn.isEnabled() and w.cancel_btn.isEnabled()
+    wait_idle(qtbot, w)
+    assert ticker.stop() >= 5  # the event loop kept running during the job
+    assert w.start_btn.isEnabled() and not w.cancel_btn.isEnabled()
+    assert training_state(out)["step"] == 4
+    assert json.loads((out / "config.json").read_text())["kind"] == "pretrain"
+    tiles = viewer.layers[TILES_LAYER]
+    assert tiles.rgb and tiles.data.dtype == np.uint8
+    assert tiles.data.shape == (2 * 34 + 2, 2 * 34 + 2, 3)  # 4 tiles of 32 px in a 2x2 grid, 2 px gaps
+    assert len(w.progress.plot.values) == 4
+    assert w.progress.bar.value() == w.progress.bar.maximum()
+    assert "generated" in w.progress.status.text()
+    viewer.layers.selection.active = viewer.layers["H&E"]
+    screenshot(viewer, qtbot, "pretrain_widget")
+
+
+def test_cancel_stops_pretraining_and_keeps_a_checkpoint(viewer, qtbot, tmp_path, he_image):
+    viewer.add_image(he_image[:256, :256], name="H&E", rgb=True)
+    w = dock(viewer, PretrainWidget(viewer), "Pretrain")
+    w.layers.item(0).setSelected(True)
+    out = tmp_path / "cancelled"
+    tiny_pretrain_settings(w, out, steps=100_000)
+    ticker = Ticker()
+    w.start_btn.click()
+    qtbot.waitUntil(lambda: w.progress.bar.value() >= 2, timeout=60_000)
+    w.cancel_btn.click()
+    wait_idle(qtbot, w, timeout=30_000)
+    assert ticker.stop() >= 5
+    state = training_state(out)
+    assert 2 <= state["step"] < 100_000
+    assert "cancelled" in w.progress.status.text()
+    assert TILES_LAYER not in viewer.layers
+    assert w.start_btn.isEnabled()  # and it can start again: resume the same run
+    w.steps.setValue(state["step"] + 1)
+    w.start_btn.click()
+    wait_idle(qtbot, w)
+    assert training_state(out)["step"] == state["step"] + 1
+
+
+def test_removing_the_dock_during_a_job_stops_it(viewer, qtbot, tmp_path, he_image):
+    viewer.add_image(he_image[:256, :256], name="H&E", rgb=True)
+    w = dock(viewer, PretrainWidget(viewer), "Pretrain")
+    w.layers.item(0).setSelected(True)
+    out = tmp_path / "removed"
+    tiny_pretrain_settings(w, out, steps=100_000)
+    w.start_btn.click()
+    qtbot.waitUntil(lambda: w.progress.bar.value() >= 1, timeout=60_000)
+    viewer.window.remove_dock_widget(w)
+    wait_idle(qtbot, w, timeout=30_000)
+    assert 1 <= training_state(out)["step"] < 100_000
+
+
+def test_closing_the_viewer_during_a_job_stops_it(make_napari_viewer, qtbot, tmp_path, he_image):
+    viewer = make_napari_viewer(show=True)
+    viewer.add_image(he_image[:256, :256], name="H&E", rgb=True)
+    w = dock(viewer, PretrainWidget(viewer), "Pretrain")
+    w.layers.item(0).setSelected(True)
+    out = tmp_path / "closed"
+    tiny_pretrain_settings(w, out, steps=100_000)
+    w.start_btn.click()
+    qtbot.waitUntil(lambda: w.progress.bar.value() >= 1, timeout=60_000)
+    worker = w.runner.worker
+    viewer.close()
+    qtbot.waitUntil(lambda: not worker.is_running, timeout=30_000)
+    assert QThreadPool.globalInstance().waitForDone(10_000)
+    assert 1 <= training_state(out)["step"] < 100_000
+
+
+def test_pretrain_without_sources_is_a_readable_error(make_napari_viewer, tmp_path, errors):
+    w = PretrainWidget(make_napari_viewer())
+    w.out.setText(str(tmp_path / "x"))
+    w.start_btn.click()
+    assert errors and "choose at least one image layer" in errors[-1]
+    assert not w.runner.running and w.start_btn.isEnabled()
+    assert not (tmp_path / "x").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# fine-tuning
+
+def painted_labels(shape: tuple[int, int]) -> np.ndarray:
+    """A few painted 'glands': discs in all four quadrants."""
+    yy, xx = np.mgrid[:shape[0], :shape[1]]
+    labels = np.zeros(shape, np.uint8)
+    for i, (cy, cx) in enumerate([(0.25, 0.25), (0.25, 0.75), (0.75, 0.3), (0.7, 0.7)], start=1):
+        labels[(yy - cy * shape[0]) ** 2 + (xx - cx * shape[1]) ** 2 < (0.12 * shape[0]) ** 2] = i
+    return labels
+
+
+def tiny_finetune_settings(w: FinetuneWidget, out: Path, steps: int) -> None:
+    w.preset.setCurrentText("tiny")
+    w.patch.setValue(64)
+    w.steps.setValue(steps)
+    w.batch.setValue(2)
+    w.device.combo.setCurrentText("cpu")
+    w.out.setText(str(out))
+
+
+def test_quadrants_cover_the_image_once():
+    item = LabeledImage("a", np.arange(5 * 7 * 3, dtype=np.uint8).reshape(5, 7, 3), np.arange(35).reshape(5, 7))
+    parts = quadrants(item)
+    assert [p.name for p in parts] == ["a [top-left]", "a [top-right]", "a [bottom-left]", "a [bottom-right]"]
+    assert [p.target.shape for p in parts] == [(2, 3), (2, 4), (3, 3), (3, 4)]
+    assert sorted(np.concatenate([p.target.ravel() for p in parts]).tolist()) == list(range(35))
+
+
+def test_finetune_widget_trains_with_validation_dice(viewer, qtbot, tmp_path, he_image):
+    image = he_image[:192, :192]
+    viewer.add_image(image, name="H&E", rgb=True)
+    viewer.add_labels(painted_labels(image.shape[:2]), name="glands drawn")
+    w = dock(viewer, FinetuneWidget(viewer), "Fine-tune")
+    assert w.image_layer.currentText() == "H&E" and w.labels_layer.currentText() == "glands drawn"
+    out = tmp_path / "seg"
+    tiny_finetune_settings(w, out, steps=3)
+    w.val_fraction.setValue(0.25)  # one quadrant of four held out
+    events = []
+    w.runner.event.connect(events.append)
+    ticker = Ticker()
+    w.start_btn.click()
+    wait_idle(qtbot, w)
+    assert ticker.stop() >= 5
+    assert training_state(out)["step"] == 3
+    config = json.loads((out / "config.json").read_text())
+    assert config["kind"] == "segmentation" and config["task"]["task"] == "glands"
+    assert len(config["training"]["train_images"]) == 3 and len(config["training"]["val_images"]) == 1
+    dice = [e.metrics["val_dice"] for e in events if e.metrics]
+    assert dice and 0.0 <= dice[-1] <= 1.0
+    assert "validation Dice" in w.progress.status.text()
+    assert Settings("models").get("recent_models") == [str(out)]
+    viewer.layers.selection.active = viewer.layers["glands drawn"]
+    screenshot(viewer, qtbot, "finetune_widget")
+
+
+def test_finetune_with_empty_labels_shows_an_error_and_starts_nothing(make_napari_viewer, tmp_path, he_image,
+                                                                      errors):
+    v = make_napari_viewer()
+    v.add_image(he_image[:64, :64], name="H&E", rgb=True)
+    v.add_labels(np.zeros((64, 64), np.uint8), name="nothing yet")
+    w = FinetuneWidget(v)
+    tiny_finetune_settings(w, tmp_path / "seg", steps=3)
+    w.start_btn.click()
+    assert errors and "is empty" in errors[-1] and "nothing yet" in errors[-1]
+    assert not w.runner.running and w.start_btn.isEnabled()
+    assert not (tmp_path / "seg").exists()
+
+
+def test_error_in_the_worker_is_notified_and_start_reenabled(make_napari_viewer, qtbot, tmp_path, he_image,
+                                                             errors):
+    v = make_napari_viewer()
+    v.add_image(he_image[:64, :64], name="H&E", rgb=True)
+    v.add_labels(painted_labels((64, 64)), name="drawn")
+    w = FinetuneWidget(v)
+    tiny_finetune_settings(w, tmp_path / "seg", steps=3)
+    w.init.setText(str(tmp_path / "no-such-checkpoint"))  # only the worker finds out
+    w.start_btn.click()
+    wait_idle(qtbot, w)
+    assert errors and "fine-tuning failed" in errors[-1] and "no-such-checkpoint" in errors[-1]
+    assert w.start_btn.isEnabled() and not w.cancel_btn.isEnabled()
+    assert w.progress.status.text().startswith("failed:")
+    assert w.progress.bar.maximum() > 0  # no busy bar left spinning
+
+
+# ---------------------------------------------------------------------------------------------
+# sample data
+
+def test_sample_data_is_the_bundled_he_image():
+    [(data, kwargs, kind)] = sample_he()
+    assert kind == "image" and kwargs["rgb"] and kwargs["name"] == SAMPLE_NAME
+    assert data.shape == (768, 1024, 3) and data.dtype == np.uint8
+    assert kwargs["metadata"]["mpp"] == pytest.approx(0.499)
+
+
+def test_sample_data_opens_through_napari(make_napari_viewer):
+    v = make_napari_viewer()
+    v.open_sample("napari-genselfdiff", "he_skin")
+    assert v.layers[SAMPLE_NAME].rgb and v.layers[SAMPLE_NAME].data.shape == (768, 1024, 3)
+
+
+def test_widget_can_be_opened_from_the_plugin_menu(make_napari_viewer):
+    v = make_napari_viewer()
+    dw, widget = v.window.add_plugin_dock_widget("napari-genselfdiff", "Fine-tune segmentation")
+    assert isinstance(widget, FinetuneWidget)
+
