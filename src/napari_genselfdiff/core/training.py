@@ -104,6 +104,13 @@ def _step_rngs(seed: int, step: int, device: torch.device) -> tuple[np.random.Ge
     return np.random.default_rng([seed, step]), g
 
 
+def _seeded_model(cfg: UNetConfig, seed: int) -> UNet:
+    """A freshly initialised U-Net whose random weights depend on ``seed`` alone."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return UNet(cfg)
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -229,7 +236,7 @@ def pretrain(sources: Sequence[UnlabeledSource], out: str | os.PathLike, cfg: Pr
         ucfg = model_config or UNetConfig.from_preset(cfg.preset, in_channels=3, out_channels=3)
     if cfg.patch % ucfg.multiple:
         raise DataError(f"patch size {cfg.patch} must be a multiple of {ucfg.multiple} for this model")
-    model = UNet(ucfg)
+    model = _seeded_model(ucfg, cfg.seed)
     if state is not None:
         model.load_state_dict(ckpt.load_weights(out))
     diffusion = Diffusion(cfg.schedule).to(dev)
@@ -264,17 +271,18 @@ def pretrain(sources: Sequence[UnlabeledSource], out: str | os.PathLike, cfg: Pr
 # ---------------------------------------------------------------------------------------------
 # stage 2: segmentation fine-tuning on a few labeled tiles
 
-def build_segmentation_model(spec: TaskSpec, init: str | os.PathLike | None, preset: str) -> tuple[UNet, dict, str]:
+def build_segmentation_model(spec: TaskSpec, init: str | os.PathLike | None, preset: str,
+                             seed: int = 0) -> tuple[UNet, dict, str]:
     """A segmentation U-Net: from scratch, from a pretrained diffusion model (all but the head
     copied), or continuing a segmentation model (all weights). Returns (model, init info, message)."""
     if init is None:
-        model = UNet(UNetConfig.from_preset(preset, in_channels=3, out_channels=spec.num_classes))
+        model = _seeded_model(UNetConfig.from_preset(preset, in_channels=3, out_channels=spec.num_classes), seed)
         return model, {"init": "scratch"}, f"from scratch ({preset})"
     init_cfg = ckpt.load_config(init)
     if init_cfg.get("normalization", NORMALIZATION) != NORMALIZATION:
         raise CheckpointError(f"{init}: unsupported input normalisation {init_cfg.get('normalization')!r}")
     ucfg = UNetConfig.from_dict(init_cfg["model"]).with_outputs(spec.num_classes)
-    model = UNet(ucfg)
+    model = _seeded_model(ucfg, seed)
     weights = ckpt.load_weights(init)
     same_head = init_cfg.get("kind") == "segmentation" and init_cfg["task"]["num_classes"] == spec.num_classes
     if same_head:
@@ -317,7 +325,7 @@ def finetune(items: Sequence[LabeledImage], out: str | os.PathLike, cfg: Finetun
         init_info, how = saved["training"].get("init_info", {}), f"resumed {out}"
         train = select_fraction_from_names(items, saved["training"].get("train_images"))
     else:
-        model, init_info, how = build_segmentation_model(spec, init, cfg.preset)
+        model, init_info, how = build_segmentation_model(spec, init, cfg.preset, cfg.seed)
     if cfg.patch % model.config.multiple:
         raise DataError(f"patch size {cfg.patch} must be a multiple of {model.config.multiple} for this model")
     trainer = _Trainer(model, dev, cfg.lr, cfg.weight_decay, cfg.amp)

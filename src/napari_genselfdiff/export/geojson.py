@@ -1,0 +1,714 @@
+"""GeoJSON export and import of instance labels, for QuPath and other GIS-style viewers.
+
+Export
+------
+Each instance id > 0 of a label image becomes one GeoJSON Feature whose polygon follows the
+**pixel edges** exactly: pixel ``(row, col)`` is the unit square ``[col, col+1] x [row, row+1]``,
+so the polygon area equals the pixel count and rasterising the polygon by pixel centres gives
+back the same pixels. How the rings are traced, and why that is exact and fast:
+
+* each object is cut out on its bounding box (plus one pixel of padding) and traced with
+  marching squares (``skimage.measure.find_contours`` at level 0.5). On a 0/1 mask every contour
+  vertex is the midpoint of one pixel edge between an object and a background pixel, and two
+  consecutive vertices lie in one 2x2 cell whose centre is the pixel corner they share; mapping
+  each contour segment to that corner turns the contour into the exact pixel-edge ring.
+  Collinear corners are dropped, so a rectangle has 4 vertices. Cost: O(crop area) in C plus
+  O(perimeter) in Python per object.
+* marching squares keeps object pixels 4-connected, so two pixels that touch only at a corner
+  are separate parts (a MultiPolygon touching at a point, which is valid). A background pocket
+  that reaches the outside only through such a corner makes one contour visit that corner
+  twice; the ring is split there into an exterior and a hole touching it at one point, the valid
+  OGC form (a self-touching ring would be invalid).
+* rings winding like an exterior are shells, the others holes; each hole goes to the smallest
+  shell that contains it (islands inside holes become separate parts).
+* exteriors are counter-clockwise and holes clockwise in the coordinate numbers as written
+  (RFC 7946 section 3.1.6, reading y as pointing up; QuPath accepts either).
+* the result is checked with ``is_valid``; ``shapely.make_valid`` (polygonal part kept, logged)
+  is only a last resort, e.g. after ``simplify_tolerance`` > 0. Exact tracing never needs it.
+
+Coordinates are full-resolution pixels: ``x = (col + offset_x) * downsample``,
+``y = (row + offset_y) * downsample``, where ``(row, col)`` index ``labels`` and ``offset``
+is the position of ``labels[0, 0]`` in the grid of ``labels`` (a crop of a larger label image
+at that same downsample). ``objectType`` is written inside ``properties``, where QuPath reads
+it. Files are streamed feature by feature and written atomically.
+
+Import
+------
+:func:`read_geojson` accepts what QuPath and other tools write (FeatureCollection, a bare
+Feature or geometry, a plain list of Features), keeps polygonal geometry as shapely objects
+and reports every skipped or altered feature in ``warnings`` by index and id.
+:func:`features_to_labels` rasterises them back (pixel-centre rule, holes honoured) and
+:func:`features_to_shapes` turns them into napari Shapes data.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import uuid
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import shapely
+from scipy import ndimage
+from shapely.geometry import MultiPolygon, Polygon
+from skimage.measure import find_contours
+
+from ..core.errors import DataError
+from ._atomic import atomic_file
+
+log = logging.getLogger(__name__)
+
+OBJECT_TYPES = ("annotation", "detection")
+DEFAULT_COLOR = (0, 200, 0)
+# Blocks whose largest id is at most this are indexed with ndimage.find_objects directly (a
+# list as long as the largest id); above it ids are first compacted with np.unique (a sort).
+_DIRECT_MAX_LABEL = 1 << 20
+_GEOJSON_GEOMETRIES = ("Point", "MultiPoint", "LineString", "MultiLineString", "Polygon",
+                       "MultiPolygon", "GeometryCollection")
+
+Geometry = Polygon | MultiPolygon
+
+
+# --------------------------------------------------------------------------- ring tracing
+
+def _next(ring: np.ndarray) -> np.ndarray:
+    """The ring's vertices shifted by one (vertex i+1 at position i); cheaper than np.roll."""
+    return np.concatenate((ring[1:], ring[:1]))
+
+
+def _drop_collinear(ring: np.ndarray) -> np.ndarray:
+    """Remove vertices that lie on a straight run of an axis-aligned ring."""
+    prev, nxt = np.concatenate((ring[-1:], ring[:-1])), _next(ring)
+    same_row = (prev[:, 0] == ring[:, 0]) & (ring[:, 0] == nxt[:, 0])
+    same_col = (prev[:, 1] == ring[:, 1]) & (ring[:, 1] == nxt[:, 1])
+    return ring[~(same_row | same_col)]
+
+
+def _split_at_repeats(ring: np.ndarray) -> list[np.ndarray]:
+    """Split a ring that passes through a vertex more than once into simple loops."""
+    keys = ring[:, 0] * (int(ring[:, 1].max()) + 1) + ring[:, 1]
+    ordered = np.sort(keys)
+    if not (ordered[1:] == ordered[:-1]).any():
+        return [ring]
+    loops: list[np.ndarray] = []
+    stack: list[int] = []          # indices into ring, the loop being walked
+    where: dict[int, int] = {}     # key -> position in stack
+    for i, key in enumerate(keys.tolist()):
+        if key in where:
+            start = where[key]
+            loops.append(ring[stack[start:]])
+            for j in stack[start + 1:]:
+                del where[int(keys[j])]
+            del stack[start + 1:]
+        else:
+            where[key] = len(stack)
+            stack.append(i)
+    loops.append(ring[stack])
+    return loops
+
+
+def _trace_rings(mask: np.ndarray) -> list[np.ndarray]:
+    """Exact pixel-edge rings of a boolean mask as open (n, 2) int arrays of (row, col) corners,
+    in the mask's edge frame. Shells wind counter-clockwise in (x=col, y=row), holes clockwise."""
+    padded = np.zeros((mask.shape[0] + 2, mask.shape[1] + 2), np.float32)
+    padded[1:-1, 1:-1] = mask
+    rings: list[np.ndarray] = []
+    for contour in find_contours(padded, 0.5):
+        mids = contour[:-1]
+        # the corner shared by consecutive edge midpoints, padded edge frame = floor(mean) + 1,
+        # minus the one pixel of padding
+        corners = np.floor((mids + _next(mids)) * 0.5).astype(np.int64)
+        rings.extend(_split_at_repeats(_drop_collinear(corners)))
+    return rings
+
+
+def _signed_area(ring: np.ndarray) -> float:
+    """Shoelace area of an open (row, col) ring, positive when counter-clockwise in (x, y)."""
+    y, x = ring[:, 0].astype(np.float64), ring[:, 1].astype(np.float64)
+    return 0.5 * float(np.dot(x, _next(y)) - np.dot(_next(x), y))
+
+
+def _ring_length(ring: np.ndarray) -> float:
+    return float(np.abs(_next(ring) - ring).sum())
+
+
+def _assemble(rings: list[np.ndarray]) -> list[tuple[np.ndarray, list[np.ndarray]]]:
+    """Group rings into (shell, holes) pairs; a hole goes to the smallest shell containing it."""
+    areas = np.array([_signed_area(r) for r in rings])
+    shells = [r for r, a in zip(rings, areas) if a > 0]
+    holes = [r for r, a in zip(rings, areas) if a < 0]
+    parts: list[tuple[np.ndarray, list[np.ndarray]]] = [(s, []) for s in shells]
+    if len(shells) == 1:
+        parts[0][1].extend(holes)
+        return parts
+    order = np.argsort(areas[areas > 0])
+    shell_polys = [Polygon(s[:, ::-1]) for s in shells]
+    for hole in holes:
+        # midpoint of the hole's first edge: on no other ring, so strictly inside or outside
+        y, x = (hole[0] + hole[1]) / 2.0
+        owner = next(i for i in order if shapely.contains_xy(shell_polys[i], x, y))
+        parts[owner][1].append(hole)
+    return parts
+
+
+# --------------------------------------------------------------------------- geometry helpers
+
+def _polygon_parts(geom: shapely.Geometry) -> list[Polygon]:
+    """Non-empty polygons inside any geometry (collections flattened)."""
+    if isinstance(geom, Polygon):
+        return [] if geom.is_empty else [geom]
+    if hasattr(geom, "geoms"):
+        return [p for g in geom.geoms for p in _polygon_parts(g)]
+    return []
+
+
+def _as_polygonal(parts: Sequence[Polygon]) -> Geometry | None:
+    if not parts:
+        return None
+    return parts[0] if len(parts) == 1 else MultiPolygon(list(parts))
+
+
+def _orient(geom: Geometry) -> Geometry:
+    """Exterior counter-clockwise, holes clockwise (RFC 7946)."""
+    return shapely.orient_polygons(geom, exterior_cw=False)
+
+
+def _make_valid_polygonal(geom: shapely.Geometry) -> Geometry | None:
+    """Last-resort repair keeping only the polygonal part of ``shapely.make_valid``."""
+    fixed = _as_polygonal(_polygon_parts(shapely.make_valid(geom)))
+    return None if fixed is None else _orient(fixed)
+
+
+def _ring_json(coords: np.ndarray) -> list:
+    """Closed ring as nested lists, integers when every coordinate is integral (smaller files)."""
+    if np.array_equal(coords, np.floor(coords)):
+        return coords.astype(np.int64).tolist()
+    return coords.tolist()
+
+
+def _geometry_json(geom: Geometry) -> dict[str, Any]:
+    def poly(p: Polygon) -> list:
+        rings = [p.exterior, *p.interiors]
+        return [_ring_json(shapely.get_coordinates(r)) for r in rings]
+    if isinstance(geom, Polygon):
+        return {"type": "Polygon", "coordinates": poly(geom)}
+    return {"type": "MultiPolygon", "coordinates": [poly(p) for p in geom.geoms]}
+
+
+# --------------------------------------------------------------------------- export
+
+@dataclass(frozen=True)
+class _ExportOptions:
+    offset: tuple[float, float]
+    downsample: float
+    object_type: str
+    class_name: str
+    color: tuple[int, int, int]
+    simplify_tolerance: float
+
+    @classmethod
+    def make(cls, offset: Sequence[float] = (0, 0), downsample: float = 1.0,
+             object_type: str = "annotation", class_name: str = "Gland",
+             color: Sequence[int] = DEFAULT_COLOR,
+             simplify_tolerance: float = 0.0) -> _ExportOptions:
+        if object_type not in OBJECT_TYPES:
+            raise ValueError(f"object_type must be one of {OBJECT_TYPES}, got {object_type!r}")
+        if not downsample > 0:
+            raise ValueError(f"downsample must be > 0, got {downsample}")
+        if simplify_tolerance < 0:
+            raise ValueError(f"simplify_tolerance must be >= 0, got {simplify_tolerance}")
+        rgb = tuple(int(c) for c in color)
+        if len(rgb) != 3 or not all(0 <= c <= 255 for c in rgb):
+            raise ValueError(f"color must be three integers 0..255, got {color!r}")
+        oy, ox = offset
+        return cls((float(oy), float(ox)), float(downsample), object_type, str(class_name),
+                   rgb, float(simplify_tolerance))
+
+
+def _object_geometry(mask: np.ndarray, origin: tuple[int, int], label: int,
+                     opts: _ExportOptions) -> tuple[Geometry, float]:
+    """Full-resolution geometry of one object's mask cut out at ``origin`` (row, col), and its
+    exact perimeter in full-resolution pixels."""
+    rings = _trace_rings(mask)
+    perimeter = sum(_ring_length(r) for r in rings) * opts.downsample
+    shift = np.array([origin[0] + opts.offset[0], origin[1] + opts.offset[1]])
+
+    def to_xy(ring: np.ndarray) -> np.ndarray:
+        return ((ring + shift) * opts.downsample)[:, ::-1]
+
+    polys = [Polygon(to_xy(shell), [to_xy(h) for h in holes])
+             for shell, holes in _assemble(rings)]
+    geom = _as_polygonal(polys)
+    if opts.simplify_tolerance > 0:
+        geom = _orient(shapely.simplify(geom, opts.simplify_tolerance, preserve_topology=True))
+    if not geom.is_valid:
+        reason = shapely.is_valid_reason(geom)
+        repaired = _make_valid_polygonal(geom)
+        if repaired is None:
+            raise RuntimeError(f"label {label}: could not build a valid polygon ({reason})")
+        log.warning("label %d: polygon repaired with make_valid (%s)", label, reason)
+        geom = repaired
+    return geom, perimeter
+
+
+def _mean_probability(probs: np.ndarray, mask: np.ndarray) -> float:
+    values = probs[mask]
+    scale = 255.0 if probs.dtype == np.uint8 else 1.0
+    return float(values.mean(dtype=np.float64) / scale)
+
+
+def _make_feature(mask: np.ndarray, origin: tuple[int, int], label: int, opts: _ExportOptions,
+                  probs: np.ndarray | None) -> dict[str, Any]:
+    geom, perimeter = _object_geometry(mask, origin, label, opts)
+    measurements = {"area": float(np.count_nonzero(mask)) * opts.downsample ** 2,
+                    "perimeter": perimeter}
+    if probs is not None:
+        measurements["mean_probability"] = _mean_probability(probs, mask)
+    return {
+        "type": "Feature",
+        "id": str(uuid.uuid4()),
+        "geometry": _geometry_json(geom),
+        "properties": {
+            "objectType": opts.object_type,
+            "classification": {"name": opts.class_name, "color": list(opts.color)},
+            "measurements": measurements,
+            "label_id": int(label),
+        },
+    }
+
+
+def _block_boxes(block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Ids > 0 present in ``block`` and their boxes (k, 4) = (row0, col0, row1, col1)."""
+    top = int(block.max(initial=0))
+    if top == 0:
+        return np.empty(0, np.int64), np.empty((0, 4), np.int64)
+    if int(block.min()) < 0:
+        raise ValueError("label images must not contain negative ids")
+    if top <= _DIRECT_MAX_LABEL:
+        found = ndimage.find_objects(block)
+        pairs = [(i + 1, s) for i, s in enumerate(found) if s is not None]
+        ids = np.array([p[0] for p in pairs], dtype=np.int64)
+    else:
+        uniq, inverse = np.unique(block, return_inverse=True)
+        compact = inverse.reshape(block.shape)
+        if uniq[0] != 0:
+            compact = compact + 1
+            uniq = np.concatenate([[0], uniq])
+        pairs = list(enumerate(ndimage.find_objects(compact), start=1))
+        ids = uniq[[p[0] for p in pairs]].astype(np.int64)
+    boxes = np.array([[s[0].start, s[1].start, s[0].stop, s[1].stop] for _, s in pairs],
+                     dtype=np.int64)
+    return ids, boxes
+
+
+def _label_boxes(array: Any, chunk: int) -> tuple[np.ndarray, np.ndarray]:
+    """One pass over ``chunk`` x ``chunk`` blocks: every id and its bounding box in the whole
+    array (boxes of an id seen in several blocks are merged)."""
+    height, width = array.shape
+    all_ids, all_boxes = [], []
+    for r in range(0, height, chunk):
+        for c in range(0, width, chunk):
+            ids, boxes = _block_boxes(np.asarray(array[r:r + chunk, c:c + chunk]))
+            all_ids.append(ids)
+            all_boxes.append(boxes + np.array([r, c, r, c]))
+    ids = np.concatenate(all_ids)
+    boxes = np.concatenate(all_boxes)
+    order = np.argsort(ids, kind="stable")
+    ids, boxes = ids[order], boxes[order]
+    if ids.size == 0:
+        return ids, boxes
+    starts = np.flatnonzero(np.concatenate([[True], ids[1:] != ids[:-1]]))
+    merged = np.concatenate([np.minimum.reduceat(boxes[:, :2], starts, axis=0),
+                             np.maximum.reduceat(boxes[:, 2:], starts, axis=0)], axis=1)
+    return ids[starts], merged
+
+
+def _check_label_array(labels: Any, probabilities: Any | None) -> None:
+    if len(labels.shape) != 2:
+        raise ValueError(f"labels must be 2-D, got shape {tuple(labels.shape)}")
+    if not np.issubdtype(np.dtype(labels.dtype), np.integer):
+        raise ValueError(f"labels must have an integer dtype, got {labels.dtype}")
+    if probabilities is not None and tuple(probabilities.shape) != tuple(labels.shape):
+        raise ValueError(f"probabilities shape {tuple(probabilities.shape)} differs from "
+                         f"labels shape {tuple(labels.shape)}")
+
+
+def _iter_array_features(array: Any, chunk: int, probabilities: Any | None,
+                         opts: _ExportOptions) -> Iterator[dict[str, Any]]:
+    """Features of every object of a (possibly lazy) 2-D label array, each exactly once.
+
+    Objects are grouped by the block holding the top-left corner of their bounding box; each
+    group's joint box (at most one block plus the largest object) is read once, so memory is
+    bounded by a block plus the largest object, never the whole array.
+    """
+    ids, boxes = _label_boxes(array, chunk)
+    if ids.size == 0:
+        return
+    n_col_blocks = -(-array.shape[1] // chunk)
+    owner = (boxes[:, 0] // chunk) * n_col_blocks + boxes[:, 1] // chunk
+    order = np.lexsort((ids, owner))
+    ids, boxes, owner = ids[order], boxes[order], owner[order]
+    bounds = np.flatnonzero(np.concatenate([[True], owner[1:] != owner[:-1], [True]]))
+    for start, stop in zip(bounds[:-1], bounds[1:]):
+        g_ids, g_boxes = ids[start:stop], boxes[start:stop]
+        r0, c0 = g_boxes[:, :2].min(axis=0)
+        r1, c1 = g_boxes[:, 2:].max(axis=0)
+        region = np.asarray(array[r0:r1, c0:c1])
+        probs = None if probabilities is None else np.asarray(probabilities[r0:r1, c0:c1])
+        for label, (br0, bc0, br1, bc1) in zip(g_ids.tolist(), g_boxes.tolist()):
+            window = (slice(br0 - r0, br1 - r0), slice(bc0 - c0, bc1 - c0))
+            mask = region[window] == label
+            yield _make_feature(mask, (br0, bc0), label, opts,
+                                None if probs is None else probs[window])
+
+
+def labels_to_features(labels: np.ndarray, *, offset: Sequence[float] = (0, 0),
+                       downsample: float = 1.0, object_type: str = "annotation",
+                       class_name: str = "Gland", color: Sequence[int] = DEFAULT_COLOR,
+                       probabilities: np.ndarray | None = None,
+                       simplify_tolerance: float = 0.0) -> Iterator[dict[str, Any]]:
+    """One GeoJSON Feature per instance id > 0 of ``labels``, lazily, in increasing id order.
+
+    Parameters
+    ----------
+    labels : 2-D integer array (ids >= 0; 0 is background).
+    offset : (row, col) of ``labels[0, 0]`` in the label grid (same downsample as ``labels``);
+        full-resolution ``x = (col + offset[1]) * downsample`` and
+        ``y = (row + offset[0]) * downsample``.
+    downsample : size of one label pixel in full-resolution pixels.
+    object_type : ``"annotation"`` or ``"detection"`` (QuPath object types).
+    class_name, color : QuPath classification name and RGB colour.
+    probabilities : optional array of the shape of ``labels``, float in [0, 1] or uint8 0..255;
+        adds ``measurements["mean_probability"]`` (mean over the object's pixels, in [0, 1]).
+    simplify_tolerance : Douglas-Peucker tolerance in full-resolution pixels (0 = exact
+        pixel-edge polygons). Measurements always come from the exact polygon.
+
+    Each feature has a uuid4 ``id``, a Polygon (MultiPolygon for objects in several parts) with
+    holes as interior rings, and ``properties`` = ``objectType``, ``classification``,
+    ``measurements`` (``area`` = pixel count * downsample**2, ``perimeter`` = length of all rings
+    of the exact polygon, both in full-resolution pixels) and ``label_id``.
+    """
+    labels = np.asarray(labels)
+    _check_label_array(labels, probabilities)
+    opts = _ExportOptions.make(offset, downsample, object_type, class_name, color,
+                               simplify_tolerance)
+    probs = None if probabilities is None else np.asarray(probabilities)
+    yield from _iter_array_features(labels, max(labels.shape), probs, opts)
+
+
+def write_geojson(path: str | os.PathLike, features: Iterable[dict[str, Any]]) -> int:
+    """Stream ``features`` into a GeoJSON FeatureCollection at ``path``; returns how many.
+
+    Features are serialised one at a time as they are drawn from the iterable (a generator is
+    never materialised). The file is written to a temporary file next to ``path`` and moved
+    into place at the end, so a failure leaves no partial file.
+    """
+    count = 0
+    with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+        fh.write('{"type":"FeatureCollection","features":[\n')
+        for feature in features:
+            if count:
+                fh.write(",\n")
+            fh.write(json.dumps(feature, separators=(",", ":"), allow_nan=False))
+            count += 1
+        fh.write("\n]}\n")
+    return count
+
+
+def export_labels_geojson(labels: np.ndarray, path: str | os.PathLike, **kwargs: Any) -> int:
+    """Write :func:`labels_to_features` of ``labels`` to ``path``; returns the feature count."""
+    return write_geojson(path, labels_to_features(labels, **kwargs))
+
+
+def export_label_array_chunked(label_array: Any, path: str | os.PathLike, *, chunk: int = 4096,
+                               probabilities: Any | None = None, **kwargs: Any) -> int:
+    """Export a large, possibly lazy (zarr / dask / memory-mapped) 2-D label array to GeoJSON.
+
+    A first pass over ``chunk`` x ``chunk`` blocks finds every id's bounding box; objects are
+    then cut out of the array (a block plus overhang at a time) and traced whole, so an object
+    spanning several blocks is emitted exactly once and complete. Memory stays bounded by a block
+    plus the largest object. Choose ``chunk`` as a multiple of the array's storage chunks.
+    ``probabilities`` (same shape, may be lazy) and ``kwargs`` are as for
+    :func:`labels_to_features`; features come out grouped by block. Returns the count.
+    """
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk}")
+    _check_label_array(label_array, probabilities)
+    opts = _ExportOptions.make(**kwargs)
+    return write_geojson(path, _iter_array_features(label_array, int(chunk), probabilities, opts))
+
+
+# --------------------------------------------------------------------------- import
+
+@dataclass(frozen=True)
+class ImportedFeature:
+    """One polygonal feature read from GeoJSON (coordinates in full-resolution pixels)."""
+
+    index: int                      # position in the source's feature list
+    feature_id: str | None          # the Feature's "id", if any
+    geometry: Geometry
+    class_name: str | None          # properties.classification.name (None: unclassified)
+    object_type: str | None         # properties.objectType (top-level objectType as fallback)
+    properties: dict[str, Any]
+
+
+@dataclass
+class ImportResult:
+    """Features read by :func:`read_geojson` and one warning per skipped or altered feature."""
+
+    source: str
+    features: list[ImportedFeature] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def _load_json(path_or_data: Any) -> tuple[str, Any]:
+    if isinstance(path_or_data, (str, os.PathLike)):
+        path = Path(path_or_data)
+        try:
+            with open(path, encoding="utf-8") as fh:
+                return str(path), json.load(fh)
+        except FileNotFoundError:
+            raise DataError(f"{path}: GeoJSON file not found") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise DataError(f"{path}: not valid JSON ({exc})") from None
+        except OSError as exc:
+            raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    return "<in-memory GeoJSON>", path_or_data
+
+
+def _raw_features(data: Any, source: str) -> list[Any]:
+    """The list of candidate features in any accepted top-level shape."""
+    if isinstance(data, list):
+        return data
+    kind = data.get("type") if isinstance(data, dict) else None
+    if kind == "FeatureCollection":
+        features = data.get("features")
+        if not isinstance(features, list):
+            raise DataError(f"{source}: FeatureCollection without a 'features' list")
+        return features
+    if kind == "Feature":
+        return [data]
+    if kind in _GEOJSON_GEOMETRIES:
+        return [{"type": "Feature", "geometry": data, "properties": {}}]
+    raise DataError(f"{source}: not GeoJSON (expected a FeatureCollection, a Feature, a "
+                    f"geometry or a list of Features; found {kind or type(data).__name__!r})")
+
+
+def _parse_geometry(geometry: Any) -> tuple[Geometry | None, list[str]]:
+    """Polygonal shapely geometry and notes; None (with the reason) when unusable."""
+    if not isinstance(geometry, dict):
+        return None, ["malformed: no geometry object"]
+    kind = geometry.get("type")
+    if kind not in ("Polygon", "MultiPolygon", "GeometryCollection"):
+        known = kind in _GEOJSON_GEOMETRIES
+        what = f"{kind} geometry is not polygonal" if known else f"unknown geometry type {kind!r}"
+        return None, [f"{what}; skipped"]
+    try:
+        geom = shapely.geometry.shape(geometry)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError,
+            shapely.errors.ShapelyError) as exc:
+        return None, [f"malformed {kind} ({exc}); skipped"]
+    notes = []
+    parts = _polygon_parts(geom)
+    if kind == "GeometryCollection" and not all(isinstance(g, (Polygon, MultiPolygon))
+                                                for g in geom.geoms):
+        notes.append("non-polygonal members of the GeometryCollection dropped")
+    polygonal = _as_polygonal(parts)
+    if polygonal is None:
+        return None, notes + ["empty geometry; skipped"]
+    if not np.isfinite(shapely.get_coordinates(polygonal)).all():
+        return None, notes + ["non-finite coordinates; skipped"]
+    if not polygonal.is_valid:
+        reason = shapely.is_valid_reason(polygonal)
+        polygonal = _make_valid_polygonal(polygonal)
+        if polygonal is None:
+            return None, notes + [f"invalid geometry ({reason}) with no area; skipped"]
+        notes.append(f"invalid geometry ({reason}) repaired")
+    return polygonal, notes
+
+
+def _clip(geom: Geometry, image_shape: tuple[int, int]) -> tuple[Geometry | None, list[str]]:
+    height, width = image_shape
+    minx, miny, maxx, maxy = shapely.bounds(geom)
+    if minx >= 0 and miny >= 0 and maxx <= width and maxy <= height:
+        return geom, []
+    where = f"outside the image (width {width}, height {height})"
+    clipped = _as_polygonal(_polygon_parts(geom.intersection(shapely.box(0, 0, width, height))))
+    if clipped is None:
+        return None, [f"entirely {where}; skipped"]
+    return _orient(clipped), [f"coordinates {where}; clipped to the image"]
+
+
+def _class_name(props: dict[str, Any]) -> str | None:
+    classification = props.get("classification")
+    if isinstance(classification, dict):
+        name = classification.get("name")
+        return None if name is None else str(name)
+    if isinstance(classification, str):
+        return classification
+    return None
+
+
+def _parse_feature(index: int, item: Any, image_shape: tuple[int, int] | None
+                   ) -> tuple[ImportedFeature | None, list[str]]:
+    if not isinstance(item, dict):
+        return None, [f"feature {index} (no id): malformed, not a JSON object; skipped"]
+    fid = item.get("id")
+    fid = None if fid is None else str(fid)
+    name = f"feature {index} ({'id=' + repr(fid) if fid is not None else 'no id'})"
+    geom, notes = _parse_geometry(item.get("geometry"))
+    if geom is not None and image_shape is not None:
+        geom, clip_notes = _clip(geom, image_shape)
+        notes += clip_notes
+    if geom is None:
+        return None, [f"{name}: {n}" for n in notes]
+    props = item.get("properties")
+    if not isinstance(props, dict):
+        props = {}
+    class_name = _class_name(props)
+    if class_name is None:
+        notes.append("no classification (class name None)")
+    object_type = props.get("objectType", item.get("objectType"))
+    feature = ImportedFeature(index, fid, geom, class_name,
+                              None if object_type is None else str(object_type), props)
+    return feature, [f"{name}: {n}" for n in notes]
+
+
+def read_geojson(path_or_data: str | os.PathLike | dict | list, *,
+                 image_shape: tuple[int, int] | None = None) -> ImportResult:
+    """Read polygonal features from a GeoJSON file or already-parsed GeoJSON data.
+
+    Accepts a FeatureCollection, a bare Feature, a bare Polygon / MultiPolygon (any geometry) or
+    a plain list of Features (as some QuPath exports write). Polygons and MultiPolygons are kept
+    (the polygonal members of a GeometryCollection too); every other feature is skipped with a
+    warning naming it by index and id: malformed features or geometries, non-polygonal or
+    unknown geometry types, empty or non-finite geometry. Invalid polygons are repaired with
+    ``shapely.make_valid`` (warned). With ``image_shape`` = (height, width) in full-resolution
+    pixels, geometry reaching outside the image is clipped to it (warned). Features without a
+    classification get ``class_name`` None (warned).
+
+    Raises DataError naming the file when it is missing or not valid JSON / GeoJSON as a whole.
+    """
+    source, data = _load_json(path_or_data)
+    result = ImportResult(source)
+    shape = None if image_shape is None else (int(image_shape[0]), int(image_shape[1]))
+    for index, item in enumerate(_raw_features(data, source)):
+        feature, warnings = _parse_feature(index, item, shape)
+        result.warnings.extend(warnings)
+        if feature is not None:
+            result.features.append(feature)
+    return result
+
+
+def _feature_list(result_or_features: ImportResult | Iterable[ImportedFeature]
+                  ) -> list[ImportedFeature]:
+    if isinstance(result_or_features, ImportResult):
+        return result_or_features.features
+    return list(result_or_features)
+
+
+def _scanline_fill(rings: list[np.ndarray], shape: tuple[int, int]
+                   ) -> tuple[tuple[slice, slice], np.ndarray] | None:
+    """Pixels whose centre lies inside the rings (even-odd rule, so holes and the parts of a
+    MultiPolygon need no special case). Rings are closed (n, 2) arrays of (x, y) in pixel units.
+
+    Each non-horizontal edge crosses the scanlines ``y = row + 0.5`` in the half-open range
+    ``[min y, max y)``; crossings are sorted per row and filled pairwise through a difference
+    array, so the cost is O(perimeter + bounding-box area). Returns the clipped window and mask,
+    or None when nothing falls inside the image.
+    """
+    height, width = shape
+    pts = np.concatenate(rings)
+    r_lo = max(0, int(np.floor(pts[:, 1].min())))
+    r_hi = min(height, int(np.ceil(pts[:, 1].max())))
+    c_lo = max(0, int(np.floor(pts[:, 0].min())))
+    c_hi = min(width, int(np.ceil(pts[:, 0].max())))
+    if r_lo >= r_hi or c_lo >= c_hi:
+        return None
+    x0 = np.concatenate([r[:-1, 0] for r in rings])
+    y0 = np.concatenate([r[:-1, 1] for r in rings])
+    x1 = np.concatenate([r[1:, 0] for r in rings])
+    y1 = np.concatenate([r[1:, 1] for r in rings])
+    keep = y0 != y1
+    x0, y0, x1, y1 = x0[keep], y0[keep], x1[keep], y1[keep]
+    first = np.clip(np.ceil(np.minimum(y0, y1) - 0.5).astype(np.int64), r_lo, r_hi)
+    last = np.clip(np.ceil(np.maximum(y0, y1) - 0.5).astype(np.int64), r_lo, r_hi)
+    counts = last - first
+    edge = np.repeat(np.arange(counts.size), counts)
+    rows = first[edge] + (np.arange(edge.size) - np.repeat(np.cumsum(counts) - counts, counts))
+    yc = rows + 0.5
+    xs = x0[edge] + (yc - y0[edge]) * (x1[edge] - x0[edge]) / (y1[edge] - y0[edge])
+    order = np.lexsort((xs, rows))
+    rows, xs = rows[order], xs[order]
+    cols = np.clip(np.ceil(xs - 0.5).astype(np.int64), c_lo, c_hi) - c_lo
+    n_cols = c_hi - c_lo + 1
+    flat = (rows - r_lo) * n_cols + cols
+    diff = np.bincount(flat[0::2], minlength=(r_hi - r_lo) * n_cols)
+    diff -= np.bincount(flat[1::2], minlength=(r_hi - r_lo) * n_cols)
+    mask = np.cumsum(diff.reshape(r_hi - r_lo, n_cols), axis=1)[:, :-1] > 0
+    return (slice(r_lo, r_hi), slice(c_lo, c_hi)), mask
+
+
+def features_to_labels(result_or_features: ImportResult | Iterable[ImportedFeature],
+                       shape: tuple[int, int], *, downsample: float = 1.0,
+                       class_map: Mapping[str, int] | None = None
+                       ) -> tuple[np.ndarray, dict[int, str | None]]:
+    """Rasterise imported polygons into an int32 label image of ``shape`` (the label grid at
+    ``downsample``: full-resolution coordinates are divided by it).
+
+    A pixel belongs to a polygon when its centre is inside (holes excluded), so exact pixel-edge
+    polygons from :func:`labels_to_features` give back exactly their pixels. Later features
+    overwrite earlier ones where they overlap.
+
+    Without ``class_map`` every feature gets its own id 1..N in order (an instance image) and
+    ``classes`` maps id -> class name. With ``class_map`` {class name: value > 0} the image is
+    semantic: features are painted with their class's value, features of other classes are
+    left out, and ``classes`` maps value -> class name.
+    """
+    if not downsample > 0:
+        raise ValueError(f"downsample must be > 0, got {downsample}")
+    if class_map is not None and any(int(v) <= 0 for v in class_map.values()):
+        raise ValueError("class_map values must be positive integers")
+    height, width = int(shape[0]), int(shape[1])
+    labels = np.zeros((height, width), dtype=np.int32)
+    classes: dict[int, str | None] = {}
+    for number, feature in enumerate(_feature_list(result_or_features), start=1):
+        if class_map is None:
+            value = number
+        elif feature.class_name in class_map:
+            value = int(class_map[feature.class_name])
+        else:
+            continue
+        classes[value] = feature.class_name
+        rings = [shapely.get_coordinates(r) / downsample
+                 for p in _polygon_parts(feature.geometry) for r in (p.exterior, *p.interiors)]
+        filled = _scanline_fill(rings, (height, width))
+        if filled is not None:
+            window, mask = filled
+            labels[window][mask] = value
+    return labels, classes
+
+
+def features_to_shapes(result_or_features: ImportResult | Iterable[ImportedFeature]
+                       ) -> tuple[list[np.ndarray], dict[str, list]]:
+    """Polygon data for a napari Shapes layer: a list of (N, 2) arrays in napari's (row, col)
+    = (y, x) order, full-resolution pixels, without the repeated closing vertex.
+
+    Each part of a MultiPolygon becomes its own shape with the feature's properties repeated.
+    Holes are dropped: napari polygons have no interior rings (use :func:`features_to_labels`
+    for a faithful raster). ``properties`` holds per-shape lists ``class_name`` (``""`` when
+    unclassified), ``object_type`` (``""`` when absent) and ``feature_id`` (``""`` when absent).
+    """
+    data: list[np.ndarray] = []
+    props: dict[str, list] = {"class_name": [], "object_type": [], "feature_id": []}
+    for feature in _feature_list(result_or_features):
+        for part in _polygon_parts(feature.geometry):
+            data.append(shapely.get_coordinates(part.exterior)[:-1, ::-1].copy())
+            props["class_name"].append(feature.class_name or "")
+            props["object_type"].append(feature.object_type or "")
+            props["feature_id"].append(feature.feature_id or "")
+    return data, props

@@ -1,0 +1,105 @@
+"""Tiled pyramidal TIFF export of label images (QuPath, Fiji, OpenSlide-style viewers).
+
+The full-resolution labels are the first IFD; sub-resolution levels (nearest-neighbour
+striding by 2, so ids are never blended) are written as SubIFDs of it with NewSubfileType
+"reduced image", the layout tifffile, QuPath and Bio-Formats read as a pyramid. The file is
+BigTIFF when the uncompressed pixels would come near the 4 GiB classic-TIFF limit. Tiles are
+produced one at a time from the source, which may be lazy (zarr / dask), so memory stays at a
+tile. ``mpp`` (micrometres per pixel) becomes X/YResolution in pixels per centimetre.
+Writes are atomic (temporary file next to the target, then ``os.replace``).
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tifffile
+
+from ..core.errors import DataError
+from ._atomic import atomic_file
+
+# Above this many uncompressed bytes (all levels) write BigTIFF; classic TIFF offsets stop at
+# 4 GiB and compressed size cannot be known in advance, so keep a wide margin.
+_BIGTIFF_BYTES = 2 ** 31
+
+
+def _pyramid_shapes(shape: tuple[int, int], tile: tuple[int, int],
+                    pyramid: bool) -> list[tuple[int, int]]:
+    """Halve (rounding up) until a level fits in one tile."""
+    shapes = [shape]
+    while pyramid and (shapes[-1][0] > tile[0] or shapes[-1][1] > tile[1]):
+        h, w = shapes[-1]
+        shapes.append(((h + 1) // 2, (w + 1) // 2))
+    return shapes
+
+
+def _tiles(source: Any, factor: int, shape: tuple[int, int],
+           tile: tuple[int, int]) -> Iterator[np.ndarray]:
+    """Tiles of ``source[::factor, ::factor]`` in row-major order (edge tiles smaller; tifffile
+    pads them)."""
+    th, tw = tile
+    for r in range(0, shape[0], th):
+        for c in range(0, shape[1], tw):
+            yield np.asarray(source[r * factor:(r + th) * factor:factor,
+                                    c * factor:(c + tw) * factor:factor])
+
+
+def write_label_tiff(path: str | os.PathLike, labels: Any, *, pyramid: bool = True,
+                     tile: Sequence[int] = (512, 512), compression: str | None = "zlib",
+                     mpp: float | None = None) -> Path:
+    """Write a 2-D integer label image (numpy, or lazy zarr / dask) as a tiled TIFF with
+    optional sub-resolution pyramid (SubIFDs); returns ``path``.
+
+    ``tile`` sides must be multiples of 16 (TIFF rule). ``compression`` is any tifffile codec
+    name (lossless ones only make sense for labels: "zlib", "zstd", "lzw", None). ``mpp`` is the
+    pixel size of ``labels`` in micrometres; level k gets ``mpp * 2**k``.
+    """
+    shape = tuple(int(n) for n in labels.shape)
+    if len(shape) != 2:
+        raise ValueError(f"labels must be 2-D, got shape {shape}")
+    dtype = np.dtype(labels.dtype)
+    if not np.issubdtype(dtype, np.integer):
+        raise ValueError(f"labels must have an integer dtype, got {dtype}")
+    tile_yx = (int(tile[0]), int(tile[1]))
+    if tile_yx[0] <= 0 or tile_yx[1] <= 0 or tile_yx[0] % 16 or tile_yx[1] % 16:
+        raise ValueError(f"tile sides must be positive multiples of 16, got {tile_yx}")
+    if mpp is not None and not mpp > 0:
+        raise ValueError(f"mpp must be > 0, got {mpp}")
+    shapes = _pyramid_shapes(shape, tile_yx, pyramid)
+    bigtiff = sum(h * w for h, w in shapes) * dtype.itemsize > _BIGTIFF_BYTES
+    common = {"dtype": dtype, "tile": tile_yx, "compression": compression,
+              "photometric": "minisblack", "metadata": None}
+    target = Path(path)
+    with atomic_file(target) as tmp, tifffile.TiffWriter(tmp, bigtiff=bigtiff) as tif:
+        for level, level_shape in enumerate(shapes):
+            options = dict(common)
+            if mpp is not None:
+                per_cm = 1e4 / (mpp * 2 ** level)
+                options.update(resolution=(per_cm, per_cm), resolutionunit="CENTIMETER")
+            if level == 0:
+                options.update(subifds=len(shapes) - 1, description="napari-genselfdiff labels")
+            else:
+                options.update(subfiletype=1)
+            tif.write(_tiles(labels, 2 ** level, level_shape, tile_yx), shape=level_shape,
+                      **options)
+    return target
+
+
+def read_label_tiff(path: str | os.PathLike) -> np.ndarray:
+    """Full-resolution label image of a TIFF (first series, level 0). Raises DataError naming
+    the file when it is missing, unreadable, not 2-D or not integer."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: TIFF file not found")
+    try:
+        with tifffile.TiffFile(path) as tif:
+            data = tif.series[0].levels[0].asarray()
+    except (OSError, ValueError, IndexError, tifffile.TiffFileError) as exc:
+        raise DataError(f"{path}: cannot read TIFF ({exc})") from None
+    if data.ndim != 2 or not np.issubdtype(data.dtype, np.integer):
+        raise DataError(f"{path}: not a 2-D integer label image "
+                        f"(shape {data.shape}, dtype {data.dtype})")
+    return data

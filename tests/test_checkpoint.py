@@ -1,0 +1,87 @@
+import json
+import pickle
+
+import pytest
+import torch
+
+from napari_genselfdiff.core import checkpoint as ck
+from napari_genselfdiff.core.errors import CheckpointError
+from napari_genselfdiff.core.unet import UNet, UNetConfig
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return UNet(UNetConfig.from_preset("tiny", out_channels=2))
+
+
+def test_roundtrip_weights_config_and_training_state(tmp_path):
+    m = _model()
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+    m(torch.randn(1, 3, 16, 16)).mean().backward()
+    opt.step()
+    cfg = {"kind": "segmentation", "model": m.config.to_dict(), "task": {"num_classes": 2}}
+    ck.save_checkpoint(tmp_path / "c", m, cfg, {"step": 7, "optimizer": opt.state_dict(), "run": {"seed": 1}})
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == sorted(
+        [ck.MODEL_FILE, ck.CONFIG_FILE, ck.STATE_TENSORS, ck.STATE_JSON])
+    m2, cfg2 = ck.load_model(tmp_path / "c")
+    for (k, a), (_, b) in zip(m.state_dict().items(), m2.state_dict().items()):
+        assert torch.equal(a, b), k
+    assert cfg2["task"] == {"num_classes": 2} and cfg2["format_version"] == ck.FORMAT_VERSION
+    state = ck.load_training_state(tmp_path / "c")
+    assert state["step"] == 7 and state["run"] == {"seed": 1}
+    opt2 = torch.optim.AdamW(m2.parameters(), lr=1e-3)
+    opt2.load_state_dict(ck.optimizer_state_from_json(state["optimizer"]))
+    s1, s2 = opt.state_dict()["state"], opt2.state_dict()["state"]
+    assert s1.keys() == s2.keys()
+    for i in s1:
+        for k in s1[i]:
+            assert torch.equal(torch.as_tensor(s1[i][k]), torch.as_tensor(s2[i][k]))
+
+
+def test_failed_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    m = _model()
+    ck.save_checkpoint(tmp_path / "c", m, {"model": m.config.to_dict(), "v": 1})
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ck, "_write_json", boom)
+    with pytest.raises(OSError):
+        ck.save_checkpoint(tmp_path / "c", _model(1), {"model": m.config.to_dict(), "v": 2})
+    assert ck.load_config(tmp_path / "c")["v"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["c"], "no temporary folder left behind"
+
+
+def test_interrupted_swap_is_recovered(tmp_path):
+    m = _model()
+    ck.save_checkpoint(tmp_path / "c", m, {"model": m.config.to_dict()})
+    (tmp_path / "c").rename(tmp_path / "c.old")  # crash between the two renames
+    assert ck.load_config(tmp_path / "c")["model"] == m.config.to_dict()
+
+
+def test_pickle_is_never_loaded(tmp_path):
+    d = tmp_path / "evil"
+    d.mkdir()
+    (d / ck.CONFIG_FILE).write_text(json.dumps({"model": UNetConfig.from_preset("tiny").to_dict()}))
+
+    class Boom:
+        def __reduce__(self):
+            return (exec, ("raise SystemExit('unpickled!')",))
+
+    (d / ck.MODEL_FILE).write_bytes(pickle.dumps(Boom()))
+    with pytest.raises(CheckpointError, match="unreadable weights"):
+        ck.load_model(d)
+
+
+@pytest.mark.parametrize("case", ["missing", "no_config", "bad_json", "no_model_key"])
+def test_bad_checkpoints_give_clear_errors(tmp_path, case):
+    d = tmp_path / "c"
+    if case != "missing":
+        d.mkdir()
+        (d / ck.MODEL_FILE).write_bytes(b"")
+    if case == "bad_json":
+        (d / ck.CONFIG_FILE).write_text("{not json")
+    if case == "no_model_key":
+        (d / ck.CONFIG_FILE).write_text("{}")
+    with pytest.raises(CheckpointError, match=str(d.name)):
+        ck.load_config(d)

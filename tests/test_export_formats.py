@@ -1,0 +1,209 @@
+"""OME-Zarr (NGFF 0.4) and pyramidal TIFF label export: round trips, pyramid levels, metadata,
+lazy sources, and atomicity (a failed write leaves neither a partial target nor temp files)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import tifffile
+import zarr
+
+from napari_genselfdiff.core.errors import DataError
+from napari_genselfdiff.export import ome_zarr, tiff
+
+
+def _labels(shape=(300, 500), dtype=np.int32, seed=0) -> np.ndarray:
+    """Blocky labels (8x8 patches with random ids) so that striding is visible."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, np.iinfo(dtype).max if np.dtype(dtype).itemsize < 4 else 10 ** 6,
+                         (-(-shape[0] // 8), -(-shape[1] // 8)))
+    return np.kron(small, np.ones((8, 8), int))[:shape[0], :shape[1]].astype(dtype)
+
+
+# --------------------------------------------------------------------------- OME-Zarr
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.int32, np.uint32])
+def test_ome_zarr_round_trip_levels_and_values(tmp_path, dtype):
+    labels = _labels(dtype=dtype)
+    target = ome_zarr.write_ome_zarr_labels(tmp_path / "out.zarr", labels, chunks=(64, 128))
+    levels = ome_zarr.read_ome_zarr_labels(target)
+    assert [lv.shape for lv in levels] == [(300, 500), (150, 250), (75, 125), (38, 63)]
+    for k, level in enumerate(levels):
+        assert level.dtype == dtype
+        np.testing.assert_array_equal(np.asarray(level), labels[::2 ** k, ::2 ** k])
+    assert levels[0].chunks == (64, 128)
+
+
+def test_ome_zarr_ngff_metadata(tmp_path):
+    labels = _labels((100, 60))
+    path = tmp_path / "slide.ome.zarr"
+    ome_zarr.write_ome_zarr_labels(path, labels, name="nuclei", scale=(2, 2),
+                                   image_shape=(200, 120), pyramid_levels=3, chunks=(32, 32))
+    assert json.loads((path / ".zgroup").read_text())["zarr_format"] == 2
+    assert json.loads((path / "labels" / ".zattrs").read_text()) == {"labels": ["nuclei"]}
+    attrs = json.loads((path / "labels" / "nuclei" / ".zattrs").read_text())
+    (ms,) = attrs["multiscales"]
+    assert ms["version"] == "0.4" and ms["name"] == "nuclei"
+    assert [a["name"] for a in ms["axes"]] == ["y", "x"]
+    assert all(a["type"] == "space" for a in ms["axes"])
+    assert [d["path"] for d in ms["datasets"]] == ["0", "1", "2"]
+    assert [d["coordinateTransformations"] for d in ms["datasets"]] == [
+        [{"type": "scale", "scale": [2.0 * 2 ** k, 2.0 * 2 ** k]}] for k in range(3)]
+    assert attrs["image-label"]["version"] == "0.4"
+    assert attrs["napari-genselfdiff"] == {"image_shape": [200, 120]}
+    zarray = json.loads((path / "labels" / "nuclei" / "0" / ".zarray").read_text())
+    assert zarray["dimension_separator"] == "/" and zarray["zarr_format"] == 2
+    assert zarray["dtype"] == "<i4" and zarray["chunks"] == [32, 32]
+    assert (path / "labels" / "nuclei" / "0" / "0" / "0").is_file()      # nested chunk keys
+    levels = ome_zarr.read_ome_zarr_labels(path, "nuclei")
+    assert [lv.shape for lv in levels] == [(100, 60), (50, 30), (25, 15)]
+
+
+def test_ome_zarr_from_lazy_source_and_tiny_pyramid(tmp_path):
+    labels = _labels((70, 90))
+    lazy = zarr.create_array(tmp_path / "src.zarr", shape=labels.shape, dtype=labels.dtype,
+                             chunks=(16, 16))
+    lazy[:] = labels
+    path = ome_zarr.write_ome_zarr_labels(tmp_path / "o.zarr", lazy, pyramid_levels=20,
+                                          chunks=(32, 32))
+    levels = ome_zarr.read_ome_zarr_labels(path)
+    assert levels[-1].shape == (1, 1) and len(levels) == 8            # stops at 1 x 1
+    np.testing.assert_array_equal(np.asarray(levels[3]), labels[::8, ::8])
+
+
+def test_ome_zarr_argument_and_read_errors(tmp_path):
+    with pytest.raises(ValueError, match="image_shape"):
+        ome_zarr.write_ome_zarr_labels(tmp_path / "a.zarr", _labels((10, 10)),
+                                       image_shape=(40, 20), scale=(2, 2))
+    with pytest.raises(ValueError, match="integer"):
+        ome_zarr.write_ome_zarr_labels(tmp_path / "a.zarr", np.zeros((4, 4)))
+    assert not (tmp_path / "a.zarr").exists()
+    with pytest.raises(DataError, match="missing.zarr.*not found"):
+        ome_zarr.read_ome_zarr_labels(tmp_path / "missing.zarr")
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(DataError, match="plain.*not an OME-Zarr with labels"):
+        ome_zarr.read_ome_zarr_labels(tmp_path / "plain")
+    ome_zarr.write_ome_zarr_labels(tmp_path / "ok.zarr", _labels((10, 10)))
+    with pytest.raises(DataError, match="no labels named 'cells'"):
+        ome_zarr.read_ome_zarr_labels(tmp_path / "ok.zarr", "cells")
+
+
+def test_ome_zarr_failed_write_leaves_no_partial_target(tmp_path, monkeypatch):
+    labels = _labels((128, 128))
+    real = ome_zarr._write_level
+
+    def failing(group, name, *args, **kwargs):
+        if name == "2":
+            raise RuntimeError("disk full")
+        return real(group, name, *args, **kwargs)
+
+    monkeypatch.setattr(ome_zarr, "_write_level", failing)
+    target = tmp_path / "new.zarr"
+    with pytest.raises(RuntimeError, match="disk full"):
+        ome_zarr.write_ome_zarr_labels(target, labels, chunks=(32, 32))
+    assert list(tmp_path.iterdir()) == []
+
+    # an existing good target survives a failed overwrite ...
+    monkeypatch.setattr(ome_zarr, "_write_level", real)
+    old = _labels((64, 64), seed=1)
+    ome_zarr.write_ome_zarr_labels(target, old)
+    monkeypatch.setattr(ome_zarr, "_write_level", failing)
+    with pytest.raises(RuntimeError):
+        ome_zarr.write_ome_zarr_labels(target, labels)
+    np.testing.assert_array_equal(np.asarray(ome_zarr.read_ome_zarr_labels(target)[0]), old)
+    # ... and a successful overwrite replaces it without leftovers
+    monkeypatch.setattr(ome_zarr, "_write_level", real)
+    ome_zarr.write_ome_zarr_labels(target, labels)
+    np.testing.assert_array_equal(np.asarray(ome_zarr.read_ome_zarr_labels(target)[0]), labels)
+    assert [p.name for p in tmp_path.iterdir()] == ["new.zarr"]
+
+
+# --------------------------------------------------------------------------- TIFF
+
+def test_tiff_round_trip_pyramid_tiles_and_resolution(tmp_path):
+    labels = _labels((700, 900), np.uint16)
+    path = tiff.write_label_tiff(tmp_path / "l.tif", labels, tile=(256, 256), mpp=0.25)
+    back = tiff.read_label_tiff(path)
+    assert back.dtype == np.uint16
+    np.testing.assert_array_equal(back, labels)
+    with tifffile.TiffFile(path) as tif:
+        assert not tif.is_bigtiff
+        assert len(tif.pages) == 1                        # levels are SubIFDs, not pages
+        page = tif.pages[0]
+        assert page.is_tiled and (page.tilelength, page.tilewidth) == (256, 256)
+        assert page.compression == tifffile.COMPRESSION.ADOBE_DEFLATE
+        assert len(page.subifds) == 2
+        levels = tif.series[0].levels
+        assert [lv.shape for lv in levels] == [(700, 900), (350, 450), (175, 225)]
+        for k, level in enumerate(levels):
+            np.testing.assert_array_equal(level.asarray(), labels[::2 ** k, ::2 ** k])
+            lp = level.pages[0]
+            # 0.25 um/px = 40000 px/cm at level 0, halved at each level
+            assert lp.tags["XResolution"].value == (40000 // 2 ** k, 1)
+            assert lp.tags["YResolution"].value == (40000 // 2 ** k, 1)
+            assert lp.tags["ResolutionUnit"].value == tifffile.RESUNIT.CENTIMETER
+            assert lp.subfiletype == (0 if k == 0 else 1)         # 1: reduced-resolution
+
+
+def test_tiff_without_pyramid_and_lazy_source(tmp_path):
+    labels = _labels((300, 200), np.int32)
+    lazy = zarr.create_array(tmp_path / "s.zarr", shape=labels.shape, dtype=labels.dtype,
+                             chunks=(100, 100))
+    lazy[:] = labels
+    path = tiff.write_label_tiff(tmp_path / "flat.tif", lazy, pyramid=False, tile=(128, 128),
+                                 compression="zstd")
+    with tifffile.TiffFile(path) as tif:
+        assert len(tif.series[0].levels) == 1 and not tif.pages[0].subifds
+        assert tif.pages[0].compression == tifffile.COMPRESSION.ZSTD
+        assert "XResolution" not in tif.pages[0].tags or tif.pages[0].tags[
+            "ResolutionUnit"].value == tifffile.RESUNIT.NONE
+    np.testing.assert_array_equal(tiff.read_label_tiff(path), labels)
+
+
+def test_tiff_bigtiff_when_large(tmp_path, monkeypatch):
+    monkeypatch.setattr(tiff, "_BIGTIFF_BYTES", 1000)
+    labels = _labels((64, 64), np.uint32)
+    path = tiff.write_label_tiff(tmp_path / "big.tif", labels, tile=(32, 32))
+    with tifffile.TiffFile(path) as tif:
+        assert tif.is_bigtiff and [lv.shape for lv in tif.series[0].levels] == [
+            (64, 64), (32, 32)]
+    np.testing.assert_array_equal(tiff.read_label_tiff(path), labels)
+
+
+def test_tiff_failed_write_leaves_no_partial_target(tmp_path, monkeypatch):
+    labels = _labels((256, 256), np.uint16)
+    target = tmp_path / "x.tif"
+    real = tiff._tiles
+
+    def failing(source, factor, shape, tile):
+        if factor == 2:
+            raise RuntimeError("interrupted")
+        return real(source, factor, shape, tile)
+
+    monkeypatch.setattr(tiff, "_tiles", failing)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        tiff.write_label_tiff(target, labels, tile=(64, 64))
+    assert list(tmp_path.iterdir()) == []
+    target.write_bytes(b"previous")
+    with pytest.raises(RuntimeError):
+        tiff.write_label_tiff(target, labels, tile=(64, 64))
+    assert target.read_bytes() == b"previous"
+    assert [p.name for p in tmp_path.iterdir()] == ["x.tif"]
+
+
+def test_tiff_bad_arguments_and_files(tmp_path):
+    with pytest.raises(ValueError, match="multiples of 16"):
+        tiff.write_label_tiff(tmp_path / "a.tif", _labels((32, 32)), tile=(100, 100))
+    with pytest.raises(ValueError, match="integer"):
+        tiff.write_label_tiff(tmp_path / "a.tif", np.zeros((32, 32), np.float32))
+    with pytest.raises(DataError, match="nothere.tif.*not found"):
+        tiff.read_label_tiff(tmp_path / "nothere.tif")
+    junk = tmp_path / "junk.tif"
+    junk.write_bytes(b"this is not a tiff")
+    with pytest.raises(DataError, match="junk.tif.*cannot read"):
+        tiff.read_label_tiff(junk)
+    rgb = tmp_path / "rgb.tif"
+    tifffile.imwrite(rgb, np.zeros((8, 8, 3), np.uint8))
+    with pytest.raises(DataError, match="rgb.tif.*not a 2-D integer"):
+        tiff.read_label_tiff(rgb)
