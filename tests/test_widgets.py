@@ -24,6 +24,8 @@ from napari_genselfdiff._widgets.finetune import FinetuneWidget, quadrants  # no
 from napari_genselfdiff._widgets.pretrain import TILES_LAYER, PretrainWidget  # noqa: E402
 from napari_genselfdiff.core.data import LabeledImage  # noqa: E402
 
+pytestmark = pytest.mark.gui
+
 REPO = Path(__file__).resolve().parents[1]
 SHOTS = REPO / "screenshots"
 MANIFEST = REPO / "src" / "napari_genselfdiff" / "napari.yaml"
@@ -376,3 +378,248 @@ def test_widget_can_be_opened_from_the_plugin_menu(make_napari_viewer):
     dw, widget = v.window.add_plugin_dock_widget("napari-genselfdiff", "Fine-tune segmentation")
     assert isinstance(widget, FinetuneWidget)
 
+
+
+# ---------------------------------------------------------------------------------------------
+# GeoJSON writer
+
+def test_writer_places_objects_in_full_resolution_pixels(tmp_path):
+    """A one-pixel object at label (0, 0) of a crop at offset (3, 5) on a level of downsample 2
+    covers full-resolution x 10..12, y 6..8 (pixel edges)."""
+    from napari_genselfdiff._writer import write_geojson
+    from napari_genselfdiff.export.geojson import read_geojson
+
+    labels = np.zeros((4, 4), np.int32)
+    labels[0, 0] = 7
+    meta = {"name": "nuclei", "metadata": {"genselfdiff": {"downsample": 2.0, "offset": [3, 5]}},
+            "scale": (2.0, 2.0), "translate": (6.5, 10.5)}
+    path = str(tmp_path / "n.geojson")
+    assert write_geojson(path, labels, meta) == [path]
+    [feature] = read_geojson(path).features
+    assert feature.geometry.bounds == (10.0, 6.0, 12.0, 8.0)
+    assert feature.class_name == "Nucleus" and feature.object_type == "detection"
+    # without our metadata the same grid is read from scale and translate
+    del meta["metadata"]
+    write_geojson(path, labels, meta)
+    assert read_geojson(path).features[0].geometry.bounds == (10.0, 6.0, 12.0, 8.0)
+
+
+def test_saving_a_labels_layer_as_geojson_round_trips(make_napari_viewer, tmp_path):
+    from napari_genselfdiff.export.geojson import features_to_labels, read_geojson
+
+    v = make_napari_viewer()
+    labels = np.zeros((40, 50), np.int32)
+    labels[5:15, 5:20] = 1
+    labels[20:35, 30:45] = 2
+    v.add_labels(labels, name="glands")
+    path = tmp_path / "glands.geojson"
+    v.layers.save(str(path), selected=False, plugin="napari-genselfdiff")
+    result = read_geojson(path)
+    assert [f.class_name for f in result.features] == ["Gland", "Gland"]
+    back, _ = features_to_labels(result, labels.shape)
+    np.testing.assert_array_equal(back, labels)
+
+
+# ---------------------------------------------------------------------------------------------
+# prediction
+
+@pytest.fixture(scope="module")
+def seg_model(tmp_path_factory) -> Path:
+    """A tiny glands model, fine-tuned for a few steps with the core (what the widget would load)."""
+    from napari_genselfdiff.core.data import TaskSpec, mask_to_target
+    from napari_genselfdiff.core.training import FinetuneConfig, drain, finetune
+
+    image = sample_he()[0][0][:128, :128]
+    item = LabeledImage("crop", image, mask_to_target(painted_labels((128, 128)), TaskSpec.make("glands")))
+    out = tmp_path_factory.mktemp("models") / "glands-tiny"
+    cfg = FinetuneConfig(preset="tiny", steps=3, patch=64, batch=2, checkpoint_every=0)
+    drain(finetune([item], out, cfg, device="cpu"))
+    return out
+
+
+def predict_widget(viewer, seg_model: Path, out: Path):
+    from napari_genselfdiff._widgets.predict import PredictWidget
+
+    w = dock(viewer, PredictWidget(viewer), "Predict")
+    w.add_model(str(seg_model))
+    w.device.combo.setCurrentText("cpu")
+    w.tile.setValue(128)
+    w.overlap.setValue(16)
+    w.out.setText(str(out))
+    w.probability.setChecked(True)
+    return w
+
+
+def pixel_edges(layer) -> np.ndarray:
+    """World coordinates of the layer's outer pixel edges (extent.world holds pixel centres)."""
+    half = np.asarray(layer.scale) / 2
+    return np.stack([layer.extent.world[0] - half, layer.extent.world[1] + half])
+
+
+def test_placement_puts_level_pixels_over_their_full_resolution_pixels(make_napari_viewer):
+    """Level pixel (0, 0) of a crop at (3, 5) on a level of downsample 4 covers level-0 pixels
+    12..15 x 20..23, centred at (13.5, 21.5); with the image's scale 0.5 and translate (10, 20)
+    that is world (16.75, 30.75), and one level pixel spans 2 world units."""
+    from napari_genselfdiff._widgets.predict import placement
+
+    layer = make_napari_viewer().add_image(np.zeros((64, 64, 3), np.uint8), rgb=True, scale=(0.5, 0.5),
+                                           translate=(10, 20))
+    place = placement(layer, 4.0, 3, 5)
+    assert place["scale"] == pytest.approx((2.0, 2.0))
+    assert place["translate"] == pytest.approx((16.75, 30.75))
+
+
+def test_predict_field_of_view_adds_aligned_layers(viewer, qtbot, tmp_path, he_image, seg_model):
+    from napari_genselfdiff._widgets.predict import visible_region
+
+    image = viewer.add_image(he_image, name="H&E", rgb=True, scale=(0.5, 0.5), translate=(100, 200))
+    w = predict_widget(viewer, seg_model, tmp_path / "pred")
+    assert w.image_layer.currentText() == "H&E" and w.model_path() == str(seg_model)
+    viewer.reset_view()
+    camera = viewer.scene.camera
+    camera.center = (100 + 0.5 * 300, 200 + 0.5 * 400)  # zoomed in on a part of the image
+    camera.zoom = camera.zoom * 3
+    level, y, x, h, wd = visible_region(viewer, image)
+    assert level == 0 and 0 < h < 768 and 0 < wd < 1024
+    assert y <= 300 <= y + h and x <= 400 <= x + wd
+    ticker = Ticker()
+    w.fov_btn.click()
+    wait_idle(qtbot, w)
+    assert ticker.stop() >= 3
+    glands = viewer.layers["glands"]
+    assert glands.data.shape == (h, wd) and glands.data.dtype == np.int32
+    assert tuple(glands.scale) == pytest.approx((0.5, 0.5))
+    assert tuple(glands.translate) == pytest.approx((100 + 0.5 * y, 200 + 0.5 * x))
+    assert glands.metadata["genselfdiff"] == {"downsample": 1.0, "offset": [y, x], "image": "H&E"}
+    prob = viewer.layers["glands probability"]
+    assert prob.data.shape == (h, wd) and prob.data.dtype == np.float32
+    assert 0.0 <= prob.data.min() and prob.data.max() <= 1.0
+    assert tuple(prob.translate) == pytest.approx(tuple(glands.translate))
+    assert w.fov_btn.isEnabled()
+    viewer.layers.selection.active = glands
+    screenshot(viewer, qtbot, "predict_widget")
+
+
+def test_predict_field_of_view_on_a_multiscale_level(make_napari_viewer, qtbot, tmp_path, he_image, seg_model):
+    viewer = make_napari_viewer()
+    pyramid = [he_image, np.ascontiguousarray(he_image[::2, ::2])]
+    image = viewer.add_image(pyramid, name="slide", rgb=True, multiscale=True)
+    image.locked_data_level = 1
+    w = predict_widget(viewer, seg_model, tmp_path / "pred")
+    viewer.reset_view()
+    w.fov_btn.click()
+    wait_idle(qtbot, w)
+    glands = viewer.layers["glands"]
+    assert glands.data.shape == (384, 512)  # the whole image, at level 1
+    assert tuple(glands.scale) == pytest.approx((2.0, 2.0))
+    assert tuple(glands.translate) == pytest.approx((0.5, 0.5))  # level pixel j is centred on 2j + 0.5
+    # the labels cover exactly the image: the same outer pixel edges
+    np.testing.assert_allclose(pixel_edges(glands), pixel_edges(image), atol=1e-6)
+    np.testing.assert_allclose(pixel_edges(image), [[-0.5, -0.5], [767.5, 1023.5]])
+
+
+def test_predict_whole_slide_writes_a_store_and_shows_its_labels(make_napari_viewer, qtbot, tmp_path, he_image,
+                                                                 seg_model):
+    import zarr
+
+    viewer = make_napari_viewer()
+    viewer.add_image(he_image[:256, :384], name="H&E crop", rgb=True, translate=(7, 9))
+    w = predict_widget(viewer, seg_model, tmp_path / "pred")
+    events = []
+    w.runner.event.connect(events.append)
+    w.slide_btn.click()
+    assert w.cancel_btn.isEnabled() and not w.fov_btn.isEnabled()
+    wait_idle(qtbot, w)
+    store = tmp_path / "pred" / "H_E_crop-glands-tiny.zarr"
+    assert store.is_dir()
+    assert zarr.open_group(store, mode="r")["probabilities"].shape == (2, 256, 384)
+    assert any(not isinstance(e, str) and e.phase == "predict" for e in events)
+    glands = viewer.layers["glands"]
+    level0 = glands.data[0] if glands.multiscale else glands.data
+    assert level0.shape == (256, 384) and level0.dtype == np.int32
+    assert tuple(glands.translate) == pytest.approx((7, 9)) and tuple(glands.scale) == pytest.approx((1, 1))
+    assert "glands probability" in viewer.layers
+    assert "done" in w.progress.status.text()
+    w.slide_btn.click()  # a second run finds the finished store and only shows it again
+    wait_idle(qtbot, w)
+    assert "glands" in viewer.layers and w.slide_btn.isEnabled()
+
+
+def test_predict_without_a_model_is_a_readable_error(make_napari_viewer, he_image, errors):
+    from napari_genselfdiff._widgets.predict import PredictWidget
+
+    v = make_napari_viewer()
+    v.add_image(he_image[:64, :64], name="H&E", rgb=True)
+    w = PredictWidget(v)
+    assert w.model.count() == 0  # no bundled models yet, nothing trained
+    w.fov_btn.click()
+    assert errors and "choose a model" in errors[-1]
+    assert not w.runner.running and w.fov_btn.isEnabled()
+
+
+def test_models_trained_in_finetune_are_offered_in_predict(make_napari_viewer, seg_model):
+    from napari_genselfdiff._widgets.finetune import RECENT_MODELS
+    from napari_genselfdiff._widgets.predict import PredictWidget
+
+    Settings("models").set(RECENT_MODELS, [str(seg_model), "/gone/model"])
+    w = PredictWidget(make_napari_viewer())
+    assert [w.model.itemData(i) for i in range(w.model.count())] == [str(seg_model)]
+
+
+# ---------------------------------------------------------------------------------------------
+# slide reader
+
+def write_pyramid_tiff(path: Path, image: np.ndarray, mpp: float) -> None:
+    """A tiled OME-TIFF with two SubIFD levels (1/2 and 1/4) and its pixel size."""
+    import tifffile
+
+    meta = {"axes": "YXS", "PhysicalSizeX": mpp, "PhysicalSizeY": mpp,
+            "PhysicalSizeXUnit": "µm", "PhysicalSizeYUnit": "µm"}
+    with tifffile.TiffWriter(path, ome=True) as tif:
+        tif.write(image, subifds=2, tile=(128, 128), photometric="rgb", metadata=meta)
+        for k in (2, 4):
+            tif.write(np.ascontiguousarray(image[::k, ::k]), subfiletype=1, tile=(128, 128), photometric="rgb")
+
+
+def test_reader_opens_a_pyramidal_ome_tiff_as_multiscale(make_napari_viewer, tmp_path, he_image):
+    path = tmp_path / "crop.ome.tif"
+    write_pyramid_tiff(path, he_image[:512, :768], mpp=0.25)
+    v = make_napari_viewer()
+    [layer] = v.open(str(path), plugin="napari-genselfdiff")
+    assert layer.name == "crop" and layer.rgb and layer.multiscale
+    assert [tuple(lv.shape) for lv in layer.data] == [(512, 768, 3), (256, 384, 3), (128, 192, 3)]
+    assert layer.metadata["mpp"] == pytest.approx(0.25)
+    np.testing.assert_array_equal(np.asarray(layer.data[0][100:110, 200:210]), he_image[100:110, 200:210])
+
+
+def test_reader_opens_a_real_svs_slide(make_napari_viewer, slides_dir):
+    v = make_napari_viewer()
+    [layer] = v.open(str(slides_dir / "cmu_small_region.svs"), plugin="napari-genselfdiff")
+    assert layer.rgb and layer.multiscale and layer.data[0].dtype == np.uint8
+    assert layer.metadata["mpp"] == pytest.approx(0.499, abs=0.01)
+
+
+def test_reader_declines_what_it_does_not_read(tmp_path):
+    from napari_genselfdiff._reader import napari_get_reader
+
+    assert napari_get_reader(str(tmp_path / "photo.png")) is None
+    assert napari_get_reader([str(tmp_path / "a.svs"), str(tmp_path / "b.svs")]) is None
+    assert napari_get_reader(str(tmp_path / "slide.SVS")) is not None
+    assert napari_get_reader(str(tmp_path / "image.ome.zarr") + "/") is not None
+
+
+def test_pretrain_on_a_slide_layer_samples_the_slide(make_napari_viewer, qtbot, tmp_path, he_image):
+    path = tmp_path / "slide.ome.tif"
+    write_pyramid_tiff(path, he_image[:512, :768], mpp=0.5)
+    v = make_napari_viewer()
+    [layer] = v.open(str(path), plugin="napari-genselfdiff")
+    w = PretrainWidget(v)
+    w.layers.item(0).setSelected(True)
+    [source] = w.sources()
+    assert source.name == "slide.ome.tif"  # read lazily from the file, not the displayed level
+    tiny_pretrain_settings(w, tmp_path / "pre", steps=2)
+    w.n_tiles.setValue(0)
+    w.start_btn.click()
+    wait_idle(qtbot, w)
+    assert training_state(tmp_path / "pre")["step"] == 2
+    assert TILES_LAYER not in v.layers

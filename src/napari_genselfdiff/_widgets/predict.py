@@ -17,6 +17,7 @@ from typing import Any, Iterator
 
 import numpy as np
 from napari.utils.notifications import show_error
+from qtpy.QtCore import Qt
 from qtpy.QtWidgets import (QCheckBox, QComboBox, QFormLayout, QGroupBox, QHBoxLayout, QPushButton, QVBoxLayout,
                             QWidget)
 
@@ -177,6 +178,8 @@ class PredictWidget(StopsJobsOnClose, QWidget):
         rl.setContentsMargins(0, 0, 0, 0)
         self.model = QComboBox()
         self.model.setToolTip("a bundled model, a recently trained one, or any checkpoint folder (…)")
+        self.model.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+        self.model.setMinimumContentsLength(16)
         self.browse = QPushButton("…")
         self.browse.setFixedWidth(30)
         self.browse.setToolTip("choose a checkpoint folder")
@@ -249,8 +252,9 @@ class PredictWidget(StopsJobsOnClose, QWidget):
     def add_model(self, path: str, select: bool = True) -> None:
         i = self.model.findData(path)
         if i < 0:
-            self.model.addItem(f"{Path(path).name} — {path}", path)
+            self.model.addItem(Path(path).name, path)
             i = self.model.count() - 1
+            self.model.setItemData(i, path, Qt.ItemDataRole.ToolTipRole)
         if select:
             self.model.setCurrentIndex(i)
 

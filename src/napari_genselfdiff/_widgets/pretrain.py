@@ -200,7 +200,8 @@ class PretrainWidget(StopsJobsOnClose, QWidget):
         if TILES_LAYER in self.viewer.layers:
             self.viewer.layers[TILES_LAYER].data = grid
         else:
-            self.viewer.add_image(grid, name=TILES_LAYER, rgb=True)
+            right = self.viewer.layers.extent.world[1][-1] if len(self.viewer.layers) else 0.0
+            self.viewer.add_image(grid, name=TILES_LAYER, rgb=True, translate=(0, right + 0.05 * abs(right)))
         if self._last is not None:
             self.progress.bar.setRange(0, self._last.total)
             self.progress.bar.setValue(self._last.step)
