@@ -1,0 +1,36 @@
+"""The models and sample data shipped inside the package (``resources/``), found without network."""
+from __future__ import annotations
+
+import os
+from importlib.resources import files
+from pathlib import Path
+
+from .core.errors import CheckpointError
+
+
+def resources_dir() -> Path:
+    return Path(str(files("napari_genselfdiff.resources")))
+
+
+def sample_image_path() -> Path:
+    return resources_dir() / "sample_he.jpg"
+
+
+def bundled_models() -> dict[str, Path]:
+    """Name -> checkpoint folder for each default model shipped in ``resources/models``."""
+    root = resources_dir() / "models"
+    if not root.is_dir():
+        return {}
+    return {p.name: p for p in sorted(root.iterdir()) if (p / "config.json").is_file()}
+
+
+def resolve_model(name_or_path: str | os.PathLike) -> Path:
+    """A bundled model's name ('glands', 'nuclei') or a checkpoint folder -> the folder."""
+    models = bundled_models()
+    if str(name_or_path) in models:
+        return models[str(name_or_path)]
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    known = ", ".join(models) or "none are installed"
+    raise CheckpointError(f"{name_or_path}: neither a checkpoint folder nor a bundled model ({known})")
