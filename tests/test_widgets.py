@@ -141,17 +141,18 @@ def test_manifest_validates_and_contributes_the_widgets():
 
 
 def test_napari_discovers_this_manifest():
-    """The entry point resolves ``napari_genselfdiff:napari.yaml`` through sys.path, so with
-    PYTHONPATH=src napari loads the manifest of the checkout under test."""
-    from npe2 import PluginManager
+    """npe2 resolves the entry point ``napari_genselfdiff:napari.yaml`` through the package's
+    search path (sys.path), so with PYTHONPATH=src it loads the manifest of this checkout."""
+    from importlib.util import find_spec
 
+    from npe2 import PluginManager, PluginManifest
+
+    [location] = find_spec("napari_genselfdiff").submodule_search_locations
+    assert Path(location) / "napari.yaml" == MANIFEST
     pm = PluginManager()
     pm.discover(include_npe1=False)
     found = pm.get_manifest("napari-genselfdiff")
-    import napari_genselfdiff
-    assert Path(napari_genselfdiff.__file__).parent == MANIFEST.parent
-    assert {c.id for c in found.contributions.commands} == \
-        {c.id for c in __import__("npe2").PluginManifest.from_file(MANIFEST).contributions.commands}
+    assert found.contributions.widgets == PluginManifest.from_file(MANIFEST).contributions.widgets
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,7 +302,19 @@ def test_quadrants_cover_the_image_once():
     assert sorted(np.concatenate([p.target.ravel() for p in parts]).tolist()) == list(range(35))
 
 
-def test_finetune_widget_trains_with_validation_dice(viewer, qtbot, tmp_path, he_image):
+@pytest.fixture(scope="module")
+def pretrained_model(tmp_path_factory) -> Path:
+    """A tiny diffusion-pretrained model (two steps of the core's pretraining)."""
+    from napari_genselfdiff.core.data import ImageSource
+    from napari_genselfdiff.core.training import PretrainConfig, drain, pretrain
+
+    out = tmp_path_factory.mktemp("models") / "pretrained-tiny"
+    cfg = PretrainConfig(preset="tiny", steps=2, patch=32, batch=2, checkpoint_every=0)
+    drain(pretrain([ImageSource(sample_he()[0][0][:128, :128], "crop")], out, cfg, device="cpu"))
+    return out
+
+
+def test_finetune_widget_trains_with_validation_dice(viewer, qtbot, tmp_path, he_image, pretrained_model):
     image = he_image[:192, :192]
     viewer.add_image(image, name="H&E", rgb=True)
     viewer.add_labels(painted_labels(image.shape[:2]), name="glands drawn")
@@ -310,6 +323,7 @@ def test_finetune_widget_trains_with_validation_dice(viewer, qtbot, tmp_path, he
     out = tmp_path / "seg"
     tiny_finetune_settings(w, out, steps=3)
     w.val_fraction.setValue(0.25)  # one quadrant of four held out
+    w.init.setText(str(pretrained_model))
     events = []
     w.runner.event.connect(events.append)
     ticker = Ticker()
@@ -320,12 +334,35 @@ def test_finetune_widget_trains_with_validation_dice(viewer, qtbot, tmp_path, he
     config = json.loads((out / "config.json").read_text())
     assert config["kind"] == "segmentation" and config["task"]["task"] == "glands"
     assert len(config["training"]["train_images"]) == 3 and len(config["training"]["val_images"]) == 1
+    assert config["training"]["init_info"]["init_kind"] == "pretrain"
     dice = [e.metrics["val_dice"] for e in events if e.metrics]
     assert dice and 0.0 <= dice[-1] <= 1.0
     assert "validation Dice" in w.progress.status.text()
     assert Settings("models").get("recent_models") == [str(out)]
     viewer.layers.selection.active = viewer.layers["glands drawn"]
     screenshot(viewer, qtbot, "finetune_widget")
+
+
+def test_finetune_from_folders_validates_by_image(make_napari_viewer, qtbot, tmp_path, he_image):
+    import imageio.v3 as iio
+
+    for sub in ("images", "masks"):
+        (tmp_path / sub).mkdir()
+    for i, (y, x) in enumerate([(0, 0), (256, 512)]):
+        iio.imwrite(tmp_path / "images" / f"t{i}.png", he_image[y:y + 96, x:x + 96])
+        iio.imwrite(tmp_path / "masks" / f"t{i}.png", (painted_labels((96, 96)) > 0).astype(np.uint8) * 255)
+    w = FinetuneWidget(make_napari_viewer())
+    w.source.setCurrentText("folders of image/mask pairs")
+    assert w._data_form.isRowVisible(w.images_dir) and not w._data_form.isRowVisible(w.image_layer)
+    w.images_dir.setText(str(tmp_path / "images"))
+    w.masks_dir.setText(str(tmp_path / "masks"))
+    w.val_fraction.setValue(0.5)
+    tiny_finetune_settings(w, tmp_path / "seg", steps=2)
+    w.start_btn.click()
+    wait_idle(qtbot, w)
+    training = json.loads((tmp_path / "seg" / "config.json").read_text())["training"]
+    assert sorted(training["train_images"] + training["val_images"]) == ["t0", "t1"]
+    assert len(training["val_images"]) == 1
 
 
 def test_finetune_with_empty_labels_shows_an_error_and_starts_nothing(make_napari_viewer, tmp_path, he_image,
@@ -545,25 +582,31 @@ def test_predict_whole_slide_writes_a_store_and_shows_its_labels(make_napari_vie
     assert "glands" in viewer.layers and w.slide_btn.isEnabled()
 
 
-def test_predict_without_a_model_is_a_readable_error(make_napari_viewer, he_image, errors):
+def test_predict_without_a_model_is_a_readable_error(make_napari_viewer, he_image, errors, monkeypatch):
     from napari_genselfdiff._widgets.predict import PredictWidget
 
+    monkeypatch.setattr("napari_genselfdiff._widgets.predict.bundled_models", dict)
     v = make_napari_viewer()
     v.add_image(he_image[:64, :64], name="H&E", rgb=True)
     w = PredictWidget(v)
-    assert w.model.count() == 0  # no bundled models yet, nothing trained
+    assert w.model.count() == 0  # no bundled models, nothing trained
     w.fov_btn.click()
     assert errors and "choose a model" in errors[-1]
     assert not w.runner.running and w.fov_btn.isEnabled()
 
 
-def test_models_trained_in_finetune_are_offered_in_predict(make_napari_viewer, seg_model):
+def test_predict_offers_bundled_then_recently_trained_models(make_napari_viewer, seg_model, monkeypatch):
     from napari_genselfdiff._widgets.finetune import RECENT_MODELS
     from napari_genselfdiff._widgets.predict import PredictWidget
 
-    Settings("models").set(RECENT_MODELS, [str(seg_model), "/gone/model"])
+    monkeypatch.setattr("napari_genselfdiff._widgets.predict.bundled_models", lambda: {"glands": seg_model})
+    Settings("models").set(RECENT_MODELS, [str(seg_model.parent / "copy"), "/gone/model"])
+    (seg_model.parent / "copy").mkdir(exist_ok=True)
+    for f in ("config.json", "model.safetensors"):
+        (seg_model.parent / "copy" / f).write_bytes((seg_model / f).read_bytes())
     w = PredictWidget(make_napari_viewer())
-    assert [w.model.itemData(i) for i in range(w.model.count())] == [str(seg_model)]
+    assert [w.model.itemText(i) for i in range(w.model.count())] == ["glands (bundled)", "copy"]
+    assert w.model.itemData(1) == str(seg_model.parent / "copy")  # a model that is gone is not offered
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,8 +12,8 @@ from typing import Iterator
 
 import numpy as np
 from napari.utils.notifications import show_error
-from qtpy.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, QGroupBox, QStackedWidget,
-                            QVBoxLayout, QWidget)
+from qtpy.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, QGroupBox, QVBoxLayout,
+                            QWidget)
 
 from ..core.data import LabeledImage, TaskSpec, load_labeled_folder, mask_to_target, split_items
 from ..core.errors import DataError, GenSelfDiffError
@@ -101,27 +101,18 @@ class FinetuneWidget(StopsJobsOnClose, QWidget):
         lay = QVBoxLayout(self)
 
         data = QGroupBox("Labeled data")
-        form = QFormLayout(data)
+        form = self._data_form = QFormLayout(data)
         self.source = QComboBox()
         self.source.addItems([LAYERS, FOLDERS])
         form.addRow("From", self.source)
-        self.pages = QStackedWidget()
-        layers_page, folders_page = QWidget(), QWidget()
-        lf, ff = QFormLayout(layers_page), QFormLayout(folders_page)
-        lf.setContentsMargins(0, 0, 0, 0)
-        ff.setContentsMargins(0, 0, 0, 0)
         self.image_layer, self.labels_layer = QComboBox(), QComboBox()
         self.image_choices = LayerChoices(self.viewer, is_rgb_image, self.image_layer)
         self.labels_choices = LayerChoices(self.viewer, is_labels, self.labels_layer)
-        lf.addRow("Image layer", self.image_layer)
-        lf.addRow("Labels layer", self.labels_layer)
         self.images_dir, self.masks_dir = PathEdit("dir", "folder of images"), PathEdit("dir", "folder of masks")
-        ff.addRow("Images", self.images_dir)
-        ff.addRow("Masks", self.masks_dir)
-        self.pages.addWidget(layers_page)
-        self.pages.addWidget(folders_page)
-        self.source.currentIndexChanged.connect(self.pages.setCurrentIndex)
-        form.addRow(self.pages)
+        for label, w in [("Image layer", self.image_layer), ("Labels layer", self.labels_layer),
+                         ("Images folder", self.images_dir), ("Masks folder", self.masks_dir)]:
+            form.addRow(label, w)
+        self.source.currentTextChanged.connect(self._show_source_rows)
         self.val_fraction = QDoubleSpinBox()
         self.val_fraction.setRange(0.0, 0.5)
         self.val_fraction.setSingleStep(0.05)
@@ -182,6 +173,14 @@ class FinetuneWidget(StopsJobsOnClose, QWidget):
                        ("out", self.out), ("resume", self.resume)]:
             self.settings.bind(key, w)
         self.boundary.setEnabled(self.task.currentText() == "nuclei")
+        self._show_source_rows()
+
+    def _show_source_rows(self) -> None:
+        """Layer choosers or folder fields, whichever the "From" choice needs."""
+        layers = self.source.currentText() == LAYERS
+        for w, visible in [(self.image_layer, layers), (self.labels_layer, layers),
+                           (self.images_dir, not layers), (self.masks_dir, not layers)]:
+            self._data_form.setRowVisible(w, visible)
 
     # -- actions ---------------------------------------------------------------------------
 

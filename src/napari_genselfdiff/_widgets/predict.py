@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import os
-from importlib.resources import files
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -22,6 +21,7 @@ from qtpy.QtWidgets import (QCheckBox, QComboBox, QFormLayout, QGroupBox, QHBoxL
                             QWidget)
 
 from ..core.errors import DataError, GenSelfDiffError
+from ..models import bundled_models
 from ._common import (DeviceChooser, JobRunner, LayerChoices, PathEdit, ProgressPanel, Settings, StopsJobsOnClose,
                       format_duration, int_spin, is_rgb_image)
 from .finetune import RECENT_MODELS
@@ -31,15 +31,6 @@ MAX_VIEW_PIXELS = 4096 * 4096
 
 # ---------------------------------------------------------------------------------------------
 # models
-
-def bundled_models() -> dict[str, str]:
-    """The default models shipped under ``resources/models/<name>/`` (only those present)."""
-    root = files("napari_genselfdiff.resources") / "models"
-    if not root.is_dir():
-        return {}
-    return {p.name: str(p) for p in sorted(root.iterdir(), key=lambda p: p.name)
-            if p.is_dir() and (p / "config.json").is_file() and (p / "model.safetensors").is_file()}
-
 
 def result_name(predictor) -> str:
     """The layer name for a model's objects: the task ("glands", "nuclei") or its first class."""
@@ -241,7 +232,7 @@ class PredictWidget(StopsJobsOnClose, QWidget):
         """Bundled models, then recently trained ones, then the remembered choice."""
         self.model.clear()
         for name, path in bundled_models().items():
-            self.model.addItem(f"{name} (bundled)", path)
+            self.model.addItem(f"{name} (bundled)", str(path))
         for path in Settings("models", self.settings.path).get(RECENT_MODELS, []):
             if Path(path, "config.json").is_file():
                 self.add_model(path, select=False)
