@@ -256,9 +256,10 @@ class SlideSource(UnlabeledSource):
     def _open(self):
         if self._slide is None:
             from ..slide.reader import open_slide
-            from ..slide.tiler import tissue_mask
+            from ..slide.tiler import detect_tissue
             self._slide = open_slide(self.path)
-            self._tissue, self._scale = tissue_mask(self._slide)
+            tissue = detect_tissue(self._slide)
+            self._tissue, self._scale = tissue.mask, tissue.downsample
             if not self._tissue.any():
                 raise DataError(f"{self.path}: no tissue found to sample unlabeled tiles from")
         return self._slide
