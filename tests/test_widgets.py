@@ -175,6 +175,18 @@ def test_settings_are_remembered_between_widgets(make_napari_viewer, settings_di
     assert other.steps.value() == 500
 
 
+def test_a_remembered_device_this_machine_lacks_is_not_restored(make_napari_viewer):
+    from napari_genselfdiff.core.device import available_devices
+
+    missing = next((d for d in ("cuda", "mps") if d not in available_devices()), None)
+    if missing is None:
+        pytest.skip("this machine has both cuda and mps")
+    Settings("pretrain").set("device", missing)
+    w = PretrainWidget(make_napari_viewer())
+    assert w.device.device == "auto"
+    assert "found: " in w.device.info.text() and "using" in w.device.info.text()
+
+
 def test_damaged_settings_file_falls_back_to_defaults(make_napari_viewer, settings_dir):
     settings_dir.mkdir(parents=True)
     (settings_dir / _common.SETTINGS_FILE).write_text("{not json")
@@ -469,7 +481,7 @@ def seg_model(tmp_path_factory) -> Path:
     image = sample_he()[0][0][:128, :128]
     item = LabeledImage("crop", image, mask_to_target(painted_labels((128, 128)), TaskSpec.make("glands")))
     out = tmp_path_factory.mktemp("models") / "glands-tiny"
-    cfg = FinetuneConfig(preset="tiny", steps=3, patch=64, batch=2, checkpoint_every=0)
+    cfg = FinetuneConfig(preset="tiny", steps=3, patch=64, batch=2, checkpoint_every=0, mpp=1.0)
     drain(finetune([item], out, cfg, device="cpu"))
     return out
 
@@ -533,6 +545,12 @@ def test_predict_field_of_view_adds_aligned_layers(viewer, qtbot, tmp_path, he_i
     assert 0.0 <= prob.data.min() and prob.data.max() <= 1.0
     assert tuple(prob.translate) == pytest.approx(tuple(glands.translate))
     assert w.fov_btn.isEnabled()
+    fov = w._fov[1]
+    computed = fov.tiles_computed
+    w.fov_btn.click()  # the same view again: every tile comes from the cache
+    wait_idle(qtbot, w)
+    assert w._fov[1] is fov and fov.tiles_computed == computed and fov.cache_hits > 0
+    glands = viewer.layers["glands"]
     viewer.layers.selection.active = glands
     screenshot(viewer, qtbot, "predict_widget")
 
@@ -575,11 +593,55 @@ def test_predict_whole_slide_writes_a_store_and_shows_its_labels(make_napari_vie
     level0 = glands.data[0] if glands.multiscale else glands.data
     assert level0.shape == (256, 384) and level0.dtype == np.int32
     assert tuple(glands.translate) == pytest.approx((7, 9)) and tuple(glands.scale) == pytest.approx((1, 1))
-    assert "glands probability" in viewer.layers
+    prob = viewer.layers["glands probability"]
+    assert (prob.data[0] if prob.multiscale else prob.data).dtype == np.uint8
+    assert tuple(prob.contrast_limits) == (0, 255)
     assert "done" in w.progress.status.text()
     w.slide_btn.click()  # a second run finds the finished store and only shows it again
     wait_idle(qtbot, w)
     assert "glands" in viewer.layers and w.slide_btn.isEnabled()
+
+
+def test_predict_whole_slide_runs_at_the_models_resolution(make_napari_viewer, qtbot, tmp_path, he_image,
+                                                           seg_model):
+    """The model was trained at 1.0 micron per pixel, the slide is 0.5: level 1 (downsample 2) is
+    predicted, and its labels are placed over the image like that level."""
+    viewer = make_napari_viewer()
+    crop = he_image[:256, :512]
+    image = viewer.add_image([crop, np.ascontiguousarray(crop[::2, ::2])], name="slide", rgb=True,
+                             multiscale=True, metadata={"mpp": 0.5})
+    w = predict_widget(viewer, seg_model, tmp_path / "pred")
+    w.probability.setChecked(False)
+    w.slide_btn.click()
+    wait_idle(qtbot, w)
+    glands = viewer.layers["glands"]
+    assert glands.data.shape == (128, 256)
+    assert tuple(glands.scale) == pytest.approx((2.0, 2.0))
+    np.testing.assert_allclose(pixel_edges(glands), pixel_edges(image), atol=1e-6)
+    assert glands.metadata["genselfdiff"]["downsample"] == 2.0
+    assert "glands probability" not in viewer.layers
+
+
+def test_cancelled_whole_slide_prediction_can_be_run_again(make_napari_viewer, qtbot, tmp_path, he_image,
+                                                            seg_model):
+    viewer = make_napari_viewer()
+    viewer.add_image(he_image[:320, :320], name="H&E", rgb=True)
+    w = predict_widget(viewer, seg_model, tmp_path / "pred")
+    w.tile.setValue(64)
+    w.batch.setValue(2)
+    seen = []
+    w.runner.event.connect(lambda e: seen.append(e) if not isinstance(e, str) else None)
+    w.slide_btn.click()
+    qtbot.waitUntil(lambda: len(seen) >= 1, timeout=30_000)
+    w.cancel_btn.click()
+    wait_idle(qtbot, w)
+    assert "cancelled" in w.progress.status.text() and "resumes" in w.progress.status.text()
+    assert "glands" not in viewer.layers
+    assert seen[-1].done < seen[-1].total
+    assert w.slide_btn.isEnabled() and w.fov_btn.isEnabled()
+    w.slide_btn.click()
+    wait_idle(qtbot, w)
+    assert viewer.layers["glands"].data.shape == (320, 320)
 
 
 def test_predict_without_a_model_is_a_readable_error(make_napari_viewer, he_image, errors, monkeypatch):

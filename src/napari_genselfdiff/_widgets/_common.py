@@ -311,7 +311,8 @@ class Settings:
         elif isinstance(widget, QComboBox):
             if isinstance(value, str):
                 i = widget.findText(value)
-                if i >= 0:
+                enabled = i >= 0 and bool(widget.model().flags(widget.model().index(i, 0)) & Qt.ItemFlag.ItemIsEnabled)
+                if enabled:  # e.g. a remembered "cuda" on a machine without a GPU stays "auto"
                     widget.setCurrentIndex(i)
                 elif widget.isEditable():
                     widget.setEditText(value)

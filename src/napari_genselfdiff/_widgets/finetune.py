@@ -34,7 +34,7 @@ def quadrants(item: LabeledImage) -> list[LabeledImage]:
     cy, cx = h // 2, w // 2
     boxes = [(0, cy, 0, cx), (0, cy, cx, w), (cy, h, 0, cx), (cy, h, cx, w)]
     return [LabeledImage(f"{item.name} [{q}]", item.image[y0:y1, x0:x1], item.target[y0:y1, x0:x1])
-            for q, (y0, y1, x0, x1) in zip(QUADRANTS, boxes)]
+            for q, (y0, y1, x0, x1) in zip(QUADRANTS, boxes, strict=True)]
 
 
 def layer_pair_items(image_layer, labels_layer, spec: TaskSpec) -> LabeledImage:

@@ -75,7 +75,7 @@ def visible_region(viewer, layer) -> tuple[int, int, int, int, int]:
     d = layer_downsamples(layer)[level]
     shape = (layer.data[level] if layer.multiscale else layer.data).shape[:2]
     y0, x0 = (max(0, math.floor(v / d)) for v in lo)
-    y1, x1 = (min(s, math.ceil(v / d) + 1) for v, s in zip(hi, shape))
+    y1, x1 = (min(s, math.ceil(v / d) + 1) for v, s in zip(hi, shape, strict=True))
     if y1 <= y0 or x1 <= x0:
         raise DataError(f"layer {layer.name!r} is not in view")
     if (y1 - y0) * (x1 - x0) > MAX_VIEW_PIXELS:
@@ -97,24 +97,30 @@ def placement(layer, downsample: float, y0: int = 0, x0: int = 0) -> dict:
 # jobs (run in a worker thread; no Qt, no layers)
 
 def load_predictor(model: str, device: str, cached: tuple | None):
-    """A TorchPredictor for ``model`` on ``device``, reusing ``cached`` = (key, predictor)."""
+    """A TorchPredictor for ``model`` on ``device``, reusing ``cached`` = (key, predictor) unless
+    the weights were rewritten since (a model fine-tuned again into the same folder)."""
     from ..core.inference import TorchPredictor
-    key = (os.path.abspath(model), device)
+    weights = Path(model, "model.safetensors")
+    key = (os.path.abspath(model), device, weights.stat().st_mtime_ns if weights.is_file() else None)
     if cached is not None and cached[0] == key:
         return cached
     return key, TorchPredictor.from_checkpoint(model, device=device)
 
 
-def fov_job(model: str, device: str, cached: tuple | None, slide, region: tuple[int, int, int, int, int],
-            tile: int, overlap: int, fov_cache: tuple | None) -> Iterator[str]:
-    """Predict the visible region; returns (predictor cache, FOV cache, region, probs, instances)."""
+def fov_job(model: str, device: str, cached: tuple | None, slide, source_id: int,
+            region: tuple[int, int, int, int, int], tile: int, overlap: int, fov_cache: tuple | None) -> Iterator[str]:
+    """Predict the visible region; returns (predictor cache, FOV cache, region, probs, instances).
+
+    The FOV predictor (and its tile cache) is kept while the model, the image (``source_id``, the
+    id of the layer's level-0 array, which the cached slide keeps alive) and the tiling are the same.
+    """
     from ..core.evaluation import postprocess
     from ..slide.tiler import FieldOfViewPredictor
 
     yield "loading the model…"
     cached = load_predictor(model, device, cached)
     predictor = cached[1]
-    fov_key = (cached[0], str(slide.path), tuple(int(lv.shape[0]) for lv in slide.levels), tile, overlap)
+    fov_key = (cached[0], source_id, tile, overlap)
     if fov_cache is None or fov_cache[0] != fov_key:
         fov_cache = (fov_key, FieldOfViewPredictor(predictor, slide, 0, tile, overlap, 256))
     level, y, x, h, w = region
@@ -127,14 +133,15 @@ def fov_job(model: str, device: str, cached: tuple | None, slide, region: tuple[
 
 def slide_job(model: str, device: str, cached: tuple | None, slide, out: str, tile: int, overlap: int,
               batch: int) -> Iterator[Any]:
-    """Predict the whole slide into the zarr store ``out`` (resumes a run with the same settings)."""
+    """Predict the whole slide into the zarr store ``out`` (resumes a run with the same settings),
+    at the pyramid level closest to the model's training resolution when both are known."""
     from ..slide.tiler import predict_slide
 
     yield "loading the model…"
     cached = load_predictor(model, device, cached)
     predictor = cached[1]
     kind = result_name(predictor) if predictor.task in ("glands", "nuclei") else None
-    yield from predict_slide(predictor, slide, out, level=0, tile=tile, overlap=overlap, batch=batch,
+    yield from predict_slide(predictor, slide, out, level="auto", tile=tile, overlap=overlap, batch=batch,
                              tissue=True, class_names=predictor.class_names, postprocess=kind)
     return cached, out, kind
 
@@ -151,9 +158,10 @@ class PredictWidget(StopsJobsOnClose, QWidget):
         self.settings = settings or Settings("predict")
         self.runner = JobRunner("prediction", self)
         self.runners = (self.runner,)
-        self._predictor: tuple | None = None  # ((model path, device), TorchPredictor)
+        self._predictor: tuple | None = None  # ((model path, device, weights mtime), TorchPredictor)
         self._fov: tuple | None = None  # (key, FieldOfViewPredictor)
         self._image_layer = None
+        self._whole_slide = False
         self._build()
         self.progress.follow(self.runner)
         self.runner.event.connect(self._on_event)
@@ -278,8 +286,9 @@ class PredictWidget(StopsJobsOnClose, QWidget):
         except GenSelfDiffError as e:
             show_error(str(e))
             return
+        source_id = id(layer.data[0] if layer.multiscale else layer.data)
         self._start(layer, f"predicting the field of view of {layer.name!r}…", fov_job, model, self.device.device,
-                    self._predictor, slide, region, self.tile.value(), self.overlap.value(), self._fov)
+                    self._predictor, slide, source_id, region, self.tile.value(), self.overlap.value(), self._fov)
 
     def predict_slide(self) -> None:
         """Segment the whole image into a zarr store next to the other results (resumable)."""
@@ -296,7 +305,7 @@ class PredictWidget(StopsJobsOnClose, QWidget):
                     self._predictor, slide, str(out), self.tile.value(), self.overlap.value(), self.batch.value())
 
     def _start(self, layer, text: str, job, *args) -> None:
-        self._image_layer = layer
+        self._image_layer, self._whole_slide = layer, job is slide_job
         self.progress.reset(text)
         self._set_running(True)
         self.runner.start(job, *args)
@@ -329,7 +338,8 @@ class PredictWidget(StopsJobsOnClose, QWidget):
     def _on_stopped(self, cancelled: bool) -> None:
         self._set_running(False)
         if cancelled:
-            self.progress.set_status("cancelled; 'Predict whole slide' again resumes where it stopped")
+            resume = "; 'Predict whole slide' again resumes where it stopped" if self._whole_slide else ""
+            self.progress.set_status(f"cancelled{resume}")
 
     # -- results ---------------------------------------------------------------------------
 
@@ -359,22 +369,24 @@ class PredictWidget(StopsJobsOnClose, QWidget):
         if pname in self.viewer.layers:
             self.viewer.layers.remove(pname)
         if self.probability.isChecked():
+            dtype = (data[0] if multiscale else data).dtype
+            limits = (0, 255) if dtype == np.uint8 else (0, 1)  # stored as p * 255; on screen as floats
             self.viewer.add_image(data, name=pname, colormap="inferno", opacity=0.5, blending="additive",
-                                  contrast_limits=(0, 1) if not multiscale else (0, 255), multiscale=multiscale,
-                                  **place)
+                                  contrast_limits=limits, multiscale=multiscale, **place)
 
     def _show_store(self, out: str, kind: str | None) -> None:
         import dask.array as da
         import zarr
 
-        layer = self._image_layer
         group = zarr.open_group(out, mode="r")
-        place = placement(layer, 1.0)
+        d = float(group.attrs["genselfdiff"]["downsample"])  # of the level the model ran on
+        place = placement(self._image_layer, d)
         if kind is not None and f"labels/{kind}" in group:
             lab = group[f"labels/{kind}"]
             levels = [da.from_zarr(lab[k]) for k in sorted(lab.array_keys(), key=int)]
-            self._put_labels(kind, levels if len(levels) > 1 else levels[0], place, {"downsample": 1.0, "offset": [0, 0]},
-                             multiscale=len(levels) > 1)
+            multiscale = len(levels) > 1
+            self._put_labels(kind, levels if multiscale else levels[0], place, {"downsample": d, "offset": [0, 0]},
+                             multiscale=multiscale)
         fg = da.from_zarr(group["probabilities"])[1]
         pyramid = [fg] + [fg[::2 ** k, ::2 ** k] for k in range(1, 8) if min(fg.shape) // 2 ** k >= 256]
         multiscale = len(pyramid) > 1
