@@ -122,6 +122,13 @@ def cmd_export(a: argparse.Namespace) -> int:
     return export_cli(a)
 
 
+def cmd_project(a: argparse.Namespace) -> int:
+    from . import project
+
+    return {"create": project.project_cli_create, "refine": project.project_cli_refine,
+            "status": project.project_cli_status}[a.action](a)
+
+
 def cmd_demo(a: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -226,6 +233,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tiff", default=None, help="label TIFF output (pyramidal, tiled)")
     p.add_argument("--ome-zarr", default=None, help="OME-Zarr labels output")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("project", help="annotate-and-refine projects: create, refine the model on corrections, status",
+                       description="A project folder holds slide references, accepted corrections, label stores, "
+                                   "models and history; napari and the CLI open the same folder.")
+    psub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    q = psub.add_parser("create", help="create a project folder")
+    q.add_argument("folder")
+    q.add_argument("--task", default="glands", choices=["glands", "nuclei", "multiclass"])
+    q.add_argument("--model", default=None, help="starting model: checkpoint folder or 'glands'/'nuclei' (bundled)")
+    q.add_argument("--slides", nargs="*", default=[], help="slide files to add")
+    q.add_argument("--boundary", action="store_true", help="nuclei: boundary class")
+    q = psub.add_parser("refine", help="fine-tune the current model on the accepted corrections")
+    q.add_argument("folder")
+    q.add_argument("--steps", type=int, default=200, help="fine-tuning steps (default 200)")
+    q.add_argument("--val-fraction", default=None, help="held-out share of regions for before/after Dice, or 'all'")
+    q.add_argument("--base-model", default=None, help="start from this checkpoint instead of the current model")
+    q.add_argument("--patch", type=int, default=None)
+    q.add_argument("--batch", type=int, default=None)
+    q.add_argument("--lr", type=float, default=None)
+    _common(q)
+    q = psub.add_parser("status", help="slides, regions, current model, last refine")
+    q.add_argument("folder")
+    q.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_project)
 
     p = sub.add_parser("demo", help="the main job on the bundled sample / shared data, end to end")
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")

@@ -1,0 +1,107 @@
+"""Shared pieces of the benchmarks: data splits by image, the two datasets' settings, one
+pretrain/fine-tune/evaluate run. Splits are by IMAGE (never by patch), deterministic."""
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+from napari_genselfdiff.core.data import (ImageSource, LabeledImage, TaskSpec, downscale_item,  # noqa: E402
+                                          load_labeled_folder, read_mask)
+from napari_genselfdiff.core.evaluation import evaluate_items  # noqa: E402
+from napari_genselfdiff.core.inference import TorchPredictor  # noqa: E402
+from napari_genselfdiff.core.training import FinetuneConfig, PretrainConfig, drain, finetune, pretrain  # noqa: E402
+
+
+def data_dir() -> Path:
+    d = Path(os.environ.get("GENSELFDIFF_DATA", REPO.parent / "shared" / "data"))
+    if not d.is_dir():
+        sys.exit(f"benchmark needs the real data at {d} (set GENSELFDIFF_DATA); see ../shared/data/README.md")
+    return d
+
+
+@dataclass(frozen=True)
+class Dataset:
+    name: str  # glas | monuseg
+    task: str  # glands | nuclei
+    folder: str
+    downsample: float  # models run at 1/downsample of the stored resolution
+    mpp_native: float  # microns per pixel of the stored images
+
+    @property
+    def mpp(self) -> float:
+        return self.mpp_native * self.downsample
+
+
+# GlaS: 20x, 0.62 um/px (Sirinukunwattana et al. 2017); glands are large: train at half resolution.
+# MoNuSeg: 40x, 0.25 um/px (Kumar et al. 2017); nuclei at 20x-equivalent (0.5 um/px) matches most slides.
+DATASETS = {"glas": Dataset("glas", "glands", "glas/train", 2.0, 0.62),
+            "monuseg": Dataset("monuseg", "nuclei", "monuseg/train", 2.0, 0.25)}
+
+
+def split_by_image(names: list[str], seed: int = 2024, test: float = 0.2, val: float = 0.1):
+    """Deterministic (train, val, test) name lists; the same on every machine."""
+    names = sorted(names)
+    perm = np.random.default_rng(seed).permutation(len(names))
+    n_test, n_val = int(round(test * len(names))), int(round(val * len(names)))
+    test_names = sorted(names[i] for i in perm[:n_test])
+    val_names = sorted(names[i] for i in perm[n_test:n_test + n_val])
+    train_names = sorted(names[i] for i in perm[n_test + n_val:])
+    return train_names, val_names, test_names
+
+
+def load_dataset(ds: Dataset, root: Path):
+    """(train, val, test) LabeledImage lists at the model resolution, and GT instances by name."""
+    spec = TaskSpec.make(ds.task)
+    folder = root / ds.folder
+    items = [downscale_item(it, ds.downsample) for it in load_labeled_folder(folder / "images", folder / "masks", spec)]
+    by_name = {it.name: it for it in items}
+    train, val, test = split_by_image(list(by_name))
+    inst = {}
+    if (folder / "instances").is_dir():
+        for p in sorted((folder / "instances").iterdir()):
+            if p.stem in by_name:
+                lab = read_mask(p)
+                step = int(ds.downsample)
+                inst[p.stem] = lab[::step, ::step][: by_name[p.stem].target.shape[0], : by_name[p.stem].target.shape[1]]
+    return [by_name[n] for n in train], [by_name[n] for n in val], [by_name[n] for n in test], inst
+
+
+def unlabeled_pool(root: Path, train_items: dict[str, list[LabeledImage]]) -> list:
+    """Unlabeled sources: the training images of every dataset (labels dropped) plus the slides."""
+    from napari_genselfdiff.core.data import unlabeled_sources
+
+    sources = [ImageSource(it.image, f"{ds}/{it.name}") for ds, items in train_items.items() for it in items]
+    slides = [p for p in sorted((root / "slides").glob("*")) if p.suffix in (".tif", ".svs")]
+    return sources + unlabeled_sources(slides)
+
+
+def evaluate(model_dir: Path, items, instances, device: str = "cpu") -> dict:
+    pred = TorchPredictor.from_checkpoint(model_dir, device=device)
+    return evaluate_items(pred, items, instances)["mean"]
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (f"{cpu}, {os.cpu_count()} cores, {gpu}, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+            f"{datetime.now(timezone.utc).date().isoformat()}")
+
+
+class Timer:
+    def __enter__(self):
+        self.t = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.s = time.perf_counter() - self.t

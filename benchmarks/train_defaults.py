@@ -1,0 +1,114 @@
+"""Train the bundled default models and write them, with model cards, to resources/models/.
+
+    python benchmarks/train_defaults.py [--preset tiny] [--pretrain-steps 400] [--finetune-steps 500]
+
+One diffusion pretraining on all unlabeled data (the GlaS and MoNuSeg training images without
+their labels, plus the two unlabeled slides), then one fine-tuning per task on its training split,
+scored on the held-out test split (split by image, see common.split_by_image). Weights are stored
+as float16 safetensors to keep the package small.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from common import (DATASETS, REPO, FinetuneConfig, PretrainConfig, Timer, data_dir, drain, evaluate, finetune,
+                    load_dataset, machine, pretrain, unlabeled_pool)
+
+CARD = """# Default {task} model ({name})
+
+- **What it does**: {task} segmentation of H&E ({classes}); instances by {post}.
+- **Architecture**: GenSelfDiff-HIS time-conditioned U-Net, preset `{preset}` ({params:,} parameters), weights in float16.
+- **Resolution**: expects about **{mpp:.2f} microns per pixel** (the predictor reads the closest pyramid level).
+- **Pretraining**: DDPM (T=1000, quadratic schedule, P2-weighted loss), {pre_steps} steps x {pre_batch} tiles of
+  {patch}x{patch} on unlabeled tiles: GlaS + MoNuSeg training images without labels, plus the two unlabeled slides.
+- **Fine-tuning**: {ft_steps} steps x {ft_batch} patches of {patch}x{patch}, loss `{loss}`, on the {dataset} training
+  split ({n_train} images; split by image, seed 2024), validated on {n_val} images.
+- **Test metrics** ({n_test} held-out {dataset} training-set images, never seen in training; measured by
+  `benchmarks/train_defaults.py` on {machine}):
+
+{metrics}
+
+- **Honest limits**: trained on a 2-core CPU in minutes, not the paper's GPU budget; treat it as a starting
+  point to refine on your own slides (Annotate-and-refine), not as a diagnostic tool.
+- **Data terms**: GlaS is for research use only (cite Sirinukunwattana et al., Medical Image Analysis 2017);
+  MoNuSeg is CC BY-NC-SA 4.0 (Kumar et al., IEEE TMI 2017, 2019). These weights inherit the
+  **non-commercial** terms.
+"""
+
+
+def bundle(src: Path, dst: Path, card: str, metrics: dict) -> None:
+    """Copy a checkpoint without its training state, weights in float16, plus the model card."""
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    weights = {k: (v.half() if v.is_floating_point() else v) for k, v in load_file(str(src / "model.safetensors")).items()}
+    save_file(weights, str(tmp / "model.safetensors"))
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["test_metrics"] = metrics
+    cfg["training"].pop("train_images", None)
+    (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+    (tmp / "MODEL_CARD.md").write_text(card)
+    shutil.rmtree(dst, ignore_errors=True)
+    tmp.rename(dst)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--pretrain-steps", type=int, default=400)
+    ap.add_argument("--finetune-steps", type=int, default=500)
+    ap.add_argument("--patch", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--work", default=str(REPO / "benchmarks" / "_work" / "defaults"))
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--only", choices=["glas", "monuseg"], default=None)
+    a = ap.parse_args()
+    root, work = data_dir(), Path(a.work)
+    splits = {name: load_dataset(ds, root) for name, ds in DATASETS.items()}
+    pre = work / "pretrained"
+    if not (pre / "config.json").exists():
+        sources = unlabeled_pool(root, {n: s[0] for n, s in splits.items()})
+        cfg = PretrainConfig(preset=a.preset, steps=a.pretrain_steps, patch=a.patch, batch=a.batch, lr=1e-3,
+                             warmup=20, checkpoint_every=100)
+        with Timer() as t:
+            drain(pretrain(sources, pre, cfg, device=a.device, resume=pre.exists()),
+                  lambda e: print(f"pretrain {e.step}/{e.total} loss {e.loss:.4f}", flush=True)
+                  if e.step % 50 == 0 else None)
+        print(f"pretraining: {t.s:.0f} s")
+    for name, ds in DATASETS.items():
+        if a.only and name != a.only:
+            continue
+        train, val, test, inst = splits[name]
+        out = work / ds.task
+        cfg = FinetuneConfig(task=ds.task, steps=a.finetune_steps, patch=a.patch, batch=a.batch, lr=1e-3,
+                             warmup=20, checkpoint_every=100, val_every=100, mpp=ds.mpp)
+        with Timer() as t:
+            drain(finetune(train, out, cfg, init=pre, val_items=val, device=a.device, overwrite=True),
+                  lambda e: print(f"{ds.task} {e.step}/{e.total} loss {e.loss:.4f} {e.metrics or ''}", flush=True)
+                  if e.step % 50 == 0 else None)
+        metrics = evaluate(out, test, inst)
+        print(f"{ds.task}: fine-tuning {t.s:.0f} s; test {json.dumps(metrics)}")
+        from napari_genselfdiff.core.unet import UNet, UNetConfig, count_parameters
+        params = count_parameters(UNet(UNetConfig.from_preset(a.preset)))
+        keys = ["dice", "iou", "hd95"] + (["object_f1", "object_dice", "object_hausdorff"] if ds.task == "glands"
+                                         else ["aji", "pq"])
+        table = "\n".join(["  | metric | value |", "  |---|---|"] + [f"  | {k} | {metrics[k]:.3f} |" for k in keys])
+        card = CARD.format(task=ds.task, name=ds.task, classes="background / " + ds.task.rstrip("s"),
+                           post="connected components with hole filling" if ds.task == "glands"
+                           else "marker-controlled watershed", preset=a.preset, params=params, mpp=ds.mpp,
+                           pre_steps=a.pretrain_steps, pre_batch=a.batch, patch=a.patch, ft_steps=a.finetune_steps,
+                           ft_batch=a.batch, loss=cfg.loss, dataset=name, n_train=len(train), n_val=len(val),
+                           n_test=len(test), machine=machine(), metrics=table)
+        bundle(out, REPO / "resources" / "models" / ds.task, card, metrics)
+        (work / f"{ds.task}_test_metrics.json").write_text(json.dumps(metrics, indent=2))
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    main()
