@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from common import (DATASETS, REPO, FinetuneConfig, PretrainConfig, Timer, data_dir, drain, evaluate, finetune,
+from common import (DATASETS, pretrained_enough, REPO, FinetuneConfig, PretrainConfig, Timer, data_dir, drain, evaluate, finetune,
                     load_dataset, machine, pretrain, unlabeled_pool)
 
 BUDGETS = {
@@ -49,7 +49,7 @@ def main() -> None:
     splits = {n: load_dataset(DATASETS[n], root) for n in DATASETS}
     pre = work / "pretrained"
     with Timer() as t_pre:
-        if not (pre / "config.json").exists():
+        if not pretrained_enough(pre, b["pre_steps"]):
             sources = unlabeled_pool(root, {n: s[0] for n, s in splits.items()})
             drain(pretrain(sources, pre, PretrainConfig(preset=b["preset"], steps=b["pre_steps"], patch=b["patch"],
                                                         batch=b["batch"], lr=1e-3 if b["preset"] == "tiny" else 1e-4,
