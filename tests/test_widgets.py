@@ -132,7 +132,8 @@ def test_manifest_validates_and_contributes_the_widgets():
     pm = PluginManifest.from_file(MANIFEST)
     pm.validate_imports()
     widgets = {w.display_name: w.command for w in pm.contributions.widgets}
-    assert set(widgets) == {"Pretrain (self-supervised)", "Fine-tune segmentation", "Predict glands / nuclei"}
+    assert set(widgets) == {"Pretrain (self-supervised)", "Fine-tune segmentation", "Predict glands / nuclei",
+                            "Annotate and refine"}
     commands = {c.id: c.python_name for c in pm.contributions.commands}
     assert commands[widgets["Pretrain (self-supervised)"]].endswith("pretrain:PretrainWidget")
     assert [r.command for r in pm.contributions.readers] == ["napari-genselfdiff.get_reader"]

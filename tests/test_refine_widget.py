@@ -1,0 +1,501 @@
+"""The "Annotate and refine" dock widget in a real viewer: project create/open, editing the region
+in view at full resolution, accepting it into the project, refining (and cancelling) from the
+widget, region suggestions moving the camera, GeoJSON import / export.
+
+Runs under Xvfb (pytest-xvfb) with QT_API=pyqt6; a screenshot of the docked widget goes to
+``screenshots/refine_widget.png`` (git-ignored) for a person to look at.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("napari")
+pytest.importorskip("pytestqt")
+
+from napari_genselfdiff._widgets import _common  # noqa: E402
+from napari_genselfdiff._widgets import refine as refine_mod  # noqa: E402
+from napari_genselfdiff._widgets.refine import (EDIT_KEY, PROJECT_LABELS, SUGGESTION_LAYER,  # noqa: E402
+                                                 RefineWidget, sample_labels, view_bounds)
+from napari_genselfdiff.core.data import LabeledImage, read_image  # noqa: E402
+from napari_genselfdiff.core.errors import DataError  # noqa: E402
+from napari_genselfdiff.models import sample_image_path  # noqa: E402
+from napari_genselfdiff.project import Project  # noqa: E402
+
+pytestmark = pytest.mark.gui
+
+REPO = Path(__file__).resolve().parents[1]
+SHOTS = REPO / "screenshots"
+MANIFEST = REPO / "src" / "napari_genselfdiff" / "napari.yaml"
+
+
+# ---------------------------------------------------------------------------------------------
+# fixtures and helpers
+
+@pytest.fixture(autouse=True)
+def settings_dir(tmp_path, monkeypatch) -> Path:
+    """Widget settings go to a fresh folder, never the user's real config."""
+    d = tmp_path / "config"
+    monkeypatch.setenv(_common.CONFIG_ENV, str(d))
+    return d
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def messages(monkeypatch) -> dict[str, list[str]]:
+    """What the widget told the user, by kind (error / warning / info)."""
+    seen: dict[str, list[str]] = {"error": [], "warning": [], "info": []}
+    for kind in seen:
+        monkeypatch.setattr(refine_mod, f"show_{kind}", seen[kind].append)
+    return seen
+
+
+@pytest.fixture(scope="session")
+def he_image() -> np.ndarray:
+    return read_image(sample_image_path())
+
+
+def discs(shape: tuple[int, int]) -> np.ndarray:
+    """Two painted 'glands'."""
+    yy, xx = np.mgrid[:shape[0], :shape[1]]
+    labels = np.zeros(shape, np.int32)
+    labels[(yy - shape[0] * 0.3) ** 2 + (xx - shape[1] * 0.3) ** 2 < (0.2 * min(shape)) ** 2] = 1
+    labels[(yy - shape[0] * 0.7) ** 2 + (xx - shape[1] * 0.7) ** 2 < (0.15 * min(shape)) ** 2] = 2
+    return labels
+
+
+@pytest.fixture(scope="module")
+def seg_model(tmp_path_factory) -> Path:
+    """A tiny glands model: 2 steps of core fine-tuning (preset tiny, patch 32)."""
+    import torch
+
+    from napari_genselfdiff.core.data import TaskSpec, mask_to_target
+    from napari_genselfdiff.core.training import FinetuneConfig, drain, finetune
+
+    torch.set_num_threads(1)
+    image = read_image(sample_image_path())[:96, :96]
+    item = LabeledImage("crop", image, mask_to_target(discs((96, 96)), TaskSpec.make("glands")))
+    out = tmp_path_factory.mktemp("models") / "glands-tiny"
+    cfg = FinetuneConfig(preset="tiny", steps=2, patch=32, batch=2, checkpoint_every=0, val_every=0)
+    drain(finetune([item], out, cfg, device="cpu"))
+    return out
+
+
+@pytest.fixture
+def viewer(make_napari_viewer):
+    return make_napari_viewer()
+
+
+def refine_widget(viewer, tmp_path: Path, model: Path | None) -> RefineWidget:
+    """A docked widget with a new glands project (tiny training settings, CPU)."""
+    w = RefineWidget(viewer)
+    viewer.window.add_dock_widget(w, name="Annotate and refine", area="right")
+    w.folder.setText(str(tmp_path / "project"))
+    w.model.setText("" if model is None else str(model))
+    w.create_btn.click()
+    assert w.project is not None
+    w.steps.setValue(2)
+    w.patch.setValue(32)
+    w.batch.setValue(2)
+    w.device.combo.setCurrentText("cpu")
+    w.region_size.setValue(256)
+    w.repredict.setChecked(False)
+    return w
+
+
+def look_at(viewer, centre: tuple[float, float], zoom: float, canvas: tuple[int, int] = (400, 800)) -> None:
+    """A known view: ``canvas`` (h, w) screen pixels, so the visible world extent is
+    centre +- canvas / (2 * zoom)."""
+    viewer.canvas.size = canvas
+    camera = viewer.scene.camera
+    camera.center = centre
+    camera.zoom = zoom
+
+
+def wait_idle(qtbot, runner, timeout: int = 90_000) -> None:
+    qtbot.waitUntil(lambda: not runner.running, timeout=timeout)
+
+
+# ---------------------------------------------------------------------------------------------
+# manifest and geometry
+
+def test_manifest_contributes_the_refine_widget():
+    from npe2 import PluginManifest
+
+    pm = PluginManifest.from_file(MANIFEST)
+    widgets = {w.display_name: w.command for w in pm.contributions.widgets}
+    commands = {c.id: c.python_name for c in pm.contributions.commands}
+    assert commands[widgets["Annotate and refine"]] == "napari_genselfdiff._widgets.refine:RefineWidget"
+
+
+def test_view_bounds_are_the_pixels_on_screen(viewer):
+    """Canvas 400 x 800 at zoom 4 shows world y 50..150, x 100..300 around centre (100, 200).
+    With scale 1, pixel j spans [j - 0.5, j + 0.5]: rows 50..150 (101), columns 100..300 (201).
+    With scale 0.5 and translate (10, 20), world y 50..150 is data (80..280) -> rows 80..280."""
+    plain = viewer.add_image(np.zeros((1000, 1000, 3), np.uint8), rgb=True)
+    look_at(viewer, (100, 200), 4)
+    assert view_bounds(viewer, plain) == (50, 100, 101, 201)
+    scaled = viewer.add_image(np.zeros((1000, 1000, 3), np.uint8), rgb=True, scale=(0.5, 0.5), translate=(10, 20))
+    assert view_bounds(viewer, scaled) == (80, 160, 201, 401)
+
+
+def test_view_bounds_are_clamped_to_the_image_and_capped(viewer):
+    layer = viewer.add_image(np.zeros((3000, 2500, 3), np.uint8), rgb=True)
+    look_at(viewer, (20, 30), 4)  # world y -30..70, x -70..130: clamped at 0
+    assert view_bounds(viewer, layer) == (0, 0, 71, 131)
+    look_at(viewer, (1500, 1250), 0.1)  # everything in view: 2048-pixel sides centred on the camera
+    assert view_bounds(viewer, layer) == (476, 226, 2048, 2048)
+    assert view_bounds(viewer, layer, cap=100) == (1450, 1200, 100, 100)
+    look_at(viewer, (5000, 5000), 4)
+    with pytest.raises(DataError, match="not in view"):
+        view_bounds(viewer, layer)
+
+
+def test_sample_labels_reads_a_coarser_prediction_under_each_pixel(viewer):
+    """A level-1 result (scale 2, translate 0.5, as the Predict widget places it): level-0 pixel
+    (r, c) lies under label pixel (r // 2, c // 2)."""
+    image = viewer.add_image(np.zeros((40, 40, 3), np.uint8), rgb=True)
+    coarse = np.arange(400, dtype=np.int32).reshape(20, 20)
+    labels = viewer.add_labels(coarse, scale=(2, 2), translate=(0.5, 0.5))
+    got = sample_labels(labels, image, (5, 7, 10, 12))
+    rows, cols = np.arange(5, 15) // 2, np.arange(7, 19) // 2
+    np.testing.assert_array_equal(got, coarse[np.ix_(rows, cols)])
+    part = sample_labels(labels, image, (30, 30, 20, 20))  # half outside the labels: 0 there
+    assert part.shape == (20, 20) and (part[10:] == 0).all() and (part[:10, :10] > 0).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# project, edit, accept
+
+def test_create_and_open_show_the_project_status(viewer, tmp_path, seg_model, messages):
+    w = refine_widget(viewer, tmp_path, seg_model)
+    assert "task glands" in w.status.text() and "accepted regions: 0" in w.status.text()
+    assert seg_model.name in w.status.text()
+    w.create_btn.click()  # the folder is a project now: a readable error, nothing changes
+    assert any("already a project" in m for m in messages["error"])
+    other = RefineWidget(viewer)
+    other.folder.setText(str(tmp_path / "project"))
+    other.open_btn.click()
+    assert other.project is not None and other.project.folder == w.project.folder
+    other.folder.setText(str(tmp_path / "nothing here"))
+    other.open_btn.click()
+    assert any("no such project folder" in m for m in messages["error"])
+
+
+def test_edit_paint_accept_stores_the_region(viewer, tmp_path, he_image, seg_model, messages):
+    image = viewer.add_image(he_image, name="H&E", rgb=True)
+    w = refine_widget(viewer, tmp_path, seg_model)
+    look_at(viewer, (300, 400), 4)  # rows 250..350, columns 300..500
+    y, x, h, wd = 250, 300, 101, 201
+    layer = w.edit_region()
+    assert layer.name == f"edit: H_E {y},{x},{h},{wd}"
+    assert layer.data.shape == (h, wd) and not layer.data.any()  # no prediction, nothing accepted yet
+    assert tuple(layer.translate) == (y, x) and tuple(layer.scale) == tuple(image.scale)
+    assert layer.mode == "paint" and viewer.layers.selection.active is layer
+
+    painted = discs((h, wd))
+    layer.data[:] = painted
+    assert w.edit_region() is layer and (layer.data == painted).all()  # same view: the same layer, kept
+    rid = w.accept_region()
+    assert rid == "r00001" and any(rid in m for m in messages["info"])
+    (region,) = w.project.regions()
+    assert region["bounds"] == [y, x, h, wd] and region["slide"] == "H_E" and region["n_objects"] == 2
+    stored_image, stored_mask = w.project.region_arrays(region)
+    np.testing.assert_array_equal(stored_mask, painted)
+    np.testing.assert_array_equal(stored_image, he_image[y:y + h, x:x + wd])
+    store = w.project.labels_store("H_E")
+    np.testing.assert_array_equal(store[y:y + h, x:x + wd], painted)
+    # the in-memory image became a project slide file; the layer is kept, marked accepted
+    assert (w.project.folder / "images" / "H_E.tif").is_file()
+    assert layer in viewer.layers and layer.name == f"✓ r00001 H_E {y},{x},{h},{wd}"
+    assert layer.metadata[EDIT_KEY]["accepted"] == "r00001"
+    assert "accepted regions: 1 (1 on this image)" in w.status.text()
+
+    # the same region again, a bit to the right: the accepted part comes back from the label store
+    look_at(viewer, (300, 450), 4)
+    again = w.edit_region()
+    assert again is not layer and again.metadata[EDIT_KEY]["prefill"] == ["accepted"]
+    np.testing.assert_array_equal(again.data[:, :wd - 50], painted[:, 50:])
+    assert not again.data[:, wd - 50:].any()
+
+
+def test_edit_and_accept_on_a_multiscale_image_use_full_resolution(viewer, tmp_path, he_image, seg_model):
+    """On a 2-level pyramid shown at level 1, the edit layer and the stored region are still
+    level-0 pixels (the view's extent is converted, not its displayed level)."""
+    pyramid = [he_image, np.ascontiguousarray(he_image[::2, ::2])]
+    image = viewer.add_image(pyramid, name="slide", rgb=True, multiscale=True)
+    image.locked_data_level = 1
+    w = refine_widget(viewer, tmp_path, seg_model)
+    look_at(viewer, (300, 400), 4)
+    layer = w.edit_region()
+    assert layer.data.shape == (101, 201) and tuple(layer.translate) == (250, 300)
+    layer.data[20:60, 30:90] = 1
+    assert w.accept_region() == "r00001"
+    stored_image, stored_mask = w.project.region_arrays("r00001")
+    np.testing.assert_array_equal(stored_image, he_image[250:351, 300:501])
+    assert stored_mask.sum() == 40 * 60
+
+
+def test_a_different_image_under_a_saved_name_is_refused(viewer, tmp_path, he_image, seg_model, messages):
+    """An in-memory image is saved into the project under its layer name; another image given
+    the same name later (same size, other pixels) must not be filed under that slide."""
+    viewer.add_image(he_image, name="H&E", rgb=True)
+    w = refine_widget(viewer, tmp_path, seg_model)
+    look_at(viewer, (300, 400), 4)
+    w.edit_region()
+    assert w.accept_region() == "r00001"
+    viewer.layers.remove("H&E")
+    viewer.add_image(255 - he_image, name="H&E", rgb=True)
+    assert w.edit_region() is None
+    assert any("different image named 'H&E'" in m for m in messages["error"])
+    viewer.layers.remove("H&E")
+    viewer.add_image(he_image.copy(), name="H&E", rgb=True)  # the same pixels again: fine
+    assert w.edit_region() is not None
+
+
+def test_edit_is_prefilled_with_the_prediction_layer(viewer, tmp_path, he_image, seg_model):
+    viewer.add_image(he_image, name="H&E", rgb=True)
+    predicted = np.zeros((384, 512), np.int32)  # a level-1 prediction of the whole image
+    predicted[100:200, 150:300] = 7
+    viewer.add_labels(predicted, name="glands", scale=(2, 2), translate=(0.5, 0.5),
+                      metadata={"genselfdiff": {"downsample": 2.0, "offset": [0, 0], "image": "H&E"}})
+    w = refine_widget(viewer, tmp_path, seg_model)
+    look_at(viewer, (300, 400), 4)
+    layer = w.edit_region()
+    assert layer.metadata[EDIT_KEY]["prefill"] == ["prediction"]
+    assert layer.metadata[EDIT_KEY]["model"] == str(seg_model)
+    rows, cols = np.arange(250, 351) // 2, np.arange(300, 501) // 2
+    np.testing.assert_array_equal(layer.data, predicted[np.ix_(rows, cols)])
+    assert layer.selected_label == 8  # painting starts a new object
+
+
+def test_a_failed_accept_keeps_the_layer_and_what_was_painted(viewer, tmp_path, he_image, seg_model, messages,
+                                                              monkeypatch):
+    viewer.add_image(he_image, name="H&E", rgb=True)
+    w = refine_widget(viewer, tmp_path, seg_model)
+    look_at(viewer, (300, 400), 4)
+    layer = w.edit_region()
+    layer.data[10:30, 10:30] = 3
+    name = layer.name
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Project, "accept_region", disk_full)
+    assert w.accept_region() is None
+    assert any("No space left" in m and "nothing was lost" in m for m in messages["error"])
+    assert layer in viewer.layers and layer.name == name and (layer.data[10:30, 10:30] == 3).all()
+    monkeypatch.undo()
+    assert w.accept_region() == "r00001"  # the same layer, accepted once the problem is gone
+
+
+def test_accept_without_an_edit_is_a_readable_error(viewer, tmp_path, seg_model, messages):
+    w = refine_widget(viewer, tmp_path, seg_model)
+    assert w.accept_region() is None
+    assert any("Edit region" in m for m in messages["error"])
+
+
+# ---------------------------------------------------------------------------------------------
+# refine, cancel, suggest
+
+def accept_two_regions(viewer, w: RefineWidget) -> None:
+    for centre in ((200, 250), (500, 700)):
+        look_at(viewer, centre, 4)
+        layer = w.edit_region()
+        layer.data[:] = discs(layer.data.shape)
+        assert w.accept_region() is not None
+
+
+def test_refine_from_the_widget_shows_dice_and_hands_the_model_to_predict(viewer, qtbot, tmp_path, he_image,
+                                                                          seg_model, settings_dir):
+    from napari_genselfdiff._widgets.predict import PredictWidget
+
+    viewer.add_image(he_image, name="H&E", rgb=True)
+    predict = PredictWidget(viewer)
+    viewer.window.add_dock_widget(predict, name="Predict", area="right")
+    predict.device.combo.setCurrentText("cpu")
+    predict.tile.setValue(256)
+    w = refine_widget(viewer, tmp_path, seg_model)
+    w.repredict.setChecked(True)
+    accept_two_regions(viewer, w)
+    w.refine_btn.click()
+    assert not w.refine_btn.isEnabled() and w.cancel_btn.isEnabled()
+    wait_idle(qtbot, w.refine_runner)
+    (record,) = w.project.history()
+    assert record["status"] == "finished" and record["steps"] == 2
+    new_model = w.project.folder / "models" / "refine-1"
+    assert w.project.current_model == new_model
+    text = w.dice.text()
+    assert "→" in text and f"{record['after']:.3f}" in text
+    assert "last refine (finished)" in w.status.text() and "refine-1" in w.status.text()
+    assert w.refine_btn.isEnabled() and not w.cancel_btn.isEnabled()
+    # the Predict widget: the new model is selected and remembered, and the view re-predicted
+    assert predict.model_path() == str(new_model)
+    saved = json.loads((settings_dir / "widgets.json").read_text())
+    assert saved["predict"]["model"] == str(new_model)
+    assert saved["models"]["recent_models"][0] == str(new_model)
+    wait_idle(qtbot, predict.runner)
+    assert "glands" in viewer.layers
+
+
+def test_cancelling_a_refine_keeps_the_current_model(viewer, qtbot, tmp_path, he_image, seg_model):
+    viewer.add_image(he_image, name="H&E", rgb=True)
+    w = refine_widget(viewer, tmp_path, seg_model)
+    accept_two_regions(viewer, w)
+    w.steps.setValue(5000)
+    w.refine_btn.click()
+    qtbot.waitUntil(lambda: w.progress.bar.value() >= 1, timeout=60_000)
+    w.cancel_btn.click()
+    wait_idle(qtbot, w.refine_runner)
+    (record,) = w.project.history()
+    assert record["status"] == "cancelled" and 1 <= record["steps"] < 5000
+    assert w.project.current_model == seg_model
+    assert "cancelled" in w.progress.status.text() and w.dice.text() == "Dice before → after: –"
+    assert w.refine_btn.isEnabled() and not w.cancel_btn.isEnabled()
+
+
+def test_refine_without_regions_is_a_readable_error(viewer, tmp_path, seg_model, messages):
+    w = refine_widget(viewer, tmp_path, seg_model)
+    w.refine_btn.click()
+    assert not w.refine_runner.running
+    assert any("no accepted regions" in m for m in messages["error"])
+
+
+def test_suggestions_move_the_camera_and_are_reviewed_when_skipped(viewer, qtbot, tmp_path, he_image, seg_model):
+    image = viewer.add_image(he_image, name="H&E", rgb=True, scale=(0.5, 0.5), translate=(10, 20))
+    w = refine_widget(viewer, tmp_path, seg_model)
+    look_at(viewer, (0, 0), 1)
+    w.suggest_btn.click()
+    wait_idle(qtbot, w.suggest_runner)
+    assert w._suggestions and w.skip_btn.isEnabled()
+    first = w._suggestions[0]
+    y, x, h, wd = first["bounds"]
+    assert h == wd == 256
+    cy, cx = image.world_to_data(viewer.scene.camera.center[-2:])
+    assert y <= cy < y + h and x <= cx < x + wd
+    assert SUGGESTION_LAYER in viewer.layers
+    assert "suggestion 1/" in w.suggest_info.text()
+    layer = w.edit_region()  # the camera centre is in the suggestion: exactly its bounds
+    assert layer.metadata[EDIT_KEY]["bounds"] == [y, x, h, wd]
+    w.skip_btn.click()
+    assert w.project.reviewed("H_E") == [[y, x, h, wd]]
+    second = w._suggestions[1]["bounds"]
+    cy, cx = image.world_to_data(viewer.scene.camera.center[-2:])
+    assert second[0] <= cy < second[0] + second[2] and second[1] <= cx < second[1] + second[3]
+    # accepting the region on screen reviews it too; Skip then moves on without marking it again
+    layer = w.edit_region()
+    assert w.accept_region() is not None
+    assert w.project.reviewed("H_E") == [[y, x, h, wd], list(second)]
+    w.skip_btn.click()
+    assert len(w.project.reviewed("H_E")) == 2 and "suggestion 3/" in w.suggest_info.text()
+
+
+# ---------------------------------------------------------------------------------------------
+# GeoJSON
+
+def square(x0: float, y0: float, side: float) -> list:
+    return [[x0, y0], [x0 + side, y0], [x0 + side, y0 + side], [x0, y0 + side], [x0, y0]]
+
+
+def qupath_file(path: Path) -> Path:
+    """Three polygons (one with a 4 x 4 hole) in full-resolution pixels, plus a line QuPath can
+    write but that has no area (skipped with a warning)."""
+    polygon = {"type": "Polygon", "coordinates": [square(100, 50, 20), square(108, 58, 4)]}
+    features = [
+        {"type": "Feature", "id": "a", "geometry": polygon,
+         "properties": {"objectType": "annotation", "classification": {"name": "Gland"}}},
+        {"type": "Feature", "id": "b", "geometry": {"type": "Polygon", "coordinates": [square(130, 60, 10)]},
+         "properties": {"objectType": "annotation", "classification": {"name": "Gland"}}},
+        {"type": "Feature", "id": "c", "geometry": {"type": "Polygon", "coordinates": [square(105, 80, 6)]},
+         "properties": {"objectType": "annotation", "classification": {"name": "Gland"}}},
+        {"type": "Feature", "id": "d", "geometry": {"type": "LineString", "coordinates": [[0, 0], [5, 5]]},
+         "properties": {}},
+    ]
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": features}))
+    return path
+
+
+def test_geojson_import_as_labels_and_export_round_trip(viewer, tmp_path, he_image, seg_model, messages):
+    from napari_genselfdiff.export.geojson import read_geojson
+
+    viewer.add_image(he_image, name="H&E", rgb=True)
+    w = refine_widget(viewer, tmp_path, seg_model)
+    layer = w.import_geojson(str(qupath_file(tmp_path / "qupath.geojson")))
+    # bounding box of the objects: x 100..140, y 50..86
+    assert layer.name == "qupath" and layer.data.shape == (36, 40) and tuple(layer.translate) == (50, 100)
+    ids, counts = np.unique(layer.data, return_counts=True)
+    assert ids.tolist() == [0, 1, 2, 3]
+    assert counts[1:].tolist() == [20 * 20 - 4 * 4, 10 * 10, 6 * 6]
+    assert any("LineString" in m for m in messages["warning"])
+    # an import small enough is acceptable into the project as an imported correction
+    assert w.accept_region(layer) == "r00001"
+    assert w.project.regions()[0]["source"] == "import" and w.project.regions()[0]["bounds"] == [50, 100, 36, 40]
+
+    out = tmp_path / "out.geojson"
+    w.export_source.setCurrentText("✓ r00001 H_E 50,100,36,40")
+    w.object_type.setCurrentText("detection")
+    assert w.export_geojson(str(out)) == 3
+    back = read_geojson(out)
+    assert sorted(f.geometry.area for f in back.features) == [36, 100, 384]
+    assert {f.object_type for f in back.features} == {"detection"}
+    assert sorted(f.geometry.bounds for f in back.features)[0] == (100, 50, 120, 70)
+
+    w.export_source.setCurrentText(PROJECT_LABELS)  # the label store of the image, same objects
+    w.object_type.setCurrentText("annotation")
+    assert w.export_geojson(str(tmp_path / "store.geojson")) == 3
+    store = read_geojson(tmp_path / "store.geojson")
+    assert sorted(f.geometry.area for f in store.features) == [36, 100, 384]
+    assert {f.class_name for f in store.features} == {"Gland"}
+
+
+def test_geojson_import_as_shapes(viewer, tmp_path, he_image, seg_model):
+    image = viewer.add_image(he_image, name="H&E", rgb=True, scale=(0.5, 0.5))
+    w = refine_widget(viewer, tmp_path, seg_model)
+    w.import_as.setCurrentText("Shapes")
+    layer = w.import_geojson(str(qupath_file(tmp_path / "qupath.geojson")))
+    assert layer.nshapes == 3 and list(layer.features["class_name"]) == ["Gland"] * 3
+    # corner (x 130, y 60) of square b is the top-left edge of pixel (60, 130): world 0.5 * (59.5, 129.5)
+    corner = layer.data_to_world(layer.data[1].min(axis=0))
+    np.testing.assert_allclose(corner, image.data_to_world((59.5, 129.5)))
+
+
+def test_project_labels_cannot_be_exported_before_anything_is_accepted(viewer, tmp_path, he_image, seg_model,
+                                                                       messages):
+    viewer.add_image(he_image, name="H&E", rgb=True)
+    w = refine_widget(viewer, tmp_path, seg_model)
+    assert w.export_source.currentText() == PROJECT_LABELS
+    assert w.export_geojson(str(tmp_path / "x.geojson")) is None
+    assert any("no corrected labels" in m for m in messages["error"])
+
+
+# ---------------------------------------------------------------------------------------------
+# screenshot
+
+def test_screenshot_of_the_docked_widget(make_napari_viewer, qtbot, tmp_path, he_image, seg_model):
+    viewer = make_napari_viewer(show=True)
+    viewer.window._qt_window.resize(1400, 1000)
+    viewer.add_image(he_image, name="H&E skin", rgb=True)
+    w = refine_widget(viewer, tmp_path, seg_model)
+    viewer.reset_view()
+    w.suggest_btn.click()
+    wait_idle(qtbot, w.suggest_runner)
+    layer = w.edit_region()
+    layer.data[:] = discs(layer.data.shape)
+    layer.refresh()
+    w.dice.setText("Dice before → after: <b>0.412 → 0.587</b>")
+    qtbot.wait(200)
+    SHOTS.mkdir(exist_ok=True)
+    path = SHOTS / "refine_widget.png"
+    viewer.screenshot(str(path), canvas_only=False)
+    assert path.stat().st_size > 10_000
