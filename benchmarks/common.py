@@ -86,6 +86,15 @@ def unlabeled_pool(root: Path, train_items: dict[str, list[LabeledImage]]) -> li
     return sources + unlabeled_sources(slides)
 
 
+def pretrained_enough(path: Path, steps: int) -> bool:
+    """True when ``path`` holds a pretraining checkpoint of at least ``steps`` steps (a periodic
+    checkpoint of an interrupted run is resumed instead)."""
+    import json
+
+    cfg = path / "config.json"
+    return cfg.is_file() and json.loads(cfg.read_text())["training"]["steps"] >= steps
+
+
 def evaluate(model_dir: Path, items, instances, device: str = "cpu") -> dict:
     pred = TorchPredictor.from_checkpoint(model_dir, device=device)
     return evaluate_items(pred, items, instances)["mean"]

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from common import (DATASETS, REPO, FinetuneConfig, PretrainConfig, Timer, data_dir, drain, evaluate, finetune,
+from common import (DATASETS, pretrained_enough, REPO, FinetuneConfig, PretrainConfig, Timer, data_dir, drain, evaluate, finetune,
                     load_dataset, machine, pretrain, unlabeled_pool)
 
 CARD = """# Default {task} model ({name})
@@ -72,7 +72,7 @@ def main() -> None:
     root, work = data_dir(), Path(a.work)
     splits = {name: load_dataset(ds, root) for name, ds in DATASETS.items()}
     pre = work / "pretrained"
-    if not (pre / "config.json").exists():
+    if not pretrained_enough(pre, a.pretrain_steps):
         sources = unlabeled_pool(root, {n: s[0] for n, s in splits.items()})
         cfg = PretrainConfig(preset=a.preset, steps=a.pretrain_steps, patch=a.patch, batch=a.batch, lr=1e-3,
                              warmup=20, checkpoint_every=100)

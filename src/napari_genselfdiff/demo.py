@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,44 +17,41 @@ from .core.atomic import write_png_atomic
 from .core.data import read_image
 from .core.errors import DataError
 
-COLOURS = {"glands": (0, 200, 0), "nuclei": (30, 90, 255)}
-CLASS_NAMES = {"glands": "Gland", "nuclei": "Nucleus"}
-OBJECT_TYPES = {"glands": "annotation", "nuclei": "detection"}
-
-
 def overlay(image: np.ndarray, labels: dict[str, np.ndarray]) -> np.ndarray:
     """The image with each label set's object outlines drawn in its colour."""
     from skimage.segmentation import find_boundaries
 
+    from .predict import COLOURS
+
     out = image.copy()
     for name, lab in labels.items():
-        edge = find_boundaries(lab, mode="inner")
-        out[edge] = COLOURS.get(name, (255, 255, 0))
+        out[find_boundaries(lab, mode="inner")] = COLOURS.get(name, (255, 255, 0))
     return out
 
 
 def predict_sample(models: dict[str, Path], image_path: Path, out: Path, device: str = "auto") -> dict:
-    """Predict each model on one image; write labels, GeoJSON and an overlay. Returns a summary."""
-    from .core.evaluation import postprocess
-    from .core.inference import TorchPredictor, predict_image
-    from .export.geojson import export_labels_geojson
-    from .export.tiff import write_label_tiff
+    """Predict each model on one image at the model's resolution (the tiler picks the pyramid
+    level), export label TIFF + GeoJSON per model and one overlay PNG. Returns a summary."""
+    from .core.inference import TorchPredictor
+    from .predict import _drive, export_store, labels_at_level0, open_prediction
+    from .slide.tiler import predict_slide
 
     image = read_image(image_path)
     out.mkdir(parents=True, exist_ok=True)
     summary, labels = {}, {}
     for name, path in models.items():
         predictor = TorchPredictor.from_checkpoint(path, device=device)
-        probs = predict_image(predictor, image)
-        _, inst = postprocess(probs, predictor.task)
-        labels[name] = inst
-        write_label_tiff(out / f"{name}_labels.tif", inst.astype(np.int32), mpp=predictor.mpp)
-        n = export_labels_geojson(inst, out / f"{name}.geojson", object_type=OBJECT_TYPES.get(name, "annotation"),
-                                  class_name=CLASS_NAMES.get(name, name), color=COLOURS.get(name, (255, 255, 0)),
-                                  probabilities=1.0 - probs[0])
-        summary[name] = {"objects": n, "foreground_fraction": float((inst > 0).mean()),
-                         "labels": str(out / f"{name}_labels.tif"), "geojson": str(out / f"{name}.geojson")}
-        print(f"{name}: {n} objects, {100 * summary[name]['foreground_fraction']:.1f}% of the image")
+        store = out / f"{name}.zarr"
+        _drive(predict_slide(predictor, image_path, store, level="auto", tile=256, overlap=32,
+                             class_names=predictor.class_names, postprocess=predictor.task, overwrite=True), name)
+        group = open_prediction(store)
+        written = export_store(group, geojson=str(out / f"{name}.geojson"), tiff=str(out / f"{name}_labels.tif"))
+        labels[name] = labels_at_level0(group, name, image.shape[:2])
+        summary[name] = {"objects": written["geojson"], "foreground_fraction": float((labels[name] > 0).mean()),
+                         "level": int(group.attrs["genselfdiff"]["settings"]["level"]),
+                         "geojson": str(out / f"{name}.geojson"), "labels": str(out / f"{name}_labels.tif")}
+        print(f"{name}: {written['geojson']} objects, {100 * summary[name]['foreground_fraction']:.1f}% of the image "
+              f"(pyramid level {summary[name]['level']})")
     write_png_atomic(out / "overlay.png", overlay(image, labels))
     summary["overlay"] = str(out / "overlay.png")
     print(f"overlay: {out / 'overlay.png'}")

@@ -13,7 +13,7 @@ def resources_dir() -> Path:
 
 
 def sample_image_path() -> Path:
-    return resources_dir() / "sample_he.jpg"
+    return resources_dir() / "sample_he.tif"
 
 
 def bundled_models() -> dict[str, Path]:

@@ -141,19 +141,29 @@ def predict_cli(a: argparse.Namespace) -> int:
     return 0
 
 
+def labels_at_level0(group: Any, name: str, shape: tuple[int, int]) -> np.ndarray:
+    """A store's instance labels brought to level-0 pixels (nearest neighbour), for small images."""
+    lab = np.asarray(group["labels"][name]["0"])
+    f = float(group.attrs["genselfdiff"].get("downsample", 1.0))
+    if f == 1.0 and lab.shape == tuple(shape):
+        return lab
+    rows = np.minimum((np.arange(shape[0]) / f).astype(int), lab.shape[0] - 1)
+    cols = np.minimum((np.arange(shape[1]) / f).astype(int), lab.shape[1] - 1)
+    return lab[rows[:, None], cols[None, :]]
+
+
 def write_overlay(image_path: str | Path, group: Any, path: Path, max_pixels: int = 64_000_000) -> None:
-    """Object outlines over the image, for images small enough to hold in memory."""
+    """Object outlines over the full-resolution image, for images small enough to hold in memory."""
     from .core.atomic import write_png_atomic
     from .demo import overlay
     from .slide.reader import open_slide
 
-    meta = dict(group.attrs["genselfdiff"])
     with open_slide(image_path) as slide:
-        img = slide.levels[int(meta["settings"]["level"])]
+        img = slide.levels[0]
         if img.shape[0] * img.shape[1] > max_pixels:
             raise DataError(f"{image_path}: too large for an overlay PNG; view it in napari instead")
         image = np.asarray(img)
-    labels = {n: np.asarray(group["labels"][n]["0"]) for n in label_names(group)}
+    labels = {n: labels_at_level0(group, n, image.shape[:2]) for n in label_names(group)}
     write_png_atomic(path, overlay(image, labels))
 
 

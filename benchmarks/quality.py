@@ -1,0 +1,133 @@
+"""What diffusion pretraining buys: fine-tuned from pretraining vs. the same network from scratch,
+at several label fractions and seeds, on GlaS (glands) and MoNuSeg (nuclei).
+
+    python benchmarks/quality.py --budget smoke|cpu|gpu [--datasets glas monuseg]
+
+Splits are by image (benchmarks/common.split_by_image): label fractions subsample the training
+split's images; pretraining uses the training images of both datasets WITHOUT labels plus the
+unlabeled slides; test images are never seen. Results: a Markdown table and a PNG plot in
+benchmarks/_work/quality/, to be copied into benchmarks/RESULTS.md.
+
+Budgets (what each one is for):
+  smoke  a few minutes on a 2-core CPU: proves the pipeline, numbers are not meaningful
+  cpu    about an hour on a 2-core CPU: tiny preset, 1 seed x 3 fractions, short schedules
+  gpu    the paper's settings: paper preset, patch 256, batch 8, 3 seeds, long schedules
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from common import (DATASETS, pretrained_enough, REPO, FinetuneConfig, PretrainConfig, Timer, data_dir, drain, evaluate, finetune,
+                    load_dataset, machine, pretrain, unlabeled_pool)
+
+BUDGETS = {
+    "smoke": dict(preset="tiny", patch=64, batch=4, pre_steps=30, ft_steps=30, fractions=(0.3, 1.0), seeds=(0,)),
+    "cpu": dict(preset="tiny", patch=128, batch=8, pre_steps=400, ft_steps=300, fractions=(0.1, 0.3, 1.0), seeds=(0,)),
+    "gpu": dict(preset="paper", patch=256, batch=8, pre_steps=50_000, ft_steps=10_000, fractions=(0.1, 0.3, 1.0),
+                seeds=(0, 1, 2)),
+}
+KEYS = {"glands": ["dice", "iou", "hd95", "object_f1", "object_dice", "object_hausdorff"],
+        "nuclei": ["dice", "iou", "hd95", "aji", "pq"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--budget", choices=list(BUDGETS), default="smoke")
+    ap.add_argument("--datasets", nargs="+", choices=list(DATASETS), default=list(DATASETS))
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--work", default=None)
+    a = ap.parse_args()
+    b = BUDGETS[a.budget]
+    root = data_dir()
+    work = Path(a.work or REPO / "benchmarks" / "_work" / "quality" / a.budget)
+    work.mkdir(parents=True, exist_ok=True)
+    splits = {n: load_dataset(DATASETS[n], root) for n in DATASETS}
+    pre = work / "pretrained"
+    with Timer() as t_pre:
+        if not pretrained_enough(pre, b["pre_steps"]):
+            sources = unlabeled_pool(root, {n: s[0] for n, s in splits.items()})
+            drain(pretrain(sources, pre, PretrainConfig(preset=b["preset"], steps=b["pre_steps"], patch=b["patch"],
+                                                        batch=b["batch"], lr=1e-3 if b["preset"] == "tiny" else 1e-4,
+                                                        warmup=20, checkpoint_every=200),
+                           device=a.device, resume=pre.exists()))
+    rows = []
+    for name in a.datasets:
+        ds = DATASETS[name]
+        train, val, test, inst = splits[name]
+        for frac in b["fractions"]:
+            for seed in b["seeds"]:
+                for arm, init in (("pretrained", pre), ("scratch", None)):
+                    out = work / f"{name}_{arm}_f{frac}_s{seed}"
+                    cfg = FinetuneConfig(task=ds.task, preset=b["preset"], steps=b["ft_steps"], patch=b["patch"],
+                                         batch=b["batch"], lr=1e-3 if b["preset"] == "tiny" else 1e-4, warmup=20,
+                                         seed=seed, label_fraction=frac, checkpoint_every=0, val_every=0, mpp=ds.mpp)
+                    with Timer() as t:
+                        drain(finetune(train, out, cfg, init=init, device=a.device, overwrite=True))
+                    m = evaluate(out, test, inst)
+                    rows.append({"dataset": name, "arm": arm, "fraction": frac, "seed": seed, "seconds": t.s,
+                                 "n_train_images": max(1, int(round(frac * len(train)))), **m})
+                    print(json.dumps(rows[-1]), flush=True)
+    (work / "rows.json").write_text(json.dumps(rows, indent=2))
+    md = report(rows, a.budget, b, t_pre.s)
+    (work / "quality.md").write_text(md)
+    plot(rows, work / "quality.png")
+    print(md)
+
+
+def report(rows: list[dict], budget: str, b: dict, pre_s: float) -> str:
+    lines = [f"### Quality, budget `{budget}` ({machine()})", "",
+             f"preset {b['preset']}, patch {b['patch']}, batch {b['batch']}, pretraining {b['pre_steps']} steps "
+             f"({pre_s:.0f} s), fine-tuning {b['ft_steps']} steps, seeds {list(b['seeds'])}; test split only. "
+             "Mean ± spread (std over seeds; 0 with one seed).", ""]
+    for name in sorted({r["dataset"] for r in rows}):
+        task = DATASETS[name].task
+        keys = KEYS[task]
+        lines += [f"**{name}** ({task})", "", "| fraction | arm | " + " | ".join(keys) + " |",
+                  "|---|---|" + "---|" * len(keys)]
+        for frac in sorted({r["fraction"] for r in rows if r["dataset"] == name}):
+            for arm in ("pretrained", "scratch"):
+                sel = [r for r in rows if r["dataset"] == name and r["fraction"] == frac and r["arm"] == arm]
+                if not sel:
+                    continue
+                cells = []
+                for k in keys:
+                    v = np.array([r[k] for r in sel], dtype=float)
+                    v = v[np.isfinite(v)]
+                    cells.append(f"{v.mean():.3f} ± {v.std():.3f}" if v.size else "n/a")
+                lines.append(f"| {frac:.0%} ({sel[0]['n_train_images']} img) | {arm} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = sorted({r["dataset"] for r in rows})
+    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 3.6), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        key = "object_f1" if DATASETS[name].task == "glands" else "aji"
+        for arm, style in (("pretrained", "o-"), ("scratch", "s--")):
+            fr = sorted({r["fraction"] for r in rows if r["dataset"] == name and r["arm"] == arm})
+            for k, lab in (("dice", "Dice"), (key, key)):
+                vals = [np.mean([r[k] for r in rows if r["dataset"] == name and r["arm"] == arm
+                                 and r["fraction"] == f]) for f in fr]
+                ax.plot([100 * f for f in fr], vals, style, label=f"{arm}: {lab}")
+        ax.set_title(f"{name} ({DATASETS[name].task}), test split")
+        ax.set_xlabel("labeled training images (%)")
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
