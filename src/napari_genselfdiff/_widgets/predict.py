@@ -362,7 +362,8 @@ class PredictWidget(StopsJobsOnClose, QWidget):
         n = int(instances.max())
         self.progress.bar.setRange(0, 1)
         self.progress.bar.setValue(1)
-        self.progress.set_status(f"{n} {name} in the {w}x{h} view at level {level} (layer '{name}')")
+        noun = name if n != 1 else predictor.class_names[1]  # "1 gland", "2 glands"
+        self.progress.set_status(f"{n} {noun} in the {w}x{h} view at level {level} (layer '{name}')")
 
     def _put_probability(self, name: str, data, place: dict, multiscale: bool = False) -> None:
         pname = f"{name} probability"

@@ -25,19 +25,22 @@ SLIDE_EXTS = {".svs", ".ndpi", ".scn", ".zarr", ".btf"}
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
     """An RGB uint8 (H, W, 3) image from a small PNG/JPEG/TIFF file, with clear errors."""
+    return to_rgb_uint8(_decode(path, "image"), path)
+
+
+def _decode(path: str | os.PathLike, what: str) -> np.ndarray:
+    """Pixels of a small PNG/JPEG/TIFF file; a DataError naming the file when it can't be read."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
     try:
         if path.suffix.lower() in {".tif", ".tiff"}:
             import tifffile
-            arr = tifffile.imread(path)
-        else:
-            import imageio.v3 as iio
-            arr = iio.imread(path)
+            return np.asarray(tifffile.imread(path))
+        import imageio.v3 as iio
+        return np.asarray(iio.imread(path))
     except Exception as e:  # every decoder has its own exception types
-        raise DataError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
-    return to_rgb_uint8(np.asarray(arr), path)
+        raise DataError(f"{path}: cannot read {what} ({type(e).__name__}: {e})") from None
 
 
 def to_rgb_uint8(arr: np.ndarray, source: object = "image") -> np.ndarray:
@@ -72,18 +75,7 @@ def to_rgb_uint8(arr: np.ndarray, source: object = "image") -> np.ndarray:
 def read_mask(path: str | os.PathLike) -> np.ndarray:
     """A mask as stored: 2-D integer array (0/255 binary, class ids or instance ids)."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    try:
-        if path.suffix.lower() in {".tif", ".tiff"}:
-            import tifffile
-            arr = tifffile.imread(path)
-        else:
-            import imageio.v3 as iio
-            arr = iio.imread(path)
-    except Exception as e:
-        raise DataError(f"{path}: cannot read mask ({type(e).__name__}: {e})") from None
-    arr = np.asarray(arr)
+    arr = _decode(path, "mask")
     if arr.ndim == 3 and arr.shape[-1] in (3, 4):  # an RGB-saved mask: channels must agree
         if not (np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(arr[..., 0], arr[..., 2])):
             raise DataError(f"{path}: colour mask; expected a single-channel label image")
