@@ -247,6 +247,40 @@ def test_edit_and_accept_on_a_multiscale_image_use_full_resolution(viewer, tmp_p
     assert stored_mask.sum() == 40 * 60
 
 
+def edit_and_accept_a_file(viewer, tmp_path: Path, path: Path, seg_model: Path) -> tuple[RefineWidget, dict]:
+    """Open ``path`` with this plugin's reader, edit and accept a region; (widget, slide record)."""
+    [image] = viewer.open(str(path), plugin="napari-genselfdiff")
+    w = refine_widget(viewer, tmp_path, seg_model)
+    look_at(viewer, (300, 400), 4)
+    layer = w.edit_region()
+    layer.data[20:60, 30:90] = 1
+    rid = w.accept_region()
+    assert rid == "r00001"
+    (slide,) = w.project.slides()
+    stored_image, _ = w.project.region_arrays(rid)
+    np.testing.assert_array_equal(stored_image, np.asarray(image.data[0][250:351, 300:501]))
+    assert not (w.project.folder / "images").exists()  # a file-backed image is referenced, not copied
+    return w, slide
+
+
+def test_a_file_backed_image_becomes_a_project_slide(viewer, tmp_path, he_image, seg_model):
+    import tifffile
+
+    path = tmp_path / "case 7.tif"
+    tifffile.imwrite(path, he_image, photometric="rgb", resolution=(1e4 / 0.5, 1e4 / 0.5),
+                     resolutionunit="CENTIMETER")
+    w, slide = edit_and_accept_a_file(viewer, tmp_path, path, seg_model)
+    assert slide["id"] == "case_7" and slide["path"] == str(path) and slide["mpp"] == pytest.approx(0.5)
+    assert w.project.regions()[0]["bounds"] == [250, 300, 101, 201]
+
+
+def test_a_real_svs_slide_becomes_a_project_slide(viewer, tmp_path, slides_dir, seg_model):
+    path = slides_dir / "cmu_small_region.svs"
+    _, slide = edit_and_accept_a_file(viewer, tmp_path, path, seg_model)
+    assert slide["id"] == "cmu_small_region" and slide["path"] == str(path)
+    assert slide["mpp"] == pytest.approx(0.499, abs=0.01)
+
+
 def test_a_different_image_under_a_saved_name_is_refused(viewer, tmp_path, he_image, seg_model, messages):
     """An in-memory image is saved into the project under its layer name; another image given
     the same name later (same size, other pixels) must not be filed under that slide."""
@@ -493,7 +527,11 @@ def test_screenshot_of_the_docked_widget(make_napari_viewer, qtbot, tmp_path, he
     layer = w.edit_region()
     layer.data[:] = discs(layer.data.shape)
     layer.refresh()
-    w.dice.setText("Dice before → after: <b>0.412 → 0.587</b>")
+    assert w.accept_region() == "r00001"
+    w.steps.setValue(3)
+    w.refine_btn.click()
+    wait_idle(qtbot, w.refine_runner)
+    assert "→" in w.dice.text() and len(w.project.history()) == 1
     qtbot.wait(200)
     SHOTS.mkdir(exist_ok=True)
     path = SHOTS / "refine_widget.png"

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import getpass
+import html
 import math
 import re
 import warnings
@@ -32,7 +33,7 @@ from typing import Any, Iterator
 
 import numpy as np
 from napari.utils.notifications import show_error, show_info, show_warning
-from qtpy.QtCore import Qt
+from qtpy.QtCore import QSize, Qt
 from qtpy.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QFormLayout, QGroupBox, QHBoxLayout, QLabel,
                             QPushButton, QScrollArea, QVBoxLayout, QWidget)
 
@@ -242,17 +243,23 @@ class RefineWidget(StopsJobsOnClose, QWidget):
         lay.addStretch(1)
         scroll.setWidget(body)
         outer.addWidget(scroll)
-        # tall content scrolls vertically; the dock is made wide enough that nothing is cut
-        self.setMinimumWidth(body.minimumSizeHint().width() + scroll.verticalScrollBar().sizeHint().width() + 4)
+        self._scroll, self._body = scroll, body
         for key, w in [("folder", self.folder), ("task", self.task), ("model", self.model), ("steps", self.steps),
                        ("patch", self.patch), ("batch", self.batch), ("device", self.device.combo),
                        ("repredict", self.repredict), ("region_size", self.region_size),
                        ("import_as", self.import_as), ("object_type", self.object_type)]:
             self.settings.bind(key, w)
 
+    def minimumSizeHint(self) -> QSize:  # noqa: N802 (Qt's name)
+        """Tall content scrolls vertically, but the dock is kept wide enough that nothing is cut,
+        scroll bar included (asked each time, so it follows the style napari applies)."""
+        hint = super().minimumSizeHint()
+        width = (self._body.minimumSizeHint().width() + self._scroll.verticalScrollBar().sizeHint().width()
+                 + 2 * self._scroll.frameWidth())
+        return QSize(max(hint.width(), width), hint.height())
+
     def _build_project(self) -> QGroupBox:
-        box = QGroupBox("Project")
-        form = QFormLayout(box)
+        box, form, column = _group("Project")
         self.folder = PathEdit("dir", "project folder (new and empty, or an existing project)")
         form.addRow("Folder", self.folder)
         self.task = QComboBox()
@@ -271,12 +278,11 @@ class RefineWidget(StopsJobsOnClose, QWidget):
         self.use_model_btn.clicked.connect(lambda: self.use_model())
         form.addRow(_row(self.create_btn, self.open_btn, self.use_model_btn))
         self.status = _info_label("no project open")
-        form.addRow(self.status)
+        column.addWidget(self.status)
         return box
 
     def _build_annotate(self) -> QGroupBox:
-        box = QGroupBox("Annotate")
-        form = QFormLayout(box)
+        box, form, _ = _group("Annotate")
         self.image_layer = _combo()
         self.image_choices = LayerChoices(self.viewer, is_rgb_image, self.image_layer)
         self.image_layer.currentTextChanged.connect(lambda _: self._update_status())
@@ -291,8 +297,7 @@ class RefineWidget(StopsJobsOnClose, QWidget):
         return box
 
     def _build_suggest(self) -> QGroupBox:
-        box = QGroupBox("Where next")
-        form = QFormLayout(box)
+        box, form, column = _group("Where next")
         self.region_size = int_spin(64, 2048, 512, 64, "side of the candidate regions, in pixels of the level scored")
         form.addRow("Region size", self.region_size)
         self.suggest_btn, self.skip_btn = QPushButton("Suggest next region"), QPushButton("Skip")
@@ -303,12 +308,11 @@ class RefineWidget(StopsJobsOnClose, QWidget):
         self.skip_btn.clicked.connect(lambda: self.skip_suggestion())
         form.addRow(_row(self.suggest_btn, self.skip_btn))
         self.suggest_info = _info_label("")
-        form.addRow(self.suggest_info)
+        column.addWidget(self.suggest_info)
         return box
 
     def _build_refine(self) -> QGroupBox:
-        box = QGroupBox("Refine")
-        form = QFormLayout(box)
+        box, form, column = _group("Refine")
         self.steps = int_spin(1, 100_000, 200, 50, "training steps on the accepted regions")
         self.patch = int_spin(32, 1024, 256, 32, "training patch size, in pixels")
         self.batch = int_spin(1, 64, 8, 1, "patches per step")
@@ -316,7 +320,9 @@ class RefineWidget(StopsJobsOnClose, QWidget):
         form.addRow("Patch", _row(self.patch, QLabel("Batch"), self.batch))
         self.device = DeviceChooser()
         form.addRow("Device", self.device)
-        self.repredict = QCheckBox("re-predict the view in the Predict widget afterwards")
+        self.repredict = QCheckBox("then re-predict the view")
+        self.repredict.setToolTip("after refining, the Predict widget (if open on this image) predicts its "
+                                  "view again with the new model")
         self.repredict.setChecked(True)
         form.addRow(self.repredict)
         self.refine_btn, self.cancel_btn = QPushButton("Refine model"), QPushButton("Cancel")
@@ -326,14 +332,13 @@ class RefineWidget(StopsJobsOnClose, QWidget):
         self.cancel_btn.clicked.connect(self.refine_runner.cancel)
         form.addRow(_row(self.refine_btn, self.cancel_btn))
         self.progress = ProgressPanel(with_plot=True)
-        form.addRow(self.progress)
+        column.addWidget(self.progress)
         self.dice = _info_label("Dice before → after: –")
-        form.addRow(self.dice)
+        column.addWidget(self.dice)
         return box
 
     def _build_geojson(self) -> QGroupBox:
-        box = QGroupBox("GeoJSON (QuPath)")
-        form = QFormLayout(box)
+        box, form, _ = _group("GeoJSON (QuPath)")
         self.import_as = QComboBox()
         self.import_as.addItems(["Labels", "Shapes"])
         self.import_as.setToolTip("Labels: filled objects (holes kept); Shapes: editable polygons (holes dropped)")
@@ -417,16 +422,18 @@ class RefineWidget(StopsJobsOnClose, QWidget):
             self.status.setText("no project open")
             return
         regions = p.regions()
-        lines = [f"<b>{p.folder.name}</b> · task {p.spec.task}",
+        lines = [f"<b>{html.escape(p.folder.name)}</b> · task {p.spec.task}",
                  f"slides: {len(p.slides())} · accepted regions: {len(regions)}"]
         sid = self._known_slide_id(self._image())
         if sid is not None:
             lines[-1] += f" ({sum(r['slide'] == sid for r in regions)} on this image)"
-        lines.append(f"model: {p.current_model.name if p.current_model else 'none (set one with Use model)'}")
+        model = html.escape(p.current_model.name) if p.current_model else "none (set one with Use model)"
+        lines.append(f"model: {model}")
         history = p.history()
         if history:
             last = history[-1]
-            lines.append(f"last refine ({last['status']}): Dice {_fmt(last.get('before'))} → {_fmt(last.get('after'))}")
+            dice = f"{_fmt(last.get('before'))} → {_fmt(last.get('after'))}"
+            lines.append(f"last refine ({last['status']}): Dice {dice}")
         self.status.setText("<br>".join(lines))
         self.status.setToolTip(str(p.folder))
 
@@ -906,6 +913,16 @@ class _ExportChoices(LayerChoices):
 
     def by_name(self, name: str):
         return None if name == PROJECT_LABELS else super().by_name(name)
+
+
+def _group(title: str) -> tuple[QGroupBox, QFormLayout, QVBoxLayout]:
+    """A titled box: a form for the inputs, then a column for wrapped text below it (a
+    word-wrapped label spanning a form row can be given too little height)."""
+    box = QGroupBox(title)
+    column = QVBoxLayout(box)
+    form = QFormLayout()
+    column.addLayout(form)
+    return box, form, column
 
 
 def _row(*widgets: QWidget) -> QWidget:
