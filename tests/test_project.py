@@ -453,3 +453,19 @@ def test_slide_added_by_path_is_read_for_its_shape_and_suggested_by_id(tmp_path,
     assert by_id == proj.suggest_regions(_uncertain_where_green_is_high, image, region_size=128, top_k=3,
                                          slide_id=sid)
     assert len(by_id) == 3
+
+
+def test_regions_are_rescaled_to_the_model_resolution_for_refine(tmp_path, slide_file):
+    """A model trained at 1.0 um/px refines on full-resolution regions of a 0.5 um/px slide at half size."""
+    proj = Project.create(tmp_path / "p")
+    sid = proj.add_slide(slide_file, mpp=0.5, shape=SHAPE)
+    img = np.random.default_rng(0).integers(0, 255, (64, 96, 3), dtype=np.uint8)
+    lab = np.zeros((64, 96), np.int32)
+    lab[10:30, 20:60] = 1
+    proj.accept_region(sid, img, lab, (0, 0, 64, 96))
+    items = proj.training_items()
+    half = proj._at_model_resolution(items, 1.0)
+    assert half[0].image.shape == (32, 48, 3) and half[0].target.shape == (32, 48)
+    assert half[0].target.sum() == 10 * 20  # a 20x40 box becomes 10x20
+    assert proj._at_model_resolution(items, 0.52)[0].image.shape == (64, 96, 3)  # within 10%: untouched
+    assert proj._at_model_resolution(items, None)[0] is items[0]

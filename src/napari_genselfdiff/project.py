@@ -65,7 +65,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from .core.atomic import write_json_atomic, write_png_atomic
-from .core.data import LabeledImage, TaskSpec, mask_to_target, read_image, read_mask, split_items
+from .core.data import LabeledImage, TaskSpec, downscale_item, mask_to_target, read_image, read_mask, split_items
 from .core.errors import DataError, GenSelfDiffError
 from .core.training import FinetuneConfig, Progress, finetune
 
@@ -609,6 +609,7 @@ class Project:
         items = self.training_items()
         if not items:
             raise DataError(f"project {self.folder}: no accepted regions to refine on; accept a corrected region first")
+        items = self._at_model_resolution(items, cfg.mpp)
         train, val, how = _split_for_refine(items, val_fraction, seed)
         out = self._next_model_dir()
         inner = finetune(train, out, cfg, init=base, device=device)
@@ -635,6 +636,22 @@ class Project:
                 self._record_refine(status, base, out, step, train, val, how, before, after)
         yield Progress("refine", step, steps, metrics={"before": before, "after": after}, checkpoint=str(out),
                        done=True, message=f"refined model {out.name}: Dice {_fmt(before)} -> {_fmt(after)} on {how}")
+
+    def _at_model_resolution(self, items: list[LabeledImage], model_mpp: float | None) -> list[LabeledImage]:
+        """Regions are stored at full resolution; a model trained at another resolution (e.g. a
+        half-resolution gland model) must be refined at its own, so rescale where both the
+        model's and the slide's microns per pixel are known (level-0 regions)."""
+        if not model_mpp:
+            return items
+        slides = {s["id"]: s for s in self._meta["slides"]}
+        regions = {r["id"]: r for r in self._regions}
+        out = []
+        for it in items:
+            rec = regions.get(it.name)
+            mpp = slides[rec["slide"]].get("mpp") if rec is not None and rec["level"] == 0 else None
+            factor = model_mpp / mpp if mpp else 1.0
+            out.append(downscale_item(it, factor) if abs(factor - 1.0) > 0.1 else it)
+        return out
 
     def _record_refine(self, status: str, base: Path | None, out: Path, step: int, train, val, how: str,
                        before: float | None, after: float | None) -> None:
