@@ -79,7 +79,7 @@ class Mosaic:
     ``layout[cy, cx]`` is the cell's image index, or -1 for white glass."""
 
     def __init__(self, size: int, levels: int, sources: list[np.ndarray], seed: int = 0,
-                 cell: int | None = None) -> None:
+                 cell: int | None = None, tissue_fraction: float = 0.35) -> None:
         rng = np.random.default_rng(seed)
         self.size = size
         self.cell = cell or int(min(1024, max(64, 2 ** int(np.log2(max(size // 8, 1))))))
@@ -87,8 +87,12 @@ class Mosaic:
             raise ValueError(f"cell {self.cell} must be divisible by 2**(levels-1)")
         n = -(-size // self.cell)
         yy, xx = np.mgrid[0:n, 0:n] / max(n - 1, 1)
-        blob = ((yy - 0.45) / 0.38) ** 2 + ((xx - 0.5) / 0.3) ** 2 + 0.25 * np.sin(7 * yy) <= 1
+        # an ellipse of about ``tissue_fraction`` of the area (area = pi * 0.38 * 0.30 * a^2),
+        # with a few cells left out; the centre cell is always tissue
+        a = np.sqrt(max(tissue_fraction, 0.0) / (np.pi * 0.38 * 0.30))
+        blob = ((yy - 0.5) / (0.38 * a + 1e-9)) ** 2 + ((xx - 0.5) / (0.30 * a + 1e-9)) ** 2 <= 1
         blob &= rng.random((n, n)) > 0.1
+        blob[n // 2, n // 2] = tissue_fraction > 0
         # a fixed set of cell images (one random crop per source, at every pyramid scale),
         # shared by all cells: memory depends on the cell size, not on the slide size
         self.variants: list[list[np.ndarray]] = []
@@ -131,8 +135,9 @@ def _tiles(mosaic: Mosaic, level: int, t: int) -> Iterator[np.ndarray]:
 
 def make_test_slide(out: str | Path, size: int = 16384, *, tile: int = 512, mpp: float = 0.5,
                     source: Path | None = DEFAULT_SOURCE, compression: str = "jpeg",
-                    seed: int = 0, n_sources: int = 16) -> Path:
-    """Write the slide to ``out`` (atomically) and return its path."""
+                    seed: int = 0, n_sources: int = 16, tissue_fraction: float = 0.35) -> Path:
+    """Write the slide to ``out`` (atomically) and return its path. ``tissue_fraction`` is
+    roughly the share of the slide covered by tissue cells (the rest is white glass)."""
     import tifffile
 
     out = Path(out)
@@ -140,7 +145,8 @@ def make_test_slide(out: str | Path, size: int = 16384, *, tile: int = 512, mpp:
     while size // 2 ** levels >= max(tile, 256) and levels < 6:
         levels += 1
     rng = np.random.default_rng(seed)
-    mosaic = Mosaic(size, levels, load_sources(source, n_sources, rng), seed=seed)
+    mosaic = Mosaic(size, levels, load_sources(source, n_sources, rng), seed=seed,
+                    tissue_fraction=tissue_fraction)
     opts = {"tile": (tile, tile), "photometric": "rgb", "dtype": np.uint8,
             "compression": compression, "resolutionunit": "CENTIMETER"}
     if compression == "jpeg":
@@ -171,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="shared data folder with glas/ and monuseg/, or 'none' for synthetic")
     ap.add_argument("--compression", choices=("jpeg", "zlib"), default="jpeg")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tissue-fraction", type=float, default=0.35,
+                    help="approximate share of the slide covered by tissue")
     args = ap.parse_args(argv)
     source = None if args.source.lower() == "none" else Path(args.source)
     if source is not None and not source.is_dir():
@@ -178,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     path = make_test_slide(args.out, args.size, tile=args.tile, mpp=args.mpp, source=source,
-                           compression=args.compression, seed=args.seed)
+                           compression=args.compression, seed=args.seed,
+                           tissue_fraction=args.tissue_fraction)
     print(path)
     return 0
 

@@ -273,6 +273,7 @@ def test_reads_stay_within_one_block_and_halo(slide_path, tmp_path):
 
 
 def test_auto_level_from_model_mpp_and_metadata(slide_path, tmp_path):
+    (tmp_path / "a.zarr").mkdir()  # an existing empty folder is fine
     list(predict_slide(PixelPredictor(mpp=1.0), slide_path, tmp_path / "a.zarr", level="auto",
                        tile=TILE, overlap=OVERLAP, block=BLOCK, class_names=["bg", "tissue"],
                        metadata={"model": "pixel"}))
@@ -295,6 +296,12 @@ def test_other_settings_on_existing_store_are_refused_unless_overwrite(slide_pat
                        tissue=False))
     assert counting.tiles > 0
     assert dict(zarr.open_group(out, mode="r").attrs)["genselfdiff"]["settings"]["overlap"] == 16
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("keep me")
+    with pytest.raises(DataError, match="not a zarr store"):
+        list(predict_slide(PixelPredictor(), slide_path, precious, tile=TILE, overwrite=True))
+    assert (precious / "notes.txt").read_text() == "keep me"
 
 
 def test_bad_predictor_output_and_tile_size_are_reported(slide_path, tmp_path):

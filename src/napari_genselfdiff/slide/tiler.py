@@ -73,10 +73,11 @@ class ProgressEvent:
 
     ``phase`` is 'predict', 'postprocess' or 'done'. ``done``/``total`` count tiles during
     'predict' (tiles of finished blocks, including blocks finished by an earlier run, plus the
-    tiles of the current block handled so far) and blocks during 'postprocess'.
+    tiles of the current block handled so far) and block passes during 'postprocess'.
     ``tiles_computed`` / ``tiles_skipped`` count this run's predictor tiles and tissue-free
     tiles. ``megapixels_per_s`` is level pixels of blocks finished in this run per second of
-    this run; ``eta_s`` the predicted seconds left for the phase (None before a block is done).
+    this run; ``eta_s`` the predicted seconds left for prediction (None before a block is done
+    and during postprocessing).
     """
 
     phase: str
@@ -190,9 +191,22 @@ def _normalise_blend(sums: np.ndarray, wsum: np.ndarray) -> np.ndarray:
     return out
 
 
-def to_uint8(prob: np.ndarray) -> np.ndarray:
-    """Probabilities in [0, 1] -> uint8 0..255 (rounded), as stored in the zarr output."""
-    return np.clip(np.rint(prob * 255.0), 0, 255).astype(np.uint8)
+def _blend_to_uint8(sums: np.ndarray, wsum: np.ndarray) -> np.ndarray:
+    """Blended probabilities as uint8 0..255 (p * 255, rounded), as stored in the zarr output.
+
+    Works one class at a time in place in ``sums`` (which it consumes), so a block needs no
+    full-size float temporaries; pixels no tile covers become background.
+    """
+    covered = wsum > 0
+    scale = np.divide(255.0, wsum, out=np.zeros_like(wsum), where=covered)
+    out = np.empty(sums.shape, np.uint8)
+    for c, channel in enumerate(sums):
+        channel *= scale
+        np.rint(channel, out=channel)
+        np.clip(channel, 0, 255, out=channel)
+        out[c] = channel
+    out[0][~covered] = 255
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -388,22 +402,25 @@ def _open_store(out_path: Path, settings: dict[str, Any], num_classes: int, h: i
     """Create the output group, or reopen it for resuming when its settings match."""
     import zarr
 
-    if out_path.exists() and not overwrite:
-        try:
-            group = zarr.open_group(out_path, mode="r+")
-        except Exception as exc:
-            raise DataError(f"{out_path}: exists and is not a zarr store ({type(exc).__name__}: "
-                            f"{exc}); choose another output path") from exc
-        meta = dict(group.attrs).get("genselfdiff")
-        if meta is not None and "probabilities" in group and "done" in group:
+    if out_path.exists() and not (out_path.is_dir() and not any(out_path.iterdir())):
+        if not ((out_path / "zarr.json").is_file() or (out_path / ".zgroup").is_file()):
+            raise DataError(f"{out_path}: exists and is not a zarr store; choose another "
+                            "output path (it is never overwritten)")
+        if not overwrite:
+            try:
+                group = zarr.open_group(out_path, mode="r+")
+            except Exception as exc:
+                raise DataError(f"{out_path}: unreadable zarr store ({type(exc).__name__}: "
+                                f"{exc}); choose another output path") from exc
+            meta = dict(group.attrs).get("genselfdiff")
+            if meta is None or "probabilities" not in group or "done" not in group:
+                raise DataError(f"{out_path}: is a zarr store that is not a genselfdiff "
+                                "prediction; choose another output path")
             if meta.get("settings") != settings:
                 raise DataError(f"{out_path}: holds a prediction made with other settings "
                                 f"({meta.get('settings')}); delete it, pass overwrite=True or "
                                 "choose another output path")
             return group
-        if list(group.keys()):
-            raise DataError(f"{out_path}: is a zarr store that is not a genselfdiff prediction; "
-                            "choose another output path")
     group = zarr.open_group(out_path, mode="w")
     group.create_array("probabilities", shape=(num_classes, h, w), chunks=(1, bsize, bsize),
                        dtype="uint8", fill_value=0, dimension_names=("c", "y", "x"))
@@ -502,10 +519,10 @@ def _predict_slide(predictor: Predictor, slide: Slide, out_path: Path, level: in
 
 
 def _event(phase: str, done: int, total: int, blocks: _Blocks, blocks_done: int,
-           state: _RunState, remaining_area: float, out: str) -> ProgressEvent:
+           state: _RunState, remaining_area: float | None, out: str) -> ProgressEvent:
     elapsed = max(time.perf_counter() - state.start, 1e-9)
     rate = state.area_done / elapsed
-    eta = remaining_area / rate if rate > 0 else None
+    eta = remaining_area / rate if rate > 0 and remaining_area is not None else None
     return ProgressEvent(phase, done, total, blocks_done, blocks.ny * blocks.nx, state.computed,
                          state.skipped, rate / 1e6, eta, out)
 
@@ -549,7 +566,7 @@ def _predict_blocks(predictor: Predictor, slide: Slide, level: int, grid: TileGr
                 if batches % progress_every == 0:
                     yield _event("predict", tiles_done + in_block, grid.count, blocks,
                                  int(done.sum()), state, remaining_area, out)
-        probs[:, y0:y1, x0:x1] = to_uint8(_normalise_blend(sums, wsum))
+        probs[:, y0:y1, x0:x1] = _blend_to_uint8(sums, wsum)
         done[b] = True
         done_arr[b] = 1
         tiles_done += int(owned[b])
@@ -648,7 +665,7 @@ def _relay(gen: Iterator[tuple[int, int]], blocks: _Blocks, state: _RunState,
             done, total = next(gen)
         except StopIteration as stop:
             return stop.value
-        yield _event("postprocess", done, total, blocks, blocks.ny * blocks.nx, state, 0.0, out)
+        yield _event("postprocess", done, total, blocks, blocks.ny * blocks.nx, state, None, out)
 
 
 # --------------------------------------------------------------------------------------------
