@@ -41,13 +41,23 @@ def main() -> None:
     ap.add_argument("--datasets", nargs="+", choices=list(DATASETS), default=list(DATASETS))
     ap.add_argument("--device", default="auto")
     ap.add_argument("--work", default=None)
+    ap.add_argument("--pretrained", default=None, help="reuse this pretraining checkpoint (e.g. the defaults')")
+    ap.add_argument("--fractions", type=float, nargs="+", default=None, help="override the budget's label fractions")
+    ap.add_argument("--ft-steps", type=int, default=None, help="override the budget's fine-tuning steps")
     a = ap.parse_args()
-    b = BUDGETS[a.budget]
+    b = dict(BUDGETS[a.budget])
+    if a.fractions:
+        b["fractions"] = tuple(a.fractions)
+    if a.ft_steps:
+        b["ft_steps"] = a.ft_steps
     root = data_dir()
     work = Path(a.work or REPO / "benchmarks" / "_work" / "quality" / a.budget)
     work.mkdir(parents=True, exist_ok=True)
     splits = {n: load_dataset(DATASETS[n], root) for n in DATASETS}
-    pre = work / "pretrained"
+    pre = Path(a.pretrained) if a.pretrained else work / "pretrained"
+    if a.pretrained:
+        import json as _json
+        b["pre_steps"] = _json.loads((pre / "config.json").read_text())["training"]["steps"]
     with Timer() as t_pre:
         if not pretrained_enough(pre, b["pre_steps"]):
             sources = unlabeled_pool(root, {n: s[0] for n, s in splits.items()})
