@@ -20,7 +20,7 @@ from napari_genselfdiff.core.data import (ImageSource, LabeledImage, TaskSpec, d
                                           load_labeled_folder, read_mask)
 from napari_genselfdiff.core.evaluation import evaluate_items  # noqa: E402
 from napari_genselfdiff.core.inference import TorchPredictor  # noqa: E402
-from napari_genselfdiff.core.training import FinetuneConfig, PretrainConfig, drain, finetune, pretrain  # noqa: E402
+from napari_genselfdiff.core.training import FinetuneConfig, PretrainConfig, drain, finetune, pretrain  # noqa: E402,F401  (re-exported for the benchmark scripts)
 
 
 def data_dir() -> Path:

@@ -1,7 +1,6 @@
 """The README's main job (``genselfdiff demo``) end to end, on the bundled sample image."""
 import json
 
-import numpy as np
 import pytest
 from imageio.v3 import imread
 

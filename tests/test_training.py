@@ -126,7 +126,6 @@ def test_real_glas_pretraining_loss_falls_and_finetuned_tiny_beats_chance(glas_d
     """Short real run on GlaS: the pretext loss falls, and a tiny model fine-tuned from it segments
     held-out images better than chance (a predictor that marks pixels foreground at random with the
     true foreground rate has expected Dice equal to that rate)."""
-    from napari_genselfdiff.core.metrics import dice
 
     torch.set_num_threads(2)
     names = sorted(p.name for p in (glas_dir / "images").iterdir())[:24]

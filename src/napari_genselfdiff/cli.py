@@ -7,10 +7,8 @@ Ctrl-C stops training cleanly, keeping a resumable checkpoint (exit code 130).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-from pathlib import Path
 from typing import Sequence
 
 from .core.errors import GenSelfDiffError
@@ -93,7 +91,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     result = evaluate_folder(a.model, a.images, a.masks, instances_dir=a.instances, device=a.device)
     print(format_report(result))
     if a.json:
-        from .core.evaluation import write_json_atomic
+        from .core.atomic import write_json_atomic
         write_json_atomic(a.json, result)
         print(f"wrote {a.json}")
     return 0
@@ -101,7 +99,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 
 def cmd_sample(a: argparse.Namespace) -> int:
     from .core.sampling import generate_tiles, tile_grid
-    from .core.evaluation import write_png_atomic
+    from .core.atomic import write_png_atomic
 
     tiles = generate_tiles(a.model, a.n, size=a.size, steps=a.steps, sampler=a.sampler, seed=a.seed,
                            device=a.device)

@@ -410,6 +410,26 @@ def int_spin(lo: int, hi: int, value: int, step: int, tip: str) -> QSpinBox:
     return s
 
 
+def add_training_rows(widget, form, *, patch_tip: str, steps: int, steps_step: int, out_tip: str,
+                      out_default: Path, resume: bool) -> None:
+    """The rows both training widgets share: patch, steps, batch, device, output folder, resume.
+    Sets ``widget.patch/steps/batch/device/out/resume``."""
+    widget.patch = int_spin(32, 1024, 256, 32, patch_tip)
+    form.addRow("Patch size", widget.patch)
+    widget.steps = int_spin(1, 1_000_000, steps, steps_step, "optimisation steps")
+    form.addRow("Steps", widget.steps)
+    widget.batch = int_spin(1, 256, 8, 1, "tiles per step")
+    form.addRow("Batch", widget.batch)
+    widget.device = DeviceChooser()
+    form.addRow("Device", widget.device)
+    widget.out = PathEdit("dir", out_tip)
+    widget.out.setText(str(out_default))
+    form.addRow("Output folder", widget.out)
+    widget.resume = QCheckBox("resume the run in this folder, if there is one")
+    widget.resume.setChecked(resume)
+    form.addRow("", widget.resume)
+
+
 def start_cancel_row(start_text: str = "Start") -> tuple[QWidget, QPushButton, QPushButton]:
     row = QWidget()
     lay = QHBoxLayout(row)

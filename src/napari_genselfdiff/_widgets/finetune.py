@@ -20,8 +20,8 @@ from ..core.errors import DataError, GenSelfDiffError
 from ..core.losses import LOSSES, parse_loss
 from ..core.training import FinetuneConfig, Progress, finetune
 from ..core.unet import PRESETS
-from ._common import (DeviceChooser, JobRunner, LayerChoices, PathEdit, ProgressPanel, Settings, StopsJobsOnClose,
-                      int_spin, is_labels, is_rgb_image, layer_to_rgb, start_cancel_row)
+from ._common import (JobRunner, LayerChoices, PathEdit, ProgressPanel, Settings, StopsJobsOnClose,
+                      add_training_rows, is_labels, is_rgb_image, layer_to_rgb, start_cancel_row)
 
 LAYERS, FOLDERS = "image + labels layers", "folders of image/mask pairs"
 QUADRANTS = ("top-left", "top-right", "bottom-left", "bottom-right")
@@ -143,19 +143,9 @@ class FinetuneWidget(StopsJobsOnClose, QWidget):
         self.loss.addItems(["focal+ssl", "ce+dice", "focal", "ce", "dice", "tversky"])
         self.loss.setToolTip(f"a weighted sum of {', '.join(LOSSES)}, e.g. focal+ssl or 0.5*dice+ce")
         form.addRow("Loss", self.loss)
-        self.patch = int_spin(32, 1024, 256, 32, "training tile size in pixels")
-        form.addRow("Patch size", self.patch)
-        self.steps = int_spin(1, 1_000_000, 500, 50, "optimisation steps")
-        form.addRow("Steps", self.steps)
-        self.batch = int_spin(1, 256, 8, 1, "tiles per step")
-        form.addRow("Batch", self.batch)
-        self.device = DeviceChooser()
-        form.addRow("Device", self.device)
-        self.out = PathEdit("dir", "folder for the model")
-        self.out.setText(str(Path.home() / "genselfdiff" / "segmentation"))
-        form.addRow("Output folder", self.out)
-        self.resume = QCheckBox("resume the run in this folder, if there is one")
-        form.addRow("", self.resume)
+        add_training_rows(self, form, patch_tip="training tile size in pixels", steps=500, steps_step=50,
+                          out_tip="folder for the model", out_default=Path.home() / "genselfdiff" / "segmentation",
+                          resume=False)
         lay.addWidget(task)
 
         row, self.start_btn, self.cancel_btn = start_cancel_row("Start fine-tuning")

@@ -13,15 +13,15 @@ from typing import Any, Iterator
 
 import numpy as np
 from napari.utils.notifications import show_error
-from qtpy.QtWidgets import (QAbstractItemView, QCheckBox, QComboBox, QFormLayout, QGroupBox, QListWidget, QVBoxLayout,
+from qtpy.QtWidgets import (QAbstractItemView, QComboBox, QFormLayout, QGroupBox, QListWidget, QVBoxLayout,
                             QWidget)
 
 from ..core.data import ImageSource, UnlabeledSource, unlabeled_sources
 from ..core.errors import DataError, GenSelfDiffError
 from ..core.training import PretrainConfig, Progress, pretrain
 from ..core.unet import PRESETS
-from ._common import (DeviceChooser, JobRunner, LayerChoices, PathEdit, ProgressPanel, Settings, StopsJobsOnClose,
-                      int_spin, is_rgb_image, layer_to_rgb, start_cancel_row)
+from ._common import (JobRunner, LayerChoices, PathEdit, ProgressPanel, Settings, StopsJobsOnClose,
+                      add_training_rows, int_spin, is_rgb_image, layer_to_rgb, start_cancel_row)
 
 TILES_LAYER = "generated tiles"
 
@@ -118,20 +118,9 @@ class PretrainWidget(StopsJobsOnClose, QWidget):
         self.preset.setToolTip("tiny: seconds, for trying things out; small: a CPU-friendly model; "
                                "paper: the reference size (needs a GPU)")
         form.addRow("Model size", self.preset)
-        self.patch = int_spin(32, 1024, 256, 32, "tile size in pixels (a multiple of 32)")
-        form.addRow("Patch size", self.patch)
-        self.steps = int_spin(1, 1_000_000, 1000, 100, "optimisation steps")
-        form.addRow("Steps", self.steps)
-        self.batch = int_spin(1, 256, 8, 1, "tiles per step")
-        form.addRow("Batch", self.batch)
-        self.device = DeviceChooser()
-        form.addRow("Device", self.device)
-        self.out = PathEdit("dir", "folder for the checkpoint")
-        self.out.setText(str(Path.home() / "genselfdiff" / "pretrained"))
-        form.addRow("Output folder", self.out)
-        self.resume = QCheckBox("resume the run in this folder, if there is one")
-        self.resume.setChecked(True)
-        form.addRow("", self.resume)
+        add_training_rows(self, form, patch_tip="tile size in pixels (a multiple of 32)", steps=1000, steps_step=100,
+                          out_tip="folder for the checkpoint", out_default=Path.home() / "genselfdiff" / "pretrained",
+                          resume=True)
         self.n_tiles = int_spin(0, 64, 16, 4, "tiles to generate at the end (0: none)")
         form.addRow("Generated tiles", self.n_tiles)
         self.ddim_steps = int_spin(2, 200, 10, 5, "DDIM sampling steps for the generated tiles")

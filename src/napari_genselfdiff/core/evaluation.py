@@ -6,7 +6,6 @@ from typing import Sequence
 
 import numpy as np
 
-from .atomic import write_json_atomic, write_png_atomic  # noqa: F401  (re-exported for the CLI)
 from .data import LabeledImage, TaskSpec, list_images, load_labeled_folder, read_mask
 from .errors import DataError
 from .inference import TorchPredictor, predict_image
