@@ -566,7 +566,10 @@ def _predict_blocks(predictor: Predictor, slide: Slide, level: int, grid: TileGr
                 if batches % progress_every == 0:
                     yield _event("predict", tiles_done + in_block, grid.count, blocks,
                                  int(done.sum()), state, remaining_area, out)
-        probs[:, y0:y1, x0:x1] = _blend_to_uint8(sums, wsum)
+        block_probs = _blend_to_uint8(sums, wsum)
+        if mask is not None:
+            _clear_background(block_probs, mask, slide.downsamples[level], y0, x0)
+        probs[:, y0:y1, x0:x1] = block_probs
         done[b] = True
         done_arr[b] = 1
         tiles_done += int(owned[b])
@@ -574,6 +577,19 @@ def _predict_blocks(predictor: Predictor, slide: Slide, level: int, grid: TileGr
         remaining_area -= _area((y0, y1, x0, x1))
         yield _event("predict", tiles_done, grid.count, blocks, int(done.sum()), state,
                      remaining_area, out)
+
+
+def _clear_background(block_probs: np.ndarray, mask: TissueMask, level_downsample: float, y0: int, x0: int) -> None:
+    """Pixels outside the (dilated) tissue mask become certain background, in place: a model
+    trained on tissue has no business calling empty glass a gland."""
+    h, w = block_probs.shape[1:]
+    f = level_downsample / mask.downsample
+    rows = np.minimum(((y0 + np.arange(h)) * f).astype(np.int64), mask.mask.shape[0] - 1)
+    cols = np.minimum(((x0 + np.arange(w)) * f).astype(np.int64), mask.mask.shape[1] - 1)
+    outside = ~mask.mask[rows[:, None], cols[None, :]]
+    if outside.any():
+        block_probs[:, outside] = 0
+        block_probs[0, outside] = 255
 
 
 def _area(region: tuple[int, int, int, int]) -> int:
