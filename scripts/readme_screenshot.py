@@ -44,7 +44,9 @@ def main() -> None:
             viewer.reset_view()
             widget.predict_view()
             wait_for(lambda: name in viewer.layers and not widget.runner.running)
-    viewer.layers["glands"].contour = 3 if "glands" in viewer.layers else 0
+    for name, width in (("glands", 4), ("nuclei", 1)):
+        if name in viewer.layers:
+            viewer.layers[name].contour = width
     viewer.reset_view()
     QApplication.processEvents()
     OUT.parent.mkdir(exist_ok=True)

@@ -579,9 +579,11 @@ def _predict_blocks(predictor: Predictor, slide: Slide, level: int, grid: TileGr
                      remaining_area, out)
 
 
-def _clear_background(block_probs: np.ndarray, mask: TissueMask, level_downsample: float, y0: int, x0: int) -> None:
-    """Pixels outside the (dilated) tissue mask become certain background, in place: a model
-    trained on tissue has no business calling empty glass a gland."""
+def _clear_background(block_probs: np.ndarray, mask: TissueMask, level_downsample: float, y0: int, x0: int,
+                      certain: float = 255) -> None:
+    """Pixels outside the (dilated) tissue mask become certain background (probability
+    ``certain``: 255 in uint8 stores, 1.0 for floats), in place: a model trained on tissue has no
+    business calling empty glass a gland."""
     h, w = block_probs.shape[1:]
     f = level_downsample / mask.downsample
     rows = np.minimum(((y0 + np.arange(h)) * f).astype(np.int64), mask.mask.shape[0] - 1)
@@ -589,7 +591,7 @@ def _clear_background(block_probs: np.ndarray, mask: TissueMask, level_downsampl
     outside = ~mask.mask[rows[:, None], cols[None, :]]
     if outside.any():
         block_probs[:, outside] = 0
-        block_probs[0, outside] = 255
+        block_probs[0, outside] = certain
 
 
 def _area(region: tuple[int, int, int, int]) -> int:
@@ -756,7 +758,11 @@ class FieldOfViewPredictor:
                 self._cache[(level,) + tid] = pred
             while len(self._cache) > self.cache_tiles:
                 self._cache.popitem(last=False)
-            return _normalise_blend(sums, wsum).astype(np.float32)
+            out = _normalise_blend(sums, wsum).astype(np.float32)
+            mask = self._tissue()
+            if mask is not None:
+                _clear_background(out, mask, self.slide.downsamples[level], y, x, certain=1.0)
+            return out
 
     def as_lazy_dask(self, level: int | None = None, chunk: int = 1024) -> da.Array:
         """Probabilities of ``level`` as a lazy (C, H, W) float32 dask array.
