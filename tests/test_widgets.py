@@ -729,3 +729,19 @@ def test_pretrain_on_a_slide_layer_samples_the_slide(make_napari_viewer, qtbot, 
     wait_idle(qtbot, w)
     assert training_state(tmp_path / "pre")["step"] == 2
     assert TILES_LAYER not in v.layers
+
+
+def test_field_of_view_runs_at_the_models_resolution():
+    """A 1.0 um/px model on a 0.5 um/px two-level image predicts the same view on level 1."""
+    import dask.array as da
+
+    from napari_genselfdiff._widgets.predict import at_model_level
+    from napari_genselfdiff.slide.reader import Slide
+
+    lv0 = da.zeros((400, 600, 3), dtype=np.uint8)
+    lv1 = da.zeros((200, 300, 3), dtype=np.uint8)
+    slide = Slide(path=Path("x.tif"), levels=[lv0, lv1], downsamples=[1.0, 2.0], mpp=0.5)
+    assert at_model_level(slide, (0, 100, 50, 201, 99), 1.0) == (1, 50, 25, 101, 50)
+    assert at_model_level(slide, (0, 100, 50, 201, 99), 0.5) == (0, 100, 50, 201, 99)
+    assert at_model_level(slide, (0, 100, 50, 201, 99), None) == (0, 100, 50, 201, 99)
+    assert at_model_level(slide, (0, 390, 590, 10, 10), 1.0) == (1, 195, 295, 5, 5)

@@ -123,12 +123,29 @@ def fov_job(model: str, device: str, cached: tuple | None, slide, source_id: int
     fov_key = (cached[0], source_id, tile, overlap)
     if fov_cache is None or fov_cache[0] != fov_key:
         fov_cache = (fov_key, FieldOfViewPredictor(predictor, slide, 0, tile, overlap, 256))
+    region = at_model_level(slide, region, predictor.mpp)
     level, y, x, h, w = region
     yield f"predicting {w}x{h} pixels at level {level}…"
     probs = fov_cache[1].predict_region(level, y, x, h, w)
     yield "finding objects…"
     _, instances = postprocess(probs, predictor.task)
     return cached, fov_cache, region, probs, instances
+
+
+def at_model_level(slide, region: tuple[int, int, int, int, int], model_mpp: float | None):
+    """The same view in pixels of the pyramid level closest to the model's microns per pixel (a
+    half-resolution gland model must not run on level 0); unchanged when either mpp is unknown."""
+    level, y, x, h, w = region
+    if not model_mpp or not slide.mpp:
+        return region
+    target = slide.level_for_mpp(model_mpp)
+    if target == level:
+        return region
+    f = slide.downsamples[level] / slide.downsamples[target]
+    H, W = slide.levels[target].shape[:2]
+    y0, x0 = min(int(y * f), H - 1), min(int(x * f), W - 1)
+    y1, x1 = min(H, max(y0 + 1, math.ceil((y + h) * f))), min(W, max(x0 + 1, math.ceil((x + w) * f)))
+    return target, y0, x0, y1 - y0, x1 - x0
 
 
 def slide_job(model: str, device: str, cached: tuple | None, slide, out: str, tile: int, overlap: int,
