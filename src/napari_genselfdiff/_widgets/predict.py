@@ -60,8 +60,13 @@ def layer_slide(layer):
     if levels[0].dtype != np.uint8:
         raise DataError(f"layer {layer.name!r}: expected RGB uint8 pixels, got {levels[0].dtype}")
     levels = [lv if isinstance(lv, da.Array) else da.from_array(lv, chunks=(1024, 1024, -1)) for lv in levels]
+    downsamples = layer_downsamples(layer)
+    if len(levels) == 1:  # lazily coarsened levels, so a model trained at lower resolution can run
+        from ..slide.reader import coarsened_levels
+        levels = [levels[0]] + coarsened_levels(levels[0])
+        downsamples = [2.0 ** i for i in range(len(levels))]
     path = layer.source.path or layer.metadata.get("path") or layer.name
-    return Slide(path=Path(path), levels=levels, downsamples=layer_downsamples(layer), mpp=layer.metadata.get("mpp"))
+    return Slide(path=Path(path), levels=levels, downsamples=downsamples, mpp=layer.metadata.get("mpp"))
 
 
 def visible_region(viewer, layer) -> tuple[int, int, int, int, int]:
@@ -129,7 +134,7 @@ def fov_job(model: str, device: str, cached: tuple | None, slide, source_id: int
     probs = fov_cache[1].predict_region(level, y, x, h, w)
     yield "finding objects…"
     _, instances = postprocess(probs, predictor.task)
-    return cached, fov_cache, region, probs, instances
+    return cached, fov_cache, (region, slide.downsamples[level]), probs, instances
 
 
 def at_model_level(slide, region: tuple[int, int, int, int, int], model_mpp: float | None):
@@ -370,8 +375,7 @@ class PredictWidget(StopsJobsOnClose, QWidget):
 
     def _show_view(self, region, probs: np.ndarray, instances: np.ndarray) -> None:
         layer, predictor = self._image_layer, self._predictor[1]
-        level, y, x, h, w = region
-        d = layer_downsamples(layer)[level]
+        (level, y, x, h, w), d = region
         place = placement(layer, d, y, x)
         name = result_name(predictor)
         self._put_labels(name, instances.astype(np.int32), place, {"downsample": d, "offset": [y, x]})

@@ -317,7 +317,7 @@ def _finish(path: Path, levels: list[da.Array], mpp: float | None, notes: list[s
     _probe(path, levels[0])
     h0, w0 = levels[0].shape[:2]
     if len(levels) == 1:
-        levels = levels + _coarsened_levels(levels[0])
+        levels = levels + coarsened_levels(levels[0])
         downsamples = [float(2 ** i) for i in range(len(levels))]
         if len(levels) > 1:
             _note(notes, f"single-level image: {len(levels) - 1} lower levels built by 2x2 averaging")
@@ -338,7 +338,7 @@ def _probe(path: Path, level0: da.Array) -> None:
                         "the file may be truncated or corrupt") from exc
 
 
-def _coarsened_levels(level0: da.Array, min_size: int = MIN_LEVEL_SIZE) -> list[da.Array]:
+def coarsened_levels(level0: da.Array, min_size: int = MIN_LEVEL_SIZE) -> list[da.Array]:
     """Lazy 2x2-mean pyramid below ``level0`` until the short side would fall under ``min_size``.
 
     Level ``k`` pixel (i, j) is the rounded mean of level-0 pixels [i*2^k, (i+1)*2^k) x ...
