@@ -1,35 +1,89 @@
-"""Atomic file writes: write to a temporary file in the target's folder, then rename over it.
-
-A crash or an exception mid-write leaves the previous file (or nothing), never a truncated one.
+"""Atomic writes: write into a temporary file or folder next to the target, then move it into
+place in one rename, so a crash or an exception mid-write leaves the previous target (or nothing),
+never a truncated one. Used by the exporters, projects, settings and the CLI alike.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import IO, Iterator
 
 import numpy as np
 
+from .errors import DataError
+
+
+def _check_parent(target: Path) -> None:
+    if not target.parent.is_dir():
+        raise DataError(f"cannot write {target}: folder {target.parent} does not exist")
+
+
+@contextlib.contextmanager
+def atomic_file(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path in ``target``'s folder; on success ``os.replace`` it onto ``target``,
+    on any exception delete it and re-raise."""
+    target = Path(target)
+    _check_parent(target)
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary folder next to ``target``; on success it replaces ``target`` (an existing
+    target is moved aside first and deleted only after the new one is in place), on any exception
+    the temporary folder is deleted and the old target is left untouched."""
+    target = Path(target)
+    _check_parent(target)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if not target.exists():
+        os.rename(tmp, target)
+        return
+    backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
+    os.rmdir(backup)  # only the unique name is wanted
+    os.rename(target, backup)
+    try:
+        os.rename(tmp, target)
+    except BaseException:
+        os.rename(backup, target)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _remove(backup)
+
 
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "w", **kw) -> Iterator[IO]:
-    """Like ``open(path, mode)`` for writing; the file appears at ``path`` only on success."""
+    """Like ``open(path, mode)`` for writing (parent folders are created); the file appears at
+    ``path``, flushed to disk, only on success."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode, **kw) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_file(path) as tmp, open(tmp, mode, **kw) as f:
+        yield f
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def write_json_atomic(path: str | os.PathLike, obj) -> None:

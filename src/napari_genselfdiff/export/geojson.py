@@ -58,7 +58,7 @@ from shapely.geometry import MultiPolygon, Polygon
 from skimage.measure import find_contours
 
 from ..core.errors import DataError
-from ._atomic import atomic_file
+from ..core.atomic import atomic_file
 
 log = logging.getLogger(__name__)
 

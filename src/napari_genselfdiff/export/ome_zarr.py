@@ -30,7 +30,7 @@ import numpy as np
 import zarr
 
 from ..core.errors import DataError
-from ._atomic import atomic_directory
+from ..core.atomic import atomic_directory
 
 NGFF_VERSION = "0.4"
 _COMPRESSOR = numcodecs.Blosc(cname="zstd", clevel=5, shuffle=numcodecs.Blosc.BITSHUFFLE)

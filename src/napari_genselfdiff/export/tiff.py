@@ -19,7 +19,7 @@ import numpy as np
 import tifffile
 
 from ..core.errors import DataError
-from ._atomic import atomic_file
+from ..core.atomic import atomic_file
 
 # Above this many uncompressed bytes (all levels) write BigTIFF; classic TIFF offsets stop at
 # 4 GiB and compressed size cannot be known in advance, so keep a wide margin.
