@@ -23,7 +23,7 @@ import torch
 
 from . import checkpoint as ckpt
 from .data import (NORMALIZATION, AugmentConfig, LabeledImage, TaskSpec, UnlabeledSource, sample_labeled_batch,
-                   sample_unlabeled_batch, to_model_input)
+                   sample_unlabeled_batch, select_fraction, to_model_input)
 from .device import pick_device
 from .diffusion import Diffusion, ScheduleConfig
 from .errors import CheckpointError, DataError, GenSelfDiffError
@@ -242,7 +242,7 @@ def pretrain(sources: Sequence[UnlabeledSource], out: str | os.PathLike, cfg: Pr
     diffusion = Diffusion(cfg.schedule).to(dev)
     trainer = _Trainer(model, dev, cfg.lr, cfg.weight_decay, cfg.amp)
     start = trainer.restore(state) if state is not None else 0
-    run = {"stage": "pretrain", **_jsonable(asdict(cfg))}
+    run = {"stage": "pretrain", **asdict(cfg)}
     source_names = [s.name for s in sources]
 
     def loss_at(step: int):
@@ -317,7 +317,6 @@ def finetune(items: Sequence[LabeledImage], out: str | os.PathLike, cfg: Finetun
     state = _prepare_out(out, resume, overwrite, "finetune")
     train = items
     if state is None and cfg.label_fraction < 1:
-        from .data import select_fraction
         train = select_fraction(items, cfg.label_fraction, cfg.seed)
     if state is not None:
         model, _ = ckpt.load_model(out)
@@ -331,7 +330,7 @@ def finetune(items: Sequence[LabeledImage], out: str | os.PathLike, cfg: Finetun
     trainer = _Trainer(model, dev, cfg.lr, cfg.weight_decay, cfg.amp)
     start = trainer.restore(state) if state is not None else 0
     loss_fn = build_loss(cfg.loss)
-    run = {"stage": "finetune", **_jsonable(asdict(cfg))}
+    run = {"stage": "finetune", **asdict(cfg)}
     latest: dict = {}
 
     def loss_at(step: int):
@@ -375,14 +374,6 @@ def select_fraction_from_names(items: Sequence[LabeledImage], names: list[str] |
     if missing:
         raise DataError(f"cannot resume: training images {missing[:3]} are no longer in the labeled set")
     return [by_name[n] for n in names]
-
-
-def _jsonable(d):
-    if isinstance(d, dict):
-        return {k: _jsonable(v) for k, v in d.items()}
-    if isinstance(d, (list, tuple)):
-        return [_jsonable(v) for v in d]
-    return d
 
 
 def drain(events: Iterator[Progress], on_event: Callable[[Progress], None] | None = None) -> Progress:
