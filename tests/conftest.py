@@ -53,3 +53,24 @@ def slides_dir(shared_data) -> Path:
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Run a test with torch on one thread (the CI machine has two cores), restoring it after."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def settings_dir(tmp_path, monkeypatch) -> Path:
+    """Widget settings go to a fresh folder, never the user's real config."""
+    from napari_genselfdiff._widgets import _common
+
+    d = tmp_path / "config"
+    monkeypatch.setenv(_common.CONFIG_ENV, str(d))
+    return d

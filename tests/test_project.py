@@ -21,12 +21,7 @@ SHAPE = (300, 400)
 FAST = dict(patch=32, batch=2, lr=1e-3, warmup=1, checkpoint_every=0)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _needs_instances():

@@ -16,7 +16,6 @@ import pytest
 pytest.importorskip("napari")
 pytest.importorskip("pytestqt")
 
-from napari_genselfdiff._widgets import _common  # noqa: E402
 from napari_genselfdiff._widgets import refine as refine_mod  # noqa: E402
 from napari_genselfdiff._widgets.refine import (EDIT_KEY, PROJECT_LABELS, SUGGESTION_LAYER,  # noqa: E402
                                                  RefineWidget, sample_labels, view_bounds)
@@ -25,7 +24,7 @@ from napari_genselfdiff.core.errors import DataError  # noqa: E402
 from napari_genselfdiff.models import sample_image_path  # noqa: E402
 from napari_genselfdiff.project import Project  # noqa: E402
 
-pytestmark = pytest.mark.gui
+pytestmark = [pytest.mark.gui, pytest.mark.usefixtures("settings_dir", "one_torch_thread")]
 
 REPO = Path(__file__).resolve().parents[1]
 SHOTS = REPO / "screenshots"
@@ -35,21 +34,8 @@ MANIFEST = REPO / "src" / "napari_genselfdiff" / "napari.yaml"
 # ---------------------------------------------------------------------------------------------
 # fixtures and helpers
 
-@pytest.fixture(autouse=True)
-def settings_dir(tmp_path, monkeypatch) -> Path:
-    """Widget settings go to a fresh folder, never the user's real config."""
-    d = tmp_path / "config"
-    monkeypatch.setenv(_common.CONFIG_ENV, str(d))
-    return d
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    import torch
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture

@@ -12,12 +12,7 @@ from napari_genselfdiff.core.training import (FinetuneConfig, PretrainConfig, dr
                                               pretrain)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _sources(n=3, size=48):

@@ -24,7 +24,7 @@ from napari_genselfdiff._widgets.finetune import FinetuneWidget, quadrants  # no
 from napari_genselfdiff._widgets.pretrain import TILES_LAYER, PretrainWidget  # noqa: E402
 from napari_genselfdiff.core.data import LabeledImage  # noqa: E402
 
-pytestmark = pytest.mark.gui
+pytestmark = [pytest.mark.gui, pytest.mark.usefixtures("settings_dir")]
 
 REPO = Path(__file__).resolve().parents[1]
 SHOTS = REPO / "screenshots"
@@ -34,12 +34,6 @@ MANIFEST = REPO / "src" / "napari_genselfdiff" / "napari.yaml"
 # ---------------------------------------------------------------------------------------------
 # fixtures and helpers
 
-@pytest.fixture(autouse=True)
-def settings_dir(tmp_path, monkeypatch) -> Path:
-    """Every widget's settings go to a fresh folder, never the user's real config."""
-    d = tmp_path / "config"
-    monkeypatch.setenv(_common.CONFIG_ENV, str(d))
-    return d
 
 
 @pytest.fixture
