@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -19,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from common import (DATASETS, pretrained_enough, REPO, FinetuneConfig, PretrainConfig, Timer, data_dir, drain, evaluate, finetune,
                     load_dataset, machine, pretrain, unlabeled_pool)
+from napari_genselfdiff.core.atomic import atomic_directory  # noqa: E402  (after common puts src/ on the path)
 
 CARD = """# Default {task} model ({name})
 
@@ -43,19 +43,21 @@ CARD = """# Default {task} model ({name})
 
 
 def bundle(src: Path, dst: Path, card: str, metrics: dict) -> None:
-    """Copy a checkpoint without its training state, weights in float16, plus the model card."""
-    tmp = dst.with_name(dst.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    weights = {k: (v.half() if v.is_floating_point() else v) for k, v in load_file(str(src / "model.safetensors")).items()}
-    save_file(weights, str(tmp / "model.safetensors"))
-    cfg = json.loads((src / "config.json").read_text())
-    cfg["test_metrics"] = metrics
-    cfg["training"].pop("train_images", None)
-    (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
-    (tmp / "MODEL_CARD.md").write_text(card)
-    shutil.rmtree(dst, ignore_errors=True)
-    tmp.rename(dst)
+    """Copy a checkpoint without its training state, weights in float16, plus the model card; the
+    new folder replaces ``dst`` atomically. Local paths in the training record become repo-relative."""
+    with atomic_directory(dst) as tmp:
+        weights = {k: (v.half() if v.is_floating_point() else v)
+                   for k, v in load_file(str(src / "model.safetensors")).items()}
+        save_file(weights, str(tmp / "model.safetensors"))
+        cfg = json.loads((src / "config.json").read_text())
+        cfg["test_metrics"] = metrics
+        cfg["training"].pop("train_images", None)
+        info = cfg["training"].get("init_info") or {}
+        if info.get("init"):
+            p = Path(info["init"])
+            info["init"] = str(p.relative_to(REPO)) if p.is_relative_to(REPO) else p.name
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
+        (tmp / "MODEL_CARD.md").write_text(card)
 
 
 def main() -> None:
@@ -94,8 +96,7 @@ def main() -> None:
                   if e.step % 50 == 0 else None)
         metrics = evaluate(out, test, inst)
         print(f"{ds.task}: fine-tuning {t.s:.0f} s; test {json.dumps(metrics)}")
-        from napari_genselfdiff.core.unet import UNet, UNetConfig, count_parameters
-        params = count_parameters(UNet(UNetConfig.from_preset(a.preset)))
+        params = sum(v.numel() for v in load_file(str(out / "model.safetensors")).values())
         keys = ["dice", "iou", "hd95"] + (["object_f1", "object_dice", "object_hausdorff"] if ds.task == "glands"
                                          else ["aji", "pq"])
         table = "\n".join(["  | metric | value |", "  |---|---|"] + [f"  | {k} | {metrics[k]:.3f} |" for k in keys])

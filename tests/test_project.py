@@ -464,3 +464,22 @@ def test_regions_are_rescaled_to_the_model_resolution_for_refine(tmp_path, slide
     assert half[0].target.sum() == 10 * 20  # a 20x40 box becomes 10x20
     assert proj._at_model_resolution(items, 0.52)[0].image.shape == (64, 96, 3)  # within 10%: untouched
     assert proj._at_model_resolution(items, None)[0] is items[0]
+
+
+def test_coarse_level_regions_are_rescaled_by_their_own_resolution(tmp_path, slide_file):
+    """A region accepted at a coarser level already has fewer microns per pixel than level 0: a
+    level-1 region of a 0.5 um/px slide is at 1.0 um/px, so a 1.0 um/px model takes it as it is, a
+    0.5 um/px model gets it doubled, and the project's own training mpp is 1.0."""
+    proj = Project.create(tmp_path / "p")
+    sid = proj.add_slide(slide_file, mpp=0.5, shape=SHAPE)
+    img = np.random.default_rng(0).integers(0, 255, (32, 48, 3), dtype=np.uint8)
+    lab = np.zeros((32, 48), np.int32)
+    lab[5:15, 10:30] = 1
+    proj.accept_region(sid, img, lab, (0, 0, 64, 96), level=1)
+    items = proj.training_items()
+    assert proj._at_model_resolution(items, 1.0)[0].image.shape == (32, 48, 3)
+    doubled = proj._at_model_resolution(items, 0.5)[0]
+    assert doubled.image.shape == (64, 96, 3) and doubled.target.sum() == 4 * 10 * 20
+    assert proj._training_mpp(None) == pytest.approx(1.0)
+    proj.accept_region(sid, img[:16, :24], lab[:16, :24], (100, 100, 16, 24))  # level 0: 0.5 um/px
+    assert proj._training_mpp(None) is None  # regions disagree: no single resolution to record

@@ -24,8 +24,8 @@ def test_presets_sizes():
 
 def test_bad_input_size():
     m = UNet(UNetConfig.from_preset("tiny"))
-    with pytest.raises(ValueError, match="multiple of 4"):
-        m(torch.randn(1, 3, 30, 32))
+    with pytest.raises(ValueError, match="multiple of 8"):
+        m(torch.randn(1, 3, 36, 32))
 
 
 def test_config_roundtrip():

@@ -638,20 +638,28 @@ class Project:
                        done=True, message=f"refined model {out.name}: Dice {_fmt(before)} -> {_fmt(after)} on {how}")
 
     def _at_model_resolution(self, items: list[LabeledImage], model_mpp: float | None) -> list[LabeledImage]:
-        """Regions are stored at full resolution; a model trained at another resolution (e.g. a
-        half-resolution gland model) must be refined at its own, so rescale where both the
-        model's and the slide's microns per pixel are known (level-0 regions)."""
+        """Regions are stored at the level they were accepted at; a model trained at another
+        resolution (e.g. a half-resolution gland model) must be refined at its own, so rescale
+        where both the model's and the region's microns per pixel are known."""
         if not model_mpp:
             return items
-        slides = {s["id"]: s for s in self._meta["slides"]}
-        regions = {r["id"]: r for r in self._regions}
         out = []
         for it in items:
-            rec = regions.get(it.name)
-            mpp = slides[rec["slide"]].get("mpp") if rec is not None and rec["level"] == 0 else None
+            mpp = self._region_mpp(it.name)
             factor = model_mpp / mpp if mpp else 1.0
             out.append(downscale_item(it, factor) if abs(factor - 1.0) > 0.1 else it)
         return out
+
+    def _region_mpp(self, region_id: str) -> float | None:
+        """Microns per pixel of a stored region: its slide's level-0 mpp times how much coarser the
+        stored pixels are than level 0 (1 for level-0 regions); None when the slide's mpp is unknown."""
+        rec = next((r for r in self._regions if r["id"] == region_id), None)
+        if rec is None:
+            return None
+        slide_mpp = next((s.get("mpp") for s in self._meta["slides"] if s["id"] == rec["slide"]), None)
+        if not slide_mpp:
+            return None
+        return float(slide_mpp) * rec["bounds"][2] / rec["shape"][0]
 
     def _record_refine(self, status: str, base: Path | None, out: Path, step: int, train, val, how: str,
                        before: float | None, after: float | None) -> None:
@@ -680,17 +688,17 @@ class Project:
         return replace(cfg, **overrides)
 
     def _training_mpp(self, base_model) -> float | None:
-        """The base model's mpp, else the slides' when all regions are level 0 of slides with one mpp."""
+        """The base model's mpp, else the regions' when they all share one (within 10 %)."""
         base = self.current_model if base_model is None else Path(_model_path(base_model))
         if base is not None:
             from .core.checkpoint import load_config
             mpp = load_config(base).get("mpp")
             if mpp:
                 return float(mpp)
-        slides = {s["id"]: s for s in self._meta["slides"]}
-        mpps = {slides[r["slide"]]["mpp"] for r in self._regions}
-        levels = {r["level"] for r in self._regions}
-        return mpps.pop() if len(mpps) == 1 and levels == {0} else None
+        mpps = [self._region_mpp(r["id"]) for r in self._regions]
+        if not mpps or any(m is None for m in mpps):
+            return None
+        return mpps[0] if max(mpps) / min(mpps) < 1.1 else None
 
     def _next_model_dir(self) -> Path:
         models = self.folder / "models"

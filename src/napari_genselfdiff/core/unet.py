@@ -25,8 +25,10 @@ import torch.nn.functional as F
 from torch import nn
 
 PRESETS: dict[str, dict] = {
-    # seconds on a CPU: for tests and smoke runs
-    "tiny": dict(base=16, mults=(1, 2, 2), blocks=1, heads=2, head_dim=16, linear_attention=False),
+    # seconds on a CPU: tests, smoke runs and the bundled default models. Four levels put the
+    # bottleneck's full attention at 1/8 resolution: with three (1, 2, 2) it ran at 1/4 and made a
+    # 512-px tile ~5x slower to predict on a CPU for no gain (benchmarks/RESULTS.md)
+    "tiny": dict(base=16, mults=(1, 2, 2, 4), blocks=1, heads=2, head_dim=16, linear_attention=False),
     # a CPU-friendly model that still learns: one block per level, linear attention only at the
     # two coarsest levels (at full resolution it dominates CPU time)
     "small": dict(base=32, mults=(1, 2, 4, 8), blocks=1, heads=4, head_dim=32, linear_attention_from=2),
