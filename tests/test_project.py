@@ -347,6 +347,27 @@ def test_suggest_regions_tissue_mask_subsampling_and_slide_objects(tmp_path):
     assert coarse[0]["bounds"] == [0, 128, 64, 64] and coarse[0]["level"] == 1
 
 
+def test_suggestion_scoring_reports_progress_and_stops_when_closed(tmp_path):
+    proj = Project.create(tmp_path / "p")
+    img = _test_image()
+    calls = []
+
+    def counting(tiles):
+        calls.append(len(tiles))
+        return _uncertain_where_green_is_high(tiles)
+
+    events = proj.iter_suggest_regions(counting, img, region_size=32, top_k=3, batch=4)
+    first, second = next(events), next(events)
+    assert first.stage == "suggest" and first.step == 0 and second.step == 4 and first.total == second.total > 8
+    assert len(calls) == 1
+    events.close()  # a cancel: nothing more is scored
+    assert len(calls) == 1
+    everything = list(proj.iter_suggest_regions(counting, img, region_size=32, top_k=3, batch=4))
+    assert everything[-1].done and everything[-1].step == everything[-1].total
+    assert proj.suggest_regions(_uncertain_where_green_is_high, img, region_size=32, top_k=3, batch=4) \
+        == proj.suggest_regions(_uncertain_where_green_is_high, img, region_size=32, top_k=3, batch=32)
+
+
 def test_flip_disagreement_matches_hand_computed_entropies(tmp_path):
     proj_img = _test_image()[:, 128:]  # all tissue
 

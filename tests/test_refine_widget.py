@@ -421,6 +421,35 @@ def test_suggestions_move_the_camera_and_are_reviewed_when_skipped(viewer, qtbot
     assert len(w.project.reviewed("H_E")) == 2 and "suggestion 3/" in w.suggest_info.text()
 
 
+def test_stopping_a_suggestion_leaves_nothing_half_done(viewer, qtbot, tmp_path, he_image, seg_model, monkeypatch):
+    """Scoring runs batch by batch; Stop ends it between batches, with no suggestion and the buttons reset."""
+    import time
+
+    import napari_genselfdiff.project as project_module
+
+    calls = []
+    real = project_module._predict_batch
+
+    def slow(predictor, tiles):
+        calls.append(len(tiles))
+        time.sleep(0.5)  # a big model on a slow machine
+        return real(predictor, tiles)
+
+    monkeypatch.setattr(project_module, "_predict_batch", slow)
+    viewer.add_image(he_image, name="H&E", rgb=True)
+    w = refine_widget(viewer, tmp_path, seg_model)
+    w.region_size.setValue(64)
+    w.suggest_btn.click()
+    assert not w.suggest_btn.isEnabled() and w.stop_suggest_btn.isEnabled()
+    qtbot.waitUntil(lambda: "scored 8 of" in w.suggest_info.text(), timeout=60_000)
+    w.stop_suggest_btn.click()
+    wait_idle(qtbot, w.suggest_runner)
+    assert w.suggest_info.text() == "stopped: no region suggested"
+    assert len(calls) < 64 // 8  # it stopped before scoring every candidate
+    assert w._suggestions == [] and SUGGESTION_LAYER not in viewer.layers
+    assert w.suggest_btn.isEnabled() and not w.stop_suggest_btn.isEnabled() and not w.skip_btn.isEnabled()
+
+
 # ---------------------------------------------------------------------------------------------
 # GeoJSON
 

@@ -529,11 +529,26 @@ class Project:
 
     # -- suggesting regions -------------------------------------------------------------------
 
-    def suggest_regions(self, predictor: Callable[[np.ndarray], np.ndarray], slide_or_image: Any, *,
-                        region_size: int = 512, level: int = 0, top_k: int = 5, exclude_reviewed: bool = True,
-                        tissue_mask: np.ndarray | None = None, slide_id: str | None = None, flips: bool = False,
-                        max_candidates: int = 64, batch: int = 8) -> list[dict]:
-        """Rank tissue regions by how unsure the model is about them (most unsure first).
+    def suggest_regions(self, predictor: Callable[[np.ndarray], np.ndarray], slide_or_image: Any,
+                        **kwargs: Any) -> list[dict]:
+        """Rank tissue regions by how unsure the model is about them (most unsure first); the
+        blocking form of :meth:`iter_suggest_regions` (same arguments, same result)."""
+        events = self.iter_suggest_regions(predictor, slide_or_image, **kwargs)
+        while True:
+            try:
+                next(events)
+            except StopIteration as stop:
+                return stop.value
+
+    def iter_suggest_regions(self, predictor: Callable[[np.ndarray], np.ndarray], slide_or_image: Any, *,
+                             region_size: int = 512, level: int = 0, top_k: int = 5, exclude_reviewed: bool = True,
+                             tissue_mask: np.ndarray | None = None, slide_id: str | None = None,
+                             flips: bool = False, max_candidates: int = 64,
+                             batch: int = 8) -> Iterator[Progress]:
+        """Rank tissue regions by how unsure the model is about them (most unsure first), as a
+        generator: it yields a ``Progress("suggest", scored, candidates)`` after each batch (so a
+        GUI can show progress and cancel between batches: closing it stops the scoring) and
+        *returns* the ranked list (``result = yield from ...``).
 
         ``predictor`` maps a (B, H, W, 3) uint8 batch to (B, C, H, W) softmax probabilities (a
         ``TorchPredictor`` or any function doing the same; objects with ``tile_multiple`` get
@@ -576,7 +591,7 @@ class Project:
             if len(cells) > max_candidates:
                 pick = np.sort(np.random.default_rng(0).choice(len(cells), max_candidates, replace=False))
                 cells = [cells[i] for i in pick]
-            scored = _score_cells(predictor, view, cells, tissue_mask is None, flips, batch)
+            scored = yield from _score_cells(predictor, view, cells, tissue_mask is None, flips, batch)
         finally:
             if opened is not None:
                 opened.close()
@@ -906,9 +921,10 @@ def _entropy(probs: np.ndarray) -> np.ndarray:
 
 
 def _score_cells(predictor, view: _LevelView, cells, colour_test: bool, flips: bool, batch: int):
-    """[(cell, score, disagreement)] for the tissue cells among ``cells``."""
+    """Yield a Progress per batch; return [(cell, score, disagreement)] for the tissue cells among ``cells``."""
     out = []
     for i in range(0, len(cells), batch):
+        yield Progress("suggest", i, len(cells), message=f"scored {i} of {len(cells)} candidate regions")
         group, tiles = [], []
         for cell in cells[i:i + batch]:
             tile = view.read(cell)
@@ -926,6 +942,7 @@ def _score_cells(predictor, view: _LevelView, cells, colour_test: bool, flips: b
         total = _entropy(np.mean(views, axis=0))
         expected = np.mean([_entropy(v) for v in views], axis=0)
         out += [(c, float(t), float(max(t - e, 0.0))) for c, t, e in zip(group, total, expected)]
+    yield Progress("suggest", len(cells), len(cells), message=f"scored {len(cells)} candidate regions", done=True)
     return out
 
 

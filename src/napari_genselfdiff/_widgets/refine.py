@@ -188,9 +188,17 @@ def suggest_job(model: str, device: str, cached: tuple | None, project: Project,
     predictor = cached[1]
     level = source.level_for_mpp(predictor.mpp) if hasattr(source, "level_for_mpp") else 0
     yield f"scoring {region_size}-pixel regions at level {level}…"
-    found = project.suggest_regions(predictor, source, region_size=region_size, level=level, top_k=top_k,
-                                    slide_id=slide_id)
-    return cached, found
+    events = project.iter_suggest_regions(predictor, source, region_size=region_size, level=level, top_k=top_k,
+                                          slide_id=slide_id)
+    try:
+        while True:
+            try:
+                event = next(events)
+            except StopIteration as stop:
+                return cached, stop.value
+            yield f"level {level}: {event.message}…"
+    finally:
+        events.close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,7 +230,7 @@ class RefineWidget(StopsJobsOnClose, QWidget):
         self.suggest_runner.event.connect(self.suggest_info.setText)
         self.suggest_runner.result.connect(self._on_suggested)
         self.suggest_runner.failed.connect(lambda e: self.suggest_info.setText(f"failed: {readable_error(e)}"))
-        self.suggest_runner.stopped.connect(lambda _: self._set_suggesting(False))
+        self.suggest_runner.stopped.connect(self._on_suggest_stopped)
         self._update_status()
 
     # -- layout ------------------------------------------------------------------------------
@@ -301,12 +309,16 @@ class RefineWidget(StopsJobsOnClose, QWidget):
         self.region_size = int_spin(64, 2048, 512, 64, "side of the candidate regions, in pixels of the level scored")
         form.addRow("Region size", self.region_size)
         self.suggest_btn, self.skip_btn = QPushButton("Suggest next region"), QPushButton("Skip")
+        self.stop_suggest_btn = QPushButton("Stop")
+        self.stop_suggest_btn.setToolTip("stop scoring regions (nothing is lost: no suggestion is made)")
+        self.stop_suggest_btn.setEnabled(False)
+        self.stop_suggest_btn.clicked.connect(self.suggest_runner.cancel)
         self.suggest_btn.setToolTip("find the tissue regions the current model is least sure about")
         self.skip_btn.setToolTip("mark the suggested region reviewed and show the next one")
         self.skip_btn.setEnabled(False)
         self.suggest_btn.clicked.connect(lambda: self.suggest_regions())
         self.skip_btn.clicked.connect(lambda: self.skip_suggestion())
-        form.addRow(_row(self.suggest_btn, self.skip_btn))
+        form.addRow(_row(self.suggest_btn, self.stop_suggest_btn, self.skip_btn))
         self.suggest_info = _info_label("")
         column.addWidget(self.suggest_info)
         return box
@@ -645,6 +657,12 @@ class RefineWidget(StopsJobsOnClose, QWidget):
 
     def _set_suggesting(self, running: bool) -> None:
         self.suggest_btn.setEnabled(not running)
+        self.stop_suggest_btn.setEnabled(running)
+
+    def _on_suggest_stopped(self, cancelled: bool) -> None:
+        self._set_suggesting(False)
+        if cancelled:
+            self.suggest_info.setText("stopped: no region suggested")
 
     def _on_suggested(self, result: tuple) -> None:
         self._predictor, self._suggestions = result
