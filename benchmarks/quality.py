@@ -10,7 +10,9 @@ benchmarks/_work/quality/, to be copied into benchmarks/RESULTS.md.
 
 Budgets (what each one is for):
   smoke  a few minutes on a 2-core CPU: proves the pipeline, numbers are not meaningful
-  cpu    about an hour on a 2-core CPU: tiny preset, 1 seed x 3 fractions, short schedules
+  cpu    about an hour on a 2-core CPU: tiny preset, 2 seeds x 3 fractions, short schedules (800
+         pretraining steps, about 12 min, can be shared with train_defaults.py via --pretrained;
+         24 fine-tunings of 150 steps, about 2.5 min each)
   gpu    the paper's settings: paper preset, patch 256, batch 8, 3 seeds, long schedules
 """
 from __future__ import annotations
@@ -26,7 +28,7 @@ from common import (DATASETS, pretrained_enough, REPO, FinetuneConfig, PretrainC
 
 BUDGETS = {
     "smoke": dict(preset="tiny", patch=64, batch=4, pre_steps=30, ft_steps=30, fractions=(0.3, 1.0), seeds=(0,)),
-    "cpu": dict(preset="tiny", patch=128, batch=8, pre_steps=400, ft_steps=300, fractions=(0.1, 0.3, 1.0), seeds=(0,)),
+    "cpu": dict(preset="tiny", patch=128, batch=8, pre_steps=800, ft_steps=150, fractions=(0.1, 0.3, 1.0), seeds=(0, 1)),
     "gpu": dict(preset="paper", patch=256, batch=8, pre_steps=50_000, ft_steps=10_000, fractions=(0.1, 0.3, 1.0),
                 seeds=(0, 1, 2)),
 }
@@ -89,10 +91,11 @@ def main() -> None:
 
 
 def report(rows: list[dict], budget: str, b: dict, pre_s: float) -> str:
+    ft_min = sum(r["seconds"] for r in rows) / 60
     lines = [f"### Quality, budget `{budget}` ({machine()})", "",
              f"preset {b['preset']}, patch {b['patch']}, batch {b['batch']}, pretraining {b['pre_steps']} steps "
-             f"({pre_s:.0f} s), fine-tuning {b['ft_steps']} steps, seeds {list(b['seeds'])}; test split only. "
-             "Mean ± spread (std over seeds; 0 with one seed).", ""]
+             f"({pre_s:.0f} s in this run), fine-tuning {b['ft_steps']} steps x {len(rows)} runs ({ft_min:.0f} min), "
+             f"seeds {list(b['seeds'])}; test split only. Mean ± spread (std over seeds; 0 with one seed).", ""]
     for name in sorted({r["dataset"] for r in rows}):
         task = DATASETS[name].task
         keys = KEYS[task]
@@ -125,12 +128,16 @@ def plot(rows: list[dict], path: Path) -> None:
         key = "object_f1" if DATASETS[name].task == "glands" else "aji"
         for arm, style in (("pretrained", "o-"), ("scratch", "s--")):
             fr = sorted({r["fraction"] for r in rows if r["dataset"] == name and r["arm"] == arm})
-            for k, lab in (("dice", "Dice"), (key, key)):
-                vals = [np.mean([r[k] for r in rows if r["dataset"] == name and r["arm"] == arm
-                                 and r["fraction"] == f]) for f in fr]
-                ax.plot([100 * f for f in fr], vals, style, label=f"{arm}: {lab}")
+            for k, lab, colour in (("dice", "Dice", "C0"), (key, key, "C3")):
+                sel = [[r[k] for r in rows if r["dataset"] == name and r["arm"] == arm and r["fraction"] == f]
+                       for f in fr]
+                ax.errorbar([100 * f for f in fr], [np.mean(v) for v in sel], yerr=[np.std(v) for v in sel],
+                            fmt=style, color=colour, capsize=3, label=f"{arm}: {lab}")
         ax.set_title(f"{name} ({DATASETS[name].task}), test split")
         ax.set_xlabel("labeled training images (%)")
+        ax.set_xscale("log")
+        ax.set_xticks([100 * f for f in sorted({r["fraction"] for r in rows})])
+        ax.set_xticklabels([f"{100 * f:g}" for f in sorted({r["fraction"] for r in rows})])
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)

@@ -24,7 +24,7 @@ from qtpy.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFileDialog, Q
 from superqt.utils import GeneratorWorker
 
 from ..core.device import CHOICES, available_devices, pick_device
-from ..core.errors import GenSelfDiffError
+from ..core.errors import DataError, GenSelfDiffError
 
 log = logging.getLogger(__name__)
 
@@ -430,6 +430,43 @@ def add_training_rows(widget, form, *, patch_tip: str, steps: int, steps_step: i
     form.addRow("", widget.resume)
 
 
+class TrainingControls:
+    """What the Pretrain and Fine-tune widgets share below their options: Start/Cancel buttons
+    wired to ``self.start`` and ``self.runner``, a progress panel, the output-folder check and the
+    status line of a cancelled run (``self._last`` is the last Progress seen, ``self.out`` and
+    ``self.resume`` come from :func:`add_training_rows`)."""
+
+    def add_run_controls(self, layout: QVBoxLayout, start_text: str) -> None:
+        row, self.start_btn, self.cancel_btn = start_cancel_row(start_text)
+        self.start_btn.clicked.connect(self.start)
+        self.cancel_btn.clicked.connect(self.runner.cancel)
+        layout.addWidget(row)
+        self.progress = ProgressPanel()
+        layout.addWidget(self.progress)
+        layout.addStretch(1)
+
+    def checked_output_folder(self, what: str) -> str:
+        """The output folder, or a DataError when it is unset, or holds a run and resume is off."""
+        out = self.out.text()
+        if not out:
+            raise DataError(f"choose an output folder for the {what}")
+        if Path(out).exists() and any(Path(out).iterdir()) and not self.resume.isChecked():
+            raise DataError(f"{out}: already exists; tick 'resume' or choose another output folder")
+        return out
+
+    def _set_running(self, running: bool) -> None:
+        self.start_btn.setEnabled(not running)
+        self.cancel_btn.setEnabled(running)
+
+    def _on_stopped(self, cancelled: bool) -> None:
+        self._set_running(False)
+        if cancelled:
+            last = self._last
+            at = f" at step {last.step}/{last.total}" if last else ""
+            self.progress.set_status(f"cancelled{at}; the checkpoint in {self.out.text()} keeps what was learned "
+                                     "(tick 'resume' to continue it)")
+
+
 def start_cancel_row(start_text: str = "Start") -> tuple[QWidget, QPushButton, QPushButton]:
     row = QWidget()
     lay = QHBoxLayout(row)
@@ -543,7 +580,6 @@ class StopsJobsOnClose:
 def layer_to_rgb(data: Any, name: str) -> np.ndarray:
     """An image layer's (single-scale) data as RGB uint8, with a readable error for the rest."""
     from ..core.data import to_rgb_uint8
-    from ..core.errors import DataError
     arr = np.asarray(data)
     if arr.size > 100_000_000:
         raise DataError(f"layer {name!r} is too large to train on in memory ({arr.shape}); "

@@ -20,8 +20,8 @@ from ..core.errors import DataError, GenSelfDiffError
 from ..core.losses import LOSSES, parse_loss
 from ..core.training import FinetuneConfig, Progress, finetune
 from ..core.unet import PRESETS
-from ._common import (JobRunner, LayerChoices, PathEdit, ProgressPanel, Settings, StopsJobsOnClose,
-                      add_training_rows, is_labels, is_rgb_image, layer_to_rgb, start_cancel_row)
+from ._common import (JobRunner, LayerChoices, PathEdit, Settings, StopsJobsOnClose,
+                      add_training_rows, is_labels, is_rgb_image, layer_to_rgb, TrainingControls)
 
 LAYERS, FOLDERS = "image + labels layers", "folders of image/mask pairs"
 QUADRANTS = ("top-left", "top-right", "bottom-left", "bottom-right")
@@ -79,7 +79,7 @@ def finetune_job(items: list[LabeledImage], out: str, cfg: FinetuneConfig, init:
     return last.checkpoint if last is not None and last.done else None
 
 
-class FinetuneWidget(StopsJobsOnClose, QWidget):
+class FinetuneWidget(TrainingControls, StopsJobsOnClose, QWidget):
     """Choose labeled data, a task and a starting point, then fine-tune in the background."""
 
     def __init__(self, napari_viewer, settings: Settings | None = None):
@@ -148,13 +148,7 @@ class FinetuneWidget(StopsJobsOnClose, QWidget):
                           resume=False)
         lay.addWidget(task)
 
-        row, self.start_btn, self.cancel_btn = start_cancel_row("Start fine-tuning")
-        self.start_btn.clicked.connect(self.start)
-        self.cancel_btn.clicked.connect(self.runner.cancel)
-        lay.addWidget(row)
-        self.progress = ProgressPanel()
-        lay.addWidget(self.progress)
-        lay.addStretch(1)
+        self.add_run_controls(lay, "Start fine-tuning")
 
         for key, w in [("source", self.source), ("images_dir", self.images_dir), ("masks_dir", self.masks_dir),
                        ("val_fraction", self.val_fraction), ("task", self.task), ("boundary", self.boundary),
@@ -202,11 +196,7 @@ class FinetuneWidget(StopsJobsOnClose, QWidget):
         try:
             cfg = self.config()
             parse_loss(cfg.loss)
-            out = self.out.text()
-            if not out:
-                raise DataError("choose an output folder for the model")
-            if Path(out).exists() and any(Path(out).iterdir()) and not self.resume.isChecked():
-                raise DataError(f"{out}: already exists; tick 'resume' or choose another output folder")
+            out = self.checked_output_folder("model")
             train, val = self.training_data()
         except (GenSelfDiffError, ValueError) as e:
             show_error(str(e))
@@ -216,10 +206,6 @@ class FinetuneWidget(StopsJobsOnClose, QWidget):
         self._set_running(True)
         self.runner.start(finetune_job, train, out, cfg, self.init.text() or None, val, self.device.device,
                           self.resume.isChecked())
-
-    def _set_running(self, running: bool) -> None:
-        self.start_btn.setEnabled(not running)
-        self.cancel_btn.setEnabled(running)
 
     def _remember(self, ev: Progress) -> None:
         self._last = ev
@@ -233,11 +219,3 @@ class FinetuneWidget(StopsJobsOnClose, QWidget):
         shared.set(RECENT_MODELS, recent[:10])
         dice = f" (validation Dice {self._metrics['val_dice']:.3f})" if "val_dice" in self._metrics else ""
         self.progress.set_status(f"done: model saved in {checkpoint}{dice}; it is listed in the Predict widget")
-
-    def _on_stopped(self, cancelled: bool) -> None:
-        self._set_running(False)
-        if cancelled:
-            last = self._last
-            at = f" at step {last.step}/{last.total}" if last else ""
-            self.progress.set_status(f"cancelled{at}; the checkpoint in {self.out.text()} keeps what was learned "
-                                     "(tick 'resume' to continue it)")

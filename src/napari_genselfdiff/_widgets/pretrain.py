@@ -20,8 +20,8 @@ from ..core.data import ImageSource, UnlabeledSource, unlabeled_sources
 from ..core.errors import DataError, GenSelfDiffError
 from ..core.training import PretrainConfig, Progress, pretrain
 from ..core.unet import PRESETS
-from ._common import (JobRunner, LayerChoices, PathEdit, ProgressPanel, Settings, StopsJobsOnClose,
-                      add_training_rows, int_spin, is_rgb_image, layer_to_rgb, start_cancel_row)
+from ._common import (JobRunner, LayerChoices, PathEdit, Settings, StopsJobsOnClose,
+                      add_training_rows, int_spin, is_rgb_image, layer_to_rgb, TrainingControls)
 
 TILES_LAYER = "generated tiles"
 
@@ -73,7 +73,7 @@ def pretrain_job(sources: list[UnlabeledSource], out: str, cfg: PretrainConfig, 
     return tile_grid(tiles)
 
 
-class PretrainWidget(StopsJobsOnClose, QWidget):
+class PretrainWidget(TrainingControls, StopsJobsOnClose, QWidget):
     """Choose unlabeled sources and a model size, then train the diffusion pretext in the background."""
 
     def __init__(self, napari_viewer, settings: Settings | None = None):
@@ -127,13 +127,7 @@ class PretrainWidget(StopsJobsOnClose, QWidget):
         form.addRow("Sampling steps", self.ddim_steps)
         lay.addWidget(opts)
 
-        row, self.start_btn, self.cancel_btn = start_cancel_row("Start pretraining")
-        self.start_btn.clicked.connect(self.start)
-        self.cancel_btn.clicked.connect(self.runner.cancel)
-        lay.addWidget(row)
-        self.progress = ProgressPanel()
-        lay.addWidget(self.progress)
-        lay.addStretch(1)
+        self.add_run_controls(lay, "Start pretraining")
 
         for key, w in [("folder", self.folder), ("slide", self.slide), ("preset", self.preset),
                        ("patch", self.patch), ("steps", self.steps), ("batch", self.batch),
@@ -160,11 +154,7 @@ class PretrainWidget(StopsJobsOnClose, QWidget):
 
     def start(self) -> None:
         try:
-            out = self.out.text()
-            if not out:
-                raise DataError("choose an output folder for the checkpoint")
-            if Path(out).exists() and any(Path(out).iterdir()) and not self.resume.isChecked():
-                raise DataError(f"{out}: already exists; tick 'resume' or choose another output folder")
+            out = self.checked_output_folder("checkpoint")
             sources = self.sources()
         except GenSelfDiffError as e:
             show_error(str(e))
@@ -174,10 +164,6 @@ class PretrainWidget(StopsJobsOnClose, QWidget):
         self._set_running(True)
         self.runner.start(pretrain_job, sources, out, self.config(), self.device.device, self.resume.isChecked(),
                           self.n_tiles.value(), self.ddim_steps.value())
-
-    def _set_running(self, running: bool) -> None:
-        self.start_btn.setEnabled(not running)
-        self.cancel_btn.setEnabled(running)
 
     def _remember(self, ev: Progress | str) -> None:
         if isinstance(ev, Progress):
@@ -196,12 +182,3 @@ class PretrainWidget(StopsJobsOnClose, QWidget):
             self.progress.bar.setValue(self._last.step)
         self.progress.set_status(f"done: checkpoint in {self.out.text()}; the layer '{TILES_LAYER}' shows "
                                  "tiles the model generated")
-
-    def _on_stopped(self, cancelled: bool) -> None:
-        self._set_running(False)
-        if cancelled:
-            last = self._last
-            at = f" at step {last.step}/{last.total}" if last else ""
-            self.progress.set_status(f"cancelled{at}; the checkpoint in {self.out.text()} keeps what was "
-                                     "learned (tick 'resume' to continue it)")
-
