@@ -20,7 +20,7 @@ from common import (DATASETS, pretrained_enough, REPO, FinetuneConfig, PretrainC
                     load_dataset, machine, pretrain, unlabeled_pool)
 from napari_genselfdiff.core.atomic import atomic_directory  # noqa: E402  (after common puts src/ on the path)
 
-CARD = """# Default {task} model ({name})
+CARD = """# Default {task} model ({dataset_title})
 
 - **What it does**: {task} segmentation of H&E ({classes}); instances by {post}.
 - **Architecture**: GenSelfDiff-HIS time-conditioned U-Net, preset `{preset}` ({params:,} parameters), weights in float16.
@@ -34,6 +34,7 @@ CARD = """# Default {task} model ({name})
 
 {metrics}
 
+  Pixel metrics on the binary mask; HD95 and Hausdorff distances in pixels at the model's resolution.
 - **Honest limits**: trained on a 2-core CPU in minutes, not the paper's GPU budget; treat it as a starting
   point to refine on your own slides (Annotate-and-refine), not as a diagnostic tool.
 - **Data terms**: GlaS is for research use only (cite Sirinukunwattana et al., Medical Image Analysis 2017);
@@ -100,7 +101,8 @@ def main() -> None:
         keys = ["dice", "iou", "hd95"] + (["object_f1", "object_dice", "object_hausdorff"] if ds.task == "glands"
                                          else ["aji", "pq"])
         table = "\n".join(["  | metric | value |", "  |---|---|"] + [f"  | {k} | {metrics[k]:.3f} |" for k in keys])
-        card = CARD.format(task=ds.task, name=ds.task, classes="background / " + ds.task.rstrip("s"),
+        card = CARD.format(task=ds.task, dataset_title={"glas": "GlaS", "monuseg": "MoNuSeg"}[name],
+                           classes={"glands": "background / gland", "nuclei": "background / nucleus"}[ds.task],
                            post="connected components with hole filling" if ds.task == "glands"
                            else "marker-controlled watershed", preset=a.preset, params=params, mpp=ds.mpp,
                            pre_steps=a.pretrain_steps, pre_batch=a.batch, patch=a.patch, ft_steps=a.finetune_steps,

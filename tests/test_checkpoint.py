@@ -85,3 +85,28 @@ def test_bad_checkpoints_give_clear_errors(tmp_path, case):
         (d / ck.CONFIG_FILE).write_text("{}")
     with pytest.raises(CheckpointError, match=str(d.name)):
         ck.load_config(d)
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "getuid"), reason="POSIX permissions")
+def test_written_files_are_readable_like_ordinary_files(tmp_path):
+    """Temp files/folders start private (0600/0700) and safetensors writes 0600: what we finish
+    writing must get the ordinary permissions (0666/0777 less the umask), so a model or export on
+    a shared drive is readable by the lab."""
+    import stat
+
+    from napari_genselfdiff.core import atomic
+
+    file_mode, dir_mode = 0o666 & ~atomic._UMASK, 0o777 & ~atomic._UMASK
+    ck.save_checkpoint(tmp_path / "c", _model(), {"kind": "segmentation", "model": _model().config.to_dict()},
+                       {"step": 1})
+    with atomic.atomic_directory(tmp_path / "d") as d:
+        (d / "sub").mkdir()
+        ck.save_checkpoint(d / "sub" / "m", _model(), {"kind": "segmentation", "model": _model().config.to_dict()})
+    atomic.write_json_atomic(tmp_path / "x.json", {"a": 1})
+    seen = 0
+    for p in [tmp_path / "x.json", *(tmp_path / "c").rglob("*"), tmp_path / "c", tmp_path / "d",
+              *(tmp_path / "d").rglob("*")]:
+        mode = stat.S_IMODE(p.stat().st_mode)
+        assert mode == (dir_mode if p.is_dir() else file_mode), (p, oct(mode))
+        seen += 1
+    assert seen >= 10

@@ -64,7 +64,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from .core.atomic import write_json_atomic, write_png_atomic
+from .core.atomic import normal_permissions, write_json_atomic, write_png_atomic
 from .core.data import LabeledImage, TaskSpec, downscale_item, mask_to_target, read_image, read_mask, split_items
 from .core.errors import DataError, GenSelfDiffError
 from .core.training import FinetuneConfig, Progress, finetune
@@ -390,6 +390,7 @@ class Project:
             try:
                 _write_png(tmp / "image.png", image)
                 (_write_png if mask_name == "mask.png" else _write_tif)(tmp / mask_name, labels.astype(dtype))
+                normal_permissions(tmp)
                 os.rename(tmp, final)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)

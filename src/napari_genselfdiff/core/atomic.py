@@ -17,6 +17,38 @@ import numpy as np
 from .errors import DataError
 
 
+def _read_umask() -> int:
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)  # elsewhere: read it by setting it (at import, before any thread starts)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
+def normal_permissions(path: str | os.PathLike) -> None:
+    """Give a freshly written file, or a folder and everything in it, the permissions a plain
+    ``open``/``mkdir`` would have (0666/0777 less the umask). Temporary files and folders are
+    created private (0600/0700), and safetensors writes 0600 files: left so, a model or an export
+    on a shared lab drive could not be read by a colleague."""
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        os.chmod(path, 0o777 & ~_UMASK)
+        for root, dirs, files in os.walk(path):
+            for d in dirs:
+                os.chmod(os.path.join(root, d), 0o777 & ~_UMASK)
+            for f in files:
+                if not os.path.islink(os.path.join(root, f)):
+                    os.chmod(os.path.join(root, f), 0o666 & ~_UMASK)
+    elif path.is_file():
+        os.chmod(path, 0o666 & ~_UMASK)
+
+
 def _check_parent(target: Path) -> None:
     if not target.parent.is_dir():
         raise DataError(f"cannot write {target}: folder {target.parent} does not exist")
@@ -33,6 +65,7 @@ def atomic_file(target: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
+        normal_permissions(tmp)
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -59,6 +92,7 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    normal_permissions(tmp)
     if not target.exists():
         os.rename(tmp, target)
         return

@@ -20,6 +20,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .atomic import normal_permissions
 from .errors import CheckpointError
 from .unet import UNet, UNetConfig
 
@@ -67,6 +68,7 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, config: dic
             save_file(tensors, str(tmp / STATE_TENSORS))
             _write_json(tmp / STATE_JSON, skeleton)
         _write_json(tmp / CONFIG_FILE, {**config, "format_version": FORMAT_VERSION})
+        normal_permissions(tmp)
         old = path.with_name(path.name + ".old")
         if old.exists():
             shutil.rmtree(old)

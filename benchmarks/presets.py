@@ -1,0 +1,84 @@
+"""Cost of the U-Net presets (and of variants of them) in one run: parameters, training images/s
+and inference megapixels/s, so that a change of preset is decided on measured ratios.
+
+    python benchmarks/presets.py [--patch 128] [--batch 8] [--infer-size 512] [--repeats 3]
+
+Variants: every preset as shipped, plus ``tiny-3level`` (the tiny preset as it was before
+2026-11-22: mults (1, 2, 2), so its bottleneck's full attention runs at 1/4 resolution instead of
+1/8). Each is timed with random weights, float32, one process, same inputs; ratios are taken
+against the shipped ``tiny``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+import torch.nn.functional as F
+
+from common import machine  # noqa: F401  (puts src/ on the path)
+from napari_genselfdiff.core import unet as U
+
+VARIANTS = {"tiny": {}, "tiny-3level": {"mults": (1, 2, 2)}}
+
+
+def _time(fn, repeats: int) -> float:
+    fn()  # warm-up
+    t = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - t) / repeats
+
+
+def measure(cfg: U.UNetConfig, patch: int, batch: int, infer_size: int, repeats: int) -> dict:
+    torch.manual_seed(0)
+    model = U.UNet(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    xb = torch.randn(batch, 3, patch, patch)
+    yb = torch.randint(0, cfg.out_channels, (batch, patch, patch))
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(xb), yb).backward()
+        opt.step()
+
+    xi = torch.randn(1, 3, infer_size, infer_size)
+
+    def infer():
+        with torch.inference_mode():
+            model(xi)
+
+    model.train()
+    train = batch / _time(step, repeats)
+    model.eval()
+    return {"params": U.count_parameters(model), "train_img_s": train,
+            "infer_mp_s": infer_size**2 / 1e6 / _time(infer, repeats)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--patch", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--infer-size", type=int, default=512)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--presets", nargs="+", default=["tiny", "tiny-3level", "small"])
+    a = ap.parse_args()
+    rows = {}
+    for name in a.presets:
+        preset = name.split("-")[0]
+        cfg = U.UNetConfig.from_preset(preset, out_channels=2, **VARIANTS.get(name, {}))
+        rows[name] = measure(cfg, a.patch, a.batch, a.infer_size, a.repeats)
+        print(json.dumps({name: rows[name]}), flush=True)
+    ref = rows.get("tiny") or next(iter(rows.values()))
+    print(f"\n{machine()}; patch {a.patch}, batch {a.batch}, inference on one {a.infer_size}x{a.infer_size} tile\n")
+    print("| variant | mults | parameters | train img/s | vs tiny | infer MP/s | vs tiny |\n|---|---|---|---|---|---|---|")
+    for name, r in rows.items():
+        mults = VARIANTS.get(name, {}).get("mults") or U.PRESETS[name.split("-")[0]]["mults"]
+        print(f"| {name} | {tuple(mults)} | {r['params']:,} | {r['train_img_s']:.2f} | "
+              f"{r['train_img_s'] / ref['train_img_s']:.2f} | {r['infer_mp_s']:.3f} | "
+              f"{r['infer_mp_s'] / ref['infer_mp_s']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
