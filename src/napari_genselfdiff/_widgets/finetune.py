@@ -21,7 +21,7 @@ from ..core.losses import LOSSES, parse_loss
 from ..core.training import FinetuneConfig, Progress, finetune
 from ..core.unet import PRESETS
 from ._common import (JobRunner, LayerChoices, PathEdit, Settings, StopsJobsOnClose,
-                      add_training_rows, is_labels, is_rgb_image, layer_to_rgb, TrainingControls)
+                      TrainingControls, add_training_rows, is_labels, is_rgb_image, layer_to_rgb)
 
 LAYERS, FOLDERS = "image + labels layers", "folders of image/mask pairs"
 QUADRANTS = ("top-left", "top-right", "bottom-left", "bottom-right")

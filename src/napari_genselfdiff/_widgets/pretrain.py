@@ -21,7 +21,7 @@ from ..core.errors import DataError, GenSelfDiffError
 from ..core.training import PretrainConfig, Progress, pretrain
 from ..core.unet import PRESETS
 from ._common import (JobRunner, LayerChoices, PathEdit, Settings, StopsJobsOnClose,
-                      add_training_rows, int_spin, is_rgb_image, layer_to_rgb, TrainingControls)
+                      TrainingControls, add_training_rows, int_spin, is_rgb_image, layer_to_rgb)
 
 TILES_LAYER = "generated tiles"
 
