@@ -34,6 +34,7 @@ BUDGETS = {
 }
 KEYS = {"glands": ["dice", "iou", "hd95", "object_f1", "object_dice", "object_hausdorff"],
         "nuclei": ["dice", "iou", "hd95", "aji", "pq"]}
+MAIN = {"glands": ["dice", "object_f1"], "nuclei": ["dice", "aji", "pq"]}  # the paired differences reported
 
 
 def main() -> None:
@@ -45,20 +46,27 @@ def main() -> None:
     ap.add_argument("--pretrained", default=None, help="reuse this pretraining checkpoint (e.g. the defaults')")
     ap.add_argument("--fractions", type=float, nargs="+", default=None, help="override the budget's label fractions")
     ap.add_argument("--ft-steps", type=int, default=None, help="override the budget's fine-tuning steps")
+    ap.add_argument("--report-only", action="store_true",
+                    help="train nothing: rewrite the table and plot from the work folder's rows.json")
     a = ap.parse_args()
     b = dict(BUDGETS[a.budget])
     if a.fractions:
         b["fractions"] = tuple(a.fractions)
     if a.ft_steps:
         b["ft_steps"] = a.ft_steps
-    root = data_dir()
     work = Path(a.work or REPO / "benchmarks" / "_work" / "quality" / a.budget)
+    if a.report_only:
+        saved = json.loads((work / "rows.json").read_text())
+        rows, meta = (saved["rows"], saved["meta"]) if isinstance(saved, dict) else (saved, {})
+        b.update(meta.get("budget", {}))
+        write_report(work, rows, a.budget, b, meta.get("pretraining_s", float("nan")))
+        return
+    root = data_dir()
     work.mkdir(parents=True, exist_ok=True)
     splits = {n: load_dataset(DATASETS[n], root) for n in DATASETS}
     pre = Path(a.pretrained) if a.pretrained else work / "pretrained"
     if a.pretrained:
-        import json as _json
-        b["pre_steps"] = _json.loads((pre / "config.json").read_text())["training"]["steps"]
+        b["pre_steps"] = json.loads((pre / "config.json").read_text())["training"]["steps"]
     with Timer() as t_pre:
         if not pretrained_enough(pre, b["pre_steps"]):
             sources = unlabeled_pool(root, {n: s[0] for n, s in splits.items()})
@@ -83,8 +91,17 @@ def main() -> None:
                     rows.append({"dataset": name, "arm": arm, "fraction": frac, "seed": seed, "seconds": t.s,
                                  "n_train_images": max(1, int(round(frac * len(train)))), **m})
                     print(json.dumps(rows[-1]), flush=True)
-    (work / "rows.json").write_text(json.dumps(rows, indent=2))
-    md = report(rows, a.budget, b, t_pre.s)
+                    save_rows(work, rows, b, t_pre.s)  # after every run: an interrupted benchmark keeps its rows
+    write_report(work, rows, a.budget, b, t_pre.s)
+
+
+def save_rows(work: Path, rows: list[dict], b: dict, pre_s: float) -> None:
+    meta = {"budget": {**b, "seeds": list(b["seeds"]), "fractions": list(b["fractions"])}, "pretraining_s": pre_s}
+    (work / "rows.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+
+
+def write_report(work: Path, rows: list[dict], budget: str, b: dict, pre_s: float) -> None:
+    md = report(rows, budget, b, pre_s)
     (work / "quality.md").write_text(md)
     plot(rows, work / "quality.png")
     print(md)
@@ -112,8 +129,18 @@ def report(rows: list[dict], budget: str, b: dict, pre_s: float) -> str:
                     v = v[np.isfinite(v)]
                     cells.append(f"{v.mean():.3f} ± {v.std():.3f}" if v.size else "n/a")
                 lines.append(f"| {frac:.0%} ({sel[0]['n_train_images']} img) | {arm} | " + " | ".join(cells) + " |")
-        lines.append("")
+        lines += ["", "Pretrained minus scratch, same seed (mean over seeds; positive = pretraining helped): " + "; ".join(
+            f"{frac:.0%}: " + ", ".join(f"{k} {d:+.3f}" for k, d in paired(rows, name, frac, MAIN[task]).items())
+            for frac in sorted({r["fraction"] for r in rows if r["dataset"] == name})), ""]
     return "\n".join(lines)
+
+
+def paired(rows: list[dict], name: str, frac: float, keys: list[str]) -> dict:
+    """Mean over seeds of (pretrained - scratch) for each key, pairing runs of the same seed."""
+    by = {(r["arm"], r["seed"]): r for r in rows if r["dataset"] == name and r["fraction"] == frac}
+    seeds = sorted({s for (a, s) in by if ("pretrained", s) in by and ("scratch", s) in by})
+    return {k: float(np.mean([by["pretrained", s][k] - by["scratch", s][k] for s in seeds])) if seeds else float("nan")
+            for k in keys}
 
 
 def plot(rows: list[dict], path: Path) -> None:
