@@ -86,13 +86,23 @@ def unlabeled_pool(root: Path, train_items: dict[str, list[LabeledImage]]) -> li
     return sources + unlabeled_sources(slides)
 
 
-def pretrained_enough(path: Path, steps: int) -> bool:
+def pretrained_enough(path: Path, steps: int, preset: str | None = None) -> bool:
     """True when ``path`` holds a pretraining checkpoint of at least ``steps`` steps (a periodic
-    checkpoint of an interrupted run is resumed instead)."""
+    checkpoint of an interrupted run is resumed instead). Exits with a message when the checkpoint
+    there has another architecture than ``preset`` (e.g. left by a run before the preset changed):
+    resuming it would silently benchmark the old network."""
     import json
 
+    from napari_genselfdiff.core.unet import UNetConfig
+
     cfg = path / "config.json"
-    return cfg.is_file() and json.loads(cfg.read_text())["training"]["steps"] >= steps
+    if not cfg.is_file():
+        return False
+    saved = json.loads(cfg.read_text())
+    if preset is not None and UNetConfig.from_dict(saved["model"]) != UNetConfig.from_preset(preset):
+        sys.exit(f"{path} holds a pretraining of another architecture than preset {preset!r} "
+                 f"(mults {saved['model']['mults']}): move it away or pass another --work folder")
+    return saved["training"]["steps"] >= steps
 
 
 def evaluate(model_dir: Path, items, instances, device: str = "cpu") -> dict:

@@ -68,7 +68,7 @@ def main() -> None:
     if a.pretrained:
         b["pre_steps"] = json.loads((pre / "config.json").read_text())["training"]["steps"]
     with Timer() as t_pre:
-        if not pretrained_enough(pre, b["pre_steps"]):
+        if not pretrained_enough(pre, b["pre_steps"], b["preset"]):
             sources = unlabeled_pool(root, {n: s[0] for n, s in splits.items()})
             drain(pretrain(sources, pre, PretrainConfig(preset=b["preset"], steps=b["pre_steps"], patch=b["patch"],
                                                         batch=b["batch"], lr=1e-3 if b["preset"] == "tiny" else 1e-4,

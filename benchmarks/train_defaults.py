@@ -75,7 +75,7 @@ def main() -> None:
     root, work = data_dir(), Path(a.work)
     splits = {name: load_dataset(ds, root) for name, ds in DATASETS.items()}
     pre = work / "pretrained"
-    if not pretrained_enough(pre, a.pretrain_steps):
+    if not pretrained_enough(pre, a.pretrain_steps, a.preset):
         sources = unlabeled_pool(root, {n: s[0] for n, s in splits.items()})
         cfg = PretrainConfig(preset=a.preset, steps=a.pretrain_steps, patch=a.patch, batch=a.batch, lr=1e-3,
                              warmup=20, checkpoint_every=100)

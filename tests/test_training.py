@@ -61,6 +61,27 @@ def test_pretrain_cancel_saves_and_resume_continues_the_same_run(tmp_path):
     _assert_same_weights(_weights(tmp_path / "full"), _weights(tmp_path / "cut"))
 
 
+def test_resuming_says_when_the_checkpoint_is_not_the_preset_asked_for(tmp_path):
+    """Resume continues the saved run with the saved architecture; when that is not the preset now
+    asked for (e.g. the preset was redefined since), the first message says so."""
+    from dataclasses import replace
+
+    from napari_genselfdiff.core.unet import UNetConfig
+
+    old_tiny = UNetConfig.from_preset("tiny", mults=(1, 2, 2))
+    gen = pretrain(_sources(), tmp_path / "old", PRE, device="cpu", model_config=old_tiny)
+    for ev in gen:
+        if ev.step == 2:
+            break
+    gen.close()
+    first = next(pretrain(_sources(), tmp_path / "old", PRE, device="cpu", resume=True))
+    assert "checkpoint's own architecture (mults [1, 2, 2]" in first.message and "'tiny'" in first.message
+    assert ck.load_config(tmp_path / "old")["model"]["mults"] == [1, 2, 2]
+    same = next(pretrain(_sources(), tmp_path / "old", replace(PRE, preset="small"), device="cpu", resume=True,
+                         model_config=old_tiny))  # an explicit architecture: nothing to warn about
+    assert "own architecture" not in same.message
+
+
 def test_finetune_cancel_and_resume_match_uninterrupted(tmp_path):
     drain(finetune(_labeled(), tmp_path / "full", FT, device="cpu"))
     gen = finetune(_labeled(), tmp_path / "cut", FT, device="cpu")

@@ -29,7 +29,7 @@ from .diffusion import Diffusion, ScheduleConfig
 from .errors import CheckpointError, DataError, GenSelfDiffError
 from .inference import TorchPredictor, autocast_for, predict_image
 from .losses import build_loss, parse_loss
-from .unet import UNet, UNetConfig, transfer_pretrained
+from .unet import PRESETS, UNet, UNetConfig, transfer_pretrained
 
 
 @dataclass
@@ -263,6 +263,10 @@ def pretrain(sources: Sequence[UnlabeledSource], out: str | os.PathLike, cfg: Pr
     msg = f"pretraining {ucfg.preset or 'custom'} U-Net on {len(sources)} source(s), {why}"
     if start:
         msg += f"; resumed at step {start}"
+    if state is not None and model_config is None and cfg.preset in PRESETS and \
+            UNetConfig.from_preset(cfg.preset, in_channels=3, out_channels=3) != ucfg:
+        msg += (f" with the checkpoint's own architecture (mults {list(ucfg.mults)}, base {ucfg.base}), "
+                f"not the {cfg.preset!r} preset asked for")
     yield from _run("pretrain", trainer, total=cfg.steps, start=start, lr=cfg.lr, warmup=cfg.warmup,
                     batch=cfg.batch, grad_clip=cfg.grad_clip, checkpoint_every=cfg.checkpoint_every,
                     loss_at=loss_at, save=save, message=msg)
