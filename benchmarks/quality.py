@@ -59,7 +59,8 @@ def main() -> None:
         saved = json.loads((work / "rows.json").read_text())
         rows, meta = (saved["rows"], saved["meta"]) if isinstance(saved, dict) else (saved, {})
         b.update(meta.get("budget", {}))
-        write_report(work, rows, a.budget, b, meta.get("pretraining_s", float("nan")))
+        write_report(work, rows, a.budget, b, meta.get("pretraining_s", float("nan")),
+                     meta.get("machine", "machine and date of the run not recorded"))
         return
     root = data_dir()
     work.mkdir(parents=True, exist_ok=True)
@@ -92,24 +93,25 @@ def main() -> None:
                                  "n_train_images": max(1, int(round(frac * len(train)))), **m})
                     print(json.dumps(rows[-1]), flush=True)
                     save_rows(work, rows, b, t_pre.s)  # after every run: an interrupted benchmark keeps its rows
-    write_report(work, rows, a.budget, b, t_pre.s)
+    write_report(work, rows, a.budget, b, t_pre.s, machine())
 
 
 def save_rows(work: Path, rows: list[dict], b: dict, pre_s: float) -> None:
-    meta = {"budget": {**b, "seeds": list(b["seeds"]), "fractions": list(b["fractions"])}, "pretraining_s": pre_s}
+    meta = {"budget": {**b, "seeds": list(b["seeds"]), "fractions": list(b["fractions"])}, "pretraining_s": pre_s,
+            "machine": machine()}
     (work / "rows.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
 
 
-def write_report(work: Path, rows: list[dict], budget: str, b: dict, pre_s: float) -> None:
-    md = report(rows, budget, b, pre_s)
+def write_report(work: Path, rows: list[dict], budget: str, b: dict, pre_s: float, where: str) -> None:
+    md = report(rows, budget, b, pre_s, where)
     (work / "quality.md").write_text(md)
     plot(rows, work / "quality.png")
     print(md)
 
 
-def report(rows: list[dict], budget: str, b: dict, pre_s: float) -> str:
+def report(rows: list[dict], budget: str, b: dict, pre_s: float, where: str) -> str:
     ft_min = sum(r["seconds"] for r in rows) / 60
-    lines = [f"### Quality, budget `{budget}` ({machine()})", "",
+    lines = [f"### Quality, budget `{budget}` ({where})", "",
              f"preset {b['preset']}, patch {b['patch']}, batch {b['batch']}, pretraining {b['pre_steps']} steps "
              f"({pre_s:.0f} s in this run), fine-tuning {b['ft_steps']} steps x {len(rows)} runs ({ft_min:.0f} min), "
              f"seeds {list(b['seeds'])}; test split only. Mean ± spread (std over seeds; 0 with one seed).", ""]
