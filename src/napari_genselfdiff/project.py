@@ -673,9 +673,10 @@ class Project:
         if rec is None:
             return None
         slide_mpp = next((s.get("mpp") for s in self._meta["slides"] if s["id"] == rec["slide"]), None)
-        if not slide_mpp:
+        stored_height = (rec.get("shape") or [rec["bounds"][2] if rec["level"] == 0 else 0])[0]
+        if not slide_mpp or not stored_height:
             return None
-        return float(slide_mpp) * rec["bounds"][2] / rec["shape"][0]
+        return float(slide_mpp) * rec["bounds"][2] / stored_height
 
     def _record_refine(self, status: str, base: Path | None, out: Path, step: int, train, val, how: str,
                        before: float | None, after: float | None) -> None:
