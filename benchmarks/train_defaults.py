@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from common import (DATASETS, pretrained_enough, REPO, FinetuneConfig, PretrainConfig, Timer, data_dir, drain, evaluate, finetune,
                     load_dataset, machine, pretrain, unlabeled_pool)
-from napari_genselfdiff.core.atomic import atomic_directory  # noqa: E402  (after common puts src/ on the path)
+from napari_genselfdiff.core.atomic import atomic_directory, normal_permissions  # noqa: E402  (after common puts src/ on the path)
 
 CARD = """# Default {task} model ({dataset_title})
 
@@ -50,6 +50,7 @@ def bundle(src: Path, dst: Path, card: str, metrics: dict) -> None:
         weights = {k: (v.half() if v.is_floating_point() else v)
                    for k, v in load_file(str(src / "model.safetensors")).items()}
         save_file(weights, str(tmp / "model.safetensors"))
+        normal_permissions(tmp / "model.safetensors")  # safetensors writes 0600
         cfg = json.loads((src / "config.json").read_text())
         cfg["test_metrics"] = metrics
         cfg["training"].pop("train_images", None)

@@ -390,7 +390,7 @@ class Project:
             try:
                 _write_png(tmp / "image.png", image)
                 (_write_png if mask_name == "mask.png" else _write_tif)(tmp / mask_name, labels.astype(dtype))
-                normal_permissions(tmp)
+                normal_permissions(tmp, recursive=False)  # its files were written atomically: normal already
                 os.rename(tmp, final)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)

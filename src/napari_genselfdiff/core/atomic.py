@@ -31,14 +31,17 @@ def _read_umask() -> int:
 _UMASK = _read_umask()
 
 
-def normal_permissions(path: str | os.PathLike) -> None:
-    """Give a freshly written file, or a folder and everything in it, the permissions a plain
-    ``open``/``mkdir`` would have (0666/0777 less the umask). Temporary files and folders are
-    created private (0600/0700), and safetensors writes 0600 files: left so, a model or an export
-    on a shared lab drive could not be read by a colleague."""
+def normal_permissions(path: str | os.PathLike, recursive: bool = True) -> None:
+    """Give a freshly written file, or a folder (and, with ``recursive``, everything in it), the
+    permissions a plain ``open``/``mkdir`` would have (0666/0777 less the umask). Temporary files
+    and folders are created private (0600/0700), and safetensors writes 0600 files: left so, a
+    model or an export on a shared lab drive could not be read by a colleague. Folders whose
+    contents were written the ordinary way need only ``recursive=False``."""
     path = Path(path)
     if path.is_dir() and not path.is_symlink():
         os.chmod(path, 0o777 & ~_UMASK)
+        if not recursive:
+            return
         for root, dirs, files in os.walk(path):
             for d in dirs:
                 os.chmod(os.path.join(root, d), 0o777 & ~_UMASK)
@@ -92,7 +95,9 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    normal_permissions(tmp)
+    # only the folder itself is private (mkdtemp); what the caller wrote into it has its own
+    # permissions, and walking a whole-slide OME-Zarr's chunks here would cost an export dearly
+    normal_permissions(tmp, recursive=False)
     if not target.exists():
         os.rename(tmp, target)
         return
