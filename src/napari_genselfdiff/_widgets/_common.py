@@ -432,9 +432,10 @@ def add_training_rows(widget, form, *, patch_tip: str, steps: int, steps_step: i
 
 class TrainingControls:
     """What the Pretrain and Fine-tune widgets share below their options: Start/Cancel buttons
-    wired to ``self.start`` and ``self.runner``, a progress panel, the output-folder check and the
-    status line of a cancelled run (``self._last`` is the last Progress seen, ``self.out`` and
-    ``self.resume`` come from :func:`add_training_rows`)."""
+    wired to ``self.start`` and ``self.runner``, a progress panel following the runner (each event
+    also goes to ``self._remember``), the output-folder check and the status line of a cancelled
+    run (``self._last`` is the last Progress seen, ``self.out`` and ``self.resume`` come from
+    :func:`add_training_rows`)."""
 
     def add_run_controls(self, layout: QVBoxLayout, start_text: str) -> None:
         row, self.start_btn, self.cancel_btn = start_cancel_row(start_text)
@@ -444,6 +445,10 @@ class TrainingControls:
         self.progress = ProgressPanel()
         layout.addWidget(self.progress)
         layout.addStretch(1)
+        self.progress.follow(self.runner)
+        self.runner.event.connect(self.progress.show_progress)
+        self.runner.event.connect(self._remember)
+        self.runner.stopped.connect(self._on_stopped)
 
     def checked_output_folder(self, what: str) -> str:
         """The output folder, or a DataError when it is unset, or holds a run and resume is off."""

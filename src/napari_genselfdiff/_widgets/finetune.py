@@ -91,11 +91,7 @@ class FinetuneWidget(TrainingControls, StopsJobsOnClose, QWidget):
         self._last: Progress | None = None
         self._metrics: dict = {}
         self._build()
-        self.progress.follow(self.runner)
-        self.runner.event.connect(self.progress.show_progress)
-        self.runner.event.connect(self._remember)
         self.runner.result.connect(self._on_done)
-        self.runner.stopped.connect(self._on_stopped)
 
     def _build(self) -> None:
         lay = QVBoxLayout(self)

@@ -84,11 +84,7 @@ class PretrainWidget(TrainingControls, StopsJobsOnClose, QWidget):
         self.runners = (self.runner,)
         self._last: Progress | None = None
         self._build()
-        self.progress.follow(self.runner)
-        self.runner.event.connect(self.progress.show_progress)
-        self.runner.event.connect(self._remember)
         self.runner.result.connect(self._on_tiles)
-        self.runner.stopped.connect(self._on_stopped)
 
     # -- layout ----------------------------------------------------------------------------
 
