@@ -117,6 +117,18 @@ def machine() -> str:
             f"{datetime.now(timezone.utc).date().isoformat()}")
 
 
+def time_per_call(fn, repeats: int, sync=lambda: None) -> float:
+    """Seconds per call of ``fn`` over ``repeats`` calls after one warm-up call; ``sync`` waits
+    for queued device work (``torch.cuda.synchronize`` on CUDA)."""
+    fn()  # warm-up
+    sync()
+    t = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    sync()
+    return (time.perf_counter() - t) / repeats
+
+
 class Timer:
     def __enter__(self):
         self.t = time.perf_counter()

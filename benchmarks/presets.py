@@ -12,23 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import torch
 import torch.nn.functional as F
 
-from common import machine  # noqa: F401  (puts src/ on the path)
+from common import machine, time_per_call  # also puts src/ on the path
 from napari_genselfdiff.core import unet as U
 
 VARIANTS = {"tiny": {}, "tiny-3level": {"mults": (1, 2, 2)}}
-
-
-def _time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    t = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    return (time.perf_counter() - t) / repeats
 
 
 def measure(cfg: U.UNetConfig, patch: int, batch: int, infer_size: int, repeats: int) -> dict:
@@ -50,10 +41,10 @@ def measure(cfg: U.UNetConfig, patch: int, batch: int, infer_size: int, repeats:
             model(xi)
 
     model.train()
-    train = batch / _time(step, repeats)
+    train = batch / time_per_call(step, repeats)
     model.eval()
     return {"params": U.count_parameters(model), "train_img_s": train,
-            "infer_mp_s": infer_size**2 / 1e6 / _time(infer, repeats)}
+            "infer_mp_s": infer_size**2 / 1e6 / time_per_call(infer, repeats)}
 
 
 def main() -> None:

@@ -14,12 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import time
 
 import torch
 import torch.nn.functional as F
 
-from common import REPO, machine  # noqa: F401  (puts src/ on the path)
+from common import machine, time_per_call  # also puts src/ on the path
 from napari_genselfdiff.core import unet as U
 from napari_genselfdiff.core.inference import autocast_for
 
@@ -43,16 +42,6 @@ def baseline_from(model: U.UNet) -> U.UNet:
         base.mid_attn = NaiveFullAttention(cfg.base * cfg.mults[-1], cfg.heads, cfg.head_dim, cfg.groups)
     base.load_state_dict(model.state_dict())
     return base
-
-
-def _time(fn, repeats: int, sync) -> float:
-    fn()  # warm-up
-    sync()
-    t = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    sync()
-    return (time.perf_counter() - t) / repeats
 
 
 def main() -> None:
@@ -102,14 +91,14 @@ def main() -> None:
         return run
 
     rows = {}
-    rows["train_baseline"] = a.batch / _time(train_step(base, False), a.repeats, sync)
-    rows["train_ours"] = a.batch / _time(train_step(ours, True), a.repeats, sync)
+    rows["train_baseline"] = a.batch / time_per_call(train_step(base, False), a.repeats, sync)
+    rows["train_ours"] = a.batch / time_per_call(train_step(ours, True), a.repeats, sync)
     mp = a.infer_size**2 / 1e6
-    rows["infer_baseline"] = mp / _time(infer(base, False, False), a.repeats, sync)
-    rows["infer_ours"] = mp / _time(infer(ours, True, True), a.repeats, sync)
+    rows["infer_baseline"] = mp / time_per_call(infer(base, False, False), a.repeats, sync)
+    rows["infer_ours"] = mp / time_per_call(infer(ours, True, True), a.repeats, sync)
     if a.compile:
         compiled = torch.compile(ours)
-        rows["infer_ours_compiled"] = mp / _time(infer(compiled, True, True), a.repeats, sync)
+        rows["infer_ours_compiled"] = mp / time_per_call(infer(compiled, True, True), a.repeats, sync)
     peak = (torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     result = {"machine": machine(), "device": str(dev), "preset": a.preset, "patch": a.patch, "batch": a.batch,
