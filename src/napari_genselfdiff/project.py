@@ -659,19 +659,18 @@ class Project:
         where both the model's and the region's microns per pixel are known."""
         if not model_mpp:
             return items
+        regions = {r["id"]: r for r in self._regions}
         out = []
         for it in items:
-            mpp = self._region_mpp(it.name)
+            mpp = self._region_mpp(regions[it.name]) if it.name in regions else None
             factor = model_mpp / mpp if mpp else 1.0
             out.append(downscale_item(it, factor) if abs(factor - 1.0) > 0.1 else it)
         return out
 
-    def _region_mpp(self, region_id: str) -> float | None:
-        """Microns per pixel of a stored region: its slide's level-0 mpp times how much coarser the
-        stored pixels are than level 0 (1 for level-0 regions); None when the slide's mpp is unknown."""
-        rec = next((r for r in self._regions if r["id"] == region_id), None)
-        if rec is None:
-            return None
+    def _region_mpp(self, rec: dict) -> float | None:
+        """Microns per pixel of a stored region (its manifest record): its slide's level-0 mpp times
+        how much coarser the stored pixels are than level 0 (1 for level-0 regions); None when the
+        slide's mpp is unknown."""
         slide_mpp = next((s.get("mpp") for s in self._meta["slides"] if s["id"] == rec["slide"]), None)
         stored_height = (rec.get("shape") or [rec["bounds"][2] if rec["level"] == 0 else 0])[0]
         if not slide_mpp or not stored_height:
@@ -712,7 +711,7 @@ class Project:
             mpp = load_config(base).get("mpp")
             if mpp:
                 return float(mpp)
-        mpps = [self._region_mpp(r["id"]) for r in self._regions]
+        mpps = [self._region_mpp(r) for r in self._regions]
         if not mpps or any(m is None for m in mpps):
             return None
         return mpps[0] if max(mpps) / min(mpps) < 1.1 else None
