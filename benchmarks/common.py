@@ -20,7 +20,8 @@ from napari_genselfdiff.core.data import (ImageSource, LabeledImage, TaskSpec, d
                                           load_labeled_folder, read_mask)
 from napari_genselfdiff.core.evaluation import evaluate_items  # noqa: E402
 from napari_genselfdiff.core.inference import TorchPredictor  # noqa: E402
-from napari_genselfdiff.core.training import FinetuneConfig, PretrainConfig, drain, finetune, pretrain  # noqa: E402,F401  (re-exported for the benchmark scripts)
+from napari_genselfdiff.core.progress import drain  # noqa: E402,F401  (re-exported for the benchmark scripts)
+from napari_genselfdiff.core.training import FinetuneConfig, PretrainConfig, finetune, pretrain  # noqa: E402,F401  (re-exported)
 
 
 def data_dir() -> Path:
@@ -79,7 +80,7 @@ def load_dataset(ds: Dataset, root: Path):
 
 def unlabeled_pool(root: Path, train_items: dict[str, list[LabeledImage]]) -> list:
     """Unlabeled sources: the training images of every dataset (labels dropped) plus the slides."""
-    from napari_genselfdiff.core.data import unlabeled_sources
+    from napari_genselfdiff.slide.sources import unlabeled_sources
 
     sources = [ImageSource(it.image, f"{ds}/{it.name}") for ds, items in train_items.items() for it in items]
     slides = [p for p in sorted((root / "slides").glob("*")) if p.suffix in (".tif", ".svs")]

@@ -139,17 +139,16 @@ def child_memory(args: argparse.Namespace) -> None:
     """Subprocess entry: predict one slide, print a JSON line with peak memory."""
     import torch
 
+    from napari_genselfdiff.core.progress import drain
     from napari_genselfdiff.slide.tiler import predict_slide
 
     torch.set_num_threads(args.threads)
     pred = PixelPredictor() if args.model == "pixel" else unet_predictor(args.preset)
     baseline = vm_rss_mb()
     start = time.perf_counter()
-    last = None
-    for last in predict_slide(pred, args.slide, args.out, tile=args.tile, overlap=args.overlap,
-                              batch=args.batch, tissue=args.tissue, overwrite=True,
-                              postprocess=args.postprocess):
-        pass
+    last = drain(predict_slide(pred, args.slide, args.out, tile=args.tile, overlap=args.overlap,
+                               batch=args.batch, tissue=args.tissue, overwrite=True,
+                               postprocess=args.postprocess))
     print(json.dumps({"peak_mb": vm_hwm_mb(), "baseline_mb": baseline,
                       "seconds": time.perf_counter() - start, "tiles": last.tiles_computed,
                       "skipped": last.tiles_skipped}))
@@ -176,6 +175,7 @@ def measure_memory(slide: Path, model: str, args: argparse.Namespace, postproces
 def measure_throughput(pred, slide: Path, args: argparse.Namespace) -> dict:
     """End-to-end predict_slide vs the raw forward pass on as many tiles (mean of one raw
     pass before and one after, to even out drift from other load on the machine)."""
+    from napari_genselfdiff.core.progress import drain
     from napari_genselfdiff.slide.reader import open_slide
     from napari_genselfdiff.slide.tiler import predict_slide
 
@@ -196,10 +196,8 @@ def measure_throughput(pred, slide: Path, args: argparse.Namespace) -> dict:
     n = _tile_count(slide, args)
     before = raw(n)
     t0, c0 = time.perf_counter(), time.process_time()
-    last = None
-    for last in predict_slide(pred, slide, out, tile=args.tile, overlap=args.overlap,
-                              batch=args.batch, tissue=False, overwrite=True):
-        pass
+    last = drain(predict_slide(pred, slide, out, tile=args.tile, overlap=args.overlap,
+                               batch=args.batch, tissue=False, overwrite=True))
     e2e, e2e_cpu = time.perf_counter() - t0, time.process_time() - c0
     assert last.tiles_computed == n
     after = raw(n)
@@ -208,10 +206,8 @@ def measure_throughput(pred, slide: Path, args: argparse.Namespace) -> dict:
     overhead = []
     for _ in range(3):
         t0 = time.perf_counter()
-        for _ in predict_slide(NullPredictor(pred.num_classes), slide, out, tile=args.tile,
-                               overlap=args.overlap, batch=args.batch, tissue=False,
-                               overwrite=True):
-            pass
+        drain(predict_slide(NullPredictor(pred.num_classes), slide, out, tile=args.tile,
+                            overlap=args.overlap, batch=args.batch, tissue=False, overwrite=True))
         overhead.append(time.perf_counter() - t0)
     shutil.rmtree(out, ignore_errors=True)
     mpx = h * w / 1e6
@@ -238,7 +234,7 @@ def measure_seam(pred, image: np.ndarray, tile: int, overlap: int) -> tuple[floa
     import skimage.io
 
     from napari_genselfdiff.slide.reader import open_slide
-    from napari_genselfdiff.slide.tiler import FieldOfViewPredictor
+    from napari_genselfdiff.slide.fov import FieldOfViewPredictor
 
     untiled = pred(image[None])[0]
     with tempfile.TemporaryDirectory() as tmp:
@@ -253,26 +249,25 @@ def measure_seam(pred, image: np.ndarray, tile: int, overlap: int) -> tuple[floa
 
 def measure_cut_objects(slide: Path, args: argparse.Namespace) -> dict:
     """Blockwise glands / nuclei of a slide prediction against one-piece labelling."""
-    import zarr
-
+    from napari_genselfdiff.core.progress import drain
     from napari_genselfdiff.slide import instances
+    from napari_genselfdiff.slide.store import PredictionStore
     from napari_genselfdiff.slide.tiler import predict_slide
 
     result = {}
     for kind in ("glands", "nuclei"):
         out = WORK / f"cut_{kind}.zarr"
-        for _ in predict_slide(PixelPredictor(), slide, out, tile=args.tile, overlap=args.overlap,
-                               block=1024, postprocess=kind, overwrite=True):
-            pass
-        group = zarr.open_group(out, mode="r")
-        prob = np.asarray(group["probabilities"][1])
-        labels = np.asarray(group[f"labels/{kind}/0"][...])
+        drain(predict_slide(PixelPredictor(), slide, out, tile=args.tile, overlap=args.overlap,
+                            block=1024, postprocess=kind, overwrite=True))
+        store = PredictionStore.open(out)
+        prob = np.asarray(store.probabilities[1])
+        labels = np.asarray(store.labels(kind)[...])
         one = (instances.glands_from_probabilities(prob) if kind == "glands"
                else instances.nuclei_from_probabilities(prob))
         rep = instances.compare_partitions(one, labels)
         result[kind] = {"objects": rep.n_reference, "blockwise": rep.n_labels, "cut": rep.cut,
                         "merged": rep.merged,
-                        "truncated": dict(group[f"labels/{kind}"].attrs).get("truncated", 0)}
+                        "truncated": dict(store.group[f"labels/{kind}"].attrs).get("truncated", 0)}
         shutil.rmtree(out, ignore_errors=True)
     return result
 

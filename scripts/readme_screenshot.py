@@ -14,7 +14,7 @@ from qtpy.QtWidgets import QApplication
 
 from napari_genselfdiff._sample_data import sample_he
 from napari_genselfdiff._widgets.predict import PredictWidget
-from napari_genselfdiff.models import bundled_models
+from napari_genselfdiff.bundled import bundled_models
 
 OUT = Path(__file__).resolve().parents[1] / "docs" / "napari_glands.png"
 

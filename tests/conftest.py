@@ -69,8 +69,8 @@ def one_torch_thread():
 @pytest.fixture
 def settings_dir(tmp_path, monkeypatch) -> Path:
     """Widget settings go to a fresh folder, never the user's real config."""
-    from napari_genselfdiff._widgets import _common
+    from napari_genselfdiff._widgets.settings import CONFIG_ENV
 
     d = tmp_path / "config"
-    monkeypatch.setenv(_common.CONFIG_ENV, str(d))
+    monkeypatch.setenv(CONFIG_ENV, str(d))
     return d

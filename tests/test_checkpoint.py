@@ -110,3 +110,49 @@ def test_written_files_are_readable_like_ordinary_files(tmp_path):
         assert mode == (dir_mode if p.is_dir() else file_mode), (p, oct(mode))
         seen += 1
     assert seen >= 10
+
+
+def _saved(tmp_path):
+    m = _model()
+    return ck.save_checkpoint(tmp_path / "c", m, {"kind": "segmentation", "model": m.config.to_dict()}), m
+
+
+def test_damaged_weights_are_refused_not_loaded(tmp_path):
+    """A few flipped bytes inside the tensor data of model.safetensors used to load as NaN weights
+    (zero probabilities, 0 objects, Dice 0, exit code 0): the checksum in config.json catches it."""
+    d, _ = _saved(tmp_path)
+    assert len(json.loads((d / ck.CONFIG_FILE).read_text())["weights_sha256"]) == 64
+    ck.load_model(d)  # intact: loads
+    raw = bytearray((d / ck.MODEL_FILE).read_bytes())
+    raw[-64:-56] = b"\xff" * 8  # NaN bit patterns in the last tensor's data
+    (d / ck.MODEL_FILE).write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match="damaged weights.*checksum"):
+        ck.load_model(d)
+
+
+def test_non_finite_weights_are_refused_without_a_checksum(tmp_path):
+    """Checkpoints written before the checksum existed are still checked for NaN/inf tensors."""
+    from safetensors.torch import save_file
+
+    d, m = _saved(tmp_path)
+    cfg = json.loads((d / ck.CONFIG_FILE).read_text())
+    cfg.pop("weights_sha256")
+    (d / ck.CONFIG_FILE).write_text(json.dumps(cfg))
+    sd = {k: v.clone() for k, v in m.state_dict().items()}
+    sd["final_conv.weight"][0, 0] = float("nan")
+    save_file(sd, str(d / ck.MODEL_FILE))
+    with pytest.raises(CheckpointError, match="NaN or infinite.*final_conv.weight"):
+        ck.load_model(d)
+
+
+def test_config_of_another_architecture_gives_one_clear_error(tmp_path):
+    d, m = _saved(tmp_path)
+    cfg = json.loads((d / ck.CONFIG_FILE).read_text())
+    cfg["model"]["base"] = 32  # not what the weights were trained with
+    (d / ck.CONFIG_FILE).write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="do not match the architecture"):
+        ck.load_model(d)
+    cfg["model"]["norm"] = "layer"
+    (d / ck.CONFIG_FILE).write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="no valid architecture"):
+        ck.load_model(d)

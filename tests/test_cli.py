@@ -120,3 +120,30 @@ def test_end_to_end_on_glas_tiles(glas_dir, tmp_path, capsys):
     code, _, err = _run(capsys, "evaluate", "--model", str(tmp_path / "pre"), "--images", str(imgs),
                         "--masks", str(masks))
     _one_line_error(code, err, "fine-tune it first")
+
+
+def test_progress_bar_drives_any_job_to_its_done_event_and_closes_it(capsys):
+    """The one terminal driver: training-like and slide-prediction-like events alike; messages
+    go to stderr, the last event is returned, and the generator is closed (a Ctrl-C saves)."""
+    from napari_genselfdiff.cli.console import progress_bar
+    from napari_genselfdiff.core.progress import Progress
+
+    closed = []
+
+    def job(stages):
+        try:
+            yield Progress(stages[0], 0, 4, message="starting")
+            for i, stage in enumerate(stages[1:], 1):
+                yield Progress(stage, i, 4, loss=1.0 / i, lr=1e-3, images_per_s=5.0, tiles_skipped=1)
+            yield Progress(stages[-1], 4, 4, done=True, checkpoint="ck", message="finished")
+            yield Progress("never", 5, 4)  # past the done event: not read
+        finally:
+            closed.append(True)
+
+    last = progress_bar(job(["finetune"] * 4), "finetune")
+    assert last.done and last.checkpoint == "ck" and closed == [True]
+    assert capsys.readouterr().err.split() == ["starting", "finished"]
+    last = progress_bar(job(["predict", "predict", "postprocess", "postprocess"]), "slide",
+                        units={"predict": "tile", "postprocess": "block"})
+    assert last.done and last.stage == "postprocess" and closed == [True, True]
+    assert progress_bar(iter([]), "nothing") is None

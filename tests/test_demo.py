@@ -5,7 +5,7 @@ import pytest
 from imageio.v3 import imread
 
 from napari_genselfdiff.cli import main
-from napari_genselfdiff.models import bundled_models
+from napari_genselfdiff.bundled import bundled_models
 
 
 @pytest.mark.slow
@@ -24,6 +24,6 @@ def test_demo_writes_labels_geojson_and_overlay(tmp_path, capsys, request):
     assert ov.shape == (768, 1024, 3)
     # the outlines are drawn: the overlay differs from the sample image where objects were found
     from napari_genselfdiff.core.data import read_image
-    from napari_genselfdiff.models import sample_image_path
+    from napari_genselfdiff.bundled import sample_image_path
     changed = (ov != read_image(sample_image_path())).any(axis=2).mean()
     assert (changed > 0) == any(v["objects"] > 0 for k, v in summary["predicted"].items() if k != "overlay")

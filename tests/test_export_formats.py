@@ -10,7 +10,7 @@ import tifffile
 import zarr
 
 from napari_genselfdiff.core.errors import DataError
-from napari_genselfdiff.export import ome_zarr, tiff
+from napari_genselfdiff.formats import ome_zarr, tiff
 
 
 def _labels(shape=(300, 500), dtype=np.int32, seed=0) -> np.ndarray:
@@ -207,3 +207,22 @@ def test_tiff_bad_arguments_and_files(tmp_path):
     tifffile.imwrite(rgb, np.zeros((8, 8, 3), np.uint8))
     with pytest.raises(DataError, match="rgb.tif.*not a 2-D integer"):
         tiff.read_label_tiff(rgb)
+
+
+def test_write_tiff_one_image_atomically_with_resolution(tmp_path, monkeypatch):
+    rgb = np.random.default_rng(1).integers(0, 256, (100, 120, 3), dtype=np.uint8)
+    path = tiff.write_tiff(tmp_path / "sub" / "img.tif", rgb, photometric="rgb", tile=(64, 64), mpp=0.5)
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[0]
+        assert page.is_tiled and page.photometric == tifffile.PHOTOMETRIC.RGB
+        assert page.tags["XResolution"].value[0] / page.tags["XResolution"].value[1] == pytest.approx(2e4)
+        np.testing.assert_array_equal(page.asarray(), rgb)
+    mask = _labels((40, 50), np.uint16)
+    np.testing.assert_array_equal(tiff.read_label_tiff(tiff.write_tiff(tmp_path / "m.tif", mask)), mask)
+    # a failed write leaves the previous file and no temporary one
+    target = tmp_path / "m.tif"
+    monkeypatch.setattr(tifffile.TiffWriter, "write", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("disk")))
+    with pytest.raises(RuntimeError, match="disk"):
+        tiff.write_tiff(target, mask)
+    np.testing.assert_array_equal(tiff.read_label_tiff(target), mask)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.tif", "sub"]

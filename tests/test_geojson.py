@@ -14,7 +14,7 @@ from shapely.geometry import MultiPolygon, Polygon, shape
 from skimage import draw
 
 from napari_genselfdiff.core.errors import DataError
-from napari_genselfdiff.export import geojson as gj
+from napari_genselfdiff.formats import geojson as gj
 
 CANVAS = 2000
 CELL = 36

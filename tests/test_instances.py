@@ -6,6 +6,7 @@ import pytest
 import zarr
 from skimage.draw import disk
 
+from napari_genselfdiff.core.postprocess import glands_from_probabilities, nuclei_from_probabilities
 from napari_genselfdiff.slide import instances as ins
 
 
@@ -29,17 +30,17 @@ def _hand_glands() -> np.ndarray:
 
 
 def test_glands_one_piece_hand_worked():
-    labels = ins.glands_from_probabilities(_hand_glands(), min_size=3)
+    labels = glands_from_probabilities(_hand_glands(), min_size=3)
     assert labels.dtype == np.int32 and labels.max() == 2
     assert labels[2, 2] == labels[1, 1] == 1            # hole filled into the ring
     assert labels[5, 6] == labels[8, 9] == 2            # diagonal contact joins
     assert labels[10, 1] == 0                           # removed (2 px < 3)
     assert (labels > 0).sum() == 9 + 8
-    unfilled = ins.glands_from_probabilities(_hand_glands(), min_size=3, fill_holes=False)
+    unfilled = glands_from_probabilities(_hand_glands(), min_size=3, fill_holes=False)
     assert unfilled[2, 2] == 0 and unfilled.max() == 2
     # uint8 input is read as p * 255 (stored probabilities)
     u8 = np.rint(_hand_glands() * 255).astype(np.uint8)
-    np.testing.assert_array_equal(ins.glands_from_probabilities(u8, min_size=3), labels)
+    np.testing.assert_array_equal(glands_from_probabilities(u8, min_size=3), labels)
 
 
 def _gland_map(rng: np.random.Generator) -> np.ndarray:
@@ -75,7 +76,7 @@ def _gland_map(rng: np.random.Generator) -> np.ndarray:
 @pytest.mark.parametrize("fill_holes", [True, False])
 def test_stitched_glands_equal_one_piece(block, fill_holes):
     prob = _gland_map(np.random.default_rng(3))
-    reference = ins.glands_from_probabilities(prob, min_size=30, fill_holes=fill_holes)
+    reference = glands_from_probabilities(prob, min_size=30, fill_holes=fill_holes)
     out = np.zeros(prob.shape, np.int32)
     stats = ins.glands_blockwise(prob, out, block=block, min_size=30, fill_holes=fill_holes)
     report = ins.compare_partitions(reference, out)
@@ -100,7 +101,7 @@ def test_stitched_glands_into_zarr(tmp_path):
     out = store.create_array("0", shape=prob.shape, chunks=(64, 64), dtype="int32", fill_value=0)
     steps = list(ins.iter_glands_blockwise(prob, out, block=64, min_size=30))
     assert steps[-1] == (2 * 25, 2 * 25) and len(steps) == 50
-    reference = ins.glands_from_probabilities(prob, min_size=30)
+    reference = glands_from_probabilities(prob, min_size=30)
     assert ins.compare_partitions(reference, np.asarray(out[...])).identical
 
 
@@ -109,7 +110,7 @@ def test_nuclei_one_piece_splits_touching_nuclei():
     for centre in ((20, 20), (20, 36)):                 # overlapping discs, radius 9
         rr, cc = disk(centre, 9, shape=prob.shape)
         prob[rr, cc] = 0.9
-    labels = ins.nuclei_from_probabilities(prob, min_size=10, min_distance=4)
+    labels = nuclei_from_probabilities(prob, min_size=10, min_distance=4)
     assert labels.max() == 2
     assert labels[20, 14] != labels[20, 42] and 0 not in (labels[20, 14], labels[20, 42])
     assert ((labels > 0) == (prob > 0.5)).all()
@@ -119,7 +120,7 @@ def test_nuclei_one_piece_splits_touching_nuclei():
     fg[5:15, 3:27] = 0.9
     fg[5:15, 14:16] = 0.0
     bnd[5:15, 14:16] = 0.9
-    labels = ins.nuclei_from_probabilities(fg, bnd, min_size=10)
+    labels = nuclei_from_probabilities(fg, bnd, min_size=10)
     assert labels.max() == 2 and (labels[5:15, 3:27] > 0).all()
     assert labels[10, 5] != labels[10, 25]
 
@@ -135,7 +136,7 @@ def _nuclei_map(rng: np.random.Generator, n: int = 150) -> np.ndarray:
 @pytest.mark.parametrize("block", [64, 100])
 def test_stitched_nuclei_equal_one_piece(block):
     prob = _nuclei_map(np.random.default_rng(1))
-    reference = ins.nuclei_from_probabilities(prob, min_size=5)
+    reference = nuclei_from_probabilities(prob, min_size=5)
     out = np.zeros(prob.shape, np.int32)
     stats = ins.nuclei_blockwise(prob, out, block=block, halo=48, min_size=5)
     report = ins.compare_partitions(reference, out)
@@ -167,7 +168,7 @@ def test_stitched_nuclei_with_boundary_class():
         rr, cc = disk(centre, r - 2, shape=fg.shape)
         fg[rr, cc] = 0.9
         bnd[rr, cc] = 0.0
-    reference = ins.nuclei_from_probabilities(fg, bnd, min_size=5)
+    reference = nuclei_from_probabilities(fg, bnd, min_size=5)
     out = np.zeros(fg.shape, np.int32)
     stats = ins.nuclei_blockwise(fg, out, block=64, prob_boundary=bnd, halo=40, min_size=5)
     assert ins.compare_partitions(reference, out).identical

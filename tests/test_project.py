@@ -10,12 +10,15 @@ import pytest
 import torch
 from scipy import ndimage as ndi
 
-from napari_genselfdiff import project as project_mod
+from napari_genselfdiff.cli.project import project_cli_create, project_cli_refine, project_cli_status
 from napari_genselfdiff.core import checkpoint as ck
 from napari_genselfdiff.core.data import LabeledImage, read_image, read_mask
 from napari_genselfdiff.core.errors import DataError
-from napari_genselfdiff.core.training import FinetuneConfig, drain, finetune
-from napari_genselfdiff.project import (Project, project_cli_create, project_cli_refine, project_cli_status)
+from napari_genselfdiff.core.progress import drain
+from napari_genselfdiff.core.training import FinetuneConfig, finetune
+from napari_genselfdiff.project import Project
+from napari_genselfdiff.project import store as project_store
+from napari_genselfdiff.project.refine import at_model_resolution, training_mpp
 
 SHAPE = (300, 400)
 FAST = dict(patch=32, batch=2, lr=1e-3, warmup=1, checkpoint_every=0)
@@ -164,14 +167,14 @@ def test_failed_accept_leaves_nothing_and_project_still_opens(tmp_path, slide_fi
     proj, sid = _project(tmp_path, slide_file)
     img, lab = _region(0)
     proj.accept_region(sid, img, lab, (0, 0, 64, 64))
-    real = project_mod._write_png
+    real = project_store._write_png
 
     def fail_on_mask(path, array):
         if path.name == "mask.png":
             raise OSError("disk full")
         real(path, array)
 
-    monkeypatch.setattr(project_mod, "_write_png", fail_on_mask)
+    monkeypatch.setattr(project_store, "_write_png", fail_on_mask)
     with pytest.raises(OSError, match="disk full"):
         proj.accept_region(sid, img, lab, (64, 64, 64, 64))
     monkeypatch.undo()
@@ -480,11 +483,11 @@ def test_regions_are_rescaled_to_the_model_resolution_for_refine(tmp_path, slide
     lab[10:30, 20:60] = 1
     proj.accept_region(sid, img, lab, (0, 0, 64, 96))
     items = proj.training_items()
-    half = proj._at_model_resolution(items, 1.0)
+    half = at_model_resolution(proj, items, 1.0)
     assert half[0].image.shape == (32, 48, 3) and half[0].target.shape == (32, 48)
     assert half[0].target.sum() == 10 * 20  # a 20x40 box becomes 10x20
-    assert proj._at_model_resolution(items, 0.52)[0].image.shape == (64, 96, 3)  # within 10%: untouched
-    assert proj._at_model_resolution(items, None)[0] is items[0]
+    assert at_model_resolution(proj, items, 0.52)[0].image.shape == (64, 96, 3)  # within 10%: untouched
+    assert at_model_resolution(proj, items, None)[0] is items[0]
 
 
 def test_coarse_level_regions_are_rescaled_by_their_own_resolution(tmp_path, slide_file):
@@ -498,9 +501,9 @@ def test_coarse_level_regions_are_rescaled_by_their_own_resolution(tmp_path, sli
     lab[5:15, 10:30] = 1
     proj.accept_region(sid, img, lab, (0, 0, 64, 96), level=1)
     items = proj.training_items()
-    assert proj._at_model_resolution(items, 1.0)[0].image.shape == (32, 48, 3)
-    doubled = proj._at_model_resolution(items, 0.5)[0]
+    assert at_model_resolution(proj, items, 1.0)[0].image.shape == (32, 48, 3)
+    doubled = at_model_resolution(proj, items, 0.5)[0]
     assert doubled.image.shape == (64, 96, 3) and doubled.target.sum() == 4 * 10 * 20
-    assert proj._training_mpp(None) == pytest.approx(1.0)
+    assert training_mpp(proj, None) == pytest.approx(1.0)
     proj.accept_region(sid, img[:16, :24], lab[:16, :24], (100, 100, 16, 24))  # level 0: 0.5 um/px
-    assert proj._training_mpp(None) is None  # regions disagree: no single resolution to record
+    assert training_mpp(proj, None) is None  # regions disagree: no single resolution to record

@@ -13,6 +13,7 @@ import tifffile
 import zarr
 
 from napari_genselfdiff.core.errors import DataError
+from napari_genselfdiff.slide.levels import level_for_mpp, region_at_mpp
 from napari_genselfdiff.slide.reader import Slide, open_slide
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,6 +75,21 @@ def test_level_for_mpp_picks_nearest_level_on_log_scale():
     assert slide.level_for_mpp(0.1) == 0
     assert slide.level_for_mpp(None) == 0
     assert Slide(path=Path("x"), levels=lv, downsamples=[1.0, 2.0, 4.0]).level_for_mpp(1.0) == 0
+
+
+def test_one_mpp_rule_and_regions_at_the_model_level():
+    assert level_for_mpp([1.0, 2.0, 4.0], 0.5, 1.5) == 2
+    assert level_for_mpp([1.0, 2.0, 4.0], 0.5, 0.7) == 0  # |log(0.5/0.7)| = 0.336 < |log(1.0/0.7)| = 0.357
+    assert level_for_mpp([1.0, 2.0, 4.0], None, 1.0) == level_for_mpp([1.0, 2.0], 0.5, None) == 0
+    lv = [da.zeros((64, 64, 3), np.uint8), da.zeros((32, 32, 3), np.uint8), da.zeros((16, 16, 3), np.uint8)]
+    slide = Slide(path=Path("x"), levels=lv, downsamples=[1.0, 2.0, 4.0], mpp=0.5)
+    # a level-0 view (10, 20) 30 x 40 seen by a 1.0 mpp model: level 1, halved, rounded outwards
+    assert slide.region_at_mpp((0, 10, 20, 30, 40), 1.0) == (1, 5, 10, 15, 20)
+    assert slide.region_at_mpp((0, 60, 60, 10, 10), 2.0) == (2, 15, 15, 1, 1)  # clipped, >= 1 pixel
+    assert slide.region_at_mpp((0, 10, 20, 30, 40), 0.5) == (0, 10, 20, 30, 40)
+    assert slide.region_at_mpp((0, 10, 20, 30, 40), None) == (0, 10, 20, 30, 40)
+    assert region_at_mpp((0, 10, 20, 30, 40), [1.0, 2.0, 4.0], [(64, 64), (32, 32), (16, 16)], 0.5, 1.0) == \
+        (1, 5, 10, 15, 20)
 
 
 # ------------------------------------------------------------------------------- TIFF family

@@ -16,12 +16,10 @@ import pytest
 pytest.importorskip("napari")
 pytest.importorskip("pytestqt")
 
-from napari_genselfdiff._widgets import refine as refine_mod  # noqa: E402
 from napari_genselfdiff._widgets.refine import (EDIT_KEY, PROJECT_LABELS, SUGGESTION_LAYER,  # noqa: E402
-                                                 RefineWidget, sample_labels, view_bounds)
+                                                 RefineWidget)
 from napari_genselfdiff.core.data import LabeledImage, read_image  # noqa: E402
-from napari_genselfdiff.core.errors import DataError  # noqa: E402
-from napari_genselfdiff.models import sample_image_path  # noqa: E402
+from napari_genselfdiff.bundled import sample_image_path  # noqa: E402
 from napari_genselfdiff.project import Project  # noqa: E402
 
 pytestmark = [pytest.mark.gui, pytest.mark.usefixtures("settings_dir", "one_torch_thread")]
@@ -41,9 +39,14 @@ MANIFEST = REPO / "src" / "napari_genselfdiff" / "napari.yaml"
 @pytest.fixture
 def messages(monkeypatch) -> dict[str, list[str]]:
     """What the widget told the user, by kind (error / warning / info)."""
+    import importlib
+
     seen: dict[str, list[str]] = {"error": [], "warning": [], "info": []}
-    for kind in seen:
-        monkeypatch.setattr(refine_mod, f"show_{kind}", seen[kind].append)
+    for box in ("project_box", "annotate", "suggest", "refining", "geojson_box"):
+        module = importlib.import_module(f"napari_genselfdiff._widgets.refine.{box}")
+        for kind in seen:
+            if hasattr(module, f"show_{kind}"):
+                monkeypatch.setattr(module, f"show_{kind}", seen[kind].append)
     return seen
 
 
@@ -67,7 +70,8 @@ def seg_model(tmp_path_factory) -> Path:
     import torch
 
     from napari_genselfdiff.core.data import TaskSpec, mask_to_target
-    from napari_genselfdiff.core.training import FinetuneConfig, drain, finetune
+    from napari_genselfdiff.core.progress import drain
+    from napari_genselfdiff.core.training import FinetuneConfig, finetune
 
     torch.set_num_threads(1)
     image = read_image(sample_image_path())[:96, :96]
@@ -87,16 +91,16 @@ def refine_widget(viewer, tmp_path: Path, model: Path | None) -> RefineWidget:
     """A docked widget with a new glands project (tiny training settings, CPU)."""
     w = RefineWidget(viewer)
     viewer.window.add_dock_widget(w, name="Annotate and refine", area="right")
-    w.folder.setText(str(tmp_path / "project"))
-    w.model.setText("" if model is None else str(model))
-    w.create_btn.click()
+    w.project_box.folder.setText(str(tmp_path / "project"))
+    w.project_box.model.setText("" if model is None else str(model))
+    w.project_box.create_btn.click()
     assert w.project is not None
-    w.steps.setValue(2)
-    w.patch.setValue(32)
-    w.batch.setValue(2)
-    w.device.combo.setCurrentText("cpu")
-    w.region_size.setValue(256)
-    w.repredict.setChecked(False)
+    w.refine_box.steps.setValue(2)
+    w.refine_box.patch.setValue(32)
+    w.refine_box.batch.setValue(2)
+    w.refine_box.device.combo.setCurrentText("cpu")
+    w.suggest.region_size.setValue(256)
+    w.refine_box.repredict.setChecked(False)
     return w
 
 
@@ -114,7 +118,7 @@ def wait_idle(qtbot, runner, timeout: int = 90_000) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# manifest and geometry
+# manifest
 
 def test_manifest_contributes_the_refine_widget():
     from npe2 import PluginManifest
@@ -125,57 +129,21 @@ def test_manifest_contributes_the_refine_widget():
     assert commands[widgets["Annotate and refine"]] == "napari_genselfdiff._widgets.refine:RefineWidget"
 
 
-def test_view_bounds_are_the_pixels_on_screen(viewer):
-    """Canvas 400 x 800 at zoom 4 shows world y 50..150, x 100..300 around centre (100, 200).
-    With scale 1, pixel j spans [j - 0.5, j + 0.5]: rows 50..150 (101), columns 100..300 (201).
-    With scale 0.5 and translate (10, 20), world y 50..150 is data (80..280) -> rows 80..280."""
-    plain = viewer.add_image(np.zeros((1000, 1000, 3), np.uint8), rgb=True)
-    look_at(viewer, (100, 200), 4)
-    assert view_bounds(viewer, plain) == (50, 100, 101, 201)
-    scaled = viewer.add_image(np.zeros((1000, 1000, 3), np.uint8), rgb=True, scale=(0.5, 0.5), translate=(10, 20))
-    assert view_bounds(viewer, scaled) == (80, 160, 201, 401)
-
-
-def test_view_bounds_are_clamped_to_the_image_and_capped(viewer):
-    layer = viewer.add_image(np.zeros((3000, 2500, 3), np.uint8), rgb=True)
-    look_at(viewer, (20, 30), 4)  # world y -30..70, x -70..130: clamped at 0
-    assert view_bounds(viewer, layer) == (0, 0, 71, 131)
-    look_at(viewer, (1500, 1250), 0.1)  # everything in view: 2048-pixel sides centred on the camera
-    assert view_bounds(viewer, layer) == (476, 226, 2048, 2048)
-    assert view_bounds(viewer, layer, cap=100) == (1450, 1200, 100, 100)
-    look_at(viewer, (5000, 5000), 4)
-    with pytest.raises(DataError, match="not in view"):
-        view_bounds(viewer, layer)
-
-
-def test_sample_labels_reads_a_coarser_prediction_under_each_pixel(viewer):
-    """A level-1 result (scale 2, translate 0.5, as the Predict widget places it): level-0 pixel
-    (r, c) lies under label pixel (r // 2, c // 2)."""
-    image = viewer.add_image(np.zeros((40, 40, 3), np.uint8), rgb=True)
-    coarse = np.arange(400, dtype=np.int32).reshape(20, 20)
-    labels = viewer.add_labels(coarse, scale=(2, 2), translate=(0.5, 0.5))
-    got = sample_labels(labels, image, (5, 7, 10, 12))
-    rows, cols = np.arange(5, 15) // 2, np.arange(7, 19) // 2
-    np.testing.assert_array_equal(got, coarse[np.ix_(rows, cols)])
-    part = sample_labels(labels, image, (30, 30, 20, 20))  # half outside the labels: 0 there
-    assert part.shape == (20, 20) and (part[10:] == 0).all() and (part[:10, :10] > 0).all()
-
-
 # ---------------------------------------------------------------------------------------------
 # project, edit, accept
 
 def test_create_and_open_show_the_project_status(viewer, tmp_path, seg_model, messages):
     w = refine_widget(viewer, tmp_path, seg_model)
-    assert "task glands" in w.status.text() and "accepted regions: 0" in w.status.text()
-    assert seg_model.name in w.status.text()
-    w.create_btn.click()  # the folder is a project now: a readable error, nothing changes
+    assert "task glands" in w.project_box.status.text() and "accepted regions: 0" in w.project_box.status.text()
+    assert seg_model.name in w.project_box.status.text()
+    w.project_box.create_btn.click()  # the folder is a project now: a readable error, nothing changes
     assert any("already a project" in m for m in messages["error"])
     other = RefineWidget(viewer)
-    other.folder.setText(str(tmp_path / "project"))
-    other.open_btn.click()
+    other.project_box.folder.setText(str(tmp_path / "project"))
+    other.project_box.open_btn.click()
     assert other.project is not None and other.project.folder == w.project.folder
-    other.folder.setText(str(tmp_path / "nothing here"))
-    other.open_btn.click()
+    other.project_box.folder.setText(str(tmp_path / "nothing here"))
+    other.project_box.open_btn.click()
     assert any("no such project folder" in m for m in messages["error"])
 
 
@@ -184,7 +152,7 @@ def test_edit_paint_accept_stores_the_region(viewer, tmp_path, he_image, seg_mod
     w = refine_widget(viewer, tmp_path, seg_model)
     look_at(viewer, (300, 400), 4)  # rows 250..350, columns 300..500
     y, x, h, wd = 250, 300, 101, 201
-    layer = w.edit_region()
+    layer = w.annotate.edit_region()
     assert layer.name == f"edit: H_E {y},{x},{h},{wd}"
     assert layer.data.shape == (h, wd) and not layer.data.any()  # no prediction, nothing accepted yet
     assert tuple(layer.translate) == (y, x) and tuple(layer.scale) == tuple(image.scale)
@@ -192,8 +160,8 @@ def test_edit_paint_accept_stores_the_region(viewer, tmp_path, he_image, seg_mod
 
     painted = discs((h, wd))
     layer.data[:] = painted
-    assert w.edit_region() is layer and (layer.data == painted).all()  # same view: the same layer, kept
-    rid = w.accept_region()
+    assert w.annotate.edit_region() is layer and (layer.data == painted).all()  # same view: the same layer, kept
+    rid = w.annotate.accept_region()
     assert rid == "r00001" and any(rid in m for m in messages["info"])
     (region,) = w.project.regions()
     assert region["bounds"] == [y, x, h, wd] and region["slide"] == "H_E" and region["n_objects"] == 2
@@ -206,11 +174,11 @@ def test_edit_paint_accept_stores_the_region(viewer, tmp_path, he_image, seg_mod
     assert (w.project.folder / "images" / "H_E.tif").is_file()
     assert layer in viewer.layers and layer.name == f"✓ r00001 H_E {y},{x},{h},{wd}"
     assert layer.metadata[EDIT_KEY]["accepted"] == "r00001"
-    assert "accepted regions: 1 (1 on this image)" in w.status.text()
+    assert "accepted regions: 1 (1 on this image)" in w.project_box.status.text()
 
     # the same region again, a bit to the right: the accepted part comes back from the label store
     look_at(viewer, (300, 450), 4)
-    again = w.edit_region()
+    again = w.annotate.edit_region()
     assert again is not layer and again.metadata[EDIT_KEY]["prefill"] == ["accepted"]
     np.testing.assert_array_equal(again.data[:, :wd - 50], painted[:, 50:])
     assert not again.data[:, wd - 50:].any()
@@ -224,10 +192,10 @@ def test_edit_and_accept_on_a_multiscale_image_use_full_resolution(viewer, tmp_p
     image.locked_data_level = 1
     w = refine_widget(viewer, tmp_path, seg_model)
     look_at(viewer, (300, 400), 4)
-    layer = w.edit_region()
+    layer = w.annotate.edit_region()
     assert layer.data.shape == (101, 201) and tuple(layer.translate) == (250, 300)
     layer.data[20:60, 30:90] = 1
-    assert w.accept_region() == "r00001"
+    assert w.annotate.accept_region() == "r00001"
     stored_image, stored_mask = w.project.region_arrays("r00001")
     np.testing.assert_array_equal(stored_image, he_image[250:351, 300:501])
     assert stored_mask.sum() == 40 * 60
@@ -238,9 +206,9 @@ def edit_and_accept_a_file(viewer, tmp_path: Path, path: Path, seg_model: Path) 
     [image] = viewer.open(str(path), plugin="napari-genselfdiff")
     w = refine_widget(viewer, tmp_path, seg_model)
     look_at(viewer, (300, 400), 4)
-    layer = w.edit_region()
+    layer = w.annotate.edit_region()
     layer.data[20:60, 30:90] = 1
-    rid = w.accept_region()
+    rid = w.annotate.accept_region()
     assert rid == "r00001"
     (slide,) = w.project.slides()
     stored_image, _ = w.project.region_arrays(rid)
@@ -273,15 +241,15 @@ def test_a_different_image_under_a_saved_name_is_refused(viewer, tmp_path, he_im
     viewer.add_image(he_image, name="H&E", rgb=True)
     w = refine_widget(viewer, tmp_path, seg_model)
     look_at(viewer, (300, 400), 4)
-    w.edit_region()
-    assert w.accept_region() == "r00001"
+    w.annotate.edit_region()
+    assert w.annotate.accept_region() == "r00001"
     viewer.layers.remove("H&E")
     viewer.add_image(255 - he_image, name="H&E", rgb=True)
-    assert w.edit_region() is None
+    assert w.annotate.edit_region() is None
     assert any("different image named 'H&E'" in m for m in messages["error"])
     viewer.layers.remove("H&E")
     viewer.add_image(he_image.copy(), name="H&E", rgb=True)  # the same pixels again: fine
-    assert w.edit_region() is not None
+    assert w.annotate.edit_region() is not None
 
 
 def test_edit_is_prefilled_with_the_prediction_layer(viewer, tmp_path, he_image, seg_model):
@@ -292,7 +260,7 @@ def test_edit_is_prefilled_with_the_prediction_layer(viewer, tmp_path, he_image,
                       metadata={"genselfdiff": {"downsample": 2.0, "offset": [0, 0], "image": "H&E"}})
     w = refine_widget(viewer, tmp_path, seg_model)
     look_at(viewer, (300, 400), 4)
-    layer = w.edit_region()
+    layer = w.annotate.edit_region()
     assert layer.metadata[EDIT_KEY]["prefill"] == ["prediction"]
     assert layer.metadata[EDIT_KEY]["model"] == str(seg_model)
     rows, cols = np.arange(250, 351) // 2, np.arange(300, 501) // 2
@@ -305,7 +273,7 @@ def test_a_failed_accept_keeps_the_layer_and_what_was_painted(viewer, tmp_path, 
     viewer.add_image(he_image, name="H&E", rgb=True)
     w = refine_widget(viewer, tmp_path, seg_model)
     look_at(viewer, (300, 400), 4)
-    layer = w.edit_region()
+    layer = w.annotate.edit_region()
     layer.data[10:30, 10:30] = 3
     name = layer.name
 
@@ -313,16 +281,16 @@ def test_a_failed_accept_keeps_the_layer_and_what_was_painted(viewer, tmp_path, 
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(Project, "accept_region", disk_full)
-    assert w.accept_region() is None
+    assert w.annotate.accept_region() is None
     assert any("No space left" in m and "nothing was lost" in m for m in messages["error"])
     assert layer in viewer.layers and layer.name == name and (layer.data[10:30, 10:30] == 3).all()
     monkeypatch.undo()
-    assert w.accept_region() == "r00001"  # the same layer, accepted once the problem is gone
+    assert w.annotate.accept_region() == "r00001"  # the same layer, accepted once the problem is gone
 
 
 def test_accept_without_an_edit_is_a_readable_error(viewer, tmp_path, seg_model, messages):
     w = refine_widget(viewer, tmp_path, seg_model)
-    assert w.accept_region() is None
+    assert w.annotate.accept_region() is None
     assert any("Edit region" in m for m in messages["error"])
 
 
@@ -332,9 +300,9 @@ def test_accept_without_an_edit_is_a_readable_error(viewer, tmp_path, seg_model,
 def accept_two_regions(viewer, w: RefineWidget) -> None:
     for centre in ((200, 250), (500, 700)):
         look_at(viewer, centre, 4)
-        layer = w.edit_region()
+        layer = w.annotate.edit_region()
         layer.data[:] = discs(layer.data.shape)
-        assert w.accept_region() is not None
+        assert w.annotate.accept_region() is not None
 
 
 def test_refine_from_the_widget_shows_dice_and_hands_the_model_to_predict(viewer, qtbot, tmp_path, he_image,
@@ -347,19 +315,19 @@ def test_refine_from_the_widget_shows_dice_and_hands_the_model_to_predict(viewer
     predict.device.combo.setCurrentText("cpu")
     predict.tile.setValue(256)
     w = refine_widget(viewer, tmp_path, seg_model)
-    w.repredict.setChecked(True)
+    w.refine_box.repredict.setChecked(True)
     accept_two_regions(viewer, w)
-    w.refine_btn.click()
-    assert not w.refine_btn.isEnabled() and w.cancel_btn.isEnabled()
-    wait_idle(qtbot, w.refine_runner)
+    w.refine_box.refine_btn.click()
+    assert not w.refine_box.refine_btn.isEnabled() and w.refine_box.cancel_btn.isEnabled()
+    wait_idle(qtbot, w.refine_box.runner)
     (record,) = w.project.history()
     assert record["status"] == "finished" and record["steps"] == 2
     new_model = w.project.folder / "models" / "refine-1"
     assert w.project.current_model == new_model
-    text = w.dice.text()
+    text = w.refine_box.dice.text()
     assert "→" in text and f"{record['after']:.3f}" in text
-    assert "last refine (finished)" in w.status.text() and "refine-1" in w.status.text()
-    assert w.refine_btn.isEnabled() and not w.cancel_btn.isEnabled()
+    assert "last refine (finished)" in w.project_box.status.text() and "refine-1" in w.project_box.status.text()
+    assert w.refine_box.refine_btn.isEnabled() and not w.refine_box.cancel_btn.isEnabled()
     # the Predict widget: the new model is selected and remembered, and the view re-predicted
     assert predict.model_path() == str(new_model)
     saved = json.loads((settings_dir / "widgets.json").read_text())
@@ -373,22 +341,23 @@ def test_cancelling_a_refine_keeps_the_current_model(viewer, qtbot, tmp_path, he
     viewer.add_image(he_image, name="H&E", rgb=True)
     w = refine_widget(viewer, tmp_path, seg_model)
     accept_two_regions(viewer, w)
-    w.steps.setValue(5000)
-    w.refine_btn.click()
-    qtbot.waitUntil(lambda: w.progress.bar.value() >= 1, timeout=60_000)
-    w.cancel_btn.click()
-    wait_idle(qtbot, w.refine_runner)
+    w.refine_box.steps.setValue(5000)
+    w.refine_box.refine_btn.click()
+    qtbot.waitUntil(lambda: w.refine_box.progress.bar.value() >= 1, timeout=60_000)
+    w.refine_box.cancel_btn.click()
+    wait_idle(qtbot, w.refine_box.runner)
     (record,) = w.project.history()
     assert record["status"] == "cancelled" and 1 <= record["steps"] < 5000
     assert w.project.current_model == seg_model
-    assert "cancelled" in w.progress.status.text() and w.dice.text() == "Dice before → after: –"
-    assert w.refine_btn.isEnabled() and not w.cancel_btn.isEnabled()
+    assert "cancelled" in w.refine_box.progress.status.text()
+    assert w.refine_box.dice.text() == "Dice before → after: –"
+    assert w.refine_box.refine_btn.isEnabled() and not w.refine_box.cancel_btn.isEnabled()
 
 
 def test_refine_without_regions_is_a_readable_error(viewer, tmp_path, seg_model, messages):
     w = refine_widget(viewer, tmp_path, seg_model)
-    w.refine_btn.click()
-    assert not w.refine_runner.running
+    w.refine_box.refine_btn.click()
+    assert not w.refine_box.runner.running
     assert any("no accepted regions" in m for m in messages["error"])
 
 
@@ -396,58 +365,59 @@ def test_suggestions_move_the_camera_and_are_reviewed_when_skipped(viewer, qtbot
     image = viewer.add_image(he_image, name="H&E", rgb=True, scale=(0.5, 0.5), translate=(10, 20))
     w = refine_widget(viewer, tmp_path, seg_model)
     look_at(viewer, (0, 0), 1)
-    w.suggest_btn.click()
-    wait_idle(qtbot, w.suggest_runner)
-    assert w._suggestions and w.skip_btn.isEnabled()
-    first = w._suggestions[0]
+    w.suggest.suggest_btn.click()
+    wait_idle(qtbot, w.suggest.runner)
+    assert w.suggest.state.regions and w.suggest.skip_btn.isEnabled()
+    first = w.suggest.state.regions[0]
     y, x, h, wd = first["bounds"]
     assert h == wd == 256
     cy, cx = image.world_to_data(viewer.scene.camera.center[-2:])
     assert y <= cy < y + h and x <= cx < x + wd
     assert SUGGESTION_LAYER in viewer.layers
-    assert "suggestion 1/" in w.suggest_info.text()
-    layer = w.edit_region()  # the camera centre is in the suggestion: exactly its bounds
+    assert "suggestion 1/" in w.suggest.info.text()
+    layer = w.annotate.edit_region()  # the camera centre is in the suggestion: exactly its bounds
     assert layer.metadata[EDIT_KEY]["bounds"] == [y, x, h, wd]
-    w.skip_btn.click()
+    w.suggest.skip_btn.click()
     assert w.project.reviewed("H_E") == [[y, x, h, wd]]
-    second = w._suggestions[1]["bounds"]
+    second = w.suggest.state.regions[1]["bounds"]
     cy, cx = image.world_to_data(viewer.scene.camera.center[-2:])
     assert second[0] <= cy < second[0] + second[2] and second[1] <= cx < second[1] + second[3]
     # accepting the region on screen reviews it too; Skip then moves on without marking it again
-    layer = w.edit_region()
-    assert w.accept_region() is not None
+    layer = w.annotate.edit_region()
+    assert w.annotate.accept_region() is not None
     assert w.project.reviewed("H_E") == [[y, x, h, wd], list(second)]
-    w.skip_btn.click()
-    assert len(w.project.reviewed("H_E")) == 2 and "suggestion 3/" in w.suggest_info.text()
+    w.suggest.skip_btn.click()
+    assert len(w.project.reviewed("H_E")) == 2 and "suggestion 3/" in w.suggest.info.text()
 
 
 def test_stopping_a_suggestion_leaves_nothing_half_done(viewer, qtbot, tmp_path, he_image, seg_model, monkeypatch):
     """Scoring runs batch by batch; Stop ends it between batches, with no suggestion and the buttons reset."""
     import time
 
-    import napari_genselfdiff.project as project_module
+    import napari_genselfdiff.project.suggest as suggest_module
 
     calls = []
-    real = project_module._predict_batch
+    real = suggest_module.predict_padded_batch
 
     def slow(predictor, tiles):
         calls.append(len(tiles))
         time.sleep(0.5)  # a big model on a slow machine
         return real(predictor, tiles)
 
-    monkeypatch.setattr(project_module, "_predict_batch", slow)
+    monkeypatch.setattr(suggest_module, "predict_padded_batch", slow)
     viewer.add_image(he_image, name="H&E", rgb=True)
     w = refine_widget(viewer, tmp_path, seg_model)
-    w.region_size.setValue(64)
-    w.suggest_btn.click()
-    assert not w.suggest_btn.isEnabled() and w.stop_suggest_btn.isEnabled()
-    qtbot.waitUntil(lambda: "scored 8 of" in w.suggest_info.text(), timeout=60_000)
-    w.stop_suggest_btn.click()
-    wait_idle(qtbot, w.suggest_runner)
-    assert w.suggest_info.text() == "stopped: no region suggested"
+    w.suggest.region_size.setValue(64)
+    w.suggest.suggest_btn.click()
+    assert not w.suggest.suggest_btn.isEnabled() and w.suggest.stop_btn.isEnabled()
+    qtbot.waitUntil(lambda: "scored 8 of" in w.suggest.info.text(), timeout=60_000)
+    w.suggest.stop_btn.click()
+    wait_idle(qtbot, w.suggest.runner)
+    assert w.suggest.info.text() == "stopped: no region suggested"
     assert len(calls) < 64 // 8  # it stopped before scoring every candidate
-    assert w._suggestions == [] and SUGGESTION_LAYER not in viewer.layers
-    assert w.suggest_btn.isEnabled() and not w.stop_suggest_btn.isEnabled() and not w.skip_btn.isEnabled()
+    assert w.suggest.state.regions == [] and SUGGESTION_LAYER not in viewer.layers
+    assert w.suggest.suggest_btn.isEnabled() and not w.suggest.stop_btn.isEnabled()
+    assert not w.suggest.skip_btn.isEnabled()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -476,11 +446,11 @@ def qupath_file(path: Path) -> Path:
 
 
 def test_geojson_import_as_labels_and_export_round_trip(viewer, tmp_path, he_image, seg_model, messages):
-    from napari_genselfdiff.export.geojson import read_geojson
+    from napari_genselfdiff.formats.geojson import read_geojson
 
     viewer.add_image(he_image, name="H&E", rgb=True)
     w = refine_widget(viewer, tmp_path, seg_model)
-    layer = w.import_geojson(str(qupath_file(tmp_path / "qupath.geojson")))
+    layer = w.geojson.import_geojson(str(qupath_file(tmp_path / "qupath.geojson")))
     # bounding box of the objects: x 100..140, y 50..86
     assert layer.name == "qupath" and layer.data.shape == (36, 40) and tuple(layer.translate) == (50, 100)
     ids, counts = np.unique(layer.data, return_counts=True)
@@ -488,21 +458,21 @@ def test_geojson_import_as_labels_and_export_round_trip(viewer, tmp_path, he_ima
     assert counts[1:].tolist() == [20 * 20 - 4 * 4, 10 * 10, 6 * 6]
     assert any("LineString" in m for m in messages["warning"])
     # an import small enough is acceptable into the project as an imported correction
-    assert w.accept_region(layer) == "r00001"
+    assert w.annotate.accept_region(layer) == "r00001"
     assert w.project.regions()[0]["source"] == "import" and w.project.regions()[0]["bounds"] == [50, 100, 36, 40]
 
     out = tmp_path / "out.geojson"
-    w.export_source.setCurrentText("✓ r00001 H_E 50,100,36,40")
-    w.object_type.setCurrentText("detection")
-    assert w.export_geojson(str(out)) == 3
+    w.geojson.export_source.setCurrentText("✓ r00001 H_E 50,100,36,40")
+    w.geojson.object_type.setCurrentText("detection")
+    assert w.geojson.export_geojson(str(out)) == 3
     back = read_geojson(out)
     assert sorted(f.geometry.area for f in back.features) == [36, 100, 384]
     assert {f.object_type for f in back.features} == {"detection"}
     assert sorted(f.geometry.bounds for f in back.features)[0] == (100, 50, 120, 70)
 
-    w.export_source.setCurrentText(PROJECT_LABELS)  # the label store of the image, same objects
-    w.object_type.setCurrentText("annotation")
-    assert w.export_geojson(str(tmp_path / "store.geojson")) == 3
+    w.geojson.export_source.setCurrentText(PROJECT_LABELS)  # the label store of the image, same objects
+    w.geojson.object_type.setCurrentText("annotation")
+    assert w.geojson.export_geojson(str(tmp_path / "store.geojson")) == 3
     store = read_geojson(tmp_path / "store.geojson")
     assert sorted(f.geometry.area for f in store.features) == [36, 100, 384]
     assert {f.class_name for f in store.features} == {"Gland"}
@@ -511,8 +481,8 @@ def test_geojson_import_as_labels_and_export_round_trip(viewer, tmp_path, he_ima
 def test_geojson_import_as_shapes(viewer, tmp_path, he_image, seg_model):
     image = viewer.add_image(he_image, name="H&E", rgb=True, scale=(0.5, 0.5))
     w = refine_widget(viewer, tmp_path, seg_model)
-    w.import_as.setCurrentText("Shapes")
-    layer = w.import_geojson(str(qupath_file(tmp_path / "qupath.geojson")))
+    w.geojson.import_as.setCurrentText("Shapes")
+    layer = w.geojson.import_geojson(str(qupath_file(tmp_path / "qupath.geojson")))
     assert layer.nshapes == 3 and list(layer.features["class_name"]) == ["Gland"] * 3
     # corner (x 130, y 60) of square b is the top-left edge of pixel (60, 130): world 0.5 * (59.5, 129.5)
     corner = layer.data_to_world(layer.data[1].min(axis=0))
@@ -523,8 +493,8 @@ def test_project_labels_cannot_be_exported_before_anything_is_accepted(viewer, t
                                                                        messages):
     viewer.add_image(he_image, name="H&E", rgb=True)
     w = refine_widget(viewer, tmp_path, seg_model)
-    assert w.export_source.currentText() == PROJECT_LABELS
-    assert w.export_geojson(str(tmp_path / "x.geojson")) is None
+    assert w.geojson.export_source.currentText() == PROJECT_LABELS
+    assert w.geojson.export_geojson(str(tmp_path / "x.geojson")) is None
     assert any("no corrected labels" in m for m in messages["error"])
 
 
@@ -537,16 +507,16 @@ def test_screenshot_of_the_docked_widget(make_napari_viewer, qtbot, tmp_path, he
     viewer.add_image(he_image, name="H&E skin", rgb=True)
     w = refine_widget(viewer, tmp_path, seg_model)
     viewer.reset_view()
-    w.suggest_btn.click()
-    wait_idle(qtbot, w.suggest_runner)
-    layer = w.edit_region()
+    w.suggest.suggest_btn.click()
+    wait_idle(qtbot, w.suggest.runner)
+    layer = w.annotate.edit_region()
     layer.data[:] = discs(layer.data.shape)
     layer.refresh()
-    assert w.accept_region() == "r00001"
-    w.steps.setValue(3)
-    w.refine_btn.click()
-    wait_idle(qtbot, w.refine_runner)
-    assert "→" in w.dice.text() and len(w.project.history()) == 1
+    assert w.annotate.accept_region() == "r00001"
+    w.refine_box.steps.setValue(3)
+    w.refine_box.refine_btn.click()
+    wait_idle(qtbot, w.refine_box.runner)
+    assert "→" in w.refine_box.dice.text() and len(w.project.history()) == 1
     qtbot.wait(200)
     SHOTS.mkdir(exist_ok=True)
     path = SHOTS / "refine_widget.png"

@@ -12,11 +12,14 @@ import zarr
 from torch import nn
 
 from napari_genselfdiff.core.errors import DataError, GenSelfDiffError
+from napari_genselfdiff.core.postprocess import glands_from_probabilities, nuclei_from_probabilities
 from napari_genselfdiff.slide import instances
+from napari_genselfdiff.slide.fov import FieldOfViewPredictor
 from napari_genselfdiff.slide.reader import open_slide
-from napari_genselfdiff.slide.tiler import (WINDOW_EPS, FieldOfViewPredictor, Predictor, TileGrid,
-                                            blend_window, block_size_for, detect_tissue,
+from napari_genselfdiff.slide.tiler import (WINDOW_EPS, Predictor, TileGrid, blend_window, block_size_for,
                                             predict_slide, tile_starts)
+from napari_genselfdiff.slide.store import PredictionStore
+from napari_genselfdiff.slide.tissue import detect_tissue, is_background
 
 REPO = Path(__file__).resolve().parents[1]
 TILE, OVERLAP, BLOCK = 128, 32, 256  # -> stride 96, output blocks of 3 * 96 = 288 pixels
@@ -252,7 +255,7 @@ def test_interrupted_run_resumes_without_recomputing_finished_blocks(slide_path,
     events = list(predict_slide(counting, slide_path, out, tile=TILE, overlap=OVERLAP, block=BLOCK,
                                 tissue=False))
     assert counting.tiles == len(todo) < grid.count
-    assert events[0].done > 0 and events[-1].done == events[-1].total == grid.count
+    assert events[0].step > 0 and events[-1].step == events[-1].total == grid.count
     resumed = np.asarray(zarr.open_group(out, mode="r")["probabilities"][...])
     reference = np.asarray(zarr.open_group(reference_store, mode="r")["probabilities"][...])
     np.testing.assert_array_equal(resumed, reference)
@@ -290,6 +293,36 @@ def test_auto_level_from_model_mpp_and_metadata(slide_path, tmp_path):
     assert meta["class_names"] == ["bg", "tissue"] and meta["metadata"] == {"model": "pixel"}
     assert group["probabilities"].shape == (2, 512, 512)
     assert "tissue" in group
+
+
+def test_prediction_store_reads_what_predict_slide_wrote(slide_path, tmp_path):
+    out = tmp_path / "p.zarr"
+    list(predict_slide(PixelPredictor(mpp=1.0), slide_path, out, level="auto", tile=TILE, overlap=OVERLAP,
+                       block=BLOCK, postprocess="glands", min_size=30))
+    store = PredictionStore.open(out)
+    assert store.status == "complete" and store.level == 1 and store.downsample == 2.0
+    assert store.mpp == pytest.approx(1.0) and store.class_names == ["background", "class_1"]
+    assert store.label_names() == ["glands"] and store.labels_complete("glands")
+    levels = store.label_levels("glands")
+    assert levels[0].shape == (512, 512) and [lv.shape for lv in levels[1:]] == [(256, 256)]
+    fg = store.foreground()
+    np.testing.assert_allclose(fg[10:20, 30:40], 1 - np.asarray(store.probabilities[0, 10:20, 30:40]) / 255.0)
+    assert store.foreground_dask().shape == (512, 512)
+    full = store.labels_at_level0("glands", (1024, 1024))
+    np.testing.assert_array_equal(full[::2, ::2], np.asarray(store.labels("glands")))
+    with pytest.raises(DataError, match="no such prediction store"):
+        PredictionStore.open(tmp_path / "missing.zarr")
+    zarr.open_group(tmp_path / "plain.zarr", mode="w")
+    with pytest.raises(DataError, match="not a genselfdiff prediction store"):
+        PredictionStore.open(tmp_path / "plain.zarr")
+
+
+def test_is_background_is_glass_by_brightness_or_saturation():
+    assert is_background(np.full((8, 8, 3), 240, np.uint8))  # bright
+    assert is_background(np.full((8, 8, 3), 100, np.uint8))  # grey: no saturation
+    assert is_background(np.zeros((0, 0, 3), np.uint8))
+    pink = np.zeros((8, 8, 3), np.uint8) + np.array([200, 120, 170], np.uint8)
+    assert not is_background(pink)
 
 
 def test_other_settings_on_existing_store_are_refused_unless_overwrite(slide_path, tmp_path):
@@ -330,7 +363,7 @@ def test_glands_postprocess_matches_one_piece_labelling(slide_path, tmp_path):
                        postprocess="glands", min_size=30))
     group = zarr.open_group(out, mode="r")
     labels = np.asarray(group["labels/glands/0"][...])
-    reference = instances.glands_from_probabilities(np.asarray(group["probabilities"][1]), min_size=30)
+    reference = glands_from_probabilities(np.asarray(group["probabilities"][1]), min_size=30)
     report = instances.compare_partitions(reference, labels)
     assert report.identical and report.n_labels == reference.max() > 20
     np.testing.assert_array_equal(group["labels/glands/1"][...], labels[::2, ::2])
@@ -345,7 +378,7 @@ def test_nuclei_postprocess_matches_one_piece_labelling(slide_path, tmp_path):
                        postprocess="nuclei", min_size=4, postprocess_options={"halo": 48}))
     group = zarr.open_group(out, mode="r")
     labels = np.asarray(group["labels/nuclei/0"][...])
-    reference = instances.nuclei_from_probabilities(np.asarray(group["probabilities"][1]), min_size=4)
+    reference = nuclei_from_probabilities(np.asarray(group["probabilities"][1]), min_size=4)
     report = instances.compare_partitions(reference, labels)
     assert report.identical and report.n_reference > 100
     assert dict(group["labels/nuclei"].attrs)["truncated"] == 0

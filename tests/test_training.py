@@ -5,11 +5,12 @@ import torch
 
 from napari_genselfdiff.core import checkpoint as ck
 from napari_genselfdiff.core.data import (ImageSource, LabeledImage, TaskSpec, downscale_item, load_labeled_folder,
-                                          split_items, unlabeled_sources)
+                                          split_items)
 from napari_genselfdiff.core.errors import CheckpointError, DataError
 from napari_genselfdiff.core.inference import TorchPredictor
-from napari_genselfdiff.core.training import (FinetuneConfig, PretrainConfig, drain, evaluate_dice, finetune,
-                                              pretrain)
+from napari_genselfdiff.core.progress import drain
+from napari_genselfdiff.core.training import FinetuneConfig, PretrainConfig, evaluate_dice, finetune, pretrain
+from napari_genselfdiff.slide.sources import unlabeled_sources
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -99,11 +100,18 @@ def test_finetune_from_pretrained_transfers_weights(tmp_path):
     last = drain(finetune(_labeled(), tmp_path / "seg", cfg, init=tmp_path / "pre", device="cpu"))
     assert last.done
     pre, seg = _weights(tmp_path / "pre"), _weights(tmp_path / "seg")
+    stats = [k for k in seg if k.rsplit(".", 1)[1] in ("running_mean", "running_var", "num_batches_tracked")]
+    assert stats, "the segmentation network is the tile-invariant one (BatchNorm)"
     for k in seg:
         if k.startswith("final_conv"):
             assert seg[k].shape[0] == 2 and pre[k].shape[0] == 3
+        elif k in stats:  # estimated on the training patches (recalibrated), not copied
+            assert k not in pre
+            if k.endswith("running_var"):
+                assert not torch.equal(seg[k], torch.ones_like(seg[k])), k
         else:
             assert torch.equal(pre[k], seg[k]), k
+    assert any("attn" in k for k in pre) and not any("attn" in k for k in seg)
     info = ck.load_config(tmp_path / "seg")
     assert info["kind"] == "segmentation" and info["normalization"] == "minus_one_one"
     assert info["training"]["init_info"]["init_kind"] == "pretrain"
@@ -162,3 +170,25 @@ def test_real_glas_pretraining_loss_falls_and_finetuned_tiny_beats_chance(glas_d
     chance = np.mean([(it.target > 0).mean() for it in held_out])
     # measured here: 0.62 vs 0.53 (a CPU-seconds tiny model; the benchmarks train longer)
     assert score > chance + 0.05, f"held-out Dice {score:.3f} vs chance {chance:.3f}"
+
+
+def test_frozen_batchnorm_statistics_are_exact_after_a_few_steps(tmp_path):
+    """Momentum statistics after 2 steps are still ~(0, 1): the saved model must carry statistics
+    recalibrated for its final weights, or it predicts garbage in eval mode."""
+    from napari_genselfdiff.core.data import sample_labeled_batch, to_model_input
+    from napari_genselfdiff.core.unet import recalibrate_batchnorm
+
+    cfg = FinetuneConfig(**{**FT.__dict__, "steps": 2})
+    drain(finetune(_labeled(), tmp_path / "seg", cfg, device="cpu"))
+    model, _ = ck.load_model(tmp_path / "seg")
+    saved = {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
+    items = _labeled()
+    batches = [torch.from_numpy(to_model_input(sample_labeled_batch(items, np.random.default_rng([cfg.seed, 7919, k]),
+                                                                    cfg.batch, cfg.patch, cfg.augment)[0]))
+               for k in range(16)]
+    assert recalibrate_batchnorm(model, batches) > 0
+    for k, v in model.state_dict().items():
+        if "running" in k:
+            torch.testing.assert_close(v, saved[k], rtol=1e-4, atol=1e-5)
+    mean0 = saved["down.0.blocks.0.norm1.running_mean"]
+    assert mean0.abs().max() > 0.01  # real statistics, not the initial zeros

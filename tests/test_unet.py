@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from napari_genselfdiff.core.unet import PRESETS, UNet, UNetConfig, count_parameters, transfer_pretrained
+from napari_genselfdiff.core.unet import (PRESETS, UNet, UNetConfig, count_parameters, segmentation_config,
+                                          transfer_pretrained)
 
 
 def test_tiny_shapes_and_time_conditioning():
@@ -52,3 +53,54 @@ def test_transfer_refuses_other_architecture():
     other = UNet(UNetConfig.from_preset("tiny", base=8, groups=4, out_channels=2))
     with pytest.raises(ValueError, match="shape mismatch"):
         transfer_pretrained(pre.state_dict(), other)
+
+
+def test_transfer_into_tile_invariant_network():
+    """GroupNorm affine weights land on BatchNorm, the attention weights are left unused, BatchNorm's
+    running statistics start fresh; every convolution is copied."""
+    torch.manual_seed(0)
+    pre = UNet(UNetConfig.from_preset("small", out_channels=3))  # small has linear + full attention
+    seg = UNet(segmentation_config(pre.config, 2))
+    assert seg.config.tile_invariant and not pre.config.tile_invariant
+    assert not any(isinstance(m, torch.nn.GroupNorm) for m in seg.modules())
+    report = transfer_pretrained(pre.state_dict(), seg)
+    pre_sd, seg_sd = pre.state_dict(), seg.state_dict()
+    for name in report["copied"]:
+        assert torch.equal(pre_sd[name], seg_sd[name]), name
+    assert report["initialised"] and all(n.rsplit(".", 1)[1] in ("running_mean", "running_var", "num_batches_tracked")
+                                         for n in report["initialised"])
+    assert report["unused"] and all("attn" in n for n in report["unused"])
+    convs = [n for n in seg_sd if "conv" in n and not n.startswith("final_conv")]
+    assert set(convs) <= set(report["copied"])
+
+
+def test_tile_invariant_network_is_local_in_eval_mode():
+    """In eval mode the output at a pixel does not change when far-away input changes, and does
+    not depend on the batch it is in: what tiling needs. The GroupNorm + attention network fails
+    the same check."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 256, 256)
+    far = x.clone()
+    far[..., 200:, 200:] = torch.randn(1, 3, 56, 56) * 3
+    for cfg, local in ((segmentation_config(UNetConfig.from_preset("tiny"), 2), True),
+                       (UNetConfig.from_preset("tiny", out_channels=2), False)):
+        net = UNet(cfg)
+        if cfg.norm == "batch":  # give BatchNorm some running statistics first
+            net.train()
+            with torch.no_grad():
+                net(torch.randn(4, 3, 64, 64))
+        net.eval()
+        with torch.no_grad():
+            a, b = net(x)[..., :32, :32], net(far)[..., :32, :32]
+            alone = net(torch.cat([x, far]))[:1, :, :32, :32]
+        assert torch.equal(a, b) == local, cfg
+        if local:
+            torch.testing.assert_close(alone, a)
+
+
+def test_old_configs_load_as_groupnorm():
+    d = UNetConfig.from_preset("tiny").to_dict()
+    d.pop("norm")
+    assert UNetConfig.from_dict(d).norm == "group"
+    with pytest.raises(ValueError, match="normalisation"):
+        UNetConfig(norm="layer")

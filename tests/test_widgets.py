@@ -18,10 +18,9 @@ pytest.importorskip("pytestqt")
 from qtpy.QtCore import QThreadPool, QTimer  # noqa: E402
 
 from napari_genselfdiff._sample_data import SAMPLE_NAME, sample_he  # noqa: E402
-from napari_genselfdiff._widgets import _common  # noqa: E402
-from napari_genselfdiff._widgets._common import Settings  # noqa: E402
-from napari_genselfdiff._widgets.finetune import FinetuneWidget, quadrants  # noqa: E402
+from napari_genselfdiff._widgets.finetune import FinetuneWidget  # noqa: E402
 from napari_genselfdiff._widgets.pretrain import TILES_LAYER, PretrainWidget  # noqa: E402
+from napari_genselfdiff._widgets.settings import SETTINGS_FILE, Settings  # noqa: E402
 from napari_genselfdiff.core.data import LabeledImage  # noqa: E402
 
 pytestmark = [pytest.mark.gui, pytest.mark.usefixtures("settings_dir")]
@@ -48,7 +47,7 @@ def errors(monkeypatch) -> list[str]:
         seen.append(message)
         original(message)
 
-    for module in ("_common", "pretrain", "finetune", "predict"):
+    for module in ("jobs", "pretrain", "finetune", "predict"):
         monkeypatch.setattr(f"napari_genselfdiff._widgets.{module}.show_error", record)
     return seen
 
@@ -165,7 +164,7 @@ def test_settings_are_remembered_between_widgets(make_napari_viewer, settings_di
     assert again.preset.currentText() == "tiny"
     assert again.out.text() == "/somewhere/else"
     assert not again.resume.isChecked()
-    assert (settings_dir / _common.SETTINGS_FILE).is_file()
+    assert (settings_dir / SETTINGS_FILE).is_file()
     other = FinetuneWidget(v)  # sections are per widget
     assert other.steps.value() == 500
 
@@ -184,7 +183,7 @@ def test_a_remembered_device_this_machine_lacks_is_not_restored(make_napari_view
 
 def test_damaged_settings_file_falls_back_to_defaults(make_napari_viewer, settings_dir):
     settings_dir.mkdir(parents=True)
-    (settings_dir / _common.SETTINGS_FILE).write_text("{not json")
+    (settings_dir / SETTINGS_FILE).write_text("{not json")
     w = PretrainWidget(make_napari_viewer())
     assert w.steps.value() == 1000
     w.steps.setValue(7)  # and it repairs the file
@@ -301,19 +300,12 @@ def tiny_finetune_settings(w: FinetuneWidget, out: Path, steps: int) -> None:
     w.out.setText(str(out))
 
 
-def test_quadrants_cover_the_image_once():
-    item = LabeledImage("a", np.arange(5 * 7 * 3, dtype=np.uint8).reshape(5, 7, 3), np.arange(35).reshape(5, 7))
-    parts = quadrants(item)
-    assert [p.name for p in parts] == ["a [top-left]", "a [top-right]", "a [bottom-left]", "a [bottom-right]"]
-    assert [p.target.shape for p in parts] == [(2, 3), (2, 4), (3, 3), (3, 4)]
-    assert sorted(np.concatenate([p.target.ravel() for p in parts]).tolist()) == list(range(35))
-
-
 @pytest.fixture(scope="module")
 def pretrained_model(tmp_path_factory) -> Path:
     """A tiny diffusion-pretrained model (two steps of the core's pretraining)."""
     from napari_genselfdiff.core.data import ImageSource
-    from napari_genselfdiff.core.training import PretrainConfig, drain, pretrain
+    from napari_genselfdiff.core.progress import drain
+    from napari_genselfdiff.core.training import PretrainConfig, pretrain
 
     out = tmp_path_factory.mktemp("models") / "pretrained-tiny"
     cfg = PretrainConfig(preset="tiny", steps=2, patch=32, batch=2, checkpoint_every=0)
@@ -431,7 +423,7 @@ def test_writer_places_objects_in_full_resolution_pixels(tmp_path):
     """A one-pixel object at label (0, 0) of a crop at offset (3, 5) on a level of downsample 2
     covers full-resolution x 10..12, y 6..8 (pixel edges)."""
     from napari_genselfdiff._writer import write_geojson
-    from napari_genselfdiff.export.geojson import read_geojson
+    from napari_genselfdiff.formats.geojson import read_geojson
 
     labels = np.zeros((4, 4), np.int32)
     labels[0, 0] = 7
@@ -449,7 +441,7 @@ def test_writer_places_objects_in_full_resolution_pixels(tmp_path):
 
 
 def test_saving_a_labels_layer_as_geojson_round_trips(make_napari_viewer, tmp_path):
-    from napari_genselfdiff.export.geojson import features_to_labels, read_geojson
+    from napari_genselfdiff.formats.geojson import features_to_labels, read_geojson
 
     v = make_napari_viewer()
     labels = np.zeros((40, 50), np.int32)
@@ -471,7 +463,8 @@ def test_saving_a_labels_layer_as_geojson_round_trips(make_napari_viewer, tmp_pa
 def seg_model(tmp_path_factory) -> Path:
     """A tiny glands model, fine-tuned for a few steps with the core (what the widget would load)."""
     from napari_genselfdiff.core.data import TaskSpec, mask_to_target
-    from napari_genselfdiff.core.training import FinetuneConfig, drain, finetune
+    from napari_genselfdiff.core.progress import drain
+    from napari_genselfdiff.core.training import FinetuneConfig, finetune
 
     image = sample_he()[0][0][:128, :128]
     item = LabeledImage("crop", image, mask_to_target(painted_labels((128, 128)), TaskSpec.make("glands")))
@@ -500,21 +493,8 @@ def pixel_edges(layer) -> np.ndarray:
     return np.stack([layer.extent.world[0] - half, layer.extent.world[1] + half])
 
 
-def test_placement_puts_level_pixels_over_their_full_resolution_pixels(make_napari_viewer):
-    """Level pixel (0, 0) of a crop at (3, 5) on a level of downsample 4 covers level-0 pixels
-    12..15 x 20..23, centred at (13.5, 21.5); with the image's scale 0.5 and translate (10, 20)
-    that is world (16.75, 30.75), and one level pixel spans 2 world units."""
-    from napari_genselfdiff._widgets.predict import placement
-
-    layer = make_napari_viewer().add_image(np.zeros((64, 64, 3), np.uint8), rgb=True, scale=(0.5, 0.5),
-                                           translate=(10, 20))
-    place = placement(layer, 4.0, 3, 5)
-    assert place["scale"] == pytest.approx((2.0, 2.0))
-    assert place["translate"] == pytest.approx((16.75, 30.75))
-
-
 def test_predict_field_of_view_adds_aligned_layers(viewer, qtbot, tmp_path, he_image, seg_model):
-    from napari_genselfdiff._widgets.predict import visible_region
+    from napari_genselfdiff._widgets.predict import region_on_screen
 
     image = viewer.add_image(he_image, name="H&E", rgb=True, scale=(0.5, 0.5), translate=(100, 200))
     w = predict_widget(viewer, seg_model, tmp_path / "pred")
@@ -523,7 +503,7 @@ def test_predict_field_of_view_adds_aligned_layers(viewer, qtbot, tmp_path, he_i
     camera = viewer.scene.camera
     camera.center = (100 + 0.5 * 300, 200 + 0.5 * 400)  # zoomed in on a part of the image
     camera.zoom = camera.zoom * 3
-    level, y, x, h, wd = visible_region(viewer, image)
+    level, y, x, h, wd = region_on_screen(viewer, image)
     assert level == 0 and 0 < h < 768 and 0 < wd < 1024
     assert y <= 300 <= y + h and x <= 400 <= x + wd
     ticker = Ticker()
@@ -632,7 +612,7 @@ def test_cancelled_whole_slide_prediction_can_be_run_again(make_napari_viewer, q
     wait_idle(qtbot, w)
     assert "cancelled" in w.progress.status.text() and "resumes" in w.progress.status.text()
     assert "glands" not in viewer.layers
-    assert seen[-1].done < seen[-1].total
+    assert seen[-1].step < seen[-1].total
     assert w.slide_btn.isEnabled() and w.fov_btn.isEnabled()
     w.slide_btn.click()
     wait_idle(qtbot, w)
@@ -653,8 +633,8 @@ def test_predict_without_a_model_is_a_readable_error(make_napari_viewer, he_imag
 
 
 def test_predict_offers_bundled_then_recently_trained_models(make_napari_viewer, seg_model, monkeypatch):
-    from napari_genselfdiff._widgets.finetune import RECENT_MODELS
     from napari_genselfdiff._widgets.predict import PredictWidget
+    from napari_genselfdiff._widgets.settings import RECENT_MODELS
 
     monkeypatch.setattr("napari_genselfdiff._widgets.predict.bundled_models", lambda: {"glands": seg_model})
     Settings("models").set(RECENT_MODELS, [str(seg_model.parent / "copy"), "/gone/model"])
@@ -723,19 +703,3 @@ def test_pretrain_on_a_slide_layer_samples_the_slide(make_napari_viewer, qtbot, 
     wait_idle(qtbot, w)
     assert training_state(tmp_path / "pre")["step"] == 2
     assert TILES_LAYER not in v.layers
-
-
-def test_field_of_view_runs_at_the_models_resolution():
-    """A 1.0 um/px model on a 0.5 um/px two-level image predicts the same view on level 1."""
-    import dask.array as da
-
-    from napari_genselfdiff._widgets.predict import at_model_level
-    from napari_genselfdiff.slide.reader import Slide
-
-    lv0 = da.zeros((400, 600, 3), dtype=np.uint8)
-    lv1 = da.zeros((200, 300, 3), dtype=np.uint8)
-    slide = Slide(path=Path("x.tif"), levels=[lv0, lv1], downsamples=[1.0, 2.0], mpp=0.5)
-    assert at_model_level(slide, (0, 100, 50, 201, 99), 1.0) == (1, 50, 25, 101, 50)
-    assert at_model_level(slide, (0, 100, 50, 201, 99), 0.5) == (0, 100, 50, 201, 99)
-    assert at_model_level(slide, (0, 100, 50, 201, 99), None) == (0, 100, 50, 201, 99)
-    assert at_model_level(slide, (0, 390, 590, 10, 10), 1.0) == (1, 195, 295, 5, 5)

@@ -9,7 +9,7 @@ SAMPLE_NAME = "H&E skin (CMU-1 crop)"
 def sample_he() -> list[tuple]:
     """A 1024 x 768 crop of the OpenSlide CMU-1 skin slide (H&E), with the microns per pixel its
     file records (about 0.5) in the layer metadata."""
-    from .models import sample_image_path
+    from .bundled import sample_image_path
     from .slide.reader import open_slide
 
     with open_slide(sample_image_path()) as slide:

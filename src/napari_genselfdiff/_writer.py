@@ -5,8 +5,7 @@ from typing import Any
 
 import numpy as np
 
-#: QuPath class and object type per layer name; nuclei are many small detections, glands annotations.
-CLASSES = {"glands": ("Gland", "annotation"), "nuclei": ("Nucleus", "detection")}
+from .formats import qupath
 
 
 def label_grid(meta: dict[str, Any]) -> tuple[tuple[float, float], float]:
@@ -27,13 +26,13 @@ def label_grid(meta: dict[str, Any]) -> tuple[tuple[float, float], float]:
 
 def write_geojson(path: str, data: Any, meta: dict[str, Any]) -> list[str]:
     """Write every object (label id > 0) of the layer as one GeoJSON feature; returns [path]."""
-    from .export.geojson import export_label_array_chunked
+    from .formats.geojson import export_label_array_chunked
 
     labels = data[0] if meta.get("multiscale") or isinstance(data, list) else data
     if labels.ndim != 2:
         raise ValueError(f"GeoJSON export needs a 2-D Labels layer, got shape {labels.shape}")
     offset, downsample = label_grid(meta)
-    class_name, object_type = CLASSES.get(meta.get("name", ""), (meta.get("name") or "Object", "annotation"))
-    export_label_array_chunked(labels, path, offset=offset, downsample=downsample, class_name=class_name,
-                               object_type=object_type)
+    name = meta.get("name")  # QuPath class and object type follow the layer name (formats.qupath)
+    export_label_array_chunked(labels, path, offset=offset, downsample=downsample,
+                               class_name=qupath.class_name(name), object_type=qupath.object_type(name))
     return [path]

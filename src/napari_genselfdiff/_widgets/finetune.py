@@ -15,26 +15,18 @@ from napari.utils.notifications import show_error
 from qtpy.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, QGroupBox, QVBoxLayout,
                             QWidget)
 
-from ..core.data import LabeledImage, TaskSpec, load_labeled_folder, mask_to_target, split_items
+from ..core.data import LabeledImage, TaskSpec, load_labeled_folder, mask_to_target, split_for_validation
 from ..core.errors import DataError, GenSelfDiffError
 from ..core.losses import LOSSES, parse_loss
-from ..core.training import FinetuneConfig, Progress, finetune
+from ..core.progress import Progress
+from ..core.training import FinetuneConfig, finetune
 from ..core.unet import PRESETS
-from ._common import (JobRunner, LayerChoices, PathEdit, Settings, StopsJobsOnClose,
-                      TrainingControls, add_training_rows, is_labels, is_rgb_image, layer_to_rgb)
+from .inputs import LayerChoices, PathEdit, add_training_rows, is_labels, is_rgb_image, layer_to_rgb
+from .jobs import JobRunner, StopsJobsOnClose
+from .progress import TrainingControls
+from .settings import Settings, remember_model
 
 LAYERS, FOLDERS = "image + labels layers", "folders of image/mask pairs"
-QUADRANTS = ("top-left", "top-right", "bottom-left", "bottom-right")
-RECENT_MODELS = "recent_models"
-
-
-def quadrants(item: LabeledImage) -> list[LabeledImage]:
-    """Cut a labeled image into its four quadrants (the validation unit for a single image)."""
-    h, w = item.target.shape
-    cy, cx = h // 2, w // 2
-    boxes = [(0, cy, 0, cx), (0, cy, cx, w), (cy, h, 0, cx), (cy, h, cx, w)]
-    return [LabeledImage(f"{item.name} [{q}]", item.image[y0:y1, x0:x1], item.target[y0:y1, x0:x1])
-            for q, (y0, y1, x0, x1) in zip(QUADRANTS, boxes, strict=True)]
 
 
 def layer_pair_items(image_layer, labels_layer, spec: TaskSpec) -> LabeledImage:
@@ -54,20 +46,6 @@ def layer_pair_items(image_layer, labels_layer, spec: TaskSpec) -> LabeledImage:
     return LabeledImage(image_layer.name, image, mask_to_target(labels, spec, f"layer {labels_layer.name!r}"))
 
 
-def split_for_validation(items: list[LabeledImage], fraction: float, single_pair: bool,
-                         seed: int = 0) -> tuple[list[LabeledImage], list[LabeledImage]]:
-    """(train, validation); a single image is split by quadrants, folders by image."""
-    if fraction <= 0:
-        return items, []
-    if single_pair:
-        items = quadrants(items[0])
-    train, val = split_items(items, fraction, seed)
-    if all(not (it.target > 0).any() for it in train):
-        raise DataError("the labels all fall in the held-out validation part: paint more, or set the "
-                        "validation fraction to 0")
-    return train, val
-
-
 def finetune_job(items: list[LabeledImage], out: str, cfg: FinetuneConfig, init: str | None,
                  val_items: list[LabeledImage], device: str, resume: bool) -> Iterator[Progress]:
     """Fine-tune (yielding the core's events); returns the final checkpoint folder."""
@@ -79,7 +57,7 @@ def finetune_job(items: list[LabeledImage], out: str, cfg: FinetuneConfig, init:
     return last.checkpoint if last is not None and last.done else None
 
 
-class FinetuneWidget(TrainingControls, StopsJobsOnClose, QWidget):
+class FinetuneWidget(QWidget):
     """Choose labeled data, a task and a starting point, then fine-tune in the background."""
 
     def __init__(self, napari_viewer, settings: Settings | None = None):
@@ -87,9 +65,7 @@ class FinetuneWidget(TrainingControls, StopsJobsOnClose, QWidget):
         self.viewer = napari_viewer
         self.settings = settings or Settings("finetune")
         self.runner = JobRunner("fine-tuning", self)
-        self.runners = (self.runner,)
-        self._last: Progress | None = None
-        self._metrics: dict = {}
+        self.stops_jobs = StopsJobsOnClose(self, [self.runner])
         self._build()
         self.runner.result.connect(self._on_done)
 
@@ -139,19 +115,22 @@ class FinetuneWidget(TrainingControls, StopsJobsOnClose, QWidget):
         self.loss.addItems(["focal+ssl", "ce+dice", "focal", "ce", "dice", "tversky"])
         self.loss.setToolTip(f"a weighted sum of {', '.join(LOSSES)}, e.g. focal+ssl or 0.5*dice+ce")
         form.addRow("Loss", self.loss)
-        add_training_rows(self, form, patch_tip="training tile size in pixels", steps=500, steps_step=50,
-                          out_tip="folder for the model", out_default=Path.home() / "genselfdiff" / "segmentation",
-                          resume=False)
+        rows = add_training_rows(form, patch_tip="training tile size in pixels", steps=500, steps_step=50,
+                                 out_tip="folder for the model",
+                                 out_default=Path.home() / "genselfdiff" / "segmentation", resume=False)
+        self.patch, self.steps, self.batch = rows.patch, rows.steps, rows.batch
+        self.device, self.out, self.resume = rows.device, rows.out, rows.resume
         lay.addWidget(task)
 
-        self.add_run_controls(lay, "Start fine-tuning")
+        self.controls = TrainingControls(lay, self.runner, "Start fine-tuning", self.start, self.out, self.resume)
+        self.start_btn, self.cancel_btn, self.progress = (self.controls.start_btn, self.controls.cancel_btn,
+                                                          self.controls.progress)
 
-        for key, w in [("source", self.source), ("images_dir", self.images_dir), ("masks_dir", self.masks_dir),
-                       ("val_fraction", self.val_fraction), ("task", self.task), ("boundary", self.boundary),
-                       ("init", self.init), ("preset", self.preset), ("loss", self.loss), ("patch", self.patch),
-                       ("steps", self.steps), ("batch", self.batch), ("device", self.device.combo),
-                       ("out", self.out), ("resume", self.resume)]:
-            self.settings.bind(key, w)
+        self.settings.bind_all({"source": self.source, "images_dir": self.images_dir, "masks_dir": self.masks_dir,
+                                "val_fraction": self.val_fraction, "task": self.task, "boundary": self.boundary,
+                                "init": self.init, "preset": self.preset, "loss": self.loss, "patch": self.patch,
+                                "steps": self.steps, "batch": self.batch, "device": self.device.combo,
+                                "out": self.out, "resume": self.resume})
         self.boundary.setEnabled(self.task.currentText() == "nuclei")
         self._show_source_rows()
 
@@ -192,26 +171,19 @@ class FinetuneWidget(TrainingControls, StopsJobsOnClose, QWidget):
         try:
             cfg = self.config()
             parse_loss(cfg.loss)
-            out = self.checked_output_folder("model")
+            out = self.controls.checked_output_folder("model")
             train, val = self.training_data()
         except (GenSelfDiffError, ValueError) as e:
             show_error(str(e))
             return
-        self._last, self._metrics = None, {}
-        self.progress.reset(f"fine-tuning on {len(train)} image(s)" + (f", validating on {len(val)}" if val else ""))
-        self._set_running(True)
+        self.controls.begin(f"fine-tuning on {len(train)} image(s)" + (f", validating on {len(val)}" if val else ""))
         self.runner.start(finetune_job, train, out, cfg, self.init.text() or None, val, self.device.device,
                           self.resume.isChecked())
-
-    def _remember(self, ev: Progress) -> None:
-        self._last = ev
-        self._metrics = ev.metrics or self._metrics
 
     def _on_done(self, checkpoint: str | None) -> None:
         if not checkpoint:
             return
-        shared = Settings("models", self.settings.path)
-        recent = [checkpoint] + [p for p in shared.get(RECENT_MODELS, []) if p != checkpoint]
-        shared.set(RECENT_MODELS, recent[:10])
-        dice = f" (validation Dice {self._metrics['val_dice']:.3f})" if "val_dice" in self._metrics else ""
+        remember_model(checkpoint, self.settings.path)
+        metrics = self.controls.metrics
+        dice = f" (validation Dice {metrics['val_dice']:.3f})" if "val_dice" in metrics else ""
         self.progress.set_status(f"done: model saved in {checkpoint}{dice}; it is listed in the Predict widget")

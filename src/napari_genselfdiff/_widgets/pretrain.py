@@ -7,40 +7,26 @@ texture mean the pretext was learned; coloured noise means it needs more steps.
 from __future__ import annotations
 
 from contextlib import closing
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import numpy as np
 from napari.utils.notifications import show_error
 from qtpy.QtWidgets import (QAbstractItemView, QComboBox, QFormLayout, QGroupBox, QListWidget, QVBoxLayout,
                             QWidget)
 
-from ..core.data import ImageSource, UnlabeledSource, unlabeled_sources
+from ..core.data import ImageSource, UnlabeledSource
 from ..core.errors import DataError, GenSelfDiffError
-from ..core.training import PretrainConfig, Progress, pretrain
+from ..core.progress import Progress
+from ..core.training import PretrainConfig, pretrain
 from ..core.unet import PRESETS
-from ._common import (JobRunner, LayerChoices, PathEdit, Settings, StopsJobsOnClose,
-                      TrainingControls, add_training_rows, int_spin, is_rgb_image, layer_to_rgb)
+from ..slide.sources import LazyArraySource, unlabeled_sources
+from .inputs import LayerChoices, PathEdit, add_training_rows, int_spin, is_rgb_image, layer_to_rgb
+from .jobs import JobRunner, StopsJobsOnClose
+from .progress import TrainingControls
+from .settings import Settings
 
 TILES_LAYER = "generated tiles"
-
-
-@dataclass
-class LazyArraySource(UnlabeledSource):
-    """Random crops of a lazy (dask/zarr) RGB array, read only where sampled."""
-
-    array: Any
-    name: str = "layer"
-
-    def sample(self, rng: np.random.Generator, size: int) -> np.ndarray:
-        h, w = self.array.shape[:2]
-        y = int(rng.integers(0, max(h - size, 0) + 1))
-        x = int(rng.integers(0, max(w - size, 0) + 1))
-        crop = np.asarray(self.array[y:y + size, x:x + size, :3])
-        if crop.shape[:2] != (size, size):  # a level smaller than the patch
-            crop = np.pad(crop, ((0, size - crop.shape[0]), (0, size - crop.shape[1]), (0, 0)), mode="reflect")
-        return crop
 
 
 def layer_source(layer) -> UnlabeledSource:
@@ -73,7 +59,7 @@ def pretrain_job(sources: list[UnlabeledSource], out: str, cfg: PretrainConfig, 
     return tile_grid(tiles)
 
 
-class PretrainWidget(TrainingControls, StopsJobsOnClose, QWidget):
+class PretrainWidget(QWidget):
     """Choose unlabeled sources and a model size, then train the diffusion pretext in the background."""
 
     def __init__(self, napari_viewer, settings: Settings | None = None):
@@ -81,8 +67,7 @@ class PretrainWidget(TrainingControls, StopsJobsOnClose, QWidget):
         self.viewer = napari_viewer
         self.settings = settings or Settings("pretrain")
         self.runner = JobRunner("pretraining", self)
-        self.runners = (self.runner,)
-        self._last: Progress | None = None
+        self.stops_jobs = StopsJobsOnClose(self, [self.runner])
         self._build()
         self.runner.result.connect(self._on_tiles)
 
@@ -114,22 +99,25 @@ class PretrainWidget(TrainingControls, StopsJobsOnClose, QWidget):
         self.preset.setToolTip("tiny: seconds, for trying things out; small: a CPU-friendly model; "
                                "paper: the reference size (needs a GPU)")
         form.addRow("Model size", self.preset)
-        add_training_rows(self, form, patch_tip="tile size in pixels (a multiple of 32)", steps=1000, steps_step=100,
-                          out_tip="folder for the checkpoint", out_default=Path.home() / "genselfdiff" / "pretrained",
-                          resume=True)
+        rows = add_training_rows(form, patch_tip="tile size in pixels (a multiple of 32)", steps=1000,
+                                 steps_step=100, out_tip="folder for the checkpoint",
+                                 out_default=Path.home() / "genselfdiff" / "pretrained", resume=True)
+        self.patch, self.steps, self.batch = rows.patch, rows.steps, rows.batch
+        self.device, self.out, self.resume = rows.device, rows.out, rows.resume
         self.n_tiles = int_spin(0, 64, 16, 4, "tiles to generate at the end (0: none)")
         form.addRow("Generated tiles", self.n_tiles)
         self.ddim_steps = int_spin(2, 200, 10, 5, "DDIM sampling steps for the generated tiles")
         form.addRow("Sampling steps", self.ddim_steps)
         lay.addWidget(opts)
 
-        self.add_run_controls(lay, "Start pretraining")
+        self.controls = TrainingControls(lay, self.runner, "Start pretraining", self.start, self.out, self.resume)
+        self.start_btn, self.cancel_btn, self.progress = (self.controls.start_btn, self.controls.cancel_btn,
+                                                          self.controls.progress)
 
-        for key, w in [("folder", self.folder), ("slide", self.slide), ("preset", self.preset),
-                       ("patch", self.patch), ("steps", self.steps), ("batch", self.batch),
-                       ("device", self.device.combo), ("out", self.out), ("resume", self.resume),
-                       ("n_tiles", self.n_tiles), ("ddim_steps", self.ddim_steps)]:
-            self.settings.bind(key, w)
+        self.settings.bind_all({"folder": self.folder, "slide": self.slide, "preset": self.preset,
+                                "patch": self.patch, "steps": self.steps, "batch": self.batch,
+                                "device": self.device.combo, "out": self.out, "resume": self.resume,
+                                "n_tiles": self.n_tiles, "ddim_steps": self.ddim_steps})
 
     # -- actions ---------------------------------------------------------------------------
 
@@ -150,20 +138,14 @@ class PretrainWidget(TrainingControls, StopsJobsOnClose, QWidget):
 
     def start(self) -> None:
         try:
-            out = self.checked_output_folder("checkpoint")
+            out = self.controls.checked_output_folder("checkpoint")
             sources = self.sources()
         except GenSelfDiffError as e:
             show_error(str(e))
             return
-        self._last = None
-        self.progress.reset(f"pretraining on {len(sources)} source(s)…")
-        self._set_running(True)
+        self.controls.begin(f"pretraining on {len(sources)} source(s)…")
         self.runner.start(pretrain_job, sources, out, self.config(), self.device.device, self.resume.isChecked(),
                           self.n_tiles.value(), self.ddim_steps.value())
-
-    def _remember(self, ev: Progress | str) -> None:
-        if isinstance(ev, Progress):
-            self._last = ev
 
     def _on_tiles(self, grid: np.ndarray | None) -> None:
         if grid is None:
@@ -173,8 +155,6 @@ class PretrainWidget(TrainingControls, StopsJobsOnClose, QWidget):
         else:
             right = self.viewer.layers.extent.world[1][-1] if len(self.viewer.layers) else 0.0
             self.viewer.add_image(grid, name=TILES_LAYER, rgb=True, translate=(0, right + 0.05 * abs(right)))
-        if self._last is not None:
-            self.progress.bar.setRange(0, self._last.total)
-            self.progress.bar.setValue(self._last.step)
+        self.controls.show_last_step()
         self.progress.set_status(f"done: checkpoint in {self.out.text()}; the layer '{TILES_LAYER}' shows "
                                  "tiles the model generated")

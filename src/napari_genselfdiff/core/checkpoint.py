@@ -5,9 +5,13 @@ Nothing here unpickles: tensors go through safetensors, everything else through 
 writes a complete new folder next to the target and swaps it in with renames, so a crash leaves
 either the old checkpoint or the new one, never a mixture. A crash between the two renames leaves
 ``<name>.old``, which :func:`resolve` recovers.
+
+``config.json`` records the SHA-256 of ``model.safetensors`` (``weights_sha256``); loading verifies
+it, and refuses weights that are not finite, so damaged bytes never turn into silent NaN output.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -45,6 +49,14 @@ def resolve(path: str | os.PathLike) -> Path:
     return path
 
 
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True))
 
@@ -67,7 +79,8 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, config: dic
             skeleton = _split_tensors(training_state, "", tensors)
             save_file(tensors, str(tmp / STATE_TENSORS))
             _write_json(tmp / STATE_JSON, skeleton)
-        _write_json(tmp / CONFIG_FILE, {**config, "format_version": FORMAT_VERSION})
+        _write_json(tmp / CONFIG_FILE, {**config, "format_version": FORMAT_VERSION,
+                                        "weights_sha256": file_sha256(tmp / MODEL_FILE)})
         normal_permissions(tmp)
         old = path.with_name(path.name + ".old")
         if old.exists():
@@ -123,20 +136,40 @@ def load_config(path: str | os.PathLike) -> dict:
     return cfg
 
 
-def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+def load_weights(path: str | os.PathLike, config: dict | None = None) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors, after checking them against the recorded checksum (when the config
+    has one: checkpoints written before it was recorded load unchecked) and that they are finite."""
     path = resolve(path)
+    cfg = config if config is not None else load_config(path)
+    want = cfg.get("weights_sha256")
+    if want and file_sha256(path / MODEL_FILE) != want:
+        raise CheckpointError(f"{path / MODEL_FILE}: damaged weights (checksum differs from the one in "
+                              f"{CONFIG_FILE}); copy the model again")
     try:
-        return load_file(str(path / MODEL_FILE))
+        weights = load_file(str(path / MODEL_FILE))
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{path / MODEL_FILE}: unreadable weights ({e})") from None
+    bad = [k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"{path / MODEL_FILE}: damaged weights ({len(bad)} tensor(s) hold NaN or "
+                              f"infinite values, e.g. {bad[0]!r})")
+    return weights
 
 
 def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[UNet, dict]:
     """Build the U-Net described by the checkpoint's config and load its weights."""
     cfg = load_config(path)
-    model = UNet(UNetConfig.from_dict(cfg["model"]))
-    weights = load_weights(path)
-    missing, unexpected = model.load_state_dict(weights, strict=False)
+    try:
+        model = UNet(UNetConfig.from_dict(cfg["model"]))
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: {CONFIG_FILE} describes no valid architecture ({e})") from None
+    weights = load_weights(path, cfg)
+    try:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[1:2] or [str(e)]
+        raise CheckpointError(f"{path}: weights do not match the architecture in {CONFIG_FILE} "
+                              f"({first[0].strip()})") from None
     if missing or unexpected:
         raise CheckpointError(f"{path}: weights do not match the config "
                               f"(missing {missing[:3]}, unexpected {unexpected[:3]})")

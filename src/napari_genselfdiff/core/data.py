@@ -7,7 +7,7 @@ it would have seen without the interruption.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -17,7 +17,6 @@ from scipy import ndimage as ndi
 from .errors import DataError
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
-SLIDE_EXTS = {".svs", ".ndpi", ".scn", ".zarr", ".btf"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,7 +226,7 @@ def split_items(items: Sequence, val_fraction: float, seed: int) -> tuple[list, 
 
 
 # ---------------------------------------------------------------------------------------------
-# unlabeled sources
+# unlabeled sources (slides and lazy arrays: slide.sources, which also builds sources from paths)
 
 class UnlabeledSource:
     """Something tiles can be drawn from: ``sample(rng, size) -> (size, size, 3) uint8``."""
@@ -245,71 +244,6 @@ class ImageSource(UnlabeledSource):
 
     def sample(self, rng, size):
         return random_crop(self.image, None, rng, size)[0]
-
-
-@dataclass
-class SlideSource(UnlabeledSource):
-    """Random tissue tiles from a (lazy) slide at full resolution."""
-
-    path: Path
-    name: str = "slide"
-    _slide: object = field(default=None, repr=False)
-    _tissue: np.ndarray | None = field(default=None, repr=False)
-    _scale: float = 1.0
-
-    def _open(self):
-        if self._slide is None:
-            from ..slide.reader import open_slide
-            from ..slide.tiler import detect_tissue
-            self._slide = open_slide(self.path)
-            tissue = detect_tissue(self._slide)
-            self._tissue, self._scale = tissue.mask, tissue.downsample
-            if not self._tissue.any():
-                raise DataError(f"{self.path}: no tissue found to sample unlabeled tiles from")
-        return self._slide
-
-    def sample(self, rng, size):
-        slide = self._open()
-        ys, xs = np.nonzero(self._tissue)
-        i = rng.integers(len(ys))
-        h, w = slide.shape[:2]
-        cy = (ys[i] + rng.random()) * self._scale
-        cx = (xs[i] + rng.random()) * self._scale
-        y = int(np.clip(cy - size / 2, 0, max(h - size, 0)))
-        x = int(np.clip(cx - size / 2, 0, max(w - size, 0)))
-        return np.asarray(slide.read_region(0, y, x, size, size))
-
-
-def unlabeled_sources(paths: Sequence[str | os.PathLike]) -> list[UnlabeledSource]:
-    """Folders of images and slide files -> sources. Small images are loaded into memory."""
-    sources: list[UnlabeledSource] = []
-    for p in map(Path, paths):
-        if p.is_dir() and p.suffix.lower() != ".zarr":
-            files = list_images(p)
-            if not files:
-                raise DataError(f"{p}: folder has no images")
-            sources += [ImageSource(read_image(f), f.name) for f in files]
-        elif p.exists() and (p.suffix.lower() in SLIDE_EXTS or _is_large_tiff(p)):
-            sources.append(SlideSource(p, p.name))
-        elif p.is_file():
-            sources.append(ImageSource(read_image(p), p.name))
-        else:
-            raise DataError(f"{p}: no such file or folder")
-    if not sources:
-        raise DataError("no unlabeled images given")
-    return sources
-
-
-def _is_large_tiff(p: Path, limit: int = 8192) -> bool:
-    if p.suffix.lower() not in {".tif", ".tiff"}:
-        return False
-    import tifffile
-    try:
-        with tifffile.TiffFile(p) as tf:
-            shape = tf.series[0].shape
-            return len(tf.series[0].levels) > 1 or max(shape[:2]) > limit
-    except Exception as e:
-        raise DataError(f"{p}: cannot read TIFF ({type(e).__name__}: {e})") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -408,3 +342,32 @@ def sample_labeled_batch(items: Sequence[LabeledImage], rng: np.random.Generator
         imgs.append(img)
         tgts.append(tgt)
     return np.stack(imgs), np.stack(tgts)
+
+
+# ---------------------------------------------------------------------------------------------
+# validation split of a single labeled image
+
+QUADRANTS = ("top-left", "top-right", "bottom-left", "bottom-right")
+
+
+def quadrants(item: LabeledImage) -> list[LabeledImage]:
+    """Cut a labeled image into its four quadrants (the validation unit for a single image)."""
+    h, w = item.target.shape
+    cy, cx = h // 2, w // 2
+    boxes = [(0, cy, 0, cx), (0, cy, cx, w), (cy, h, 0, cx), (cy, h, cx, w)]
+    return [LabeledImage(f"{item.name} [{q}]", item.image[y0:y1, x0:x1], item.target[y0:y1, x0:x1])
+            for q, (y0, y1, x0, x1) in zip(QUADRANTS, boxes, strict=True)]
+
+
+def split_for_validation(items: list[LabeledImage], fraction: float, single_pair: bool,
+                         seed: int = 0) -> tuple[list[LabeledImage], list[LabeledImage]]:
+    """(train, validation); a single image is split by quadrants, several by image."""
+    if fraction <= 0:
+        return items, []
+    if single_pair:
+        items = quadrants(items[0])
+    train, val = split_items(items, fraction, seed)
+    if all(not (it.target > 0).any() for it in train):
+        raise DataError("the labels all fall in the held-out validation part: paint more, or set the "
+                        "validation fraction to 0")
+    return train, val

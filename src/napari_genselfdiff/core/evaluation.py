@@ -9,19 +9,7 @@ import numpy as np
 from .data import LabeledImage, TaskSpec, list_images, load_labeled_folder, read_mask
 from .errors import DataError
 from .inference import TorchPredictor, predict_image
-
-
-def postprocess(probs: np.ndarray, task: str) -> tuple[np.ndarray, np.ndarray]:
-    """(semantic class map, instance labels) from class probabilities (C, H, W)."""
-    from ..slide.instances import glands_from_probabilities, nuclei_from_probabilities
-
-    semantic = probs.argmax(0).astype(np.uint8)
-    if task == "nuclei":
-        boundary = probs[2] if probs.shape[0] > 2 else None
-        inst = nuclei_from_probabilities(probs[1] if boundary is None else probs[1] + probs[2], boundary)
-    else:
-        inst = glands_from_probabilities(1.0 - probs[0])
-    return semantic, inst
+from .postprocess import postprocess
 
 
 def evaluate_items(predictor: TorchPredictor, items: Sequence[LabeledImage],

@@ -2,11 +2,16 @@
 
 :class:`TorchPredictor` satisfies the tiler's ``Predictor`` protocol (``slide/tiler.py``), so the
 same object drives whole-slide prediction, the napari overlay and ``evaluate``.
+:func:`predict_padded_batch` is the one way to run any predictor on tiles of any size (padded to
+its multiple and cropped back); :func:`cached_predictor` the one predictor cache (a job keeps
+the model loaded between calls until its weights change).
 """
 from __future__ import annotations
 
 import contextlib
 import os
+from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -14,7 +19,7 @@ import torch
 from .checkpoint import load_model
 from .data import NORMALIZATION, to_model_input
 from .device import pick_device
-from .errors import CheckpointError
+from .errors import CheckpointError, DataError
 
 
 def autocast_for(device: torch.device, enabled: bool = True):
@@ -65,11 +70,41 @@ class TorchPredictor:
         return np.concatenate(out) if out else np.zeros((0, self.num_classes) + tiles.shape[1:3], np.float32)
 
 
+def predict_padded_batch(predictor, tiles: np.ndarray) -> np.ndarray:
+    """Probabilities (B, C, H, W) of a batch of (B, H, W, 3) uint8 tiles of any size: reflect-padded
+    to the predictor's ``tile_multiple`` (when it has one) and cropped back. ``predictor`` is a
+    :class:`TorchPredictor` or any callable doing the same; a result of the wrong shape is a
+    DataError."""
+    m = int(getattr(predictor, "tile_multiple", 1) or 1)
+    h, w = tiles.shape[1:3]
+    ph, pw = (-h) % m, (-w) % m
+    if ph or pw:
+        tiles = np.pad(tiles, ((0, 0), (0, ph), (0, pw), (0, 0)), mode="reflect")
+    probs = np.asarray(predictor(tiles), dtype=np.float32)
+    if probs.ndim != 4 or probs.shape[0] != len(tiles):
+        raise DataError(f"the predictor returned shape {probs.shape}; expected (B, C, H, W) for {len(tiles)} tiles")
+    return probs[:, :, :h, :w]
+
+
 def predict_image(predictor, image: np.ndarray) -> np.ndarray:
     """Probabilities (C, H, W) for an image small enough to run in one piece (reflect-padded to
     the model's multiple). Whole slides go through ``slide.tiler`` instead."""
-    h, w = image.shape[:2]
-    m = predictor.tile_multiple
-    ph, pw = (-h) % m, (-w) % m
-    padded = np.pad(image, ((0, ph), (0, pw), (0, 0)), mode="reflect") if (ph or pw) else image
-    return predictor(padded[None])[0, :, :h, :w]
+    return predict_padded_batch(predictor, np.asarray(image)[None])[0]
+
+
+class PredictorCache(NamedTuple):
+    """A loaded predictor and what it was loaded from: (model folder, device, weights mtime)."""
+
+    key: tuple
+    predictor: TorchPredictor
+
+
+def cached_predictor(model: str | os.PathLike, device: str, cache: PredictorCache | None) -> PredictorCache:
+    """A :class:`TorchPredictor` for ``model`` on ``device``, reusing ``cache`` unless it holds
+    another model or device, or the weights were rewritten since (a model fine-tuned again into
+    the same folder). Pass the returned cache to the next call."""
+    weights = Path(model, "model.safetensors")
+    key = (os.path.abspath(model), device, weights.stat().st_mtime_ns if weights.is_file() else None)
+    if cache is not None and cache.key == key:
+        return cache
+    return PredictorCache(key, TorchPredictor.from_checkpoint(model, device=device))

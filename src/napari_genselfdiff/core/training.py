@@ -29,24 +29,8 @@ from .diffusion import Diffusion, ScheduleConfig
 from .errors import CheckpointError, DataError, GenSelfDiffError
 from .inference import TorchPredictor, autocast_for, predict_image
 from .losses import build_loss, parse_loss
-from .unet import PRESETS, UNet, UNetConfig, transfer_pretrained
-
-
-@dataclass
-class Progress:
-    """One training event. ``done`` marks the last one; ``checkpoint`` is set when one was written."""
-
-    stage: str
-    step: int
-    total: int
-    loss: float = float("nan")
-    lr: float = 0.0
-    images_per_s: float = 0.0
-    eta_s: float = float("nan")
-    metrics: dict | None = None
-    checkpoint: str | None = None
-    message: str = ""
-    done: bool = False
+from .progress import Progress
+from .unet import PRESETS, UNet, UNetConfig, recalibrate_batchnorm, segmentation_config, transfer_pretrained
 
 
 @dataclass
@@ -87,7 +71,13 @@ class FinetuneConfig:
     val_every: int = 100
     amp: bool = True
     mpp: float | None = None  # microns per pixel of the training images, if known
+    # BatchNorm (frozen at inference) and no attention, so tiling cannot change the answer
+    # (core/unet.py); False keeps the pretraining architecture (GroupNorm + attention)
+    tile_invariant: bool = True
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+BN_CALIBRATION_BATCHES = 16  # seeded training batches that fix BatchNorm's frozen statistics
 
 
 def _lr_at(step: int, total: int, base: float, warmup: int) -> float:
@@ -276,19 +266,25 @@ def pretrain(sources: Sequence[UnlabeledSource], out: str | os.PathLike, cfg: Pr
 # stage 2: segmentation fine-tuning on a few labeled tiles
 
 def build_segmentation_model(spec: TaskSpec, init: str | os.PathLike | None, preset: str,
-                             seed: int = 0) -> tuple[UNet, dict, str]:
+                             seed: int = 0, tile_invariant: bool = True) -> tuple[UNet, dict, str]:
     """A segmentation U-Net: from scratch, from a pretrained diffusion model (all but the head
-    copied), or continuing a segmentation model (all weights). Returns (model, init info, message)."""
+    copied), or continuing a segmentation model (all weights, its own architecture). From scratch or
+    from a pretraining the network is the tile-invariant one (``unet.segmentation_config``) unless
+    ``tile_invariant`` is False. Returns (model, init info, message)."""
+    def seg_config(cfg: UNetConfig) -> UNetConfig:
+        return segmentation_config(cfg, spec.num_classes) if tile_invariant else cfg.with_outputs(spec.num_classes)
+
     if init is None:
-        model = _seeded_model(UNetConfig.from_preset(preset, in_channels=3, out_channels=spec.num_classes), seed)
+        model = _seeded_model(seg_config(UNetConfig.from_preset(preset, in_channels=3, out_channels=3)), seed)
         return model, {"init": "scratch"}, f"from scratch ({preset})"
     init_cfg = ckpt.load_config(init)
     if init_cfg.get("normalization", NORMALIZATION) != NORMALIZATION:
         raise CheckpointError(f"{init}: unsupported input normalisation {init_cfg.get('normalization')!r}")
-    ucfg = UNetConfig.from_dict(init_cfg["model"]).with_outputs(spec.num_classes)
+    same_head = init_cfg.get("kind") == "segmentation" and init_cfg["task"]["num_classes"] == spec.num_classes
+    saved = UNetConfig.from_dict(init_cfg["model"])
+    ucfg = saved.with_outputs(spec.num_classes) if init_cfg.get("kind") == "segmentation" else seg_config(saved)
     model = _seeded_model(ucfg, seed)
     weights = ckpt.load_weights(init)
-    same_head = init_cfg.get("kind") == "segmentation" and init_cfg["task"]["num_classes"] == spec.num_classes
     if same_head:
         model.load_state_dict(weights)
         how = f"all weights from segmentation model {init}"
@@ -328,7 +324,7 @@ def finetune(items: Sequence[LabeledImage], out: str | os.PathLike, cfg: Finetun
         init_info, how = saved["training"].get("init_info", {}), f"resumed {out}"
         train = select_fraction_from_names(items, saved["training"].get("train_images"))
     else:
-        model, init_info, how = build_segmentation_model(spec, init, cfg.preset, cfg.seed)
+        model, init_info, how = build_segmentation_model(spec, init, cfg.preset, cfg.seed, cfg.tile_invariant)
     if cfg.patch % model.config.multiple:
         raise DataError(f"patch size {cfg.patch} must be a multiple of {model.config.multiple} for this model")
     trainer = _Trainer(model, dev, cfg.lr, cfg.weight_decay, cfg.amp)
@@ -338,6 +334,7 @@ def finetune(items: Sequence[LabeledImage], out: str | os.PathLike, cfg: Finetun
     latest: dict = {}
 
     def loss_at(step: int):
+        calibrated["trained_to"] = step + 1
         rng, _ = _step_rngs(cfg.seed, step, dev)
         imgs, tgts = sample_labeled_batch(train, rng, cfg.batch, cfg.patch, cfg.augment)
         x = torch.from_numpy(to_model_input(imgs)).to(dev)
@@ -353,10 +350,30 @@ def finetune(items: Sequence[LabeledImage], out: str | os.PathLike, cfg: Finetun
                              "batch": cfg.batch, "lr": cfg.lr, "device": str(dev), "time": _now()},
                 "validation": latest, "versions": ckpt.versions()}
 
+    calibrated = {"step": None, "trained_to": start}
+
+    def calibrate(step: int) -> None:
+        """Frozen BatchNorm statistics for the weights at ``step`` (core/unet.recalibrate_batchnorm),
+        from fixed, seeded training batches: deterministic, so resuming stays exact."""
+        if calibrated["step"] == step:
+            return
+
+        def batches():
+            for k in range(BN_CALIBRATION_BATCHES):
+                imgs, _ = sample_labeled_batch(train, np.random.default_rng([cfg.seed, 7919, k]), cfg.batch,
+                                               cfg.patch, cfg.augment)
+                yield torch.from_numpy(to_model_input(imgs)).to(dev)
+
+        with autocast_for(dev, trainer.amp):
+            recalibrate_batchnorm(trainer.model, batches())
+        calibrated["step"] = step
+
     def save(step: int) -> Path:
+        calibrate(step)
         return ckpt.save_checkpoint(out, trainer.model, config_at(step), trainer.state(step, run))
 
     def validate() -> dict:
+        calibrate(calibrated["trained_to"])
         predictor = TorchPredictor(trainer.model, config_at(0), dev, amp=cfg.amp)
         latest.update(evaluate_dice(predictor, val_items))
         return dict(latest)
@@ -379,13 +396,3 @@ def select_fraction_from_names(items: Sequence[LabeledImage], names: list[str] |
         raise DataError(f"cannot resume: training images {missing[:3]} are no longer in the labeled set")
     return [by_name[n] for n in names]
 
-
-def drain(events: Iterator[Progress], on_event: Callable[[Progress], None] | None = None) -> Progress:
-    """Run a training generator to the end; returns the last event."""
-    last = None
-    for last in events:
-        if on_event:
-            on_event(last)
-    if last is None:
-        raise GenSelfDiffError("training produced no events")
-    return last

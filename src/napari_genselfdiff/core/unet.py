@@ -14,6 +14,14 @@ Shape of the network (the paper's reference setup, after the DDPM U-Net it build
 The same network serves both stages. For the diffusion pretext it predicts the noise
 (``out_channels = in_channels``); for segmentation the output convolution is replaced by one with
 ``num_classes`` outputs and the time input is 0 (:func:`transfer_pretrained`).
+
+**Tile invariance.** GroupNorm statistics and attention (full or linear) are computed over the whole
+input, so a segmentation U-Net with them gives a different answer for the same pixel depending on the
+tile it is predicted in. The segmentation network therefore uses :func:`segmentation_config`:
+BatchNorm instead of GroupNorm (batch statistics while fine-tuning, frozen running statistics at
+inference, so a pixel's output depends only on its receptive field) and no attention. Pretraining
+keeps the paper's architecture; :func:`transfer_pretrained` maps GroupNorm affine weights onto the
+BatchNorm layers and leaves the attention weights unused.
 """
 from __future__ import annotations
 
@@ -52,7 +60,12 @@ class UNetConfig:
     linear_attention: bool = True
     linear_attention_from: int = 0  # first level (0 = full resolution) with linear attention
     mid_attention: bool = True
+    norm: str = "group"  # "group" (tile-dependent statistics) | "batch" (frozen at inference)
     preset: str | None = field(default=None, compare=False)
+
+    def __post_init__(self):
+        if self.norm not in NORMS:
+            raise ValueError(f"unknown normalisation {self.norm!r}; choose one of {', '.join(NORMS)}")
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "UNetConfig":
@@ -68,6 +81,11 @@ class UNetConfig:
     def with_outputs(self, out_channels: int) -> "UNetConfig":
         return replace(self, out_channels=out_channels)
 
+    @property
+    def tile_invariant(self) -> bool:
+        """True when (in eval mode) each output pixel depends only on a bounded neighbourhood."""
+        return self.norm == "batch" and not self.linear_attention and not self.mid_attention
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["mults"] = list(self.mults)
@@ -80,6 +98,21 @@ class UNetConfig:
         return cls(**known)
 
 
+NORMS = ("group", "batch")
+
+
+def segmentation_config(cfg: UNetConfig, num_classes: int) -> UNetConfig:
+    """The tile-invariant segmentation network for a (pretraining) architecture ``cfg``: same widths
+    and levels, BatchNorm instead of GroupNorm, no attention, ``num_classes`` outputs."""
+    return replace(cfg, out_channels=num_classes, norm="batch", linear_attention=False, mid_attention=False)
+
+
+def make_norm(kind: str, groups: int, ch: int) -> nn.Module:
+    if kind == "batch":
+        return nn.BatchNorm2d(ch)
+    return nn.GroupNorm(groups if ch % groups == 0 else 1, ch)
+
+
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     """Sinusoidal embedding of (possibly fractional) timesteps, shape (B, dim)."""
     half = dim // 2
@@ -90,12 +123,12 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 class ResBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, tdim: int, groups: int):
+    def __init__(self, cin: int, cout: int, tdim: int, groups: int, norm: str = "group"):
         super().__init__()
-        self.norm1 = nn.GroupNorm(groups, cin)
+        self.norm1 = make_norm(norm, groups, cin)
         self.conv1 = nn.Conv2d(cin, cout, 3, padding=1)
         self.time = nn.Sequential(nn.SiLU(), nn.Linear(tdim, 2 * cout))
-        self.norm2 = nn.GroupNorm(groups, cout)
+        self.norm2 = make_norm(norm, groups, cout)
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1)
         self.skip = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
@@ -169,23 +202,23 @@ class UNet(nn.Module):
             level = nn.ModuleDict()
             level["blocks"] = nn.ModuleList()
             for _ in range(cfg.blocks):
-                level["blocks"].append(ResBlock(ch, cout, tdim, g))
+                level["blocks"].append(ResBlock(ch, cout, tdim, g, cfg.norm))
                 ch = cout
                 skips.append(ch)
             level["attn"] = attn(ch, i)
             level["down"] = nn.Conv2d(ch, ch, 3, stride=2, padding=1) if i < len(chans) - 1 else nn.Identity()
             self.down.append(level)
 
-        self.mid1 = ResBlock(ch, ch, tdim, g)
+        self.mid1 = ResBlock(ch, ch, tdim, g, cfg.norm)
         self.mid_attn = FullAttention(ch, cfg.heads, cfg.head_dim, g) if cfg.mid_attention else nn.Identity()
-        self.mid2 = ResBlock(ch, ch, tdim, g)
+        self.mid2 = ResBlock(ch, ch, tdim, g, cfg.norm)
 
         self.up = nn.ModuleList()
         for i, cout in reversed(list(enumerate(chans))):
             level = nn.ModuleDict()
             level["blocks"] = nn.ModuleList()
             for _ in range(cfg.blocks):
-                level["blocks"].append(ResBlock(ch + skips.pop(), cout, tdim, g))
+                level["blocks"].append(ResBlock(ch + skips.pop(), cout, tdim, g, cfg.norm))
                 ch = cout
             level["attn"] = attn(ch, i)
             level["up"] = nn.Conv2d(ch, chans[i - 1], 3, padding=1) if i > 0 else nn.Identity()
@@ -193,7 +226,7 @@ class UNet(nn.Module):
                 ch = chans[i - 1]
             self.up.append(level)
 
-        self.final_block = ResBlock(ch + cfg.base, cfg.base, tdim, g)
+        self.final_block = ResBlock(ch + cfg.base, cfg.base, tdim, g, cfg.norm)
         self.final_conv = nn.Conv2d(cfg.base, cfg.out_channels, 1)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
@@ -226,19 +259,31 @@ class UNet(nn.Module):
 HEAD_PREFIX = "final_conv."
 
 
+BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+
+
 def transfer_pretrained(pretrained: dict[str, torch.Tensor], model: UNet) -> dict[str, list[str]]:
     """Copy every pretrained tensor except the output convolution into ``model`` (in place).
 
-    Returns ``{"copied": [...], "skipped": [...]}``. A tensor outside the head whose shape does not
-    match is an error: the two networks are not the same architecture.
+    GroupNorm affine weights land on the BatchNorm layers of a tile-invariant segmentation network
+    (same names and shapes); BatchNorm's running statistics, which a GroupNorm model has not got,
+    keep their initial values (fine-tuning estimates them); pretrained tensors the model has no
+    place for (attention, dropped for tile invariance) are listed as unused.
+
+    Returns ``{"copied": [...], "skipped": [...], "initialised": [...], "unused": [...]}``. A tensor
+    outside the head whose shape does not match is an error: the two networks are not the same
+    architecture.
     """
     own = model.state_dict()
-    copied, skipped = [], []
+    copied, skipped, initialised = [], [], []
     for name, tensor in own.items():
         if name.startswith(HEAD_PREFIX):
             skipped.append(name)
             continue
         if name not in pretrained:
+            if name.rsplit(".", 1)[-1] in BN_BUFFERS:
+                initialised.append(name)
+                continue
             raise ValueError(f"pretrained weights lack {name!r}: not the same architecture")
         if pretrained[name].shape != tensor.shape:
             raise ValueError(f"shape mismatch for {name!r}: pretrained {tuple(pretrained[name].shape)} "
@@ -246,7 +291,34 @@ def transfer_pretrained(pretrained: dict[str, torch.Tensor], model: UNet) -> dic
         own[name] = pretrained[name].to(tensor.dtype)
         copied.append(name)
     model.load_state_dict(own)
-    return {"copied": copied, "skipped": skipped}
+    unused = sorted(set(pretrained) - set(own))
+    return {"copied": copied, "skipped": skipped, "initialised": initialised, "unused": unused}
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, batches) -> int:
+    """Re-estimate every BatchNorm's running statistics for the model's *current* weights as the
+    plain average over ``batches`` (input tensors), weights untouched. Momentum statistics after a
+    few fine-tuning steps still hold mostly their initial values (a 2-step refine would predict with
+    mean 0 / variance 1); this makes the frozen statistics exact whatever the number of steps.
+    Returns the number of BatchNorm layers (0: nothing to do, ``batches`` is not consumed)."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return 0
+    was_training = model.training
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+    model.train()
+    try:
+        for x in batches:
+            model(x)
+    finally:
+        for m, mom in zip(norms, momenta):
+            m.momentum = mom
+        model.train(was_training)
+    return len(norms)
 
 
 def count_parameters(model: nn.Module) -> int:

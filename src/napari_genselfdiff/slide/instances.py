@@ -1,6 +1,7 @@
-"""Instances (glands, nuclei) from class probabilities, in one piece or block by block.
+"""Instances (glands, nuclei) from class probabilities, block by block.
 
-One-piece functions work on in-memory arrays (a tile, a field of view). The blockwise versions
+The one-piece functions (a tile, a field of view held in memory) are in
+:mod:`napari_genselfdiff.core.postprocess`. The blockwise versions here
 label arrays far larger than memory (zarr, dask, numpy: anything 2-D that can be sliced) into
 an int32 output array, block by block, and stitch objects across block borders so that an
 object crossing a border keeps ONE id and is never cut:
@@ -25,17 +26,19 @@ returning :class:`StitchStats`, so a progress bar (or ``predict_slide``) can dri
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Generator
+from typing import Any, Generator, Mapping
 
 import numpy as np
 from scipy import ndimage as ndi
 
-GLAND_MIN_SIZE = 100
-NUCLEUS_MIN_SIZE = 10
-_EIGHT = np.ones((3, 3), bool)
-_FOUR = ndi.generate_binary_structure(2, 1)
+from napari_genselfdiff.core.errors import GenSelfDiffError
+# the one-piece rules each block is labelled by (glands_from_probabilities is the reference
+# the blockwise result equals; benchmarks/tiler.py reads it from here)
+from napari_genselfdiff.core.postprocess import (EIGHT, FOUR, GLAND_MIN_SIZE, NUCLEUS_MIN_SIZE, as_float,  # noqa: F401
+                                                 glands_from_probabilities, nuclei_from_probabilities)
+from napari_genselfdiff.core.progress import run_to_end
 
-Progress = Generator[tuple[int, int], None, "StitchStats"]
+Steps = Generator[tuple[int, int], None, "StitchStats"]
 
 
 @dataclass(frozen=True)
@@ -47,97 +50,6 @@ class StitchStats:
     count: int
     truncated: int = 0
     conflicts: int = 0
-
-
-def _as_float(prob: Any) -> np.ndarray:
-    """Probabilities as float32 in [0, 1]; uint8 input (0..255, as stored) is divided by 255."""
-    arr = np.asarray(prob)
-    if arr.dtype == np.uint8:
-        return arr.astype(np.float32) / np.float32(255.0)
-    return arr.astype(np.float32, copy=False)
-
-
-def _remove_small(labels: np.ndarray, min_size: int) -> np.ndarray:
-    """Drop objects smaller than ``min_size`` pixels and renumber 1..N in raster order of
-    their first pixel."""
-    from skimage.segmentation import relabel_sequential
-
-    if labels.max() == 0:
-        return labels.astype(np.int32)
-    sizes = np.bincount(labels.ravel())
-    small = sizes < min_size
-    small[0] = False
-    labels = np.where(small[labels], 0, labels)
-    return relabel_sequential(labels)[0].astype(np.int32)
-
-
-# --------------------------------------------------------------------------------------------
-# one piece
-
-
-def glands_from_probabilities(prob_fg: Any, threshold: float = 0.5,
-                              min_size: int = GLAND_MIN_SIZE, fill_holes: bool = True) -> np.ndarray:
-    """Gland instances: pixels with p >= ``threshold``, holes filled (background not
-    4-connected to the image border), 8-connected components, objects under ``min_size``
-    pixels removed. Returns int32 labels 1..N (0 = background)."""
-    fg = _as_float(prob_fg) >= threshold
-    if fill_holes:
-        fg = ndi.binary_fill_holes(fg, structure=_FOUR)
-    labels, _ = ndi.label(fg, structure=_EIGHT)
-    return _remove_small(labels, min_size)
-
-
-def _tie_breaker(shape: tuple[int, int], origin: tuple[int, int]) -> np.ndarray:
-    """Pseudo-random values in [0, 1) that depend only on global pixel coordinates.
-
-    skimage's watershed pops equal elevations in an order that depends on everything else in
-    its heap, so a region cut out of a larger map could be flooded differently at ties. A tiny
-    hash of the global position makes the elevations distinct and identical wherever the
-    region is cut from."""
-    yy, xx = np.mgrid[origin[0]:origin[0] + shape[0], origin[1]:origin[1] + shape[1]]
-    h = (yy.astype(np.uint64) * np.uint64(73856093)) ^ (xx.astype(np.uint64) * np.uint64(19349663))
-    return ((h % np.uint64(1000003)).astype(np.float64) / 1000003.0)
-
-
-def nuclei_from_probabilities(prob_fg: Any, prob_boundary: Any | None = None,
-                              threshold: float = 0.5, min_size: int = NUCLEUS_MIN_SIZE,
-                              min_distance: int = 4, origin: tuple[int, int] = (0, 0)) -> np.ndarray:
-    """Nucleus instances by marker-controlled watershed. Returns int32 labels 1..N.
-
-    Without a boundary class: mask = p_fg >= threshold, markers = peaks of the distance
-    transform (at least ``min_distance`` apart, searched per connected component), flooding
-    the negative distance. With a boundary class (3-class models: background, nucleus,
-    boundary): mask = p_fg + p_boundary >= threshold, markers = connected nucleus-interior
-    regions (p_fg >= threshold and p_boundary < threshold), flooding the boundary probability.
-    Objects under ``min_size`` pixels are removed. Equal elevations are ordered by a tiny hash
-    of the global pixel position (``origin`` = global position of ``prob_fg[0, 0]``), so a
-    block cut out of a larger map is segmented like the same pixels of the whole map.
-    """
-    from skimage.feature import peak_local_max
-    from skimage.segmentation import watershed
-
-    p = _as_float(prob_fg)
-    if prob_boundary is not None:
-        pb = _as_float(prob_boundary)
-        mask = (p + pb) >= threshold
-        markers, _ = ndi.label((p >= threshold) & (pb < threshold), structure=_FOUR)
-        elevation = pb
-    else:
-        mask = p >= threshold
-        dist = ndi.distance_transform_edt(mask)
-        comps, _ = ndi.label(mask, structure=_EIGHT)
-        peaks = peak_local_max(dist, min_distance=min_distance, labels=comps,
-                               exclude_border=False)
-        markers = np.zeros(mask.shape, np.int32)
-        markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
-        elevation = -dist
-    if not mask.any() or markers.max() == 0:
-        return np.zeros(p.shape, np.int32)
-    # elevation steps are >= 1/255 (probabilities) or ~1/(2 * radius) (distances): 1e-5 only
-    # orders what was equal
-    elevation = elevation + 1e-5 * _tie_breaker(p.shape, origin)
-    labels = watershed(elevation, markers, mask=mask)
-    return _remove_small(labels, min_size)
 
 
 # --------------------------------------------------------------------------------------------
@@ -179,7 +91,7 @@ def _components(n: int, pairs: list[np.ndarray]) -> np.ndarray:
 
 
 def iter_glands_blockwise(prob_fg: Any, out: Any, *, block: int, threshold: float = 0.5,
-                          min_size: int = GLAND_MIN_SIZE, fill_holes: bool = True) -> Progress:
+                          min_size: int = GLAND_MIN_SIZE, fill_holes: bool = True) -> Steps:
     """Blockwise :func:`glands_from_probabilities` of ``prob_fg`` (2-D, sliceable) into ``out``
     (int32, same shape, e.g. a zarr array), exactly stitched. Memory: one block plus the
     border lines and per-object tables. Yields (steps done, steps total); two passes."""
@@ -191,13 +103,13 @@ def iter_glands_blockwise(prob_fg: Any, out: Any, *, block: int, threshold: floa
     cols: dict[int, np.ndarray] = {}
     nf = nb = 0
     for step, (_, _, y0, y1, x0, x1) in enumerate(regions, 1):
-        fg = _as_float(prob_fg[y0:y1, x0:x1]) >= threshold
-        flab, n = ndi.label(fg, structure=_EIGHT)
+        fg = as_float(prob_fg[y0:y1, x0:x1]) >= threshold
+        flab, n = ndi.label(fg, structure=EIGHT)
         prov = np.where(fg, flab + nf, 0).astype(np.int32)
         fg_counts.append(np.bincount(flab.ravel(), minlength=n + 1)[1:])
         nf += n
         if fill_holes:
-            blab, m = ndi.label(~fg, structure=_FOUR)
+            blab, m = ndi.label(~fg, structure=FOUR)
             prov -= np.where(fg, 0, blab + nb).astype(np.int32)
             bg_counts.append(np.bincount(blab.ravel(), minlength=m + 1)[1:])
             edges = [e for e, at_border in ((prov[0], y0 == 0), (prov[-1], y1 == h),
@@ -286,7 +198,7 @@ def _resolve_glands(h: int, w: int, block: int, nf: int, nb: int, fg_counts: lis
 
 def glands_blockwise(prob_fg: Any, out: Any, *, block: int, **kwargs: Any) -> StitchStats:
     """Run :func:`iter_glands_blockwise` to the end."""
-    return _drain(iter_glands_blockwise(prob_fg, out, block=block, **kwargs))
+    return run_to_end(iter_glands_blockwise(prob_fg, out, block=block, **kwargs))
 
 
 # --------------------------------------------------------------------------------------------
@@ -295,7 +207,7 @@ def glands_blockwise(prob_fg: Any, out: Any, *, block: int, **kwargs: Any) -> St
 
 def iter_nuclei_blockwise(prob_fg: Any, out: Any, *, block: int, prob_boundary: Any | None = None,
                           halo: int = 64, threshold: float = 0.5,
-                          min_size: int = NUCLEUS_MIN_SIZE, min_distance: int = 4) -> Progress:
+                          min_size: int = NUCLEUS_MIN_SIZE, min_distance: int = 4) -> Steps:
     """Blockwise :func:`nuclei_from_probabilities` into ``out`` (int32, zero-initialised).
 
     Each block is segmented with ``halo`` pixels of context; objects whose centroid falls in
@@ -354,15 +266,7 @@ def _count_truncated(lab: np.ndarray, keep: np.ndarray, inner: tuple[bool, bool,
 
 def nuclei_blockwise(prob_fg: Any, out: Any, *, block: int, **kwargs: Any) -> StitchStats:
     """Run :func:`iter_nuclei_blockwise` to the end."""
-    return _drain(iter_nuclei_blockwise(prob_fg, out, block=block, **kwargs))
-
-
-def _drain(gen: Progress) -> StitchStats:
-    while True:
-        try:
-            next(gen)
-        except StopIteration as stop:
-            return stop.value
+    return run_to_end(iter_nuclei_blockwise(prob_fg, out, block=block, **kwargs))
 
 
 # --------------------------------------------------------------------------------------------
@@ -413,3 +317,49 @@ def compare_partitions(reference: np.ndarray, labels: np.ndarray) -> PartitionRe
                            n_labels=int(len(np.unique(lab[lab > 0]))),
                            cut=int(((ref_n > 1) & (ref_ids > 0)).sum()),
                            merged=int(((lab_n > 1) & (lab_ids > 0)).sum()))
+
+
+# --------------------------------------------------------------------------------------------
+# a prediction store's probabilities -> its instance labels
+
+
+class _ChannelView:
+    """2-D view ``arr[channel]`` of a (C, H, W) uint8 zarr array, read region by region."""
+
+    def __init__(self, arr: Any, channel: int) -> None:
+        self.arr, self.channel = arr, channel
+        self.shape = tuple(arr.shape[1:])
+        self.dtype = arr.dtype
+
+    def __getitem__(self, key: tuple[slice, slice]) -> np.ndarray:
+        return np.asarray(self.arr[(self.channel,) + tuple(key)])
+
+
+def label_store(store: Any, kind: str, *, block: int, min_size: int | None = None,
+                options: Mapping[str, Any] | None = None) -> Generator[tuple[int, int], None, StitchStats | None]:
+    """Label instances ('glands' or 'nuclei') of a
+    :class:`~napari_genselfdiff.slide.store.PredictionStore` from its class-1 probabilities (and
+    class 2 as the nucleus boundary of 3-class models) into ``labels/<kind>``, with a pyramid.
+    Yields (steps done, steps total) like the blockwise functions; returns their stats, or None
+    when the store already holds complete labels of ``kind``."""
+    probs = store.probabilities
+    nc = int(probs.shape[0])
+    if nc < 2:
+        raise GenSelfDiffError(f"postprocess '{kind}' needs a model with >= 2 classes, got {nc}")
+    if store.labels_complete(kind):
+        return None
+    lab_group, lab0 = store.create_labels(kind, block)
+    fg = _ChannelView(probs, 1)
+    opts = dict(options or {})
+    if min_size is not None:
+        opts["min_size"] = min_size
+    if kind == "glands":
+        gen = iter_glands_blockwise(fg, lab0, block=block, **opts)
+    else:
+        boundary = _ChannelView(probs, 2) if nc >= 3 else None
+        gen = iter_nuclei_blockwise(fg, lab0, prob_boundary=boundary, block=block, **opts)
+    stats = yield from gen
+    n_levels = write_label_pyramid(lab_group, block=block)
+    store.finish_labels(lab_group, kind, n_levels, count=stats.count, truncated=stats.truncated,
+                        conflicts=stats.conflicts)
+    return stats

@@ -26,6 +26,7 @@ import dask.array as da
 import numpy as np
 
 from napari_genselfdiff.core.errors import DataError
+from napari_genselfdiff.slide.levels import level_for_mpp, region_at_mpp
 
 #: Lower levels are built by coarsening until the short side would drop below this many pixels.
 MIN_LEVEL_SIZE = 256
@@ -69,10 +70,13 @@ class Slide:
     def level_for_mpp(self, target_mpp: float | None) -> int:
         """The level whose mpp is closest to ``target_mpp`` (on a log scale, so 0.5 is as far
         from 1.0 as 2.0 is); 0 when either mpp is unknown. Ties go to the finer level."""
-        if self.mpp is None or target_mpp is None or target_mpp <= 0:
-            return 0
-        dist = [abs(math.log(self.mpp * d / target_mpp)) for d in self.downsamples]
-        return int(np.argmin(dist))
+        return level_for_mpp(self.downsamples, self.mpp, target_mpp)
+
+    def region_at_mpp(self, region: tuple[int, int, int, int, int],
+                      target_mpp: float | None) -> tuple[int, int, int, int, int]:
+        """The view ``region`` = (level, y, x, h, w) in pixels of the level closest to
+        ``target_mpp`` (:func:`~napari_genselfdiff.slide.levels.region_at_mpp`)."""
+        return region_at_mpp(region, self.downsamples, [lv.shape for lv in self.levels], self.mpp, target_mpp)
 
     def read_region(self, level: int, y: int, x: int, h: int, w: int) -> np.ndarray:
         """Pixels [y, y+h) x [x, x+w) of ``level`` as an (h, w, 3) uint8 array.

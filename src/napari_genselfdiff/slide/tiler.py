@@ -14,37 +14,35 @@ border see the same padding as an untiled run, so they need no taper.
 stride) in raster order. A tile belongs to the block containing its top-left corner and is
 computed exactly once per run; the parts of it that fall into later blocks wait as small
 "pending" patches, so memory holds one block plus one strip of block-row width, independent of
-the slide's height. Finished blocks go to a zarr store and are marked in its ``done`` array, so
-an interrupted run resumes where it stopped (only the few tiles of finished blocks that spill
-into unfinished ones are recomputed).
+the slide's height. Finished blocks go to a :class:`~napari_genselfdiff.slide.store.PredictionStore`
+and are marked in its ``done`` array, so an interrupted run resumes where it stopped (only the
+few tiles of finished blocks that spill into unfinished ones are recomputed).
 
-:class:`FieldOfViewPredictor` computes only what a viewer asks for, with an LRU tile cache, and
-can wrap itself as a lazy dask array for napari.
+Tissue detection lives in :mod:`.tissue`, the store layout in :mod:`.store`, and the lazy
+viewer-side prediction (same grid, window and blending) in :mod:`.fov`.
 
 Nothing here keeps global state: the functions take everything they need as arguments, so they
 can later become tasks of a dask graph spread over several slides.
 """
 from __future__ import annotations
 
-import math
-import threading
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Protocol, Sequence, runtime_checkable
+from typing import Any, Iterator, Mapping, Protocol, Sequence, runtime_checkable
 
-import dask.array as da
 import numpy as np
 
 from napari_genselfdiff.core.errors import DataError, GenSelfDiffError
+from napari_genselfdiff.core.progress import Progress, relay
+from napari_genselfdiff.slide.levels import level_for_mpp
 from napari_genselfdiff.slide.reader import Slide, open_slide
+from napari_genselfdiff.slide.store import PredictionStore
+from napari_genselfdiff.slide.tissue import TissueMask, clear_background, detect_tissue
 
 #: Weight of a tile's pixels within overlap / 4 of its edge (strictly positive, so the blend
 #: never divides by zero).
 WINDOW_EPS = 1e-6
-STORE_FORMAT = "genselfdiff-prediction"
-STORE_VERSION = 1
 
 TileId = tuple[int, int]
 
@@ -65,31 +63,6 @@ class Predictor(Protocol):
     mpp: float | None
 
     def __call__(self, tiles: np.ndarray) -> np.ndarray: ...
-
-
-@dataclass(frozen=True)
-class ProgressEvent:
-    """One progress report of :func:`predict_slide`.
-
-    ``phase`` is 'predict', 'postprocess' or 'done'. ``done``/``total`` count tiles during
-    'predict' (tiles of finished blocks, including blocks finished by an earlier run, plus the
-    tiles of the current block handled so far) and block passes during 'postprocess'.
-    ``tiles_computed`` / ``tiles_skipped`` count this run's predictor tiles and tissue-free
-    tiles. ``megapixels_per_s`` is level pixels of blocks finished in this run per second of
-    this run; ``eta_s`` the predicted seconds left for prediction (None before a block is done
-    and during postprocessing).
-    """
-
-    phase: str
-    done: int
-    total: int
-    blocks_done: int
-    blocks_total: int
-    tiles_computed: int
-    tiles_skipped: int
-    megapixels_per_s: float
-    eta_s: float | None
-    out_path: str
 
 
 # --------------------------------------------------------------------------------------------
@@ -164,7 +137,7 @@ def blend_window(tile: int, overlap: int, eps: float = WINDOW_EPS) -> np.ndarray
     return np.outer(w1, w1).astype(np.float32)
 
 
-def _add_tile(sums: np.ndarray, wsum: np.ndarray, oy: int, ox: int,
+def add_tile(sums: np.ndarray, wsum: np.ndarray, oy: int, ox: int,
               pred: np.ndarray, ty: int, tx: int, window: np.ndarray) -> None:
     """Add window-weighted ``pred`` (tile at (ty, tx)) into the region at (oy, ox), in place.
 
@@ -182,7 +155,7 @@ def _add_tile(sums: np.ndarray, wsum: np.ndarray, oy: int, ox: int,
     wsum[y0 - oy:y1 - oy, x0 - ox:x1 - ox] += w
 
 
-def _normalise_blend(sums: np.ndarray, wsum: np.ndarray) -> np.ndarray:
+def normalise_blend(sums: np.ndarray, wsum: np.ndarray) -> np.ndarray:
     """Blended probabilities; pixels no tile covers (outside the image) become background."""
     covered = wsum > 0
     out = np.zeros_like(sums)
@@ -210,91 +183,21 @@ def _blend_to_uint8(sums: np.ndarray, wsum: np.ndarray) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------
-# tissue detection
-
-
-@dataclass(frozen=True)
-class TissueMask:
-    """Boolean tissue mask; mask pixel (i, j) covers level-0 pixels
-    [i*downsample, (i+1)*downsample) x [j*downsample, (j+1)*downsample)."""
-
-    mask: np.ndarray
-    downsample: float
-
-    def any_in(self, y: int, x: int, h: int, w: int, level_downsample: float = 1.0) -> bool:
-        """True when the region (in pixels of a level with ``level_downsample``) has tissue."""
-        f = level_downsample / self.downsample
-        i0, i1 = max(int(math.floor(y * f)), 0), int(math.ceil((y + h) * f))
-        j0, j1 = max(int(math.floor(x * f)), 0), int(math.ceil((x + w) * f))
-        return bool(self.mask[i0:i1, j0:j1].any())
-
-    @property
-    def fraction(self) -> float:
-        return float(self.mask.mean()) if self.mask.size else 0.0
-
-
-def tissue_from_rgb(rgb: np.ndarray, *, min_saturation: float = 0.05,
-                    max_saturation: float = 0.15, margin: int = 2) -> np.ndarray:
-    """Tissue mask of a low-resolution RGB image (H, W, 3) uint8.
-
-    Otsu's threshold on HSV saturation, clipped to [min_saturation, max_saturation] so that an
-    all-white image finds nothing and an all-tissue image is not split in two; then opening to
-    drop specks, hole filling (white gland lumens are inside tissue) and a dilation by
-    ``margin`` pixels so tissue borders are never skipped.
-    """
-    from scipy import ndimage as ndi
-    from skimage.filters import threshold_otsu
-
-    rgb = rgb.astype(np.float32)
-    mx, mn = rgb.max(axis=2), rgb.min(axis=2)
-    sat = np.where(mx > 0, (mx - mn) / np.maximum(mx, 1e-6), 0.0)
-    if sat.size == 0:
-        return np.zeros(sat.shape, bool)
-    thr = float(threshold_otsu(sat)) if np.ptp(sat) > 1e-3 else max_saturation
-    thr = min(max(thr, min_saturation), max_saturation)
-    mask = sat > thr
-    mask = ndi.binary_opening(mask, structure=np.ones((2, 2), bool))
-    mask = ndi.binary_fill_holes(mask)
-    if margin > 0:
-        mask = ndi.binary_dilation(mask, structure=np.ones((3, 3), bool), iterations=margin)
-    return mask
-
-
-def detect_tissue(slide: Slide, *, target_downsample: float = 32.0) -> TissueMask:
-    """Tissue mask of ``slide`` at about ``target_downsample`` x level 0.
-
-    Reads the coarsest pyramid level not coarser than the target and averages it down further
-    with dask where needed, so even a slide without pyramid is only streamed, never held whole.
-    """
-    ok = [i for i, d in enumerate(slide.downsamples) if d <= target_downsample] or [0]
-    level = max(ok, key=lambda i: slide.downsamples[i])
-    arr = slide.levels[level]
-    factor = max(int(round(target_downsample / slide.downsamples[level])), 1)
-    factor = min(factor, max(min(arr.shape[0], arr.shape[1]), 1))
-    if factor > 1:
-        arr = da.coarsen(np.mean, arr.astype(np.float32), {0: factor, 1: factor}, trim_excess=True)
-    try:
-        small = np.asarray(arr.compute())
-    except Exception as exc:
-        raise DataError(f"{slide.path.name}: cannot read level {level} for tissue detection "
-                        f"({type(exc).__name__}: {exc})") from exc
-    return TissueMask(tissue_from_rgb(small), slide.downsamples[level] * factor)
-
-
-# --------------------------------------------------------------------------------------------
 # tile computation
 
 
-def _resolve_level(slide: Slide, level: int | str, predictor: Predictor) -> int:
+def resolve_level(slide: Slide, level: int | str, predictor: Predictor) -> int:
+    """``level`` checked against the slide; 'auto' is the level closest to the model's mpp
+    (:func:`~napari_genselfdiff.slide.levels.level_for_mpp`)."""
     if level == "auto":
-        return slide.level_for_mpp(getattr(predictor, "mpp", None))
+        return level_for_mpp(slide.downsamples, slide.mpp, getattr(predictor, "mpp", None))
     if not isinstance(level, (int, np.integer)) or not 0 <= int(level) < len(slide.levels):
         raise DataError(f"{slide.path.name}: level {level!r} does not exist "
                         f"(levels 0..{len(slide.levels) - 1} or 'auto')")
     return int(level)
 
 
-def _check_tile(predictor: Predictor, tile: int) -> None:
+def check_tile(predictor: Predictor, tile: int) -> None:
     mult = int(getattr(predictor, "tile_multiple", 1) or 1)
     if tile % mult:
         raise GenSelfDiffError(f"tile size {tile} is not a multiple of {mult}, which the model "
@@ -347,7 +250,32 @@ def iter_tile_predictions(predictor: Predictor, slide: Slide, level: int, grid: 
 
 
 # --------------------------------------------------------------------------------------------
-# whole-slide prediction to zarr
+# whole-slide prediction into a prediction store
+
+
+@dataclass(frozen=True)
+class SlideSettings:
+    """What :func:`predict_slide` is asked to do (its keyword arguments, checked)."""
+
+    level: int | str = 0
+    tile: int = 512
+    overlap: int = 64
+    batch: int = 4
+    tissue: bool = True
+    class_names: tuple[str, ...] | None = None
+    postprocess: str | None = None
+    min_size: int | None = None
+    progress_every: int = 1
+    block: int = 2048
+    postprocess_options: Mapping[str, Any] = field(default_factory=dict)
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if self.postprocess not in (None, "glands", "nuclei"):
+            raise GenSelfDiffError(f"postprocess must be 'glands', 'nuclei' or None, not {self.postprocess!r}")
+        if self.batch < 1 or self.progress_every < 1:
+            raise GenSelfDiffError("batch and progress_every must be >= 1")
 
 
 @dataclass
@@ -388,52 +316,31 @@ def block_size_for(tile: int, overlap: int, block: int) -> int:
 
 
 @dataclass
-class _RunState:
-    """Counters of one predict_slide run (for progress events)."""
+class _Run:
+    """One predict_slide run: what it works on, and its counters (for progress events)."""
 
+    predictor: Predictor
+    slide: Slide
+    level: int
+    grid: TileGrid
+    blocks: _Blocks
+    store: PredictionStore
+    mask: TissueMask | None
+    settings: SlideSettings
+    out: str
     start: float = field(default_factory=time.perf_counter)
     computed: int = 0
     skipped: int = 0
     area_done: int = 0
 
-
-def _open_store(out_path: Path, settings: dict[str, Any], num_classes: int, h: int, w: int,
-                bsize: int, nblocks: tuple[int, int], info: dict[str, Any], overwrite: bool) -> Any:
-    """Create the output group, or reopen it for resuming when its settings match."""
-    import zarr
-
-    if out_path.exists() and not (out_path.is_dir() and not any(out_path.iterdir())):
-        if not ((out_path / "zarr.json").is_file() or (out_path / ".zgroup").is_file()):
-            raise DataError(f"{out_path}: exists and is not a zarr store; choose another "
-                            "output path (it is never overwritten)")
-        if not overwrite:
-            try:
-                group = zarr.open_group(out_path, mode="r+")
-            except Exception as exc:
-                raise DataError(f"{out_path}: unreadable zarr store ({type(exc).__name__}: "
-                                f"{exc}); choose another output path") from exc
-            meta = dict(group.attrs).get("genselfdiff")
-            if meta is None or "probabilities" not in group or "done" not in group:
-                raise DataError(f"{out_path}: is a zarr store that is not a genselfdiff "
-                                "prediction; choose another output path")
-            if meta.get("settings") != settings:
-                raise DataError(f"{out_path}: holds a prediction made with other settings "
-                                f"({meta.get('settings')}); delete it, pass overwrite=True or "
-                                "choose another output path")
-            return group
-    group = zarr.open_group(out_path, mode="w")
-    group.create_array("probabilities", shape=(num_classes, h, w), chunks=(1, bsize, bsize),
-                       dtype="uint8", fill_value=0, dimension_names=("c", "y", "x"))
-    group.create_array("done", shape=nblocks, chunks=nblocks, dtype="uint8", fill_value=0)
-    group.attrs["genselfdiff"] = {"format": STORE_FORMAT, "version": STORE_VERSION,
-                                  "settings": settings, "status": "predicting", **info}
-    return group
-
-
-def _set_status(group: Any, **changes: Any) -> None:
-    meta = dict(group.attrs["genselfdiff"])
-    meta.update(changes)
-    group.attrs["genselfdiff"] = meta
+    def event(self, phase: str, done: int, total: int, blocks_done: int,
+              remaining_area: float | None) -> Progress:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        rate = self.area_done / elapsed
+        eta = remaining_area / rate if rate > 0 and remaining_area is not None else None
+        return Progress(phase, done, total, eta_s=eta, done=phase == "done", blocks_done=blocks_done,
+                        blocks_total=self.blocks.ny * self.blocks.nx, tiles_computed=self.computed,
+                        tiles_skipped=self.skipped, megapixels_per_s=rate / 1e6, out_path=self.out)
 
 
 def predict_slide(predictor: Predictor, slide_or_path: Slide | str | Path, out_path: str | Path,
@@ -443,8 +350,10 @@ def predict_slide(predictor: Predictor, slide_or_path: Slide | str | Path, out_p
                   progress_every: int = 1, block: int = 2048,
                   postprocess_options: dict[str, Any] | None = None,
                   metadata: dict[str, Any] | None = None,
-                  overwrite: bool = False) -> Iterator[ProgressEvent]:
-    """Predict a whole slide level into a zarr store at ``out_path``; a generator of progress.
+                  overwrite: bool = False) -> Iterator[Progress]:
+    """Predict a whole slide level into a prediction store at ``out_path``; a generator of
+    :class:`~napari_genselfdiff.core.progress.Progress` events (stages 'predict', then
+    'postprocess', then one 'done'; ``step``/``total`` count tiles, then block passes).
 
     Drive it with ``for event in predict_slide(...)``; cancel by ``gen.close()``: the store
     stays consistent (only whole blocks are ever marked done) and calling again with the same
@@ -457,82 +366,59 @@ def predict_slide(predictor: Predictor, slide_or_path: Slide | str | Path, out_p
     nucleus boundary when the model has 3 classes), see :mod:`.instances`; ``min_size`` and
     ``postprocess_options`` (threshold, fill_holes, min_distance, halo) are passed on.
     An event is yielded after every ``progress_every`` predictor batches and after each block.
-
-    Store layout (zarr v3 group): ``probabilities`` (C, H, W) uint8 (p * 255), chunks
-    (1, block, block); ``done`` (blocks_y, blocks_x) uint8; ``labels/<name>/<k>`` int32
-    instance labels with a nearest-neighbour pyramid (k = 0, 1, ...); group attribute
-    ``genselfdiff`` with settings, level, downsample, mpp, class names, metadata, status.
+    The store layout is described in :mod:`.store`.
     """
-    if postprocess not in (None, "glands", "nuclei"):
-        raise GenSelfDiffError(f"postprocess must be 'glands', 'nuclei' or None, not {postprocess!r}")
-    if batch < 1 or progress_every < 1:
-        raise GenSelfDiffError("batch and progress_every must be >= 1")
+    settings = SlideSettings(level=level, tile=tile, overlap=overlap, batch=batch, tissue=tissue,
+                             class_names=None if class_names is None else tuple(class_names),
+                             postprocess=postprocess, min_size=min_size, progress_every=progress_every,
+                             block=block, postprocess_options=dict(postprocess_options or {}),
+                             metadata=dict(metadata or {}), overwrite=overwrite)
     own = not isinstance(slide_or_path, Slide)
     slide = open_slide(slide_or_path) if own else slide_or_path
     try:
-        yield from _predict_slide(predictor, slide, Path(out_path), level, tile, overlap, batch,
-                                  tissue, class_names, postprocess, min_size, progress_every,
-                                  block, dict(postprocess_options or {}), dict(metadata or {}),
-                                  overwrite)
+        yield from _predict_slide(predictor, slide, Path(out_path), settings)
     finally:
         if own:
             slide.close()
 
 
-def _predict_slide(predictor: Predictor, slide: Slide, out_path: Path, level: int | str,
-                   tile: int, overlap: int, batch: int, tissue: bool,
-                   class_names: Sequence[str] | None, postprocess: str | None,
-                   min_size: int | None, progress_every: int, block: int,
-                   pp_options: dict[str, Any], metadata: dict[str, Any],
-                   overwrite: bool) -> Iterator[ProgressEvent]:
-    lvl = _resolve_level(slide, level, predictor)
-    _check_tile(predictor, tile)
+def _predict_slide(predictor: Predictor, slide: Slide, out_path: Path,
+                   cfg: SlideSettings) -> Iterator[Progress]:
+    lvl = resolve_level(slide, cfg.level, predictor)
+    check_tile(predictor, cfg.tile)
     h, w = (int(s) for s in slide.levels[lvl].shape[:2])
-    grid = TileGrid.make(h, w, tile, overlap)
-    blocks = _Blocks(h, w, block_size_for(tile, overlap, block))
+    grid = TileGrid.make(h, w, cfg.tile, cfg.overlap)
+    blocks = _Blocks(h, w, block_size_for(cfg.tile, cfg.overlap, cfg.block))
     nc = int(predictor.num_classes)
-    names = list(class_names) if class_names is not None else (
+    names = list(cfg.class_names) if cfg.class_names is not None else (
         ["background"] + [f"class_{i}" for i in range(1, nc)])
     if len(names) != nc:
         raise GenSelfDiffError(f"{len(names)} class names given for a model with {nc} classes")
     settings = {"slide": str(Path(slide.path).resolve()), "level": lvl, "shape": [h, w],
-                "tile": tile, "overlap": overlap, "block": blocks.size, "num_classes": nc,
-                "tissue": bool(tissue)}
+                "tile": cfg.tile, "overlap": cfg.overlap, "block": blocks.size, "num_classes": nc,
+                "tissue": bool(cfg.tissue)}
     info = {"downsample": slide.downsamples[lvl], "mpp": slide.level_mpp(lvl),
-            "slide_mpp": slide.mpp, "class_names": names, "metadata": metadata}
-    group = _open_store(out_path, settings, nc, h, w, blocks.size, (blocks.ny, blocks.nx),
-                        info, overwrite)
-    state = _RunState()
-    mask = detect_tissue(slide) if tissue else None
-    if mask is not None and "tissue" not in group:
-        group.create_array("tissue", data=mask.mask.astype(np.uint8),
-                           attributes={"downsample": mask.downsample})
-    yield from _predict_blocks(predictor, slide, lvl, grid, blocks, group, mask, batch,
-                               progress_every, state, str(out_path))
-    _set_status(group, status="probabilities_done")
-    if postprocess is not None:
-        yield from _postprocess(group, postprocess, nc, blocks, min_size, pp_options, state,
-                                str(out_path))
-    _set_status(group, status="complete")
-    yield _event("done", grid.count, grid.count, blocks, blocks.ny * blocks.nx, state,
-                 0.0, str(out_path))
+            "slide_mpp": slide.mpp, "class_names": names, "metadata": dict(cfg.metadata)}
+    store = PredictionStore.create_or_resume(out_path, settings, nc, (h, w), blocks.size,
+                                             (blocks.ny, blocks.nx), info, cfg.overwrite)
+    start = time.perf_counter()  # the rate counts tissue detection too
+    mask = detect_tissue(slide) if cfg.tissue else None
+    if mask is not None:
+        store.write_tissue(mask.mask, mask.downsample)
+    run = _Run(predictor, slide, lvl, grid, blocks, store, mask, cfg, str(out_path), start)
+    yield from _predict_blocks(run)
+    store.set_status(status="probabilities_done")
+    if cfg.postprocess is not None:
+        yield from _postprocess(run)
+    store.set_status(status="complete")
+    yield run.event("done", grid.count, grid.count, blocks.ny * blocks.nx, 0.0)
 
 
-def _event(phase: str, done: int, total: int, blocks: _Blocks, blocks_done: int,
-           state: _RunState, remaining_area: float | None, out: str) -> ProgressEvent:
-    elapsed = max(time.perf_counter() - state.start, 1e-9)
-    rate = state.area_done / elapsed
-    eta = remaining_area / rate if rate > 0 and remaining_area is not None else None
-    return ProgressEvent(phase, done, total, blocks_done, blocks.ny * blocks.nx, state.computed,
-                         state.skipped, rate / 1e6, eta, out)
-
-
-def _predict_blocks(predictor: Predictor, slide: Slide, level: int, grid: TileGrid,
-                    blocks: _Blocks, group: Any, mask: TissueMask | None, batch: int,
-                    progress_every: int, state: _RunState, out: str) -> Iterator[ProgressEvent]:
+def _predict_blocks(run: _Run) -> Iterator[Progress]:
     """The block loop of predict_slide (see the module docstring for the scheme)."""
+    predictor, grid, blocks = run.predictor, run.grid, run.blocks
     window = blend_window(grid.tile, grid.overlap)
-    probs, done_arr = group["probabilities"], group["done"]
+    probs, done_arr = run.store.probabilities, run.store.done
     done = np.asarray(done_arr[...]).astype(bool)
     owned = np.zeros((blocks.ny, blocks.nx), np.int64)
     for tid in ((iy, ix) for iy in range(len(grid.ys)) for ix in range(len(grid.xs))):
@@ -553,45 +439,29 @@ def _predict_blocks(predictor: Predictor, slide: Slide, level: int, grid: TileGr
             wsum[py - y0:py - y0 + pw.shape[0], px - x0:px - x0 + pw.shape[1]] += pw
         todo = [t for t in grid.touching(y0, y1, x0, x1) if t not in computed]
         in_block = 0
-        for results in iter_tile_predictions(predictor, slide, level, grid, todo, batch=batch,
-                                             tissue=mask):
+        for results in iter_tile_predictions(predictor, run.slide, run.level, grid, todo,
+                                             batch=run.settings.batch, tissue=run.mask):
             for tid, pred, was_computed in results:
                 computed.add(tid)
-                state.computed += was_computed
-                state.skipped += not was_computed
+                run.computed += was_computed
+                run.skipped += not was_computed
                 in_block += blocks.of_point(*grid.origin(tid)) == b
                 _distribute(tid, pred, grid, blocks, b, done, window, sums, wsum, pending)
             if results[0][2]:
                 batches += 1
-                if batches % progress_every == 0:
-                    yield _event("predict", tiles_done + in_block, grid.count, blocks,
-                                 int(done.sum()), state, remaining_area, out)
+                if batches % run.settings.progress_every == 0:
+                    yield run.event("predict", tiles_done + in_block, grid.count,
+                                    int(done.sum()), remaining_area)
         block_probs = _blend_to_uint8(sums, wsum)
-        if mask is not None:
-            _clear_background(block_probs, mask, slide.downsamples[level], y0, x0)
+        if run.mask is not None:
+            clear_background(block_probs, run.mask, run.slide.downsamples[run.level], y0, x0)
         probs[:, y0:y1, x0:x1] = block_probs
         done[b] = True
         done_arr[b] = 1
         tiles_done += int(owned[b])
-        state.area_done += _area((y0, y1, x0, x1))
+        run.area_done += _area((y0, y1, x0, x1))
         remaining_area -= _area((y0, y1, x0, x1))
-        yield _event("predict", tiles_done, grid.count, blocks, int(done.sum()), state,
-                     remaining_area, out)
-
-
-def _clear_background(block_probs: np.ndarray, mask: TissueMask, level_downsample: float, y0: int, x0: int,
-                      certain: float = 255) -> None:
-    """Pixels outside the (dilated) tissue mask become certain background (probability
-    ``certain``: 255 in uint8 stores, 1.0 for floats), in place: a model trained on tissue has no
-    business calling empty glass a gland."""
-    h, w = block_probs.shape[1:]
-    f = level_downsample / mask.downsample
-    rows = np.minimum(((y0 + np.arange(h)) * f).astype(np.int64), mask.mask.shape[0] - 1)
-    cols = np.minimum(((x0 + np.arange(w)) * f).astype(np.int64), mask.mask.shape[1] - 1)
-    outside = ~mask.mask[rows[:, None], cols[None, :]]
-    if outside.any():
-        block_probs[:, outside] = 0
-        block_probs[0, outside] = certain
+        yield run.event("predict", tiles_done, grid.count, int(done.sum()), remaining_area)
 
 
 def _area(region: tuple[int, int, int, int]) -> int:
@@ -612,7 +482,7 @@ def _distribute(tid: TileId, pred: np.ndarray, grid: TileGrid, blocks: _Blocks,
         if done[b]:
             continue
         if b == current:
-            _add_tile(sums, wsum, cy0, cx0, pred, ty, tx, window)
+            add_tile(sums, wsum, cy0, cx0, pred, ty, tx, window)
             continue
         y0, y1, x0, x1 = blocks.region(b)
         py0, py1 = max(ty, y0), min(ty + t, y1)
@@ -622,166 +492,11 @@ def _distribute(tid: TileId, pred: np.ndarray, grid: TileGrid, blocks: _Blocks,
         pending.setdefault(b, []).append((py0, px0, psum, w.copy()))
 
 
-# --------------------------------------------------------------------------------------------
-# instance post-processing into the store
+def _postprocess(run: _Run) -> Iterator[Progress]:
+    """Instance labels from the stored probabilities into the store (:mod:`.instances`)."""
+    from napari_genselfdiff.slide.instances import label_store
 
-
-class _ChannelView:
-    """2-D view ``arr[channel]`` of a (C, H, W) uint8 zarr array, read region by region."""
-
-    def __init__(self, arr: Any, channel: int) -> None:
-        self.arr, self.channel = arr, channel
-        self.shape = tuple(arr.shape[1:])
-        self.dtype = arr.dtype
-
-    def __getitem__(self, key: tuple[slice, slice]) -> np.ndarray:
-        return np.asarray(self.arr[(self.channel,) + tuple(key)])
-
-
-def _postprocess(group: Any, kind: str, nc: int, blocks: _Blocks, min_size: int | None,
-                 options: dict[str, Any], state: _RunState, out: str) -> Iterator[ProgressEvent]:
-    """Instance labels from the stored probabilities into ``labels/<kind>`` with a pyramid."""
-    from napari_genselfdiff.slide import instances
-
-    if nc < 2:
-        raise GenSelfDiffError(f"postprocess '{kind}' needs a model with >= 2 classes, got {nc}")
-    labels = group.require_group("labels")
-    if kind in labels and dict(labels[kind].attrs).get("complete"):
-        return
-    probs = group["probabilities"]
-    h, w = probs.shape[1:]
-    lab_group = labels.create_group(kind, overwrite=True)
-    lab0 = lab_group.create_array("0", shape=(h, w), chunks=(blocks.size, blocks.size),
-                                  dtype="int32", fill_value=0, dimension_names=("y", "x"))
-    fg = _ChannelView(probs, 1)
-    opts = dict(options)
-    if min_size is not None:
-        opts["min_size"] = min_size
-    if kind == "glands":
-        gen = instances.iter_glands_blockwise(fg, lab0, block=blocks.size, **opts)
-    else:
-        boundary = _ChannelView(probs, 2) if nc >= 3 else None
-        gen = instances.iter_nuclei_blockwise(fg, lab0, prob_boundary=boundary,
-                                              block=blocks.size, **opts)
-    stats = yield from _relay(gen, blocks, state, out)
-    n_levels = instances.write_label_pyramid(lab_group, block=blocks.size)
-    lab_group.attrs.update({
-        "complete": True, "count": stats.count, "truncated": stats.truncated,
-        "conflicts": stats.conflicts,
-        "multiscales": [{"version": "0.4", "name": kind,
-                         "axes": [{"name": "y", "type": "space"}, {"name": "x", "type": "space"}],
-                         "datasets": [{"path": str(k), "coordinateTransformations": [
-                             {"type": "scale", "scale": [2.0 ** k, 2.0 ** k]}]}
-                             for k in range(n_levels)]}]})
-
-
-def _relay(gen: Iterator[tuple[int, int]], blocks: _Blocks, state: _RunState,
-           out: str) -> Iterator[ProgressEvent]:
-    """Turn an instances generator's (done, total) steps into events; return its result."""
-    while True:
-        try:
-            done, total = next(gen)
-        except StopIteration as stop:
-            return stop.value
-        yield _event("postprocess", done, total, blocks, blocks.ny * blocks.nx, state, None, out)
-
-
-# --------------------------------------------------------------------------------------------
-# lazy field-of-view prediction
-
-
-class FieldOfViewPredictor:
-    """On-demand prediction for a viewer: computes only the tiles a requested region needs.
-
-    Tiles are computed on the pixels of the requested pyramid level with the same grid,
-    window and blending as :func:`predict_slide`, and kept in an LRU cache keyed by
-    (level, tile row, tile column) holding ``cache_tiles`` tiles (each C x tile x tile
-    float32), so panning back costs nothing. ``level`` is the default for
-    :meth:`as_lazy_dask` (an int or 'auto'). Thread-safe: requests are serialised.
-    """
-
-    def __init__(self, predictor: Predictor, slide: Slide, level: int | str = 0,
-                 tile: int = 512, overlap: int = 64, cache_tiles: int = 256, *,
-                 batch: int = 4, tissue: bool = True) -> None:
-        _check_tile(predictor, tile)
-        self.predictor, self.slide = predictor, slide
-        self.level = _resolve_level(slide, level, predictor)
-        self.tile, self.overlap, self.batch = tile, overlap, batch
-        self.cache_tiles = cache_tiles
-        self.use_tissue = tissue
-        self.tiles_computed = 0
-        self.cache_hits = 0
-        self._cache: OrderedDict[tuple[int, int, int], np.ndarray] = OrderedDict()
-        self._grids: dict[int, TileGrid] = {}
-        self._mask: TissueMask | None = None
-        self._window = blend_window(tile, overlap)
-        self._lock = threading.RLock()
-
-    def grid(self, level: int) -> TileGrid:
-        """The tile grid of ``level``."""
-        if level not in self._grids:
-            h, w = self.slide.levels[level].shape[:2]
-            self._grids[level] = TileGrid.make(int(h), int(w), self.tile, self.overlap)
-        return self._grids[level]
-
-    def _tissue(self) -> TissueMask | None:
-        if self.use_tissue and self._mask is None:
-            self._mask = detect_tissue(self.slide)
-        return self._mask
-
-    def predict_region(self, level: int, y: int, x: int, h: int, w: int) -> np.ndarray:
-        """Blended class probabilities (C, h, w) float32 of the region at ``level``; pixels
-        outside the image are background."""
-        level = _resolve_level(self.slide, level, self.predictor)
-        with self._lock:
-            grid = self.grid(level)
-            tids = grid.touching(y, y + h, x, x + w)
-            missing = [t for t in tids if (level,) + t not in self._cache]
-            self.cache_hits += len(tids) - len(missing)
-            fresh: dict[TileId, np.ndarray] = {}
-            for results in iter_tile_predictions(self.predictor, self.slide, level, grid,
-                                                 missing, batch=self.batch,
-                                                 tissue=self._tissue()):
-                for tid, pred, was_computed in results:
-                    fresh[tid] = pred
-                    self.tiles_computed += was_computed
-            sums = np.zeros((self.predictor.num_classes, h, w), np.float64)
-            wsum = np.zeros((h, w), np.float64)
-            for tid in tids:
-                pred = fresh.get(tid)
-                if pred is None:
-                    pred = self._cache[(level,) + tid]
-                    self._cache.move_to_end((level,) + tid)
-                ty, tx = grid.origin(tid)
-                _add_tile(sums, wsum, y, x, pred, ty, tx, self._window)
-            for tid, pred in fresh.items():
-                self._cache[(level,) + tid] = pred
-            while len(self._cache) > self.cache_tiles:
-                self._cache.popitem(last=False)
-            out = _normalise_blend(sums, wsum).astype(np.float32)
-            mask = self._tissue()
-            if mask is not None:
-                _clear_background(out, mask, self.slide.downsamples[level], y, x, certain=1.0)
-            return out
-
-    def as_lazy_dask(self, level: int | None = None, chunk: int = 1024) -> da.Array:
-        """Probabilities of ``level`` as a lazy (C, H, W) float32 dask array.
-
-        Each chunk calls :meth:`predict_region` when computed, so nothing runs until asked:
-        napari computes only the chunks in view (of the level it displays), which makes this
-        a lazy overlay. For a multiscale overlay pass ``[fov.as_lazy_dask(k) for k in ...]``.
-        """
-        level = self.level if level is None else level
-        h, w = (int(s) for s in self.slide.levels[level].shape[:2])
-        nc = self.predictor.num_classes
-
-        def chunks_of(n: int) -> tuple[int, ...]:
-            return tuple(min(chunk, n - s) for s in range(0, n, chunk))
-
-        def compute(block_info: dict[Any, Any] | None = None) -> np.ndarray:
-            (_, _), (y0, y1), (x0, x1) = block_info[None]["array-location"]
-            return self.predict_region(level, y0, x0, y1 - y0, x1 - x0)
-
-        return da.map_blocks(compute, chunks=((nc,), chunks_of(h), chunks_of(w)),
-                             dtype=np.float32, meta=np.empty((0, 0, 0), np.float32),
-                             name=f"genselfdiff-fov-{id(self)}-{level}")
+    n_blocks = run.blocks.ny * run.blocks.nx
+    gen = label_store(run.store, run.settings.postprocess, block=run.blocks.size,
+                      min_size=run.settings.min_size, options=run.settings.postprocess_options)
+    yield from relay(gen, lambda step: run.event("postprocess", step[0], step[1], n_blocks, None))

@@ -3,6 +3,11 @@
 Every subcommand drives the same generators and functions as the napari widgets. User errors
 (missing folders, unreadable files, mismatched masks, ...) are printed as one line, exit code 2;
 Ctrl-C stops training cleanly, keeping a resumable checkpoint (exit code 130).
+
+This module holds the argument parser and :func:`main` (the ``genselfdiff`` console entry
+point); the commands live in ``train`` (pretrain, finetune, evaluate, sample), ``predict``
+(predict, export), ``project`` and ``demo``, each imported only when its command runs, so
+``--help`` stays fast. ``console`` has the one progress bar they share.
 """
 from __future__ import annotations
 
@@ -11,125 +16,46 @@ import os
 import sys
 from typing import Sequence
 
-from .core.errors import GenSelfDiffError
-
-
-def _progress_bar(events, desc: str):
-    """Drive a training generator with a tqdm bar; returns the last event."""
-    from tqdm import tqdm
-
-    bar, last = None, None
-    try:
-        for ev in events:
-            last = ev
-            if bar is None:
-                if ev.message:
-                    print(ev.message, file=sys.stderr)
-                bar = tqdm(total=ev.total, initial=ev.step, desc=desc, unit="step", dynamic_ncols=True,
-                           disable=None)
-                continue
-            if ev.done:
-                break
-            bar.update(ev.step - bar.n)
-            post = {"loss": f"{ev.loss:.4f}", "lr": f"{ev.lr:.1e}", "img/s": f"{ev.images_per_s:.1f}"}
-            if ev.metrics:
-                post.update({k: f"{v:.3f}" for k, v in ev.metrics.items() if isinstance(v, float)})
-            bar.set_postfix(post, refresh=False)
-    finally:
-        if bar is not None:
-            bar.close()
-        close = getattr(events, "close", None)
-        if close:
-            close()  # on Ctrl-C this runs the loop's finally: the checkpoint is saved
-    return last
+from ..core.errors import GenSelfDiffError
 
 
 def cmd_pretrain(a: argparse.Namespace) -> int:
-    from .core.data import unlabeled_sources
-    from .core.diffusion import ScheduleConfig
-    from .core.training import PretrainConfig, pretrain
-
-    cfg = PretrainConfig(preset=a.preset, steps=a.steps, patch=a.patch, batch=a.batch, lr=a.lr, seed=a.seed,
-                         checkpoint_every=a.checkpoint_every, amp=not a.no_amp,
-                         schedule=ScheduleConfig(kind=a.schedule))
-    sources = unlabeled_sources(a.images)
-    last = _progress_bar(pretrain(sources, a.out, cfg, device=a.device, resume=a.resume, overwrite=a.force),
-                         "pretrain")
-    print(f"pretrained model: {last.checkpoint} ({last.step} steps)")
-    return 0
-
-
-def _labeled(images: str, masks: str, task: str, boundary: bool, num_classes: int | None):
-    from .core.data import TaskSpec, load_labeled_folder
-
-    spec = TaskSpec.make(task, boundary, num_classes)
-    return spec, load_labeled_folder(images, masks, spec)
+    from .train import cmd_pretrain
+    return cmd_pretrain(a)
 
 
 def cmd_finetune(a: argparse.Namespace) -> int:
-    from .core.data import split_items
-    from .core.training import FinetuneConfig, finetune
-
-    if a.init is None and not a.scratch and not a.resume:
-        raise GenSelfDiffError("give --init CKPT (a pretrained model) or --scratch")
-    _, items = _labeled(a.images, a.masks, a.task, a.boundary, a.num_classes)
-    train, val = split_items(items, a.val_fraction, a.seed)
-    cfg = FinetuneConfig(task=a.task, boundary=a.boundary, num_classes=a.num_classes, preset=a.preset,
-                         steps=a.steps, patch=a.patch, batch=a.batch, lr=a.lr, loss=a.loss, seed=a.seed,
-                         label_fraction=a.label_fraction, checkpoint_every=a.checkpoint_every,
-                         val_every=a.val_every, amp=not a.no_amp, mpp=a.mpp)
-    events = finetune(train, a.out, cfg, init=None if a.scratch else a.init, val_items=val, device=a.device,
-                      resume=a.resume, overwrite=a.force)
-    last = _progress_bar(events, "finetune")
-    print(f"segmentation model: {last.checkpoint} ({last.step} steps)")
-    return 0
+    from .train import cmd_finetune
+    return cmd_finetune(a)
 
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
-    from .core.evaluation import evaluate_folder, format_report
-
-    result = evaluate_folder(a.model, a.images, a.masks, instances_dir=a.instances, device=a.device)
-    print(format_report(result))
-    if a.json:
-        from .core.atomic import write_json_atomic
-        write_json_atomic(a.json, result)
-        print(f"wrote {a.json}")
-    return 0
+    from .train import cmd_evaluate
+    return cmd_evaluate(a)
 
 
 def cmd_sample(a: argparse.Namespace) -> int:
-    from .core.sampling import generate_tiles, tile_grid
-    from .core.atomic import write_png_atomic
-
-    tiles = generate_tiles(a.model, a.n, size=a.size, steps=a.steps, sampler=a.sampler, seed=a.seed,
-                           device=a.device)
-    write_png_atomic(a.out, tile_grid(tiles))
-    print(f"wrote {a.out} ({a.n} tiles of {tiles.shape[1]}x{tiles.shape[2]})")
-    return 0
+    from .train import cmd_sample
+    return cmd_sample(a)
 
 
 def cmd_predict(a: argparse.Namespace) -> int:
     from .predict import predict_cli
-
     return predict_cli(a)
 
 
 def cmd_export(a: argparse.Namespace) -> int:
     from .predict import export_cli
-
     return export_cli(a)
 
 
 def cmd_project(a: argparse.Namespace) -> int:
-    from . import project
-
-    return {"create": project.project_cli_create, "refine": project.project_cli_refine,
-            "status": project.project_cli_status}[a.action](a)
+    from .project import project_cli_create, project_cli_refine, project_cli_status
+    return {"create": project_cli_create, "refine": project_cli_refine, "status": project_cli_status}[a.action](a)
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
     from .demo import run_demo
-
     return run_demo(a)
 
 
@@ -278,7 +204,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"genselfdiff {args.command}: interrupted; the last checkpoint is kept (use --resume)", file=sys.stderr)
         return 130
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

@@ -1,3 +1,6 @@
+# One piece on purpose (over 500 lines): export and import share one coordinate convention
+# (pixel-edge polygons, offset / downsample, QuPath's layout) and the geometry helpers, and the
+# contract is the round trip labels -> GeoJSON -> labels; split, that convention would live twice.
 """GeoJSON export and import of instance labels, for QuPath and other GIS-style viewers.
 
 Export
@@ -57,12 +60,12 @@ from scipy import ndimage
 from shapely.geometry import MultiPolygon, Polygon
 from skimage.measure import find_contours
 
-from ..core.errors import DataError
 from ..core.atomic import atomic_file
+from ..core.errors import DataError
+from .qupath import OBJECT_KINDS
 
 log = logging.getLogger(__name__)
 
-OBJECT_TYPES = ("annotation", "detection")
 DEFAULT_COLOR = (0, 200, 0)
 # Blocks whose largest id is at most this are indexed with ndimage.find_objects directly (a
 # list as long as the largest id); above it ids are first compacted with np.unique (a sort).
@@ -215,8 +218,8 @@ class _ExportOptions:
              object_type: str = "annotation", class_name: str = "Gland",
              color: Sequence[int] = DEFAULT_COLOR,
              simplify_tolerance: float = 0.0) -> _ExportOptions:
-        if object_type not in OBJECT_TYPES:
-            raise ValueError(f"object_type must be one of {OBJECT_TYPES}, got {object_type!r}")
+        if object_type not in OBJECT_KINDS:
+            raise ValueError(f"object_type must be one of {OBJECT_KINDS}, got {object_type!r}")
         if not downsample > 0:
             raise ValueError(f"downsample must be > 0, got {downsample}")
         if simplify_tolerance < 0:

@@ -1,4 +1,9 @@
-"""Tiled pyramidal TIFF export of label images (QuPath, Fiji, OpenSlide-style viewers).
+"""TIFF writing: the one atomic TIFF writer, and tiled pyramidal label export (QuPath, Fiji,
+OpenSlide-style viewers).
+
+:func:`write_tiff` writes one in-memory image (a project's mask or image, RGB or labels);
+:func:`write_label_tiff` streams a label image of any size as a pyramid. Both go through
+:func:`atomic_tiff`, so a failed write never leaves a truncated file.
 
 The full-resolution labels are the first IFD; sub-resolution levels (nearest-neighbour
 striding by 2, so ids are never blended) are written as SubIFDs of it with NewSubfileType
@@ -6,10 +11,11 @@ striding by 2, so ids are never blended) are written as SubIFDs of it with NewSu
 BigTIFF when the uncompressed pixels would come near the 4 GiB classic-TIFF limit. Tiles are
 produced one at a time from the source, which may be lazy (zarr / dask), so memory stays at a
 tile. ``mpp`` (micrometres per pixel) becomes X/YResolution in pixels per centimetre.
-Writes are atomic (temporary file next to the target, then ``os.replace``).
+Writes are atomic (temporary file next to the target, flushed to disk, then ``os.replace``).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -18,12 +24,53 @@ from typing import Any
 import numpy as np
 import tifffile
 
-from ..core.errors import DataError
 from ..core.atomic import atomic_file
+from ..core.errors import DataError
 
 # Above this many uncompressed bytes (all levels) write BigTIFF; classic TIFF offsets stop at
 # 4 GiB and compressed size cannot be known in advance, so keep a wide margin.
 _BIGTIFF_BYTES = 2 ** 31
+
+
+@contextlib.contextmanager
+def atomic_tiff(path: str | os.PathLike, *, bigtiff: bool = False) -> Iterator[tifffile.TiffWriter]:
+    """A ``tifffile.TiffWriter`` on a temporary file next to ``path`` (whose folder must exist),
+    moved onto ``path`` only when the block ends without an exception (flushed to disk first)."""
+    with atomic_file(Path(path)) as tmp:
+        with open(tmp, "wb") as f:
+            with tifffile.TiffWriter(f, bigtiff=bigtiff) as tif:
+                yield tif
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def _resolution(mpp: float | None, level: int = 0) -> dict[str, Any]:
+    """tifffile's X/YResolution options for a pixel size of ``mpp * 2**level`` micrometres."""
+    if mpp is None or not mpp:
+        return {}
+    per_cm = 1e4 / (mpp * 2 ** level)
+    return {"resolution": (per_cm, per_cm), "resolutionunit": "CENTIMETER"}
+
+
+def write_tiff(path: str | os.PathLike, image: np.ndarray, *, photometric: str | None = None,
+               tile: Sequence[int] | None = None, compression: str | None = "zlib",
+               mpp: float | None = None) -> Path:
+    """One in-memory image (a 2-D mask or label image, an (H, W, 3) RGB image) as a TIFF at
+    ``path``, atomically; parent folders are created. ``photometric`` None lets tifffile choose
+    (minisblack for 2-D); ``tile`` (multiples of 16) writes it tiled; ``mpp`` is recorded as the
+    resolution. Returns ``path``."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    image = np.asarray(image)
+    options: dict[str, Any] = {"compression": compression, **_resolution(mpp)}
+    if photometric is not None:
+        options["photometric"] = photometric
+    if tile is not None:
+        options["tile"] = (int(tile[0]), int(tile[1]))
+    bigtiff = image.nbytes > _BIGTIFF_BYTES
+    with atomic_tiff(target, bigtiff=bigtiff) as tif:
+        tif.write(image, **options)
+    return target
 
 
 def _pyramid_shapes(shape: tuple[int, int], tile: tuple[int, int],
@@ -73,12 +120,9 @@ def write_label_tiff(path: str | os.PathLike, labels: Any, *, pyramid: bool = Tr
     common = {"dtype": dtype, "tile": tile_yx, "compression": compression,
               "photometric": "minisblack", "metadata": None}
     target = Path(path)
-    with atomic_file(target) as tmp, tifffile.TiffWriter(tmp, bigtiff=bigtiff) as tif:
+    with atomic_tiff(target, bigtiff=bigtiff) as tif:
         for level, level_shape in enumerate(shapes):
-            options = dict(common)
-            if mpp is not None:
-                per_cm = 1e4 / (mpp * 2 ** level)
-                options.update(resolution=(per_cm, per_cm), resolutionunit="CENTIMETER")
+            options = dict(common, **_resolution(mpp, level))
             if level == 0:
                 options.update(subifds=len(shapes) - 1, description="napari-genselfdiff labels")
             else:

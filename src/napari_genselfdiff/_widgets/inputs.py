@@ -1,0 +1,269 @@
+"""Small input widgets the dock widgets share: a device chooser, path fields, spin boxes, the
+training rows and Start/Cancel buttons, layer choosers that follow the viewer, and the checks
+that turn a layer into pixels. Also the layout helpers (titled boxes, rows, combo boxes).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+from qtpy.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QFormLayout, QGroupBox, QHBoxLayout, QLabel,
+                            QLineEdit, QListWidget, QPushButton, QSpinBox, QVBoxLayout, QWidget)
+
+from ..core.device import CHOICES, available_devices, pick_device
+from ..core.errors import DataError, GenSelfDiffError
+
+#: In-memory layers larger than this many values are not read for training.
+MAX_LAYER_VALUES = 100_000_000
+
+
+class DeviceChooser(QWidget):
+    """auto / cuda / mps / cpu, with what this machine has and the sentence the core would log."""
+
+    def __init__(self, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.found = available_devices()
+        self.combo = QComboBox()
+        for name in CHOICES:
+            self.combo.addItem(name)
+            if name != "auto" and name not in self.found:
+                item = self.combo.model().item(self.combo.count() - 1)
+                item.setEnabled(False)
+                item.setToolTip(f"{name} is not available on this machine")
+        self.info = QLabel()
+        self.info.setWordWrap(True)
+        self.combo.currentTextChanged.connect(self._explain)
+        lay = QVBoxLayout(self)
+        lay.setContentsMargins(0, 0, 0, 0)
+        lay.addWidget(self.combo)
+        lay.addWidget(self.info)
+        self._explain(self.combo.currentText())
+
+    @property
+    def device(self) -> str:
+        return self.combo.currentText()
+
+    def _explain(self, name: str) -> None:
+        try:
+            sentence = pick_device(name)[1]
+        except GenSelfDiffError as e:
+            sentence = str(e)
+        self.info.setText(f"found: {', '.join(self.found)} — {sentence}")
+
+
+class PathEdit(QWidget):
+    """A line edit with a "…" button opening a file or folder dialog."""
+
+    def __init__(self, mode: str = "dir", placeholder: str = "", file_filter: str = "",
+                 parent: QWidget | None = None):
+        super().__init__(parent)
+        if mode not in ("dir", "file", "save"):
+            raise ValueError(f"unknown path mode {mode!r}")
+        self.mode, self.file_filter = mode, file_filter
+        self.edit = QLineEdit()
+        self.edit.setPlaceholderText(placeholder)
+        self.button = QPushButton("…")
+        self.button.setFixedWidth(30)
+        self.button.setToolTip("browse")
+        self.button.clicked.connect(self._browse)
+        lay = QHBoxLayout(self)
+        lay.setContentsMargins(0, 0, 0, 0)
+        lay.addWidget(self.edit)
+        lay.addWidget(self.button)
+
+    def text(self) -> str:
+        return self.edit.text().strip()
+
+    def setText(self, text: str) -> None:  # noqa: N802 (Qt's name)
+        self.edit.setText(text)
+
+    def _browse(self) -> None:
+        start = self.text() or str(Path.home())
+        if self.mode == "dir":
+            chosen = QFileDialog.getExistingDirectory(self, "Choose a folder", start)
+        elif self.mode == "file":
+            chosen = QFileDialog.getOpenFileName(self, "Choose a file", start, self.file_filter)[0]
+        else:
+            chosen = QFileDialog.getSaveFileName(self, "Choose where to save", start, self.file_filter)[0]
+        if chosen:
+            self.edit.setText(chosen)
+
+
+def int_spin(lo: int, hi: int, value: int, step: int, tip: str) -> QSpinBox:
+    s = QSpinBox()
+    s.setRange(lo, hi)
+    s.setValue(value)
+    s.setSingleStep(step)
+    s.setToolTip(tip)
+    return s
+
+
+@dataclass
+class TrainingRows:
+    """The inputs both training widgets share (see :func:`add_training_rows`)."""
+
+    patch: QSpinBox
+    steps: QSpinBox
+    batch: QSpinBox
+    device: DeviceChooser
+    out: PathEdit
+    resume: QCheckBox
+
+
+def add_training_rows(form: QFormLayout, *, patch_tip: str, steps: int, steps_step: int, out_tip: str,
+                      out_default: Path, resume: bool) -> TrainingRows:
+    """Add the rows both training widgets share to ``form``: patch, steps, batch, device, output
+    folder, resume."""
+    rows = TrainingRows(patch=int_spin(32, 1024, 256, 32, patch_tip),
+                        steps=int_spin(1, 1_000_000, steps, steps_step, "optimisation steps"),
+                        batch=int_spin(1, 256, 8, 1, "tiles per step"),
+                        device=DeviceChooser(),
+                        out=PathEdit("dir", out_tip),
+                        resume=QCheckBox("resume the run in this folder, if there is one"))
+    rows.out.setText(str(out_default))
+    rows.resume.setChecked(resume)
+    for label, w in [("Patch size", rows.patch), ("Steps", rows.steps), ("Batch", rows.batch),
+                     ("Device", rows.device), ("Output folder", rows.out), ("", rows.resume)]:
+        form.addRow(label, w)
+    return rows
+
+
+def start_cancel_row(start_text: str = "Start") -> tuple[QWidget, QPushButton, QPushButton]:
+    start, cancel = QPushButton(start_text), QPushButton("Cancel")
+    cancel.setEnabled(False)
+    return row(start, cancel), start, cancel
+
+
+# ---------------------------------------------------------------------------------------------
+# layout helpers
+
+def row(*widgets: QWidget) -> QWidget:
+    """Widgets side by side, without margins (for one form row)."""
+    w = QWidget()
+    lay = QHBoxLayout(w)
+    lay.setContentsMargins(0, 0, 0, 0)
+    for child in widgets:
+        lay.addWidget(child)
+    return w
+
+
+def form_and_column(box: QGroupBox) -> tuple[QFormLayout, QVBoxLayout]:
+    """Lay ``box`` out as a form for the inputs, then a column for wrapped text below it (a
+    word-wrapped label spanning a form row can be given too little height)."""
+    column = QVBoxLayout(box)
+    form = QFormLayout()
+    column.addLayout(form)
+    return form, column
+
+
+def narrow_combo() -> QComboBox:
+    """A combo box whose width does not grow with long layer names."""
+    combo = QComboBox()
+    combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+    combo.setMinimumContentsLength(12)
+    return combo
+
+
+def info_label(text: str = "") -> QLabel:
+    label = QLabel(text)
+    label.setWordWrap(True)
+    return label
+
+
+# ---------------------------------------------------------------------------------------------
+# layers
+
+class LayerChoices:
+    """Keeps a QComboBox or QListWidget filled with the names of the viewer's layers of one kind,
+    following insertions, removals, moves and renames until the widget is destroyed.
+
+    (Hand-written rather than magicgui's layer combo boxes: those fill themselves only once the
+    widget is docked in a viewer, and have no multi-selection list.)
+    """
+
+    def __init__(self, viewer, accept: Callable[[Any], bool], widget: QComboBox | QListWidget):
+        self.viewer, self.accept, self.widget = viewer, accept, widget
+        self._named: set[int] = set()
+        self._events = (viewer.layers.events.inserted, viewer.layers.events.removed,
+                        viewer.layers.events.moved)
+        for ev in self._events:
+            ev.connect(self.refresh)
+        widget.destroyed.connect(lambda *_: self._disconnect())
+        self.refresh()
+
+    def _disconnect(self) -> None:
+        for ev in self._events:
+            ev.disconnect(self.refresh)
+        for layer in self.viewer.layers:
+            layer.events.name.disconnect(self.refresh)
+
+    def layers(self) -> list:
+        return [layer for layer in self.viewer.layers if self.accept(layer)]
+
+    def by_name(self, name: str):
+        return next((layer for layer in self.layers() if layer.name == name), None)
+
+    def current(self):
+        """The layer chosen in a combo box (None when there is none)."""
+        return self.by_name(self.widget.currentText())
+
+    def refresh(self, event=None) -> None:
+        for layer in self.viewer.layers:
+            if id(layer) not in self._named:
+                layer.events.name.connect(self.refresh)
+                self._named.add(id(layer))
+        names = [layer.name for layer in self.layers()]
+        w = self.widget
+        if isinstance(w, QComboBox):
+            current = w.currentText()
+            w.blockSignals(True)
+            w.clear()
+            w.addItems(names)
+            if current in names:
+                w.setCurrentIndex(names.index(current))
+            w.blockSignals(False)
+            w.currentTextChanged.emit(w.currentText())
+        else:
+            selected = {i.text() for i in w.selectedItems()}
+            w.clear()
+            w.addItems(names)
+            for i in range(w.count()):
+                w.item(i).setSelected(w.item(i).text() in selected)
+
+
+def is_rgb_image(layer) -> bool:
+    from napari.layers import Image
+    return isinstance(layer, Image) and bool(layer.rgb)
+
+
+def is_labels(layer) -> bool:
+    from napari.layers import Labels
+    return isinstance(layer, Labels)
+
+
+def layer_to_rgb(data: Any, name: str) -> np.ndarray:
+    """An image layer's (single-scale) data as RGB uint8, with a readable error for the rest."""
+    from ..core.data import to_rgb_uint8
+    arr = np.asarray(data)
+    if arr.size > MAX_LAYER_VALUES:
+        raise DataError(f"layer {name!r} is too large to train on in memory ({arr.shape}); "
+                        "use a folder of tiles or a slide file instead")
+    return to_rgb_uint8(arr, f"layer {name!r}")
+
+
+def level0_data(layer):
+    """A layer's full-resolution array (level 0 of a pyramid)."""
+    return layer.data[0] if layer.multiscale else layer.data
+
+
+def level0_shape(layer) -> tuple[int, int]:
+    data = level0_data(layer)
+    return int(data.shape[0]), int(data.shape[1])
+
+
+def layer_file(layer) -> Path | None:
+    """The file a layer was read from, when it still exists."""
+    path = layer.source.path or layer.metadata.get("path")
+    return Path(path) if path and Path(path).exists() else None

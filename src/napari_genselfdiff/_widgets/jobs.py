@@ -1,0 +1,146 @@
+"""Background jobs for the dock widgets: a runner for generator jobs, readable errors, and the
+guard that cancels a widget's jobs when it goes away.
+
+Training and prediction run as generators in napari's thread pool. Cancelling asks the worker
+to stop at its next ``yield`` and then *closes the generator in the worker thread*, so the core's
+``finally`` (which saves a checkpoint) runs there, off the GUI thread, before ``stopped`` fires.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Iterable
+
+from napari.qt.threading import create_worker
+from napari.utils.notifications import show_error, show_warning
+from qtpy.QtCore import QEvent, QObject, Signal
+from qtpy.QtWidgets import QWidget
+from superqt.utils import GeneratorWorker
+
+from ..core.errors import GenSelfDiffError
+
+log = logging.getLogger(__name__)
+
+
+class ClosingGeneratorWorker(GeneratorWorker):
+    """A generator worker that closes its generator in the worker thread when it stops.
+
+    superqt's worker only stops *iterating* on ``quit()``; the generator would be closed later by
+    the garbage collector, in whatever thread that happens. Closing it here runs the job's
+    ``finally`` blocks (the core's checkpoint save) in the worker thread and before ``finished``.
+    """
+
+    def work(self):
+        try:
+            return super().work()
+        finally:
+            self._gen.close()
+
+
+def readable_error(exc: BaseException) -> str:
+    """A one-line message for a notification: our own errors as they are, others with their type."""
+    if isinstance(exc, GenSelfDiffError):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
+class JobRunner(QObject):
+    """Runs one generator job at a time in napari's thread pool.
+
+    Signals (all delivered in the GUI thread): ``event`` for each yielded value, ``result`` with the
+    generator's return value (only when it ran to the end), ``failed`` with the exception (after it
+    was shown as a napari notification), and ``stopped`` last, in every case, with True when the
+    job was cancelled.
+    """
+
+    event = Signal(object)
+    result = Signal(object)
+    failed = Signal(object)
+    stopped = Signal(bool)
+
+    def __init__(self, what: str, parent: QObject | None = None):
+        super().__init__(parent)
+        self.what = what
+        self.worker: ClosingGeneratorWorker | None = None
+        self._cancelled = False
+
+    @property
+    def running(self) -> bool:
+        return self.worker is not None
+
+    def start(self, job: Callable[..., Any], *args, **kwargs) -> ClosingGeneratorWorker:
+        """Start ``job(*args, **kwargs)`` (a generator function) in a worker thread."""
+        if self.worker is not None:
+            raise GenSelfDiffError(f"{self.what} is already running")
+        self._cancelled = False
+        worker = create_worker(job, *args, _worker_class=ClosingGeneratorWorker, _ignore_errors=True,
+                               _start_thread=False, **kwargs)
+        worker.yielded.connect(self._on_yielded)
+        worker.returned.connect(self._on_returned)
+        worker.errored.connect(self._on_errored)
+        worker.warned.connect(self._on_warned)
+        worker.finished.connect(self._on_finished)
+        self.worker = worker
+        worker.start()
+        return worker
+
+    def cancel(self) -> None:
+        """Ask the job to stop at its next step; ``stopped(True)`` follows once it has."""
+        if self.worker is not None:
+            self._cancelled = True
+            self.worker.quit()
+
+    def _on_yielded(self, value: Any) -> None:
+        self.event.emit(value)
+
+    def _on_returned(self, value: Any) -> None:
+        if not self._cancelled:
+            self.result.emit(value)
+
+    def _on_errored(self, exc: BaseException) -> None:
+        if not isinstance(exc, GenSelfDiffError):
+            log.error("%s failed", self.what, exc_info=(type(exc), exc, exc.__traceback__))
+        show_error(f"{self.what} failed: {readable_error(exc)}")
+        self.failed.emit(exc)
+
+    def _on_warned(self, args: tuple) -> None:
+        show_warning(f"{self.what}: {args[0]}")
+
+    def _on_finished(self) -> None:
+        self.worker = None
+        self.stopped.emit(self._cancelled)
+
+
+class StopsJobsOnClose(QObject):
+    """Cancels ``runners`` when ``widget`` goes away: the widget closes, its dock is removed, or
+    the viewer closes. A running job still saves its checkpoint (in the worker thread).
+
+    An event filter the widget owns (``StopsJobsOnClose(self, [self.runner])``), so the widget
+    needs no base class and no attributes for it. napari's ``create_worker`` also lists each
+    worker in the window's tasks, so closing the window asks the user to confirm first and then
+    quits the worker. The hide check is the safety net that needs no napari internals: when the
+    widget hides because its top-level window is no longer visible (the viewer closed), its jobs
+    are cancelled. Removing the dock (its close button) takes the widget out of it (a
+    ParentChange to no parent), which cancels too. A dock merely tabbed behind another, or
+    toggled off from the Window menu, keeps its job running.
+    """
+
+    def __init__(self, widget: QWidget, runners: Iterable[JobRunner]):
+        super().__init__(widget)
+        self.widget = widget
+        self.runners = tuple(runners)
+        widget.installEventFilter(self)
+
+    def cancel_jobs(self) -> None:
+        for runner in self.runners:
+            runner.cancel()
+
+    def eventFilter(self, watched: QObject, event: QEvent) -> bool:  # noqa: N802 (Qt's name)
+        if watched is self.widget:
+            kind = event.type()
+            if kind == QEvent.Type.Close:
+                self.cancel_jobs()
+            elif kind == QEvent.Type.Hide and not self.widget.window().isVisible():
+                self.cancel_jobs()
+            elif kind == QEvent.Type.ParentChange and self.widget.parent() is None:
+                self.cancel_jobs()
+        return False  # the widget handles the event as usual

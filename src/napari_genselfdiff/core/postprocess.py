@@ -1,0 +1,119 @@
+"""Instances (glands, nuclei) from the class probabilities of one image held in memory.
+
+The whole-slide versions, which label arrays far larger than memory block by block and stitch
+objects across block borders, are in :mod:`napari_genselfdiff.slide.instances`; they call these
+on each block, so a tile and a slide are segmented by the same rules.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from scipy import ndimage as ndi
+
+GLAND_MIN_SIZE = 100
+NUCLEUS_MIN_SIZE = 10
+EIGHT = np.ones((3, 3), bool)
+FOUR = ndi.generate_binary_structure(2, 1)
+
+
+def as_float(prob: Any) -> np.ndarray:
+    """Probabilities as float32 in [0, 1]; uint8 input (0..255, as stored) is divided by 255."""
+    arr = np.asarray(prob)
+    if arr.dtype == np.uint8:
+        return arr.astype(np.float32) / np.float32(255.0)
+    return arr.astype(np.float32, copy=False)
+
+
+def remove_small(labels: np.ndarray, min_size: int) -> np.ndarray:
+    """Drop objects smaller than ``min_size`` pixels and renumber 1..N in raster order of
+    their first pixel."""
+    from skimage.segmentation import relabel_sequential
+
+    if labels.max() == 0:
+        return labels.astype(np.int32)
+    sizes = np.bincount(labels.ravel())
+    small = sizes < min_size
+    small[0] = False
+    labels = np.where(small[labels], 0, labels)
+    return relabel_sequential(labels)[0].astype(np.int32)
+
+
+# --------------------------------------------------------------------------------------------
+# one piece
+
+
+def glands_from_probabilities(prob_fg: Any, threshold: float = 0.5,
+                              min_size: int = GLAND_MIN_SIZE, fill_holes: bool = True) -> np.ndarray:
+    """Gland instances: pixels with p >= ``threshold``, holes filled (background not
+    4-connected to the image border), 8-connected components, objects under ``min_size``
+    pixels removed. Returns int32 labels 1..N (0 = background)."""
+    fg = as_float(prob_fg) >= threshold
+    if fill_holes:
+        fg = ndi.binary_fill_holes(fg, structure=FOUR)
+    labels, _ = ndi.label(fg, structure=EIGHT)
+    return remove_small(labels, min_size)
+
+
+def tie_breaker(shape: tuple[int, int], origin: tuple[int, int]) -> np.ndarray:
+    """Pseudo-random values in [0, 1) that depend only on global pixel coordinates.
+
+    skimage's watershed pops equal elevations in an order that depends on everything else in
+    its heap, so a region cut out of a larger map could be flooded differently at ties. A tiny
+    hash of the global position makes the elevations distinct and identical wherever the
+    region is cut from."""
+    yy, xx = np.mgrid[origin[0]:origin[0] + shape[0], origin[1]:origin[1] + shape[1]]
+    h = (yy.astype(np.uint64) * np.uint64(73856093)) ^ (xx.astype(np.uint64) * np.uint64(19349663))
+    return ((h % np.uint64(1000003)).astype(np.float64) / 1000003.0)
+
+
+def nuclei_from_probabilities(prob_fg: Any, prob_boundary: Any | None = None,
+                              threshold: float = 0.5, min_size: int = NUCLEUS_MIN_SIZE,
+                              min_distance: int = 4, origin: tuple[int, int] = (0, 0)) -> np.ndarray:
+    """Nucleus instances by marker-controlled watershed. Returns int32 labels 1..N.
+
+    Without a boundary class: mask = p_fg >= threshold, markers = peaks of the distance
+    transform (at least ``min_distance`` apart, searched per connected component), flooding
+    the negative distance. With a boundary class (3-class models: background, nucleus,
+    boundary): mask = p_fg + p_boundary >= threshold, markers = connected nucleus-interior
+    regions (p_fg >= threshold and p_boundary < threshold), flooding the boundary probability.
+    Objects under ``min_size`` pixels are removed. Equal elevations are ordered by a tiny hash
+    of the global pixel position (``origin`` = global position of ``prob_fg[0, 0]``), so a
+    block cut out of a larger map is segmented like the same pixels of the whole map.
+    """
+    from skimage.feature import peak_local_max
+    from skimage.segmentation import watershed
+
+    p = as_float(prob_fg)
+    if prob_boundary is not None:
+        pb = as_float(prob_boundary)
+        mask = (p + pb) >= threshold
+        markers, _ = ndi.label((p >= threshold) & (pb < threshold), structure=FOUR)
+        elevation = pb
+    else:
+        mask = p >= threshold
+        dist = ndi.distance_transform_edt(mask)
+        comps, _ = ndi.label(mask, structure=EIGHT)
+        peaks = peak_local_max(dist, min_distance=min_distance, labels=comps,
+                               exclude_border=False)
+        markers = np.zeros(mask.shape, np.int32)
+        markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
+        elevation = -dist
+    if not mask.any() or markers.max() == 0:
+        return np.zeros(p.shape, np.int32)
+    # elevation steps are >= 1/255 (probabilities) or ~1/(2 * radius) (distances): 1e-5 only
+    # orders what was equal
+    elevation = elevation + 1e-5 * tie_breaker(p.shape, origin)
+    labels = watershed(elevation, markers, mask=mask)
+    return remove_small(labels, min_size)
+
+
+def postprocess(probs: np.ndarray, task: str) -> tuple[np.ndarray, np.ndarray]:
+    """(semantic class map, instance labels) from class probabilities (C, H, W)."""
+    semantic = probs.argmax(0).astype(np.uint8)
+    if task == "nuclei":
+        boundary = probs[2] if probs.shape[0] > 2 else None
+        inst = nuclei_from_probabilities(probs[1] if boundary is None else probs[1] + probs[2], boundary)
+    else:
+        inst = glands_from_probabilities(1.0 - probs[0])
+    return semantic, inst

@@ -1,0 +1,31 @@
+"""The one task -> QuPath table: class name, object type and colour of each instance task.
+
+Glands are few and large: QuPath *annotations* (editable). Nuclei are many and small: QuPath
+*detections* (light-weight, not editable one by one). Any other name is an annotation of its own
+class, drawn yellow.
+"""
+from __future__ import annotations
+
+CLASS_NAMES = {"glands": "Gland", "nuclei": "Nucleus"}
+COLOURS = {"glands": (0, 200, 0), "nuclei": (30, 90, 255)}
+OBJECT_TYPES = {"glands": "annotation", "nuclei": "detection"}
+
+#: The object types QuPath knows (GeoJSON ``objectType``).
+OBJECT_KINDS = ("annotation", "detection")
+DEFAULT_COLOUR = (255, 255, 0)
+DEFAULT_OBJECT_TYPE = "annotation"
+
+
+def class_name(task: str | None, fallback: str = "Object") -> str:
+    """QuPath class of a task ('glands' -> 'Gland'); other names are their own class."""
+    return CLASS_NAMES.get(task or "", task or fallback)
+
+
+def object_type(task: str | None) -> str:
+    """'annotation' or 'detection' for a task (annotation when unknown)."""
+    return OBJECT_TYPES.get(task or "", DEFAULT_OBJECT_TYPE)
+
+
+def colour(task: str | None) -> tuple[int, int, int]:
+    """RGB display colour of a task (yellow when unknown)."""
+    return COLOURS.get(task or "", DEFAULT_COLOUR)

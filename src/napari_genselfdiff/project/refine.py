@@ -1,0 +1,190 @@
+"""Refining a project's model on its accepted corrections, with a before/after score.
+
+:func:`refine` is a generator of :class:`~..core.progress.Progress` events, like the core
+training loops. It fine-tunes the current model (or ``base_model``) on the accepted regions into
+a new ``models/refine-<n>/`` and scores the base and the new model on held-out accepted regions
+(all of them, and said so, when fewer than two regions exist or ``val_fraction="all"``). The
+project's current model switches to the new checkpoint only when the run finishes. Cancelling
+(closing the generator) saves the checkpoint reached so far under ``models/`` -- usable later as
+``base_model`` -- records a ``"cancelled"`` history line and leaves the current model unchanged.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
+
+from ..core.data import LabeledImage, downscale_item, split_items
+from ..core.errors import DataError
+from ..core.progress import Progress
+from ..core.training import FinetuneConfig, finetune
+from .files import HISTORY, append_jsonl, model_path, now
+
+if TYPE_CHECKING:  # only for annotations: store imports this module
+    from .store import Project
+
+#: Fixed overrides refine() does not accept: they follow from the project.
+FIXED_FIELDS = {"task", "boundary", "num_classes", "steps"}
+
+
+@dataclass(frozen=True)
+class RefineSplit:
+    """The accepted regions a refine trains on and validates on, and how that was decided
+    (the text the events and the history line show)."""
+
+    train: list[LabeledImage]
+    val: list[LabeledImage]
+    how: str
+
+
+def refine(project: "Project", *, base_model: str | os.PathLike | None = None, steps: int = 200,
+           device: str = "auto", val_fraction: float | str = 0.25, seed: int = 0,
+           **overrides: Any) -> Iterator[Progress]:
+    """Fine-tune the project's current model (or ``base_model``) on its accepted regions.
+
+    Yields ``Progress`` events (stage ``"refine"`` for this function's own, ``"finetune"`` for
+    the training steps); the last has ``done=True``, ``checkpoint`` = the new model and
+    ``metrics = {"before": ..., "after": ...}``: the mean foreground Dice of the base and the
+    new model on the validation regions (``before`` is None when the base cannot segment:
+    no model, or a pretrained diffusion model). ``val_fraction`` holds out that fraction of
+    regions for validation (they are not trained on); ``"all"`` trains and validates on every
+    region, as does a project with fewer than two regions (the event message says so).
+    ``overrides`` are :class:`FinetuneConfig` fields (``patch``, ``batch``, ``lr``,
+    ``preset``, ...). Close the generator to cancel (see the module docstring).
+    """
+    cfg = refine_config(project, steps, seed, overrides, base_model)
+    base = project.current_model if base_model is None else Path(model_path(base_model))
+    items = project.training_items()
+    if not items:
+        raise DataError(f"project {project.folder}: no accepted regions to refine on; accept a corrected region first")
+    items = at_model_resolution(project, items, cfg.mpp)
+    split = split_for_refine(items, val_fraction, seed)
+    out = _next_model_dir(project.folder)
+    inner = finetune(split.train, out, cfg, init=base, device=device)
+    before, after, status, step = None, None, "failed", 0
+    try:
+        first = next(inner)  # checks the data (e.g. every mask empty) before any scoring
+        yield Progress("refine", 0, steps, message=f"scoring the base model on {split.how}")
+        before = score(base, split.val, device)
+        yield replace(first, message=f"{first.message}; validating on {split.how}")
+        for ev in inner:
+            step = ev.step
+            if ev.done:
+                break
+            yield ev
+        yield Progress("refine", step, steps, message="scoring the refined model")
+        after = score(out, split.val, device)
+        status = "finished"
+    except GeneratorExit:
+        status = "cancelled"
+        raise
+    finally:
+        inner.close()  # when stopped early this runs finetune's finally: the checkpoint is saved
+        if out.exists():
+            _record_refine(project, status, base, out, step, split, before, after)
+    yield Progress("refine", step, steps, metrics={"before": before, "after": after}, checkpoint=str(out),
+                   done=True, message=f"refined model {out.name}: Dice {fmt_score(before)} -> {fmt_score(after)} "
+                                      f"on {split.how}")
+
+
+def refine_config(project: "Project", steps: int, seed: int, overrides: dict, base_model) -> FinetuneConfig:
+    """The fine-tuning settings of a refine: the project's task, ``steps``, ``seed``, the base
+    model's (or the regions') resolution, and the allowed ``overrides``."""
+    allowed = {f.name for f in fields(FinetuneConfig)} - FIXED_FIELDS
+    unknown = sorted(set(overrides) - allowed)
+    if unknown:
+        raise DataError(f"unknown refine setting(s) {', '.join(unknown)}; choose from {', '.join(sorted(allowed))}")
+    if steps < 1:
+        raise DataError(f"steps must be >= 1, got {steps}")
+    spec = project.spec
+    cfg = FinetuneConfig(task=spec.task, boundary=spec.boundary,
+                         num_classes=spec.num_classes if spec.task == "multiclass" else None,
+                         steps=steps, seed=seed, val_every=0)
+    if "mpp" not in overrides:
+        cfg = replace(cfg, mpp=training_mpp(project, base_model))
+    return replace(cfg, **overrides)
+
+
+def training_mpp(project: "Project", base_model) -> float | None:
+    """The base model's mpp, else the regions' when they all share one (within 10 %)."""
+    base = project.current_model if base_model is None else Path(model_path(base_model))
+    if base is not None:
+        from ..core.checkpoint import load_config
+        mpp = load_config(base).get("mpp")
+        if mpp:
+            return float(mpp)
+    mpps = [project.region_mpp(r) for r in project.regions()]
+    if not mpps or any(m is None for m in mpps):
+        return None
+    return mpps[0] if max(mpps) / min(mpps) < 1.1 else None
+
+
+def at_model_resolution(project: "Project", items: list[LabeledImage],
+                        model_mpp: float | None) -> list[LabeledImage]:
+    """Regions are stored at the level they were accepted at; a model trained at another
+    resolution (e.g. a half-resolution gland model) must be refined at its own, so rescale
+    where both the model's and the region's microns per pixel are known."""
+    if not model_mpp:
+        return items
+    regions = {r["id"]: r for r in project.regions()}
+    out = []
+    for it in items:
+        mpp = project.region_mpp(regions[it.name]) if it.name in regions else None
+        factor = model_mpp / mpp if mpp else 1.0
+        out.append(downscale_item(it, factor) if abs(factor - 1.0) > 0.1 else it)
+    return out
+
+
+def split_for_refine(items: list[LabeledImage], val_fraction: float | str, seed: int) -> RefineSplit:
+    """Which regions to train and to validate on (see :func:`refine`'s ``val_fraction``)."""
+    if val_fraction == "all" or len(items) < 2:
+        why = "as asked" if val_fraction == "all" else "fewer than 2 regions"
+        return RefineSplit(items, items, f"all {len(items)} accepted region(s) ({why}; they are also trained on)")
+    if not isinstance(val_fraction, (int, float)) or not 0 < val_fraction < 1:
+        raise DataError(f"val_fraction must be in (0, 1) or 'all', got {val_fraction!r}")
+    train, val = split_items(items, float(val_fraction), seed)
+    return RefineSplit(train, val, f"{len(val)} held-out accepted region(s)")
+
+
+def score(model: Path | None, items: Sequence[LabeledImage], device: str) -> float | None:
+    """Mean foreground Dice of a segmentation checkpoint on ``items`` (None if it cannot segment)."""
+    if model is None:
+        return None
+    from ..core.checkpoint import load_config
+    if load_config(model).get("kind") != "segmentation":
+        return None
+    from ..core.evaluation import evaluate_items
+    from ..core.inference import TorchPredictor
+    predictor = TorchPredictor.from_checkpoint(model, device=device)
+    return float(evaluate_items(predictor, items)["mean"]["dice"])
+
+
+def fmt_score(v: float | None) -> str:
+    """A Dice score for people: three decimals, or 'n/a'."""
+    return "n/a" if v is None else f"{v:.3f}"
+
+
+def _record_refine(project: "Project", status: str, base: Path | None, out: Path, step: int, split: RefineSplit,
+                   before: float | None, after: float | None) -> None:
+    """One history line; a finished refine also becomes the current model."""
+    record = {"time": now(), "status": status, "base_model": None if base is None else project.relative(base),
+              "new_model": project.relative(out), "steps": step, "train_regions": [it.name for it in split.train],
+              "val_regions": [it.name for it in split.val], "validated_on": split.how,
+              "n_regions": len(project.regions()), "before": before, "after": after}
+    append_jsonl(project.folder / HISTORY, _finite(record))
+    if status == "finished":
+        project.set_current_model(out)
+
+
+def _finite(record: dict) -> dict:
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+
+
+def _next_model_dir(folder: Path) -> Path:
+    models = folder / "models"
+    models.mkdir(parents=True, exist_ok=True)
+    numbers = [int(m.group(1)) for p in models.iterdir() if (m := re.fullmatch(r"refine-(\d+)", p.name))]
+    return models / f"refine-{max(numbers, default=0) + 1}"

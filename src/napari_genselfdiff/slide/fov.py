@@ -1,0 +1,115 @@
+"""Lazy field-of-view prediction for a viewer: only the tiles a requested region needs.
+
+Same grid, window and blending as :func:`~napari_genselfdiff.slide.tiler.predict_slide`, so a
+region predicted here equals the same region of a whole-slide run.
+"""
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from typing import Any
+
+import dask.array as da
+import numpy as np
+
+from napari_genselfdiff.slide.reader import Slide
+from napari_genselfdiff.slide.tiler import (Predictor, TileGrid, TileId, add_tile, blend_window, check_tile,
+                                            iter_tile_predictions, normalise_blend, resolve_level)
+from napari_genselfdiff.slide.tissue import TissueMask, clear_background, detect_tissue
+
+
+class FieldOfViewPredictor:
+    """On-demand prediction for a viewer: computes only the tiles a requested region needs.
+
+    Tiles are computed on the pixels of the requested pyramid level with the same grid,
+    window and blending as :func:`predict_slide`, and kept in an LRU cache keyed by
+    (level, tile row, tile column) holding ``cache_tiles`` tiles (each C x tile x tile
+    float32), so panning back costs nothing. ``level`` is the default for
+    :meth:`as_lazy_dask` (an int or 'auto'). Thread-safe: requests are serialised.
+    """
+
+    def __init__(self, predictor: Predictor, slide: Slide, level: int | str = 0,
+                 tile: int = 512, overlap: int = 64, cache_tiles: int = 256, *,
+                 batch: int = 4, tissue: bool = True) -> None:
+        check_tile(predictor, tile)
+        self.predictor, self.slide = predictor, slide
+        self.level = resolve_level(slide, level, predictor)
+        self.tile, self.overlap, self.batch = tile, overlap, batch
+        self.cache_tiles = cache_tiles
+        self.use_tissue = tissue
+        self.tiles_computed = 0
+        self.cache_hits = 0
+        self._cache: OrderedDict[tuple[int, int, int], np.ndarray] = OrderedDict()
+        self._grids: dict[int, TileGrid] = {}
+        self._mask: TissueMask | None = None
+        self._window = blend_window(tile, overlap)
+        self._lock = threading.RLock()
+
+    def grid(self, level: int) -> TileGrid:
+        """The tile grid of ``level``."""
+        if level not in self._grids:
+            h, w = self.slide.levels[level].shape[:2]
+            self._grids[level] = TileGrid.make(int(h), int(w), self.tile, self.overlap)
+        return self._grids[level]
+
+    def _tissue(self) -> TissueMask | None:
+        if self.use_tissue and self._mask is None:
+            self._mask = detect_tissue(self.slide)
+        return self._mask
+
+    def predict_region(self, level: int, y: int, x: int, h: int, w: int) -> np.ndarray:
+        """Blended class probabilities (C, h, w) float32 of the region at ``level``; pixels
+        outside the image are background."""
+        level = resolve_level(self.slide, level, self.predictor)
+        with self._lock:
+            grid = self.grid(level)
+            tids = grid.touching(y, y + h, x, x + w)
+            missing = [t for t in tids if (level,) + t not in self._cache]
+            self.cache_hits += len(tids) - len(missing)
+            fresh: dict[TileId, np.ndarray] = {}
+            for results in iter_tile_predictions(self.predictor, self.slide, level, grid,
+                                                 missing, batch=self.batch,
+                                                 tissue=self._tissue()):
+                for tid, pred, was_computed in results:
+                    fresh[tid] = pred
+                    self.tiles_computed += was_computed
+            sums = np.zeros((self.predictor.num_classes, h, w), np.float64)
+            wsum = np.zeros((h, w), np.float64)
+            for tid in tids:
+                pred = fresh.get(tid)
+                if pred is None:
+                    pred = self._cache[(level,) + tid]
+                    self._cache.move_to_end((level,) + tid)
+                ty, tx = grid.origin(tid)
+                add_tile(sums, wsum, y, x, pred, ty, tx, self._window)
+            for tid, pred in fresh.items():
+                self._cache[(level,) + tid] = pred
+            while len(self._cache) > self.cache_tiles:
+                self._cache.popitem(last=False)
+            out = normalise_blend(sums, wsum).astype(np.float32)
+            mask = self._tissue()
+            if mask is not None:
+                clear_background(out, mask, self.slide.downsamples[level], y, x, certain=1.0)
+            return out
+
+    def as_lazy_dask(self, level: int | None = None, chunk: int = 1024) -> da.Array:
+        """Probabilities of ``level`` as a lazy (C, H, W) float32 dask array.
+
+        Each chunk calls :meth:`predict_region` when computed, so nothing runs until asked:
+        napari computes only the chunks in view (of the level it displays), which makes this
+        a lazy overlay. For a multiscale overlay pass ``[fov.as_lazy_dask(k) for k in ...]``.
+        """
+        level = self.level if level is None else level
+        h, w = (int(s) for s in self.slide.levels[level].shape[:2])
+        nc = self.predictor.num_classes
+
+        def chunks_of(n: int) -> tuple[int, ...]:
+            return tuple(min(chunk, n - s) for s in range(0, n, chunk))
+
+        def compute(block_info: dict[Any, Any] | None = None) -> np.ndarray:
+            (_, _), (y0, y1), (x0, x1) = block_info[None]["array-location"]
+            return self.predict_region(level, y0, x0, y1 - y0, x1 - x0)
+
+        return da.map_blocks(compute, chunks=((nc,), chunks_of(h), chunks_of(w)),
+                             dtype=np.float32, meta=np.empty((0, 0, 0), np.float32),
+                             name=f"genselfdiff-fov-{id(self)}-{level}")
