@@ -19,7 +19,7 @@ from napari_genselfdiff.slide.reader import open_slide
 from napari_genselfdiff.slide.tiler import (WINDOW_EPS, Predictor, TileGrid, blend_window, block_size_for,
                                             predict_slide, tile_starts)
 from napari_genselfdiff.slide.store import PredictionStore
-from napari_genselfdiff.slide.tissue import detect_tissue, is_background
+from napari_genselfdiff.slide.tissue import TissueMask, detect_tissue, is_background, tissue_weight
 
 REPO = Path(__file__).resolve().parents[1]
 TILE, OVERLAP, BLOCK = 128, 32, 256  # -> stride 96, output blocks of 3 * 96 = 288 pixels
@@ -222,8 +222,7 @@ def test_tissue_skipping_computes_fewer_tiles_and_keeps_tissue_tiles(slide_path,
     with_skip = np.asarray(zarr.open_group(tmp_path / "t.zarr", mode="r")["probabilities"][...])
     without = np.asarray(zarr.open_group(reference_store, mode="r")["probabilities"][...])
     # pixels inside the (dilated) tissue mask keep the model's answer; glass outside it is background
-    idx = (np.arange(1024) / mask.downsample).astype(int)
-    tissue_px = mask.mask[np.minimum(idx, mask.mask.shape[0] - 1)[:, None], np.minimum(idx, mask.mask.shape[1] - 1)[None, :]]
+    tissue_px = tissue_weight(mask, 1.0, 0, 0, 1024, 1024) >= 0.5
     keep = ~skipped_cover & tissue_px
     assert keep.any() and (~tissue_px).any()
     np.testing.assert_array_equal(with_skip[:, keep], without[:, keep])
@@ -413,3 +412,21 @@ def test_field_of_view_cache_and_lazy_dask(slide_path):
         before = counting.tiles
         small.predict_region(0, 0, 0, 300, 300)
         assert counting.tiles > before
+
+
+def test_tissue_border_follows_a_smooth_curve_not_the_coarse_cells():
+    """A diagonal tissue edge in a coarse (1/32) mask: the cleared border moves about one pixel per
+    column, instead of jumping 32 pixels every 32 columns (the square steps seen in napari)."""
+    from napari_genselfdiff.slide.tissue import clear_background
+
+    coarse = np.tril(np.ones((16, 16), bool))  # tissue below the diagonal
+    mask = TissueMask(coarse, 32.0)
+    probs = np.zeros((2, 512, 512), np.float32)
+    probs[1] = 1.0  # the model says foreground everywhere
+    clear_background(probs, mask, 1.0, 0, 0, certain=1.0)
+    fg = probs[1] > 0.5
+    first_fg_row = np.argmax(fg, axis=0)[32:480]  # top of the tissue in each column
+    jumps = np.abs(np.diff(first_fg_row))
+    assert jumps.max() <= 2, jumps.max()
+    assert first_fg_row[-1] - first_fg_row[0] > 400  # the edge is still the diagonal
+    np.testing.assert_allclose(tissue_weight(mask, 1.0, 0, 0, 512, 512)[400, 100], 1.0)

@@ -49,7 +49,8 @@ class FieldOfViewPredictor:
         """The tile grid of ``level``."""
         if level not in self._grids:
             h, w = self.slide.levels[level].shape[:2]
-            self._grids[level] = TileGrid.make(int(h), int(w), self.tile, self.overlap)
+            self._grids[level] = TileGrid.make(int(h), int(w), self.tile, self.overlap,
+                                               int(getattr(self.predictor, "tile_multiple", 1) or 1))
         return self._grids[level]
 
     def _tissue(self) -> TissueMask | None:

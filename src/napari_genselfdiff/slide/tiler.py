@@ -69,16 +69,20 @@ class Predictor(Protocol):
 # geometry
 
 
-def tile_starts(length: int, tile: int, stride: int) -> tuple[int, ...]:
+def tile_starts(length: int, tile: int, stride: int, multiple: int = 1) -> tuple[int, ...]:
     """Start offsets of tiles of size ``tile`` covering [0, length) with step ``stride``.
 
-    The last tile is shifted back to end exactly at ``length`` (so its edge lies on the image
-    border); an axis shorter than a tile gets one tile at 0 (padded with white when read).
+    The axis is first rounded up to the model's ``multiple`` (as an untiled run pads the image,
+    reflecting it, to a multiple), and the last tile ends exactly there, so its edge sees the same
+    padding as an untiled run. With ``stride`` and ``tile`` multiples of ``multiple`` every start is
+    one too: a U-Net that downsamples by ``multiple`` is only shift-equivariant for such shifts.
+    An axis shorter than a tile gets one tile at 0 (padded with white beyond the rounded length).
     """
-    if length <= tile:
+    padded = -(-length // multiple) * multiple
+    if padded <= tile:
         return (0,)
-    starts = list(range(0, length - tile, stride))
-    starts.append(length - tile)
+    starts = list(range(0, padded - tile, stride))
+    starts.append(padded - tile)
     return tuple(starts)
 
 
@@ -92,15 +96,19 @@ class TileGrid:
     overlap: int
     ys: tuple[int, ...]
     xs: tuple[int, ...]
+    multiple: int = 1
 
     @classmethod
-    def make(cls, height: int, width: int, tile: int, overlap: int) -> TileGrid:
+    def make(cls, height: int, width: int, tile: int, overlap: int, multiple: int = 1) -> TileGrid:
         if tile <= 0 or not 0 <= overlap < tile:
             raise GenSelfDiffError(f"invalid tiling: tile={tile}, overlap={overlap} "
                                    "(need tile > 0 and 0 <= overlap < tile)")
+        if tile % multiple or overlap % multiple:
+            raise GenSelfDiffError(f"tile {tile} and overlap {overlap} must be multiples of {multiple} for this "
+                                   f"model (its U-Net halves the resolution {multiple.bit_length() - 1} times)")
         stride = tile - overlap
-        return cls(height, width, tile, overlap,
-                   tile_starts(height, tile, stride), tile_starts(width, tile, stride))
+        return cls(height, width, tile, overlap, tile_starts(height, tile, stride, multiple),
+                   tile_starts(width, tile, stride, multiple), multiple)
 
     @property
     def stride(self) -> int:
@@ -214,6 +222,22 @@ def _call_predictor(predictor: Predictor, tiles: np.ndarray) -> np.ndarray:
     return out
 
 
+def _read_padded(slide: Slide, level: int, grid: TileGrid, y0: int, x0: int, y1: int, x1: int) -> np.ndarray:
+    """Pixels [y0, y1) x [x0, x1) of the level; beyond the image, up to its length rounded to the
+    grid's multiple, the image reflected at its edge (exactly what an untiled run pads with,
+    ``core.inference.predict_padded_batch``), white further out."""
+    h, w = grid.height, grid.width
+    ry1, rx1 = min(y1, h), min(x1, w)
+    pixels = slide.read_region(level, y0, x0, y1 - y0, x1 - x0)
+    py = min(y1, -(-h // grid.multiple) * grid.multiple) - ry1
+    px = min(x1, -(-w // grid.multiple) * grid.multiple) - rx1
+    if (py > 0 or px > 0) and ry1 > y0 and rx1 > x0:
+        inner = pixels[:ry1 - y0, :rx1 - x0]
+        pad = np.pad(inner, ((0, max(py, 0)), (0, max(px, 0)), (0, 0)), mode="reflect")
+        pixels[:pad.shape[0], :pad.shape[1]] = pad
+    return pixels
+
+
 def iter_tile_predictions(predictor: Predictor, slide: Slide, level: int, grid: TileGrid,
                           tiles: Sequence[TileId], *, batch: int = 4,
                           tissue: TissueMask | None = None
@@ -240,7 +264,7 @@ def iter_tile_predictions(predictor: Predictor, slide: Slide, level: int, grid: 
     origins = np.array([grid.origin(tid) for tid in todo])
     by, bx = origins.min(axis=0)
     ey, ex = origins.max(axis=0) + t
-    pixels = slide.read_region(level, int(by), int(bx), int(ey - by), int(ex - bx))
+    pixels = _read_padded(slide, level, grid, int(by), int(bx), int(ey), int(ex))
     for i in range(0, len(todo), batch):
         chunk = todo[i:i + batch]
         stack = np.stack([pixels[oy - by:oy - by + t, ox - bx:ox - bx + t]
@@ -387,7 +411,7 @@ def _predict_slide(predictor: Predictor, slide: Slide, out_path: Path,
     lvl = resolve_level(slide, cfg.level, predictor)
     check_tile(predictor, cfg.tile)
     h, w = (int(s) for s in slide.levels[lvl].shape[:2])
-    grid = TileGrid.make(h, w, cfg.tile, cfg.overlap)
+    grid = TileGrid.make(h, w, cfg.tile, cfg.overlap, int(getattr(predictor, "tile_multiple", 1) or 1))
     blocks = _Blocks(h, w, block_size_for(cfg.tile, cfg.overlap, cfg.block))
     nc = int(predictor.num_classes)
     names = list(cfg.class_names) if cfg.class_names is not None else (

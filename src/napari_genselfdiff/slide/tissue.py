@@ -102,16 +102,39 @@ def detect_tissue(slide: Slide, *, target_downsample: float = 32.0) -> TissueMas
     return TissueMask(tissue_from_rgb(small), slide.downsamples[level] * factor)
 
 
+def _interp_matrix(start: int, n: int, f: float, size: int) -> np.ndarray:
+    """(n, size) bilinear interpolation weights: output pixel i (level pixel ``start + i``, centre
+    at (start + i + 0.5) * f in mask pixels) from the ``size`` mask pixels along one axis."""
+    pos = np.clip((start + np.arange(n) + 0.5) * f - 0.5, 0, size - 1)
+    lo = np.floor(pos).astype(np.int64)
+    hi = np.minimum(lo + 1, size - 1)
+    t = (pos - lo).astype(np.float32)
+    m = np.zeros((n, size), np.float32)
+    m[np.arange(n), lo] += 1 - t
+    m[np.arange(n), hi] += t
+    return m
+
+
+def tissue_weight(mask: TissueMask, level_downsample: float, y0: int, x0: int, h: int, w: int) -> np.ndarray:
+    """The coarse tissue mask bilinearly interpolated to the (h, w) region at (y0, x0) of a level:
+    1 inside tissue, 0 on glass, a smooth ramp between (no square steps of the coarse cells)."""
+    f = level_downsample / mask.downsample
+    ry = _interp_matrix(y0, h, f, mask.mask.shape[0])
+    rx = _interp_matrix(x0, w, f, mask.mask.shape[1])
+    # only the mask rows/columns the region touches
+    rows, cols = np.flatnonzero(ry.any(0)), np.flatnonzero(rx.any(0))
+    sub = mask.mask[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1].astype(np.float32)
+    return ry[:, rows[0]:rows[-1] + 1] @ sub @ rx[:, cols[0]:cols[-1] + 1].T
+
+
 def clear_background(block_probs: np.ndarray, mask: TissueMask, level_downsample: float, y0: int, x0: int,
                      certain: float = 255) -> None:
     """Pixels outside the (dilated) tissue mask become certain background (probability
     ``certain``: 255 in uint8 stores, 1.0 for floats), in place: a model trained on tissue has no
-    business calling empty glass a gland."""
+    business calling empty glass a gland. The border follows the bilinearly interpolated mask
+    (:func:`tissue_weight` < 0.5), so labels end on a smooth curve, not on the coarse cells' steps."""
     h, w = block_probs.shape[1:]
-    f = level_downsample / mask.downsample
-    rows = np.minimum(((y0 + np.arange(h)) * f).astype(np.int64), mask.mask.shape[0] - 1)
-    cols = np.minimum(((x0 + np.arange(w)) * f).astype(np.int64), mask.mask.shape[1] - 1)
-    outside = ~mask.mask[rows[:, None], cols[None, :]]
+    outside = tissue_weight(mask, level_downsample, y0, x0, h, w) < 0.5
     if outside.any():
         block_probs[:, outside] = 0
         block_probs[0, outside] = certain

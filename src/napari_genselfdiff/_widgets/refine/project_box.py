@@ -8,6 +8,7 @@ from qtpy.QtWidgets import QComboBox, QGroupBox, QPushButton
 
 from ...core.errors import DataError, GenSelfDiffError
 from ...project import Project
+from ...project.refine import fmt_score
 from ..inputs import PathEdit, form_and_column, info_label, row
 from ..jobs import JobRunner
 from .context import RefineContext
