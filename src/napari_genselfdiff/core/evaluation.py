@@ -1,4 +1,11 @@
-"""``genselfdiff evaluate``: score a segmentation model on labeled images."""
+"""``genselfdiff evaluate``: score a segmentation model on labeled images.
+
+Each image is predicted and post-processed at the model's microns per pixel
+(:func:`core.resolution.segment_at_mpp`) and scored on its own masks at its own resolution. The
+image's pixel size comes from ``mpp`` (one value for all, e.g. ``--mpp``), else from
+``mpp_of(path)`` (the file's resolution tags, read by the caller), else it is unknown and the
+model's own is assumed; ``result["resolution"]`` says which, in one line per case.
+"""
 from __future__ import annotations
 
 import os
@@ -6,23 +13,31 @@ from typing import Sequence
 
 import numpy as np
 
-from .data import LabeledImage, TaskSpec, list_images, load_labeled_folder, read_mask
+from .data import LabeledImage, TaskSpec, list_images, load_labeled_folder, pair_images_and_masks, read_mask
 from .errors import DataError
 from .inference import TorchPredictor, predict_image
 from .postprocess import postprocess
+from .resolution import resolution_note, segment_at_mpp
 
 
 def evaluate_items(predictor: TorchPredictor, items: Sequence[LabeledImage],
-                   gt_instances: dict[str, np.ndarray] | None = None) -> dict:
-    """Per-image and mean metrics of ``predictor`` on labeled images held in memory."""
+                   gt_instances: dict[str, np.ndarray] | None = None, *, mpp: float | None = None,
+                   mpps: dict[str, float | None] | None = None) -> dict:
+    """Per-image and mean metrics of ``predictor`` on labeled images held in memory, each run at
+    the model's resolution: ``mpps[name]`` or else ``mpp`` is the image's pixel size (None:
+    unknown, the model's own assumed)."""
     from .metrics import aggregate, segmentation_report
 
     spec = TaskSpec.from_dict(predictor.config["task"])
     binary = spec.task != "multiclass"
     per_image = {}
+    notes: dict[str, int] = {}
     for it in items:
-        probs = predict_image(predictor, it.image)
-        semantic, inst = postprocess(probs, spec.task)
+        item_mpp = (mpps or {}).get(it.name, mpp)
+        note = resolution_note(item_mpp, getattr(predictor, "mpp", None), "images")
+        if note:
+            notes[note] = notes.get(note, 0) + 1
+        _, semantic, inst, _ = segment_at_mpp(predictor, it.image, item_mpp, lambda p: postprocess(p, spec.task))
         pred = (semantic > 0).astype(np.uint8) if binary else semantic
         gt = (it.target > 0).astype(np.uint8) if binary else it.target
         per_image[it.name] = segmentation_report(
@@ -31,24 +46,32 @@ def evaluate_items(predictor: TorchPredictor, items: Sequence[LabeledImage],
     if not per_image:
         raise DataError("no labeled images to evaluate")
     return {"task": spec.task, "n_images": len(per_image), "mean": aggregate(list(per_image.values())),
-            "per_image": per_image}
+            "per_image": per_image,
+            "resolution": [f"{n} {note}" if n > 1 else note.replace("images:", "1 image:") for note, n in notes.items()]}
 
 
 def evaluate_folder(model: str | os.PathLike, images_dir, masks_dir, *, instances_dir=None,
-                    device: str = "auto", predictor: TorchPredictor | None = None) -> dict:
-    """Metrics of ``model`` on a folder of images with masks (and optional instance labels)."""
+                    device: str = "auto", predictor: TorchPredictor | None = None, mpp: float | None = None,
+                    mpp_of=None) -> dict:
+    """Metrics of ``model`` on a folder of images with masks (and optional instance labels).
+    ``mpp``: the images' pixel size (overrides the files); ``mpp_of(path) -> float | None`` reads
+    it from a file (``slide.reader.file_mpp``) when ``mpp`` is not given."""
     predictor = predictor or TorchPredictor.from_checkpoint(model, device=device)
     spec = TaskSpec.from_dict(predictor.config["task"])
     items = load_labeled_folder(images_dir, masks_dir, spec)
+    mpps = None
+    if mpp is None and mpp_of is not None:
+        mpps = {img.stem: mpp_of(img) for img, _ in pair_images_and_masks(images_dir, masks_dir)}
     gt_inst = {}
     if instances_dir:
         files = {p.stem: p for p in list_images(instances_dir)}
         gt_inst = {it.name: read_mask(files[it.name]) for it in items if it.name in files}
-    return {"model": str(model), **evaluate_items(predictor, items, gt_inst)}
+    return {"model": str(model), **evaluate_items(predictor, items, gt_inst, mpp=mpp, mpps=mpps)}
 
 
 def format_report(result: dict) -> str:
     lines = [f"{result['task']} model {result.get('model', '')} on {result['n_images']} image(s):"]
+    lines += [f"  resolution: {note}" for note in result.get("resolution", [])]
     for k, v in result["mean"].items():
         lines.append(f"  {k:<20} {v:.4f}" if isinstance(v, float) else f"  {k:<20} {v}")
     return "\n".join(lines)

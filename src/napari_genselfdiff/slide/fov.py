@@ -13,7 +13,7 @@ import dask.array as da
 import numpy as np
 
 from napari_genselfdiff.slide.reader import Slide
-from napari_genselfdiff.slide.tiler import (Predictor, TileGrid, TileId, add_tile, blend_window, check_tile,
+from napari_genselfdiff.slide.tiler import (BlendWindows, Predictor, TileGrid, TileId, add_tile, check_tile,
                                             iter_tile_predictions, normalise_blend, resolve_level)
 from napari_genselfdiff.slide.tissue import TissueMask, clear_background, detect_tissue
 
@@ -41,8 +41,8 @@ class FieldOfViewPredictor:
         self.cache_hits = 0
         self._cache: OrderedDict[tuple[int, int, int], np.ndarray] = OrderedDict()
         self._grids: dict[int, TileGrid] = {}
+        self._windows: dict[int, BlendWindows] = {}
         self._mask: TissueMask | None = None
-        self._window = blend_window(tile, overlap)
         self._lock = threading.RLock()
 
     def grid(self, level: int) -> TileGrid:
@@ -51,6 +51,7 @@ class FieldOfViewPredictor:
             h, w = self.slide.levels[level].shape[:2]
             self._grids[level] = TileGrid.make(int(h), int(w), self.tile, self.overlap,
                                                int(getattr(self.predictor, "tile_multiple", 1) or 1))
+            self._windows[level] = BlendWindows(self._grids[level])
         return self._grids[level]
 
     def _tissue(self) -> TissueMask | None:
@@ -82,7 +83,7 @@ class FieldOfViewPredictor:
                     pred = self._cache[(level,) + tid]
                     self._cache.move_to_end((level,) + tid)
                 ty, tx = grid.origin(tid)
-                add_tile(sums, wsum, y, x, pred, ty, tx, self._window)
+                add_tile(sums, wsum, y, x, pred, ty, tx, self._windows[level](tid))
             for tid, pred in fresh.items():
                 self._cache[(level,) + tid] = pred
             while len(self._cache) > self.cache_tiles:

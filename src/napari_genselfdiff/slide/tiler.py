@@ -128,6 +128,17 @@ class TileGrid:
         return [(iy, ix) for iy in iys for ix in ixs]
 
 
+def _window_1d(tile: int, overlap: int, eps: float, open_start: bool = False, open_end: bool = False) -> np.ndarray:
+    i = np.arange(tile, dtype=np.float64)
+    if overlap <= 0:
+        return np.ones(tile)
+    lo, width = overlap / 4.0, overlap / 2.0
+    d_start, d_end = i + 0.5, tile - 1 - i + 0.5
+    d = np.minimum(np.where(open_start, np.inf, d_start), np.where(open_end, np.inf, d_end))
+    t = np.clip((d - lo) / width, 0.0, 1.0)
+    return eps + (1.0 - eps) * 0.5 * (1.0 - np.cos(np.pi * t))
+
+
 def blend_window(tile: int, overlap: int, eps: float = WINDOW_EPS) -> np.ndarray:
     """Separable (tile, tile) float32 blending weight, strictly positive.
 
@@ -135,14 +146,28 @@ def blend_window(tile: int, overlap: int, eps: float = WINDOW_EPS) -> np.ndarray
     d <= overlap/4, a raised-cosine ramp from ``eps`` to 1 for overlap/4 < d < 3*overlap/4,
     and 1 beyond. With overlap 0 it is constant 1 (tiles do not overlap).
     """
-    if overlap <= 0:
-        return np.ones((tile, tile), np.float32)
-    i = np.arange(tile, dtype=np.float64)
-    d = np.minimum(i, tile - 1 - i) + 0.5
-    lo, width = overlap / 4.0, overlap / 2.0
-    t = np.clip((d - lo) / width, 0.0, 1.0)
-    w1 = eps + (1.0 - eps) * 0.5 * (1.0 - np.cos(np.pi * t))
+    w1 = _window_1d(tile, overlap, eps)
     return np.outer(w1, w1).astype(np.float32)
+
+
+class BlendWindows:
+    """The blending window of each tile of ``grid``: :func:`blend_window`, except that a side
+    lying on the (padded) image border is not tapered. There the tile sees exactly the padding of
+    an untiled run, so its own pixels are right; tapering them would hand the border pixels to the
+    neighbouring tile, whose edge (and zero padding) can lie a few pixels inside the image."""
+
+    def __init__(self, grid: TileGrid, eps: float = WINDOW_EPS):
+        self.grid, self.eps = grid, eps
+        self._cache: dict[tuple[bool, bool, bool, bool], np.ndarray] = {}
+
+    def __call__(self, tid: TileId) -> np.ndarray:
+        g = self.grid
+        key = (tid[0] == 0, tid[0] == len(g.ys) - 1, tid[1] == 0, tid[1] == len(g.xs) - 1)
+        if key not in self._cache:
+            wy = _window_1d(g.tile, g.overlap, self.eps, key[0], key[1])
+            wx = _window_1d(g.tile, g.overlap, self.eps, key[2], key[3])
+            self._cache[key] = np.outer(wy, wx).astype(np.float32)
+        return self._cache[key]
 
 
 def add_tile(sums: np.ndarray, wsum: np.ndarray, oy: int, ox: int,
@@ -441,7 +466,7 @@ def _predict_slide(predictor: Predictor, slide: Slide, out_path: Path,
 def _predict_blocks(run: _Run) -> Iterator[Progress]:
     """The block loop of predict_slide (see the module docstring for the scheme)."""
     predictor, grid, blocks = run.predictor, run.grid, run.blocks
-    window = blend_window(grid.tile, grid.overlap)
+    windows = BlendWindows(grid)
     probs, done_arr = run.store.probabilities, run.store.done
     done = np.asarray(done_arr[...]).astype(bool)
     owned = np.zeros((blocks.ny, blocks.nx), np.int64)
@@ -470,7 +495,7 @@ def _predict_blocks(run: _Run) -> Iterator[Progress]:
                 run.computed += was_computed
                 run.skipped += not was_computed
                 in_block += blocks.of_point(*grid.origin(tid)) == b
-                _distribute(tid, pred, grid, blocks, b, done, window, sums, wsum, pending)
+                _distribute(tid, pred, grid, blocks, b, done, windows(tid), sums, wsum, pending)
             if results[0][2]:
                 batches += 1
                 if batches % run.settings.progress_every == 0:
