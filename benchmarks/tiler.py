@@ -220,7 +220,7 @@ def measure_throughput(pred, slide: Path, args: argparse.Namespace) -> dict:
 def _tile_count(slide: Path, args: argparse.Namespace) -> int:
     """Number of tiles covering level 0 of ``slide`` with the benchmark's tiling."""
     from napari_genselfdiff.slide.reader import open_slide
-    from napari_genselfdiff.slide.tiler import TileGrid
+    from napari_genselfdiff.slide.grid import TileGrid
 
     with open_slide(slide) as s:
         h, w = s.shape[:2]
@@ -287,6 +287,50 @@ def build_slides(sizes: dict[str, tuple[int, float]], source: Path | None) -> di
     return paths
 
 
+CONSISTENCY = [("nuclei", "monuseg/train/images", 0.25), ("glands", "glas/train/images", 0.62)]
+
+
+def measure_consistency(data: Path, n: int = 6, overlaps=(None, 32, 64, 96, 128)) -> list[dict]:
+    """4. Does tiling change the answer? Each bundled model on ``n`` real training tiles rescaled to
+    its resolution: 256-px tiles with several overlaps (None = the model's default, derived from its
+    effective receptive field) against the tile predicted in one piece."""
+    from napari_genselfdiff.bundled import resolve_model
+    from napari_genselfdiff.core.data import read_image
+    from napari_genselfdiff.core.inference import TorchPredictor, predict_image
+    from napari_genselfdiff.core.resolution import Rescale, resize_image
+    from napari_genselfdiff.slide.consistency import compare
+
+    rows = []
+    for model, folder, mpp in CONSISTENCY:
+        pred = TorchPredictor.from_checkpoint(resolve_model(model), device="cpu")
+        files = sorted((data / folder).iterdir())[:n]
+        imgs = [read_image(f) for f in files]
+        imgs = [resize_image(im, Rescale(im.shape[:2], mpp, pred.mpp).model_shape) for im in imgs]
+        wholes = [predict_image(pred, im) for im in imgs]
+        rf = pred.config.get("receptive_field", {}).get("radius", {})
+        for ov in overlaps:
+            overlap = pred.overlap if ov is None else ov
+            ds = [compare(pred, im, 256, overlap, wh) for im, wh in zip(imgs, wholes)]
+            ow, ot = sum(d.objects_whole for d in ds), sum(d.objects_tiled for d in ds)
+            rows.append({"model": model, "default": ov is None, "overlap": overlap, "tiles": len(ds),
+                         "max_abs": max(d.max_abs for d in ds), "mean_abs": float(np.mean([d.mean_abs for d in ds])),
+                         "objects_whole": ow, "objects_tiled": ot, "object_change": abs(ot - ow) / max(ow, 1),
+                         "erf_999": rf.get("0.999"), "invariant": pred.model.config.tile_invariant})
+            print(rows[-1], flush=True)
+    return rows
+
+
+def render_consistency(rows: list[dict]) -> str:
+    lines = ["## Tiling vs one piece, bundled models on real tiles (256-px tiles)", "",
+             "| model | overlap | max abs diff | mean abs diff | objects whole -> tiled | change |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        ov = f"**{r['overlap']}** (default; ERF r99.9 = {r['erf_999']} px)" if r["default"] else str(r["overlap"])
+        lines.append(f"| {r['model']} | {ov} | {r['max_abs']:.4f} | {r['mean_abs']:.5f} | "
+                     f"{r['objects_whole']} -> {r['objects_tiled']} | {100 * r['object_change']:.2f} % |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description="tiled inference benchmark")
     ap.add_argument("--quick", action="store_true", help="small slides, for a smoke run")
@@ -295,6 +339,8 @@ def main() -> int:
     ap.add_argument("--overlap", type=int, default=32)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    ap.add_argument("--consistency-only", action="store_true",
+                    help="only the bundled models' tiled-vs-whole check on real tiles (section 4)")
     # internal: one memory measurement in a fresh process
     ap.add_argument("--child-memory", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--slide", type=Path, help=argparse.SUPPRESS)
@@ -312,6 +358,11 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     WORK.mkdir(parents=True, exist_ok=True)
     data = Path(os.environ.get("GENSELFDIFF_DATA") or ROOT.parent / "shared" / "data")
+    if args.consistency_only:
+        table = render_consistency(measure_consistency(data))
+        print(table)
+        (WORK / "tiler_consistency.md").write_text(table)
+        return 0
     source = data if (data / "glas").is_dir() else None
     small, large, thr = (2048, 8192, 1024) if args.quick else (4096, 16384, 2048)
     slides = build_slides({f"full_{small}": (small, 0.35), f"full_{large}": (large, 0.35),

@@ -110,11 +110,11 @@ def test_ome_zarr_failed_write_leaves_no_partial_target(tmp_path, monkeypatch):
     ome_zarr.write_ome_zarr_labels(target, old)
     monkeypatch.setattr(ome_zarr, "_write_level", failing)
     with pytest.raises(RuntimeError):
-        ome_zarr.write_ome_zarr_labels(target, labels)
+        ome_zarr.write_ome_zarr_labels(target, labels, force=True)
     np.testing.assert_array_equal(np.asarray(ome_zarr.read_ome_zarr_labels(target)[0]), old)
-    # ... and a successful overwrite replaces it without leftovers
+    # ... and a successful overwrite (of an export of ours, with force) replaces it without leftovers
     monkeypatch.setattr(ome_zarr, "_write_level", real)
-    ome_zarr.write_ome_zarr_labels(target, labels)
+    ome_zarr.write_ome_zarr_labels(target, labels, force=True)
     np.testing.assert_array_equal(np.asarray(ome_zarr.read_ome_zarr_labels(target)[0]), labels)
     assert [p.name for p in tmp_path.iterdir()] == ["new.zarr"]
 
@@ -185,10 +185,13 @@ def test_tiff_failed_write_leaves_no_partial_target(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="interrupted"):
         tiff.write_label_tiff(target, labels, tile=(64, 64))
     assert list(tmp_path.iterdir()) == []
-    target.write_bytes(b"previous")
+    monkeypatch.setattr(tiff, "_tiles", real)
+    tiff.write_label_tiff(target, labels[:64, :64], tile=(64, 64))  # ours: force may replace it
+    previous = target.read_bytes()
+    monkeypatch.setattr(tiff, "_tiles", failing)
     with pytest.raises(RuntimeError):
-        tiff.write_label_tiff(target, labels, tile=(64, 64))
-    assert target.read_bytes() == b"previous"
+        tiff.write_label_tiff(target, labels, tile=(64, 64), force=True)
+    assert target.read_bytes() == previous
     assert [p.name for p in tmp_path.iterdir()] == ["x.tif"]
 
 

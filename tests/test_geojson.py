@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import uuid
 import weakref
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from skimage import draw
 
 from napari_genselfdiff.core.errors import DataError
 from napari_genselfdiff.formats import geojson as gj
+from napari_genselfdiff.formats import geojson_export as gje
 
 CANVAS = 2000
 CELL = 36
@@ -135,7 +137,7 @@ def test_synthetic_fixture_has_the_hard_cases(synthetic):
     assert labels[0].any() and labels[-1].any() and labels[:, 0].any() and labels[:, -1].any()
     present = {kinds[i] for i in counts}
     assert set(KINDS) | {"big"} <= present
-    assert max(counts) > gj._DIRECT_MAX_LABEL       # the np.unique path is exercised
+    assert max(counts) > gje._DIRECT_MAX_LABEL       # the np.unique path is exercised
     # objects touching each other (different ids on 4-adjacent pixels)
     h = (labels[:, 1:] != labels[:, :-1]) & (labels[:, 1:] > 0) & (labels[:, :-1] > 0)
     assert h.any()
@@ -372,7 +374,7 @@ def test_direct_and_compacted_bounding_boxes_agree(monkeypatch):
     rng = np.random.default_rng(3)
     labels = rng.integers(0, 6, (50, 70)) * (rng.random((50, 70)) < 0.5)
     direct = list(gj.labels_to_features(labels))
-    monkeypatch.setattr(gj, "_DIRECT_MAX_LABEL", 0)
+    monkeypatch.setattr(gje, "_DIRECT_MAX_LABEL", 0)
     _same_features(list(gj.labels_to_features(labels)), direct)
 
 
@@ -404,20 +406,21 @@ def test_write_geojson_streams_a_generator(tmp_path):
     assert [f["id"] for f in data["features"]] == [str(i) for i in range(50)]
     assert gj.write_geojson(tmp_path / "empty.geojson", iter([])) == 0
     assert json.loads((tmp_path / "empty.geojson").read_text()) == {
-        "type": "FeatureCollection", "features": []}
+        "type": "FeatureCollection", "features": [], "genselfdiff": gj.MARKER}
 
 
 def test_write_geojson_is_atomic(tmp_path):
     path = tmp_path / "a.geojson"
-    path.write_text("old")
+    gj.write_geojson(path, [])  # an export of ours, which force may replace
+    old = path.read_bytes()
 
     def failing():
         yield {"type": "Feature", "geometry": None, "properties": {}}
         raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError, match="boom"):
-        gj.write_geojson(path, failing())
-    assert path.read_text() == "old"
+        gj.write_geojson(path, failing(), force=True)
+    assert path.read_bytes() == old
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.geojson"]
     with pytest.raises(DataError, match="does not exist"):
         gj.write_geojson(tmp_path / "missing" / "x.geojson", [])
@@ -548,3 +551,154 @@ def test_features_to_shapes_row_col_order():
     assert props == {"class_name": ["Gland", "Gland", ""],
                      "object_type": ["annotation", "annotation", ""],
                      "feature_id": ["m", "m", ""]}
+
+
+# --------------------------------------------------------------------------- import safety (issue #11)
+
+def _collection(*geometries) -> dict:
+    return {"type": "FeatureCollection", "features": [
+        {"type": "Feature", "id": str(i), "geometry": g, "properties": {"classification": {"name": "Gland"}}}
+        for i, g in enumerate(geometries)]}
+
+
+def _poly(x0, y0, size) -> dict:
+    return {"type": "Polygon", "coordinates": _square(x0, y0, size)}
+
+
+@pytest.mark.parametrize("text", ["[" * 100_000 + "]" * 100_000,
+                                  '{"type":"Feature","geometry":{"type":"Polygon","coordinates":'
+                                  + "[" * 2000 + "]" * 2000 + "}}",
+                                  '{"a":"' + "]" * 50 + '\\"' + '",' + '"b":' + "{" * 70 + "}" * 70 + "}"])
+def test_deeply_nested_json_is_one_clear_error(tmp_path, text):
+    path = tmp_path / "deep.geojson"
+    path.write_text(text)
+    with pytest.raises(DataError, match=r"deep.geojson: JSON nested \d+ levels deep") as info:
+        gj.read_geojson(path)
+    assert "\n" not in str(info.value)
+
+
+def test_brackets_inside_strings_do_not_count_as_nesting(tmp_path):
+    data = _collection(_poly(0, 0, 4))
+    data["features"][0]["properties"]["note"] = "[[[[[[" * 50 + '\\" {{{{' * 40
+    path = tmp_path / "ok.geojson"
+    path.write_text(json.dumps(data))
+    assert len(gj.read_geojson(path).features) == 1
+
+
+def test_deep_nesting_in_memory_skips_the_feature():
+    deep: list = []
+    for _ in range(5000):
+        deep = [deep]
+    data = _collection(_poly(0, 0, 4), {"type": "Polygon", "coordinates": deep})
+    result = gj.read_geojson(data)
+    assert len(result.features) == 1 and any("feature 1" in w and "RecursionError" in w for w in result.warnings)
+
+
+def test_absurd_coordinates_are_skipped_with_a_warning_without_an_image_size():
+    result = gj.read_geojson(_collection(_poly(10, 10, 4), _poly(1e12, 5, 10), _poly(-3e9, 0, 1)))
+    assert [f.feature_id for f in result.features] == ["0"]
+    assert sum("beyond 10,000,000 pixels" in w for w in result.warnings) == 2
+
+
+def test_raster_window_refuses_what_is_too_large_or_outside():
+    far = gj.read_geojson(_collection(_poly(0, 0, 4), _poly(2_000_000, 3_000_000, 4))).features
+    with pytest.raises(DataError, match=r"span 2000004x3000004 pixels .* more than the 100 Mpx"):
+        gj.raster_window(far)
+    assert gj.raster_window(far[:1]) == (0, 0, 4, 4)
+    negative = gj.read_geojson(_collection(_poly(-50, -50, 10))).features
+    with pytest.raises(DataError, match=r"none of the 1 objects lies inside the image area"):
+        gj.raster_window(negative)
+    beyond = gj.read_geojson(_collection(_poly(500, 500, 10))).features
+    with pytest.raises(DataError, match=r"none of the 1 objects lies inside the 100x80 image"):
+        gj.raster_window(beyond, image_shape=(80, 100))
+
+
+def test_iterating_reads_and_draws_with_progress_and_the_same_result():
+    from napari_genselfdiff.core.progress import run_to_end
+
+    data = _collection(*[_poly(3 * i, 2 * i, 2) for i in range(25)])
+    events: list = []
+    result = run_to_end(gj.iter_read_geojson(data, every=10), events.append)
+    assert [(e.stage, e.step) for e in events] == [("read", 0), ("read", 10), ("read", 20), ("read", 25)]
+    assert [f.feature_id for f in result.features] == [f.feature_id for f in gj.read_geojson(data).features]
+    events.clear()
+    labels, _ = run_to_end(gj.iter_features_to_labels(result, (60, 80), every=10), events.append)
+    assert [e.step for e in events] == [10, 20, 25] and events[-1].total == 25
+    np.testing.assert_array_equal(labels, gj.features_to_labels(result, (60, 80))[0])
+
+
+def test_feature_raster_windows_and_strides_equal_the_full_raster(synthetic):
+    labels = synthetic[0][:300, :400]
+    features = gj.read_geojson(json.loads(json.dumps(
+        {"type": "FeatureCollection", "features": list(gj.labels_to_features(labels))}))).features
+    full, _ = gj.features_to_labels(features, labels.shape)
+    raster = gj.FeatureRaster(features, labels.shape)
+    assert raster.shape == labels.shape and raster.dtype == np.int32
+    np.testing.assert_array_equal(np.asarray(raster), full)
+    for key in [(slice(None, None, 2), slice(None, None, 2)), (slice(None, None, 8), slice(None, None, 8)),
+                (slice(37, 250, 3), slice(101, 399, 5)), (slice(290, 400), slice(0, 7))]:
+        np.testing.assert_array_equal(raster[key], full[key])
+
+
+# --------------------------------------------------------------------------- genselfdiff import
+
+def _write(path, data) -> str:
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+def test_cli_import_writes_one_id_per_object(tmp_path, capsys):
+    from napari_genselfdiff.cli import main
+    from napari_genselfdiff.formats.tiff import read_label_tiff
+
+    data = _collection(_poly(10, 5, 20), _poly(60, 40, 8), _poly(90, 70, 30), {"type": "Point", "coordinates": [1, 1]})
+    src = _write(tmp_path / "objects.geojson", data)
+    out = tmp_path / "labels.tif"
+    assert main(["import", "--geojson", src, "--shape", "80", "100", "--out", str(out)]) == 0
+    labels = read_label_tiff(out)
+    expected, _ = gj.features_to_labels(gj.read_geojson(data, image_shape=(80, 100)), (80, 100))
+    np.testing.assert_array_equal(labels, expected)
+    assert sorted(np.unique(labels).tolist()) == [0, 1, 2, 3]
+    captured = capsys.readouterr()
+    assert "3 objects -> " in captured.out and "clipped" in captured.err and "Point" in captured.err
+
+
+def test_cli_import_like_an_image_and_the_overwrite_rule(tmp_path, capsys):
+    from napari_genselfdiff.cli import main
+    from napari_genselfdiff.formats.tiff import read_label_tiff
+
+    import tifffile
+
+    image = tmp_path / "image.tif"
+    tifffile.imwrite(image, np.zeros((48, 64, 3), np.uint8), photometric="rgb")
+    src = _write(tmp_path / "o.geojson", _collection(_poly(4, 4, 8)))
+    before_image, before_src = image.read_bytes(), Path(src).read_bytes()
+    out = tmp_path / "labels.tif"
+    assert main(["import", "--geojson", src, "--like", str(image), "--out", str(out)]) == 0
+    assert read_label_tiff(out).shape == (48, 64)
+    for target, extra in ((out, []), (image, ["--force"]), (Path(src), ["--force"])):
+        assert main(["import", "--geojson", src, "--like", str(image), "--out", str(target), *extra]) == 2
+    user = tmp_path / "user.tif"
+    tifffile.imwrite(user, np.ones((4, 4), np.uint8))
+    user_bytes = user.read_bytes()
+    assert main(["import", "--geojson", src, "--shape", "48", "64", "--out", str(user), "--force"]) == 2
+    err = capsys.readouterr().err
+    assert "never replaced" in err and "input" in err
+    assert image.read_bytes() == before_image and Path(src).read_bytes() == before_src and user.read_bytes() == user_bytes
+    assert main(["import", "--geojson", src, "--like", str(image), "--out", str(out), "--force"]) == 0  # ours
+
+
+def test_cli_import_says_so_when_nothing_lies_inside_the_image(tmp_path, capsys):
+    from napari_genselfdiff.cli import main
+
+    src = _write(tmp_path / "far.geojson", _collection(_poly(5000, 5000, 10), _poly(-400, 3, 10)))
+    out = tmp_path / "labels.tif"
+    assert main(["import", "--geojson", src, "--shape", "80", "100", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "no polygon object lies inside the 100x80 image" in err and "outside the image" in err
+    assert not out.exists()
+    deep = tmp_path / "deep.geojson"
+    deep.write_text("[" * 10_000 + "]" * 10_000)
+    assert main(["import", "--geojson", str(deep), "--shape", "8", "8", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "nested" in err

@@ -18,7 +18,7 @@ from napari_genselfdiff.core.progress import drain
 from napari_genselfdiff.core.training import FinetuneConfig, finetune
 from napari_genselfdiff.project import Project
 from napari_genselfdiff.project import store as project_store
-from napari_genselfdiff.project.refine import at_model_resolution, training_mpp
+from napari_genselfdiff.project.refine import at_model_resolution, split_for_refine, training_mpp
 
 SHAPE = (300, 400)
 FAST = dict(patch=32, batch=2, lr=1e-3, warmup=1, checkpoint_every=0)
@@ -72,6 +72,15 @@ def _project(tmp_path, slide_file, model=None):
     return proj, sid
 
 
+def _same_objects(stored, labels):
+    """The store holds ``labels``' objects up to their numbering: the same background and a
+    one-to-one map between the two sets of ids > 0."""
+    stored, labels = np.asarray(stored), np.asarray(labels)
+    np.testing.assert_array_equal(stored > 0, labels > 0)
+    pairs = np.unique(np.stack([stored[labels > 0], labels[labels > 0]]), axis=1)
+    assert len(np.unique(pairs[0])) == len(np.unique(pairs[1])) == pairs.shape[1]
+
+
 # ------------------------------------------------------------------------------ persistence
 
 def test_create_accept_reopen_roundtrip_and_store_writeback(tmp_path, slide_file, glas_dir):
@@ -116,9 +125,11 @@ def test_create_accept_reopen_roundtrip_and_store_writeback(tmp_path, slide_file
     store = reopened.labels_store(sid)
     assert store.shape == SHAPE and store.dtype == np.int32 and store.chunks == (1024, 1024)
     full = store[:]
-    np.testing.assert_array_equal(full[10:74, 20:84], lab1)
-    np.testing.assert_array_equal(full[200:240, 300:356], lab2)
-    np.testing.assert_array_equal(full[100:196, 0:128], glas_lab)
+    parts = [full[10:74, 20:84], full[200:240, 300:356], full[100:196, 0:128]]
+    for part, lab in zip(parts, (lab1, lab2, glas_lab)):
+        _same_objects(part, lab)
+    ids = [set(np.unique(part[part > 0]).tolist()) for part in parts]
+    assert not (ids[0] & ids[1] or ids[0] & ids[2] or ids[1] & ids[2])  # object ids unique in the store
     outside = np.ones(SHAPE, bool)
     for y, x, h, w in ([10, 20, 64, 64], [200, 300, 40, 56], [100, 0, 96, 128]):
         outside[y:y + h, x:x + w] = False
@@ -159,6 +170,116 @@ def test_add_slide_ids_are_stable_and_unique(tmp_path):
     assert [s["id"] for s in Project.open(proj.folder).slides()] == ["x", "x-2"]
     with pytest.raises(DataError, match="no such slide file"):
         proj.add_slide(tmp_path / "missing.svs", shape=(10, 10))
+
+
+# ------------------------------------------------------------------------------ label store ids, replaced regions
+
+def _export_features(proj, sid, path):
+    n = proj.export_geojson(sid, path)
+    features = json.loads(path.read_text())["features"]
+    assert len(features) == n
+    return features
+
+
+def test_object_ids_are_unique_per_store_so_an_export_has_one_feature_per_object(tmp_path, slide_file):
+    """Two regions numbered 1..n each (and a binary one) export as one Polygon per object, not
+    as objects merged across regions into MultiPolygons far apart."""
+    proj, sid = _project(tmp_path, slide_file)
+    img1, lab1 = _region(1, n_blobs=4)
+    img2, lab2 = _region(2, n_blobs=4)
+    assert set(np.unique(lab1)) == set(np.unique(lab2)) == {0, 1, 2, 3, 4}  # the same ids in both
+    binary = (_region(3, n_blobs=3)[1] > 0).astype(np.uint8)  # one id, separate blobs
+    n_binary = ndi.label(binary)[1]
+    proj.accept_region(sid, img1, lab1, (0, 0, 64, 64))
+    proj.accept_region(sid, img2, lab2, (200, 300, 64, 64))
+    proj.accept_region(sid, img1, binary, (0, 300, 64, 64))
+    total = sum(r["n_objects"] for r in proj.regions())
+    assert total == 4 + 4 + n_binary
+
+    features = _export_features(proj, sid, tmp_path / "labels.geojson")
+    assert len(features) == total
+    assert {f["geometry"]["type"] for f in features} == {"Polygon"}
+    assert len({f["properties"]["label_id"] for f in features}) == total
+    store = proj.labels_store(sid)
+    assert store.attrs["max_id"] == total
+    # the rebuilt store numbers its objects the same way
+    np.testing.assert_array_equal(proj.rebuild_labels_store(sid)[:], store[:])
+
+
+def test_a_region_over_accepted_objects_replaces_them_and_keeps_ids_unique(tmp_path, slide_file):
+    proj, sid = _project(tmp_path, slide_file)
+    img, lab = _region(4, n_blobs=4)
+    proj.accept_region(sid, img, lab, (0, 0, 64, 64))
+    before = proj.labels_store(sid)[:].copy()
+    img2, lab2 = _region(5, n_blobs=4)
+    proj.accept_region(sid, img2, lab2, (32, 32, 64, 64))  # overlaps the first region's corner
+    full = proj.labels_store(sid)[:]
+    new = full[32:96, 32:96]
+    _same_objects(new, lab2)
+    old_ids = set(np.unique(before[before > 0]).tolist())
+    assert not old_ids & set(np.unique(new).tolist())  # the old objects there are gone, none reused
+    outside = np.ones(SHAPE, bool)
+    outside[32:96, 32:96] = False
+    np.testing.assert_array_equal(full[outside], before[outside])  # the rest of the first region is kept
+    features = _export_features(proj, sid, tmp_path / "labels.geojson")
+    assert len(features) == len(np.unique(full)) - 1
+
+
+def test_a_store_written_before_unique_ids_is_rebuilt_on_the_next_accept(tmp_path, slide_file):
+    import zarr
+
+    proj, sid = _project(tmp_path, slide_file)
+    img, lab = _region(1, n_blobs=3)
+    proj.accept_region(sid, img, lab, (0, 0, 64, 64))
+    path = proj.folder / "labels" / f"{sid}.zarr"
+    old = zarr.create_array(str(path), shape=SHAPE, chunks=(1024, 1024), dtype="int32", fill_value=0,
+                            zarr_format=3, overwrite=True)  # the old layout: ids 1..n, no max_id
+    old[0:64, 0:64] = lab
+    proj.accept_region(sid, img, lab, (100, 100, 64, 64))
+    full = proj.labels_store(sid)[:]
+    assert len(np.unique(full)) - 1 == 6 and proj.labels_store(sid).attrs["max_id"] == 6
+
+
+def test_multiclass_labels_keep_their_class_ids_in_the_store(tmp_path, slide_file):
+    proj = Project.create(tmp_path / "m", task="multiclass", class_names=["bg", "a", "b"])
+    sid = proj.add_slide(slide_file, shape=SHAPE)
+    labels = np.zeros((8, 8), np.uint8)
+    labels[:4], labels[4:, :4] = 2, 1
+    proj.accept_region(sid, np.zeros((8, 8, 3), np.uint8), labels, (0, 0, 8, 8))
+    proj.accept_region(sid, np.zeros((8, 8, 3), np.uint8), labels, (8, 8, 8, 8))
+    np.testing.assert_array_equal(proj.labels_store(sid)[8:16, 8:16], labels)
+
+
+def test_accepting_the_same_bounds_again_replaces_the_region(tmp_path, slide_file):
+    proj, sid = _project(tmp_path, slide_file)
+    img1, lab1 = _region(1)
+    img2, lab2 = _region(2)
+    img3, lab3 = _region(3, n_blobs=5)
+    r1 = proj.accept_region(sid, img1, lab1, (0, 0, 64, 64))
+    r2 = proj.accept_region(sid, img2, lab2, (100, 100, 64, 64))
+    old_files = {p.name: p.read_bytes() for p in (proj.folder / "regions" / r1).iterdir()}
+    r3 = proj.accept_region(sid, img3, lab3, (0, 0, 64, 64))  # Accept pressed again over the first
+    assert (r1, r2, r3) == ("r00001", "r00002", "r00003")
+    assert [r["id"] for r in proj.regions()] == [r2, r3] and proj.regions()[1]["replaces"] == [r1]
+    manifest = (proj.folder / "regions" / "manifest.jsonl").read_text().splitlines()
+    assert [json.loads(line)["id"] for line in manifest] == [r2, r3]
+    reopened = Project.open(proj.folder)
+    assert [r["id"] for r in reopened.regions()] == [r2, r3]
+    items = reopened.training_items()
+    assert [it.name for it in items] == [r2, r3]
+    for seed in range(6):  # refine's held-out split can never hold the region twice
+        split = split_for_refine(items, 0.5, seed)
+        names = [it.name for it in split.train + split.val]
+        assert sorted(names) == [r2, r3] and r1 not in names
+    _same_objects(reopened.labels_store(sid)[0:64, 0:64], lab3)
+    _same_objects(reopened.rebuild_labels_store(sid)[0:64, 0:64], lab3)
+    # the earlier correction's files are kept untouched (named by no line); its id is never reused
+    assert {p.name: p.read_bytes() for p in (proj.folder / "regions" / r1).iterdir()} == old_files
+    assert reopened.accept_region(sid, img1, lab1, (0, 0, 64, 64)) == "r00004"
+    assert [r["id"] for r in reopened.regions()] == [r2, "r00004"]
+    # other bounds, or the same bounds at another level, are another region
+    reopened.accept_region(sid, img1[:32, :32], lab1[:32, :32], (0, 0, 64, 64), level=1)
+    assert len(reopened.regions()) == 3
 
 
 # ------------------------------------------------------------------------------ atomicity

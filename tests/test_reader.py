@@ -134,7 +134,9 @@ def test_grayscale_tiff_is_repeated_to_rgb(tmp_path, rng):
         assert any("grayscale" in n for n in slide.notes)
 
 
-def test_uint16_rgb_is_rescaled_and_uint16_grey_is_refused(tmp_path):
+def test_uint16_rgb_and_grey_are_rescaled_as_training_reads_them(tmp_path):
+    from napari_genselfdiff.core.data import read_image
+
     img = np.zeros((64, 64, 3), np.uint16)
     img[0, 0] = (0, 32768, 65535)  # -> 0, rint(127.502) = 128, 255
     tifffile.imwrite(tmp_path / "rgb16.tif", img, photometric="rgb")
@@ -142,9 +144,14 @@ def test_uint16_rgb_is_rescaled_and_uint16_grey_is_refused(tmp_path):
         assert slide.levels[0].dtype == np.uint8
         assert tuple(slide.read_region(0, 0, 0, 1, 1)[0, 0]) == (0, 128, 255)
         assert any("16-bit" in n for n in slide.notes)
-    tifffile.imwrite(tmp_path / "grey16.tif", np.zeros((64, 64), np.uint16))
-    with pytest.raises(DataError, match=r"grey16\.tif.*uint16"):
-        open_slide(tmp_path / "grey16.tif")
+    # 16-bit grayscale: accepted by predict (this reader) exactly as by training / evaluate (read_image)
+    grey = np.linspace(0, 65535, 64 * 64).reshape(64, 64).astype(np.uint16)
+    for name, write in (("grey16.tif", tifffile.imwrite), ("grey16.png", skimage.io.imsave)):
+        write(tmp_path / name, grey)
+        with open_slide(tmp_path / name) as slide:
+            got = slide.levels[0].compute()
+        assert got.dtype == np.uint8 and got[0, 0].tolist() == [0, 0, 0] and got[-1, -1].tolist() == [255] * 3
+        np.testing.assert_array_equal(got, read_image(tmp_path / name))
     tifffile.imwrite(tmp_path / "float.tif", np.zeros((64, 64, 3), np.float32), photometric="rgb")
     with pytest.raises(DataError, match=r"float\.tif.*float32"):
         open_slide(tmp_path / "float.tif")
@@ -250,8 +257,27 @@ def test_garbage_and_unknown_formats(tmp_path):
     png = tmp_path / "half.png"
     skimage.io.imsave(png, np.full((64, 64, 3), 9, np.uint8), check_contrast=False)
     png.write_bytes(png.read_bytes()[:60])
-    with pytest.raises(DataError, match=r"half\.png"):
+    with pytest.raises(DataError, match=r"half\.png") as err:
         open_slide(png)
+    assert "truncated or damaged" in str(err.value) and "pip" not in str(err.value)
+    assert len(str(err.value).splitlines()) == 1
+
+
+def test_truncated_svs_says_truncated_not_no_series(tmp_path, slides_dir):
+    """An SVS keeps its directory at the end: cut short, tifffile finds no image series at all."""
+    data = (slides_dir / "cmu_small_region.svs").read_bytes()
+    cut = tmp_path / "cut.svs"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match=r"cut\.svs: .*truncated or damaged"):
+        open_slide(cut)
+
+
+def test_tiff_whose_directory_lies_past_its_end_is_truncated(tmp_path):
+    import struct
+    path = tmp_path / "short.svs"
+    path.write_bytes(b"II*\x00" + struct.pack("<I", 5000) + b"\0" * 1000)  # first IFD at 5000 > size
+    with pytest.raises(DataError, match=r"short\.svs: .*truncated or damaged"):
+        open_slide(path)
 
 
 def test_reading_after_close_raises_data_error(pyramid_tif):

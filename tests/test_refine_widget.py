@@ -117,6 +117,15 @@ def wait_idle(qtbot, runner, timeout: int = 90_000) -> None:
     qtbot.waitUntil(lambda: not runner.running, timeout=timeout)
 
 
+def edit_suggested(qtbot, w: RefineWidget):
+    """*Edit region* on a suggestion no prediction covers: it is predicted in the background
+    first; the edit layer once it opened."""
+    with qtbot.waitSignal(w.annotate.opened, timeout=90_000) as opened:
+        assert w.annotate.edit_region() is None and w.annotate.runner.running
+    wait_idle(qtbot, w.annotate.runner)
+    return opened.args[0]
+
+
 # ---------------------------------------------------------------------------------------------
 # manifest
 
@@ -241,7 +250,7 @@ def test_a_different_image_under_a_saved_name_is_refused(viewer, tmp_path, he_im
     viewer.add_image(he_image, name="H&E", rgb=True)
     w = refine_widget(viewer, tmp_path, seg_model)
     look_at(viewer, (300, 400), 4)
-    w.annotate.edit_region()
+    w.annotate.edit_region().data[10:20, 10:20] = 1
     assert w.annotate.accept_region() == "r00001"
     viewer.layers.remove("H&E")
     viewer.add_image(255 - he_image, name="H&E", rgb=True)
@@ -266,6 +275,100 @@ def test_edit_is_prefilled_with_the_prediction_layer(viewer, tmp_path, he_image,
     rows, cols = np.arange(250, 351) // 2, np.arange(300, 501) // 2
     np.testing.assert_array_equal(layer.data, predicted[np.ix_(rows, cols)])
     assert layer.selected_label == 8  # painting starts a new object
+
+
+class DarkIsGland:
+    """A stand-in segmentation model: a pixel is gland where the H&E is dark (darker than
+    ``threshold`` grey). Remembers the threads it ran in."""
+
+    task, class_names, num_classes, tile_multiple, mpp = "glands", ["background", "gland"], 2, 1, None
+
+    def __init__(self, threshold: float = 150):
+        self.threshold, self.threads = threshold, set()
+
+    def __call__(self, tiles: np.ndarray) -> np.ndarray:
+        import threading
+
+        self.threads.add(threading.get_ident())
+        fg = (np.asarray(tiles).mean(-1) < self.threshold).astype(np.float32)
+        return np.stack([1 - fg, fg], axis=1)
+
+
+def show_suggestion(w: RefineWidget, image: str, bounds: list[int]) -> None:
+    """Put one suggestion on screen (the camera flies to it) without scoring the image."""
+    w.suggest.state.image = image
+    w.suggest.state.show([{"bounds": bounds, "score": 0.9}])
+    w.suggest._show_suggestion()
+
+
+def test_a_suggested_region_no_prediction_covers_is_predicted_to_prefill_it(viewer, qtbot, tmp_path, he_image,
+                                                                          seg_model, monkeypatch):
+    """The only prediction layer is the last field of view, elsewhere: Edit region on the
+    suggestion predicts that region with the project's model, in a worker thread."""
+    import threading
+
+    from napari_genselfdiff._widgets import predict as predict_widget
+    from napari_genselfdiff.core.inference import PredictorCache
+    from napari_genselfdiff.core.postprocess import postprocess
+
+    fake = DarkIsGland()
+    asked = []
+
+    def fake_cache(model, device, cache):
+        asked.append(model)
+        return PredictorCache(("fake", model, device), fake)
+
+    monkeypatch.setattr(predict_widget, "cached_predictor", fake_cache)
+    viewer.add_image(he_image, name="H&E", rgb=True)
+    viewer.add_labels(np.full((100, 100), 5, np.int32), name="glands",  # the last field of view: rows/cols 0..99
+                      metadata={"genselfdiff": {"downsample": 1.0, "offset": [0, 0], "image": "H&E"}})
+    w = refine_widget(viewer, tmp_path, seg_model)
+    y, x, h, wd = bounds = [550, 100, 160, 192]
+    show_suggestion(w, "H&E", bounds)
+    layer = edit_suggested(qtbot, w)
+    assert asked == [str(seg_model)] and fake.threads and threading.get_ident() not in fake.threads
+    info = layer.metadata[EDIT_KEY]
+    assert info["bounds"] == bounds and info["prefill"] == ["prediction"] and info["model"] == str(seg_model)
+    crop = he_image[y:y + h, x:x + wd]
+    _, expected = postprocess(fake(crop[None])[0], "glands")
+    assert expected.max() >= 3  # the region is full of dark objects
+    np.testing.assert_array_equal(layer.data > 0, expected > 0)
+    assert len(np.unique(layer.data)) == len(np.unique(expected))
+    assert not (layer.data == 5).all()  # not the stale field of view
+    assert w.annotate.edit_btn.isEnabled() and layer.mode == "paint"
+
+
+def test_accepting_an_empty_region_over_tissue_asks_first(viewer, tmp_path, he_image, seg_model, messages):
+    picture = he_image.copy()
+    picture[:200, :300] = 242  # a patch of glass
+    viewer.add_image(picture, name="H&E", rgb=True)
+    w = refine_widget(viewer, tmp_path, seg_model)
+    look_at(viewer, (300, 400), 4)  # tissue
+    layer = w.annotate.edit_region()
+    assert not layer.data.any()
+    assert w.annotate.accept_region() is None and w.project.regions() == []
+    assert any("no objects" in m and "tissue" in m for m in messages["warning"])
+    assert w.annotate.accept_region() == "r00001"  # pressed again: stored, as a region with none
+    assert w.project.regions()[0]["n_objects"] == 0
+    look_at(viewer, (100, 150), 4)  # glass: an empty region is stored without asking
+    n_warnings = len(messages["warning"])
+    w.annotate.edit_region()
+    assert w.annotate.accept_region() == "r00002" and len(messages["warning"]) == n_warnings
+
+
+def test_accepting_the_same_layer_twice_replaces_the_region(viewer, tmp_path, he_image, seg_model, messages):
+    viewer.add_image(he_image, name="H&E", rgb=True)
+    w = refine_widget(viewer, tmp_path, seg_model)
+    look_at(viewer, (300, 400), 4)
+    layer = w.annotate.edit_region()
+    layer.data[:] = discs(layer.data.shape)
+    assert w.annotate.accept_region() == "r00001"
+    layer.data[:5, :5] = 3  # one more touch, and Accept again
+    assert w.annotate.accept_region() == "r00002"
+    (region,) = w.project.regions()
+    assert region["id"] == "r00002" and region["replaces"] == ["r00001"] and region["n_objects"] == 3
+    assert any("replaces r00001" in m for m in messages["info"])
+    assert layer.name.startswith("✓ r00002 ")
 
 
 def test_a_failed_accept_keeps_the_layer_and_what_was_painted(viewer, tmp_path, he_image, seg_model, messages,
@@ -375,7 +478,7 @@ def test_suggestions_move_the_camera_and_are_reviewed_when_skipped(viewer, qtbot
     assert y <= cy < y + h and x <= cx < x + wd
     assert SUGGESTION_LAYER in viewer.layers
     assert "suggestion 1/" in w.suggest.info.text()
-    layer = w.annotate.edit_region()  # the camera centre is in the suggestion: exactly its bounds
+    layer = edit_suggested(qtbot, w)  # the camera centre is in the suggestion: exactly its bounds
     assert layer.metadata[EDIT_KEY]["bounds"] == [y, x, h, wd]
     w.suggest.skip_btn.click()
     assert w.project.reviewed("H_E") == [[y, x, h, wd]]
@@ -383,8 +486,8 @@ def test_suggestions_move_the_camera_and_are_reviewed_when_skipped(viewer, qtbot
     cy, cx = image.world_to_data(viewer.scene.camera.center[-2:])
     assert second[0] <= cy < second[0] + second[2] and second[1] <= cx < second[1] + second[3]
     # accepting the region on screen reviews it too; Skip then moves on without marking it again
-    layer = w.annotate.edit_region()
-    assert w.annotate.accept_region() is not None
+    layer = edit_suggested(qtbot, w)
+    assert w.annotate.accept_region(empty_ok=True) is not None
     assert w.project.reviewed("H_E") == [[y, x, h, wd], list(second)]
     w.suggest.skip_btn.click()
     assert len(w.project.reviewed("H_E")) == 2 and "suggestion 3/" in w.suggest.info.text()
@@ -445,12 +548,19 @@ def qupath_file(path: Path) -> Path:
     return path
 
 
-def test_geojson_import_as_labels_and_export_round_trip(viewer, tmp_path, he_image, seg_model, messages):
+def import_and_wait(qtbot, w: RefineWidget, path: Path):
+    """Start a GeoJSON import (a background job) and return the layer it added."""
+    assert w.geojson.import_geojson(str(path))
+    wait_idle(qtbot, w.geojson.runner)
+    return w.geojson.last_imported
+
+
+def test_geojson_import_as_labels_and_export_round_trip(viewer, qtbot, tmp_path, he_image, seg_model, messages):
     from napari_genselfdiff.formats.geojson import read_geojson
 
     viewer.add_image(he_image, name="H&E", rgb=True)
     w = refine_widget(viewer, tmp_path, seg_model)
-    layer = w.geojson.import_geojson(str(qupath_file(tmp_path / "qupath.geojson")))
+    layer = import_and_wait(qtbot, w, qupath_file(tmp_path / "qupath.geojson"))
     # bounding box of the objects: x 100..140, y 50..86
     assert layer.name == "qupath" and layer.data.shape == (36, 40) and tuple(layer.translate) == (50, 100)
     ids, counts = np.unique(layer.data, return_counts=True)
@@ -478,15 +588,65 @@ def test_geojson_import_as_labels_and_export_round_trip(viewer, tmp_path, he_ima
     assert {f.class_name for f in store.features} == {"Gland"}
 
 
-def test_geojson_import_as_shapes(viewer, tmp_path, he_image, seg_model):
+def test_geojson_import_as_shapes(viewer, qtbot, tmp_path, he_image, seg_model):
     image = viewer.add_image(he_image, name="H&E", rgb=True, scale=(0.5, 0.5))
     w = refine_widget(viewer, tmp_path, seg_model)
     w.geojson.import_as.setCurrentText("Shapes")
-    layer = w.geojson.import_geojson(str(qupath_file(tmp_path / "qupath.geojson")))
+    layer = import_and_wait(qtbot, w, qupath_file(tmp_path / "qupath.geojson"))
     assert layer.nshapes == 3 and list(layer.features["class_name"]) == ["Gland"] * 3
     # corner (x 130, y 60) of square b is the top-left edge of pixel (60, 130): world 0.5 * (59.5, 129.5)
     corner = layer.data_to_world(layer.data[1].min(axis=0))
     np.testing.assert_allclose(corner, image.data_to_world((59.5, 129.5)))
+
+
+def test_geojson_import_runs_off_the_gui_thread_with_progress(viewer, qtbot, tmp_path, he_image, seg_model,
+                                                             monkeypatch):
+    """Reading and drawing run in a worker thread (a 50 000-object file takes seconds): the GUI
+    thread only adds the layer, progress events reach the panel, and the result arrives."""
+    import threading
+
+    import napari_genselfdiff.formats.geojson as gj
+
+    threads, events = [], []
+    real_read, real_draw = gj.iter_read_geojson, gj.iter_features_to_labels
+
+    def read(*args, **kwargs):
+        threads.append(threading.current_thread())
+        return (yield from real_read(*args, every=1, **kwargs))
+
+    def draw(*args, **kwargs):
+        threads.append(threading.current_thread())
+        return (yield from real_draw(*args, every=1, **kwargs))
+
+    monkeypatch.setattr(gj, "iter_read_geojson", read)
+    monkeypatch.setattr(gj, "iter_features_to_labels", draw)
+    viewer.add_image(he_image, name="H&E", rgb=True)
+    w = refine_widget(viewer, tmp_path, seg_model)
+    w.geojson.runner.event.connect(events.append)
+    assert w.geojson.import_geojson(str(qupath_file(tmp_path / "qupath.geojson")))
+    assert "qupath" not in viewer.layers  # not drawn in the GUI thread: it arrives later
+    assert not w.geojson.import_btn.isEnabled() and w.geojson.cancel_btn.isEnabled()
+    with qtbot.waitSignal(w.geojson.imported, timeout=60_000) as arrived:
+        pass
+    assert arrived.args[0] is viewer.layers["qupath"] and int(viewer.layers["qupath"].data.max()) == 3
+    assert len(threads) == 2 and all(t is not threading.main_thread() for t in threads)
+    assert {e.stage for e in events} == {"read", "rasterise"} and any(e.step == 4 for e in events)
+    wait_idle(qtbot, w.geojson.runner)
+    assert w.geojson.import_btn.isEnabled() and "imported 3 object(s)" in w.geojson.progress.status.text()
+
+
+def test_a_failed_geojson_import_says_why_and_adds_nothing(viewer, qtbot, tmp_path, he_image, seg_model):
+    viewer.add_image(he_image, name="H&E", rgb=True)
+    w = refine_widget(viewer, tmp_path, seg_model)
+    deep = tmp_path / "deep.geojson"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    failures = []
+    w.geojson.runner.failed.connect(failures.append)
+    assert w.geojson.import_geojson(str(deep))
+    wait_idle(qtbot, w.geojson.runner)
+    assert len(failures) == 1 and "nested" in str(failures[0]) and "deep.geojson" in str(failures[0])
+    assert [layer.name for layer in viewer.layers] == ["H&E"] and w.geojson.last_imported is None
+    assert w.geojson.import_btn.isEnabled() and "failed" in w.geojson.progress.status.text()
 
 
 def test_project_labels_cannot_be_exported_before_anything_is_accepted(viewer, tmp_path, he_image, seg_model,
@@ -509,7 +669,7 @@ def test_screenshot_of_the_docked_widget(make_napari_viewer, qtbot, tmp_path, he
     viewer.reset_view()
     w.suggest.suggest_btn.click()
     wait_idle(qtbot, w.suggest.runner)
-    layer = w.annotate.edit_region()
+    layer = edit_suggested(qtbot, w)
     layer.data[:] = discs(layer.data.shape)
     layer.refresh()
     assert w.annotate.accept_region() == "r00001"

@@ -16,8 +16,8 @@ from napari_genselfdiff.core.postprocess import glands_from_probabilities, nucle
 from napari_genselfdiff.slide import instances
 from napari_genselfdiff.slide.fov import FieldOfViewPredictor
 from napari_genselfdiff.slide.reader import open_slide
-from napari_genselfdiff.slide.tiler import (WINDOW_EPS, Predictor, TileGrid, blend_window, block_size_for,
-                                            predict_slide, tile_starts)
+from napari_genselfdiff.slide.grid import WINDOW_EPS, TileGrid, blend_window, tile_starts
+from napari_genselfdiff.slide.tiler import Predictor, block_size_for, predict_slide
 from napari_genselfdiff.slide.store import PredictionStore
 from napari_genselfdiff.slide.tissue import TissueMask, detect_tissue, is_background, tissue_weight
 
@@ -430,3 +430,27 @@ def test_tissue_border_follows_a_smooth_curve_not_the_coarse_cells():
     assert jumps.max() <= 2, jumps.max()
     assert first_fg_row[-1] - first_fg_row[0] > 400  # the edge is still the diagonal
     np.testing.assert_allclose(tissue_weight(mask, 1.0, 0, 0, 512, 512)[400, 100], 1.0)
+
+
+def test_tile_starts_are_aligned_to_the_model_multiple():
+    """A U-Net that halves the resolution 3 times is only shift-equivariant for shifts by 8: every
+    tile starts at a multiple of 8 and the last ends where an untiled run's padding ends."""
+    assert tile_starts(522, 256, 192, 8) == (0, 192, 272)  # 522 -> 528 = 272 + 256
+    assert all(s % 8 == 0 for s in tile_starts(1001, 256, 128, 8))
+    assert tile_starts(1000, 256, 224) == (0, 224, 448, 672, 744)  # multiple 1: as before
+    with pytest.raises(GenSelfDiffError, match="multiples of 8"):
+        TileGrid.make(500, 500, 256, 60, 8)
+
+
+def test_border_tiles_are_not_tapered_on_the_image_border():
+    """The last tile ends on the (padded) image border: its weight there is 1, so the previous
+    tile's edge a few pixels inside the image cannot take over the border pixels."""
+    from napari_genselfdiff.slide.grid import BlendWindows
+
+    grid = TileGrid.make(522, 774, 256, 128, 8)
+    win = BlendWindows(grid)
+    last = (len(grid.ys) - 1, len(grid.xs) - 1)
+    assert win(last)[-1, -1] == pytest.approx(1.0)
+    assert win((0, 0))[0, 0] == pytest.approx(1.0)
+    inner = win((1, 1))
+    assert inner[0, 128] == pytest.approx(WINDOW_EPS, rel=1e-3) and inner[128, 128] == pytest.approx(1.0)

@@ -1,6 +1,10 @@
-"""napari reader: slides (SVS, pyramidal/OME-TIFF, OME-Zarr) as lazy multiscale RGB image layers."""
+"""napari reader: slides (SVS, pyramidal/OME-TIFF, OME-Zarr) as lazy multiscale RGB image layers,
+and a prediction store (``genselfdiff predict``'s .zarr) as its label pyramids and foreground
+probability, placed over the slide's level-0 pixels. A store whose run has not finished is shown
+as it is, with a warning (napari shows it as a notification) saying how much is missing."""
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -18,10 +22,20 @@ def napari_get_reader(path: str | list[str]) -> Callable[[str], list[tuple]] | N
 
 
 def read_slide(path: str | list[str]) -> list[tuple]:
-    """One image layer: the slide's pyramid (lazy dask arrays), with its mpp in the metadata."""
+    """One image layer: the slide's pyramid (lazy dask arrays), with its mpp in the metadata; or
+    the layers of a prediction store (:func:`read_prediction_store`)."""
+    from .core.errors import DataError
     from .slide.reader import open_slide
+    from .slide.store import PredictionStore
 
     path = path[0] if isinstance(path, list) else path
+    if str(path).lower().rstrip("/\\").endswith(".zarr"):
+        try:
+            store = PredictionStore.open(path)
+        except DataError:
+            store = None  # an OME-Zarr image, or not ours: the slide reader says what it is
+        if store is not None:
+            return read_prediction_store(store)
     slide = open_slide(path)
     multiscale = len(slide.levels) > 1
     name = Path(str(path).rstrip("/\\")).name
@@ -32,3 +46,36 @@ def read_slide(path: str | list[str]) -> list[tuple]:
     meta = {"path": str(path), "mpp": slide.mpp, "downsamples": list(slide.downsamples), "notes": list(slide.notes)}
     data = slide.levels if multiscale else slide.levels[0]
     return [(data, {"name": name, "rgb": True, "multiscale": multiscale, "metadata": meta}, "image")]
+
+
+def read_prediction_store(store) -> list[tuple]:
+    """A :class:`~.slide.store.PredictionStore`'s label sets (Labels, with their pyramid) and
+    foreground probability (Image), scaled to the slide's level-0 pixels. An unfinished run is
+    shown as far as it got, with a warning naming the store and what is missing."""
+    import dask.array as da
+
+    from .core.errors import GenSelfDiffWarning
+
+    missing = store.unfinished()
+    if missing:
+        warnings.warn(f"{store.path}: the prediction is not finished ({missing}); showing what is there "
+                      "(run the same prediction again to resume)", GenSelfDiffWarning, stacklevel=2)
+    d = float(store.downsample)
+    place = {"scale": (d, d), "translate": ((d - 1) / 2, (d - 1) / 2)}
+    grid = {"genselfdiff": {"downsample": d, "offset": [0, 0]}}
+    layers: list[tuple] = []
+    for name in store.label_names():
+        levels = [da.from_zarr(lv) for lv in store.label_levels(name)]
+        complete = store.labels_complete(name)
+        if not complete and not missing:
+            warnings.warn(f"{store.path}: label set {name!r} is unfinished; showing what is there",
+                          GenSelfDiffWarning, stacklevel=2)
+        layers.append((levels if len(levels) > 1 else levels[0],
+                       {"name": name, "multiscale": len(levels) > 1, "opacity": 0.5, "metadata": grid, **place},
+                       "labels"))
+    if len(store.class_names) > 1:
+        fg = store.foreground_dask()
+        layers.append((fg, {"name": f"{Path(str(store.path)).name} probability", "colormap": "inferno",
+                            "opacity": 0.5, "blending": "additive", "contrast_limits": (0, 255), **place},
+                       "image"))
+    return layers

@@ -25,7 +25,10 @@ def label_grid(meta: dict[str, Any]) -> tuple[tuple[float, float], float]:
 
 
 def write_geojson(path: str, data: Any, meta: dict[str, Any]) -> list[str]:
-    """Write every object (label id > 0) of the layer as one GeoJSON feature; returns [path]."""
+    """Write every object (label id > 0) of the layer as one GeoJSON feature; returns [path].
+
+    napari's save dialog has asked before replacing a file, so an existing one is replaced, but
+    only a GeoJSON export of ours (anything else is refused: formats.geojson.is_our_geojson)."""
     from .formats.geojson import export_label_array_chunked
 
     labels = data[0] if meta.get("multiscale") or isinstance(data, list) else data
@@ -34,5 +37,6 @@ def write_geojson(path: str, data: Any, meta: dict[str, Any]) -> list[str]:
     offset, downsample = label_grid(meta)
     name = meta.get("name")  # QuPath class and object type follow the layer name (formats.qupath)
     export_label_array_chunked(labels, path, offset=offset, downsample=downsample,
-                               class_name=qupath.class_name(name), object_type=qupath.object_type(name))
+                               class_name=qupath.class_name(name), object_type=qupath.object_type(name),
+                               force=True)
     return [path]

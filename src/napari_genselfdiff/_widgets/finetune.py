@@ -12,8 +12,7 @@ from typing import Iterator
 
 import numpy as np
 from napari.utils.notifications import show_error
-from qtpy.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, QGroupBox, QVBoxLayout,
-                            QWidget)
+from qtpy.QtWidgets import QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, QGroupBox, QWidget
 
 from ..core.data import LabeledImage, TaskSpec, load_labeled_folder, mask_to_target, split_for_validation
 from ..core.errors import DataError, GenSelfDiffError
@@ -21,7 +20,7 @@ from ..core.losses import LOSSES, parse_loss
 from ..core.progress import Progress
 from ..core.training import FinetuneConfig, finetune
 from ..core.unet import PRESETS
-from .inputs import LayerChoices, PathEdit, add_training_rows, is_labels, is_rgb_image, layer_to_rgb
+from .inputs import LayerChoices, PathEdit, add_training_rows, is_labels, is_rgb_image, layer_to_rgb, scrolling_column
 from .jobs import JobRunner, StopsJobsOnClose
 from .progress import TrainingControls
 from .settings import Settings, remember_model
@@ -70,7 +69,7 @@ class FinetuneWidget(QWidget):
         self.runner.result.connect(self._on_done)
 
     def _build(self) -> None:
-        lay = QVBoxLayout(self)
+        lay = scrolling_column(self)
 
         data = QGroupBox("Labeled data")
         form = self._data_form = QFormLayout(data)

@@ -159,10 +159,7 @@ def sample_labels(labels: np.ndarray, labels_grid: Grid, image_grid: Grid, bound
     y, x, h, w = bounds
     if labels.ndim != 2:
         return None
-    s_i, t_i, s_l, t_l = image_grid.s, image_grid.t, labels_grid.s, labels_grid.t
-    idx = [np.floor((t_i[k] + s_i[k] * np.arange(start, start + n) - t_l[k]) / s_l[k] + 0.5).astype(np.int64)
-           for k, (start, n) in enumerate(((y, h), (x, w)))]
-    valid = [(i >= 0) & (i < labels.shape[k]) for k, i in enumerate(idx)]
+    idx, valid = _label_indices(labels.shape, labels_grid, image_grid, bounds)
     if not valid[0].any() or not valid[1].any():
         return None
     rows, cols = idx[0][valid[0]], idx[1][valid[1]]
@@ -170,6 +167,27 @@ def sample_labels(labels: np.ndarray, labels_grid: Grid, image_grid: Grid, bound
     out = np.zeros((h, w), np.int32)
     out[np.ix_(valid[0], valid[1])] = block[np.ix_(rows - rows.min(), cols - cols.min())]
     return out
+
+
+def covers(labels_shape: Sequence[int], labels_grid: Grid, image_grid: Grid, bounds: Bounds) -> bool:
+    """Whether a 2-D label array of ``labels_shape`` (placed by ``labels_grid``) has a pixel under
+    every level-0 pixel of ``bounds`` of an image placed by ``image_grid`` (the rule of
+    :func:`sample_labels`)."""
+    if len(labels_shape) != 2:
+        return False
+    _, valid = _label_indices(labels_shape, labels_grid, image_grid, bounds)
+    return bool(valid[0].all() and valid[1].all())
+
+
+def _label_indices(labels_shape: Sequence[int], labels_grid: Grid, image_grid: Grid,
+                   bounds: Bounds) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Per axis (rows, columns): the label pixel nearest each level-0 pixel of ``bounds``, and
+    whether the label array has it."""
+    y, x, h, w = bounds
+    s_i, t_i, s_l, t_l = image_grid.s, image_grid.t, labels_grid.s, labels_grid.t
+    idx = [np.floor((t_i[k] + s_i[k] * np.arange(start, start + n) - t_l[k]) / s_l[k] + 0.5).astype(np.int64)
+           for k, (start, n) in enumerate(((y, h), (x, w)))]
+    return idx, [(i >= 0) & (i < int(labels_shape[k])) for k, i in enumerate(idx)]
 
 
 def label_grid_over(labels_grid: Grid, image_grid: Grid = Grid()) -> tuple[tuple[float, float], float]:

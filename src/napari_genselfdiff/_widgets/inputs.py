@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-from qtpy.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QFormLayout, QGroupBox, QHBoxLayout, QLabel,
-                            QLineEdit, QListWidget, QPushButton, QSpinBox, QVBoxLayout, QWidget)
+from qtpy.QtCore import QEvent, QObject, QSize, Qt
+from qtpy.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QFormLayout, QFrame, QGroupBox, QHBoxLayout, QLabel,
+                            QLineEdit, QListWidget, QPushButton, QScrollArea, QSpinBox, QVBoxLayout, QWidget)
 
 from ..core.device import CHOICES, available_devices, pick_device
 from ..core.errors import DataError, GenSelfDiffError
@@ -147,6 +148,49 @@ def row(*widgets: QWidget) -> QWidget:
     for child in widgets:
         lay.addWidget(child)
     return w
+
+
+class VerticalScroll(QScrollArea):
+    """A scroll area for a dock widget's content: it scrolls vertically only, so docks stacked in
+    one column can shrink to a few lines each, but is never narrower than its content (nothing is
+    cut sideways, scroll bar included). Its preferred size is the whole content's."""
+
+    def __init__(self, body: QWidget, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.setWidgetResizable(True)
+        self.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self.setFrameShape(QFrame.Shape.NoFrame)
+        self.setWidget(body)
+
+    def eventFilter(self, watched: QObject, event: QEvent) -> bool:  # noqa: N802 (Qt's name)
+        """The content's hints changed (e.g. napari's style arrived): so did this area's."""
+        if watched is self.widget() and event.type() == QEvent.Type.LayoutRequest:
+            self.updateGeometry()
+        return super().eventFilter(watched, event)
+
+    def _width(self, content: QSize) -> int:
+        return content.width() + self.verticalScrollBar().sizeHint().width() + 2 * self.frameWidth()
+
+    def minimumSizeHint(self) -> QSize:  # noqa: N802 (Qt's name)
+        """Asked each time, so it follows the style napari applies."""
+        hint = super().minimumSizeHint()
+        return QSize(max(hint.width(), self._width(self.widget().minimumSizeHint())), hint.height())
+
+    def sizeHint(self) -> QSize:  # noqa: N802 (Qt's name)
+        content = self.widget().sizeHint()
+        return QSize(max(self._width(content), self.minimumSizeHint().width()),
+                     content.height() + 2 * self.frameWidth())
+
+
+def scrolling_column(widget: QWidget) -> QVBoxLayout:
+    """Give a dock widget a :class:`VerticalScroll` holding its content; returns the column
+    layout to add the content to (every dock widget of this plugin is laid out this way)."""
+    outer = QVBoxLayout(widget)
+    outer.setContentsMargins(0, 0, 0, 0)
+    body = QWidget()
+    column = QVBoxLayout(body)
+    outer.addWidget(VerticalScroll(body))
+    return column
 
 
 def form_and_column(box: QGroupBox) -> tuple[QFormLayout, QVBoxLayout]:

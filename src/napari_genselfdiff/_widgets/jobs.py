@@ -4,10 +4,15 @@ guard that cancels a widget's jobs when it goes away.
 Training and prediction run as generators in napari's thread pool. Cancelling asks the worker
 to stop at its next ``yield`` and then *closes the generator in the worker thread*, so the core's
 ``finally`` (which saves a checkpoint) runs there, off the GUI thread, before ``stopped`` fires.
+
+While a job runs, superqt's worker catches *every* warning of the process (any thread, any
+library, each occurrence). Only this package's own warnings (:func:`is_our_warning`) become a
+notification, each message once per job; the others go to the log.
 """
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from napari.qt.threading import create_worker
@@ -16,9 +21,23 @@ from qtpy.QtCore import QEvent, QObject, Signal
 from qtpy.QtWidgets import QWidget
 from superqt.utils import GeneratorWorker
 
-from ..core.errors import GenSelfDiffError
+from ..core.errors import GenSelfDiffError, GenSelfDiffWarning
 
 log = logging.getLogger(__name__)
+
+#: The installed package's folder: a warning raised from a file in it is ours.
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
+
+
+def is_our_warning(category: Any, filename: Any) -> bool:
+    """Whether a warning (its category and the file it is attributed to) comes from this
+    package: a :class:`GenSelfDiffWarning`, or raised from a file under :data:`PACKAGE_DIR`."""
+    if isinstance(category, type) and issubclass(category, GenSelfDiffWarning):
+        return True
+    try:
+        return Path(str(filename)).resolve().is_relative_to(PACKAGE_DIR)
+    except (OSError, ValueError):
+        return False
 
 
 class ClosingGeneratorWorker(GeneratorWorker):
@@ -62,6 +81,7 @@ class JobRunner(QObject):
         self.what = what
         self.worker: ClosingGeneratorWorker | None = None
         self._cancelled = False
+        self._warned: set[tuple[Any, str]] = set()  # our warnings shown during this job
 
     @property
     def running(self) -> bool:
@@ -71,7 +91,7 @@ class JobRunner(QObject):
         """Start ``job(*args, **kwargs)`` (a generator function) in a worker thread."""
         if self.worker is not None:
             raise GenSelfDiffError(f"{self.what} is already running")
-        self._cancelled = False
+        self._cancelled, self._warned = False, set()
         worker = create_worker(job, *args, _worker_class=ClosingGeneratorWorker, _ignore_errors=True,
                                _start_thread=False, **kwargs)
         worker.yielded.connect(self._on_yielded)
@@ -103,7 +123,16 @@ class JobRunner(QObject):
         self.failed.emit(exc)
 
     def _on_warned(self, args: tuple) -> None:
-        show_warning(f"{self.what}: {args[0]}")
+        """``args`` are ``warnings.showwarning``'s: (message, category, filename, lineno, ...)."""
+        message, category, filename, lineno = (tuple(args) + (None,) * 4)[:4]
+        if not is_our_warning(category, filename):
+            log.warning("during %s: %s:%s: %s: %s", self.what, filename, lineno,
+                        getattr(category, "__name__", category), message)
+            return
+        key = (category, str(message))
+        if key not in self._warned:
+            self._warned.add(key)
+            show_warning(f"{self.what}: {message}")
 
     def _on_finished(self) -> None:
         self.worker = None

@@ -16,8 +16,7 @@ from typing import Any, Iterator
 import numpy as np
 from napari.utils.notifications import show_error
 from qtpy.QtCore import Qt
-from qtpy.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QFormLayout, QGroupBox, QPushButton, QVBoxLayout,
-                            QWidget)
+from qtpy.QtWidgets import QCheckBox, QComboBox, QFileDialog, QFormLayout, QGroupBox, QPushButton, QWidget
 
 from ..bundled import bundled_models
 from ..core.errors import DataError, GenSelfDiffError
@@ -25,7 +24,7 @@ from ..core.inference import PredictorCache, cached_predictor
 from ..core.names import safe_name
 from ..core.progress import Progress
 from .geometry import Region, at_model_level, grid_of, layer_downsamples, placement, view_of, visible_region
-from .inputs import DeviceChooser, LayerChoices, PathEdit, int_spin, is_rgb_image, level0_data, row
+from .inputs import DeviceChooser, LayerChoices, PathEdit, int_spin, is_rgb_image, level0_data, row, scrolling_column
 from .jobs import JobRunner, StopsJobsOnClose
 from .progress import ProgressPanel, format_duration
 from .settings import Settings, recent_models
@@ -170,7 +169,7 @@ class PredictWidget(QWidget):
         self.runner.stopped.connect(self._on_stopped)
 
     def _build(self) -> None:
-        lay = QVBoxLayout(self)
+        lay = scrolling_column(self)
         box = QGroupBox("Model and image")
         form = QFormLayout(box)
         self.model = QComboBox()

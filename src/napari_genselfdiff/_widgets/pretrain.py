@@ -12,8 +12,7 @@ from typing import Iterator
 
 import numpy as np
 from napari.utils.notifications import show_error
-from qtpy.QtWidgets import (QAbstractItemView, QComboBox, QFormLayout, QGroupBox, QListWidget, QVBoxLayout,
-                            QWidget)
+from qtpy.QtWidgets import QAbstractItemView, QComboBox, QFormLayout, QGroupBox, QListWidget, QWidget
 
 from ..core.data import ImageSource, UnlabeledSource
 from ..core.errors import DataError, GenSelfDiffError
@@ -21,12 +20,19 @@ from ..core.progress import Progress
 from ..core.training import PretrainConfig, pretrain
 from ..core.unet import PRESETS
 from ..slide.sources import LazyArraySource, unlabeled_sources
-from .inputs import LayerChoices, PathEdit, add_training_rows, int_spin, is_rgb_image, layer_to_rgb
+from .inputs import LayerChoices, PathEdit, add_training_rows, int_spin, is_rgb_image, layer_to_rgb, scrolling_column
 from .jobs import JobRunner, StopsJobsOnClose
 from .progress import TrainingControls
 from .settings import Settings
 
 TILES_LAYER = "generated tiles"
+#: Metadata key marking the generated-tiles layer (our output, never a pretraining source).
+GENERATED_KEY = "genselfdiff_generated"
+
+
+def is_pretraining_source(layer) -> bool:
+    """An RGB image layer that is not our own "generated tiles" output."""
+    return is_rgb_image(layer) and layer.name != TILES_LAYER and not layer.metadata.get(GENERATED_KEY)
 
 
 def layer_source(layer) -> UnlabeledSource:
@@ -74,7 +80,7 @@ class PretrainWidget(QWidget):
     # -- layout ----------------------------------------------------------------------------
 
     def _build(self) -> None:
-        lay = QVBoxLayout(self)
+        lay = scrolling_column(self)
 
         src = QGroupBox("Unlabeled images")
         form = QFormLayout(src)
@@ -82,7 +88,7 @@ class PretrainWidget(QWidget):
         self.layers.setSelectionMode(QAbstractItemView.SelectionMode.MultiSelection)
         self.layers.setMaximumHeight(90)
         self.layers.setToolTip("image layers to draw random tiles from (click to select several)")
-        self.layer_choices = LayerChoices(self.viewer, is_rgb_image, self.layers)
+        self.layer_choices = LayerChoices(self.viewer, is_pretraining_source, self.layers)
         form.addRow("Image layers", self.layers)
         self.folder = PathEdit("dir", "optional: a folder of tiles")
         form.addRow("Folder", self.folder)
@@ -154,7 +160,8 @@ class PretrainWidget(QWidget):
             self.viewer.layers[TILES_LAYER].data = grid
         else:
             right = self.viewer.layers.extent.world[1][-1] if len(self.viewer.layers) else 0.0
-            self.viewer.add_image(grid, name=TILES_LAYER, rgb=True, translate=(0, right + 0.05 * abs(right)))
+            self.viewer.add_image(grid, name=TILES_LAYER, rgb=True, translate=(0, right + 0.05 * abs(right)),
+                                  metadata={GENERATED_KEY: True})
         self.controls.show_last_step()
         self.progress.set_status(f"done: checkpoint in {self.out.text()}; the layer '{TILES_LAYER}' shows "
                                  "tiles the model generated")

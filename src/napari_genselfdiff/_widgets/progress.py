@@ -77,16 +77,18 @@ class LossPlot(QWidget):
 
 
 class ProgressPanel(QWidget):
-    """Progress bar, one-line status (step, loss, speed, ETA, validation) and an optional loss plot."""
+    """Progress bar, one-line status (step, loss, speed, ETA, validation) and an optional loss plot.
+
+    An idle bar (nothing run yet, or a run that stopped before its first step) is empty and shows
+    no text: "0 / 1" would read as a job of one step."""
 
     def __init__(self, with_plot: bool = True, parent: QWidget | None = None):
         super().__init__(parent)
         lay = QVBoxLayout(self)
         lay.setContentsMargins(0, 0, 0, 0)
         self.bar = QProgressBar()
-        self.bar.setRange(0, 1)
-        self.bar.setValue(0)
         self.bar.setFormat("%v / %m")
+        self.idle()
         self.status = QLabel("idle")
         self.status.setWordWrap(True)
         self.status.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
@@ -102,8 +104,14 @@ class ProgressPanel(QWidget):
         runner.stopped.connect(self._on_stopped)
 
     def _on_stopped(self, cancelled: bool) -> None:
-        if self.bar.maximum() == 0:
-            self.bar.setRange(0, 1)
+        if self.bar.maximum() == 0:  # still busy: it never got a step
+            self.idle()
+
+    def idle(self) -> None:
+        """An empty bar without text (no steps to count)."""
+        self.bar.setRange(0, 1)
+        self.bar.setValue(0)
+        self.bar.setTextVisible(False)
 
     def reset(self, text: str = "starting…") -> None:
         self.bar.setRange(0, 0)  # busy until the first event says how many steps
@@ -119,6 +127,7 @@ class ProgressPanel(QWidget):
         total = max(int(total or 0), 1)
         self.bar.setRange(0, total)
         self.bar.setValue(min(int(step or 0), total))
+        self.bar.setTextVisible(True)
 
     def show_progress(self, ev: Progress | str) -> None:
         """Show a core ``Progress``; a plain string is a phase without steps (busy bar)."""

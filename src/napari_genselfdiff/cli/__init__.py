@@ -1,23 +1,132 @@
 """``genselfdiff``: the command-line face of the core (no Qt is imported here).
 
-Every subcommand drives the same generators and functions as the napari widgets. User errors
-(missing folders, unreadable files, mismatched masks, ...) are printed as one line, exit code 2;
-Ctrl-C stops training cleanly, keeping a resumable checkpoint (exit code 130).
+Every subcommand drives the same generators and functions as the napari widgets.
+
+Errors. :func:`main` is the one error boundary: bad flag values are refused by the parser before
+any work starts (the ``type=`` functions below), and our errors (:class:`GenSelfDiffError`) and
+the environment's (``OSError``: permission denied, disk full, a folder where a file should be,
+...; ``MemoryError``) become ONE line on stderr, ``genselfdiff <command>: error: ...``, naming
+the file or flag, with exit code 2. Ctrl-C prints one ``cancelled`` line saying what was kept
+and how to continue (exit code 130). Anything else is a bug and keeps its traceback.
 
 This module holds the argument parser and :func:`main` (the ``genselfdiff`` console entry
 point); the commands live in ``train`` (pretrain, finetune, evaluate, sample), ``predict``
-(predict, export), ``project`` and ``demo``, each imported only when its command runs, so
+(predict, export), ``imports`` (import), ``project`` and ``demo``, each imported only when its command runs, so
 ``--help`` stays fast. ``console`` has the one progress bar they share.
 """
 from __future__ import annotations
 
 import argparse
+import errno
+import math
 import os
+import re
 import sys
-from typing import Sequence
+from pathlib import Path
+from typing import Callable, Sequence
 
 from ..core.errors import GenSelfDiffError
 
+
+# ---------------------------------------------------------------------------------------------
+# flag values, checked by the parser (argparse reports "argument --flag: <message>")
+
+def _int_at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low:
+            raise argparse.ArgumentTypeError(f"must be a whole number >= {low}, got {text!r}")
+        return value
+    parse.__name__ = f"int_at_least_{low}"
+    return parse
+
+
+positive_int = _int_at_least(1)
+nonnegative_int = _int_at_least(0)
+
+
+def _number(text: str, expected: str, ok: Callable[[float], bool] = lambda v: True) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and ok(value)):
+        raise argparse.ArgumentTypeError(f"must be {expected}, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    return _number(text, "a finite number > 0", lambda v: v > 0)
+
+
+def fraction_0_1(text: str) -> float:
+    """A held-out fraction: 0 (none) up to, not including, 1."""
+    return _number(text, "a fraction in [0, 1)", lambda v: 0 <= v < 1)
+
+
+def label_fraction(text: str) -> float:
+    """A share of the labeled images to use: above 0, up to 1 (all)."""
+    return _number(text, "a fraction in (0, 1]", lambda v: 0 < v <= 1)
+
+
+def val_fraction_or_all(text: str) -> float | str:
+    """``project refine --val-fraction``: a fraction in (0, 1), or ``all``."""
+    if text.strip().lower() == "all":
+        return "all"
+    return _number(text, "a fraction in (0, 1) or 'all'", lambda v: 0 < v < 1)
+
+
+def level(text: str) -> int | str:
+    """``auto`` (the model's resolution) or a pyramid level >= 0."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 'auto' or a pyramid level >= 0, got {text!r}")
+    return value
+
+
+def device(text: str) -> str:
+    """auto, cpu, mps, cuda or cuda:N (whether it exists here is checked when it is used)."""
+    if not re.fullmatch(r"(auto|cpu|mps|cuda(:\d+)?)", text.strip().lower()):
+        raise argparse.ArgumentTypeError(f"must be auto, cuda, cuda:N, mps or cpu, got {text!r}")
+    return text.strip().lower()
+
+
+def loss(text: str) -> str:
+    """A weighted sum of the losses in :mod:`..core.losses`, e.g. ``focal+ssl``."""
+    from ..core.losses import parse_loss
+
+    try:
+        parse_loss(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def output_file(text: str) -> str:
+    """A file to write: refused at once when a folder stands there (not after the work)."""
+    if Path(text).expanduser().is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a folder; give a file name")
+    return text
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (``genselfdiff <command>: error: ...``,
+    exit code 2) instead of the usage plus the error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {_one_line(message)} (see {self.prog} --help)\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# the commands (each module imported only when its command runs)
 
 def cmd_pretrain(a: argparse.Namespace) -> int:
     from .train import cmd_pretrain
@@ -49,6 +158,11 @@ def cmd_export(a: argparse.Namespace) -> int:
     return export_cli(a)
 
 
+def cmd_import(a: argparse.Namespace) -> int:
+    from .imports import import_cli
+    return import_cli(a)
+
+
 def cmd_project(a: argparse.Namespace) -> int:
     from .project import project_cli_create, project_cli_refine, project_cli_status
     return {"create": project_cli_create, "refine": project_cli_refine, "status": project_cli_status}[a.action](a)
@@ -60,19 +174,20 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="auto", help="auto (cuda, then mps, then cpu), cuda, mps or cpu")
-    p.add_argument("--seed", type=int, default=0, help="random seed: the same seed gives the same run")
+    p.add_argument("--device", default="auto", type=device, help="auto (cuda, then mps, then cpu), cuda, mps or cpu")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="random seed: the same seed gives the same run")
 
 
 def _training(p: argparse.ArgumentParser, steps: int) -> None:
     p.add_argument("--out", required=True, help="checkpoint folder to write (model.safetensors + config.json)")
     p.add_argument("--preset", default="small", choices=["tiny", "small", "paper"],
                    help="model size: tiny (tests), small (CPU-friendly), paper (the reference); default small")
-    p.add_argument("--steps", type=int, default=steps, help=f"optimisation steps (default {steps})")
-    p.add_argument("--patch", type=int, default=256, help="training patch size in pixels (default 256)")
-    p.add_argument("--batch", type=int, default=8, help="patches per step (default 8)")
-    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
-    p.add_argument("--checkpoint-every", type=int, default=200, help="save a checkpoint every N steps")
+    p.add_argument("--steps", type=positive_int, default=steps, help=f"optimisation steps (default {steps})")
+    p.add_argument("--patch", type=positive_int, default=256, help="training patch size in pixels (default 256)")
+    p.add_argument("--batch", type=positive_int, default=8, help="patches per step (default 8)")
+    p.add_argument("--lr", type=positive_float, default=1e-4, help="peak learning rate (default 1e-4)")
+    p.add_argument("--checkpoint-every", type=nonnegative_int, default=200,
+                   help="save a checkpoint every N steps (0: only at the end)")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
     p.add_argument("--force", action="store_true", help="overwrite an existing --out instead of refusing")
     p.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA")
@@ -80,7 +195,7 @@ def _training(p: argparse.ArgumentParser, steps: int) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="genselfdiff", description=(
+    ap = OneLineParser(prog="genselfdiff", description=(
         "GenSelfDiff-HIS for H&E: pretrain a U-Net as a diffusion model on unlabeled tiles, fine-tune it "
         "on a few labeled tiles, predict glands/nuclei on whole slides, export QuPath GeoJSON."))
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -103,12 +218,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--scratch", action="store_true", help="start from random weights (the baseline)")
     p.add_argument("--task", default="glands", choices=["glands", "nuclei", "multiclass"], help="what to segment")
     p.add_argument("--boundary", action="store_true", help="nuclei: add a boundary class to separate touching nuclei")
-    p.add_argument("--num-classes", type=int, default=None, help="multiclass: number of classes incl. background")
-    p.add_argument("--loss", default="focal+ssl", help="weighted sum of focal, ssl, dice, ce, tversky (default focal+ssl)")
-    p.add_argument("--label-fraction", type=float, default=1.0, help="use only this fraction of the labeled images")
-    p.add_argument("--val-fraction", type=float, default=0.0, help="hold out this fraction of images for validation Dice")
-    p.add_argument("--val-every", type=int, default=100, help="validate every N steps")
-    p.add_argument("--mpp", type=float, default=None, help="microns per pixel of the training images, if known")
+    p.add_argument("--num-classes", type=_int_at_least(2), default=None, help="multiclass: number of classes incl. background")
+    p.add_argument("--loss", default="focal+ssl", type=loss, help="weighted sum of focal, ssl, dice, ce, tversky (default focal+ssl)")
+    p.add_argument("--label-fraction", type=label_fraction, default=1.0, help="use only this fraction of the labeled images")
+    p.add_argument("--val-fraction", type=fraction_0_1, default=0.0, help="hold out this fraction of images for validation Dice")
+    p.add_argument("--val-every", type=nonnegative_int, default=100, help="validate every N steps (0: never)")
+    p.add_argument("--mpp", type=positive_float, default=None, help="microns per pixel of the training images, if known")
     _training(p, 500)
     p.set_defaults(func=cmd_finetune)
 
@@ -118,16 +233,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", required=True, help="folder of images")
     p.add_argument("--masks", required=True, help="folder of ground-truth masks")
     p.add_argument("--instances", default=None, help="folder of ground-truth instance labels (nuclei AJI/PQ)")
-    p.add_argument("--json", default=None, help="also write the metrics to this JSON file")
-    p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
+    p.add_argument("--json", default=None, type=output_file, help="also write the metrics to this JSON file")
+    p.add_argument("--device", default="auto", type=device, help="auto, cuda, mps or cpu")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("sample", help="generate tiles from a pretrained diffusion model (sanity check)")
     p.add_argument("--model", required=True, help="pretraining checkpoint folder")
-    p.add_argument("--n", type=int, default=16, help="number of tiles (default 16)")
-    p.add_argument("--out", required=True, help="PNG file for the grid of tiles")
-    p.add_argument("--size", type=int, default=None, help="tile size (default: the training patch size)")
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
+    p.add_argument("--n", type=positive_int, default=16, help="number of tiles (default 16)")
+    p.add_argument("--out", required=True, type=output_file, help="PNG file for the grid of tiles")
+    p.add_argument("--size", type=positive_int, default=None, help="tile size (default: the training patch size)")
+    p.add_argument("--steps", type=positive_int, default=50, help="DDIM steps (default 50)")
     p.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"], help="ddim (fast) or ddpm (all T steps)")
     _common(p)
     p.set_defaults(func=cmd_sample)
@@ -136,27 +251,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="segmentation checkpoint folder, or 'glands'/'nuclei' for the bundled defaults")
     p.add_argument("--input", nargs="+", required=True, metavar="SLIDE_OR_IMAGE", help="slides or images")
     p.add_argument("--out", required=True, help="output .zarr (one per input; with several inputs, a folder)")
-    p.add_argument("--tile", type=int, default=512, help="tile size (default 512)")
-    p.add_argument("--overlap", type=int, default=64, help="overlap between tiles (default 64)")
-    p.add_argument("--batch", type=int, default=4, help="tiles per forward pass (default 4)")
-    p.add_argument("--level", default="auto", help="pyramid level, or auto (match the model's microns per pixel)")
+    p.add_argument("--tile", type=positive_int, default=512, help="tile size (default 512)")
+    p.add_argument("--overlap", type=nonnegative_int, default=64, help="overlap between tiles (default 64)")
+    p.add_argument("--batch", type=positive_int, default=4, help="tiles per forward pass (default 4)")
+    p.add_argument("--level", default="auto", type=level, help="pyramid level, or auto (match the model's microns per pixel)")
     p.add_argument("--no-tissue", action="store_true", help="predict background tiles too (no tissue detection)")
-    p.add_argument("--geojson", default=None, help="also export the instances as QuPath GeoJSON")
+    p.add_argument("--geojson", default=None, type=output_file, help="also export the instances as QuPath GeoJSON")
     p.add_argument("--object-type", default=None, choices=["annotation", "detection"],
                    help="GeoJSON objectType (default: annotation for glands, detection for nuclei)")
-    p.add_argument("--overlay", default=None, help="also write an overlay PNG (small images only)")
-    p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
+    p.add_argument("--overlay", default=None, type=output_file, help="also write an overlay PNG (small images only)")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing --geojson / --overlay, but only one genselfdiff wrote (never the input)")
+    p.add_argument("--device", default="auto", type=device, help="auto, cuda, mps or cpu")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("export", help="export predicted instance labels (zarr) to GeoJSON / OME-Zarr / TIFF")
     p.add_argument("--labels", required=True, help="a prediction store written by 'predict' (OUT.zarr)")
     p.add_argument("--name", default=None, help="which label set in the store (default: the first)")
-    p.add_argument("--geojson", default=None, help="QuPath GeoJSON output")
+    p.add_argument("--geojson", default=None, type=output_file, help="QuPath GeoJSON output")
     p.add_argument("--object-type", default=None, choices=["annotation", "detection"],
                    help="GeoJSON objectType (default: annotation for glands, detection for nuclei)")
-    p.add_argument("--tiff", default=None, help="label TIFF output (pyramidal, tiled)")
+    p.add_argument("--tiff", default=None, type=output_file, help="label TIFF output (pyramidal, tiled)")
     p.add_argument("--ome-zarr", default=None, help="OME-Zarr labels output")
+    p.add_argument("--force", action="store_true",
+                   help="replace existing outputs, but only exports genselfdiff wrote (never the store or a user's file)")
+    p.add_argument("--partial", action="store_true",
+                   help="export an unfinished prediction as it is (says how much is missing)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("import", help="QuPath GeoJSON objects -> a label TIFF (one id per object)",
+                       description="Draw the polygons of a GeoJSON file (QuPath annotations or detections) into a "
+                                   "label TIFF of an image's size, one id per object, for training masks or other tools.")
+    p.add_argument("--geojson", required=True, help="GeoJSON file to read (FeatureCollection, Feature(s), geometry)")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--like", default=None, metavar="IMAGE", help="the slide or image the objects were drawn on (its size, mpp)")
+    g.add_argument("--shape", nargs=2, type=positive_int, default=None, metavar=("H", "W"),
+                   help="the label image's height and width in pixels")
+    p.add_argument("--mpp", type=positive_float, default=None, help="microns per pixel to record (default: --like's)")
+    p.add_argument("--out", required=True, type=output_file, help="label TIFF to write (pyramidal, tiled)")
+    p.add_argument("--force", action="store_true", help="replace --out, but only a label TIFF genselfdiff wrote")
+    p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("project", help="annotate-and-refine projects: create, refine the model on corrections, status",
                        description="A project folder holds slide references, accepted corrections, label stores, "
@@ -170,12 +304,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--boundary", action="store_true", help="nuclei: boundary class")
     q = psub.add_parser("refine", help="fine-tune the current model on the accepted corrections")
     q.add_argument("folder")
-    q.add_argument("--steps", type=int, default=200, help="fine-tuning steps (default 200)")
-    q.add_argument("--val-fraction", default=None, help="held-out share of regions for before/after Dice, or 'all'")
+    q.add_argument("--steps", type=positive_int, default=200, help="fine-tuning steps (default 200)")
+    q.add_argument("--val-fraction", default=None, type=val_fraction_or_all, help="held-out share of regions for before/after Dice, or 'all'")
     q.add_argument("--base-model", default=None, help="start from this checkpoint instead of the current model")
-    q.add_argument("--patch", type=int, default=None)
-    q.add_argument("--batch", type=int, default=None)
-    q.add_argument("--lr", type=float, default=None)
+    q.add_argument("--patch", type=positive_int, default=None, help="training patch size (default 256)")
+    q.add_argument("--batch", type=positive_int, default=None, help="patches per step (default 8)")
+    q.add_argument("--lr", type=positive_float, default=None, help="peak learning rate (default 1e-4)")
     _common(q)
     q = psub.add_parser("status", help="slides, regions, current model, last refine")
     q.add_argument("folder")
@@ -186,21 +320,126 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     p.add_argument("--data", default=None, help="data folder (default ../shared/data when present)")
     p.add_argument("--quick", action="store_true", help="a few seconds of training only (smoke test)")
-    p.add_argument("--device", default="auto", help="auto, cuda, mps or cpu")
+    p.add_argument("--device", default="auto", type=device, help="auto, cuda, mps or cpu")
     p.set_defaults(func=cmd_demo)
     return ap
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if os.environ.get("GENSELFDIFF_THREADS"):
-        import torch
-        torch.set_num_threads(int(os.environ["GENSELFDIFF_THREADS"]))
+    """Run one ``genselfdiff`` command; returns its exit code (0 done, 2 error, 130 cancelled)."""
     try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help (0), or a bad flag already reported in one line (2)
+        return e.code if isinstance(e.code, int) else 2
+    name = _command_name(args)
+    try:
+        _set_threads()
         return args.func(args)
-    except GenSelfDiffError as e:
-        print(f"genselfdiff {args.command}: error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
-        print(f"genselfdiff {args.command}: interrupted; the last checkpoint is kept (use --resume)", file=sys.stderr)
+        kept = _after_cancel(args)
+        _say(f"genselfdiff {name}: cancelled{'; ' + kept if kept else ''}")
         return 130
+    except GenSelfDiffError as e:
+        _say(f"genselfdiff {name}: error: {e}")
+    except MemoryError:
+        _say(f"genselfdiff {name}: error: out of memory; {_smaller(args)}")
+    except OSError as e:
+        _say(f"genselfdiff {name}: error: {describe_os_error(e, _output_of(args))}")
+    except RuntimeError as e:
+        if type(e).__name__ != "OutOfMemoryError":  # torch's (a RuntimeError); anything else is a bug
+            raise
+        _say(f"genselfdiff {name}: error: out of GPU memory; {_smaller(args)}")
+    return 2
+
+
+# ---------------------------------------------------------------------------------------------
+# the error boundary's wording
+
+def _one_line(text: object) -> str:
+    return "; ".join(part.strip() for part in str(text).splitlines() if part.strip())
+
+
+def _say(text: str) -> None:
+    print(_one_line(text), file=sys.stderr)
+
+
+def _command_name(args: argparse.Namespace) -> str:
+    return " ".join(x for x in (args.command, getattr(args, "action", None)) if x)
+
+
+def _set_threads() -> None:
+    value = os.environ.get("GENSELFDIFF_THREADS")
+    if not value:
+        return
+    if not value.strip().isdigit() or int(value) < 1:
+        raise GenSelfDiffError(f"GENSELFDIFF_THREADS must be a whole number >= 1, got {value!r}")
+    import torch
+    torch.set_num_threads(int(value))
+
+
+def _output_of(args: argparse.Namespace) -> str | None:
+    """The path a command writes (to name in an OS error that names none, e.g. a full disk)."""
+    for key in ("out", "json", "geojson", "tiff", "ome_zarr", "overlay", "folder"):
+        value = getattr(args, key, None)
+        if isinstance(value, str) and value:
+            return value
+    return None
+
+
+#: Our temporary files and folders: ``.<target name>.<random>.tmp`` next to the target
+#: (core.atomic, core.checkpoint); an error about one is an error about its target.
+_TEMP_NAME = re.compile(r"^\.(?P<target>.+)\.[^.]+\.tmp$")
+
+
+def _user_path(filename: object) -> str:
+    path = Path(os.fsdecode(filename)) if isinstance(filename, (str, bytes, os.PathLike)) else Path(str(filename))
+    m = _TEMP_NAME.match(path.name)
+    return str(path.with_name(m.group("target"))) if m else str(path)
+
+
+def describe_os_error(e: OSError, output: str | None = None) -> str:
+    """One line for an OS error: the path it concerns (the target of a failed rename, the file
+    a temporary file stood in for, else ``output``) and what went wrong, in words."""
+    filename = e.filename2 if e.filename2 is not None else e.filename
+    path = _user_path(filename) if filename is not None else None
+    if isinstance(e, IsADirectoryError):
+        what = "is a folder; give a file name (or a new path)"
+    elif e.errno == errno.ENOSPC:
+        what = "no space left on the disk; free some space and run again"
+    elif e.errno == errno.EROFS:
+        what = "read-only file system; choose an output on a writable disk"
+    elif isinstance(e, PermissionError):
+        what = "permission denied; choose a folder you can write to (or check the file's permissions)"
+    elif isinstance(e, NotADirectoryError):
+        what = "a file stands where a folder is needed"
+    elif isinstance(e, FileNotFoundError):
+        what = "no such file or folder"
+    else:
+        what = (e.strerror or str(e) or type(e).__name__).rstrip(".").lower()
+    if path is not None:
+        return f"{path}: {what}"
+    return f"{what} (writing {output})" if output else what
+
+
+def _after_cancel(args: argparse.Namespace) -> str:
+    """What a Ctrl-C kept, and how to continue, for each command."""
+    command = _command_name(args)
+    if command in ("pretrain", "finetune"):
+        if Path(args.out).exists():
+            return f"the checkpoint reached so far is kept in {args.out}; add --resume to the same command to continue"
+        return f"nothing was saved in {args.out} yet"
+    if command == "predict":
+        return f"finished blocks are kept in {args.out}; run the same command again to resume from them"
+    if command == "project refine":
+        return (f"the model reached so far is kept under {Path(args.folder) / 'models'} and the refine is "
+                "recorded as cancelled; the current model is unchanged (run refine again to start over, or "
+                "pass the partial model as --base-model to start from it)")
+    if command in ("evaluate", "sample"):
+        return "nothing was written"
+    return ""  # export, project create / status, demo: what is done stays done
+
+
+def _smaller(args: argparse.Namespace) -> str:
+    flags = [f for f, key in (("--batch", "batch"), ("--tile", "tile"), ("--patch", "patch"), ("--n", "n"))
+             if getattr(args, key, None) is not None]
+    return f"try a smaller {' / '.join(flags)}" if flags else "try a smaller input"

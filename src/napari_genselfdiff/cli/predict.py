@@ -1,7 +1,13 @@
 """``genselfdiff predict`` and ``genselfdiff export``: whole-slide prediction into a zarr store,
 and exports of its instance labels (QuPath GeoJSON, OME-Zarr labels, label TIFF). The store is
 read through :class:`~..slide.store.PredictionStore`; QuPath class names, object types and
-colours come from :mod:`..formats.qupath`."""
+colours come from :mod:`..formats.qupath`.
+
+Nothing here overwrites what it did not write (:func:`~..core.atomic.check_target`): an output
+that exists is refused unless ``--force``, which replaces only an export of ours of the same
+kind, never the input slide or store. Every output is checked before any work starts, so a
+refusal never comes after hours of prediction. An unfinished prediction is not exported unless
+``--partial``, which says how much is missing."""
 from __future__ import annotations
 
 import argparse
@@ -11,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..core.atomic import check_target, is_our_png
 from ..core.errors import DataError
 from ..formats import qupath
 from ..slide.store import PredictionStore
@@ -23,25 +30,67 @@ PREDICT_UNITS = {"predict": "tile", "postprocess": "block"}
 @dataclass(frozen=True)
 class Exported:
     """What :func:`export_store` wrote: the label set, and per format its path (None: not asked
-    for); ``objects`` is the number of GeoJSON features (None without GeoJSON)."""
+    for); ``objects`` is the number of GeoJSON features (None without GeoJSON); ``missing`` is
+    what an unfinished prediction lacked when it was exported with ``partial`` (None: finished)."""
 
     name: str
     geojson: str | None = None
     objects: int | None = None
     tiff: str | None = None
     ome_zarr: str | None = None
+    missing: str | None = None
 
 
-def export_store(store: PredictionStore, *, name: str | None = None, geojson: str | None = None,
-                 tiff: str | None = None, ome_zarr: str | None = None,
-                 object_type: str | None = None) -> Exported:
-    """Write the chosen exports of a prediction store's instance labels; returns what was written."""
+def check_exports(*, geojson: str | None = None, tiff: str | None = None, ome_zarr: str | None = None,
+                  overlay: str | None = None, force: bool = False, inputs: list = ()) -> None:
+    """Refuse (DataError, one line) any output that may not be written: the rule of
+    :func:`~..core.atomic.check_target` with each format's own test of "ours"."""
+    from ..formats.geojson import is_our_geojson
+    from ..formats.ome_zarr import is_our_ome_zarr
+    from ..formats.tiff import is_our_tiff
+
+    for path, kind, ours in ((geojson, "GeoJSON export", is_our_geojson), (tiff, "label TIFF", is_our_tiff),
+                             (ome_zarr, "OME-Zarr labels export", is_our_ome_zarr),
+                             (overlay, "overlay PNG", is_our_png)):
+        if path:
+            check_target(path, kind=kind, force=force, ours=ours, inputs=inputs)
+    outputs = [Path(p).absolute() for p in (geojson, tiff, ome_zarr, overlay) if p]
+    if len(set(outputs)) < len(outputs):
+        raise DataError("two outputs have the same path; give each its own")
+
+
+def _label_set(store: PredictionStore, name: str | None, partial: bool) -> tuple[str, str | None]:
+    """The label set to export and what is missing (None: the prediction finished). An
+    unfinished prediction is refused unless ``partial``."""
     names = store.label_names()
+    missing = store.unfinished(name or (names[0] if names else None))
     if not names:
+        if missing:
+            raise DataError(f"prediction {store.path} is not finished ({missing}) and has no instance "
+                            "labels yet (they are made after the last block): rerun predict to resume")
         raise DataError("the prediction store has no instance labels (predict with a glands/nuclei model)")
     name = name or names[0]
     if name not in names:
         raise DataError(f"no label set {name!r} in the store (has: {', '.join(names)})")
+    if missing and not partial:
+        raise DataError(f"prediction {store.path} is not finished ({missing}): rerun predict to resume, "
+                        "or pass --partial to export what is there")
+    return name, missing
+
+
+def export_store(store: PredictionStore, *, name: str | None = None, geojson: str | None = None,
+                 tiff: str | None = None, ome_zarr: str | None = None,
+                 object_type: str | None = None, force: bool = False, partial: bool = False,
+                 inputs: list = ()) -> Exported:
+    """Write the chosen exports of a prediction store's instance labels; returns what was written.
+
+    Every output is checked first (:func:`check_exports`; the store and ``inputs`` are never
+    written, an existing output is replaced only with ``force`` and only when it is an export of
+    ours). An unfinished prediction is refused unless ``partial``; then ``missing`` in the result
+    says what was not there (missing blocks export as background)."""
+    name, missing = _label_set(store, name, partial)
+    sources = [store.path, *inputs]
+    check_exports(geojson=geojson, tiff=tiff, ome_zarr=ome_zarr, force=force, inputs=sources)
     labels = store.labels(name)
     downsample = store.downsample
     objects = None
@@ -51,16 +100,17 @@ def export_store(store: PredictionStore, *, name: str | None = None, geojson: st
         objects = export_label_array_chunked(
             labels, geojson, chunk=4096, probabilities=store.foreground(), downsample=downsample,
             object_type=object_type or qupath.object_type(name), class_name=qupath.class_name(name),
-            color=qupath.colour(name))
+            color=qupath.colour(name), force=force, inputs=sources)
     if tiff:
         from ..formats.tiff import write_label_tiff
 
-        write_label_tiff(tiff, labels, mpp=store.mpp)
+        write_label_tiff(tiff, labels, mpp=store.mpp, force=force, inputs=sources)
     if ome_zarr:
         from ..formats.ome_zarr import write_ome_zarr_labels
 
-        write_ome_zarr_labels(ome_zarr, labels, name=name, scale=(downsample, downsample))
-    return Exported(name, geojson or None, objects, tiff or None, ome_zarr or None)
+        write_ome_zarr_labels(ome_zarr, labels, name=name, scale=(downsample, downsample), force=force,
+                              inputs=sources)
+    return Exported(name, geojson or None, objects, tiff or None, ome_zarr or None, missing)
 
 
 def predict_cli(a: argparse.Namespace) -> int:
@@ -68,11 +118,16 @@ def predict_cli(a: argparse.Namespace) -> int:
     from ..core.inference import TorchPredictor
     from ..slide.tiler import predict_slide
 
+    out = Path(a.out)
+    many = len(a.input) > 1
+    force = bool(getattr(a, "force", False))
+    for inp in a.input:  # every output checked before any work starts
+        target = out / f"{Path(inp).stem}.zarr" if many else out
+        check_exports(geojson=_per_input(a.geojson, inp, many), overlay=_per_input(a.overlay, inp, many),
+                      force=force, inputs=[*a.input, target])
     predictor = TorchPredictor.from_checkpoint(resolve_model(a.model), device=a.device, batch_size=a.batch)
     task = predictor.task
     post = task if task in ("glands", "nuclei") else None
-    out = Path(a.out)
-    many = len(a.input) > 1
     level = a.level if a.level == "auto" else int(a.level)
     for inp in a.input:
         target = out / f"{Path(inp).stem}.zarr" if many else out
@@ -84,14 +139,24 @@ def predict_cli(a: argparse.Namespace) -> int:
         if a.geojson or a.overlay:
             store = PredictionStore.open(target)
             if a.geojson:
-                gj = Path(a.geojson)
-                gj = gj.with_name(f"{Path(inp).stem}_{gj.name}") if many else gj
-                n = export_store(store, geojson=str(gj), object_type=a.object_type).objects
+                gj = _per_input(a.geojson, inp, many)
+                n = export_store(store, geojson=gj, object_type=a.object_type, force=force,
+                                 inputs=a.input).objects
                 print(f"  {n} objects -> {gj}")
             if a.overlay:
-                write_overlay(inp, store, Path(a.overlay))
-                print(f"  overlay -> {a.overlay}")
+                ov = _per_input(a.overlay, inp, many)
+                check_exports(overlay=ov, force=force, inputs=[*a.input, target])
+                write_overlay(inp, store, Path(ov))
+                print(f"  overlay -> {ov}")
     return 0
+
+
+def _per_input(path: str | None, inp: str, many: bool) -> str | None:
+    """An export path given once for several inputs: one file per input (``<stem>_<name>``)."""
+    if not path or not many:
+        return path
+    p = Path(path)
+    return str(p.with_name(f"{Path(inp).stem}_{p.name}"))
 
 
 def write_overlay(image_path: str | Path, store: PredictionStore, path: Path, max_pixels: int = 64_000_000) -> None:
@@ -114,7 +179,11 @@ def export_cli(a: argparse.Namespace) -> int:
         print("genselfdiff export: nothing to do: give --geojson, --tiff and/or --ome-zarr", file=sys.stderr)
         return 2
     written = export_store(PredictionStore.open(a.labels), name=a.name, geojson=a.geojson, tiff=a.tiff,
-                           ome_zarr=a.ome_zarr, object_type=a.object_type)
+                           ome_zarr=a.ome_zarr, object_type=a.object_type, force=bool(getattr(a, "force", False)),
+                           partial=bool(getattr(a, "partial", False)))
+    if written.missing:
+        print(f"partial export of an unfinished prediction ({written.missing}); what is missing is "
+              "background in the exports: rerun predict to finish it", file=sys.stderr)
     if written.geojson:
         print(f"geojson: {written.objects} objects -> {written.geojson}")
     if written.tiff:

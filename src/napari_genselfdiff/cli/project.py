@@ -11,14 +11,20 @@ from .console import progress_bar
 def project_cli_create(args) -> int:
     """Create a project. ``args``: ``folder``; optional ``task`` ('glands'), ``class_names``
     (list or None), ``model`` (checkpoint or bundled name), ``boundary`` (False), ``slides``
-    (list of slide paths to add)."""
+    (list of slide paths to add). Every slide is opened first: a bad one is refused before the
+    project folder exists, so it never leaves a half-made project blocking the retry."""
     from ..project import Project
+    from ..slide.reader import open_slide
 
+    slides = []
+    for path in getattr(args, "slides", None) or []:
+        with open_slide(path) as slide:
+            slides.append((path, slide.shape[:2], slide.mpp))
     project = Project.create(args.folder, task=getattr(args, "task", None) or "glands",
                              class_names=getattr(args, "class_names", None), model=getattr(args, "model", None),
                              boundary=bool(getattr(args, "boundary", False)))
-    for path in getattr(args, "slides", None) or []:
-        print(f"added slide {project.add_slide(path)} ({path})")
+    for path, shape, mpp in slides:
+        print(f"added slide {project.add_slide(path, mpp=mpp, shape=shape)} ({path})")
     print(f"created project {project.folder} (task {project.spec.task}, model {project.current_model or 'none'})")
     return 0
 

@@ -1,11 +1,28 @@
 """``genselfdiff pretrain | finetune | evaluate | sample``: the training half of the command line.
-Each command drives the core's generators with :func:`.console.progress_bar`."""
+Each command drives the core's generators with :func:`.console.progress_bar`. Every flag that
+takes a model (``--init``, ``--model``) also takes a bundled model's name (``glands``, ``nuclei``)."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
+from ..bundled import resolve_model
 from ..core.errors import GenSelfDiffError
 from .console import progress_bar
+
+
+def init_model(name_or_path: str) -> Path:
+    """``finetune --init``: a checkpoint folder or a bundled name -> the folder, checked before
+    any training starts: its weights fit the architecture in its config (one line, not the
+    loader's traceback) and a segmentation model's config has its task."""
+    from ..core.checkpoint import load_model
+    from ..core.inference import checkpoint_task
+
+    path = resolve_model(name_or_path)
+    _, cfg = load_model(path)
+    if cfg.get("kind") == "segmentation":
+        checkpoint_task(cfg, path)
+    return path
 
 
 def cmd_pretrain(a: argparse.Namespace) -> int:
@@ -29,13 +46,14 @@ def cmd_finetune(a: argparse.Namespace) -> int:
 
     if a.init is None and not a.scratch and not a.resume:
         raise GenSelfDiffError("give --init CKPT (a pretrained model) or --scratch")
+    init = None if a.scratch or a.init is None else init_model(a.init)  # checked before the images load
     items = load_labeled_folder(a.images, a.masks, TaskSpec.make(a.task, a.boundary, a.num_classes))
     train, val = split_items(items, a.val_fraction, a.seed)
     cfg = FinetuneConfig(task=a.task, boundary=a.boundary, num_classes=a.num_classes, preset=a.preset,
                          steps=a.steps, patch=a.patch, batch=a.batch, lr=a.lr, loss=a.loss, seed=a.seed,
                          label_fraction=a.label_fraction, checkpoint_every=a.checkpoint_every,
                          val_every=a.val_every, amp=not a.no_amp, mpp=a.mpp)
-    events = finetune(train, a.out, cfg, init=None if a.scratch else a.init, val_items=val, device=a.device,
+    events = finetune(train, a.out, cfg, init=init, val_items=val, device=a.device,
                       resume=a.resume, overwrite=a.force)
     last = progress_bar(events, "finetune")
     print(f"segmentation model: {last.checkpoint} ({last.step} steps)")
@@ -45,7 +63,7 @@ def cmd_finetune(a: argparse.Namespace) -> int:
 def cmd_evaluate(a: argparse.Namespace) -> int:
     from ..core.evaluation import evaluate_folder, format_report
 
-    result = evaluate_folder(a.model, a.images, a.masks, instances_dir=a.instances, device=a.device)
+    result = evaluate_folder(resolve_model(a.model), a.images, a.masks, instances_dir=a.instances, device=a.device)
     print(format_report(result))
     if a.json:
         from ..core.atomic import write_json_atomic
@@ -58,7 +76,7 @@ def cmd_sample(a: argparse.Namespace) -> int:
     from ..core.atomic import write_png_atomic
     from ..core.sampling import generate_tiles, tile_grid
 
-    tiles = generate_tiles(a.model, a.n, size=a.size, steps=a.steps, sampler=a.sampler, seed=a.seed,
+    tiles = generate_tiles(resolve_model(a.model), a.n, size=a.size, steps=a.steps, sampler=a.sampler, seed=a.seed,
                            device=a.device)
     write_png_atomic(a.out, tile_grid(tiles))
     print(f"wrote {a.out} ({a.n} tiles of {tiles.shape[1]}x{tiles.shape[2]})")

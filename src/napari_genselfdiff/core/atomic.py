@@ -1,16 +1,27 @@
 """Atomic writes: write into a temporary file or folder next to the target, then move it into
 place in one rename, so a crash or an exception mid-write leaves the previous target (or nothing),
 never a truncated one. Used by the exporters, projects, settings and the CLI alike.
+
+Also the path rules every writer and reader shares:
+
+* :func:`check_target`, the one "may we write here?" rule: a missing path may be written; an
+  input is never overwritten; anything else only with ``force`` *and* when it is something of
+  ours (each writer passes the test for its own kind, e.g. "a GeoJSON we exported");
+* :func:`clean_stale_temps`: a kill mid-write leaves a hidden ``.NAME.<random>.tmp``; the next
+  write to that place removes those of ours that nothing has touched for a while;
+* :func:`inside`: a path read from a file (a project, a manifest) must stay inside its folder.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO, Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -57,12 +68,142 @@ def _check_parent(target: Path) -> None:
         raise DataError(f"cannot write {target}: folder {target.parent} does not exist")
 
 
+# ---------------------------------------------------------------------------------------------
+# what may be replaced
+
+def _related(target: Path, source: Path) -> bool:
+    """``target`` is ``source`` (same path after resolving links, or the same file), lies inside
+    it, or contains it."""
+    t, s = target.resolve(), source.resolve()
+    if t == s or t.is_relative_to(s) or s.is_relative_to(t):
+        return True
+    try:
+        return os.path.samefile(target, source)
+    except OSError:
+        return False
+
+
+def check_target(target: str | os.PathLike, *, kind: str, force: bool = False,
+                 ours: Callable[[Path], bool] | None = None,
+                 inputs: Iterable[str | os.PathLike | None] = ()) -> Path:
+    """The one rule for writing to ``target``; returns it as a Path or raises :class:`DataError`
+    with one line naming it.
+
+    * ``target`` is one of the ``inputs`` (the slide, image or store being read; the same file
+      by another name, a folder holding one, or a path inside one) -> refused, ``force`` or not;
+    * nothing at ``target`` -> allowed;
+    * something there, without ``force`` -> refused;
+    * with ``force`` -> allowed only when ``ours(target)`` says it is a ``kind`` we wrote (a
+      symbolic link never is: the link and what it points to are the user's).
+    """
+    target = Path(target)
+    for source in inputs:
+        if source is not None and _related(target, Path(source)):
+            raise DataError(f"{target}: is (or holds, or lies inside) the input {source}; "
+                            "an input is never overwritten: choose another output path")
+    if not os.path.lexists(target):
+        return target
+    if not force:
+        raise DataError(f"{target}: already exists; choose another path, or pass --force to "
+                        f"replace it (only a {kind} written by genselfdiff is ever replaced)")
+    if target.is_symlink() or ours is None or not ours(target):
+        raise DataError(f"{target}: exists and is not a {kind} written by genselfdiff; it is "
+                        "never replaced: choose another path")
+    return target
+
+
+# ---------------------------------------------------------------------------------------------
+# leftovers of interrupted writes
+
+#: Seconds without a change after which a temporary of ours is taken for a leftover. A live
+#: writer keeps touching its temporary (every file it adds or grows), so it is never taken.
+STALE_AFTER_S = 600.0
+# tempfile's names: prefix + 8 characters of this alphabet + suffix
+_RANDOM = r"[a-z0-9_]{8}"
+
+
+def temp_name_pattern(name: str) -> re.Pattern:
+    """Our temporary names for a target called ``name``: ``.NAME.<random>.tmp`` (a write in
+    progress) and ``.NAME.<random>.old`` (a replaced folder waiting to be deleted)."""
+    return re.compile(rf"\.{re.escape(name)}\.{_RANDOM}\.(tmp|old)")
+
+
+def _touched_since(path: Path, cutoff: float) -> bool:
+    """Whether ``path`` or anything in it was modified after ``cutoff`` (True when unsure)."""
+    try:
+        if path.lstat().st_mtime > cutoff:
+            return True
+        if path.is_symlink() or not path.is_dir():
+            return False
+        for root, dirs, files in os.walk(path):
+            for entry in dirs + files:
+                with contextlib.suppress(FileNotFoundError):
+                    if os.lstat(os.path.join(root, entry)).st_mtime > cutoff:
+                        return True
+    except OSError:
+        return True
+    return False
+
+
+def clean_stale_temps(parent: str | os.PathLike, name: str,
+                      max_age_s: float = STALE_AFTER_S) -> list[Path]:
+    """Remove the temporaries an interrupted write of ``parent/name`` left behind; returns them.
+
+    Only names of exactly our pattern (:func:`temp_name_pattern`) are candidates, and only those
+    nothing has modified for ``max_age_s`` seconds (a concurrent writer's live temporary is
+    kept). A ``.old`` folder is removed only while ``name`` exists: without it, it is the last
+    copy of the previous version, and is left for the user. Never raises: cleaning up is a
+    courtesy, the write that calls it must not fail because of it."""
+    parent = Path(parent)
+    pattern = temp_name_pattern(name)
+    cutoff = time.time() - max_age_s
+    removed: list[Path] = []
+    try:
+        entries = [e.name for e in os.scandir(parent)]
+    except OSError:
+        return removed
+    for entry in entries:
+        match = pattern.fullmatch(entry)
+        if match is None:
+            continue
+        path = parent / entry
+        if match.group(1) == "old" and not os.path.lexists(parent / name):
+            continue
+        if _touched_since(path, cutoff):
+            continue
+        with contextlib.suppress(OSError):
+            _remove(path)
+            removed.append(path)
+    return removed
+
+
+# ---------------------------------------------------------------------------------------------
+# paths read from files
+
+def inside(folder: str | os.PathLike, relative: str | os.PathLike, what: str = "path") -> Path:
+    """``folder / relative`` when it stays inside ``folder`` (checked with symbolic links resolved
+    on both sides; the path is returned as joined, so it stays relative-able to ``folder``);
+    :class:`DataError` for an absolute ``relative`` or one that leads out (``..``, a link pointing
+    elsewhere). ``what`` names the path in the message (e.g. "manifest line 3: mask")."""
+    rel = str(relative) if isinstance(relative, (str, os.PathLike)) else None
+    if not rel or "\x00" in rel:
+        raise DataError(f"{what} {relative!r}: not a path inside {folder}")
+    if Path(rel).is_absolute() or Path(rel).drive:
+        raise DataError(f"{what} {rel!r}: an absolute path; it must be relative to {folder}")
+    base = Path(folder).resolve()
+    full = (base / rel).resolve()
+    if not full.is_relative_to(base):
+        raise DataError(f"{what} {rel!r}: leads outside {folder}; refused")
+    return Path(folder) / rel
+
+
 @contextlib.contextmanager
 def atomic_file(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path in ``target``'s folder; on success ``os.replace`` it onto ``target``,
     on any exception delete it and re-raise."""
     target = Path(target)
     _check_parent(target)
+    clean_stale_temps(target.parent, target.name)
     fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp = Path(name)
@@ -89,6 +230,7 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
     the temporary folder is deleted and the old target is left untouched."""
     target = Path(target)
     _check_parent(target)
+    clean_stale_temps(target.parent, target.name)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
         yield tmp
@@ -140,8 +282,29 @@ def _json_default(o):
     raise TypeError(f"cannot write {type(o).__name__} as JSON")
 
 
+#: The PNG text chunk "Software" of every PNG written here: how :func:`is_our_png` knows one.
+PNG_SOFTWARE = "napari-genselfdiff"
+
+
 def write_png_atomic(path: str | os.PathLike, image: np.ndarray) -> None:
     import imageio.v3 as iio
+    from PIL.PngImagePlugin import PngInfo
 
+    info = PngInfo()
+    info.add_text("Software", PNG_SOFTWARE)
     with atomic_open(path, "wb") as f:
-        f.write(iio.imwrite("<bytes>", np.asarray(image), extension=".png"))
+        f.write(iio.imwrite("<bytes>", np.asarray(image), extension=".png", pnginfo=info))
+
+
+def is_our_png(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a plain PNG file written by :func:`write_png_atomic`."""
+    path = Path(path)
+    if path.is_symlink() or not path.is_file():
+        return False
+    try:
+        from PIL import Image
+
+        with Image.open(path) as im:
+            return im.format == "PNG" and im.info.get("Software") == PNG_SOFTWARE
+    except Exception:  # anything unreadable is not ours
+        return False

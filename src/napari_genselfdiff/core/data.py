@@ -17,6 +17,10 @@ from scipy import ndimage as ndi
 from .errors import DataError
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
+#: File signatures of the formats read here, to say what a file that fails to decode is.
+IMAGE_MAGIC = {b"\x89PNG": "PNG", b"\xff\xd8\xff": "JPEG", b"BM": "BMP", b"GIF8": "GIF", b"II*\x00": "TIFF",
+               b"MM\x00*": "TIFF", b"II+\x00": "TIFF", b"MM\x00+": "TIFF"}
+_SUFFIX_FORMAT = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".tif": "TIFF", ".tiff": "TIFF", ".bmp": "BMP"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -28,23 +32,43 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
 
 
 def _decode(path: str | os.PathLike, what: str) -> np.ndarray:
-    """Pixels of a small PNG/JPEG/TIFF file; a DataError naming the file when it can't be read."""
+    """Pixels of a small PNG/JPEG/TIFF file; a one-line DataError naming the file when it can't
+    be read (the decoders' own messages, e.g. imageio's multi-line plugin hints, are not shown)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+    except OSError as e:
+        raise DataError(f"{path}: cannot read {what} ({(e.strerror or str(e)).lower()})") from None
     try:
         if path.suffix.lower() in {".tif", ".tiff"}:
             import tifffile
             return np.asarray(tifffile.imread(path))
         import imageio.v3 as iio
         return np.asarray(iio.imread(path))
-    except Exception as e:  # every decoder has its own exception types
-        raise DataError(f"{path}: cannot read {what} ({type(e).__name__}: {e})") from None
+    except MemoryError:
+        raise
+    except Exception:  # every decoder has its own exception types
+        raise DataError(f"{path}: cannot read {what}: {undecodable(path, head)}") from None
+
+
+def undecodable(path: Path, head: bytes) -> str:
+    """Why a file whose first bytes are ``head`` could not be decoded, in words."""
+    actual = next((fmt for magic, fmt in IMAGE_MAGIC.items() if head.startswith(magic)), None)
+    if not head:
+        return "the file is empty"
+    if actual is None:
+        expected = _SUFFIX_FORMAT.get(path.suffix.lower(), "an image")
+        return f"not a {expected} file (nor another image format read here)"
+    return f"not a readable {actual} image (truncated or damaged)"
 
 
 def to_rgb_uint8(arr: np.ndarray, source: object = "image") -> np.ndarray:
     """Grayscale -> RGB, RGBA -> RGB on white, 16-bit -> 8-bit; other shapes are an error."""
-    arr = np.squeeze(arr) if arr.ndim > 3 else arr
+    while arr.ndim > 3 and arr.shape[0] == 1:  # leading singleton axes only: a 1x1 image stays 2-D
+        arr = arr[0]
     if arr.ndim == 2:
         arr = np.repeat(arr[..., None], 3, axis=2)
     if arr.ndim != 3:
@@ -79,7 +103,10 @@ def read_mask(path: str | os.PathLike) -> np.ndarray:
         if not (np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(arr[..., 0], arr[..., 2])):
             raise DataError(f"{path}: colour mask; expected a single-channel label image")
         arr = arr[..., 0]
-    arr = np.squeeze(arr)
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    while arr.ndim > 2 and arr.shape[0] == 1:  # leading singleton axes only: a 1x1 mask stays 2-D
+        arr = arr[0]
     if arr.ndim != 2 or not (np.issubdtype(arr.dtype, np.integer) or arr.dtype == bool):
         raise DataError(f"{path}: expected a 2-D integer mask, got shape {arr.shape} {arr.dtype}")
     return arr

@@ -11,3 +11,7 @@ class DataError(GenSelfDiffError):
 
 class CheckpointError(GenSelfDiffError):
     """A checkpoint folder that is missing, incomplete or inconsistent."""
+
+
+class GenSelfDiffWarning(UserWarning):
+    """A warning of this package a user should see (the widgets show it as a notification)."""

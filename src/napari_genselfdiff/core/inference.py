@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .checkpoint import load_model
-from .data import NORMALIZATION, to_model_input
+from .data import NORMALIZATION, TaskSpec, to_model_input
 from .device import pick_device
 from .errors import CheckpointError, DataError
 
@@ -30,43 +30,79 @@ def autocast_for(device: torch.device, enabled: bool = True):
     return contextlib.nullcontext()
 
 
+def checkpoint_task(config: dict, source: object = "checkpoint") -> TaskSpec:
+    """The task a segmentation checkpoint's config describes; a :class:`CheckpointError` naming
+    ``source`` when its ``task`` entry is missing or malformed (the one check every reader of
+    ``config["task"]`` goes through)."""
+    task = config.get("task")
+    try:
+        spec = TaskSpec.from_dict(task)  # type: ignore[arg-type]
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise CheckpointError(f"{source}: config.json has no valid 'task' entry (task, num_classes, "
+                              "class_names): not a complete segmentation checkpoint") from None
+    if spec.num_classes < 2 or len(spec.class_names) != spec.num_classes:
+        raise CheckpointError(f"{source}: config.json's task has {spec.num_classes} classes but "
+                              f"{len(spec.class_names)} class names")
+    return spec
+
+
+DEFAULT_OVERLAP = 64
+
+
 class TorchPredictor:
-    """Wraps a segmentation U-Net and its checkpoint config."""
+    """Wraps a segmentation U-Net and its checkpoint config. ``source`` names the model in
+    errors (the checkpoint folder when loaded with :meth:`from_checkpoint`)."""
 
     def __init__(self, model: torch.nn.Module, config: dict, device: torch.device | str = "cpu",
-                 amp: bool = True, batch_size: int = 8):
+                 amp: bool = True, batch_size: int = 8, source: str | os.PathLike | None = None):
+        self.source = str(source) if source is not None else "the model"
         if config.get("kind") != "segmentation":
-            raise CheckpointError("this checkpoint is a pretraining (diffusion) model, not a segmentation "
+            raise CheckpointError(f"{self.source}: a pretraining (diffusion) model, not a segmentation "
                                   "model: fine-tune it first (genselfdiff finetune --init ...)")
         norm = config.get("normalization", NORMALIZATION)
         if norm != NORMALIZATION:
-            raise CheckpointError(f"unsupported input normalisation {norm!r} in checkpoint")
+            raise CheckpointError(f"{self.source}: unsupported input normalisation {norm!r} in checkpoint")
+        spec = checkpoint_task(config, self.source)
+        out_channels = getattr(getattr(model, "config", None), "out_channels", spec.num_classes)
+        if out_channels != spec.num_classes:
+            raise CheckpointError(f"{self.source}: the network predicts {out_channels} classes but config.json's "
+                                  f"task has {spec.num_classes}")
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.config = config
         self.amp = amp
         self.batch_size = batch_size
-        self.num_classes = int(config["task"]["num_classes"])
-        self.class_names = list(config["task"]["class_names"])
-        self.task = config["task"]["task"]
+        self.num_classes = spec.num_classes
+        self.class_names = list(spec.class_names)
+        self.task = spec.task
         self.tile_multiple = self.model.config.multiple
         self.mpp = config.get("mpp")
+        # tile overlap derived from the trained network's effective receptive field (core/receptive.py),
+        # recorded by benchmarks/train_defaults.py; checkpoints without one get the old default
+        self.overlap = int(config.get("halo") or DEFAULT_OVERLAP)
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, device: str = "auto", **kw) -> "TorchPredictor":
         dev, _ = pick_device(device)
         model, cfg = load_model(path, dev)
+        kw.setdefault("source", path)
         return cls(model, cfg, dev, **kw)
 
     @torch.inference_mode()
     def __call__(self, tiles: np.ndarray) -> np.ndarray:
-        """(B, H, W, 3) uint8 -> (B, C, H, W) float32 probabilities (softmax over C)."""
+        """(B, H, W, 3) uint8 -> (B, C, H, W) float32 probabilities (softmax over C). Output
+        that is not finite (NaN / inf: damaged weights) is a CheckpointError naming the model,
+        never a silent all-background prediction."""
         out = []
         for i in range(0, len(tiles), self.batch_size):
             x = torch.from_numpy(to_model_input(np.asarray(tiles[i:i + self.batch_size]))).to(self.device)
             with autocast_for(self.device, self.amp):
                 logits = self.model(x)
-            out.append(logits.float().softmax(dim=1).cpu().numpy())
+            probs = logits.float().softmax(dim=1)
+            if not bool(torch.isfinite(probs).all()):
+                raise CheckpointError(f"{self.source}: the model's output holds NaN or infinite values "
+                                      "(damaged or diverged weights); copy the model again or retrain it")
+            out.append(probs.cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, self.num_classes) + tiles.shape[1:3], np.float32)
 
 

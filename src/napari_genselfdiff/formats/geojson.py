@@ -1,451 +1,68 @@
-# One piece on purpose (over 500 lines): export and import share one coordinate convention
-# (pixel-edge polygons, offset / downsample, QuPath's layout) and the geometry helpers, and the
-# contract is the round trip labels -> GeoJSON -> labels; split, that convention would live twice.
-"""GeoJSON export and import of instance labels, for QuPath and other GIS-style viewers.
-
-Export
-------
-Each instance id > 0 of a label image becomes one GeoJSON Feature whose polygon follows the
-**pixel edges** exactly: pixel ``(row, col)`` is the unit square ``[col, col+1] x [row, row+1]``,
-so the polygon area equals the pixel count and rasterising the polygon by pixel centres gives
-back the same pixels. How the rings are traced, and why that is exact and fast:
-
-* each object is cut out on its bounding box (plus one pixel of padding) and traced with
-  marching squares (``skimage.measure.find_contours`` at level 0.5). On a 0/1 mask every contour
-  vertex is the midpoint of one pixel edge between an object and a background pixel, and two
-  consecutive vertices lie in one 2x2 cell whose centre is the pixel corner they share; mapping
-  each contour segment to that corner turns the contour into the exact pixel-edge ring.
-  Collinear corners are dropped, so a rectangle has 4 vertices. Cost: O(crop area) in C plus
-  O(perimeter) in Python per object.
-* marching squares keeps object pixels 4-connected, so two pixels that touch only at a corner
-  are separate parts (a MultiPolygon touching at a point, which is valid). A background pocket
-  that reaches the outside only through such a corner makes one contour visit that corner
-  twice; the ring is split there into an exterior and a hole touching it at one point, the valid
-  OGC form (a self-touching ring would be invalid).
-* rings winding like an exterior are shells, the others holes; each hole goes to the smallest
-  shell that contains it (islands inside holes become separate parts).
-* exteriors are counter-clockwise and holes clockwise in the coordinate numbers as written
-  (RFC 7946 section 3.1.6, reading y as pointing up; QuPath accepts either).
-* the result is checked with ``is_valid``; ``shapely.make_valid`` (polygonal part kept, logged)
-  is only a last resort, e.g. after ``simplify_tolerance`` > 0. Exact tracing never needs it.
-
-Coordinates are full-resolution pixels: ``x = (col + offset_x) * downsample``,
-``y = (row + offset_y) * downsample``, where ``(row, col)`` index ``labels`` and ``offset``
-is the position of ``labels[0, 0]`` in the grid of ``labels`` (a crop of a larger label image
-at that same downsample). ``objectType`` is written inside ``properties``, where QuPath reads
-it. Files are streamed feature by feature and written atomically.
+"""GeoJSON import (QuPath and other tools) into napari layers and label images, and the one
+public face of the GeoJSON format: the export names of :mod:`.geojson_export` (exact pixel-edge
+polygons, streamed, atomic, recognised by their marker) are re-exported here, so
+``formats.geojson`` reads and writes.
 
 Import
 ------
 :func:`read_geojson` accepts what QuPath and other tools write (FeatureCollection, a bare
 Feature or geometry, a plain list of Features), keeps polygonal geometry as shapely objects
 and reports every skipped or altered feature in ``warnings`` by index and id.
-:func:`features_to_labels` rasterises them back (pixel-centre rule, holes honoured) and
-:func:`features_to_shapes` turns them into napari Shapes data.
+:func:`features_to_labels` rasterises them back (pixel-centre rule, holes honoured),
+:class:`FeatureRaster` does the same lazily, window by window, for a label image of any size
+(a whole slide's label TIFF), and :func:`features_to_shapes` turns them into napari Shapes data.
+:func:`iter_read_geojson` and :func:`iter_features_to_labels` are the same work as generators
+of :class:`~..core.progress.Progress` events, for a background job with a progress bar. Drawing
+is vectorised over many objects at once (:func:`_paint`): 50 000 objects take about a second.
+
+What a file cannot do to us: JSON nested deeper than :data:`MAX_DEPTH` is refused with one line
+before it is parsed (the JSON parser and shapely recurse, and a worker thread's stack is
+small); a feature with a coordinate beyond :data:`MAX_COORDINATE` pixels is skipped with a
+warning; :func:`raster_window` refuses a raster of the objects' bounds over
+:data:`MAX_RASTER_PIXELS` (the image size unknown) and says so when none of the objects lies
+inside the image, instead of handing back an empty raster.
 """
 from __future__ import annotations
 
 import json
-import logging
+import math
 import os
-import uuid
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+import re
+from collections.abc import Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import shapely
-from scipy import ndimage
 from shapely.geometry import MultiPolygon, Polygon
-from skimage.measure import find_contours
 
-from ..core.atomic import atomic_file
 from ..core.errors import DataError
-from .qupath import OBJECT_KINDS
+from ..core.progress import Progress, run_to_end
+from .geojson_export import (DEFAULT_COLOR, MARKER, Geometry, _as_polygonal, _make_valid_polygonal, _orient,
+                             _polygon_parts, export_label_array_chunked, export_labels_geojson, is_our_geojson,
+                             labels_to_features, write_geojson)
 
-log = logging.getLogger(__name__)
+__all__ = ["DEFAULT_COLOR", "MARKER", "MAX_COORDINATE", "MAX_DEPTH", "MAX_RASTER_PIXELS", "FeatureRaster",
+           "ImportResult", "ImportedFeature", "export_label_array_chunked", "export_labels_geojson",
+           "features_to_labels", "features_to_shapes", "is_our_geojson", "iter_features_to_labels",
+           "iter_read_geojson", "labels_to_features", "raster_window", "read_geojson", "write_geojson"]
 
-DEFAULT_COLOR = (0, 200, 0)
-# Blocks whose largest id is at most this are indexed with ndimage.find_objects directly (a
-# list as long as the largest id); above it ids are first compacted with np.unique (a sort).
-_DIRECT_MAX_LABEL = 1 << 20
 _GEOJSON_GEOMETRIES = ("Point", "MultiPoint", "LineString", "MultiLineString", "Polygon",
                        "MultiPolygon", "GeometryCollection")
-
-Geometry = Polygon | MultiPolygon
-
-
-# --------------------------------------------------------------------------- ring tracing
-
-def _next(ring: np.ndarray) -> np.ndarray:
-    """The ring's vertices shifted by one (vertex i+1 at position i); cheaper than np.roll."""
-    return np.concatenate((ring[1:], ring[:1]))
-
-
-def _drop_collinear(ring: np.ndarray) -> np.ndarray:
-    """Remove vertices that lie on a straight run of an axis-aligned ring."""
-    prev, nxt = np.concatenate((ring[-1:], ring[:-1])), _next(ring)
-    same_row = (prev[:, 0] == ring[:, 0]) & (ring[:, 0] == nxt[:, 0])
-    same_col = (prev[:, 1] == ring[:, 1]) & (ring[:, 1] == nxt[:, 1])
-    return ring[~(same_row | same_col)]
-
-
-def _split_at_repeats(ring: np.ndarray) -> list[np.ndarray]:
-    """Split a ring that passes through a vertex more than once into simple loops."""
-    keys = ring[:, 0] * (int(ring[:, 1].max()) + 1) + ring[:, 1]
-    ordered = np.sort(keys)
-    if not (ordered[1:] == ordered[:-1]).any():
-        return [ring]
-    loops: list[np.ndarray] = []
-    stack: list[int] = []          # indices into ring, the loop being walked
-    where: dict[int, int] = {}     # key -> position in stack
-    for i, key in enumerate(keys.tolist()):
-        if key in where:
-            start = where[key]
-            loops.append(ring[stack[start:]])
-            for j in stack[start + 1:]:
-                del where[int(keys[j])]
-            del stack[start + 1:]
-        else:
-            where[key] = len(stack)
-            stack.append(i)
-    loops.append(ring[stack])
-    return loops
-
-
-def _trace_rings(mask: np.ndarray) -> list[np.ndarray]:
-    """Exact pixel-edge rings of a boolean mask as open (n, 2) int arrays of (row, col) corners,
-    in the mask's edge frame. Shells wind counter-clockwise in (x=col, y=row), holes clockwise."""
-    padded = np.zeros((mask.shape[0] + 2, mask.shape[1] + 2), np.float32)
-    padded[1:-1, 1:-1] = mask
-    rings: list[np.ndarray] = []
-    for contour in find_contours(padded, 0.5):
-        mids = contour[:-1]
-        # the corner shared by consecutive edge midpoints, padded edge frame = floor(mean) + 1,
-        # minus the one pixel of padding
-        corners = np.floor((mids + _next(mids)) * 0.5).astype(np.int64)
-        rings.extend(_split_at_repeats(_drop_collinear(corners)))
-    return rings
-
-
-def _signed_area(ring: np.ndarray) -> float:
-    """Shoelace area of an open (row, col) ring, positive when counter-clockwise in (x, y)."""
-    y, x = ring[:, 0].astype(np.float64), ring[:, 1].astype(np.float64)
-    return 0.5 * float(np.dot(x, _next(y)) - np.dot(_next(x), y))
-
-
-def _ring_length(ring: np.ndarray) -> float:
-    return float(np.abs(_next(ring) - ring).sum())
-
-
-def _assemble(rings: list[np.ndarray]) -> list[tuple[np.ndarray, list[np.ndarray]]]:
-    """Group rings into (shell, holes) pairs; a hole goes to the smallest shell containing it."""
-    areas = np.array([_signed_area(r) for r in rings])
-    shells = [r for r, a in zip(rings, areas) if a > 0]
-    holes = [r for r, a in zip(rings, areas) if a < 0]
-    parts: list[tuple[np.ndarray, list[np.ndarray]]] = [(s, []) for s in shells]
-    if len(shells) == 1:
-        parts[0][1].extend(holes)
-        return parts
-    order = np.argsort(areas[areas > 0])
-    shell_polys = [Polygon(s[:, ::-1]) for s in shells]
-    for hole in holes:
-        # midpoint of the hole's first edge: on no other ring, so strictly inside or outside
-        y, x = (hole[0] + hole[1]) / 2.0
-        owner = next(i for i in order if shapely.contains_xy(shell_polys[i], x, y))
-        parts[owner][1].append(hole)
-    return parts
-
-
-# --------------------------------------------------------------------------- geometry helpers
-
-def _polygon_parts(geom: shapely.Geometry) -> list[Polygon]:
-    """Non-empty polygons inside any geometry (collections flattened)."""
-    if isinstance(geom, Polygon):
-        return [] if geom.is_empty else [geom]
-    if hasattr(geom, "geoms"):
-        return [p for g in geom.geoms for p in _polygon_parts(g)]
-    return []
-
-
-def _as_polygonal(parts: Sequence[Polygon]) -> Geometry | None:
-    if not parts:
-        return None
-    return parts[0] if len(parts) == 1 else MultiPolygon(list(parts))
-
-
-def _orient(geom: Geometry) -> Geometry:
-    """Exterior counter-clockwise, holes clockwise (RFC 7946)."""
-    return shapely.orient_polygons(geom, exterior_cw=False)
-
-
-def _make_valid_polygonal(geom: shapely.Geometry) -> Geometry | None:
-    """Last-resort repair keeping only the polygonal part of ``shapely.make_valid``."""
-    fixed = _as_polygonal(_polygon_parts(shapely.make_valid(geom)))
-    return None if fixed is None else _orient(fixed)
-
-
-def _ring_json(coords: np.ndarray) -> list:
-    """Closed ring as nested lists, integers when every coordinate is integral (smaller files)."""
-    if np.array_equal(coords, np.floor(coords)):
-        return coords.astype(np.int64).tolist()
-    return coords.tolist()
-
-
-def _geometry_json(geom: Geometry) -> dict[str, Any]:
-    def poly(p: Polygon) -> list:
-        rings = [p.exterior, *p.interiors]
-        return [_ring_json(shapely.get_coordinates(r)) for r in rings]
-    if isinstance(geom, Polygon):
-        return {"type": "Polygon", "coordinates": poly(geom)}
-    return {"type": "MultiPolygon", "coordinates": [poly(p) for p in geom.geoms]}
-
-
-# --------------------------------------------------------------------------- export
-
-@dataclass(frozen=True)
-class _ExportOptions:
-    offset: tuple[float, float]
-    downsample: float
-    object_type: str
-    class_name: str
-    color: tuple[int, int, int]
-    simplify_tolerance: float
-
-    @classmethod
-    def make(cls, offset: Sequence[float] = (0, 0), downsample: float = 1.0,
-             object_type: str = "annotation", class_name: str = "Gland",
-             color: Sequence[int] = DEFAULT_COLOR,
-             simplify_tolerance: float = 0.0) -> _ExportOptions:
-        if object_type not in OBJECT_KINDS:
-            raise ValueError(f"object_type must be one of {OBJECT_KINDS}, got {object_type!r}")
-        if not downsample > 0:
-            raise ValueError(f"downsample must be > 0, got {downsample}")
-        if simplify_tolerance < 0:
-            raise ValueError(f"simplify_tolerance must be >= 0, got {simplify_tolerance}")
-        rgb = tuple(int(c) for c in color)
-        if len(rgb) != 3 or not all(0 <= c <= 255 for c in rgb):
-            raise ValueError(f"color must be three integers 0..255, got {color!r}")
-        oy, ox = offset
-        return cls((float(oy), float(ox)), float(downsample), object_type, str(class_name),
-                   rgb, float(simplify_tolerance))
-
-
-def _object_geometry(mask: np.ndarray, origin: tuple[int, int], label: int,
-                     opts: _ExportOptions) -> tuple[Geometry, float]:
-    """Full-resolution geometry of one object's mask cut out at ``origin`` (row, col), and its
-    exact perimeter in full-resolution pixels."""
-    rings = _trace_rings(mask)
-    perimeter = sum(_ring_length(r) for r in rings) * opts.downsample
-    shift = np.array([origin[0] + opts.offset[0], origin[1] + opts.offset[1]])
-
-    def to_xy(ring: np.ndarray) -> np.ndarray:
-        return ((ring + shift) * opts.downsample)[:, ::-1]
-
-    polys = [Polygon(to_xy(shell), [to_xy(h) for h in holes])
-             for shell, holes in _assemble(rings)]
-    geom = _as_polygonal(polys)
-    if opts.simplify_tolerance > 0:
-        geom = _orient(shapely.simplify(geom, opts.simplify_tolerance, preserve_topology=True))
-    if not geom.is_valid:
-        reason = shapely.is_valid_reason(geom)
-        repaired = _make_valid_polygonal(geom)
-        if repaired is None:
-            raise RuntimeError(f"label {label}: could not build a valid polygon ({reason})")
-        log.warning("label %d: polygon repaired with make_valid (%s)", label, reason)
-        geom = repaired
-    return geom, perimeter
-
-
-def _mean_probability(probs: np.ndarray, mask: np.ndarray) -> float:
-    values = probs[mask]
-    scale = 255.0 if probs.dtype == np.uint8 else 1.0
-    return float(values.mean(dtype=np.float64) / scale)
-
-
-def _make_feature(mask: np.ndarray, origin: tuple[int, int], label: int, opts: _ExportOptions,
-                  probs: np.ndarray | None) -> dict[str, Any]:
-    geom, perimeter = _object_geometry(mask, origin, label, opts)
-    measurements = {"area": float(np.count_nonzero(mask)) * opts.downsample ** 2,
-                    "perimeter": perimeter}
-    if probs is not None:
-        measurements["mean_probability"] = _mean_probability(probs, mask)
-    return {
-        "type": "Feature",
-        "id": str(uuid.uuid4()),
-        "geometry": _geometry_json(geom),
-        "properties": {
-            "objectType": opts.object_type,
-            "classification": {"name": opts.class_name, "color": list(opts.color)},
-            "measurements": measurements,
-            "label_id": int(label),
-        },
-    }
-
-
-def _block_boxes(block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Ids > 0 present in ``block`` and their boxes (k, 4) = (row0, col0, row1, col1)."""
-    top = int(block.max(initial=0))
-    if top == 0:
-        return np.empty(0, np.int64), np.empty((0, 4), np.int64)
-    if int(block.min()) < 0:
-        raise ValueError("label images must not contain negative ids")
-    if top <= _DIRECT_MAX_LABEL:
-        found = ndimage.find_objects(block)
-        pairs = [(i + 1, s) for i, s in enumerate(found) if s is not None]
-        ids = np.array([p[0] for p in pairs], dtype=np.int64)
-    else:
-        uniq, inverse = np.unique(block, return_inverse=True)
-        compact = inverse.reshape(block.shape)
-        if uniq[0] != 0:
-            compact = compact + 1
-            uniq = np.concatenate([[0], uniq])
-        pairs = list(enumerate(ndimage.find_objects(compact), start=1))
-        ids = uniq[[p[0] for p in pairs]].astype(np.int64)
-    boxes = np.array([[s[0].start, s[1].start, s[0].stop, s[1].stop] for _, s in pairs],
-                     dtype=np.int64)
-    return ids, boxes
-
-
-def _label_boxes(array: Any, chunk: int) -> tuple[np.ndarray, np.ndarray]:
-    """One pass over ``chunk`` x ``chunk`` blocks: every id and its bounding box in the whole
-    array (boxes of an id seen in several blocks are merged)."""
-    height, width = array.shape
-    all_ids, all_boxes = [], []
-    for r in range(0, height, chunk):
-        for c in range(0, width, chunk):
-            ids, boxes = _block_boxes(np.asarray(array[r:r + chunk, c:c + chunk]))
-            all_ids.append(ids)
-            all_boxes.append(boxes + np.array([r, c, r, c]))
-    ids = np.concatenate(all_ids)
-    boxes = np.concatenate(all_boxes)
-    order = np.argsort(ids, kind="stable")
-    ids, boxes = ids[order], boxes[order]
-    if ids.size == 0:
-        return ids, boxes
-    starts = np.flatnonzero(np.concatenate([[True], ids[1:] != ids[:-1]]))
-    merged = np.concatenate([np.minimum.reduceat(boxes[:, :2], starts, axis=0),
-                             np.maximum.reduceat(boxes[:, 2:], starts, axis=0)], axis=1)
-    return ids[starts], merged
-
-
-def _check_label_array(labels: Any, probabilities: Any | None) -> None:
-    if len(labels.shape) != 2:
-        raise ValueError(f"labels must be 2-D, got shape {tuple(labels.shape)}")
-    if not np.issubdtype(np.dtype(labels.dtype), np.integer):
-        raise ValueError(f"labels must have an integer dtype, got {labels.dtype}")
-    if probabilities is not None and tuple(probabilities.shape) != tuple(labels.shape):
-        raise ValueError(f"probabilities shape {tuple(probabilities.shape)} differs from "
-                         f"labels shape {tuple(labels.shape)}")
-
-
-def _iter_array_features(array: Any, chunk: int, probabilities: Any | None,
-                         opts: _ExportOptions) -> Iterator[dict[str, Any]]:
-    """Features of every object of a (possibly lazy) 2-D label array, each exactly once.
-
-    Objects are grouped by the block holding the top-left corner of their bounding box; each
-    group's joint box (at most one block plus the largest object) is read once, so memory is
-    bounded by a block plus the largest object, never the whole array.
-    """
-    ids, boxes = _label_boxes(array, chunk)
-    if ids.size == 0:
-        return
-    n_col_blocks = -(-array.shape[1] // chunk)
-    owner = (boxes[:, 0] // chunk) * n_col_blocks + boxes[:, 1] // chunk
-    order = np.lexsort((ids, owner))
-    ids, boxes, owner = ids[order], boxes[order], owner[order]
-    bounds = np.flatnonzero(np.concatenate([[True], owner[1:] != owner[:-1], [True]]))
-    for start, stop in zip(bounds[:-1], bounds[1:]):
-        g_ids, g_boxes = ids[start:stop], boxes[start:stop]
-        r0, c0 = g_boxes[:, :2].min(axis=0)
-        r1, c1 = g_boxes[:, 2:].max(axis=0)
-        region = np.asarray(array[r0:r1, c0:c1])
-        probs = None if probabilities is None else np.asarray(probabilities[r0:r1, c0:c1])
-        for label, (br0, bc0, br1, bc1) in zip(g_ids.tolist(), g_boxes.tolist()):
-            window = (slice(br0 - r0, br1 - r0), slice(bc0 - c0, bc1 - c0))
-            mask = region[window] == label
-            yield _make_feature(mask, (br0, bc0), label, opts,
-                                None if probs is None else probs[window])
-
-
-def labels_to_features(labels: np.ndarray, *, offset: Sequence[float] = (0, 0),
-                       downsample: float = 1.0, object_type: str = "annotation",
-                       class_name: str = "Gland", color: Sequence[int] = DEFAULT_COLOR,
-                       probabilities: np.ndarray | None = None,
-                       simplify_tolerance: float = 0.0) -> Iterator[dict[str, Any]]:
-    """One GeoJSON Feature per instance id > 0 of ``labels``, lazily, in increasing id order.
-
-    Parameters
-    ----------
-    labels : 2-D integer array (ids >= 0; 0 is background).
-    offset : (row, col) of ``labels[0, 0]`` in the label grid (same downsample as ``labels``);
-        full-resolution ``x = (col + offset[1]) * downsample`` and
-        ``y = (row + offset[0]) * downsample``.
-    downsample : size of one label pixel in full-resolution pixels.
-    object_type : ``"annotation"`` or ``"detection"`` (QuPath object types).
-    class_name, color : QuPath classification name and RGB colour.
-    probabilities : optional array of the shape of ``labels``, float in [0, 1] or uint8 0..255;
-        adds ``measurements["mean_probability"]`` (mean over the object's pixels, in [0, 1]).
-    simplify_tolerance : Douglas-Peucker tolerance in full-resolution pixels (0 = exact
-        pixel-edge polygons). Measurements always come from the exact polygon.
-
-    Each feature has a uuid4 ``id``, a Polygon (MultiPolygon for objects in several parts) with
-    holes as interior rings, and ``properties`` = ``objectType``, ``classification``,
-    ``measurements`` (``area`` = pixel count * downsample**2, ``perimeter`` = length of all rings
-    of the exact polygon, both in full-resolution pixels) and ``label_id``.
-    """
-    labels = np.asarray(labels)
-    _check_label_array(labels, probabilities)
-    opts = _ExportOptions.make(offset, downsample, object_type, class_name, color,
-                               simplify_tolerance)
-    probs = None if probabilities is None else np.asarray(probabilities)
-    yield from _iter_array_features(labels, max(labels.shape), probs, opts)
-
-
-def write_geojson(path: str | os.PathLike, features: Iterable[dict[str, Any]]) -> int:
-    """Stream ``features`` into a GeoJSON FeatureCollection at ``path``; returns how many.
-
-    Features are serialised one at a time as they are drawn from the iterable (a generator is
-    never materialised). The file is written to a temporary file next to ``path`` and moved
-    into place at the end, so a failure leaves no partial file.
-    """
-    count = 0
-    with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
-        fh.write('{"type":"FeatureCollection","features":[\n')
-        for feature in features:
-            if count:
-                fh.write(",\n")
-            fh.write(json.dumps(feature, separators=(",", ":"), allow_nan=False))
-            count += 1
-        fh.write("\n]}\n")
-    return count
-
-
-def export_labels_geojson(labels: np.ndarray, path: str | os.PathLike, **kwargs: Any) -> int:
-    """Write :func:`labels_to_features` of ``labels`` to ``path``; returns the feature count."""
-    return write_geojson(path, labels_to_features(labels, **kwargs))
-
-
-def export_label_array_chunked(label_array: Any, path: str | os.PathLike, *, chunk: int = 4096,
-                               probabilities: Any | None = None, **kwargs: Any) -> int:
-    """Export a large, possibly lazy (zarr / dask / memory-mapped) 2-D label array to GeoJSON.
-
-    A first pass over ``chunk`` x ``chunk`` blocks finds every id's bounding box; objects are
-    then cut out of the array (a block plus overhang at a time) and traced whole, so an object
-    spanning several blocks is emitted exactly once and complete. Memory stays bounded by a block
-    plus the largest object. Choose ``chunk`` as a multiple of the array's storage chunks.
-    ``probabilities`` (same shape, may be lazy) and ``kwargs`` are as for
-    :func:`labels_to_features`; features come out grouped by block. Returns the count.
-    """
-    if chunk < 1:
-        raise ValueError(f"chunk must be >= 1, got {chunk}")
-    _check_label_array(label_array, probabilities)
-    opts = _ExportOptions.make(**kwargs)
-    return write_geojson(path, _iter_array_features(label_array, int(chunk), probabilities, opts))
-
-
-# --------------------------------------------------------------------------- import
+#: Deepest JSON nesting accepted. QuPath's GeoJSON nests about 8 levels (a MultiPolygon's
+#: coordinates in a Feature in a FeatureCollection, measurements in properties).
+MAX_DEPTH = 64
+#: Largest coordinate (in pixels) taken for real: whole slides are ~1e5 pixels across.
+MAX_COORDINATE = 1e7
+#: Largest label raster made of the objects' bounds when the image size is not known.
+MAX_RASTER_PIXELS = 100_000_000
+#: Progress events come every this many features.
+PROGRESS_EVERY = 1000
+_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
+
+
+# --------------------------------------------------------------------------- reading
 
 @dataclass(frozen=True)
 class ImportedFeature:
@@ -468,19 +85,45 @@ class ImportResult:
     warnings: list[str] = field(default_factory=list)
 
 
+def _nesting_depth(data: bytes) -> int:
+    """The deepest ``[``/``{`` nesting of JSON text, brackets inside strings not counted;
+    vectorised, so a large file costs a fraction of parsing it."""
+    if b"\\" in data:  # escaped quotes: drop the strings' contents first (linear regex)
+        data = _STRING.sub(b'""', data)
+    arr = np.frombuffer(data, np.uint8)
+    opens = (arr == ord("[")) | (arr == ord("{"))
+    brackets = np.flatnonzero(opens | (arr == ord("]")) | (arr == ord("}")))
+    if brackets.size == 0:
+        return 0
+    quotes = np.flatnonzero(arr == ord('"'))
+    outside = np.searchsorted(quotes, brackets) % 2 == 0  # an even number of quotes before
+    brackets = brackets[outside]
+    steps = np.where(opens[brackets], 1, -1).astype(np.int64)
+    return int(np.cumsum(steps).max(initial=0))
+
+
 def _load_json(path_or_data: Any) -> tuple[str, Any]:
-    if isinstance(path_or_data, (str, os.PathLike)):
-        path = Path(path_or_data)
-        try:
-            with open(path, encoding="utf-8") as fh:
-                return str(path), json.load(fh)
-        except FileNotFoundError:
-            raise DataError(f"{path}: GeoJSON file not found") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise DataError(f"{path}: not valid JSON ({exc})") from None
-        except OSError as exc:
-            raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
-    return "<in-memory GeoJSON>", path_or_data
+    if not isinstance(path_or_data, (str, os.PathLike)):
+        return "<in-memory GeoJSON>", path_or_data
+    path = Path(path_or_data)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{path}: GeoJSON file not found") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a folder, not a GeoJSON file") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    depth = _nesting_depth(data)
+    if depth > MAX_DEPTH:
+        raise DataError(f"{path}: JSON nested {depth} levels deep (GeoJSON needs about 8; more "
+                        f"than {MAX_DEPTH} is refused): not a GeoJSON file we can read")
+    try:
+        return str(path), json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: not valid JSON ({exc})") from None
+    except RecursionError:  # cannot happen below MAX_DEPTH; kept as the last line of defence
+        raise DataError(f"{path}: JSON nested too deeply to read") from None
 
 
 def _raw_features(data: Any, source: str) -> list[Any]:
@@ -512,9 +155,9 @@ def _parse_geometry(geometry: Any) -> tuple[Geometry | None, list[str]]:
         return None, [f"{what}; skipped"]
     try:
         geom = shapely.geometry.shape(geometry)
-    except (ValueError, TypeError, KeyError, IndexError, AttributeError,
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError,
             shapely.errors.ShapelyError) as exc:
-        return None, [f"malformed {kind} ({exc}); skipped"]
+        return None, [f"malformed {kind} ({type(exc).__name__}: {exc}); skipped"]
     notes = []
     parts = _polygon_parts(geom)
     if kind == "GeometryCollection" and not all(isinstance(g, (Polygon, MultiPolygon))
@@ -523,8 +166,12 @@ def _parse_geometry(geometry: Any) -> tuple[Geometry | None, list[str]]:
     polygonal = _as_polygonal(parts)
     if polygonal is None:
         return None, notes + ["empty geometry; skipped"]
-    if not np.isfinite(shapely.get_coordinates(polygonal)).all():
+    coords = shapely.get_coordinates(polygonal)
+    if not np.isfinite(coords).all():
         return None, notes + ["non-finite coordinates; skipped"]
+    if np.abs(coords).max() > MAX_COORDINATE:
+        return None, notes + [f"coordinates beyond {MAX_COORDINATE:,.0f} pixels (up to "
+                              f"{np.abs(coords).max():.3g}): no slide is that large; skipped"]
     if not polygonal.is_valid:
         reason = shapely.is_valid_reason(polygonal)
         polygonal = _make_valid_polygonal(polygonal)
@@ -581,6 +228,30 @@ def _parse_feature(index: int, item: Any, image_shape: tuple[int, int] | None
     return feature, [f"{name}: {n}" for n in notes]
 
 
+def iter_read_geojson(path_or_data: str | os.PathLike | dict | list, *,
+                      image_shape: tuple[int, int] | None = None,
+                      every: int = PROGRESS_EVERY) -> Generator[Progress, None, ImportResult]:
+    """:func:`read_geojson` as a generator of ``Progress`` events (stage ``"read"``, ``step``
+    features of ``total``, one every ``every`` features) that *returns* the
+    :class:`ImportResult` (``result = yield from iter_read_geojson(...)``)."""
+    name = Path(path_or_data).name if isinstance(path_or_data, (str, os.PathLike)) else "GeoJSON"
+    yield Progress("read", 0, 0, message=f"reading {name}")
+    source, data = _load_json(path_or_data)
+    raw = _raw_features(data, source)
+    result = ImportResult(source)
+    shape = None if image_shape is None else (int(image_shape[0]), int(image_shape[1]))
+    for index, item in enumerate(raw):
+        feature, warnings = _parse_feature(index, item, shape)
+        result.warnings.extend(warnings)
+        if feature is not None:
+            result.features.append(feature)
+        if (index + 1) % every == 0:
+            yield Progress("read", index + 1, len(raw), message=f"read {index + 1} of {len(raw)} features")
+    yield Progress("read", len(raw), len(raw), message=f"read {len(result.features)} polygon object(s) "
+                                                       f"of {len(raw)} feature(s)")
+    return result
+
+
 def read_geojson(path_or_data: str | os.PathLike | dict | list, *,
                  image_shape: tuple[int, int] | None = None) -> ImportResult:
     """Read polygonal features from a GeoJSON file or already-parsed GeoJSON data.
@@ -589,23 +260,19 @@ def read_geojson(path_or_data: str | os.PathLike | dict | list, *,
     a plain list of Features (as some QuPath exports write). Polygons and MultiPolygons are kept
     (the polygonal members of a GeometryCollection too); every other feature is skipped with a
     warning naming it by index and id: malformed features or geometries, non-polygonal or
-    unknown geometry types, empty or non-finite geometry. Invalid polygons are repaired with
-    ``shapely.make_valid`` (warned). With ``image_shape`` = (height, width) in full-resolution
-    pixels, geometry reaching outside the image is clipped to it (warned). Features without a
-    classification get ``class_name`` None (warned).
+    unknown geometry types, empty or non-finite geometry, coordinates beyond
+    :data:`MAX_COORDINATE`. Invalid polygons are repaired with ``shapely.make_valid`` (warned).
+    With ``image_shape`` = (height, width) in full-resolution pixels, geometry reaching outside
+    the image is clipped to it and geometry entirely outside skipped (warned). Features without
+    a classification get ``class_name`` None (warned).
 
-    Raises DataError naming the file when it is missing or not valid JSON / GeoJSON as a whole.
+    Raises DataError naming the file when it is missing, not valid JSON / GeoJSON as a whole,
+    or nested deeper than :data:`MAX_DEPTH`.
     """
-    source, data = _load_json(path_or_data)
-    result = ImportResult(source)
-    shape = None if image_shape is None else (int(image_shape[0]), int(image_shape[1]))
-    for index, item in enumerate(_raw_features(data, source)):
-        feature, warnings = _parse_feature(index, item, shape)
-        result.warnings.extend(warnings)
-        if feature is not None:
-            result.features.append(feature)
-    return result
+    return run_to_end(iter_read_geojson(path_or_data, image_shape=image_shape))
 
+
+# --------------------------------------------------------------------------- rasterising
 
 def _feature_list(result_or_features: ImportResult | Iterable[ImportedFeature]
                   ) -> list[ImportedFeature]:
@@ -614,46 +281,85 @@ def _feature_list(result_or_features: ImportResult | Iterable[ImportedFeature]
     return list(result_or_features)
 
 
-def _scanline_fill(rings: list[np.ndarray], shape: tuple[int, int]
-                   ) -> tuple[tuple[slice, slice], np.ndarray] | None:
-    """Pixels whose centre lies inside the rings (even-odd rule, so holes and the parts of a
-    MultiPolygon need no special case). Rings are closed (n, 2) arrays of (x, y) in pixel units.
+def _paint(labels: np.ndarray, shapes: Sequence[list[np.ndarray]], values: Sequence[int]) -> None:
+    """Draw many shapes into ``labels`` at once: shape k (its closed (n, 2) rings of (x, y) in
+    ``labels``' pixel units) gets ``values[k]`` on every pixel whose centre lies inside it
+    (even-odd rule, so holes and the parts of a MultiPolygon need no special case); a later
+    shape wins over an earlier one and over what ``labels`` held.
 
     Each non-horizontal edge crosses the scanlines ``y = row + 0.5`` in the half-open range
-    ``[min y, max y)``; crossings are sorted per row and filled pairwise through a difference
-    array, so the cost is O(perimeter + bounding-box area). Returns the clipped window and mask,
-    or None when nothing falls inside the image.
-    """
-    height, width = shape
-    pts = np.concatenate(rings)
-    r_lo = max(0, int(np.floor(pts[:, 1].min())))
-    r_hi = min(height, int(np.ceil(pts[:, 1].max())))
-    c_lo = max(0, int(np.floor(pts[:, 0].min())))
-    c_hi = min(width, int(np.ceil(pts[:, 0].max())))
-    if r_lo >= r_hi or c_lo >= c_hi:
-        return None
-    x0 = np.concatenate([r[:-1, 0] for r in rings])
-    y0 = np.concatenate([r[:-1, 1] for r in rings])
-    x1 = np.concatenate([r[1:, 0] for r in rings])
-    y1 = np.concatenate([r[1:, 1] for r in rings])
-    keep = y0 != y1
-    x0, y0, x1, y1 = x0[keep], y0[keep], x1[keep], y1[keep]
-    first = np.clip(np.ceil(np.minimum(y0, y1) - 0.5).astype(np.int64), r_lo, r_hi)
-    last = np.clip(np.ceil(np.maximum(y0, y1) - 0.5).astype(np.int64), r_lo, r_hi)
+    ``[min y, max y)``, so every shape crosses each row an even number of times; the crossings,
+    sorted by (shape, row, x), pair up into runs of pixels. Everything is vectorised over all
+    shapes (no Python loop per shape): O(edges + crossings + covered pixels)."""
+    height, width = labels.shape
+    rings = [(k, r) for k, shape in enumerate(shapes) for r in shape if len(r) > 1]
+    if not rings or height == 0 or width == 0:
+        return
+    owner = np.concatenate([np.full(len(r) - 1, k, np.int64) for k, r in rings])
+    start = np.concatenate([r[:-1] for _, r in rings])
+    end = np.concatenate([r[1:] for _, r in rings])
+    keep = start[:, 1] != end[:, 1]
+    owner, (x0, y0), (x1, y1) = owner[keep], start[keep].T, end[keep].T
+    first = np.clip(np.ceil(np.minimum(y0, y1) - 0.5), 0, height).astype(np.int64)
+    last = np.clip(np.ceil(np.maximum(y0, y1) - 0.5), 0, height).astype(np.int64)
     counts = last - first
     edge = np.repeat(np.arange(counts.size), counts)
     rows = first[edge] + (np.arange(edge.size) - np.repeat(np.cumsum(counts) - counts, counts))
-    yc = rows + 0.5
-    xs = x0[edge] + (yc - y0[edge]) * (x1[edge] - x0[edge]) / (y1[edge] - y0[edge])
-    order = np.lexsort((xs, rows))
-    rows, xs = rows[order], xs[order]
-    cols = np.clip(np.ceil(xs - 0.5).astype(np.int64), c_lo, c_hi) - c_lo
-    n_cols = c_hi - c_lo + 1
-    flat = (rows - r_lo) * n_cols + cols
-    diff = np.bincount(flat[0::2], minlength=(r_hi - r_lo) * n_cols)
-    diff -= np.bincount(flat[1::2], minlength=(r_hi - r_lo) * n_cols)
-    mask = np.cumsum(diff.reshape(r_hi - r_lo, n_cols), axis=1)[:, :-1] > 0
-    return (slice(r_lo, r_hi), slice(c_lo, c_hi)), mask
+    xs = x0[edge] + (rows + 0.5 - y0[edge]) * (x1[edge] - x0[edge]) / (y1[edge] - y0[edge])
+    order = np.lexsort((xs, rows, owner[edge]))
+    rows, cols, who = rows[order], np.clip(np.ceil(xs[order] - 0.5), 0, width).astype(np.int64), owner[edge][order]
+    run_row, run_start, run_end, run_who = rows[0::2], cols[0::2], cols[1::2], who[0::2]
+    lengths = run_end - run_start
+    keep = lengths > 0
+    run_row, run_start, lengths, run_who = run_row[keep], run_start[keep], lengths[keep], run_who[keep]
+    if lengths.size == 0:
+        return
+    pixels = (np.repeat(run_row * width + run_start, lengths)
+              + (np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)))
+    who = np.repeat(run_who, lengths)
+    order = np.lexsort((who, pixels))  # per pixel, the last shape wins
+    pixels, who = pixels[order], who[order]
+    top = np.concatenate([pixels[1:] != pixels[:-1], [True]])
+    labels.reshape(-1)[pixels[top]] = np.asarray(values, dtype=labels.dtype)[who[top]]
+
+
+def _rings(feature: ImportedFeature) -> list[np.ndarray]:
+    """The closed (n, 2) (x, y) rings of a feature's polygons, exteriors and holes."""
+    return [shapely.get_coordinates(r) for p in _polygon_parts(feature.geometry)
+            for r in (p.exterior, *p.interiors)]
+
+
+def iter_features_to_labels(result_or_features: ImportResult | Iterable[ImportedFeature],
+                            shape: tuple[int, int], *, downsample: float = 1.0,
+                            class_map: Mapping[str, int] | None = None, every: int = PROGRESS_EVERY
+                            ) -> Generator[Progress, None, tuple[np.ndarray, dict[int, str | None]]]:
+    """:func:`features_to_labels` as a generator of ``Progress`` events (stage
+    ``"rasterise"``, one every ``every`` features) returning ``(labels, classes)``."""
+    if not downsample > 0:
+        raise ValueError(f"downsample must be > 0, got {downsample}")
+    if class_map is not None and any(int(v) <= 0 for v in class_map.values()):
+        raise ValueError("class_map values must be positive integers")
+    features = _feature_list(result_or_features)
+    labels = np.zeros((int(shape[0]), int(shape[1])), dtype=np.int32)
+    classes: dict[int, str | None] = {}
+    for start in range(0, len(features), every):  # a batch at a time: later batches over earlier
+        shapes, values = [], []
+        for number, feature in enumerate(features[start:start + every], start=start + 1):
+            if class_map is None:
+                value = number
+            elif feature.class_name in class_map:
+                value = int(class_map[feature.class_name])
+            else:
+                continue
+            classes[value] = feature.class_name
+            shapes.append([r / downsample for r in _rings(feature)])
+            values.append(value)
+        _paint(labels, shapes, values)
+        done = min(start + every, len(features))
+        if done < len(features):
+            yield Progress("rasterise", done, len(features), message=f"drew {done} of {len(features)} objects")
+    yield Progress("rasterise", len(features), len(features), message=f"drew {len(features)} objects")
+    return labels, classes
 
 
 def features_to_labels(result_or_features: ImportResult | Iterable[ImportedFeature],
@@ -672,29 +378,83 @@ def features_to_labels(result_or_features: ImportResult | Iterable[ImportedFeatu
     semantic: features are painted with their class's value, features of other classes are
     left out, and ``classes`` maps value -> class name.
     """
-    if not downsample > 0:
-        raise ValueError(f"downsample must be > 0, got {downsample}")
-    if class_map is not None and any(int(v) <= 0 for v in class_map.values()):
-        raise ValueError("class_map values must be positive integers")
-    height, width = int(shape[0]), int(shape[1])
-    labels = np.zeros((height, width), dtype=np.int32)
-    classes: dict[int, str | None] = {}
-    for number, feature in enumerate(_feature_list(result_or_features), start=1):
-        if class_map is None:
-            value = number
-        elif feature.class_name in class_map:
-            value = int(class_map[feature.class_name])
-        else:
-            continue
-        classes[value] = feature.class_name
-        rings = [shapely.get_coordinates(r) / downsample
-                 for p in _polygon_parts(feature.geometry) for r in (p.exterior, *p.interiors)]
-        filled = _scanline_fill(rings, (height, width))
-        if filled is not None:
-            window, mask = filled
-            labels[window][mask] = value
-    return labels, classes
+    return run_to_end(iter_features_to_labels(result_or_features, shape, downsample=downsample,
+                                              class_map=class_map))
 
+
+def _span(features: Sequence[ImportedFeature]) -> tuple[tuple[float, float, float, float], str]:
+    minx, miny, maxx, maxy = (float(v) for v in shapely.total_bounds([f.geometry for f in features]))
+    return (minx, miny, maxx, maxy), f"x {minx:.6g}..{maxx:.6g}, y {miny:.6g}..{maxy:.6g}"
+
+
+def raster_window(features: Sequence[ImportedFeature], image_shape: tuple[int, int] | None = None,
+                  max_pixels: int = MAX_RASTER_PIXELS) -> tuple[int, int, int, int]:
+    """(y, x, h, w): the full-resolution pixels covering ``features`` (clipped to the image of
+    ``image_shape`` when given, to x, y >= 0 otherwise), for a label raster of just the objects.
+    :class:`DataError` when there are none, when none of them lies inside, or when the raster
+    would exceed ``max_pixels``."""
+    if not features:
+        raise DataError("no polygon objects to draw")
+    (minx, miny, maxx, maxy), span = _span(features)
+    y0, x0 = max(0, math.floor(miny)), max(0, math.floor(minx))
+    y1, x1 = math.ceil(maxy), math.ceil(maxx)
+    where = "the image area (x, y >= 0)"
+    if image_shape is not None:
+        y1, x1 = min(y1, int(image_shape[0])), min(x1, int(image_shape[1]))
+        where = f"the {int(image_shape[1])}x{int(image_shape[0])} image"
+    h, w = y1 - y0, x1 - x0
+    if h <= 0 or w <= 0:
+        raise DataError(f"none of the {len(features)} objects lies inside {where}: they span {span}")
+    if h * w > max_pixels:
+        raise DataError(f"the {len(features)} objects span {w}x{h} pixels ({span}), more than the "
+                        f"{max_pixels / 1e6:g} Mpx a label raster may have; import them as Shapes, "
+                        "or check their coordinates")
+    return y0, x0, h, w
+
+
+class FeatureRaster:
+    """A lazy (height, width) int32 label image of imported features (feature i gets id i + 1,
+    later features over earlier ones, pixel-centre rule): any window, with any step, is drawn
+    when it is read (``raster[r0:r1:step, c0:c1:step]``), only from the features that reach it.
+    ``raster[::f, ::f]`` equals the full image strided by ``f`` without drawing it, so a label
+    TIFF pyramid of a whole slide (:func:`~.tiff.write_label_tiff`) costs a tile of memory."""
+
+    def __init__(self, result_or_features: ImportResult | Iterable[ImportedFeature], shape: tuple[int, int]):
+        self.features = _feature_list(result_or_features)
+        self.shape = (int(shape[0]), int(shape[1]))
+        self.dtype = np.dtype(np.int32)
+        self.ndim = 2
+        self._tree = shapely.STRtree([f.geometry for f in self.features])
+        self._rings: dict[int, list[np.ndarray]] = {}
+
+    def _shape(self, i: int, r0: int, c0: int, sy: int, sx: int) -> list[np.ndarray]:
+        """Feature ``i``'s rings in the pixel units of a window whose pixel (j, k) is image pixel
+        (r0 + j*sy, c0 + k*sx): mapped so that pixel centres land on the window's centres."""
+        if i not in self._rings:
+            self._rings[i] = _rings(self.features[i])
+        return [np.column_stack(((r[:, 0] - c0 - 0.5) / sx + 0.5, (r[:, 1] - r0 - 0.5) / sy + 0.5))
+                for r in self._rings[i]]
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        if not (isinstance(key, tuple) and len(key) == 2 and all(isinstance(k, slice) for k in key)):
+            raise TypeError("FeatureRaster is read by two slices: raster[r0:r1:step, c0:c1:step]")
+        rows, cols = (range(*k.indices(n)) for k, n in zip(key, self.shape))
+        if rows.step <= 0 or cols.step <= 0:
+            raise ValueError("FeatureRaster steps must be positive")
+        out = np.zeros((len(rows), len(cols)), np.int32)
+        if out.size == 0:
+            return out
+        box = shapely.box(cols.start, rows.start, cols[-1] + 1, rows[-1] + 1)
+        hits = np.sort(self._tree.query(box))
+        _paint(out, [self._shape(int(i), rows.start, cols.start, rows.step, cols.step) for i in hits], hits + 1)
+        return out
+
+    def __array__(self, dtype=None, copy=None):
+        full = self[0:self.shape[0], 0:self.shape[1]]
+        return full if dtype is None else full.astype(dtype)
+
+
+# --------------------------------------------------------------------------- napari shapes
 
 def features_to_shapes(result_or_features: ImportResult | Iterable[ImportedFeature]
                        ) -> tuple[list[np.ndarray], dict[str, list]]:

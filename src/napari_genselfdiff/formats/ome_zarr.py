@@ -16,10 +16,14 @@ never blended. The root group holds no image; ``image-label.source.image`` point
 ("../../") as the spec suggests, so an image can be added next to the labels later.
 
 Writes are atomic: everything goes into a temporary folder next to the target, which is renamed
-onto the target at the end (an existing target is replaced only after success).
+onto the target at the end (an existing target is replaced only after success). The root group's
+attribute ``"genselfdiff": {"kind": "labels-export", ...}`` marks an export of ours
+(:func:`is_our_ome_zarr`): an existing target is replaced only with ``force`` and only when it
+is one (never a user's folder, a file, or the prediction store being exported).
 """
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,12 +34,28 @@ import numpy as np
 import zarr
 
 from ..core.errors import DataError
-from ..core.atomic import atomic_directory
+from ..core.atomic import atomic_directory, check_target
 
 NGFF_VERSION = "0.4"
 _COMPRESSOR = numcodecs.Blosc(cname="zstd", clevel=5, shuffle=numcodecs.Blosc.BITSHUFFLE)
 _CHUNK_KEYS = {"name": "v2", "separator": "/"}
 _METADATA_KEY = "napari-genselfdiff"
+#: The root attribute marking an OME-Zarr labels export of ours.
+MARKER_KEY = "genselfdiff"
+MARKER = {"kind": "labels-export", "version": 1}
+
+
+def is_our_ome_zarr(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a folder holding an OME-Zarr labels export this package wrote."""
+    path = Path(path)
+    if path.is_symlink() or not path.is_dir():
+        return False
+    try:
+        attrs = json.loads((path / ".zattrs").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    marker = attrs.get(MARKER_KEY) if isinstance(attrs, dict) else None
+    return isinstance(marker, dict) and marker.get("kind") == MARKER["kind"]
 
 
 def _level_shapes(shape: tuple[int, int], levels: int) -> list[tuple[int, int]]:
@@ -87,7 +107,8 @@ def _multiscales(name: str, n_levels: int, scale: tuple[float, float]) -> list[d
 def write_ome_zarr_labels(path: str | os.PathLike, labels: Any, *, name: str = "glands",
                           image_shape: Sequence[int] | None = None,
                           scale: Sequence[float] = (1.0, 1.0), pyramid_levels: int = 4,
-                          chunks: Sequence[int] = (1024, 1024)) -> Path:
+                          chunks: Sequence[int] = (1024, 1024), force: bool = False,
+                          inputs: Sequence[str | os.PathLike | None] = ()) -> Path:
     """Write a 2-D integer label image (numpy, or lazy zarr / dask) as an OME-NGFF 0.4 labels
     pyramid at ``path/labels/<name>``; returns ``path``.
 
@@ -95,7 +116,9 @@ def write_ome_zarr_labels(path: str | os.PathLike, labels: Any, *, name: str = "
     pixels by default: use the downsample for labels computed at a lower level); level k has
     ``scale * 2**k``. ``image_shape`` (height, width) of the annotated image, when given, is
     checked against ``labels.shape * scale`` and stored under the group's "napari-genselfdiff"
-    attribute. ``pyramid_levels`` counts level 0. An existing ``path`` is replaced.
+    attribute. ``pyramid_levels`` counts level 0. An existing ``path`` is refused unless
+    ``force``, and even then replaced only when it is an export of ours
+    (:func:`is_our_ome_zarr`); ``inputs`` (the store the labels come from) are never written.
     """
     shape = tuple(int(n) for n in labels.shape)
     if len(shape) != 2:
@@ -111,9 +134,11 @@ def write_ome_zarr_labels(path: str | os.PathLike, labels: Any, *, name: str = "
         _check_image_shape(image_shape, shape, scale_yx)
     chunks_yx = (int(chunks[0]), int(chunks[1]))
     shapes = _level_shapes(shape, pyramid_levels)
-    target = Path(path)
+    target = check_target(path, kind="OME-Zarr labels export", force=force, ours=is_our_ome_zarr,
+                          inputs=inputs)
     with atomic_directory(target) as tmp:
         root = zarr.open_group(str(tmp), mode="w", zarr_format=2)
+        root.attrs[MARKER_KEY] = dict(MARKER)
         labels_group = root.create_group("labels")
         group = labels_group.create_group(name)
         source = labels

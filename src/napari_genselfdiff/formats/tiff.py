@@ -12,6 +12,9 @@ BigTIFF when the uncompressed pixels would come near the 4 GiB classic-TIFF limi
 produced one at a time from the source, which may be lazy (zarr / dask), so memory stays at a
 tile. ``mpp`` (micrometres per pixel) becomes X/YResolution in pixels per centimetre.
 Writes are atomic (temporary file next to the target, flushed to disk, then ``os.replace``).
+Every TIFF written here carries the Software tag ``napari-genselfdiff`` (:data:`SOFTWARE`): that
+is how :func:`is_our_tiff` recognises a file of ours, the only kind a label export with
+``force`` replaces (:func:`~..core.atomic.check_target`); anything else there is refused.
 """
 from __future__ import annotations
 
@@ -24,12 +27,28 @@ from typing import Any
 import numpy as np
 import tifffile
 
-from ..core.atomic import atomic_file
+from ..core.atomic import atomic_file, check_target
 from ..core.errors import DataError
 
 # Above this many uncompressed bytes (all levels) write BigTIFF; classic TIFF offsets stop at
 # 4 GiB and compressed size cannot be known in advance, so keep a wide margin.
 _BIGTIFF_BYTES = 2 ** 31
+#: The Software tag of every TIFF written here (and the start of a label export's description).
+SOFTWARE = "napari-genselfdiff"
+
+
+def is_our_tiff(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a plain TIFF file this package wrote (Software tag, or the image
+    description label exports had before the tag)."""
+    path = Path(path)
+    if path.is_symlink() or not path.is_file():
+        return False
+    try:
+        with tifffile.TiffFile(path) as tif:
+            page = tif.pages[0]
+            return page.software == SOFTWARE or (page.description or "").startswith(SOFTWARE)
+    except Exception:  # anything unreadable is not ours
+        return False
 
 
 @contextlib.contextmanager
@@ -39,9 +58,23 @@ def atomic_tiff(path: str | os.PathLike, *, bigtiff: bool = False) -> Iterator[t
     with atomic_file(Path(path)) as tmp:
         with open(tmp, "wb") as f:
             with tifffile.TiffWriter(f, bigtiff=bigtiff) as tif:
-                yield tif
+                yield _Marked(tif)
             f.flush()
             os.fsync(f.fileno())
+
+
+class _Marked:
+    """A TiffWriter whose ``write`` adds our Software tag to every image."""
+
+    def __init__(self, tif: tifffile.TiffWriter):
+        self._tif = tif
+
+    def write(self, *args: Any, **kwargs: Any) -> Any:
+        kwargs.setdefault("software", SOFTWARE)
+        return self._tif.write(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._tif, name)
 
 
 def _resolution(mpp: float | None, level: int = 0) -> dict[str, Any]:
@@ -96,9 +129,14 @@ def _tiles(source: Any, factor: int, shape: tuple[int, int],
 
 def write_label_tiff(path: str | os.PathLike, labels: Any, *, pyramid: bool = True,
                      tile: Sequence[int] = (512, 512), compression: str | None = "zlib",
-                     mpp: float | None = None) -> Path:
+                     mpp: float | None = None, force: bool = False,
+                     inputs: Sequence[str | os.PathLike | None] = ()) -> Path:
     """Write a 2-D integer label image (numpy, or lazy zarr / dask) as a tiled TIFF with
     optional sub-resolution pyramid (SubIFDs); returns ``path``.
+
+    An existing ``path`` is refused unless ``force``, and even then replaced only when it is a
+    TIFF of ours (:func:`is_our_tiff`); one of ``inputs`` (the slide or store the labels come
+    from) is never written (:func:`~..core.atomic.check_target`).
 
     ``tile`` sides must be multiples of 16 (TIFF rule). ``compression`` is any tifffile codec
     name (lossless ones only make sense for labels: "zlib", "zstd", "lzw", None). ``mpp`` is the
@@ -115,6 +153,7 @@ def write_label_tiff(path: str | os.PathLike, labels: Any, *, pyramid: bool = Tr
         raise ValueError(f"tile sides must be positive multiples of 16, got {tile_yx}")
     if mpp is not None and not mpp > 0:
         raise ValueError(f"mpp must be > 0, got {mpp}")
+    check_target(path, kind="label TIFF", force=force, ours=is_our_tiff, inputs=inputs)
     shapes = _pyramid_shapes(shape, tile_yx, pyramid)
     bigtiff = sum(h * w for h, w in shapes) * dtype.itemsize > _BIGTIFF_BYTES
     common = {"dtype": dtype, "tile": tile_yx, "compression": compression,

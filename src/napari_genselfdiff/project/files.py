@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 from datetime import datetime, timezone
 from pathlib import Path
@@ -12,7 +13,9 @@ from typing import Sequence
 
 import numpy as np
 
+from ..core.atomic import atomic_open, inside
 from ..core.errors import DataError
+from ..core.names import is_safe_name
 
 FORMAT = "napari-genselfdiff-project"
 FORMAT_VERSION = 1
@@ -49,6 +52,14 @@ def append_jsonl(path: Path, record: dict) -> None:
         f.write(line)
         f.flush()
         os.fsync(f.fileno())
+
+
+def rewrite_jsonl(path: Path, records: list[dict]) -> None:
+    """Replace a JSON-lines file by ``records`` in one step (temporary file, fsync, rename):
+    a reader sees the old lines or the new ones, never a mix."""
+    with atomic_open(path, "wb") as f:
+        for record in records:
+            f.write((json.dumps(record, sort_keys=True, allow_nan=False) + "\n").encode("utf-8"))
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -158,3 +169,78 @@ def model_path(model: str | os.PathLike) -> str:
     path = Path(resolve_model(model)).absolute()
     load_config(path)
     return str(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# what a project folder may say (a project is meant to be shared: its files are checked, never
+# trusted; every name becomes a path only through a safe name, every path stays inside)
+
+REGION_ID = re.compile(r"r\d{1,9}")
+
+
+def _int_list(value: object, n: int) -> bool:
+    return (isinstance(value, list) and len(value) == n
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in value))
+
+
+def check_meta(meta: dict, path: Path) -> None:
+    """``project.json``'s slides, names and model reference, checked; :class:`DataError` naming
+    ``path`` and the first problem otherwise (slide ids become file names: ``labels/<id>.zarr``)."""
+    slides = meta.get("slides", [])
+    if not isinstance(slides, list):
+        raise DataError(f"{path}: 'slides' must be a list")
+    seen: set[str] = set()
+    for i, s in enumerate(slides):
+        if not isinstance(s, dict):
+            raise DataError(f"{path}: slide {i} is not a JSON object")
+        sid = s.get("id")
+        if not is_safe_name(sid):
+            raise DataError(f"{path}: slide {i} has the id {sid!r}, which is not a safe name "
+                            "(letters, digits, '.', '_', '-'; not hidden): refused")
+        if sid in seen:
+            raise DataError(f"{path}: slide id {sid!r} appears twice")
+        seen.add(sid)
+        if not isinstance(s.get("path"), str) or not s["path"]:
+            raise DataError(f"{path}: slide {sid!r} has no file path")
+        if not _int_list(s.get("shape"), 2) or min(s["shape"]) <= 0:
+            raise DataError(f"{path}: slide {sid!r} has no valid shape ([height, width] > 0)")
+    names = meta.get("class_names", [])
+    if not isinstance(names, list) or not all(isinstance(c, str) for c in names):
+        raise DataError(f"{path}: 'class_names' must be a list of names")
+    model = meta.get("current_model")
+    if model is not None and (not isinstance(model, str) or not model or "\x00" in model):
+        raise DataError(f"{path}: 'current_model' must be a checkpoint path or null")
+    if not isinstance(meta.get("settings", {}), dict):
+        raise DataError(f"{path}: 'settings' must be a JSON object")
+
+
+def check_regions(records: list, folder: Path, slide_ids: set[str], path: Path) -> list[dict]:
+    """Manifest records, checked: a region id of our form, a known slide, integer bounds and
+    level, and image / mask paths that stay inside ``folder``; :class:`DataError` naming the
+    manifest line otherwise. Returns ``records``."""
+    for line, rec in enumerate(records, 1):
+        where = f"{path}: line {line}"
+        if not isinstance(rec, dict):
+            raise DataError(f"{where}: not a JSON object")
+        rid = rec.get("id")
+        if not isinstance(rid, str) or not REGION_ID.fullmatch(rid):
+            raise DataError(f"{where}: region id {rid!r} is not of the form r00001: refused")
+        if rec.get("slide") not in slide_ids:
+            raise DataError(f"{where}: region {rid} names slide {rec.get('slide')!r}, which the project "
+                            "does not have")
+        if not _int_list(rec.get("bounds"), 4) or not isinstance(rec.get("level"), int) or rec["level"] < 0:
+            raise DataError(f"{where}: region {rid} needs integer bounds [y, x, h, w] and a level >= 0")
+        for key in ("image", "mask"):
+            inside(folder, rec.get(key), f"{where}: region {rid} {key}")
+    return records
+
+
+def check_history(records: list, folder: Path, path: Path) -> list[dict]:
+    """Refine history records, checked: each names its new model by a path inside ``folder``
+    (``models/refine-<n>``); :class:`DataError` naming the line otherwise. Returns ``records``."""
+    for line, rec in enumerate(records, 1):
+        if not isinstance(rec, dict):
+            raise DataError(f"{path}: line {line}: not a JSON object")
+        if rec.get("new_model") is not None:
+            inside(folder, rec["new_model"], f"{path}: line {line}: new_model")
+    return records

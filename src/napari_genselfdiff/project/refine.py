@@ -17,6 +17,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
+from ..core.atomic import inside
 from ..core.data import LabeledImage, downscale_item, split_items
 from ..core.errors import DataError
 from ..core.progress import Progress
@@ -78,7 +79,7 @@ def refine(project: "Project", *, base_model: str | os.PathLike | None = None, s
         yield Progress("refine", step, steps, message="scoring the refined model")
         after = score(out, split.val, device)
         status = "finished"
-    except GeneratorExit:
+    except (GeneratorExit, KeyboardInterrupt):  # closed by a front end, or Ctrl-C while it ran
         status = "cancelled"
         raise
     finally:
@@ -174,7 +175,7 @@ def _record_refine(project: "Project", status: str, base: Path | None, out: Path
               "new_model": project.relative(out), "steps": step, "train_regions": [it.name for it in split.train],
               "val_regions": [it.name for it in split.val], "validated_on": split.how,
               "n_regions": len(project.regions()), "before": before, "after": after}
-    append_jsonl(project.folder / HISTORY, _finite(record))
+    append_jsonl(inside(project.folder, HISTORY, "refine history"), _finite(record))
     if status == "finished":
         project.set_current_model(out)
 
@@ -184,7 +185,7 @@ def _finite(record: dict) -> dict:
 
 
 def _next_model_dir(folder: Path) -> Path:
-    models = folder / "models"
+    models = inside(folder, "models", "models folder")  # a link out of the project is refused
     models.mkdir(parents=True, exist_ok=True)
     numbers = [int(m.group(1)) for p in models.iterdir() if (m := re.fullmatch(r"refine-(\d+)", p.name))]
     return models / f"refine-{max(numbers, default=0) + 1}"

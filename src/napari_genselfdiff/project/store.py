@@ -13,7 +13,8 @@ Layout of a project folder::
     regions/<rid>/mask.tif    otherwise a uint16 / uint32 TIFF (instance ids)
     labels/<slide id>.zarr    the slide's label store: int32, level-0 shape, 1024 x 1024 chunks
                               (zarr v3), created on the first accepted region of the slide;
-                              accepted labels are written back at their bounds
+                              accepted labels are written back at their bounds, their object
+                              ids unique in the store (see ``labels``)
     models/refine-<n>/        checkpoints written by :meth:`Project.refine`
     models/history.jsonl      one JSON line per refine (finished, cancelled or failed)
     reviewed.json             {slide id: [[y, x, h, w], ...]} regions the user has looked at
@@ -21,7 +22,9 @@ Layout of a project folder::
 A manifest line holds ``id``, ``slide``, ``level``, ``bounds`` ([y, x, h, w] in level-0
 pixels), ``shape`` ([h, w] of the stored image), ``time`` (UTC ISO 8601), ``author``,
 ``n_objects``, ``source`` (``"correction"`` or ``"import"``), ``model`` (the checkpoint whose
-prediction was corrected, or null), ``image`` and ``mask`` (paths relative to the project).
+prediction was corrected, or null), ``image`` and ``mask`` (paths relative to the project),
+and ``replaces`` (the ids of earlier regions with the same slide, level and bounds that this one
+replaced; only when there were any).
 
 Durability. The regions and their manifest are the source of truth; the label stores are
 derived from them (:meth:`Project.rebuild_labels_store` regenerates one). Accepting a region
@@ -30,8 +33,10 @@ appends the manifest line (flushed and fsynced): the line is the commit. A failu
 removes the folder; a crash between the rename and the append leaves a folder no line names,
 which readers ignore and whose id is never reused. A crash during the append leaves a truncated
 last line: :meth:`Project.open` ignores it with a warning and the next append cuts it off.
-``project.json``, ``reviewed.json`` and the mask/image files are written atomically (temporary
-file, then rename).
+A region that replaces another (same slide, level and bounds) commits by an atomic rewrite of
+the whole manifest instead (temporary file, then rename): the old line and the new one are
+swapped in one step. ``project.json``, ``reviewed.json`` and the mask/image files are written
+atomically (temporary file, then rename).
 """
 from __future__ import annotations
 
@@ -49,17 +54,18 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from ..core.atomic import normal_permissions, write_json_atomic, write_png_atomic
+from ..core.atomic import clean_stale_temps, inside, normal_permissions, write_json_atomic, write_png_atomic
 from ..core.data import LabeledImage, TaskSpec, mask_to_target, read_image, read_mask
-from ..core.errors import DataError
-from ..core.names import safe_name
+from ..core.errors import DataError, GenSelfDiffWarning
+from ..core.names import is_safe_name, safe_name
 from ..core.progress import Progress
 from ..formats.tiff import write_tiff
+from . import labels as _labels
 from . import refine as _refine
 from . import suggest as _suggest
 from .files import (FORMAT, FORMAT_VERSION, HISTORY, MANIFEST, PROJECT_FILE, REVIEWED, SOURCES, STORE_CHUNK,
-                    append_jsonl, check_region, count_objects, mask_dtype, model_path, now, read_jsonl,
-                    region_mpp, resize_nearest)
+                    REGION_ID, append_jsonl, check_history, check_meta, check_region, check_regions, count_objects,
+                    mask_dtype, model_path, now, read_jsonl, region_mpp, rewrite_jsonl)
 
 
 def _write_png(path: Path, array: np.ndarray) -> None:
@@ -124,7 +130,10 @@ class Project:
         if int(meta.get("format_version", 0)) > FORMAT_VERSION:
             raise DataError(f"{path}: written by a newer napari-genselfdiff (project format "
                             f"{meta['format_version']}, this version reads up to {FORMAT_VERSION}); upgrade")
-        return cls(folder, meta, read_jsonl(folder / MANIFEST))
+        check_meta(meta, path)  # a shared project is checked, never trusted (files.check_*)
+        regions = check_regions(read_jsonl(folder / MANIFEST), folder, {s["id"] for s in meta.get("slides", [])},
+                                folder / MANIFEST)
+        return cls(folder, meta, regions)
 
     # -- metadata -----------------------------------------------------------------------------
 
@@ -162,8 +171,13 @@ class Project:
         write_json_atomic(self.folder / PROJECT_FILE, self._meta)
 
     def _abs(self, path: str) -> Path:
+        """A path the project refers to (a model: inside the project, or anywhere by absolute path)."""
         p = Path(path)
         return p if p.is_absolute() else self.folder / p
+
+    def _inside(self, relative: str, what: str) -> Path:
+        """A file of the project itself (a region's image or mask): it must stay inside the folder."""
+        return inside(self.folder, relative, f"{self.folder / MANIFEST}: {what}")
 
     def relative(self, path: str | os.PathLike) -> str:
         """How a path is stored: relative to the project when inside it, so the folder can be moved."""
@@ -231,6 +245,12 @@ class Project:
         level-0 pixels (at level 0 it must match the labels' shape; at coarser levels the labels
         are scaled up by nearest neighbour for the store). Empty labels are a valid correction.
         Returns the new region's id. See the module docstring for the atomicity guarantees.
+
+        Accepting the same ``bounds`` of the same slide at the same ``level`` again *replaces* the
+        earlier region: the new record (``replaces`` lists the old id) takes its place at the end
+        of the manifest, which is rewritten atomically, so no reader (refine's split included)
+        ever sees both. The old region's files stay on disk, named by no line, and its id is
+        never reused.
         """
         slide = self.slide(slide_id)
         image, labels, bounds = check_region(image, labels, bounds, level)
@@ -242,8 +262,10 @@ class Project:
         with self._lock:
             rid = self._next_region_id()
             mask_name = "mask.png" if dtype == np.uint8 else "mask.tif"
-            final = self.folder / "regions" / rid
+            final = inside(self.folder, f"regions/{rid}", f"{self.folder}: regions folder")
+            manifest = inside(self.folder, MANIFEST, f"{self.folder}: manifest")
             final.parent.mkdir(parents=True, exist_ok=True)
+            _clean_region_temps(final.parent)
             tmp = Path(tempfile.mkdtemp(prefix=f".{rid}.", suffix=".tmp", dir=final.parent))
             try:
                 _write_png(tmp / "image.png", image)
@@ -258,18 +280,26 @@ class Project:
                       "n_objects": count_objects(labels), "source": source,
                       "model": None if model is None else str(model),
                       "image": f"regions/{rid}/image.png", "mask": f"regions/{rid}/{mask_name}"}
+            old = [r for r in self._regions if r["slide"] == slide_id and int(r["level"]) == int(level)
+                   and [int(v) for v in r["bounds"]] == list(bounds)]
+            if old:
+                record["replaces"] = [r["id"] for r in old]
+            kept = [r for r in self._regions if not any(r is o for o in old)]
             try:
-                append_jsonl(self.folder / MANIFEST, record)
+                if old:
+                    rewrite_jsonl(manifest, [*kept, record])
+                else:
+                    append_jsonl(manifest, record)
             except BaseException:
                 shutil.rmtree(final, ignore_errors=True)
                 raise
-            self._regions.append(record)
-        try:
-            self._write_back(slide, labels, bounds)
-        except Exception as e:  # the region itself is safely stored; the store can be rebuilt
-            warnings.warn(f"region {rid} saved, but the label store of {slide_id} could not be updated "
-                          f"({type(e).__name__}: {e}); Project.rebuild_labels_store({slide_id!r}) redoes it",
-                          stacklevel=2)
+            self._regions[:] = [*kept, record]
+            try:
+                self._write_back(slide, labels, bounds)
+            except Exception as e:  # the region itself is safely stored; the store can be rebuilt
+                warnings.warn(f"region {rid} saved, but the label store of {slide_id} could not be updated "
+                              f"({type(e).__name__}: {e}); Project.rebuild_labels_store({slide_id!r}) redoes it",
+                              GenSelfDiffWarning, stacklevel=2)
         return rid
 
     def _next_region_id(self) -> str:
@@ -284,7 +314,8 @@ class Project:
     def region_arrays(self, region: dict | str) -> tuple[np.ndarray, np.ndarray]:
         """(image, labels) of an accepted region, as stored."""
         rec = region if isinstance(region, dict) else self._region(region)
-        return read_image(self._abs(rec["image"])), read_mask(self._abs(rec["mask"]))
+        return (read_image(self._inside(rec["image"], f"region {rec['id']} image")),
+                read_mask(self._inside(rec["mask"], f"region {rec['id']} mask")))
 
     def _region(self, rid: str) -> dict:
         for r in self._regions:
@@ -300,14 +331,17 @@ class Project:
         items = []
         for rec in self._regions:
             image, labels = self.region_arrays(rec)
-            target = mask_to_target(labels, spec, self._abs(rec["mask"]))
+            target = mask_to_target(labels, spec, self.folder / rec["mask"])
             items.append(LabeledImage(rec["id"], image, target))
         return items
 
     # -- label stores -------------------------------------------------------------------------
 
     def _store_path(self, slide_id: str) -> Path:
-        return self.folder / "labels" / f"{slide_id}.zarr"
+        """``labels/<slide id>.zarr``, only for a safe slide id and only inside the project."""
+        if not is_safe_name(slide_id):
+            raise DataError(f"slide id {slide_id!r} is not a safe name; refused")
+        return inside(self.folder, f"labels/{slide_id}.zarr", f"{self.folder / PROJECT_FILE}: label store")
 
     def labels_store(self, slide_id: str):
         """The slide's label store (a zarr v3 int32 array at level-0 shape), or None when nothing
@@ -319,34 +353,24 @@ class Project:
         import zarr
         return zarr.open_array(str(path), mode="r+")
 
-    def _create_store(self, slide: dict):
-        import zarr
-        path = self._store_path(slide["id"])
-        path.parent.mkdir(parents=True, exist_ok=True)
-        h, w = slide["shape"]
-        return zarr.create_array(str(path), shape=(h, w), chunks=(STORE_CHUNK, STORE_CHUNK),
-                                 dtype="int32", fill_value=0, zarr_format=3, overwrite=True,
-                                 attributes={"slide": slide["id"], "source": str(slide["path"])})
-
     def _write_back(self, slide: dict, labels: np.ndarray, bounds: tuple[int, int, int, int]) -> None:
-        """Put ``labels`` into the store at ``bounds`` (clipped to the slide)."""
+        """Put ``labels`` into the store at ``bounds`` (clipped to the slide), with object ids
+        unique in the store (:mod:`.labels`). A missing store, or one written before ids were
+        kept unique, is rebuilt from every accepted region instead (this one included)."""
         store = self.labels_store(slide["id"])
-        if store is None:
-            store = self._create_store(slide)
-        y, x, h, w = bounds
-        if labels.shape != (h, w):
-            labels = resize_nearest(labels, h, w)
-        y1, x1 = min(y + h, store.shape[0]), min(x + w, store.shape[1])
-        if y1 > y and x1 > x:
-            store[y:y1, x:x1] = labels[:y1 - y, :x1 - x].astype(np.int32)
+        if store is None or not _labels.has_unique_ids(store):
+            self.rebuild_labels_store(slide["id"])
+            return
+        _labels.write_region(store, labels, bounds, instances=self.spec.task != "multiclass")
 
     def rebuild_labels_store(self, slide_id: str):
         """Recreate a slide's label store from its accepted regions (in order); returns it."""
         slide = self.slide(slide_id)
+        instances = self.spec.task != "multiclass"
         with self._lock:
-            store = self._create_store(slide)
+            store = _labels.create_store(self._store_path(slide_id), slide)
             for rec in self.regions(slide_id):
-                self._write_back(slide, self.region_arrays(rec)[1], tuple(rec["bounds"]))
+                _labels.write_region(store, self.region_arrays(rec)[1], tuple(rec["bounds"]), instances=instances)
         return store
 
     def export_geojson(self, slide_id: str, path: str | os.PathLike, **kwargs: Any) -> int:
@@ -371,9 +395,13 @@ class Project:
         if not path.is_file():
             return {}
         try:
-            return json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
             raise DataError(f"{path}: unreadable ({e}); delete it to forget the reviewed regions") from None
+        if not isinstance(data, dict) or not all(isinstance(v, list) for v in data.values()):
+            raise DataError(f"{path}: not a {{slide id: [[y, x, h, w], ...]}} object; delete it to forget "
+                            "the reviewed regions")
+        return data
 
     def mark_reviewed(self, slide_id: str, bounds: Sequence[int]) -> None:
         """Remember that the region at ``bounds`` (level-0 y, x, h, w) has been looked at, so
@@ -402,7 +430,7 @@ class Project:
 
     def history(self) -> list[dict]:
         """One record per refine (finished, cancelled or failed), oldest first."""
-        return read_jsonl(self.folder / HISTORY)
+        return check_history(read_jsonl(self.folder / HISTORY), self.folder, self.folder / HISTORY)
 
     def refine(self, *, base_model: str | os.PathLike | None = None, steps: int = 200, device: str = "auto",
                val_fraction: float | str = 0.25, seed: int = 0, **overrides: Any) -> Iterator[Progress]:
@@ -425,6 +453,18 @@ def _make_spec(task: str, boundary: bool, class_names: Sequence[str] | None) -> 
         raise DataError(f"task {task!r} has {spec.num_classes} classes ({', '.join(spec.class_names)}), "
                         f"but {len(names)} class names were given")
     return replace(spec, class_names=names)
+
+
+def _clean_region_temps(regions: Path) -> None:
+    """Remove what killed accepts left in ``regions/`` (``.r00007.<random>.tmp`` folders nothing
+    has touched for a while: core.atomic.clean_stale_temps, one region id at a time)."""
+    try:
+        names = {m.group(1) for p in regions.iterdir()
+                 if (m := re.fullmatch(r"\.(r\d+)\.[a-z0-9_]{8}\.tmp", p.name)) and REGION_ID.fullmatch(m.group(1))}
+    except OSError:
+        return
+    for rid in names:
+        clean_stale_temps(regions, rid)
 
 
 def _slide_name(path: Path) -> str:

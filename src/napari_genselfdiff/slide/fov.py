@@ -13,8 +13,8 @@ import dask.array as da
 import numpy as np
 
 from napari_genselfdiff.slide.reader import Slide
-from napari_genselfdiff.slide.tiler import (BlendWindows, Predictor, TileGrid, TileId, add_tile, check_tile,
-                                            iter_tile_predictions, normalise_blend, resolve_level)
+from napari_genselfdiff.slide.grid import BlendWindows, TileGrid, TileId, add_tile, normalise_blend
+from napari_genselfdiff.slide.tiler import Predictor, check_tile, iter_tile_predictions, resolve_level
 from napari_genselfdiff.slide.tissue import TissueMask, clear_background, detect_tissue
 
 

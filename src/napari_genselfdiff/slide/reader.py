@@ -6,7 +6,9 @@ tifffile's zarr store (``TiffPageSeries.aszarr``), OME-Zarr through zarr itself.
 images (PNG, JPEG) are decoded in one piece, then wrapped in dask.
 
 Every level is normalised lazily to (H, W, 3) uint8 RGB: singleton axes are squeezed, grayscale
-is repeated to three channels, alpha is composited on white and 16-bit RGB is rescaled. Whatever
+is repeated to three channels, alpha is composited on white and 16-bit images are rescaled (as
+``core.data.to_rgb_uint8`` does for training and evaluation, so every command accepts the same
+images). Whatever
 cannot be converted safely raises :class:`~napari_genselfdiff.core.errors.DataError` naming the
 file and the problem. A file with a single level gets lower levels built lazily by 2x2 mean
 coarsening, so a viewer always gets a pyramid.
@@ -25,6 +27,7 @@ from typing import Any, Callable, Iterator
 import dask.array as da
 import numpy as np
 
+from napari_genselfdiff.core.data import undecodable
 from napari_genselfdiff.core.errors import DataError
 from napari_genselfdiff.slide.levels import level_for_mpp, region_at_mpp
 
@@ -153,10 +156,11 @@ def _open_tiff(path: Path) -> Slide:
             tif = tifffile.TiffFile(path)
             series_list = tif.series
     except Exception as exc:
-        raise DataError(f"{path.name}: not a readable TIFF ({type(exc).__name__}: {exc})") from exc
+        raise DataError(f"{path.name}: not a readable TIFF, truncated or damaged "
+                        f"({type(exc).__name__}: {exc})") from exc
     try:
-        if not series_list:
-            raise DataError(f"{path.name}: the TIFF contains no image series")
+        if not series_list:  # the header is there but no image is: the file was cut short or damaged
+            raise DataError(f"{path.name}: no readable image in the TIFF; the file is truncated or damaged")
         series = series_list[0]
         store = series.aszarr()
         root = zarr.open(store, mode="r")
@@ -198,9 +202,12 @@ def _open_plain_image(path: Path) -> Slide:
 
     try:
         img = np.asarray(skimage.io.imread(path))
-    except Exception as exc:
-        raise DataError(f"{path.name}: cannot decode the image ({type(exc).__name__}: {exc}); "
-                        "the file may be truncated or corrupt") from exc
+    except MemoryError:
+        raise
+    except Exception:  # the decoders' own messages can span lines (imageio's plugin hints)
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+        raise DataError(f"{path.name}: {undecodable(path, head)}") from None
     axes = {2: "YX", 3: "YXS"}.get(img.ndim)
     if axes is None:
         raise DataError(f"{path.name}: unsupported image shape {img.shape}")
@@ -281,14 +288,14 @@ def _normalise(arr: da.Array, axes: str, name: str, notes: list[str]) -> da.Arra
 
 
 def _to_uint8(arr: da.Array, name: str, notes: list[str]) -> da.Array:
-    """uint8 passes; 16-bit colour (3 or 4 channels) is rescaled by 255/65535; else DataError."""
+    """uint8 passes; 16-bit (grayscale or colour) is rescaled by 255/65535; else DataError."""
     if arr.dtype == np.uint8:
         return arr
-    if arr.dtype == np.uint16 and arr.shape[2] in (3, 4):
-        _note(notes, "16-bit RGB rescaled to 8 bits (x * 255 / 65535)")
+    if arr.dtype == np.uint16:
+        _note(notes, "16-bit pixels rescaled to 8 bits (x * 255 / 65535)")
         return da.map_blocks(_scale16, arr, dtype=np.uint8)
     raise DataError(f"{name}: pixel type {arr.dtype} with {arr.shape[2]} channel(s) is not "
-                    "supported (need 8-bit, or 16-bit RGB which is rescaled)")
+                    "supported (need 8-bit or 16-bit, which is rescaled)")
 
 
 def _scale16(block: np.ndarray) -> np.ndarray:
@@ -338,8 +345,8 @@ def _probe(path: Path, level0: da.Array) -> None:
         level0[:1, :1].compute()
         level0[h - ch:, w - cw:].compute()
     except Exception as exc:
-        raise DataError(f"{path.name}: cannot decode the image data ({type(exc).__name__}: {exc}); "
-                        "the file may be truncated or corrupt") from exc
+        raise DataError(f"{path.name}: cannot decode the image data; the file is truncated or damaged "
+                        f"({type(exc).__name__}: {exc})") from exc
 
 
 def coarsened_levels(level0: da.Array, min_size: int = MIN_LEVEL_SIZE) -> list[da.Array]:
@@ -435,3 +442,31 @@ def _ome_zarr_mpp(axes_meta: list[Any], dataset: dict[str, Any]) -> float | None
 
 def _positive(value: float) -> float | None:
     return value if math.isfinite(value) and value > 0 else None
+
+
+def file_mpp(path: str | Path) -> float | None:
+    """Microns per pixel an image or slide file states, or None: TIFF (Aperio MPP, OME-XML,
+    resolution tags), OME-Zarr scales, and PNG pHYs / JPEG density when they give a microscopic
+    pixel size (plain images carry 72/96/300 dpi defaults, which mean nothing here)."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            magic = fh.read(8)
+    except OSError:
+        magic = b""
+    if path.is_dir() or magic.startswith(_TIFF_MAGIC):
+        try:
+            with open_slide(path) as slide:
+                return slide.mpp
+        except DataError:
+            return None
+    try:
+        from PIL import Image
+        with Image.open(path) as im:
+            dpi = im.info.get("dpi")
+    except Exception:  # not an image PIL knows: no pixel size to read
+        return None
+    if not dpi or not dpi[0]:
+        return None
+    mpp = 25400.0 / float(dpi[0])
+    return _positive(mpp) if mpp < 10.0 else None

@@ -109,6 +109,18 @@ class PredictionStore:
         meta.update(changes)
         self.group.attrs[META] = meta
 
+    def unfinished(self, name: str | None = None) -> str | None:
+        """None when the run finished (and the label set ``name``, when given, is complete);
+        otherwise what is missing, for a message: "N of M blocks predicted" or "all M blocks
+        predicted, instance labels unfinished"."""
+        done = np.asarray(self.done[...]).astype(bool)
+        n, m = int(done.sum()), int(done.size)
+        if n < m:
+            return f"{n} of {m} blocks predicted"
+        if self.status != "complete" or (name is not None and not self.labels_complete(name)):
+            return f"all {m} blocks predicted, instance labels unfinished"
+        return None
+
     @property
     def settings(self) -> dict[str, Any]:
         return dict(self.meta.get("settings", {}))

@@ -1,28 +1,71 @@
 """The "GeoJSON (QuPath)" box: import QuPath objects as a Labels or Shapes layer over the image,
-export the project's label store of the image or any Labels layer."""
+export the project's label store of the image or any Labels layer.
+
+An import reads and draws in the background (:func:`import_job` in napari's thread pool, with a
+progress bar and Cancel: a 50 000-object file takes seconds), and the layer is added in the GUI
+thread when it is ready. Exports replace an existing file (the save dialog asked) only when it is
+a GeoJSON export of ours (:func:`~...formats.geojson.is_our_geojson`)."""
 from __future__ import annotations
 
 import dataclasses
-import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generator
 
+import numpy as np
 from napari.utils.notifications import show_error, show_info, show_warning
+from qtpy.QtCore import Signal
 from qtpy.QtWidgets import QComboBox, QFileDialog, QGroupBox, QPushButton
 
 from ...core.errors import DataError, GenSelfDiffError
 from ...core.names import safe_name
+from ...core.progress import Progress
 from ...formats import qupath
 from ...formats.qupath import OBJECT_KINDS
 from ..geometry import grid_of, label_grid_over, placement
 from ..inputs import LayerChoices, form_and_column, is_labels, level0_data, level0_shape, narrow_combo, row
-from ..jobs import readable_error
+from ..jobs import JobRunner, readable_error
+from ..progress import ProgressPanel
 from .annotate import EDIT_KEY, MAX_EDIT
 from .context import RefineContext
 
 PROJECT_LABELS = "project labels of the image"
-#: QuPath's two object kinds: annotations (editable, e.g. glands), detections (many small objects).
+#: The largest Labels layer an import draws (the objects' bounding box), in pixels.
 MAX_IMPORT_PIXELS = 100_000_000
+
+
+@dataclass
+class Imported:
+    """What :func:`import_job` hands the GUI thread: the read result, and either Shapes data or
+    a label raster of the objects' bounding box at ``(y0, x0)`` (level-0 pixels)."""
+
+    result: Any
+    shapes: tuple[list, dict] | None = None
+    labels: np.ndarray | None = None
+    classes: dict | None = None
+    origin: tuple[int, int] = (0, 0)
+
+
+def import_job(path: str, image_shape: tuple[int, int] | None, as_shapes: bool
+               ) -> Generator[Progress, None, Imported]:
+    """Read a GeoJSON file and make a layer's data (no Qt: it runs in a worker thread). Labels
+    are drawn on the objects' bounding box (clipped to the image), so a few objects on a large
+    slide stay small; a box over MAX_IMPORT_PIXELS is refused (import as Shapes)."""
+    import shapely
+
+    from ...formats.geojson import features_to_shapes, iter_features_to_labels, iter_read_geojson, raster_window
+
+    result = yield from iter_read_geojson(path, image_shape=image_shape)
+    if not result.features:
+        why = f" ({result.warnings[0]})" if result.warnings else ""
+        raise DataError(f"{path}: no polygon objects to import{why}")
+    if as_shapes:
+        return Imported(result, shapes=features_to_shapes(result))
+    y0, x0, h, w = raster_window(result.features, image_shape, MAX_IMPORT_PIXELS)
+    shifted = [dataclasses.replace(f, geometry=shapely.transform(f.geometry, lambda c: c - (x0, y0)))
+               for f in result.features]
+    labels, classes = yield from iter_features_to_labels(shifted, (h, w))
+    return Imported(result, labels=labels, classes=classes, origin=(y0, x0))
 
 
 class ExportChoices(LayerChoices):
@@ -53,18 +96,27 @@ def label_grid_of(layer, image_layer=None) -> tuple[tuple[float, float], float]:
 
 
 class GeoJsonBox(QGroupBox):
-    """Import as Labels / Shapes, and export a label source as annotations or detections."""
+    """Import as Labels / Shapes (in the background), and export a label source as annotations or
+    detections. ``imported(layer)`` is emitted when an import's layer has been added."""
+
+    imported = Signal(object)
 
     def __init__(self, ctx: RefineContext):
         super().__init__("GeoJSON (QuPath)")
         self.ctx = ctx
-        form, _ = form_and_column(self)
+        self.runner = JobRunner("GeoJSON import", self)
+        self.last_imported = None
+        self._pending: tuple[str, Any, str] | None = None
+        form, column = form_and_column(self)
         self.import_as = QComboBox()
         self.import_as.addItems(["Labels", "Shapes"])
         self.import_as.setToolTip("Labels: filled objects (holes kept); Shapes: editable polygons (holes dropped)")
         self.import_btn = QPushButton("Import GeoJSON…")
         self.import_btn.clicked.connect(lambda: self.import_geojson())
-        form.addRow("Import as", row(self.import_as, self.import_btn))
+        self.cancel_btn = QPushButton("Cancel")
+        self.cancel_btn.setEnabled(False)
+        self.cancel_btn.clicked.connect(self.runner.cancel)
+        form.addRow("Import as", row(self.import_as, self.import_btn, self.cancel_btn))
         self.export_source = narrow_combo()
         self.export_source.setToolTip("what to export: the project's accepted labels of the image, or a Labels layer")
         self.export_choices = ExportChoices(ctx.viewer, is_labels, self.export_source)
@@ -76,6 +128,12 @@ class GeoJsonBox(QGroupBox):
         self.export_btn = QPushButton("Export GeoJSON…")
         self.export_btn.clicked.connect(lambda: self.export_geojson())
         form.addRow("As", row(self.object_type, self.export_btn))
+        self.progress = ProgressPanel(with_plot=False)
+        column.addWidget(self.progress)
+        self.progress.follow(self.runner)
+        self.runner.event.connect(self.progress.show_progress)
+        self.runner.result.connect(self._on_imported)
+        self.runner.stopped.connect(self._on_stopped)
         ctx.project_opened.connect(lambda p: self.object_type.setCurrentText(qupath.object_type(p.spec.task)))
 
     @property
@@ -84,54 +142,65 @@ class GeoJsonBox(QGroupBox):
 
     # -- import ------------------------------------------------------------------------------
 
-    def import_geojson(self, path: str | None = None):
-        """QuPath objects as a Labels layer (rasterised over their bounding box, so a few objects
-        on a large slide stay small) or a Shapes layer, placed over the chosen image. A Labels
-        import of at most MAX_EDIT x MAX_EDIT pixels can be accepted into the project like an
-        edit (source 'import')."""
-        from ...formats.geojson import read_geojson
-
+    def import_geojson(self, path: str | None = None) -> bool:
+        """Start importing QuPath objects as a Labels layer (rasterised over their bounding box)
+        or a Shapes layer, placed over the chosen image; returns whether the import started. The
+        layer arrives in the GUI thread when the background job is done (``imported``,
+        ``last_imported``). A Labels import of at most MAX_EDIT x MAX_EDIT pixels can be accepted
+        into the project like an edit (source 'import')."""
+        if self.runner.running:
+            show_error("a GeoJSON import is already running")
+            return False
         if path is None:
             path = QFileDialog.getOpenFileName(self, "Import GeoJSON", str(Path.home()),
                                                "GeoJSON (*.geojson *.json)")[0]
             if not path:
-                return None
+                return False
         image = self.ctx.image()
+        kind = self.import_as.currentText()
+        self._pending = (str(path), image, kind)
+        self.progress.reset(f"importing {Path(path).name}…")
+        self._set_running(True)
+        self.runner.start(import_job, str(path), None if image is None else level0_shape(image), kind == "Shapes")
+        return True
+
+    def _set_running(self, running: bool) -> None:
+        self.import_btn.setEnabled(not running)
+        self.cancel_btn.setEnabled(running)
+
+    def _on_stopped(self, cancelled: bool) -> None:
+        self._set_running(False)
+        if cancelled:
+            self.progress.set_status("import cancelled: no layer added")
+        self._pending = None
+
+    def _on_imported(self, imported: Imported) -> None:
+        path, image, kind = self._pending
+        if image is not None and image not in self.viewer.layers:
+            image = None  # removed meanwhile: place the layer in world pixels
+        name = Path(path).name.split(".")[0] or "imported"
         try:
-            result = read_geojson(path, image_shape=None if image is None else level0_shape(image))
-            if not result.features:
-                raise DataError(f"{path}: no polygon objects to import")
-            name = Path(path).name.split(".")[0] or "imported"
-            layer = (self._import_shapes(result, name, image) if self.import_as.currentText() == "Shapes"
-                     else self._import_labels(result, name, image))
+            layer = (self._add_shapes(imported, name, image) if imported.shapes is not None
+                     else self._add_labels(imported, name, image))
         except (GenSelfDiffError, ValueError) as e:
             show_error(f"GeoJSON import failed: {readable_error(e)}")
-            return None
+            return
+        result = imported.result
         if result.warnings:
             more = f" (and {len(result.warnings) - 3} more)" if len(result.warnings) > 3 else ""
             show_warning(f"{Path(path).name}: {len(result.warnings)} warning(s): "
                          + "; ".join(result.warnings[:3]) + more)
-        show_info(f"imported {len(result.features)} object(s) from {Path(path).name} as layer {layer.name!r}")
-        return layer
+        text = f"imported {len(result.features)} object(s) from {Path(path).name} as layer {layer.name!r}"
+        self.progress.set_status(text)
+        show_info(text)
+        self.last_imported = layer
+        self.imported.emit(layer)
 
-    def _import_labels(self, result, name: str, image):
-        import shapely
-
-        from ...formats.geojson import features_to_labels
-
-        minx, miny, maxx, maxy = shapely.total_bounds([f.geometry for f in result.features])
-        y0, x0 = max(0, math.floor(miny)), max(0, math.floor(minx))
-        y1, x1 = math.ceil(maxy), math.ceil(maxx)
-        if image is not None:
-            y1, x1 = min(y1, level0_shape(image)[0]), min(x1, level0_shape(image)[1])
-        h, w = y1 - y0, x1 - x0
-        if h * w > MAX_IMPORT_PIXELS:
-            raise DataError(f"the objects span {w}x{h} pixels, too large for a Labels layer; import as Shapes")
-        shifted = [dataclasses.replace(f, geometry=shapely.transform(f.geometry, lambda c: c - (x0, y0)))
-                   for f in result.features]
-        labels, classes = features_to_labels(shifted, (h, w))
+    def _add_labels(self, imported: Imported, name: str, image):
+        labels, (y0, x0) = imported.labels, imported.origin
+        h, w = labels.shape
         meta: dict[str, Any] = {"genselfdiff": {"downsample": 1.0, "offset": [y0, x0]},
-                                "classes": {int(k): v for k, v in classes.items()}}
+                                "classes": {int(k): v for k, v in imported.classes.items()}}
         place = {"translate": (y0, x0)}
         if image is not None:
             meta["genselfdiff"]["image"] = image.name
@@ -140,10 +209,8 @@ class GeoJsonBox(QGroupBox):
                 meta[EDIT_KEY] = {"image": image.name, "bounds": [y0, x0, h, w], "source": "import", "model": None}
         return self.viewer.add_labels(labels, name=name, opacity=0.6, metadata=meta, **place)
 
-    def _import_shapes(self, result, name: str, image):
-        from ...formats.geojson import features_to_shapes
-
-        data, props = features_to_shapes(result)
+    def _add_shapes(self, imported: Imported, name: str, image):
+        data, props = imported.shapes
         # GeoJSON coordinates are pixel edges; napari puts pixel j's centre at data coordinate j
         place = {"translate": (-0.5, -0.5)}
         if image is not None:
@@ -169,13 +236,13 @@ class GeoJsonBox(QGroupBox):
             if source == PROJECT_LABELS:
                 project, image = self.ctx.need_project(), self.ctx.need_image()
                 n = project.export_geojson(self.ctx.slide_id(image), path, object_type=object_type,
-                                           class_name=self._class_name(project.spec.task))
+                                           class_name=self._class_name(project.spec.task), force=True)
             else:
                 layer = self.export_choices.by_name(source)
                 if layer is None:
                     raise DataError("choose what to export")
                 offset, d = label_grid_of(layer, self.ctx.image())
-                n = export_label_array_chunked(level0_data(layer), path, offset=offset, downsample=d,
+                n = export_label_array_chunked(level0_data(layer), path, offset=offset, downsample=d, force=True,
                                                object_type=object_type, class_name=self._class_name(layer.name))
         except (GenSelfDiffError, ValueError, OSError) as e:
             show_error(f"GeoJSON export failed: {readable_error(e)}")

@@ -2,11 +2,10 @@
 wired together."""
 from __future__ import annotations
 
-from qtpy.QtCore import QSize, Qt
-from qtpy.QtWidgets import QScrollArea, QVBoxLayout, QWidget
+from qtpy.QtWidgets import QWidget
 
 from ...project import Project
-from ..inputs import LayerChoices, is_rgb_image, narrow_combo
+from ..inputs import LayerChoices, is_rgb_image, narrow_combo, scrolling_column
 from ..jobs import StopsJobsOnClose
 from ..settings import Settings
 from .annotate import AnnotateBox
@@ -36,9 +35,11 @@ class RefineWidget(QWidget):
         self.refine_box = RefineBox(self.ctx)
         self.project_box = ProjectBox(self.ctx, self.refine_box.runner)
         self.suggest = SuggestBox(self.ctx, device=lambda: self.refine_box.device.device)
-        self.annotate = AnnotateBox(self.ctx, suggested_bounds=self.suggest.suggested_bounds)
+        self.annotate = AnnotateBox(self.ctx, suggested_bounds=self.suggest.suggested_bounds,
+                                    device=lambda: self.refine_box.device.device)
         self.geojson = GeoJsonBox(self.ctx)
-        self.stops_jobs = StopsJobsOnClose(self, [self.refine_box.runner, self.suggest.runner])
+        self.stops_jobs = StopsJobsOnClose(self, [self.refine_box.runner, self.suggest.runner, self.annotate.runner,
+                                                  self.geojson.runner])
 
         self.refine_box.running.connect(self.project_box.set_busy)
         self.annotate.accepted.connect(self.suggest.reviewed_by_accept)
@@ -57,24 +58,8 @@ class RefineWidget(QWidget):
         return self.ctx.project
 
     def _layout(self, boxes: list[QWidget]) -> None:
-        outer = QVBoxLayout(self)
-        outer.setContentsMargins(0, 0, 0, 0)
-        scroll = QScrollArea()
-        scroll.setWidgetResizable(True)
-        scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
-        body = QWidget()
-        lay = QVBoxLayout(body)
+        """The boxes top to bottom in a vertical scroll area (``inputs.scrolling_column``)."""
+        lay = scrolling_column(self)
         for box in boxes:
             lay.addWidget(box)
         lay.addStretch(1)
-        scroll.setWidget(body)
-        outer.addWidget(scroll)
-        self._scroll, self._body = scroll, body
-
-    def minimumSizeHint(self) -> QSize:  # noqa: N802 (Qt's name)
-        """Tall content scrolls vertically, but the dock is kept wide enough that nothing is cut,
-        scroll bar included (asked each time, so it follows the style napari applies)."""
-        hint = super().minimumSizeHint()
-        width = (self._body.minimumSizeHint().width() + self._scroll.verticalScrollBar().sizeHint().width()
-                 + 2 * self._scroll.frameWidth())
-        return QSize(max(hint.width(), width), hint.height())
