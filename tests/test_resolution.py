@@ -101,3 +101,29 @@ def test_evaluate_with_mpp_equals_rescaling_by_hand(one_torch_thread, glas_dir, 
     assert abs(ours["mean"]["dice"] - by_hand["mean"]["dice"]) <= 0.01
     unknown = evaluate_folder("glands", tmp_path / "images", tmp_path / "masks", predictor=predictor)
     assert any("pixel size unknown" in n for n in unknown["resolution"])
+
+
+def test_cli_predict_says_what_resolution_it_runs_at(one_torch_thread, tmp_path, capsys):
+    """A PNG has no pixel size: without --mpp one line says the model's own is assumed; with
+    --mpp 0.25 the nuclei model (0.5 um/px) runs on the 2x coarser level and says nothing."""
+    from PIL import Image
+
+    from napari_genselfdiff.cli import main
+    from napari_genselfdiff.slide.store import PredictionStore
+
+    rng = np.random.default_rng(0)
+    img = np.full((512, 512, 3), 230, np.uint8)
+    for y, x in rng.integers(20, 492, size=(60, 2)):
+        img[y - 6:y + 6, x - 6:x + 6] = (90, 40, 140)  # hematoxylin-ish blobs
+    Image.fromarray(img).save(tmp_path / "tile.png")
+    assert main(["predict", "--model", "nuclei", "--input", str(tmp_path / "tile.png"), "--out",
+                 str(tmp_path / "a.zarr"), "--tile", "128", "--no-tissue", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "pixel size unknown" in out and "assuming the model's own 0.5 um/px" in out
+    assert PredictionStore.open(tmp_path / "a.zarr").level == 0
+    assert main(["predict", "--model", "nuclei", "--input", str(tmp_path / "tile.png"), "--out",
+                 str(tmp_path / "b.zarr"), "--tile", "128", "--no-tissue", "--device", "cpu", "--mpp", "0.25"]) == 0
+    out = capsys.readouterr().out
+    assert "pixel size unknown" not in out
+    store = PredictionStore.open(tmp_path / "b.zarr")
+    assert store.level == 1 and store.downsample == 2.0

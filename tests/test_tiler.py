@@ -454,3 +454,12 @@ def test_border_tiles_are_not_tapered_on_the_image_border():
     assert win((0, 0))[0, 0] == pytest.approx(1.0)
     inner = win((1, 1))
     assert inner[0, 128] == pytest.approx(WINDOW_EPS, rel=1e-3) and inner[128, 128] == pytest.approx(1.0)
+
+
+def test_an_image_smaller_than_a_tile_gets_tiles_of_its_short_side():
+    """A GlaS tile at the gland model's resolution is ~215 px high: 256-px tiles would reach past
+    the padding an untiled run sees; the grid uses tiles of the padded short side instead."""
+    grid = TileGrid.make(215, 388, 256, 152, 8)
+    assert grid.tile == 216 and grid.overlap == 152 and grid.ys == (0,)
+    assert grid.xs[-1] + grid.tile == 392 and all(x % 8 == 0 for x in grid.xs)
+    assert TileGrid.make(100, 100, 256, 64, 1).tile == 256  # models without a multiple: as before

@@ -10,7 +10,7 @@ from napari_genselfdiff.core.resolution import Rescale, resize_image
 from napari_genselfdiff.slide.consistency import compare
 
 # (model, dataset folder, the dataset's microns per pixel, tiles to check)
-CASES = [("nuclei", "monuseg/train/images", 0.25, 2), ("glands", "glas/train/images", 0.62, 3)]
+CASES = [("nuclei", "monuseg/train/images", 0.25, 2), ("glands", "glas/train/images", 0.62, 6)]
 
 
 def _at_model_resolution(path, mpp, predictor):
@@ -33,7 +33,7 @@ def test_bundled_model_tiled_equals_whole(one_torch_thread, shared_data, model, 
         whole_objects += d.objects_whole
         tiled_objects += d.objects_tiled
     assert worst <= 0.02, f"{model}: tiling changed a probability by {worst:.4f}"
-    assert whole_objects > 20
+    assert whole_objects > 10
     assert abs(tiled_objects - whole_objects) <= 0.005 * whole_objects + 1, (whole_objects, tiled_objects)
 
 

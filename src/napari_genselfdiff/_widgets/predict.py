@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
-from napari.utils.notifications import show_error
+from napari.utils.notifications import show_error, show_warning
 from qtpy.QtCore import Qt
-from qtpy.QtWidgets import QCheckBox, QComboBox, QFileDialog, QFormLayout, QGroupBox, QPushButton, QWidget
+from qtpy.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout, QGroupBox, QPushButton,
+                            QWidget)
 
 from ..bundled import bundled_models
 from ..core.errors import DataError, GenSelfDiffError
@@ -43,9 +44,11 @@ def downsamples_of(layer) -> list[float]:
     return layer_downsamples(layer.downsample_factors if layer.multiscale else None)
 
 
-def layer_slide(layer):
+def layer_slide(layer, mpp: float | None = None):
     """The image layer as a :class:`~napari_genselfdiff.slide.reader.Slide` over the very arrays
-    napari shows (so predictions line up with the display), named after its file if it has one."""
+    napari shows (so predictions line up with the display), named after its file if it has one.
+    Its pixel size is the one read from the file (``layer.metadata["mpp"]``), else ``mpp`` (the
+    widget's field), else unknown."""
     import dask.array as da
 
     from ..slide.reader import Slide, coarsened_levels
@@ -61,7 +64,7 @@ def layer_slide(layer):
         levels = [levels[0]] + coarsened_levels(levels[0])
         downsamples = [2.0 ** i for i in range(len(levels))]
     path = layer.source.path or layer.metadata.get("path") or layer.name
-    return Slide(path=Path(path), levels=levels, downsamples=downsamples, mpp=layer.metadata.get("mpp"))
+    return Slide(path=Path(path), levels=levels, downsamples=downsamples, mpp=layer.metadata.get("mpp") or mpp or None)
 
 
 def region_on_screen(viewer, layer) -> Region:
@@ -118,6 +121,7 @@ def fov_job(model: str, device: str, cache: PredictorCache | None, slide, source
     yield "loading the model…"
     cache = cached_predictor(model, device, cache)
     predictor = cache.predictor
+    overlap = predictor.overlap if overlap < 0 else overlap  # -1: the model's default
     key = FovKey(cache.key, source_id, tile, overlap)
     if fov is None or fov[0] != key:
         fov = (key, FieldOfViewPredictor(predictor, slide, 0, tile, overlap, 256))
@@ -140,6 +144,7 @@ def slide_job(model: str, device: str, cache: PredictorCache | None, slide, out:
     yield "loading the model…"
     cache = cached_predictor(model, device, cache)
     predictor = cache.predictor
+    overlap = predictor.overlap if overlap < 0 else overlap  # -1: the model's default
     kind = result_name(predictor) if predictor.task in ("glands", "nuclei") else None
     yield from predict_slide(predictor, slide, out, level="auto", tile=tile, overlap=overlap, batch=batch,
                              tissue=True, class_names=predictor.class_names, postprocess=kind)
@@ -188,6 +193,15 @@ class PredictWidget(QWidget):
         form.addRow("Image layer", self.image_layer)
         self.device = DeviceChooser()
         form.addRow("Device", self.device)
+        self.mpp = QDoubleSpinBox()
+        self.mpp.setRange(0.0, 50.0)
+        self.mpp.setDecimals(3)
+        self.mpp.setSingleStep(0.05)
+        self.mpp.setSuffix(" um/px")
+        self.mpp.setSpecialValueText("from the image")
+        self.mpp.setToolTip("microns per pixel of the image, used only when its file does not say "
+                            "(e.g. 0.25 at 40x, 0.5 at 20x); the model always runs at its own resolution")
+        form.addRow("Pixel size", self.mpp)
         self.probability = QCheckBox("also add a probability layer")
         form.addRow("", self.probability)
         lay.addWidget(box)
@@ -196,7 +210,9 @@ class PredictWidget(QWidget):
         form = QFormLayout(box)
         self.tile = int_spin(64, 2048, 512, 64, "tile size the model sees, in pixels")
         form.addRow("Tile", self.tile)
-        self.overlap = int_spin(0, 512, 64, 16, "overlap between neighbouring tiles, in pixels")
+        self.overlap = int_spin(-1, 512, -1, 8, "overlap between neighbouring tiles, in pixels (a multiple of 8); "
+                                "the model's default comes from its receptive field, so tiling cannot change the answer")
+        self.overlap.setSpecialValueText("model's default")
         form.addRow("Overlap", self.overlap)
         self.batch = int_spin(1, 64, 4, 1, "tiles per model call (whole slide)")
         form.addRow("Batch", self.batch)
@@ -222,6 +238,7 @@ class PredictWidget(QWidget):
 
         self.fill_models()
         self.settings.bind_all({"device": self.device.combo, "probability": self.probability, "tile": self.tile,
+                                "mpp": self.mpp,
                                 "overlap": self.overlap, "batch": self.batch, "out": self.out})
         self.model.currentIndexChanged.connect(lambda _: self.settings.set("model", self.model_path()))
 
@@ -272,7 +289,7 @@ class PredictWidget(QWidget):
         try:
             model, layer = self._inputs()
             region = region_on_screen(self.viewer, layer)
-            slide = layer_slide(layer)
+            slide = self._slide(layer)
         except GenSelfDiffError as e:
             show_error(str(e))
             return
@@ -286,13 +303,21 @@ class PredictWidget(QWidget):
             model, layer = self._inputs()
             if not self.out.text():
                 raise DataError("choose an output folder for the whole-slide result")
-            slide = layer_slide(layer)
+            slide = self._slide(layer)
         except GenSelfDiffError as e:
             show_error(str(e))
             return
         out = Path(self.out.text()) / f"{safe_name(layer.name, 'image')}-{safe_name(Path(model).name, 'image')}.zarr"
         self._start(layer, f"predicting {layer.name!r} into {out}…", slide_job, model, self.device.device,
                     self._predictor, slide, str(out), self.tile.value(), self.overlap.value(), self.batch.value())
+
+    def _slide(self, layer):
+        """The layer as a Slide with its pixel size; one warning when nobody knows it."""
+        slide = layer_slide(layer, self.mpp.value() or None)
+        if slide.mpp is None:
+            show_warning(f"{layer.name}: pixel size unknown (not in the file, 'Pixel size' not set): the model "
+                         "runs on the image as it is, assuming the model's own resolution")
+        return slide
 
     def _start(self, layer, text: str, job, *args) -> None:
         self._image_layer, self._whole_slide = layer, job is slide_job

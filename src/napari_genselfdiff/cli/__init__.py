@@ -7,7 +7,7 @@ any work starts (the ``type=`` functions below), and our errors (:class:`GenSelf
 the environment's (``OSError``: permission denied, disk full, a folder where a file should be,
 ...; ``MemoryError``) become ONE line on stderr, ``genselfdiff <command>: error: ...``, naming
 the file or flag, with exit code 2. Ctrl-C prints one ``cancelled`` line saying what was kept
-and how to continue (exit code 130). Anything else is a bug and keeps its traceback.
+and how to continue (exit code 2 too). Anything else is a bug and keeps its traceback.
 
 This module holds the argument parser and :func:`main` (the ``genselfdiff`` console entry
 point); the commands live in ``train`` (pretrain, finetune, evaluate, sample), ``predict``
@@ -229,11 +229,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="score a segmentation model on labeled images",
                        description="Pixel Dice/IoU/HD95, GlaS object metrics (glands), AJI and PQ (nuclei).")
-    p.add_argument("--model", required=True, help="segmentation checkpoint folder")
+    p.add_argument("--model", required=True, help="segmentation checkpoint folder, or 'glands'/'nuclei' for the bundled defaults")
     p.add_argument("--images", required=True, help="folder of images")
     p.add_argument("--masks", required=True, help="folder of ground-truth masks")
     p.add_argument("--instances", default=None, help="folder of ground-truth instance labels (nuclei AJI/PQ)")
+    p.add_argument("--mpp", type=positive_float, default=None,
+                   help="microns per pixel of the images (overrides their files); each image is predicted at the "
+                        "model's own and scored on its masks at its own")
     p.add_argument("--json", default=None, type=output_file, help="also write the metrics to this JSON file")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing --json, but only a metrics file genselfdiff wrote")
     p.add_argument("--device", default="auto", type=device, help="auto, cuda, mps or cpu")
     p.set_defaults(func=cmd_evaluate)
 
@@ -241,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="pretraining checkpoint folder")
     p.add_argument("--n", type=positive_int, default=16, help="number of tiles (default 16)")
     p.add_argument("--out", required=True, type=output_file, help="PNG file for the grid of tiles")
+    p.add_argument("--force", action="store_true", help="replace an existing --out, but only a PNG genselfdiff wrote")
     p.add_argument("--size", type=positive_int, default=None, help="tile size (default: the training patch size)")
     p.add_argument("--steps", type=positive_int, default=50, help="DDIM steps (default 50)")
     p.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"], help="ddim (fast) or ddpm (all T steps)")
@@ -252,7 +258,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", nargs="+", required=True, metavar="SLIDE_OR_IMAGE", help="slides or images")
     p.add_argument("--out", required=True, help="output .zarr (one per input; with several inputs, a folder)")
     p.add_argument("--tile", type=positive_int, default=512, help="tile size (default 512)")
-    p.add_argument("--overlap", type=nonnegative_int, default=64, help="overlap between tiles (default 64)")
+    p.add_argument("--overlap", type=nonnegative_int, default=None,
+                   help="overlap between tiles (default: the model's, derived from its receptive field; 64 for older models)")
+    p.add_argument("--mpp", type=positive_float, default=None,
+                   help="microns per pixel of the input when its file does not say (TIFF/OME/Aperio tags are read); "
+                        "the pyramid level closest to the model's resolution is used")
     p.add_argument("--batch", type=positive_int, default=4, help="tiles per forward pass (default 4)")
     p.add_argument("--level", default="auto", type=level, help="pyramid level, or auto (match the model's microns per pixel)")
     p.add_argument("--no-tissue", action="store_true", help="predict background tiles too (no tissue detection)")
@@ -301,6 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--task", default="glands", choices=["glands", "nuclei", "multiclass"])
     q.add_argument("--model", default=None, help="starting model: checkpoint folder or 'glands'/'nuclei' (bundled)")
     q.add_argument("--slides", nargs="*", default=[], help="slide files to add")
+    q.add_argument("--mpp", type=positive_float, default=None,
+                   help="microns per pixel of the slides when their files do not say")
     q.add_argument("--boundary", action="store_true", help="nuclei: boundary class")
     q = psub.add_parser("refine", help="fine-tune the current model on the accepted corrections")
     q.add_argument("folder")
@@ -326,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one ``genselfdiff`` command; returns its exit code (0 done, 2 error, 130 cancelled)."""
+    """Run one ``genselfdiff`` command; returns its exit code (0 done, 2 error or cancelled)."""
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help (0), or a bad flag already reported in one line (2)
@@ -338,7 +350,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         kept = _after_cancel(args)
         _say(f"genselfdiff {name}: cancelled{'; ' + kept if kept else ''}")
-        return 130
+        return 2
     except GenSelfDiffError as e:
         _say(f"genselfdiff {name}: error: {e}")
     except MemoryError:

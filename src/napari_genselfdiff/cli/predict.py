@@ -116,6 +116,7 @@ def export_store(store: PredictionStore, *, name: str | None = None, geojson: st
 def predict_cli(a: argparse.Namespace) -> int:
     from ..bundled import resolve_model
     from ..core.inference import TorchPredictor
+    from ..slide.reader import open_slide
     from ..slide.tiler import predict_slide
 
     out = Path(a.out)
@@ -129,12 +130,17 @@ def predict_cli(a: argparse.Namespace) -> int:
     task = predictor.task
     post = task if task in ("glands", "nuclei") else None
     level = a.level if a.level == "auto" else int(a.level)
+    overlap = predictor.overlap if a.overlap is None else a.overlap
     for inp in a.input:
         target = out / f"{Path(inp).stem}.zarr" if many else out
-        events = predict_slide(predictor, inp, target, level=level, tile=a.tile, overlap=a.overlap, batch=a.batch,
-                               tissue=not a.no_tissue, class_names=predictor.class_names, postprocess=post,
-                               metadata={"model": str(a.model), "task": task})
-        progress_bar(events, Path(inp).name, units=PREDICT_UNITS)
+        with open_slide(inp) as slide:
+            note = _resolution(slide, getattr(a, "mpp", None), predictor, level)
+            if note:
+                print(note)
+            events = predict_slide(predictor, slide, target, level=level, tile=a.tile, overlap=overlap, batch=a.batch,
+                                   tissue=not a.no_tissue, class_names=predictor.class_names, postprocess=post,
+                                   metadata={"model": str(a.model), "task": task})
+            progress_bar(events, Path(inp).name, units=PREDICT_UNITS)
         print(f"{inp} -> {target}")
         if a.geojson or a.overlay:
             store = PredictionStore.open(target)
@@ -149,6 +155,26 @@ def predict_cli(a: argparse.Namespace) -> int:
                 write_overlay(inp, store, Path(ov))
                 print(f"  overlay -> {ov}")
     return 0
+
+
+def _resolution(slide, mpp: float | None, predictor, level) -> str | None:
+    """Apply ``--mpp`` to a slide whose file states no pixel size, and the one line the user should
+    read about the resolution the model will run at (None when it simply matches)."""
+    from ..core.resolution import TOLERANCE, resolution_note
+
+    name = slide.path.name
+    if slide.mpp is None and mpp is not None:
+        slide.mpp = mpp
+    elif slide.mpp is not None and mpp is not None and abs(slide.mpp - mpp) > TOLERANCE * slide.mpp:
+        return (f"{name}: the file says {slide.mpp:.3g} um/px; using it, not --mpp {mpp:.3g} "
+                "(a file's own pixel size wins over the flag)")
+    if slide.mpp is None or predictor.mpp is None:
+        return resolution_note(slide.mpp, predictor.mpp, name)
+    lv = slide.level_for_mpp(predictor.mpp) if level == "auto" else int(level)
+    have = slide.level_mpp(lv)
+    if abs(have - predictor.mpp) > TOLERANCE * predictor.mpp:
+        return (f"{name}: the model learned {predictor.mpp:.3g} um/px; the closest level ({lv}) is {have:.3g} um/px")
+    return None
 
 
 def _per_input(path: str | None, inp: str, many: bool) -> str | None:

@@ -19,7 +19,11 @@ def project_cli_create(args) -> int:
     slides = []
     for path in getattr(args, "slides", None) or []:
         with open_slide(path) as slide:
-            slides.append((path, slide.shape[:2], slide.mpp))
+            mpp = slide.mpp if slide.mpp is not None else getattr(args, "mpp", None)
+            if mpp is None:
+                print(f"{path}: pixel size unknown (no resolution in the file and no --mpp); the model's own "
+                      "will be assumed")
+            slides.append((path, slide.shape[:2], mpp))
     project = Project.create(args.folder, task=getattr(args, "task", None) or "glands",
                              class_names=getattr(args, "class_names", None), model=getattr(args, "model", None),
                              boundary=bool(getattr(args, "boundary", False)))

@@ -60,23 +60,38 @@ def cmd_finetune(a: argparse.Namespace) -> int:
     return 0
 
 
+#: the marker kind of ``evaluate --json``'s metrics file (core.atomic.json_marker): what --force may replace
+METRICS_KIND = "evaluation"
+
+
 def cmd_evaluate(a: argparse.Namespace) -> int:
     from ..core.evaluation import evaluate_folder, format_report
 
-    result = evaluate_folder(resolve_model(a.model), a.images, a.masks, instances_dir=a.instances, device=a.device)
+    from ..slide.reader import file_mpp
+
+    model = resolve_model(a.model)
+    if a.json:  # checked before any work: an existing file is replaced only with --force and only if ours
+        from ..core.atomic import check_target, is_our_json
+        check_target(a.json, kind="metrics JSON", force=a.force, ours=lambda p: is_our_json(p, METRICS_KIND),
+                     inputs=[model])
+    result = evaluate_folder(model, a.images, a.masks, instances_dir=a.instances, device=a.device,
+                             mpp=a.mpp, mpp_of=file_mpp)
     print(format_report(result))
     if a.json:
-        from ..core.atomic import write_json_atomic
-        write_json_atomic(a.json, result)
+        from ..core.atomic import json_marker, write_json_atomic
+        write_json_atomic(a.json, {**result, **json_marker(METRICS_KIND)})
         print(f"wrote {a.json}")
     return 0
 
 
 def cmd_sample(a: argparse.Namespace) -> int:
-    from ..core.atomic import write_png_atomic
+    from ..core.atomic import check_target, is_our_png, write_png_atomic
     from ..core.sampling import generate_tiles, tile_grid
 
-    tiles = generate_tiles(resolve_model(a.model), a.n, size=a.size, steps=a.steps, sampler=a.sampler, seed=a.seed,
+    model = resolve_model(a.model)
+    # checked before any work: an existing file is replaced only with --force and only a PNG of ours
+    check_target(a.out, kind="PNG", force=a.force, ours=is_our_png, inputs=[model])
+    tiles = generate_tiles(model, a.n, size=a.size, steps=a.steps, sampler=a.sampler, seed=a.seed,
                            device=a.device)
     write_png_atomic(a.out, tile_grid(tiles))
     print(f"wrote {a.out} ({a.n} tiles of {tiles.shape[1]}x{tiles.shape[2]})")

@@ -308,3 +308,28 @@ def is_our_png(path: str | os.PathLike) -> bool:
             return im.format == "PNG" and im.info.get("Software") == PNG_SOFTWARE
     except Exception:  # anything unreadable is not ours
         return False
+
+
+#: The key of the marker a JSON file of ours carries (``{"genselfdiff": {"kind": ...}}``): how
+#: :func:`is_our_json` knows one, e.g. ``evaluate --json``'s metrics.
+JSON_MARKER_KEY = "genselfdiff"
+_JSON_MAX_BYTES = 1 << 26  # a larger file is not one of our small JSON reports
+
+
+def json_marker(kind: str) -> dict:
+    """The marker entry to add to a JSON object of ours of ``kind``."""
+    return {JSON_MARKER_KEY: {"kind": kind, "version": 1}}
+
+
+def is_our_json(path: str | os.PathLike, kind: str) -> bool:
+    """Whether ``path`` is a plain JSON file holding an object with our marker of ``kind``
+    (:func:`json_marker`)."""
+    path = Path(path)
+    try:
+        if path.is_symlink() or not path.is_file() or path.stat().st_size > _JSON_MAX_BYTES:
+            return False
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return False
+    marker = obj.get(JSON_MARKER_KEY) if isinstance(obj, dict) else None
+    return isinstance(marker, dict) and marker.get("kind") == kind

@@ -2,9 +2,14 @@
 ``training_state.safetensors`` + ``training_state.json`` for resuming).
 
 Nothing here unpickles: tensors go through safetensors, everything else through JSON. A save
-writes a complete new folder next to the target and swaps it in with renames, so a crash leaves
-either the old checkpoint or the new one, never a mixture. A crash between the two renames leaves
-``<name>.old``, which :func:`resolve` recovers.
+writes a complete new folder next to the target (a hidden ``.NAME.<random>.tmp``) and swaps it in
+with renames (the previous checkpoint is moved aside to a hidden ``.NAME.<random>.old`` and
+deleted once the new one is in place), so a crash leaves either the old checkpoint or the new one,
+never a mixture. A crash between the two renames leaves only the ``.old`` copy, which
+:func:`resolve` recovers; the next save removes the leftovers of killed saves
+(:func:`~.atomic.clean_stale_temps`). Nothing else next to the checkpoint is ever touched.
+
+:func:`is_our_checkpoint` is what ``--force`` may replace: a folder holding nothing but our files.
 
 ``config.json`` records the SHA-256 of ``model.safetensors`` (``weights_sha256``); loading verifies
 it, and refuses weights that are not finite, so damaged bytes never turn into silent NaN output.
@@ -15,8 +20,6 @@ import hashlib
 import json
 import os
 import platform
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +27,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .atomic import normal_permissions
+from .atomic import atomic_directory, normal_permissions, temp_name_pattern
 from .errors import CheckpointError
 from .unet import UNet, UNetConfig
 
@@ -33,6 +36,10 @@ MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 STATE_TENSORS = "training_state.safetensors"
 STATE_JSON = "training_state.json"
+STATE_PREFIX = "training_state."
+MODEL_CARD = "MODEL_CARD.md"
+#: what a checkpoint folder of ours may hold (besides ``training_state.*``)
+OUR_FILES = frozenset({MODEL_FILE, CONFIG_FILE, MODEL_CARD})
 
 
 def versions() -> dict[str, str]:
@@ -40,13 +47,63 @@ def versions() -> dict[str, str]:
     return {"napari_genselfdiff": __version__, "torch": torch.__version__, "python": platform.python_version()}
 
 
+def _is_checkpoint_folder(path: Path) -> bool:
+    return (path.is_dir() and not path.is_symlink() and (path / CONFIG_FILE).is_file()
+            and (path / MODEL_FILE).is_file())
+
+
 def resolve(path: str | os.PathLike) -> Path:
-    """The checkpoint folder at ``path``, recovering an interrupted swap if needed."""
+    """The checkpoint folder at ``path``, recovering an interrupted swap if needed: when nothing
+    is at ``path`` but a save's moved-aside copy is (``.NAME.<random>.old``, or ``NAME.old`` as
+    earlier versions named it), the newest such checkpoint folder is renamed back."""
     path = Path(path)
-    old = path.with_name(path.name + ".old")
-    if not path.exists() and old.is_dir():
-        old.rename(path)
+    if os.path.lexists(path) or not path.parent.is_dir():
+        return path
+    pattern = temp_name_pattern(path.name)
+    try:
+        names = [e.name for e in os.scandir(path.parent)]
+    except OSError:
+        return path
+    candidates = [path.parent / n for n in names
+                  if n == path.name + ".old" or ((m := pattern.fullmatch(n)) and m.group(1) == "old")]
+    candidates = [c for c in candidates if _is_checkpoint_folder(c)]
+    if candidates:
+        newest = max(candidates, key=lambda c: (c / CONFIG_FILE).stat().st_mtime)
+        try:
+            newest.rename(path)
+        except OSError:  # another process recovered it first, or a read-only folder: read it there
+            return path if path.exists() else newest
     return path
+
+
+def foreign_files(path: str | os.PathLike) -> list[str]:
+    """The names in the folder ``path`` that no checkpoint of ours holds (anything but plain
+    ``model.safetensors``, ``config.json``, ``training_state.*`` and ``MODEL_CARD.md`` files:
+    sub-folders and links included), sorted; ``["."]`` when the folder cannot be listed."""
+    try:
+        return sorted(e.name for e in os.scandir(path)
+                      if not (e.name in OUR_FILES or e.name.startswith(STATE_PREFIX))
+                      or e.is_symlink() or not e.is_file(follow_symlinks=False))
+    except OSError:
+        return ["."]
+
+
+def is_our_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a checkpoint folder written by genselfdiff and nothing else: a real
+    folder (not a link) whose ``config.json`` is a JSON object with a ``kind``, with
+    ``model.safetensors``, and holding only plain files of ours (``model.safetensors``,
+    ``config.json``, ``training_state.*``, ``MODEL_CARD.md``). Only such a folder may be replaced
+    by ``--force``: a user's folder, or a checkpoint they put their own files into, never is."""
+    path = Path(path)
+    if not _is_checkpoint_folder(path) or foreign_files(path):
+        return False
+    try:
+        if (path / CONFIG_FILE).stat().st_size > 1 << 24:
+            return False
+        cfg = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(cfg, dict) and isinstance(cfg.get("kind"), str)
 
 
 def file_sha256(path: str | os.PathLike) -> str:
@@ -67,11 +124,16 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, config: dic
 
     ``training_state`` may hold tensors at any depth of dicts/lists: they are flattened into
     ``training_state.safetensors``; everything else must be JSON-serialisable.
+
+    Written with :func:`~.atomic.atomic_directory`: the leftovers of killed saves to ``path``
+    (``.NAME.<random>.tmp`` / ``.old`` nothing has touched for ten minutes) are removed first,
+    the previous checkpoint is moved aside to a hidden ``.NAME.<random>.old`` and deleted only
+    once the new one is in place. Whether ``path`` may be replaced at all is the caller's
+    question (:func:`is_our_checkpoint`).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
+    with atomic_directory(path) as tmp:
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / MODEL_FILE))
         if training_state is not None:
@@ -81,18 +143,7 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, config: dic
             _write_json(tmp / STATE_JSON, skeleton)
         _write_json(tmp / CONFIG_FILE, {**config, "format_version": FORMAT_VERSION,
                                         "weights_sha256": file_sha256(tmp / MODEL_FILE)})
-        normal_permissions(tmp)
-        old = path.with_name(path.name + ".old")
-        if old.exists():
-            shutil.rmtree(old)
-        if path.exists():
-            path.rename(old)
-        tmp.rename(path)
-        if old.exists():
-            shutil.rmtree(old)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        normal_permissions(tmp)  # safetensors writes 0600 files
     return path
 
 

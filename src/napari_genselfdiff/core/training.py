@@ -27,7 +27,7 @@ from .data import (NORMALIZATION, AugmentConfig, LabeledImage, TaskSpec, Unlabel
 from .device import pick_device
 from .diffusion import Diffusion, ScheduleConfig
 from .errors import CheckpointError, DataError, GenSelfDiffError
-from .inference import TorchPredictor, autocast_for, predict_image
+from .inference import TorchPredictor, autocast_for, checkpoint_task, predict_image
 from .losses import build_loss, parse_loss
 from .progress import Progress
 from .unet import PRESETS, UNet, UNetConfig, recalibrate_batchnorm, segmentation_config, transfer_pretrained
@@ -157,10 +157,22 @@ class _Trainer:
 
 
 def _prepare_out(out: Path, resume: bool, overwrite: bool, stage: str) -> dict | None:
-    """The training state to resume from, or None for a fresh run; refuses to clobber work."""
+    """The training state to resume from, or None for a fresh run; refuses to clobber work.
+
+    Saving replaces the whole folder at ``out``, so an existing one is resumed only when it holds
+    nothing but our files, and ``overwrite`` replaces only a checkpoint of ours
+    (:func:`.checkpoint.is_our_checkpoint`): a user's folder, or a checkpoint they added their
+    own files to, is never replaced."""
     out = ckpt.resolve(out)
-    if not out.exists():
+    if not os.path.lexists(out):
         return None
+    if (resume or overwrite) and out.is_dir():
+        foreign = ckpt.foreign_files(out)
+        if foreign:
+            more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
+            raise CheckpointError(f"{out}: holds {foreign[0]!r}{more}, which is not part of a genselfdiff "
+                                  "checkpoint; saving would replace the whole folder, so it is never "
+                                  "written: choose another output folder (or move those files out)")
     if resume:
         state = ckpt.load_training_state(out)
         if state is None:
@@ -169,8 +181,13 @@ def _prepare_out(out: Path, resume: bool, overwrite: bool, stage: str) -> dict |
             raise CheckpointError(f"{out}: is a {state.get('run', {}).get('stage')} run, cannot resume it as {stage}")
         return state
     if overwrite:
+        if not ckpt.is_our_checkpoint(out):
+            raise CheckpointError(f"{out}: exists and is not a checkpoint written by genselfdiff; it is never "
+                                  "replaced (--force replaces only a checkpoint of ours): choose another "
+                                  "output folder")
         return None
-    raise CheckpointError(f"{out}: already exists; resume it (--resume) or choose another output folder")
+    raise CheckpointError(f"{out}: already exists; resume it (--resume), replace it (--force, only a "
+                          "checkpoint of ours) or choose another output folder")
 
 
 def _run(stage: str, trainer: _Trainer, *, total: int, start: int, lr: float, warmup: int, batch: int,
@@ -226,9 +243,8 @@ def pretrain(sources: Sequence[UnlabeledSource], out: str | os.PathLike, cfg: Pr
         ucfg = model_config or UNetConfig.from_preset(cfg.preset, in_channels=3, out_channels=3)
     if cfg.patch % ucfg.multiple:
         raise DataError(f"patch size {cfg.patch} must be a multiple of {ucfg.multiple} for this model")
-    model = _seeded_model(ucfg, cfg.seed)
-    if state is not None:
-        model.load_state_dict(ckpt.load_weights(out))
+    # resuming: the saved weights, checked against the saved architecture (one CheckpointError)
+    model = ckpt.load_model(out)[0] if state is not None else _seeded_model(ucfg, cfg.seed)
     diffusion = Diffusion(cfg.schedule).to(dev)
     trainer = _Trainer(model, dev, cfg.lr, cfg.weight_decay, cfg.amp)
     start = trainer.restore(state) if state is not None else 0
@@ -277,19 +293,26 @@ def build_segmentation_model(spec: TaskSpec, init: str | os.PathLike | None, pre
     if init is None:
         model = _seeded_model(seg_config(UNetConfig.from_preset(preset, in_channels=3, out_channels=3)), seed)
         return model, {"init": "scratch"}, f"from scratch ({preset})"
-    init_cfg = ckpt.load_config(init)
+    # the checkpoint as it is (its weights checked against its own architecture: one
+    # CheckpointError, never load_state_dict's traceback), then the network to train from it
+    loaded, init_cfg = ckpt.load_model(init)
     if init_cfg.get("normalization", NORMALIZATION) != NORMALIZATION:
         raise CheckpointError(f"{init}: unsupported input normalisation {init_cfg.get('normalization')!r}")
-    same_head = init_cfg.get("kind") == "segmentation" and init_cfg["task"]["num_classes"] == spec.num_classes
-    saved = UNetConfig.from_dict(init_cfg["model"])
-    ucfg = saved.with_outputs(spec.num_classes) if init_cfg.get("kind") == "segmentation" else seg_config(saved)
-    model = _seeded_model(ucfg, seed)
-    weights = ckpt.load_weights(init)
+    segmentation = init_cfg.get("kind") == "segmentation"
+    same_head = segmentation and checkpoint_task(init_cfg, init).num_classes == spec.num_classes
+    if same_head and loaded.config.out_channels != spec.num_classes:
+        raise CheckpointError(f"{init}: the network predicts {loaded.config.out_channels} classes but "
+                              f"config.json's task has {spec.num_classes}")
     if same_head:
-        model.load_state_dict(weights)
+        model = loaded
         how = f"all weights from segmentation model {init}"
     else:
-        report = transfer_pretrained(weights, model)
+        saved = loaded.config
+        model = _seeded_model(saved.with_outputs(spec.num_classes) if segmentation else seg_config(saved), seed)
+        try:
+            report = transfer_pretrained(loaded.state_dict(), model)
+        except ValueError as e:
+            raise CheckpointError(f"{init}: its weights cannot start this network ({e})") from None
         how = f"{len(report['copied'])} tensors from {init_cfg.get('kind')} model {init}, new {spec.num_classes}-class head"
     info = {"init": str(init), "init_kind": init_cfg.get("kind"), "init_training": init_cfg.get("training")}
     return model, info, how

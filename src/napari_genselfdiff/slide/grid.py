@@ -60,6 +60,12 @@ class TileGrid:
         if tile % multiple or overlap % multiple:
             raise GenSelfDiffError(f"tile {tile} and overlap {overlap} must be multiples of {multiple} for this "
                                    f"model (its U-Net halves the resolution {multiple.bit_length() - 1} times)")
+        shortest = min(-(-height // multiple), -(-width // multiple)) * multiple
+        if multiple > 1 and shortest < tile:
+            # an image smaller than a tile: tiles of its (padded) short side, so no tile reaches
+            # past the padding an untiled run sees (white beyond it would change the answer)
+            tile = max(shortest, multiple)
+            overlap = min(overlap, tile - multiple)
         stride = tile - overlap
         return cls(height, width, tile, overlap, tile_starts(height, tile, stride, multiple),
                    tile_starts(width, tile, stride, multiple), multiple)

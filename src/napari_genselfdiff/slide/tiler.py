@@ -283,7 +283,7 @@ def _predict_slide(predictor: Predictor, slide: Slide, out_path: Path,
     check_tile(predictor, cfg.tile)
     h, w = (int(s) for s in slide.levels[lvl].shape[:2])
     grid = TileGrid.make(h, w, cfg.tile, cfg.overlap, int(getattr(predictor, "tile_multiple", 1) or 1))
-    blocks = _Blocks(h, w, block_size_for(cfg.tile, cfg.overlap, cfg.block))
+    blocks = _Blocks(h, w, block_size_for(grid.tile, grid.overlap, cfg.block))
     nc = int(predictor.num_classes)
     names = list(cfg.class_names) if cfg.class_names is not None else (
         ["background"] + [f"class_{i}" for i in range(1, nc)])
