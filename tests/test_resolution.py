@@ -127,3 +127,15 @@ def test_cli_predict_says_what_resolution_it_runs_at(one_torch_thread, tmp_path,
     assert "pixel size unknown" not in out
     store = PredictionStore.open(tmp_path / "b.zarr")
     assert store.level == 1 and store.downsample == 2.0
+
+
+def test_widget_pixel_size_applies_only_when_the_layer_has_none():
+    from napari.layers import Image
+
+    from napari_genselfdiff._widgets.predict import layer_slide
+
+    plain = Image(np.zeros((64, 64, 3), np.uint8), rgb=True, name="tile")
+    assert layer_slide(plain).mpp is None
+    assert layer_slide(plain, 0.25).mpp == 0.25
+    read = Image(np.zeros((64, 64, 3), np.uint8), rgb=True, name="svs", metadata={"mpp": 0.499})
+    assert layer_slide(read, 0.25).mpp == 0.499  # the file's own pixel size wins
