@@ -121,7 +121,10 @@ def fov_job(model: str, device: str, cache: PredictorCache | None, slide, source
     yield "loading the model…"
     cache = cached_predictor(model, device, cache)
     predictor = cache.predictor
-    overlap = predictor.overlap if overlap < 0 else overlap  # -1: the model's default
+    if overlap < 0:  # the model's default
+        overlap, note = predictor.overlap_for(tile)
+        if note:
+            yield note
     key = FovKey(cache.key, source_id, tile, overlap)
     if fov is None or fov[0] != key:
         fov = (key, FieldOfViewPredictor(predictor, slide, 0, tile, overlap, 256))
@@ -144,7 +147,10 @@ def slide_job(model: str, device: str, cache: PredictorCache | None, slide, out:
     yield "loading the model…"
     cache = cached_predictor(model, device, cache)
     predictor = cache.predictor
-    overlap = predictor.overlap if overlap < 0 else overlap  # -1: the model's default
+    if overlap < 0:  # the model's default
+        overlap, note = predictor.overlap_for(tile)
+        if note:
+            yield note
     kind = result_name(predictor) if predictor.task in ("glands", "nuclei") else None
     yield from predict_slide(predictor, slide, out, level="auto", tile=tile, overlap=overlap, batch=batch,
                              tissue=True, class_names=predictor.class_names, postprocess=kind)

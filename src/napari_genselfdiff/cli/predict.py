@@ -130,7 +130,9 @@ def predict_cli(a: argparse.Namespace) -> int:
     task = predictor.task
     post = task if task in ("glands", "nuclei") else None
     level = a.level if a.level == "auto" else int(a.level)
-    overlap = predictor.overlap if a.overlap is None else a.overlap
+    overlap, note = predictor.overlap_for(a.tile) if a.overlap is None else (a.overlap, None)
+    if note:
+        print(note)
     for inp in a.input:
         target = out / f"{Path(inp).stem}.zarr" if many else out
         with open_slide(inp) as slide:

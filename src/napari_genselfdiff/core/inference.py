@@ -81,6 +81,16 @@ class TorchPredictor:
         # recorded by benchmarks/train_defaults.py; checkpoints without one get the old default
         self.overlap = int(config.get("halo") or DEFAULT_OVERLAP)
 
+    def overlap_for(self, tile: int) -> tuple[int, str | None]:
+        """The model's default overlap for ``tile``-pixel tiles, and a line for the user when it does
+        not fit (then half the tile, to the model's multiple: tiling may change the answer a little)."""
+        if self.overlap < tile:
+            return self.overlap, None
+        m = self.tile_multiple
+        fit = max(0, (tile // 2) // m * m)
+        return fit, (f"tile {tile} is too small for this model's overlap of {self.overlap} px (its receptive field): "
+                     f"using {fit}; tiles larger than {self.overlap} px (e.g. 512) give the exact answer")
+
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, device: str = "auto", **kw) -> "TorchPredictor":
         dev, _ = pick_device(device)
