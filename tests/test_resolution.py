@@ -41,7 +41,7 @@ def test_prediction_runs_at_the_model_resolution_and_returns_the_input_grid():
     img = np.zeros((64, 96, 3), np.uint8)
     img[30:34, 40:44] = 255  # a 4x4 spot at 0.25 um/px = 2x2 at the model's 0.5
     probe = _ScaleProbe(0.5)
-    probs, r = R.predict_at_mpp(probe, img, 0.25)
+    probs, _, _, r = R.segment_at_mpp(probe, img, 0.25, lambda p: (p.argmax(0), p.argmax(0)))
     assert probe.seen == [(32, 48)] and r.factor == 0.5
     assert probs.shape == (2, 64, 96)
     np.testing.assert_allclose(probs.sum(0), 1.0, atol=1e-5)

@@ -108,6 +108,17 @@ class SlideResult:
     kind: str | None  # the label set ("glands" / "nuclei"), None for other models
 
 
+def _load(model: str, device: str, cache: PredictorCache | None, tile: int, overlap: int):
+    """Load (or reuse) the predictor; the overlap to use (-1: the model's default for ``tile``).
+    Yields status lines; returns (cache, overlap)."""
+    yield "loading the model…"
+    cache = cached_predictor(model, device, cache)
+    overlap, note = cache.predictor.overlap_for(tile, overlap)
+    if note:
+        yield note
+    return cache, overlap
+
+
 def fov_job(model: str, device: str, cache: PredictorCache | None, slide, source_id: int, region: Region,
             tile: int, overlap: int, fov: tuple[FovKey, Any] | None) -> Iterator[str]:
     """Predict the visible region; returns a :class:`FovResult`.
@@ -118,13 +129,8 @@ def fov_job(model: str, device: str, cache: PredictorCache | None, slide, source
     from ..core.postprocess import postprocess
     from ..slide.fov import FieldOfViewPredictor
 
-    yield "loading the model…"
-    cache = cached_predictor(model, device, cache)
+    cache, overlap = yield from _load(model, device, cache, tile, overlap)
     predictor = cache.predictor
-    if overlap < 0:  # the model's default
-        overlap, note = predictor.overlap_for(tile)
-        if note:
-            yield note
     key = FovKey(cache.key, source_id, tile, overlap)
     if fov is None or fov[0] != key:
         fov = (key, FieldOfViewPredictor(predictor, slide, 0, tile, overlap, 256))
@@ -144,13 +150,8 @@ def slide_job(model: str, device: str, cache: PredictorCache | None, slide, out:
     a :class:`SlideResult`."""
     from ..slide.tiler import predict_slide
 
-    yield "loading the model…"
-    cache = cached_predictor(model, device, cache)
+    cache, overlap = yield from _load(model, device, cache, tile, overlap)
     predictor = cache.predictor
-    if overlap < 0:  # the model's default
-        overlap, note = predictor.overlap_for(tile)
-        if note:
-            yield note
     kind = result_name(predictor) if predictor.task in ("glands", "nuclei") else None
     yield from predict_slide(predictor, slide, out, level="auto", tile=tile, overlap=overlap, batch=batch,
                              tissue=True, class_names=predictor.class_names, postprocess=kind)

@@ -130,7 +130,7 @@ def predict_cli(a: argparse.Namespace) -> int:
     task = predictor.task
     post = task if task in ("glands", "nuclei") else None
     level = a.level if a.level == "auto" else int(a.level)
-    overlap, note = predictor.overlap_for(a.tile) if a.overlap is None else (a.overlap, None)
+    overlap, note = predictor.overlap_for(a.tile, a.overlap)
     if note:
         print(note)
     for inp in a.input:

@@ -31,12 +31,10 @@ def evaluate_items(predictor: TorchPredictor, items: Sequence[LabeledImage],
     spec = TaskSpec.from_dict(predictor.config["task"])
     binary = spec.task != "multiclass"
     per_image = {}
-    notes: dict[str, int] = {}
+    by_mpp: dict[float | None, int] = {}  # how many images at each pixel size
     for it in items:
         item_mpp = (mpps or {}).get(it.name, mpp)
-        note = resolution_note(item_mpp, getattr(predictor, "mpp", None), "images")
-        if note:
-            notes[note] = notes.get(note, 0) + 1
+        by_mpp[item_mpp] = by_mpp.get(item_mpp, 0) + 1
         _, semantic, inst, _ = segment_at_mpp(predictor, it.image, item_mpp, lambda p: postprocess(p, spec.task))
         pred = (semantic > 0).astype(np.uint8) if binary else semantic
         gt = (it.target > 0).astype(np.uint8) if binary else it.target
@@ -47,7 +45,9 @@ def evaluate_items(predictor: TorchPredictor, items: Sequence[LabeledImage],
         raise DataError("no labeled images to evaluate")
     return {"task": spec.task, "n_images": len(per_image), "mean": aggregate(list(per_image.values())),
             "per_image": per_image,
-            "resolution": [f"{n} {note}" if n > 1 else note.replace("images:", "1 image:") for note, n in notes.items()]}
+            "resolution": [note for m, n in by_mpp.items()
+                           if (note := resolution_note(m, getattr(predictor, "mpp", None),
+                                                       f"{n} image{'s' if n > 1 else ''}"))]}
 
 
 def evaluate_folder(model: str | os.PathLike, images_dir, masks_dir, *, instances_dir=None,

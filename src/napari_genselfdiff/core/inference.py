@@ -81,9 +81,12 @@ class TorchPredictor:
         # recorded by benchmarks/train_defaults.py; checkpoints without one get the old default
         self.overlap = int(config.get("halo") or DEFAULT_OVERLAP)
 
-    def overlap_for(self, tile: int) -> tuple[int, str | None]:
-        """The model's default overlap for ``tile``-pixel tiles, and a line for the user when it does
-        not fit (then half the tile, to the model's multiple: tiling may change the answer a little)."""
+    def overlap_for(self, tile: int, requested: int | None = None) -> tuple[int, str | None]:
+        """The overlap to tile with: ``requested`` when the user chose one (>= 0), else the model's
+        default for ``tile``-pixel tiles, with a line for the user when that does not fit (then half
+        the tile, to the model's multiple: tiling may change the answer a little)."""
+        if requested is not None and requested >= 0:
+            return requested, None
         if self.overlap < tile:
             return self.overlap, None
         m = self.tile_multiple

@@ -92,23 +92,6 @@ def resize_labels(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return labels[ys[:, None], xs[None, :]]
 
 
-def predict_at_mpp(predictor, image: np.ndarray, image_mpp: float | None,
-                   predict_fn=None) -> tuple[np.ndarray, Rescale]:
-    """Class probabilities (C, H, W) on ``image``'s own grid, computed at the model's resolution.
-
-    ``predict_fn(predictor, image) -> (C, h, w)`` does the prediction at model resolution
-    (default: :func:`napari_genselfdiff.core.inference.predict_image`). Returns the probabilities
-    and the :class:`Rescale` used (``rescale.needed`` False: the image was predicted as it is).
-    """
-    if predict_fn is None:
-        from .inference import predict_image as predict_fn
-    r = Rescale(tuple(image.shape[:2]), image_mpp, getattr(predictor, "mpp", None))
-    if not r.needed:
-        return predict_fn(predictor, image), r
-    probs = predict_fn(predictor, resize_image(image, r.model_shape))
-    return resize_probabilities(probs, r.shape), r
-
-
 def segment_at_mpp(predictor, image: np.ndarray, image_mpp: float | None, postprocess,
                    predict_fn=None) -> tuple[np.ndarray, np.ndarray, np.ndarray, Rescale]:
     """Probabilities, semantic labels and instances on ``image``'s own grid.

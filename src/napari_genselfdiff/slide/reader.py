@@ -454,11 +454,18 @@ def file_mpp(path: str | Path) -> float | None:
             magic = fh.read(8)
     except OSError:
         magic = b""
-    if path.is_dir() or magic.startswith(_TIFF_MAGIC):
+    if path.is_dir():
         try:
             with open_slide(path) as slide:
                 return slide.mpp
         except DataError:
+            return None
+    if magic.startswith(_TIFF_MAGIC):  # the tags only: no pixels decoded
+        import tifffile
+        try:
+            with tifffile.TiffFile(path) as tif:
+                return _tiff_mpp(tif)
+        except Exception:  # a TIFF tifffile cannot parse states no pixel size we can trust
             return None
     try:
         from PIL import Image
