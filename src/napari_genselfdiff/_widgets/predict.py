@@ -113,9 +113,10 @@ def _load(model: str, device: str, cache: PredictorCache | None, tile: int, over
     Yields status lines; returns (cache, overlap)."""
     yield "loading the model…"
     cache = cached_predictor(model, device, cache)
-    overlap, note = cache.predictor.overlap_for(tile, overlap)
-    if note:
-        yield note
+    if overlap < 0:  # only then is the model asked (any tiler Predictor may come with an overlap of the user's)
+        overlap, note = cache.predictor.overlap_for(tile)
+        if note:
+            yield note
     return cache, overlap
 
 
