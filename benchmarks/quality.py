@@ -10,10 +10,11 @@ benchmarks/_work/quality/, to be copied into benchmarks/RESULTS.md.
 
 Budgets (what each one is for):
   smoke  a few minutes on a 2-core CPU: proves the pipeline, numbers are not meaningful
-  cpu    about an hour on a 2-core CPU: tiny preset, 2 seeds x 3 fractions, short schedules (800
+  cpu    about 1.5 hours on a 2-core CPU: tiny preset, 3 seeds x 3 fractions, short schedules (800
          pretraining steps, about 12 min, can be shared with train_defaults.py via --pretrained;
-         24 fine-tunings of 150 steps, about 2.5 min each)
-  gpu    the paper's settings: paper preset, patch 256, batch 8, 3 seeds, long schedules
+         36 fine-tunings of 150 steps, about 2.5 min each; --datasets / --fractions / --seeds narrow it)
+  gpu    one GPU in about 10 minutes (benchmarks/gpu_run.sh): small preset, patch 256, 3 seeds x 2 fractions
+  paper  the paper's settings: paper preset, patch 256, batch 8, 3 seeds, long schedules (a GPU-day)
 """
 from __future__ import annotations
 
@@ -28,9 +29,13 @@ from common import (DATASETS, pretrained_enough, REPO, FinetuneConfig, PretrainC
 
 BUDGETS = {
     "smoke": dict(preset="tiny", patch=64, batch=4, pre_steps=30, ft_steps=30, fractions=(0.3, 1.0), seeds=(0,)),
-    "cpu": dict(preset="tiny", patch=128, batch=8, pre_steps=800, ft_steps=150, fractions=(0.1, 0.3, 1.0), seeds=(0, 1)),
-    "gpu": dict(preset="paper", patch=256, batch=8, pre_steps=50_000, ft_steps=10_000, fractions=(0.1, 0.3, 1.0),
+    "cpu": dict(preset="tiny", patch=128, batch=8, pre_steps=800, ft_steps=150, fractions=(0.1, 0.3, 1.0), seeds=(0, 1, 2)),
+    # one GPU, inside the 15 minutes benchmarks/gpu_run.sh is given (with the defaults' training before it)
+    "gpu": dict(preset="small", patch=256, batch=16, pre_steps=3000, ft_steps=400, fractions=(0.1, 1.0),
                 seeds=(0, 1, 2)),
+    # the paper's schedules, for a GPU that is yours for a day
+    "paper": dict(preset="paper", patch=256, batch=8, pre_steps=50_000, ft_steps=10_000, fractions=(0.1, 0.3, 1.0),
+                  seeds=(0, 1, 2)),
 }
 KEYS = {"glands": ["dice", "iou", "hd95", "object_f1", "object_dice", "object_hausdorff"],
         "nuclei": ["dice", "iou", "hd95", "aji", "pq"]}
@@ -46,6 +51,7 @@ def main() -> None:
     ap.add_argument("--pretrained", default=None, help="reuse this pretraining checkpoint (e.g. the defaults')")
     ap.add_argument("--fractions", type=float, nargs="+", default=None, help="override the budget's label fractions")
     ap.add_argument("--ft-steps", type=int, default=None, help="override the budget's fine-tuning steps")
+    ap.add_argument("--seeds", type=int, nargs="+", default=None, help="override the budget's seeds")
     ap.add_argument("--report-only", action="store_true",
                     help="train nothing: rewrite the table and plot from the work folder's rows.json")
     a = ap.parse_args()
@@ -54,6 +60,8 @@ def main() -> None:
         b["fractions"] = tuple(a.fractions)
     if a.ft_steps:
         b["ft_steps"] = a.ft_steps
+    if a.seeds:
+        b["seeds"] = tuple(a.seeds)
     work = Path(a.work or REPO / "benchmarks" / "_work" / "quality" / a.budget)
     if a.report_only:
         saved = json.loads((work / "rows.json").read_text())
@@ -64,7 +72,8 @@ def main() -> None:
         return
     root = data_dir()
     work.mkdir(parents=True, exist_ok=True)
-    splits = {n: load_dataset(DATASETS[n], root) for n in DATASETS}
+    # the defaults' recipe: nuclei with a boundary class, weights averaged (EMA)
+    splits = {n: load_dataset(DATASETS[n], root, boundary=DATASETS[n].task == "nuclei") for n in DATASETS}
     pre = Path(a.pretrained) if a.pretrained else work / "pretrained"
     if a.pretrained:
         b["pre_steps"] = json.loads((pre / "config.json").read_text())["training"]["steps"]
@@ -85,10 +94,11 @@ def main() -> None:
                     out = work / f"{name}_{arm}_f{frac}_s{seed}"
                     cfg = FinetuneConfig(task=ds.task, preset=b["preset"], steps=b["ft_steps"], patch=b["patch"],
                                          batch=b["batch"], lr=1e-3 if b["preset"] == "tiny" else 1e-4, warmup=20,
-                                         seed=seed, label_fraction=frac, checkpoint_every=0, val_every=0, mpp=ds.mpp)
+                                         seed=seed, label_fraction=frac, checkpoint_every=0, val_every=0, mpp=ds.mpp,
+                                         boundary=ds.task == "nuclei", ema=0.99)
                     with Timer() as t:
                         drain(finetune(train, out, cfg, init=init, device=a.device, overwrite=True))
-                    m = evaluate(out, test, inst)
+                    m = evaluate(out, test, inst)  # nuclei AJI / PQ over the images with true instances
                     rows.append({"dataset": name, "arm": arm, "fraction": frac, "seed": seed, "seconds": t.s,
                                  "n_train_images": max(1, int(round(frac * len(train)))), **m})
                     print(json.dumps(rows[-1]), flush=True)
@@ -131,18 +141,40 @@ def report(rows: list[dict], budget: str, b: dict, pre_s: float, where: str) -> 
                     v = v[np.isfinite(v)]
                     cells.append(f"{v.mean():.3f} ± {v.std():.3f}" if v.size else "n/a")
                 lines.append(f"| {frac:.0%} ({sel[0]['n_train_images']} img) | {arm} | " + " | ".join(cells) + " |")
-        lines += ["", "Pretrained minus scratch, same seed (mean over seeds; positive = pretraining helped): " + "; ".join(
-            f"{frac:.0%}: " + ", ".join(f"{k} {d:+.3f}" for k, d in paired(rows, name, frac, MAIN[task]).items())
-            for frac in sorted({r["fraction"] for r in rows if r["dataset"] == name})), ""]
+        lines += ["", "Pretrained minus scratch, paired by seed (mean, 95 % t-interval over seeds; positive = "
+                  "pretraining helped; an interval that contains 0 shows no effect at this budget):", ""]
+        for frac in sorted({r["fraction"] for r in rows if r["dataset"] == name}):
+            cells = [f"{k} {m:+.3f} [{lo:+.3f}, {hi:+.3f}] (n={n})"
+                     for k, (m, lo, hi, n) in paired_ci(rows, name, frac, MAIN[task]).items()]
+            lines.append(f"- {frac:.0%}: " + "; ".join(cells))
+        lines.append("")
     return "\n".join(lines)
 
 
 def paired(rows: list[dict], name: str, frac: float, keys: list[str]) -> dict:
     """Mean over seeds of (pretrained - scratch) for each key, pairing runs of the same seed."""
+    return {k: v[0] for k, v in paired_ci(rows, name, frac, keys).items()}
+
+
+def paired_ci(rows: list[dict], name: str, frac: float, keys: list[str], level: float = 0.95) -> dict:
+    """(mean, low, high, n) of the paired differences pretrained - scratch (same seed) for each key:
+    a Student-t confidence interval over seeds (nan bounds with fewer than 2 seeds)."""
+    from scipy import stats
+
     by = {(r["arm"], r["seed"]): r for r in rows if r["dataset"] == name and r["fraction"] == frac}
     seeds = sorted({s for (a, s) in by if ("pretrained", s) in by and ("scratch", s) in by})
-    return {k: float(np.mean([by["pretrained", s][k] - by["scratch", s][k] for s in seeds])) if seeds else float("nan")
-            for k in keys}
+    out = {}
+    for k in keys:
+        d = np.array([by["pretrained", s][k] - by["scratch", s][k] for s in seeds], float)
+        if d.size == 0:
+            out[k] = (float("nan"),) * 3 + (0,)
+            continue
+        if d.size < 2:
+            out[k] = (float(d.mean()), float("nan"), float("nan"), 1)
+            continue
+        half = stats.t.ppf(0.5 + level / 2, d.size - 1) * d.std(ddof=1) / np.sqrt(d.size)
+        out[k] = (float(d.mean()), float(d.mean() - half), float(d.mean() + half), int(d.size))
+    return out
 
 
 def plot(rows: list[dict], path: Path) -> None:

@@ -1,7 +1,17 @@
 """Training images/s and inference megapixels/s of our U-Net against a straightforward float32
-implementation of the reference architecture (the baseline, below), same sizes, same run.
+implementation of the reference architecture (the baseline, below), same sizes, same run; and,
+with ``--ceiling``, how close the bundled models come to the machine's limit.
 
     python benchmarks/speed.py [--preset small] [--patch 128] [--batch 4] [--repeats 5]
+    python benchmarks/speed.py --ceiling [--json OUT] [--slide-size 2048]
+
+``--ceiling`` measures, in one run: the machine's ceiling (a 3x3 convolution 64 -> 64 channels on
+256x256, in GFLOP/s); each bundled model's FLOPs per megapixel (torch.utils.flop_counter) and its
+forward pass as Mpx/s and as a fraction of the ceiling, plain and with the inference levers
+(frozen BatchNorm folded into the convolutions, channels_last); one training step (batch 8,
+128x128, AdamW) as img/s and fraction of the ceiling; end to end, ``predict_slide`` on a
+synthetic full-tissue slide of ``--slide-size`` pixels, as Mpx/s of the slide's own pixels and as
+a fraction of the raw forward pass over those pixels; and the peak RSS.
 
 Our model differs from the baseline only in how it computes: fused scaled-dot-product attention
 in the bottleneck (the baseline materialises the full attention matrix), ``channels_last`` and
@@ -14,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +55,100 @@ def baseline_from(model: U.UNet) -> U.UNet:
     return base
 
 
+def conv_ceiling(repeats: int = 10) -> float:
+    """GFLOP/s of a 3x3 convolution, 64 -> 64 channels, 256x256, batch 1 (the machine's ceiling
+    for the work a U-Net does)."""
+    conv = torch.nn.Conv2d(64, 64, 3, padding=1).eval()
+    x = torch.randn(1, 64, 256, 256)
+    flops = 2 * 64 * 64 * 9 * 256 * 256
+    with torch.inference_mode():
+        return flops / time_per_call(lambda: conv(x), repeats) / 1e9
+
+
+def forward_flops(model, x) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x)
+    return float(counter.get_total_flops())
+
+
+def ceiling_report(a) -> dict:
+    """The bundled models against the machine's ceiling (see the module docstring)."""
+    import tempfile
+    import time
+
+    import numpy as np
+
+    from napari_genselfdiff.bundled import resolve_model as bundled_model_path
+    from napari_genselfdiff.core.inference import TorchPredictor
+    from napari_genselfdiff.core.unet import UNet, fused_for_inference, segmentation_config, UNetConfig
+
+    ceiling = conv_ceiling(a.repeats)
+    out = {"machine": machine(), "threads": torch.get_num_threads(), "ceiling_gflops": round(ceiling, 1),
+           "models": {}}
+    size = a.infer_size
+    x = torch.randn(1, 3, size, size)
+    for task in ("glands", "nuclei"):
+        pred = TorchPredictor.from_checkpoint(bundled_model_path(task), device="cpu")
+        model = pred.model.float().eval()
+        flops = forward_flops(model, x)
+        mpx = size * size / 1e6
+        row = {"gflop_per_mpx": round(flops / 1e9 / mpx, 1)}
+        variants = {"plain": model, "fused": fused_for_inference(model)}
+        variants["fused_channels_last"] = fused_for_inference(model).to(memory_format=torch.channels_last)
+        for name, m in variants.items():
+            inp = x.to(memory_format=torch.channels_last) if "channels_last" in name else x
+            with torch.inference_mode():
+                t = time_per_call(lambda: m(inp), a.repeats)
+            row[f"infer_{name}_mpx_s"] = round(mpx / t, 3)
+            row[f"infer_{name}_fraction"] = round(flops / t / 1e9 / ceiling, 3)
+        out["models"][task] = row
+    # training: the segmentation network of the bundled preset, batch 8 of 128x128
+    net = UNet(segmentation_config(UNetConfig.from_preset("tiny", in_channels=3, out_channels=3), 2))
+    xb, yb = torch.randn(8, 3, 128, 128), torch.randint(0, 2, (8, 128, 128))
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(net(xb), yb).backward()
+        opt.step()
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter:
+        F.cross_entropy(net(xb), yb).backward()
+    train_flops = float(counter.get_total_flops())
+    t = time_per_call(step, max(3, a.repeats // 2))
+    out["train_img_s"] = round(8 / t, 2)
+    out["train_fraction_of_ceiling"] = round(train_flops / t / 1e9 / ceiling, 3)
+    # end to end on a synthetic full-tissue slide, against the raw forward pass over its pixels
+    from napari_genselfdiff.slide.tiler import predict_slide
+    from napari_genselfdiff.core.progress import drain
+    pred = TorchPredictor.from_checkpoint(bundled_model_path("nuclei"), device="cpu")
+    rng = np.random.default_rng(0)
+    n = a.slide_size
+    with tempfile.TemporaryDirectory() as tmp:
+        img = (rng.integers(60, 200, (n, n, 3))).astype(np.uint8)
+        img[..., 2] = 200  # pinkish, "tissue" everywhere
+        path = Path(tmp) / "slide.tif"
+        import tifffile
+        tifffile.imwrite(path, img, tile=(512, 512))
+        overlap, _ = pred.overlap_for(a.tile, None)
+        t0 = time.perf_counter()
+        drain(predict_slide(pred, str(path), Path(tmp) / "out.zarr", level=0, tile=a.tile, overlap=overlap,
+                            batch=4, tissue=False, class_names=pred.class_names, postprocess="nuclei",
+                            postprocess_options=pred.postprocess_options))
+        t_e2e = time.perf_counter() - t0
+    raw_mpx_s = out["models"]["nuclei"]["infer_fused_mpx_s"] if pred.network is not pred.model \
+        else out["models"]["nuclei"]["infer_plain_mpx_s"]
+    out["end_to_end_mpx_s"] = round(n * n / 1e6 / t_e2e, 3)
+    out["end_to_end_fraction_of_raw"] = round(out["end_to_end_mpx_s"] / raw_mpx_s, 3)
+    out["end_to_end"] = {"slide": f"{n}x{n} synthetic, no tissue skipping", "tile": a.tile, "overlap": overlap,
+                         "seconds": round(t_e2e, 1)}
+    out["infer_fraction_of_ceiling"] = min(r["infer_fused_channels_last_fraction"] for r in out["models"].values())
+    out["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="small")
@@ -53,7 +158,17 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile(ours) (CUDA)")
+    ap.add_argument("--ceiling", action="store_true", help="the bundled models against the machine's ceiling")
+    ap.add_argument("--json", default=None, help="--ceiling: also write the results to this JSON file")
+    ap.add_argument("--slide-size", type=int, default=2048, help="--ceiling: end-to-end slide side in pixels")
+    ap.add_argument("--tile", type=int, default=512, help="--ceiling: end-to-end tile size")
     a = ap.parse_args()
+    if a.ceiling:
+        result = ceiling_report(a)
+        print(json.dumps(result, indent=2))
+        if a.json:
+            Path(a.json).write_text(json.dumps(result, indent=2))
+        return
     dev = torch.device(a.device)
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     torch.manual_seed(0)

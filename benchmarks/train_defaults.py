@@ -33,7 +33,8 @@ CARD = """# Default {task} model ({dataset_title})
 - **Pretraining**: DDPM (T=1000, quadratic schedule, P2-weighted loss), {pre_steps} steps x {pre_batch} tiles of
   {patch}x{patch} on unlabeled tiles: GlaS + MoNuSeg training images without labels, plus the two unlabeled slides.
 - **Fine-tuning**: {ft_steps} steps x {ft_batch} patches of {ft_patch}x{ft_patch}, loss `{loss}`, on the {dataset} training
-  split ({n_train} images; split by image, seed 2024), validated on {n_val} images.
+  split ({n_train} images; split by image, seed 2024), validated on {n_val} images; learning rate with linear warm-up
+  and cosine decay, exponential moving average of the weights ({ema}), stain and colour augmentation.
 - **Test metrics** ({n_test} held-out {dataset} training-set images, never seen in training; measured by
   `benchmarks/train_defaults.py` on {machine}):
 
@@ -83,9 +84,16 @@ def main() -> None:
     ap.add_argument("--only", choices=["glas", "monuseg"], default=None)
     ap.add_argument("--pretrain-only", action="store_true", help="stop after the (resumable) pretraining")
     ap.add_argument("--fresh", action="store_true", help="restart fine-tunings instead of resuming them")
+    ap.add_argument("--nuclei-steps", type=int, default=None, help="nuclei fine-tuning steps (default --finetune-steps)")
+    ap.add_argument("--no-boundary", action="store_true", help="nuclei: two classes, no boundary class")
+    ap.add_argument("--ema", type=float, default=0.99, help="EMA decay of the weights (0: off)")
+    ap.add_argument("--val-every", type=int, default=200)
+    ap.add_argument("--bundle-to", default=str(REPO / "resources" / "models"),
+                    help="where the bundled models are written (a trial run: somewhere else)")
     a = ap.parse_args()
     root, work = data_dir(), Path(a.work)
-    splits = {name: load_dataset(ds, root) for name, ds in DATASETS.items()}
+    boundary = not a.no_boundary
+    splits = {name: load_dataset(ds, root, boundary=boundary and ds.task == "nuclei") for name, ds in DATASETS.items()}
     pre = work / "pretrained"
     if not pretrained_enough(pre, a.pretrain_steps, a.preset):
         sources = unlabeled_pool(root, {n: s[0] for n, s in splits.items()})
@@ -104,14 +112,24 @@ def main() -> None:
         train, val, test, inst = splits[name]
         out = work / ds.task
         patch = a.gland_patch if ds.task == "glands" else a.patch
-        cfg = FinetuneConfig(task=ds.task, steps=a.finetune_steps, patch=patch, batch=a.batch, lr=1e-3,
-                             warmup=20, checkpoint_every=100, val_every=100, mpp=ds.mpp)
+        steps = a.nuclei_steps if ds.task == "nuclei" and a.nuclei_steps else a.finetune_steps
+        cfg = FinetuneConfig(task=ds.task, steps=steps, patch=patch, batch=a.batch, lr=1e-3,
+                             warmup=20, checkpoint_every=100, val_every=a.val_every, mpp=ds.mpp, ema=a.ema,
+                             boundary=boundary and ds.task == "nuclei")
         with Timer() as t:
             resume = (out / "training_state.json").is_file() and not a.fresh  # an interrupted run continues
-            drain(finetune(train, out, cfg, init=pre, val_items=val, device=a.device, resume=resume, overwrite=True),
+            drain(finetune(train, out, cfg, init=pre, val_items=val, device=a.device, resume=resume, overwrite=True,
+                           val_instances={it.name: inst[it.name] for it in val if it.name in inst}),
                   lambda e: print(f"{ds.task} {e.step}/{e.total} loss {e.loss:.4f} {e.metrics or ''}", flush=True)
                   if e.step % 50 == 0 else None)
         metrics = evaluate(out, test, inst)
+        # test-time augmentation: its gain and cost on the same images (not shipped on by default)
+        with Timer() as t1:
+            evaluate(out, test, inst)
+        with Timer() as t8:
+            metrics_tta = evaluate(out, test, inst, tta=8)
+        tta = {"views": 8, "metrics": metrics_tta, "cost": t8.s / t1.s}
+        print(f"{ds.task}: TTA x8 {json.dumps(metrics_tta)} ({tta['cost']:.1f}x the time)")
         model, _ = load_model(out)
         field = receptive.measure(model, [it.image for it in val])  # the validation split, not the test split
         print(f"{ds.task}: effective receptive field {field['receptive_field']['radius']} -> halo {field['halo']} px")
@@ -119,17 +137,37 @@ def main() -> None:
         params = sum(v.numel() for v in load_file(str(out / "model.safetensors")).values())
         keys = ["dice", "iou", "hd95"] + (["object_f1", "object_dice", "object_hausdorff"] if ds.task == "glands"
                                          else ["aji", "pq"])
-        table = "\n".join(["  | metric | value |", "  |---|---|"] + [f"  | {k} | {metrics[k]:.3f} |" for k in keys])
+        table = "\n".join(["  | metric | value | with TTA x8 |", "  |---|---|---|"]
+                          + [f"  | {k} | {metrics[k]:.3f} | {metrics_tta[k]:.3f} |" for k in keys])
+        table += (f"\n\n  Test-time augmentation (8 flipped / turned views, `--tta 8`) costs {tta['cost']:.1f}x the time; "
+                  "it is off by default.")
+        if ds.task == "nuclei":
+            table += (f" AJI and PQ over the {int(metrics.get('n_images_with_instances', 0))} test images with true "
+                      "instance labels (the others have binary masks only, whose components merge touching nuclei).")
+        refs = REPO / "benchmarks" / "_work" / "references" / "references.json"
+        if refs.is_file():
+            from references import table as ref_table
+            saved = json.loads(refs.read_text())
+            table += "\n\n  Reference arms on the same test split (benchmarks/references.py):\n\n" + "\n".join(
+                "  " + line for line in ref_table({k: v for k, v in saved.items() if k.startswith(name)}).splitlines())
+        tuned = json.loads((out / "config.json").read_text()).get("postprocess", {})
+        post = ("connected components with hole filling" if ds.task == "glands"
+                else "marker-controlled watershed (markers: nucleus interiors; flooding the boundary class)"
+                if cfg.boundary else "marker-controlled watershed on the distance transform")
+        post += f"; thresholds tuned on the validation split and stored in config.json: {tuned}"
         card = CARD.format(task=ds.task, dataset_title={"glas": "GlaS", "monuseg": "MoNuSeg"}[name],
-                           classes={"glands": "background / gland", "nuclei": "background / nucleus"}[ds.task],
-                           post="connected components with hole filling" if ds.task == "glands"
-                           else "marker-controlled watershed", preset=a.preset, params=params, mpp=ds.mpp,
-                           pre_steps=a.pretrain_steps, pre_batch=a.batch, patch=a.patch, ft_patch=patch, ft_steps=a.finetune_steps,
+                           classes={"glands": "background / gland",
+                                    "nuclei": "background / nucleus / nucleus boundary" if cfg.boundary
+                                    else "background / nucleus"}[ds.task],
+                           post=post, preset=a.preset, params=params, mpp=ds.mpp,
+                           pre_steps=a.pretrain_steps, pre_batch=a.batch, patch=a.patch, ft_patch=patch, ft_steps=steps,
                            ft_batch=a.batch, loss=cfg.loss, dataset=name, n_train=len(train), n_val=len(val),
                            n_test=len(test), machine=machine(), metrics=table,
-                           rf=field['receptive_field']['radius']['0.999'], halo=field['halo'])
-        bundle(out, REPO / "resources" / "models" / ds.task, card, metrics, field)
-        (work / f"{ds.task}_test_metrics.json").write_text(json.dumps(metrics, indent=2))
+                           rf=field['receptive_field']['radius']['0.999'], halo=field['halo'],
+                           ema=f"decay {a.ema}" if a.ema else "off")
+        bundle(out, Path(a.bundle_to) / ds.task, card, metrics, field)
+        (work / f"{ds.task}_test_metrics.json").write_text(json.dumps({**metrics, "tta": tta,
+                                                                       "seconds": t.s}, indent=2))
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ lazy sources, and atomicity (a failed write leaves neither a partial target nor 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -38,7 +39,7 @@ def test_ome_zarr_round_trip_levels_and_values(tmp_path, dtype):
 def test_ome_zarr_ngff_metadata(tmp_path):
     labels = _labels((100, 60))
     path = tmp_path / "slide.ome.zarr"
-    ome_zarr.write_ome_zarr_labels(path, labels, name="nuclei", scale=(2, 2),
+    ome_zarr.write_ome_zarr_labels(path, labels, name="nuclei", downsample=2,
                                    image_shape=(200, 120), pyramid_levels=3, chunks=(32, 32))
     assert json.loads((path / ".zgroup").read_text())["zarr_format"] == 2
     assert json.loads((path / "labels" / ".zattrs").read_text()) == {"labels": ["nuclei"]}
@@ -46,12 +47,15 @@ def test_ome_zarr_ngff_metadata(tmp_path):
     (ms,) = attrs["multiscales"]
     assert ms["version"] == "0.4" and ms["name"] == "nuclei"
     assert [a["name"] for a in ms["axes"]] == ["y", "x"]
-    assert all(a["type"] == "space" for a in ms["axes"])
+    assert all(a["type"] == "space" and "unit" not in a for a in ms["axes"])   # no mpp: pixels
     assert [d["path"] for d in ms["datasets"]] == ["0", "1", "2"]
+    # full-resolution pixels per label pixel; a label pixel's centre lies half a label pixel in
     assert [d["coordinateTransformations"] for d in ms["datasets"]] == [
-        [{"type": "scale", "scale": [2.0 * 2 ** k, 2.0 * 2 ** k]}] for k in range(3)]
+        [{"type": "scale", "scale": [2.0 * 2 ** k, 2.0 * 2 ** k]},
+         {"type": "translation", "translation": [0.5, 0.5]}] for k in range(3)]
     assert attrs["image-label"]["version"] == "0.4"
-    assert attrs["napari-genselfdiff"] == {"image_shape": [200, 120]}
+    assert attrs["image-label"]["source"] == {"image": "../../"}
+    assert attrs["napari-genselfdiff"] == {"image_shape": [200, 120], "unit": "pixel", "downsample": 2.0}
     zarray = json.loads((path / "labels" / "nuclei" / "0" / ".zarray").read_text())
     assert zarray["dimension_separator"] == "/" and zarray["zarr_format"] == 2
     assert zarray["dtype"] == "<i4" and zarray["chunks"] == [32, 32]
@@ -75,7 +79,7 @@ def test_ome_zarr_from_lazy_source_and_tiny_pyramid(tmp_path):
 def test_ome_zarr_argument_and_read_errors(tmp_path):
     with pytest.raises(ValueError, match="image_shape"):
         ome_zarr.write_ome_zarr_labels(tmp_path / "a.zarr", _labels((10, 10)),
-                                       image_shape=(40, 20), scale=(2, 2))
+                                       image_shape=(40, 20), downsample=2)
     with pytest.raises(ValueError, match="integer"):
         ome_zarr.write_ome_zarr_labels(tmp_path / "a.zarr", np.zeros((4, 4)))
     assert not (tmp_path / "a.zarr").exists()
@@ -229,3 +233,114 @@ def test_write_tiff_one_image_atomically_with_resolution(tmp_path, monkeypatch):
         tiff.write_tiff(target, mask)
     np.testing.assert_array_equal(tiff.read_label_tiff(target), mask)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.tif", "sub"]
+
+
+# ------------------------------------------------- OME-Zarr as a viewer reads it (ome-zarr)
+
+def _read_with_ome_zarr(path):
+    """The nodes the ``ome-zarr`` reader (what napari-ome-zarr builds on) finds at ``path``."""
+    ome_io = pytest.importorskip("ome_zarr.io", reason="the ome-zarr package (testing extra) is needed")
+    from ome_zarr.reader import Label, Multiscales, Reader
+
+    nodes = list(Reader(ome_io.parse_url(str(path)))())
+    images = [n for n in nodes if n.load(Multiscales) and not n.load(Label)]
+    labels = [n for n in nodes if n.load(Label)]
+    return images, labels
+
+
+def _mean2(a: np.ndarray) -> np.ndarray:
+    """(C, H, W) uint8 -> rounded 2 x 2 means, an odd edge repeated."""
+    a = np.pad(a.astype(np.float32), ((0, 0), (0, a.shape[1] % 2), (0, a.shape[2] % 2)), mode="edge")
+    return np.rint((a[:, 0::2, 0::2] + a[:, 1::2, 0::2] + a[:, 0::2, 1::2] + a[:, 1::2, 1::2]) / 4).astype(np.uint8)
+
+
+def test_ome_zarr_root_is_an_image_in_micrometres_with_its_labels(tmp_path):
+    import dask.array as da
+
+    rng = np.random.default_rng(3)
+    image = rng.integers(0, 256, (150, 250, 3), dtype=np.uint8)
+    labels = np.zeros((150, 250), np.int32)
+    labels[10:40, 20:90], labels[60:149, 100:249] = 5, 12
+    path = ome_zarr.write_ome_zarr_labels(
+        tmp_path / "slide.ome.zarr", labels, name="glands", image=da.from_array(image, chunks=64),
+        image_name="slide.svs", downsample=4.0, mpp=0.25, chunks=(64, 64))
+
+    images, label_nodes = _read_with_ome_zarr(path)
+    (root,) = images
+    assert Path(root.zarr.path) == path                                  # the root itself is the image
+    assert root.metadata["axes"] == [{"name": "c", "type": "channel"},
+                                     {"name": "y", "type": "space", "unit": "micrometer"},
+                                     {"name": "x", "type": "space", "unit": "micrometer"}]
+    # one image pixel = 4 slide pixels of 0.25 um; level k = 2**k of those; centres placed
+    transforms = root.metadata["coordinateTransformations"]
+    assert [t[0]["scale"] for t in transforms] == [[1.0, 1.0 * 2 ** k, 1.0 * 2 ** k] for k in range(4)]
+    assert [t[1]["translation"] for t in transforms] == [
+        [0.0, 0.375 + (2 ** k - 1) / 2, 0.375 + (2 ** k - 1) / 2] for k in range(4)]
+    assert root.metadata["channel_names"] == ["red", "green", "blue"]
+    assert [d.shape for d in root.data] == [(3, 150, 250), (3, 75, 125), (3, 38, 63), (3, 19, 32)]
+    np.testing.assert_array_equal(np.asarray(root.data[0]), np.moveaxis(image, -1, 0))
+    np.testing.assert_array_equal(np.asarray(root.data[1]), _mean2(np.moveaxis(image, -1, 0)))
+    np.testing.assert_array_equal(np.asarray(root.data[2]), _mean2(np.asarray(root.data[1])))
+
+    (lab,) = label_nodes
+    assert lab.metadata["name"] == "glands"
+    assert [a.get("unit") for a in lab.metadata["axes"]] == ["micrometer", "micrometer"]
+    assert [t[0]["scale"] for t in lab.metadata["coordinateTransformations"]] == [
+        [2.0 ** k, 2.0 ** k] for k in range(4)]
+    assert [t[1]["translation"] for t in lab.metadata["coordinateTransformations"]] == [[0.375, 0.375]] * 4
+    np.testing.assert_array_equal(np.asarray(lab.data[0]), labels)
+    np.testing.assert_array_equal(np.asarray(lab.data[1]), labels[::2, ::2])
+    colors = lab.metadata["color"]
+    assert set(colors) == {0, 5, 12} and colors[0][3] == 0 and colors[5] != colors[12]
+    assert all(c[3] == 1.0 for k, c in colors.items() if k)
+
+    # opening the labels themselves finds the image they label (image-label.source)
+    images, label_nodes = _read_with_ome_zarr(path / "labels" / "glands")
+    assert len(images) == 1 and [d.shape for d in images[0].data][0] == (3, 150, 250)
+
+
+def test_ome_zarr_export_is_valid_ngff_04(tmp_path):
+    """The metadata validates against OME-NGFF 0.4 (ome-zarr-models, which ome-zarr installs)."""
+    v04 = pytest.importorskip("ome_zarr_models.v04", reason="ome-zarr-models (installed with ome-zarr) is needed")
+    from ome_zarr_models.v04.image_label import ImageLabel
+
+    labels = _labels((96, 80))
+    image = np.full((96, 80, 3), 200, np.uint8)
+    path = ome_zarr.write_ome_zarr_labels(tmp_path / "v.zarr", labels, name="nuclei", image=image,
+                                          downsample=1.0, mpp=0.5, chunks=(32, 32))
+    root = zarr.open_group(str(path), mode="r")
+    model = v04.Image.from_zarr(root)
+    assert model.labels is not None and model.labels.attributes.labels == ["nuclei"]
+    assert [a.unit for a in model.attributes.multiscales[0].axes] == [None, "micrometer", "micrometer"]
+    ImageLabel.from_zarr(root["labels"]["nuclei"])       # raises when the labels metadata is not valid
+
+
+def test_ome_zarr_without_pixel_size_is_in_slide_pixels(tmp_path):
+    labels = _labels((64, 64))
+    path = ome_zarr.write_ome_zarr_labels(tmp_path / "p.zarr", labels, image=np.zeros((64, 64, 3), np.uint8),
+                                          downsample=2.0, pyramid_levels=2)
+    images, label_nodes = _read_with_ome_zarr(path)
+    assert all("unit" not in a for a in images[0].metadata["axes"] + label_nodes[0].metadata["axes"])
+    assert [t[0]["scale"] for t in images[0].metadata["coordinateTransformations"]] == [[1.0, 2.0, 2.0], [1.0, 4.0, 4.0]]
+    attrs = json.loads((path / "labels" / "glands" / ".zattrs").read_text())
+    assert attrs["napari-genselfdiff"]["unit"] == "pixel"
+
+
+def test_ome_zarr_colours_every_object_or_none(tmp_path, monkeypatch):
+    labels = np.arange(30, dtype=np.int32).reshape(5, 6)           # 29 objects and background
+    path = ome_zarr.write_ome_zarr_labels(tmp_path / "c.zarr", labels, chunks=(2, 4))
+    colors = json.loads((path / "labels" / "glands" / ".zattrs").read_text())["image-label"]["colors"]
+    assert [c["label-value"] for c in colors] == list(range(30))    # every id seen across chunks
+    assert len({tuple(c["rgba"]) for c in colors}) == 30
+    # more objects than listed would leave the unlisted invisible in napari: then none are listed
+    monkeypatch.setattr(ome_zarr, "MAX_COLORS", 10)
+    path = ome_zarr.write_ome_zarr_labels(tmp_path / "d.zarr", labels, chunks=(2, 4))
+    assert "colors" not in json.loads((path / "labels" / "glands" / ".zattrs").read_text())["image-label"]
+
+
+def test_ome_zarr_image_must_match_the_labels(tmp_path):
+    with pytest.raises(ValueError, match=r"image must be \(10, 10, 3\) uint8"):
+        ome_zarr.write_ome_zarr_labels(tmp_path / "m.zarr", _labels((10, 10)), image=np.zeros((10, 12, 3), np.uint8))
+    with pytest.raises(ValueError, match="image must be"):
+        ome_zarr.write_ome_zarr_labels(tmp_path / "m.zarr", _labels((10, 10)), image=np.zeros((10, 10, 3), np.float32))
+    assert not (tmp_path / "m.zarr").exists()

@@ -52,6 +52,63 @@ def test_predict_writes_store_geojson_overlay_and_exports(tiny_glands, tmp_path,
     np.testing.assert_array_equal(read_label_tiff(tmp_path / "l.tif"), labels)
     det = json.loads((tmp_path / "d.geojson").read_text())
     assert all(f["properties"]["objectType"] == "detection" for f in det["features"])
+    # the OME-Zarr's root is the slide's image (the level predicted), in micrometres, with the labels
+    images, label_nodes = _ome_zarr_nodes(tmp_path / "l.ome.zarr")
+    assert [d.shape for d in images[0].data][:2] == [(3, 768, 1024), (3, 384, 512)]
+    assert images[0].metadata["coordinateTransformations"][0] == [{"type": "scale", "scale": [1.0, 0.499, 0.499]}]
+    assert [a.get("unit") for a in images[0].metadata["axes"]] == [None, "micrometer", "micrometer"]
+    from napari_genselfdiff.slide.reader import open_slide
+    with open_slide(sample_image_path()) as slide:
+        np.testing.assert_array_equal(np.asarray(images[0].data[0]), np.moveaxis(np.asarray(slide.levels[0]), -1, 0))
+    (lab,) = label_nodes
+    np.testing.assert_array_equal(np.asarray(lab.data[0]), labels)
+    assert lab.metadata["name"] == "glands"
+
+
+def _ome_zarr_nodes(path):
+    """(image nodes, label nodes) the ``ome-zarr`` reader finds opening ``path``."""
+    ome_io = pytest.importorskip("ome_zarr.io", reason="the ome-zarr package (testing extra) is needed")
+    from ome_zarr.reader import Label, Multiscales, Reader
+
+    nodes = list(Reader(ome_io.parse_url(str(path)))())
+    return ([n for n in nodes if n.load(Multiscales) and not n.load(Label)], [n for n in nodes if n.load(Label)])
+
+
+def test_ome_zarr_export_finds_its_slide_or_says_why_not(tiny_glands, tmp_path, capsys):
+    import shutil
+
+    slide = tmp_path / "case.tif"
+    shutil.copy(sample_image_path(), slide)
+    out = tmp_path / "pred.zarr"
+    assert main(["predict", "--model", str(tiny_glands), "--input", str(slide), "--out", str(out), "--tile", "256",
+                 "--overlap", "32", "--level", "1", "--no-tissue", "--device", "cpu"]) == 0
+    # the prediction ran on level 1 (384 x 512): the image is that level, each pixel 2 x 0.499 um
+    assert main(["export", "--labels", str(out), "--ome-zarr", str(tmp_path / "a.zarr")]) == 0
+    images, labels = _ome_zarr_nodes(tmp_path / "a.zarr")
+    assert images[0].data[0].shape == (3, 384, 512) and labels[0].data[0].shape == (384, 512)
+    assert images[0].metadata["coordinateTransformations"][0][0]["scale"] == [1.0, 0.998, 0.998]
+    # --no-image: the labels only (a viewer opening the root finds nothing, as the help says)
+    assert main(["export", "--labels", str(out), "--ome-zarr", str(tmp_path / "b.zarr"), "--no-image"]) == 0
+    images, labels = _ome_zarr_nodes(tmp_path / "b.zarr")
+    assert images == [] and labels == []
+    capsys.readouterr()
+    # the slide moved: the labels are exported, with a note saying how to add the image
+    moved = tmp_path / "moved.tif"
+    slide.rename(moved)
+    assert main(["export", "--labels", str(out), "--ome-zarr", str(tmp_path / "c.zarr")]) == 0
+    err = capsys.readouterr().err
+    assert "case.tif is not there" in err and "--slide" in err
+    assert main(["export", "--labels", str(out), "--ome-zarr", str(tmp_path / "d.zarr"), "--slide", str(moved)]) == 0
+    assert _ome_zarr_nodes(tmp_path / "d.zarr")[0][0].data[0].shape == (3, 384, 512)
+    # another slide, whose level 1 is not the prediction's: one line, nothing written
+    other = tmp_path / "other.png"
+    from PIL import Image
+    Image.fromarray(np.zeros((600, 800, 3), np.uint8)).save(other)
+    assert main(["export", "--labels", str(out), "--ome-zarr", str(tmp_path / "e.zarr"), "--slide", str(other),
+                 "--geojson", str(tmp_path / "e.geojson")]) == 2
+    err = capsys.readouterr().err
+    assert "other.png: level 1 is 300x400, the prediction is 384x512" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "e.zarr").exists() and not (tmp_path / "e.geojson").exists()
 
 
 def test_export_errors_are_one_line(tmp_path, capsys):

@@ -211,10 +211,13 @@ def test_edit_and_accept_on_a_multiscale_image_use_full_resolution(viewer, tmp_p
 
 
 def edit_and_accept_a_file(viewer, tmp_path: Path, path: Path, seg_model: Path) -> tuple[RefineWidget, dict]:
-    """Open ``path`` with this plugin's reader, edit and accept a region; (widget, slide record)."""
+    """Open ``path`` with this plugin's reader, edit and accept a region; (widget, slide record).
+    The reader shows a slide of known pixel size in microns: the camera looks at pixel (300, 400),
+    4 screen pixels per image pixel."""
     [image] = viewer.open(str(path), plugin="napari-genselfdiff")
     w = refine_widget(viewer, tmp_path, seg_model)
-    look_at(viewer, (300, 400), 4)
+    s = float(image.scale[-1])
+    look_at(viewer, (300 * s, 400 * s), 4 / s)
     layer = w.annotate.edit_region()
     layer.data[20:60, 30:90] = 1
     rid = w.annotate.accept_region()

@@ -104,3 +104,32 @@ def test_old_configs_load_as_groupnorm():
     assert UNetConfig.from_dict(d).norm == "group"
     with pytest.raises(ValueError, match="normalisation"):
         UNetConfig(norm="layer")
+
+
+def test_fused_for_inference_computes_the_same_function_and_leaves_the_model_alone():
+    import torch
+    from napari_genselfdiff.core.unet import (ResBlock, UNet, UNetConfig, fused_for_inference,
+                                              segmentation_config)
+
+    torch.manual_seed(0)
+    net = UNet(segmentation_config(UNetConfig.from_preset("tiny", in_channels=3, out_channels=3), 3))
+    for m in net.modules():  # statistics and affine parameters that are not the identity
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    net.eval()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    fused = fused_for_inference(net)
+    assert not any(isinstance(m, ResBlock) for m in fused.modules())
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) and m is b.norm2
+                   for b in fused.modules() if hasattr(b, "norm2") for m in [b.norm2])
+    x = torch.randn(2, 3, 64, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), net(x), rtol=1e-4, atol=1e-4)
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert any(isinstance(m, ResBlock) for m in net.modules())
+    group = UNet(UNetConfig.from_preset("tiny", in_channels=3, out_channels=2))
+    assert fused_for_inference(group) is group  # GroupNorm: nothing to fold

@@ -1,14 +1,17 @@
-"""napari reader: slides (SVS, pyramidal/OME-TIFF, OME-Zarr) as lazy multiscale RGB image layers,
+"""napari reader: slides (SVS, pyramidal/OME-TIFF, OME-Zarr, and through OpenSlide MRXS / VMS /
+VMU / BIF / Philips TIFF) as lazy multiscale RGB image layers,
 and a prediction store (``genselfdiff predict``'s .zarr) as its label pyramids and foreground
 probability, placed over the slide's level-0 pixels. A store whose run has not finished is shown
-as it is, with a warning (napari shows it as a notification) saying how much is missing."""
+as it is, with a warning (napari shows it as a notification) saying how much is missing.
+A slide whose pixel size is known is shown in microns (scale um/px, units micrometre, so napari's
+scale bar speaks microns), and so is a store of it (``_widgets.geometry.slide_scale``)."""
 from __future__ import annotations
 
 import warnings
 from pathlib import Path
 from typing import Callable
 
-SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".btf", ".scn", ".zarr")
+SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".btf", ".scn", ".zarr", ".mrxs", ".vms", ".vmu", ".bif")
 
 
 def napari_get_reader(path: str | list[str]) -> Callable[[str], list[tuple]] | None:
@@ -45,7 +48,10 @@ def read_slide(path: str | list[str]) -> list[tuple]:
             break
     meta = {"path": str(path), "mpp": slide.mpp, "downsamples": list(slide.downsamples), "notes": list(slide.notes)}
     data = slide.levels if multiscale else slide.levels[0]
-    return [(data, {"name": name, "rgb": True, "multiscale": multiscale, "metadata": meta}, "image")]
+    from ._widgets.geometry import slide_scale
+
+    return [(data, {"name": name, "rgb": True, "multiscale": multiscale, "metadata": meta, **slide_scale(slide.mpp)},
+             "image")]
 
 
 def read_prediction_store(store) -> list[tuple]:
@@ -54,6 +60,7 @@ def read_prediction_store(store) -> list[tuple]:
     shown as far as it got, with a warning naming the store and what is missing."""
     import dask.array as da
 
+    from ._widgets.geometry import Grid, placement, slide_scale
     from .core.errors import GenSelfDiffWarning
 
     missing = store.unfinished()
@@ -61,7 +68,7 @@ def read_prediction_store(store) -> list[tuple]:
         warnings.warn(f"{store.path}: the prediction is not finished ({missing}); showing what is there "
                       "(run the same prediction again to resume)", GenSelfDiffWarning, stacklevel=2)
     d = float(store.downsample)
-    place = {"scale": (d, d), "translate": ((d - 1) / 2, (d - 1) / 2)}
+    place = placement(Grid(**slide_scale(store.meta.get("slide_mpp"))), d)  # over the slide as read_slide shows it
     grid = {"genselfdiff": {"downsample": d, "offset": [0, 0]}}
     layers: list[tuple] = []
     for name in store.label_names():

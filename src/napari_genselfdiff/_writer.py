@@ -13,13 +13,17 @@ def label_grid(meta: dict[str, Any]) -> tuple[tuple[float, float], float]:
 
     Layers made by the Predict widget say so in their metadata; for any other layer the grid is
     read from its scale and translate, taking world units as full-resolution pixels (a label
-    pixel j of scale d is centred at translate + d*j, so its edge sits at translate + 0.5 - d/2).
+    pixel j of scale d is centred at translate + d*j, so its edge sits at translate + 0.5 - d/2);
+    a layer in microns (or another length), e.g. one drawn over a slide shown in microns, has
+    one label pixel per full-resolution pixel.
     """
     info = meta.get("metadata", {}).get("genselfdiff", {})
     if "downsample" in info:
         return tuple(info["offset"]), float(info["downsample"])
     scale = np.asarray(meta.get("scale", (1.0, 1.0)), float)[-2:]
     translate = np.asarray(meta.get("translate", (0.0, 0.0)), float)[-2:]
+    if any(str(u) not in ("pixel", "") for u in tuple(meta.get("units") or ())[-2:]):
+        return tuple(float(v) for v in translate / scale), 1.0
     d = float(scale.mean())
     return tuple((translate + 0.5 - d / 2) / d), d
 

@@ -8,6 +8,11 @@ viewer; the widgets read those values off their layers (``grid_of``, ``view_of``
 Conventions (napari's): world = translate + scale * data; pixel j of a layer covers data
 coordinates [j - 0.5, j + 0.5]; a pixel of a level with downsample d covers level-0 pixels
 d*j .. d*j + d - 1, so its centre sits at d*j + (d - 1)/2. Bounds are (y, x, h, w).
+
+World units are microns when the slide's pixel size is known: its image layer has scale (mpp,
+mpp) and units micrometre (:func:`slide_scale`, the one place that says so; napari's scale bar
+then speaks microns), and every layer placed over it (:func:`placement`) carries the same units,
+so they keep aligning. Without a known pixel size, world units are level-0 pixels.
 """
 from __future__ import annotations
 
@@ -28,12 +33,29 @@ Region = tuple[int, int, int, int, int]
 MAX_VIEW_PIXELS = 4096 * 4096
 
 
+#: The unit of a slide's world coordinates when its pixel size is known (napari / pint spelling).
+MICRONS = "um"
+#: Microns per unit, for the length units a layer may come with (napari spells them in full).
+_MICRONS_PER = {"micrometer": 1.0, "um": 1.0, "µm": 1.0, "micron": 1.0, "nanometer": 1e-3, "nm": 1e-3,
+                "millimeter": 1e3, "mm": 1e3}
+
+
+def slide_scale(mpp: float | None) -> dict:
+    """The scale and units of a slide's level-0 image layer: (mpp, mpp) in micrometres when its
+    pixel size is known, else nothing (napari's default: one world unit per pixel)."""
+    if not mpp or mpp <= 0:
+        return {}
+    return {"scale": (float(mpp), float(mpp)), "units": (MICRONS, MICRONS)}
+
+
 @dataclass(frozen=True)
 class Grid:
-    """Where a layer's pixel grid lies: world = translate + scale * data (last two axes)."""
+    """Where a layer's pixel grid lies: world = translate + scale * data (last two axes), and the
+    units of the world (None: napari's pixels)."""
 
     scale: tuple[float, float] = (1.0, 1.0)
     translate: tuple[float, float] = (0.0, 0.0)
+    units: tuple[str, str] | None = None
 
     @property
     def s(self) -> np.ndarray:
@@ -48,6 +70,12 @@ class Grid:
 
     def to_world(self, data: Sequence[float]) -> np.ndarray:
         return self.t + self.s * np.asarray(data, float)[-2:]
+
+    @property
+    def mpp(self) -> float | None:
+        """Microns per data pixel when the world is in a length unit (a slide in microns), else None."""
+        per = _MICRONS_PER.get(str(self.units[-1])) if self.units else None
+        return None if per is None else float(np.mean(np.abs(self.s))) * per
 
 
 @dataclass(frozen=True)
@@ -123,9 +151,11 @@ def at_model_level(region: Region, downsamples: Sequence[float], level_shapes: S
 def placement(grid: Grid, downsample: float, y0: float = 0, x0: float = 0) -> dict:
     """scale/translate putting a result computed at ``downsample`` (offset y0, x0 in that level's
     pixels) over an image layer of ``grid``: a level pixel j covers level-0 pixels d*j .. d*j +
-    d - 1, so its centre sits at d*j + (d - 1)/2."""
+    d - 1, so its centre sits at d*j + (d - 1)/2. The image's units come along (microns stay
+    microns), so napari keeps both layers in one world."""
     s, t, d = grid.s, grid.t, float(downsample)
-    return {"scale": tuple(s * d), "translate": tuple(t + s * (d * np.array([y0, x0]) + (d - 1) / 2))}
+    place = {"scale": tuple(s * d), "translate": tuple(t + s * (d * np.array([y0, x0]) + (d - 1) / 2))}
+    return {**place, "units": tuple(grid.units)} if grid.units else place
 
 
 def bounds_centre_world(grid: Grid, bounds: Bounds) -> tuple[float, float]:
@@ -169,14 +199,25 @@ def sample_labels(labels: np.ndarray, labels_grid: Grid, image_grid: Grid, bound
     return out
 
 
-def covers(labels_shape: Sequence[int], labels_grid: Grid, image_grid: Grid, bounds: Bounds) -> bool:
+def covers(labels_shape: Sequence[int], labels_grid: Grid, image_grid: Grid, bounds: Bounds,
+           regions: Sequence[Bounds] | None = None) -> bool:
     """Whether a 2-D label array of ``labels_shape`` (placed by ``labels_grid``) has a pixel under
     every level-0 pixel of ``bounds`` of an image placed by ``image_grid`` (the rule of
-    :func:`sample_labels`)."""
+    :func:`sample_labels`). ``regions`` (boxes in pixels of the array), when given, are the parts
+    of the array that hold a result (fields of view gathered in one layer): those pixels must
+    also lie in one of them."""
     if len(labels_shape) != 2:
         return False
-    _, valid = _label_indices(labels_shape, labels_grid, image_grid, bounds)
-    return bool(valid[0].all() and valid[1].all())
+    idx, valid = _label_indices(labels_shape, labels_grid, image_grid, bounds)
+    if not (valid[0].all() and valid[1].all()):
+        return False
+    if regions is None:
+        return True
+    rows, cols = np.unique(idx[0]), np.unique(idx[1])
+    held = np.zeros((len(rows), len(cols)), bool)
+    for ry, rx, rh, rw in regions:
+        held[np.ix_((rows >= ry) & (rows < ry + rh), (cols >= rx) & (cols < rx + rw))] = True
+    return bool(held.all())
 
 
 def _label_indices(labels_shape: Sequence[int], labels_grid: Grid, image_grid: Grid,
@@ -212,8 +253,11 @@ def box_overlap(a: Sequence[int], b: Sequence[int]) -> int:
 # adapters: the plain values above, read off napari objects (attribute reads only, no napari import)
 
 def grid_of(layer) -> Grid:
-    """A layer's :class:`Grid` (its scale and translate)."""
-    return Grid(tuple(float(v) for v in layer.scale[-2:]), tuple(float(v) for v in layer.translate[-2:]))
+    """A layer's :class:`Grid` (its scale, translate and units; None for napari's pixels)."""
+    units = tuple(str(u) for u in getattr(layer, "units", ())[-2:]) or None
+    if units is not None and all(u == "pixel" for u in units):
+        units = None
+    return Grid(tuple(float(v) for v in layer.scale[-2:]), tuple(float(v) for v in layer.translate[-2:]), units)
 
 
 def view_of(viewer) -> View:
@@ -225,3 +269,9 @@ def view_of(viewer) -> View:
 
 def camera_of(viewer):
     return viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera
+
+
+def scale_bar_of(viewer):
+    """The viewer's scale bar overlay (``viewer.canvas.overlays`` since napari 0.9)."""
+    overlays = getattr(getattr(viewer, "canvas", None), "overlays", None)
+    return overlays.scale_bar if overlays is not None else viewer.scale_bar

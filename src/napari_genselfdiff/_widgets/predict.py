@@ -1,32 +1,39 @@
 """Dock widget: segment glands or nuclei with a trained model, on screen or over a whole slide.
 
-"Predict field of view" computes only the region in view, at the pyramid level napari shows,
-through a tile-caching :class:`~napari_genselfdiff.slide.fov.FieldOfViewPredictor` (so panning
-back is free). "Predict whole slide" runs :func:`~napari_genselfdiff.slide.tiler.predict_slide`
-in the background into a resumable zarr store and shows its label pyramid. Either way the
-results are Labels layers named after the task ("glands", "nuclei") placed exactly over the
-image: same scale and translate, times the level's downsample for a coarser level.
+"Predict field of view" computes only the region in view, at the pyramid level closest to the
+model's resolution, through a tile-caching :class:`~napari_genselfdiff.slide.fov.FieldOfViewPredictor`
+(so panning back is free); each view's result is gathered with the earlier ones into one
+growing layer (:mod:`.canvas`), so moving around keeps what was predicted. "Predict whole
+slide" runs :func:`~napari_genselfdiff.slide.tiler.predict_slide` in the background into a
+resumable zarr store and shows its label pyramid. Either way the results are Labels layers
+named after the task ("glands", "nuclei") placed exactly over the image: same scale, translate
+and units (microns when the pixel size is known), times the level's downsample for a coarser
+level; objects are drawn in their class's colour and the legend (:mod:`.legend`) says what
+the colours mean. The model chooser (:mod:`.models`) says what each model is.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 from napari.utils.notifications import show_error, show_warning
-from qtpy.QtCore import Qt
-from qtpy.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout, QGroupBox, QPushButton,
-                            QWidget)
+from qtpy.QtWidgets import QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, QGroupBox, QPushButton, QWidget
 
 from ..bundled import bundled_models
-from ..core.errors import DataError, GenSelfDiffError
+from ..core.errors import DataError, GenSelfDiffError, GenSelfDiffWarning
 from ..core.inference import PredictorCache, cached_predictor
 from ..core.names import safe_name
-from ..core.progress import Progress
-from .geometry import Region, at_model_level, grid_of, layer_downsamples, placement, view_of, visible_region
+from ..core.progress import Progress, in_background
+from .canvas import FOV_KEY, LABELS, GatheredViews
+from .geometry import (Region, at_model_level, grid_of, layer_downsamples, placement, scale_bar_of, view_of,
+                       visible_region)
 from .inputs import DeviceChooser, LayerChoices, PathEdit, int_spin, is_rgb_image, level0_data, row, scrolling_column
 from .jobs import JobRunner, StopsJobsOnClose
+from .legend import LEGEND_KEY, PROBABILITY_COLORMAP, Legend, classes_style, instance_style
+from .models import ModelChooser, fmt_mpp
 from .progress import ProgressPanel, format_duration
 from .settings import Settings, recent_models
 
@@ -47,8 +54,8 @@ def downsamples_of(layer) -> list[float]:
 def layer_slide(layer, mpp: float | None = None):
     """The image layer as a :class:`~napari_genselfdiff.slide.reader.Slide` over the very arrays
     napari shows (so predictions line up with the display), named after its file if it has one.
-    Its pixel size is the one read from the file (``layer.metadata["mpp"]``), else ``mpp`` (the
-    widget's field), else unknown."""
+    Its pixel size is the one read from the file (``layer.metadata["mpp"]``), else the layer's
+    scale when it is in microns, else ``mpp`` (the widget's field), else unknown."""
     import dask.array as da
 
     from ..slide.reader import Slide, coarsened_levels
@@ -64,7 +71,8 @@ def layer_slide(layer, mpp: float | None = None):
         levels = [levels[0]] + coarsened_levels(levels[0])
         downsamples = [2.0 ** i for i in range(len(levels))]
     path = layer.source.path or layer.metadata.get("path") or layer.name
-    return Slide(path=Path(path), levels=levels, downsamples=downsamples, mpp=layer.metadata.get("mpp") or mpp or None)
+    mpp = layer.metadata.get("mpp") or grid_of(layer).mpp or mpp or None
+    return Slide(path=Path(path), levels=levels, downsamples=downsamples, mpp=mpp)
 
 
 def region_on_screen(viewer, layer) -> Region:
@@ -89,14 +97,30 @@ class FovKey:
 
 @dataclass
 class FovResult:
-    """What :func:`fov_job` returns: the region predicted and its probabilities and objects."""
+    """What :func:`fov_job` returns: the region predicted, its probabilities and objects, and
+    the layers' data prepared in the worker (so the GUI thread only hands arrays to napari)."""
 
     predictor: PredictorCache
     fov: tuple[FovKey, Any]  # (key, FieldOfViewPredictor), kept for the next view
     region: Region  # at the level the model ran on
     downsample: float  # of that level
     probs: np.ndarray
-    instances: np.ndarray
+    instances: np.ndarray  # int32, as the labels layer shows it
+    foreground: np.ndarray  # 1 - background probability, float32, as the probability layer shows it
+    objects: int  # the largest object id
+    mpp: float | None = None  # microns per pixel of that level (None: unknown)
+    semantic: np.ndarray | None = None  # the class map, for models of more than one object class
+
+
+def resolution_of(slide, level: int) -> str:
+    """How a person reads the resolution of ``level``: '1.00 um/px (~10x)', not 'level 1'."""
+    mpp = slide.level_mpp(level)
+    return fmt_mpp(mpp) if mpp else f"level {level} (pixel size unknown)"
+
+
+def shows_classes(predictor) -> bool:
+    """Whether a model's class map is worth a layer of its own (more than one object class)."""
+    return predictor.task not in ("glands", "nuclei") and len(predictor.class_names) > 2
 
 
 @dataclass
@@ -106,6 +130,10 @@ class SlideResult:
     predictor: PredictorCache
     out: str
     kind: str | None  # the label set ("glands" / "nuclei"), None for other models
+
+
+#: A field of view showing the whole image and needing more tiles than this gets a warning.
+WHOLE_VIEW_TILES = 16
 
 
 def _load(model: str, device: str, cache: PredictorCache | None, tile: int, overlap: int):
@@ -121,9 +149,11 @@ def _load(model: str, device: str, cache: PredictorCache | None, tile: int, over
 
 
 def fov_job(model: str, device: str, cache: PredictorCache | None, slide, source_id: int, region: Region,
-            tile: int, overlap: int, fov: tuple[FovKey, Any] | None) -> Iterator[str]:
+            tile: int, overlap: int, fov: tuple[FovKey, Any] | None) -> Iterator[Any]:
     """Predict the visible region; returns a :class:`FovResult`.
 
+    Yields the tiler's progress after every model call (so Cancel stops within about half a
+    second, and the panel shows tiles, speed and ETA), and warns when the view is the whole image.
     The FOV predictor (and its tile cache) is kept while the model, the image and the tiling are
     the same.
     """
@@ -137,11 +167,21 @@ def fov_job(model: str, device: str, cache: PredictorCache | None, slide, source
         fov = (key, FieldOfViewPredictor(predictor, slide, 0, tile, overlap, 256))
     region = at_model_level(region, slide.downsamples, [lv.shape for lv in slide.levels], slide.mpp, predictor.mpp)
     level, y, x, h, w = region
-    yield f"predicting {w}x{h} pixels at level {level}…"
-    probs = fov[1].predict_region(level, y, x, h, w)
-    yield "finding objects…"
-    _, instances = postprocess(probs, predictor.task)
-    return FovResult(cache, fov, region, slide.downsamples[level], probs, instances)
+    todo = fov[1].uncached(level, y, x, h, w)
+    if (h, w) == tuple(int(v) for v in slide.levels[level].shape[:2]) and todo > WHOLE_VIEW_TILES:
+        warnings.warn(GenSelfDiffWarning(
+            f"the view shows all of {slide.path.name} ({todo} tiles at level {level}): this takes as long as "
+            "'Predict whole slide', which also saves the result and resumes; zoom in for a quick look"))
+    yield f"predicting {w}x{h} pixels at {resolution_of(slide, level)}…"
+    probs = yield from fov[1].iter_region(level, y, x, h, w)
+    options = getattr(predictor, "postprocess_options", None)
+    semantic, instances = yield from in_background(postprocess, probs, predictor.task, options,
+                                                   status="finding objects…")
+    instances = instances.astype(np.int32, copy=False)
+    foreground = np.subtract(1.0, probs[0], dtype=np.float32)
+    return FovResult(cache, fov, region, slide.downsamples[level], probs, instances, foreground,
+                     int(instances.max(initial=0)), mpp=slide.level_mpp(level),
+                     semantic=semantic if shows_classes(predictor) else None)
 
 
 def slide_job(model: str, device: str, cache: PredictorCache | None, slide, out: str, tile: int, overlap: int,
@@ -155,7 +195,8 @@ def slide_job(model: str, device: str, cache: PredictorCache | None, slide, out:
     predictor = cache.predictor
     kind = result_name(predictor) if predictor.task in ("glands", "nuclei") else None
     yield from predict_slide(predictor, slide, out, level="auto", tile=tile, overlap=overlap, batch=batch,
-                             tissue=True, class_names=predictor.class_names, postprocess=kind)
+                             tissue=True, class_names=predictor.class_names, postprocess=kind,
+                             postprocess_options=getattr(predictor, "postprocess_options", None))
     return SlideResult(cache, out, kind)
 
 
@@ -175,6 +216,9 @@ class PredictWidget(QWidget):
         self._fov: tuple[FovKey, Any] | None = None  # (key, FieldOfViewPredictor)
         self._image_layer = None
         self._whole_slide = False
+        self._shown: dict[str, Any] = {}  # layer name -> the layer this widget added under it last
+        self.views = GatheredViews(napari_viewer)  # the fields of view gathered per result layer
+        self._scale_bar_shown = False
         self._build()
         self.progress.follow(self.runner)
         self.runner.event.connect(self._on_event)
@@ -185,17 +229,9 @@ class PredictWidget(QWidget):
         lay = scrolling_column(self)
         box = QGroupBox("Model and image")
         form = QFormLayout(box)
-        self.model = QComboBox()
-        self.model.setToolTip("a bundled model, a recently trained one, or any checkpoint folder (…)")
-        self.model.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
-        self.model.setMinimumContentsLength(16)
-        self.browse = QPushButton("…")
-        self.browse.setFixedWidth(30)
-        self.browse.setToolTip("choose a checkpoint folder")
-        self.browse.clicked.connect(self._browse_model)
-        model_row = row(self.model, self.browse)
-        model_row.layout().setStretch(0, 1)
-        form.addRow("Model", model_row)
+        self.chooser = ModelChooser()
+        self.model, self.browse = self.chooser.combo, self.chooser.browse
+        form.addRow("Model", self.chooser)
         self.image_layer = QComboBox()
         self.image_choices = LayerChoices(self.viewer, is_rgb_image, self.image_layer)
         form.addRow("Image layer", self.image_layer)
@@ -222,7 +258,8 @@ class PredictWidget(QWidget):
                                 "the model's default comes from its receptive field, so tiling cannot change the answer")
         self.overlap.setSpecialValueText("model's default")
         form.addRow("Overlap", self.overlap)
-        self.batch = int_spin(1, 64, 4, 1, "tiles per model call (whole slide)")
+        self.batch = int_spin(1, 64, 4, 1, "most tiles per model call (whole slide); fewer while one call would "
+                              "take over half a second, so Cancel stays quick")
         form.addRow("Batch", self.batch)
         self.out = PathEdit("dir", "folder for whole-slide results (.zarr)")
         self.out.setText(str(Path.home() / "genselfdiff" / "predictions"))
@@ -237,49 +274,32 @@ class PredictWidget(QWidget):
         self.slide_btn.clicked.connect(self.predict_slide)
         self.cancel_btn = QPushButton("Cancel")
         self.cancel_btn.setEnabled(False)
-        self.cancel_btn.clicked.connect(self.runner.cancel)
+        self.cancel_btn.clicked.connect(self.cancel)
         lay.addWidget(self.fov_btn)
         lay.addWidget(row(self.slide_btn, self.cancel_btn))
         self.progress = ProgressPanel(with_plot=False)
         lay.addWidget(self.progress)
+        self.legend = Legend(self.viewer)
+        lay.addWidget(self.legend)
         lay.addStretch(1)
 
         self.fill_models()
         self.settings.bind_all({"device": self.device.combo, "probability": self.probability, "tile": self.tile,
-                                "mpp": self.mpp,
+                                "mpp": self.mpp, "model": self.chooser,
                                 "overlap": self.overlap, "batch": self.batch, "out": self.out})
-        self.model.currentIndexChanged.connect(lambda _: self.settings.set("model", self.model_path()))
 
     # -- models ----------------------------------------------------------------------------
 
     def fill_models(self) -> None:
-        """Bundled models, then recently trained ones, then the remembered choice."""
-        self.model.clear()
-        for name, path in bundled_models().items():
-            self.model.addItem(f"{name} (bundled)", str(path))
-        for path in recent_models(self.settings.path):
-            if Path(path, "config.json").is_file():
-                self.add_model(path, select=False)
-        chosen = self.settings.get("model")
-        if chosen and Path(chosen, "config.json").is_file():
-            self.add_model(chosen)
+        """Bundled models, then recently trained ones (the remembered choice is restored by the
+        settings binding)."""
+        self.chooser.fill(bundled_models(), recent_models(self.settings.path))
 
     def add_model(self, path: str, select: bool = True) -> None:
-        i = self.model.findData(path)
-        if i < 0:
-            self.model.addItem(Path(path).name, path)
-            i = self.model.count() - 1
-            self.model.setItemData(i, path, Qt.ItemDataRole.ToolTipRole)
-        if select:
-            self.model.setCurrentIndex(i)
+        self.chooser.add_model(path, select)
 
     def model_path(self) -> str | None:
-        return self.model.currentData()
-
-    def _browse_model(self) -> None:
-        chosen = QFileDialog.getExistingDirectory(self, "Choose a model (checkpoint folder)", str(Path.home()))
-        if chosen:
-            self.add_model(chosen)
+        return self.chooser.model_path()
 
     # -- actions ---------------------------------------------------------------------------
 
@@ -333,6 +353,13 @@ class PredictWidget(QWidget):
         self._set_running(True)
         self.runner.start(job, *args)
 
+    def cancel(self) -> None:
+        """Stop the running prediction after its current model call (the store keeps its blocks)."""
+        if self.runner.running:
+            self.runner.cancel()
+            self.cancel_btn.setEnabled(False)
+            self.progress.set_status("cancelling…")
+
     def _set_running(self, running: bool) -> None:
         for b in (self.fov_btn, self.slide_btn, self.model, self.browse):
             b.setEnabled(not running)
@@ -364,36 +391,101 @@ class PredictWidget(QWidget):
 
     # -- results ---------------------------------------------------------------------------
 
-    def _put_labels(self, name: str, data, place: dict, grid: dict, multiscale: bool = False) -> None:
-        """Add (or replace) the Labels layer ``name``; ``grid`` (downsample, offset in level pixels)
-        goes into its metadata so the GeoJSON writer can place objects in slide pixels."""
+    def _put_labels(self, name: str, data, place: dict, grid: dict, multiscale: bool = False,
+                    style: dict | None = None, meta: dict | None = None):
+        """Add (or update, see :meth:`_update_layer`) the Labels layer ``name``, drawn in
+        ``style`` (:mod:`.legend`: colours, and the legend entry); returns it. ``grid``
+        (downsample, offset in level pixels) goes into its metadata so the GeoJSON writer can
+        place objects in slide pixels; ``meta`` adds to it (e.g. the gathered views)."""
+        style = dict(style or {})
+        meta = {"genselfdiff": {**grid, "image": self._image_layer.name}, **(meta or {})}
+        if "legend" in style:
+            meta[LEGEND_KEY] = style.pop("legend")
+        if self._update_layer(name, data, place, multiscale, metadata=meta):
+            return self._shown[name]
         if name in self.viewer.layers:
             self.viewer.layers.remove(name)
-        meta = {"genselfdiff": {**grid, "image": self._image_layer.name}}
-        self.viewer.add_labels(data, name=name, multiscale=multiscale, opacity=0.5, metadata=meta, **place)
+        contour = style.pop("contour", 0)  # not an add_labels keyword
+        layer = self.viewer.add_labels(data, name=name, multiscale=multiscale, opacity=0.5, metadata=meta,
+                                       **style, **place)
+        layer.contour = contour
+        self._shown[name] = layer
+        return layer
+
+    def _update_layer(self, name: str, data, place: dict, multiscale: bool, **attrs: Any) -> bool:
+        """Give the layer ``name`` new data in place, when it is the one this widget added last
+        and takes it as it is (same pyramid depth and dtype): removing a layer and adding a new one
+        costs the GUI thread two to three times as long (new controls, new visual). False when
+        there is no such layer."""
+        old = self._shown.get(name)
+        if old is None or name not in self.viewer.layers or self.viewer.layers[name] is not old:
+            return False
+        new0, old0 = (data[0] if multiscale else data), level0_data(old)
+        if old.multiscale != multiscale or (multiscale and len(old.data) != len(data)) \
+                or old0.dtype != new0.dtype or old0.ndim != new0.ndim:
+            return False
+        for key in ("scale", "translate"):
+            if not np.allclose(getattr(old, key)[-2:], place[key]):
+                setattr(old, key, place[key])
+        for key, value in attrs.items():
+            setattr(old, key, value)
+        old.data = data
+        return True
 
     def _show_view(self, result: FovResult) -> None:
+        """Gather the view with the earlier ones of this image and model (:mod:`.canvas`) and
+        show the gathered layers."""
         predictor = result.predictor.predictor
         level, y, x, h, w = result.region
-        place = placement(grid_of(self._image_layer), result.downsample, y, x)
-        name = result_name(predictor)
-        self._put_labels(name, result.instances.astype(np.int32), place,
-                         {"downsample": result.downsample, "offset": [y, x]})
-        self._put_probability(name, (1.0 - result.probs[0]).astype(np.float32), place)
-        n = int(result.instances.max())
+        name, of = result_name(predictor), predictor.class_names[1]
+        arrays = {LABELS: result.instances, "probability": result.foreground}
+        if result.semantic is not None:
+            arrays["classes"] = result.semantic
+        key = (self._image_layer.name, result.fov[0].source_id, result.predictor.key, level, result.downsample)
+        canvas, kept, _ = self.views.gather(name, key, (y, x, h, w), arrays,
+                                            {"probability": f"{name} probability", "classes": "classes"})
+        oy, ox = canvas.origin
+        place = placement(grid_of(self._image_layer), result.downsample, oy, ox)
+        grid = {"downsample": result.downsample, "offset": [oy, ox]}
+        views = {FOV_KEY: {"regions": canvas.regions_in_array()}}
+        shown = [self._put_labels(name, canvas.arrays[LABELS], place, grid, style=instance_style(predictor.task, of),
+                                  meta=views)]
+        self.views.shown(name, canvas, shown[0])
+        if "classes" in canvas.arrays:
+            shown.append(self._put_labels("classes", canvas.arrays["classes"], place, grid,
+                                          style=classes_style(predictor.class_names), meta=views))
+        shown += self._put_probability(name, canvas.arrays["probability"], place, of=of)
+        self._explain(shown)
+        n = result.objects
         self.progress.set_step(1, 1)
-        noun = name if n != 1 else predictor.class_names[1]  # "1 gland", "2 glands"
-        self.progress.set_status(f"{n} {noun} in the {w}x{h} view at level {level} (layer '{name}')")
+        noun = name if n != 1 else of  # "1 gland", "2 glands"
+        where = fmt_mpp(result.mpp) if result.mpp else f"level {level} (pixel size unknown)"
+        held = f"; it holds {len(canvas.regions)} views" if len(canvas.regions) > 1 else ""
+        self.progress.set_status(f"{n} {noun} in the {w}x{h} view at {where} (layer '{name}'{held}){kept}")
 
-    def _put_probability(self, name: str, data, place: dict, multiscale: bool = False) -> None:
+    def _explain(self, layers: list) -> None:
+        """The legend of the new result layers; the scale bar on (once) when the image is in microns."""
+        self.legend.show_layers(layers)
+        if grid_of(self._image_layer).mpp and not self._scale_bar_shown:
+            scale_bar_of(self.viewer).visible = True
+            self._scale_bar_shown = True
+
+    def _put_probability(self, name: str, data, place: dict, multiscale: bool = False, of: str = "object") -> list:
+        """Add (or update) the probability layer of ``name`` when asked for; [it] or []."""
         pname = f"{name} probability"
+        dtype = (data[0] if multiscale else data).dtype
+        limits = (0, 255) if dtype == np.uint8 else (0, 1)  # stored as p * 255; on screen as floats
+        if self.probability.isChecked() and self._update_layer(pname, data, place, multiscale, contrast_limits=limits):
+            return [self._shown[pname]]
         if pname in self.viewer.layers:
             self.viewer.layers.remove(pname)
-        if self.probability.isChecked():
-            dtype = (data[0] if multiscale else data).dtype
-            limits = (0, 255) if dtype == np.uint8 else (0, 1)  # stored as p * 255; on screen as floats
-            self.viewer.add_image(data, name=pname, colormap="inferno", opacity=0.5, blending="additive",
-                                  contrast_limits=limits, multiscale=multiscale, **place)
+        if not self.probability.isChecked():
+            return []
+        self._shown[pname] = self.viewer.add_image(data, name=pname, colormap=PROBABILITY_COLORMAP, opacity=0.5,
+                                                   blending="additive", contrast_limits=limits,
+                                                   multiscale=multiscale, **place,
+                                                   metadata={LEGEND_KEY: {"kind": "probability", "of": of}})
+        return [self._shown[pname]]
 
     def _show_store(self, out: str, kind: str | None) -> None:
         import dask.array as da
@@ -403,13 +495,22 @@ class PredictWidget(QWidget):
         store = PredictionStore.open(out)
         d = store.downsample  # of the level the model ran on
         place = placement(grid_of(self._image_layer), d)
+        names, grid, shown = store.class_names or ["background", "object"], {"downsample": d, "offset": [0, 0]}, []
         if kind is not None and kind in store.label_names():
             levels = [da.from_zarr(lv) for lv in store.label_levels(kind)]
             multiscale = len(levels) > 1
-            self._put_labels(kind, levels if multiscale else levels[0], place, {"downsample": d, "offset": [0, 0]},
-                             multiscale=multiscale)
+            self.views.forget(kind)
+            shown.append(self._put_labels(kind, levels if multiscale else levels[0], place, grid,
+                                          multiscale=multiscale, style=instance_style(kind, names[1])))
+        elif len(names) > 2:  # a model of several object classes: its class map, lazily
+            c = da.from_zarr(store.probabilities).argmax(axis=0).astype(np.uint8)
+            levels = [c] + [c[::2 ** k, ::2 ** k] for k in range(1, 8) if min(c.shape) // 2 ** k >= 256]
+            shown.append(self._put_labels("classes", levels if len(levels) > 1 else c, place, grid,
+                                          multiscale=len(levels) > 1, style=classes_style(names)))
         fg = store.foreground_dask()
         pyramid = [fg] + [fg[::2 ** k, ::2 ** k] for k in range(1, 8) if min(fg.shape) // 2 ** k >= 256]
         multiscale = len(pyramid) > 1
-        self._put_probability(kind or "foreground", pyramid if multiscale else fg, place, multiscale)
+        shown += self._put_probability(kind or "foreground", pyramid if multiscale else fg, place, multiscale,
+                                       of=names[1])
+        self._explain(shown)
         self.progress.set_status(f"done: results in {out}" + (f" (layer '{kind}')" if kind else ""))

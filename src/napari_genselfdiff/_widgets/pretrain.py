@@ -160,8 +160,9 @@ class PretrainWidget(QWidget):
             self.viewer.layers[TILES_LAYER].data = grid
         else:
             right = self.viewer.layers.extent.world[1][-1] if len(self.viewer.layers) else 0.0
+            units = self.viewer.layers[-1].units[-2:] if len(self.viewer.layers) else None  # one world (microns)
             self.viewer.add_image(grid, name=TILES_LAYER, rgb=True, translate=(0, right + 0.05 * abs(right)),
-                                  metadata={GENERATED_KEY: True})
+                                  metadata={GENERATED_KEY: True}, units=units)
         self.controls.show_last_step()
         self.progress.set_status(f"done: checkpoint in {self.out.text()}; the layer '{TILES_LAYER}' shows "
                                  "tiles the model generated")

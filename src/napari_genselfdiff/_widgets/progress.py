@@ -137,6 +137,8 @@ class ProgressPanel(QWidget):
             return
         self.set_step(ev.step, ev.total)
         parts = [f"{ev.stage} step {ev.step}/{ev.total}".strip()]
+        if ev.activity:
+            parts.append(ev.activity)
         if ev.loss is not None and math.isfinite(ev.loss):
             parts.append(f"loss {ev.loss:.4f}")
             if self.plot is not None:
@@ -170,7 +172,7 @@ class TrainingControls:
         self.metrics: dict = {}
         row, self.start_btn, self.cancel_btn = start_cancel_row(start_text)
         self.start_btn.clicked.connect(start)
-        self.cancel_btn.clicked.connect(runner.cancel)
+        self.cancel_btn.clicked.connect(self.cancel)
         layout.addWidget(row)
         self.progress = ProgressPanel()
         layout.addWidget(self.progress)
@@ -194,6 +196,13 @@ class TrainingControls:
         self.last, self.metrics = None, {}
         self.progress.reset(text)
         self.set_running(True)
+
+    def cancel(self) -> None:
+        """Ask the run to stop; it saves its checkpoint in the worker before ``stopped`` comes."""
+        if self.runner.running:
+            self.runner.cancel()
+            self.cancel_btn.setEnabled(False)
+            self.progress.set_status("cancelling: saving the checkpoint…")
 
     def set_running(self, running: bool) -> None:
         self.start_btn.setEnabled(not running)

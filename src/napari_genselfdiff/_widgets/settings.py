@@ -55,6 +55,9 @@ class Settings:
 
     def bind(self, key: str, widget: QWidget) -> None:
         """Restore ``widget``'s value from the settings, then save it on every change."""
+        if callable(getattr(widget, "restore_and_follow", None)):  # e.g. the model chooser
+            widget.restore_and_follow(self, key)
+            return
         value = self.get(key)
         if isinstance(widget, QSpinBox):
             if isinstance(value, int):

@@ -48,6 +48,17 @@ positive_int = _int_at_least(1)
 nonnegative_int = _int_at_least(0)
 
 
+def tta_views(text: str) -> int:
+    """Test-time augmentation views: 1 (off), 2, 4 (flips) or 8 (flips and 90-degree turns)."""
+    if text not in ("1", "2", "4", "8"):
+        raise argparse.ArgumentTypeError(f"must be 1, 2, 4 or 8 views, got {text!r}")
+    return int(text)
+
+
+TTA_HELP = ("test-time augmentation: average 1 (off, default), 2, 4 (flips) or 8 (flips and turns) views; "
+            "costs that many forward passes")
+
+
 def _number(text: str, expected: str, ok: Callable[[float], bool] = lambda v: True) -> float:
     try:
         value = float(text)
@@ -223,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label-fraction", type=label_fraction, default=1.0, help="use only this fraction of the labeled images")
     p.add_argument("--val-fraction", type=fraction_0_1, default=0.0, help="hold out this fraction of images for validation Dice")
     p.add_argument("--val-every", type=nonnegative_int, default=100, help="validate every N steps (0: never)")
+    p.add_argument("--val-crops", type=nonnegative_int, default=8,
+                   help="validate on at most N fixed crops of up to 512 px of the validation images (0: whole images)")
     p.add_argument("--mpp", type=positive_float, default=None, help="microns per pixel of the training images, if known")
     _training(p, 500)
     p.set_defaults(func=cmd_finetune)
@@ -237,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="microns per pixel of the images (overrides their files); each image is predicted at the "
                         "model's own and scored on its masks at its own")
     p.add_argument("--json", default=None, type=output_file, help="also write the metrics to this JSON file")
+    p.add_argument("--tta", type=tta_views, default=1, help=TTA_HELP)
     p.add_argument("--force", action="store_true",
                    help="replace an existing --json, but only a metrics file genselfdiff wrote")
     p.add_argument("--device", default="auto", type=device, help="auto, cuda, mps or cpu")
@@ -264,6 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="microns per pixel of the input when its file does not say (TIFF/OME/Aperio tags are read); "
                         "the pyramid level closest to the model's resolution is used")
     p.add_argument("--batch", type=positive_int, default=4, help="tiles per forward pass (default 4)")
+    p.add_argument("--tta", type=tta_views, default=1, help=TTA_HELP)
     p.add_argument("--level", default="auto", type=level, help="pyramid level, or auto (match the model's microns per pixel)")
     p.add_argument("--no-tissue", action="store_true", help="predict background tiles too (no tissue detection)")
     p.add_argument("--geojson", default=None, type=output_file, help="also export the instances as QuPath GeoJSON")
@@ -282,7 +297,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--object-type", default=None, choices=["annotation", "detection"],
                    help="GeoJSON objectType (default: annotation for glands, detection for nuclei)")
     p.add_argument("--tiff", default=None, type=output_file, help="label TIFF output (pyramidal, tiled)")
-    p.add_argument("--ome-zarr", default=None, help="OME-Zarr labels output")
+    p.add_argument("--ome-zarr", default=None,
+                   help="OME-Zarr output: the slide's image at the predicted level, the labels in labels/<name>, "
+                        "scales in micrometres")
+    p.add_argument("--slide", default=None,
+                   help="the slide the prediction was made from, for the OME-Zarr's image (default: the one the store records)")
+    p.add_argument("--no-image", action="store_true", help="OME-Zarr: the labels only, without the slide's image")
     p.add_argument("--force", action="store_true",
                    help="replace existing outputs, but only exports genselfdiff wrote (never the store or a user's file)")
     p.add_argument("--partial", action="store_true",

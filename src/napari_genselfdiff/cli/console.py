@@ -18,8 +18,9 @@ def progress_bar(events: Iterable[Progress], desc: str, *,
     Without ``units`` one bar counts ``step`` of ``total`` in steps for the whole run. With
     ``units`` (stage -> unit, e.g. ``{"predict": "tile", "postprocess": "block"}``) each stage
     gets its own bar, named ``"<desc> <stage>"``. Event messages are printed above the bar. The
-    bar shows the loss, learning rate, images/s and float metrics of training events and the
-    megapixels/s and skipped tiles of slide prediction. The run ends at the event with ``done``.
+    bar shows the loss, learning rate, images/s and float metrics of training events, what a long
+    step is doing (``activity``: "validating 3/8"), and the megapixels/s and skipped tiles of
+    slide prediction. The run ends at the event with ``done``.
     The generator is always closed, so on Ctrl-C a training loop's ``finally`` saves its
     checkpoint and a slide prediction stops between tiles.
     """
@@ -45,7 +46,7 @@ def progress_bar(events: Iterable[Progress], desc: str, *,
             bar.update(ev.step - bar.n)
             post = _postfix(ev)
             if post:
-                bar.set_postfix(post, refresh=False)
+                bar.set_postfix(post, refresh=bool(ev.activity))  # a passing status shows at once
             if ev.done:
                 break
     finally:
@@ -58,7 +59,7 @@ def progress_bar(events: Iterable[Progress], desc: str, *,
 
 
 def _postfix(ev: Progress) -> dict[str, str]:
-    post = {}
+    post = {"now": ev.activity} if ev.activity else {}
     if not math.isnan(ev.loss):
         post["loss"] = f"{ev.loss:.4f}"
     if ev.lr:

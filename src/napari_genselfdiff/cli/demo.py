@@ -36,7 +36,8 @@ def predict_sample(models: dict[str, Path], image_path: Path, out: Path, device:
         predictor = TorchPredictor.from_checkpoint(path, device=device)
         target = out / f"{name}.zarr"
         progress_bar(predict_slide(predictor, image_path, target, level="auto", tile=256, overlap=32,
-                                   class_names=predictor.class_names, postprocess=predictor.task, overwrite=True),
+                                   class_names=predictor.class_names, postprocess=predictor.task, overwrite=True,
+                                   postprocess_options=predictor.postprocess_options),
                      name, units=PREDICT_UNITS)
         store = PredictionStore.open(target)
         written = export_store(store, geojson=str(out / f"{name}.geojson"), tiff=str(out / f"{name}_labels.tif"))

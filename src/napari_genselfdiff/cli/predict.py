@@ -31,7 +31,8 @@ PREDICT_UNITS = {"predict": "tile", "postprocess": "block"}
 class Exported:
     """What :func:`export_store` wrote: the label set, and per format its path (None: not asked
     for); ``objects`` is the number of GeoJSON features (None without GeoJSON); ``missing`` is
-    what an unfinished prediction lacked when it was exported with ``partial`` (None: finished)."""
+    what an unfinished prediction lacked when it was exported with ``partial`` (None: finished);
+    ``notes`` are what the user should read about the OME-Zarr (no image in it, pixel units)."""
 
     name: str
     geojson: str | None = None
@@ -39,6 +40,7 @@ class Exported:
     tiff: str | None = None
     ome_zarr: str | None = None
     missing: str | None = None
+    notes: tuple[str, ...] = ()
 
 
 def check_exports(*, geojson: str | None = None, tiff: str | None = None, ome_zarr: str | None = None,
@@ -81,17 +83,62 @@ def _label_set(store: PredictionStore, name: str | None, partial: bool) -> tuple
 def export_store(store: PredictionStore, *, name: str | None = None, geojson: str | None = None,
                  tiff: str | None = None, ome_zarr: str | None = None,
                  object_type: str | None = None, force: bool = False, partial: bool = False,
-                 inputs: list = ()) -> Exported:
+                 inputs: list = (), slide: str | None = None, image: bool = True) -> Exported:
     """Write the chosen exports of a prediction store's instance labels; returns what was written.
 
-    Every output is checked first (:func:`check_exports`; the store and ``inputs`` are never
-    written, an existing output is replaced only with ``force`` and only when it is an export of
-    ours). An unfinished prediction is refused unless ``partial``; then ``missing`` in the result
-    says what was not there (missing blocks export as background)."""
+    Every output is checked first (:func:`check_exports`; the store, the slide and ``inputs`` are
+    never written, an existing output is replaced only with ``force`` and only when it is an
+    export of ours). An unfinished prediction is refused unless ``partial``; then ``missing`` in
+    the result says what was not there (missing blocks export as background). The OME-Zarr holds
+    the slide's image at the predicted level (unless not ``image``), read from ``slide`` or else
+    the slide the store records; its scales are in micrometres when the pixel size is known."""
+    import contextlib
+
     name, missing = _label_set(store, name, partial)
-    sources = [store.path, *inputs]
+    sources = [store.path, *inputs, *(p for p in (slide, store.slide_path) if p)]
     check_exports(geojson=geojson, tiff=tiff, ome_zarr=ome_zarr, force=force, inputs=sources)
     labels = store.labels(name)
+    notes: list[str] = []
+    with contextlib.ExitStack() as stack:
+        pixels = None
+        if ome_zarr and image:  # the slide is checked before anything is written
+            pixels, note = _export_image(store, slide, tuple(labels.shape), stack)
+            notes += [note] if note else []
+        if ome_zarr and store.slide_mpp is None:
+            notes.append("the slide states no pixel size: the OME-Zarr scales are in full-resolution pixels "
+                         "(no unit); predict with --mpp to record one")
+        image_name = Path(slide).name if slide else (store.slide_path.name if store.slide_path else "image")
+        objects = _export_labels(store, name, labels, geojson, tiff, ome_zarr, (pixels, image_name),
+                                 object_type, force, sources)
+    return Exported(name, geojson or None, objects, tiff or None, ome_zarr or None, missing, tuple(notes))
+
+
+def _export_image(store: PredictionStore, slide: str | None, shape: tuple[int, int],
+                  stack) -> tuple[object | None, str | None]:
+    """The slide's level the prediction ran on, as the OME-Zarr's image (open until ``stack``
+    closes), and a note when there is none. A ``slide`` given that cannot be read, or whose level
+    does not match the prediction, is a DataError; the recorded slide, when it has moved, a note."""
+    from ..slide.reader import open_slide
+
+    path = Path(slide) if slide else store.slide_path
+    if path is None or (not slide and not path.exists()):
+        where = f"the slide {path} is not there" if path else "the store records no slide"
+        return None, (f"{where}: the OME-Zarr holds the labels only (a viewer opening its root finds no "
+                      "image); pass --slide to include the image")
+    opened = stack.enter_context(open_slide(path))
+    level = store.level
+    have = tuple(int(n) for n in opened.levels[level].shape[:2]) if level < len(opened.levels) else None
+    if have != shape:
+        raise DataError(f"{path}: level {level} is {'missing' if have is None else f'{have[0]}x{have[1]}'}, "
+                        f"the prediction is {shape[0]}x{shape[1]}: not the slide it was made from "
+                        "(pass the right --slide, or --no-image)")
+    return opened.levels[level], None
+
+
+def _export_labels(store: PredictionStore, name: str, labels, geojson, tiff, ome_zarr, image: tuple,
+                   object_type, force: bool, sources: list) -> int | None:
+    """Write the GeoJSON, label TIFF and OME-Zarr (with ``image`` = (pixels or None, name)) asked
+    for; the number of GeoJSON objects."""
     downsample = store.downsample
     objects = None
     if geojson:
@@ -108,9 +155,9 @@ def export_store(store: PredictionStore, *, name: str | None = None, geojson: st
     if ome_zarr:
         from ..formats.ome_zarr import write_ome_zarr_labels
 
-        write_ome_zarr_labels(ome_zarr, labels, name=name, scale=(downsample, downsample), force=force,
-                              inputs=sources)
-    return Exported(name, geojson or None, objects, tiff or None, ome_zarr or None, missing)
+        write_ome_zarr_labels(ome_zarr, labels, name=name, image=image[0], image_name=image[1],
+                              downsample=downsample, mpp=store.slide_mpp, force=force, inputs=sources)
+    return objects
 
 
 def predict_cli(a: argparse.Namespace) -> int:
@@ -126,7 +173,8 @@ def predict_cli(a: argparse.Namespace) -> int:
         target = out / f"{Path(inp).stem}.zarr" if many else out
         check_exports(geojson=_per_input(a.geojson, inp, many), overlay=_per_input(a.overlay, inp, many),
                       force=force, inputs=[*a.input, target])
-    predictor = TorchPredictor.from_checkpoint(resolve_model(a.model), device=a.device, batch_size=a.batch)
+    predictor = TorchPredictor.from_checkpoint(resolve_model(a.model), device=a.device, batch_size=a.batch,
+                                               tta=getattr(a, "tta", 1))
     task = predictor.task
     post = task if task in ("glands", "nuclei") else None
     level = a.level if a.level == "auto" else int(a.level)
@@ -141,6 +189,7 @@ def predict_cli(a: argparse.Namespace) -> int:
                 print(note)
             events = predict_slide(predictor, slide, target, level=level, tile=a.tile, overlap=overlap, batch=a.batch,
                                    tissue=not a.no_tissue, class_names=predictor.class_names, postprocess=post,
+                                   postprocess_options=predictor.postprocess_options if post else None,
                                    metadata={"model": str(a.model), "task": task})
             progress_bar(events, Path(inp).name, units=PREDICT_UNITS)
         print(f"{inp} -> {target}")
@@ -208,7 +257,8 @@ def export_cli(a: argparse.Namespace) -> int:
         return 2
     written = export_store(PredictionStore.open(a.labels), name=a.name, geojson=a.geojson, tiff=a.tiff,
                            ome_zarr=a.ome_zarr, object_type=a.object_type, force=bool(getattr(a, "force", False)),
-                           partial=bool(getattr(a, "partial", False)))
+                           partial=bool(getattr(a, "partial", False)), slide=getattr(a, "slide", None),
+                           image=not getattr(a, "no_image", False))
     if written.missing:
         print(f"partial export of an unfinished prediction ({written.missing}); what is missing is "
               "background in the exports: rerun predict to finish it", file=sys.stderr)
@@ -218,4 +268,6 @@ def export_cli(a: argparse.Namespace) -> int:
         print(f"tiff: {written.tiff}")
     if written.ome_zarr:
         print(f"ome_zarr: {written.ome_zarr}")
+    for note in written.notes:
+        print(f"note: {note}", file=sys.stderr)
     return 0

@@ -52,7 +52,7 @@ def cmd_finetune(a: argparse.Namespace) -> int:
     cfg = FinetuneConfig(task=a.task, boundary=a.boundary, num_classes=a.num_classes, preset=a.preset,
                          steps=a.steps, patch=a.patch, batch=a.batch, lr=a.lr, loss=a.loss, seed=a.seed,
                          label_fraction=a.label_fraction, checkpoint_every=a.checkpoint_every,
-                         val_every=a.val_every, amp=not a.no_amp, mpp=a.mpp)
+                         val_every=a.val_every, val_crops=a.val_crops, amp=not a.no_amp, mpp=a.mpp)
     events = finetune(train, a.out, cfg, init=init, val_items=val, device=a.device,
                       resume=a.resume, overwrite=a.force)
     last = progress_bar(events, "finetune")
@@ -75,7 +75,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         check_target(a.json, kind="metrics JSON", force=a.force, ours=lambda p: is_our_json(p, METRICS_KIND),
                      inputs=[model])
     result = evaluate_folder(model, a.images, a.masks, instances_dir=a.instances, device=a.device,
-                             mpp=a.mpp, mpp_of=file_mpp)
+                             mpp=a.mpp, mpp_of=file_mpp, tta=getattr(a, "tta", 1))
     print(format_report(result))
     if a.json:
         from ..core.atomic import json_marker, write_json_atomic

@@ -35,8 +35,10 @@ def evaluate_items(predictor: TorchPredictor, items: Sequence[LabeledImage],
     for it in items:
         item_mpp = (mpps or {}).get(it.name, mpp)
         by_mpp[item_mpp] = by_mpp.get(item_mpp, 0) + 1
-        _, semantic, inst, _ = segment_at_mpp(predictor, it.image, item_mpp, lambda p: postprocess(p, spec.task))
-        pred = (semantic > 0).astype(np.uint8) if binary else semantic
+        _, semantic, inst, _ = segment_at_mpp(predictor, it.image, item_mpp, lambda p: postprocess(p, spec.task, getattr(predictor, "postprocess_options", None)))
+        # glands / nuclei: the pixels of the objects the user gets (post-processing included)
+        pred = (inst > 0).astype(np.uint8) if spec.task in ("glands", "nuclei") else \
+            (semantic > 0).astype(np.uint8) if binary else semantic
         gt = (it.target > 0).astype(np.uint8) if binary else it.target
         per_image[it.name] = segmentation_report(
             pred, gt, task=spec.task, num_classes=2 if binary else spec.num_classes,
@@ -52,11 +54,12 @@ def evaluate_items(predictor: TorchPredictor, items: Sequence[LabeledImage],
 
 def evaluate_folder(model: str | os.PathLike, images_dir, masks_dir, *, instances_dir=None,
                     device: str = "auto", predictor: TorchPredictor | None = None, mpp: float | None = None,
-                    mpp_of=None) -> dict:
+                    mpp_of=None, tta: int = 1) -> dict:
     """Metrics of ``model`` on a folder of images with masks (and optional instance labels).
     ``mpp``: the images' pixel size (overrides the files); ``mpp_of(path) -> float | None`` reads
-    it from a file (``slide.reader.file_mpp``) when ``mpp`` is not given."""
-    predictor = predictor or TorchPredictor.from_checkpoint(model, device=device)
+    it from a file (``slide.reader.file_mpp``) when ``mpp`` is not given. ``tta``: test-time
+    augmentation views (core.inference.TTA_VIEWS)."""
+    predictor = predictor or TorchPredictor.from_checkpoint(model, device=device, tta=tta)
     spec = TaskSpec.from_dict(predictor.config["task"])
     items = load_labeled_folder(images_dir, masks_dir, spec)
     mpps = None

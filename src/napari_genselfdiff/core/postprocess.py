@@ -69,7 +69,8 @@ def tie_breaker(shape: tuple[int, int], origin: tuple[int, int]) -> np.ndarray:
 
 def nuclei_from_probabilities(prob_fg: Any, prob_boundary: Any | None = None,
                               threshold: float = 0.5, min_size: int = NUCLEUS_MIN_SIZE,
-                              min_distance: int = 4, origin: tuple[int, int] = (0, 0)) -> np.ndarray:
+                              min_distance: int = 4, origin: tuple[int, int] = (0, 0),
+                              marker_threshold: float = 0.5) -> np.ndarray:
     """Nucleus instances by marker-controlled watershed. Returns int32 labels 1..N.
 
     Without a boundary class: mask = p_fg >= threshold, markers = peaks of the distance
@@ -88,7 +89,7 @@ def nuclei_from_probabilities(prob_fg: Any, prob_boundary: Any | None = None,
     if prob_boundary is not None:
         pb = as_float(prob_boundary)
         mask = (p + pb) >= threshold
-        markers, _ = ndi.label((p >= threshold) & (pb < threshold), structure=FOUR)
+        markers, _ = ndi.label((p >= marker_threshold) & mask, structure=FOUR)
         elevation = pb
     else:
         mask = p >= threshold
@@ -108,12 +109,36 @@ def nuclei_from_probabilities(prob_fg: Any, prob_boundary: Any | None = None,
     return remove_small(labels, min_size)
 
 
-def postprocess(probs: np.ndarray, task: str) -> tuple[np.ndarray, np.ndarray]:
-    """(semantic class map, instance labels) from class probabilities (C, H, W)."""
+#: What each task's post-processing takes from a checkpoint's ``config["postprocess"]`` (tuned on
+#: the validation images by :mod:`.tuning` at the end of fine-tuning), with the defaults used
+#: when a checkpoint has none.
+OPTIONS = {"glands": {"threshold": 0.5, "min_size": GLAND_MIN_SIZE, "fill_holes": True},
+           "nuclei": {"threshold": 0.5, "marker_threshold": 0.5, "min_size": NUCLEUS_MIN_SIZE,
+                      "min_distance": 4}}
+
+
+def options_for(task: str, options: dict | None = None) -> dict:
+    """The post-processing options of ``task``: the defaults, updated with ``options`` (e.g. a
+    checkpoint's ``config["postprocess"]``); keys the task does not take are refused."""
+    base = dict(OPTIONS.get(task, OPTIONS["glands"]))
+    for k, v in (options or {}).items():
+        if k not in base:
+            raise ValueError(f"unknown {task} post-processing option {k!r}; expected one of {', '.join(base)}")
+        base[k] = type(base[k])(v)
+    return base
+
+
+def postprocess(probs: np.ndarray, task: str, options: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(semantic class map, instance labels) from class probabilities (C, H, W), with the task's
+    post-processing ``options`` (:func:`options_for`). The whole-slide path
+    (:func:`napari_genselfdiff.slide.instances.label_store`) applies the same rules block by
+    block: the foreground is class 1 for glands (everything but background when a model has more
+    classes) and for nuclei the interior, class 2 being the nucleus boundary of 3-class models."""
     semantic = probs.argmax(0).astype(np.uint8)
+    opts = options_for("nuclei" if task == "nuclei" else "glands", options)
     if task == "nuclei":
         boundary = probs[2] if probs.shape[0] > 2 else None
-        inst = nuclei_from_probabilities(probs[1] if boundary is None else probs[1] + probs[2], boundary)
+        inst = nuclei_from_probabilities(probs[1], boundary, **opts)
     else:
-        inst = glands_from_probabilities(1.0 - probs[0])
+        inst = glands_from_probabilities(1.0 - probs[0], **opts)
     return semantic, inst

@@ -10,6 +10,7 @@ and 'done'; ``phase`` is another name for ``stage``).
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Generator, Iterable, TypeVar
 
@@ -28,8 +29,10 @@ class Progress:
     ``eta_s`` is the predicted seconds left (NaN, or None for slide prediction, when unknown).
     ``checkpoint`` is set when a checkpoint was written; ``metrics`` when validation ran.
     ``tiles_computed`` / ``tiles_skipped`` count a slide prediction's predictor tiles and
-    tissue-free tiles; ``megapixels_per_s`` is level pixels of blocks finished in this run per
-    second of this run; ``out_path`` the prediction store.
+    tissue-free tiles; ``megapixels_per_s`` is level pixels whose tiles were predicted (or found
+    tissue-free) in this run per second of this run; ``out_path`` the prediction store.
+    ``activity`` says what a long step is doing right now ("validating 3/8"): unlike ``message``
+    it is a passing status, shown in the widgets' status line and on the CLI's bar, not logged.
     """
 
     stage: str
@@ -49,6 +52,7 @@ class Progress:
     tiles_skipped: int = 0
     megapixels_per_s: float = 0.0
     out_path: str = ""
+    activity: str = ""
 
     @property
     def phase(self) -> str:
@@ -92,3 +96,30 @@ def relay(gen: Generator[T, Any, R], transform: Callable[[T], U] | None = None) 
     finally:
         gen.close()
 
+
+
+def in_background(fn: Callable[..., R], *args: Any, status: Any = None,
+                  every_s: float = 0.2) -> Generator[Any, None, R]:
+    """Run ``fn(*args)`` in a helper thread, yielding ``status`` every ``every_s`` seconds until it
+    finishes; returns its result or raises its exception (``result = yield from in_background(...)``).
+    A job stays cancellable during one long call: closing the generator stops waiting at once,
+    the call finishes on its own and its result is dropped. Only for calls that change nothing
+    shared (a pure function of its arguments, such as post-processing one image)."""
+    box: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            box["result"] = fn(*args)
+        except BaseException as e:  # handed to the generator's caller below
+            box["error"] = e
+
+    thread = threading.Thread(target=work, name=f"genselfdiff-{getattr(fn, '__name__', 'job')}", daemon=True)
+    thread.start()
+    while True:
+        thread.join(every_s)
+        if not thread.is_alive():
+            break
+        yield status
+    if "error" in box:
+        raise box["error"]
+    return box["result"]

@@ -9,6 +9,7 @@ steps as an uninterrupted one.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -29,8 +30,10 @@ from .diffusion import Diffusion, ScheduleConfig
 from .errors import CheckpointError, DataError, GenSelfDiffError
 from .inference import TorchPredictor, autocast_for, checkpoint_task, predict_image
 from .losses import build_loss, parse_loss
-from .progress import Progress
-from .unet import PRESETS, UNet, UNetConfig, recalibrate_batchnorm, segmentation_config, transfer_pretrained
+from .progress import Progress, relay, run_to_end
+from .unet import PRESETS, UNet, UNetConfig, iter_recalibrate_batchnorm, segmentation_config, transfer_pretrained
+from .validation import (VAL_CROP, VAL_CROPS, describe, iter_evaluate_dice, pass_cost, validation_crops,
+                         validations_left)
 
 
 @dataclass
@@ -69,11 +72,17 @@ class FinetuneConfig:
     label_fraction: float = 1.0
     checkpoint_every: int = 100
     val_every: int = 100
+    # validation scores at most val_crops fixed crops of at most val_crop px (core/validation.py);
+    # val_crops = 0 scores the whole validation images
+    val_crops: int = VAL_CROPS
+    val_crop: int = VAL_CROP
     amp: bool = True
     mpp: float | None = None  # microns per pixel of the training images, if known
     # BatchNorm (frozen at inference) and no attention, so tiling cannot change the answer
     # (core/unet.py); False keeps the pretraining architecture (GroupNorm + attention)
     tile_invariant: bool = True
+    tune_postprocess: bool = True  # at the end, choose the instance thresholds on the validation images
+    ema: float = 0.0  # decay of an exponential moving average of the weights (0: off); the average is saved
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -108,8 +117,13 @@ def _now() -> str:
 class _Trainer:
     """Optimizer, AMP, checkpointing and resuming shared by both stages."""
 
-    def __init__(self, model: UNet, device: torch.device, lr: float, weight_decay: float, amp: bool):
+    def __init__(self, model: UNet, device: torch.device, lr: float, weight_decay: float, amp: bool,
+                 ema: float = 0.0):
         self.model = model.to(device)
+        # exponential moving average of the parameters (BatchNorm statistics are recalibrated for
+        # whatever weights are saved, so only parameters are averaged)
+        self.ema_decay, self.ema_updates = ema, 0
+        self.ema = [p.detach().clone() for p in model.parameters()] if ema > 0 else None
         self.device = device
         self.opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
         self.amp = amp and device.type == "cuda"
@@ -136,10 +150,34 @@ class _Trainer:
                 self.scaler.update()
             else:
                 self.opt.step()
+            if self.ema is not None:
+                self.ema_updates += 1
+                d = min(self.ema_decay, (1 + self.ema_updates) / (10 + self.ema_updates))
+                with torch.no_grad():
+                    torch._foreach_lerp_(self.ema, [p.detach() for p in self.model.parameters()], 1 - d)
         except torch.OutOfMemoryError:
             raise GenSelfDiffError(f"out of memory on {self.device}: lower the batch size or the patch size "
                                    "(the last checkpoint is kept)") from None
         return float(loss.detach())
+
+    @contextlib.contextmanager
+    def averaged(self):
+        """The model with its averaged parameters in place (nothing changes without EMA); the
+        trained ones are put back afterwards."""
+        if self.ema is None:
+            yield self.model
+            return
+        params = list(self.model.parameters())
+        raw = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            for p, e in zip(params, self.ema):
+                p.copy_(e)
+        try:
+            yield self.model
+        finally:
+            with torch.no_grad():
+                for p, r in zip(params, raw):
+                    p.copy_(r)
 
     def set_lr(self, lr: float) -> None:
         for group in self.opt.param_groups:
@@ -192,27 +230,61 @@ def _prepare_out(out: Path, resume: bool, overwrite: bool, stage: str) -> dict |
 
 def _run(stage: str, trainer: _Trainer, *, total: int, start: int, lr: float, warmup: int, batch: int,
          grad_clip: float, checkpoint_every: int, loss_at: Callable[[int], Callable[[], torch.Tensor]],
-         save: Callable[[int], Path], validate: Callable[[], dict] | None = None, val_every: int = 0,
+         save: Callable[[int], Path], validate: Callable[[], Iterator] | None = None, val_every: int = 0,
+         val_cost: float = 0.0, prepare: Callable[[int], Iterator] | None = None,
          message: str = "") -> Iterator[Progress]:
-    """The loop both stages share: lr schedule, timing, periodic and final checkpoints."""
+    """The loop both stages share: lr schedule, timing, periodic and final checkpoints.
+
+    ``validate()`` and ``prepare(step)`` (work a checkpoint at ``step`` needs first: BatchNorm
+    statistics) are generators yielding (label, done, total); ``validate`` returns the metrics.
+    Each of their steps becomes an event with ``activity`` "<label> done/total", so they show
+    progress and can be cancelled between steps. The ETA counts the validation passes still to
+    come: at the time the last one took, or before the first at ``val_cost`` training steps each.
+    Images per second count training time only."""
     step, saved_at, path = start, start, None
     yield Progress(stage, step, total, message=message)
-    t_start, images = time.perf_counter(), 0
+    train_s, steps_run, images, val_s, rate = 0.0, 0, 0, None, 0.0
+
+    def eta(at: int, this_pass: float = 0.0) -> float:
+        per_step = train_s / steps_run if steps_run else float("nan")
+        per_val = val_s if val_s is not None else val_cost * per_step
+        passes = validations_left(at, total, val_every) if validate is not None else 0
+        return (total - at) * per_step + passes * per_val + this_pass
+
+    def shown(gen: Iterator, at: int, like: float | None = None):
+        """Relay ``gen``'s steps as events; the rest of it lasts ``like`` seconds minus the time
+        spent when given, else what this phase's pace says."""
+        t0 = time.perf_counter()
+
+        def event(part: tuple[str, int, int]) -> Progress:
+            label, k, n = part
+            spent = time.perf_counter() - t0
+            rest = max(like - spent, 0.0) if like is not None else spent / k * (n - k) if k else 0.0
+            return Progress(stage, at, total, lr=rate, eta_s=eta(at, rest), activity=f"{label} {k}/{n}")
+        return (yield from relay(gen, event))
+
     try:
         while step < total:
             rate = _lr_at(step, total, lr, warmup)
             trainer.set_lr(rate)
+            t0 = time.perf_counter()
             loss = trainer.step(loss_at(step), grad_clip)
-            step += 1
-            images += batch
-            elapsed = time.perf_counter() - t_start
-            ips = images / elapsed if elapsed > 0 else 0.0
-            event = Progress(stage, step, total, loss, rate, ips, (total - step) * batch / ips if ips else float("nan"))
+            train_s += time.perf_counter() - t0
+            step, steps_run, images = step + 1, steps_run + 1, images + batch
+            ips = images / train_s if train_s > 0 else 0.0
+            event = Progress(stage, step, total, loss, rate, ips, eta(step))
             if checkpoint_every and step % checkpoint_every == 0 and step < total:
+                if prepare is not None:
+                    yield from shown(prepare(step), step)
                 event.checkpoint, saved_at = str(save(step)), step
             if validate is not None and val_every and (step % val_every == 0 or step == total):
-                event.metrics = validate()
+                t_val = time.perf_counter()
+                event.metrics = yield from shown(validate(), step, val_s)
+                val_s = time.perf_counter() - t_val
+                event.eta_s = eta(step)
             yield event
+        if prepare is not None:
+            yield from shown(prepare(step), step)
         path, saved_at = save(step), step
     finally:
         if step > saved_at:  # cancelled or failed: keep what was learned
@@ -319,16 +391,19 @@ def build_segmentation_model(spec: TaskSpec, init: str | os.PathLike | None, pre
 
 
 def evaluate_dice(predictor, items: Sequence[LabeledImage]) -> dict:
-    """Mean foreground Dice (class > 0) of ``predictor`` over whole images."""
-    from .metrics import dice
-    scores = [dice(predict_image(predictor, it.image).argmax(0) > 0, it.target > 0) for it in items]
-    return {"val_dice": float(np.mean(scores)), "n_val": len(items)}
+    """Mean foreground Dice (class > 0) of ``predictor`` over whole images (or crops)."""
+    return run_to_end(iter_evaluate_dice(predictor, items))
 
 
 def finetune(items: Sequence[LabeledImage], out: str | os.PathLike, cfg: FinetuneConfig = FinetuneConfig(), *,
              init: str | os.PathLike | None = None, val_items: Sequence[LabeledImage] = (), device: str = "auto",
-             resume: bool = False, overwrite: bool = False) -> Iterator[Progress]:
-    """Fine-tune for segmentation with ``cfg.loss`` (focal + SSL by default); t = 0 throughout."""
+             resume: bool = False, overwrite: bool = False,
+             val_instances: dict[str, np.ndarray] | None = None) -> Iterator[Progress]:
+    """Fine-tune for segmentation with ``cfg.loss`` (focal + SSL by default); t = 0 throughout.
+
+    With validation images, the final checkpoint's post-processing thresholds are tuned on them
+    (:mod:`.tuning`; ``val_instances`` by image name are their true objects where known, else
+    they are recovered from the targets)."""
     spec = TaskSpec.make(cfg.task, cfg.boundary, cfg.num_classes)
     parse_loss(cfg.loss)  # fail before any work on a typo
     if not items:
@@ -350,7 +425,7 @@ def finetune(items: Sequence[LabeledImage], out: str | os.PathLike, cfg: Finetun
         model, init_info, how = build_segmentation_model(spec, init, cfg.preset, cfg.seed, cfg.tile_invariant)
     if cfg.patch % model.config.multiple:
         raise DataError(f"patch size {cfg.patch} must be a multiple of {model.config.multiple} for this model")
-    trainer = _Trainer(model, dev, cfg.lr, cfg.weight_decay, cfg.amp)
+    trainer = _Trainer(model, dev, cfg.lr, cfg.weight_decay, cfg.amp, ema=cfg.ema)
     start = trainer.restore(state) if state is not None else 0
     loss_fn = build_loss(cfg.loss)
     run = {"stage": "finetune", **asdict(cfg)}
@@ -371,15 +446,17 @@ def finetune(items: Sequence[LabeledImage], out: str | os.PathLike, cfg: Finetun
                              "label_fraction": cfg.label_fraction, "train_images": [it.name for it in train],
                              "val_images": [it.name for it in val_items], "init_info": init_info,
                              "batch": cfg.batch, "lr": cfg.lr, "device": str(dev), "time": _now()},
-                "validation": latest, "versions": ckpt.versions()}
+                "validation": latest, "versions": ckpt.versions(), **tuned}
 
     calibrated = {"step": None, "trained_to": start}
 
-    def calibrate(step: int) -> None:
+    def iter_calibrate(step: int) -> Iterator[int]:
         """Frozen BatchNorm statistics for the weights at ``step`` (core/unet.recalibrate_batchnorm),
-        from fixed, seeded training batches: deterministic, so resuming stays exact."""
+        from fixed, seeded training batches: deterministic, so resuming stays exact. Yields the
+        batches done (of BN_CALIBRATION_BATCHES); closed early, the statistics count as not made."""
         if calibrated["step"] == step:
             return
+        calibrated["step"] = None
 
         def batches():
             for k in range(BN_CALIBRATION_BATCHES):
@@ -387,26 +464,74 @@ def finetune(items: Sequence[LabeledImage], out: str | os.PathLike, cfg: Finetun
                                                cfg.patch, cfg.augment)
                 yield torch.from_numpy(to_model_input(imgs)).to(dev)
 
-        with autocast_for(dev, trainer.amp):
-            recalibrate_batchnorm(trainer.model, batches())
+        gen = iter_recalibrate_batchnorm(trainer.model, batches())
+        try:
+            while True:
+                with autocast_for(dev, trainer.amp):  # entered per batch: never left on across a yield
+                    k = next(gen, None)
+                if k is None:
+                    break
+                yield k
+        finally:
+            gen.close()
         calibrated["step"] = step
 
-    def save(step: int) -> Path:
-        calibrate(step)
-        return ckpt.save_checkpoint(out, trainer.model, config_at(step), trainer.state(step, run))
+    def calibrate(step: int) -> None:
+        run_to_end(iter_calibrate(step))
 
-    def validate() -> dict:
-        calibrate(calibrated["trained_to"])
+    tuned: dict = {}
+
+    def tune() -> None:
+        """Instance thresholds for the final weights, chosen on the validation images."""
+        from .tuning import instances_of_target, tune_postprocess
+
         predictor = TorchPredictor(trainer.model, config_at(0), dev, amp=cfg.amp)
-        latest.update(evaluate_dice(predictor, val_items))
+        probs = [predict_image(predictor, it.image) for it in val_items]
+        gts = [(val_instances or {}).get(it.name) for it in val_items]
+        gts = [g if g is not None else instances_of_target(it.target, spec.task) for g, it in zip(gts, val_items)]
+        options, report = tune_postprocess(spec.task, probs, gts)
+        if options:
+            tuned.update(postprocess=options, postprocess_tuning=report)
+
+    def save(step: int) -> Path:
+        # with EMA the averaged weights are saved (a resumed run continues from them)
+        with trainer.averaged():
+            calibrated["step"] = None if trainer.ema is not None else calibrated["step"]
+            calibrate(step)
+            if step >= cfg.steps and val_items and cfg.tune_postprocess and spec.task in ("glands", "nuclei") \
+                    and not tuned:
+                tune()
+            path = ckpt.save_checkpoint(out, trainer.model, config_at(step), trainer.state(step, run))
+        if trainer.ema is not None:
+            calibrated["step"] = None
+        return path
+
+    val_set = validation_crops(val_items, cfg.val_crops, cfg.val_crop, cfg.seed)
+    has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    val_cost = pass_cost(val_set, cfg.batch * cfg.patch ** 2, BN_CALIBRATION_BATCHES if has_bn else 0)
+
+    def validate() -> Iterator[tuple[str, int, int]]:
+        """Validation Dice on ``val_set``; yields ("BatchNorm statistics" | "validating", done, total)."""
+        with trainer.averaged():
+            if trainer.ema is not None:
+                calibrated["step"] = None
+            n_bn = BN_CALIBRATION_BATCHES if has_bn and calibrated["step"] != calibrated["trained_to"] else 0
+            yield from relay(iter_calibrate(calibrated["trained_to"]), lambda k: ("BatchNorm statistics", k, n_bn))
+            predictor = TorchPredictor(trainer.model, config_at(0), dev, amp=cfg.amp)
+            scores = yield from relay(iter_evaluate_dice(predictor, val_set), lambda kn: ("validating", *kn))
+            latest.update(scores, val_crop=cfg.val_crop if cfg.val_crops > 0 else 0)
+        if trainer.ema is not None:
+            calibrated["step"] = None
         return dict(latest)
 
-    msg = (f"fine-tuning for {spec.task} ({spec.num_classes} classes) on {len(train)} image(s)"
-           f"{f', validating on {len(val_items)}' if val_items else ''}; {how}; {why}")
+    on = f", validating on {describe(val_items, val_set, cfg.val_crops, cfg.val_crop)}" if val_items else ""
+    msg = f"fine-tuning for {spec.task} ({spec.num_classes} classes) on {len(train)} image(s){on}; {how}; {why}"
     yield from _run("finetune", trainer, total=cfg.steps, start=start, lr=cfg.lr, warmup=cfg.warmup,
                     batch=cfg.batch, grad_clip=cfg.grad_clip, checkpoint_every=cfg.checkpoint_every,
                     loss_at=loss_at, save=save, validate=validate if val_items else None,
-                    val_every=cfg.val_every, message=msg)
+                    val_every=cfg.val_every, val_cost=val_cost, message=msg,
+                    prepare=None if trainer.ema is not None else lambda step: relay(
+                        iter_calibrate(step), lambda k: ("BatchNorm statistics", k, BN_CALIBRATION_BATCHES)))
 
 
 def select_fraction_from_names(items: Sequence[LabeledImage], names: list[str] | None) -> list[LabeledImage]:

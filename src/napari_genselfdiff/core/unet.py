@@ -302,6 +302,19 @@ def recalibrate_batchnorm(model: nn.Module, batches) -> int:
     few fine-tuning steps still hold mostly their initial values (a 2-step refine would predict with
     mean 0 / variance 1); this makes the frozen statistics exact whatever the number of steps.
     Returns the number of BatchNorm layers (0: nothing to do, ``batches`` is not consumed)."""
+    gen = iter_recalibrate_batchnorm(model, batches)
+    while True:
+        try:
+            next(gen)
+        except StopIteration as stop:
+            return stop.value
+
+
+@torch.no_grad()
+def iter_recalibrate_batchnorm(model: nn.Module, batches):
+    """:func:`recalibrate_batchnorm` as a generator: yields the number of batches seen after each
+    one and returns the number of BatchNorm layers. Closed early, the statistics are partial (the
+    caller must recalibrate before trusting them); momenta and the training mode are restored."""
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms:
         return 0
@@ -312,8 +325,9 @@ def recalibrate_batchnorm(model: nn.Module, batches) -> int:
         m.momentum = None  # cumulative average
     model.train()
     try:
-        for x in batches:
+        for k, x in enumerate(batches, start=1):
             model(x)
+            yield k
     finally:
         for m, mom in zip(norms, momenta):
             m.momentum = mom
@@ -323,3 +337,49 @@ def recalibrate_batchnorm(model: nn.Module, batches) -> int:
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+class _FusedResBlock(nn.Module):
+    """A :class:`ResBlock` at t = 0 with its frozen BatchNorm ``norm2`` and the constant time
+    modulation folded into ``conv1`` (see :func:`fused_for_inference`)."""
+
+    def __init__(self, block: ResBlock, conv1: nn.Conv2d):
+        super().__init__()
+        self.norm1, self.conv1, self.conv2, self.skip = block.norm1, conv1, block.conv2, block.skip
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
+        return self.conv2(F.silu(self.conv1(F.silu(self.norm1(x))))) + self.skip(x)
+
+
+@torch.no_grad()
+def fused_for_inference(model: UNet) -> UNet:
+    """A copy of a tile-invariant segmentation U-Net (BatchNorm, frozen statistics) that computes
+    the same function at t = 0 with fewer operations: in every residual block, ``norm2`` and the
+    time modulation ``(1 + scale) * . + shift`` (constants at t = 0) are affine maps right after
+    ``conv1``, so they are folded into its weights and bias. Models without BatchNorm are returned
+    unchanged (GroupNorm depends on the tile: nothing to fold). The original is not modified."""
+    import copy
+
+    blocks = [m for m in model.modules() if isinstance(m, ResBlock)]
+    if not blocks or not all(isinstance(b.norm2, nn.BatchNorm2d) for b in blocks):
+        return model
+    fused = copy.deepcopy(model).eval()
+    p = next(fused.parameters())
+    temb = fused.time_mlp(timestep_embedding(torch.zeros(1, device=p.device), fused.config.base).to(p.dtype))
+
+    def fuse(block: ResBlock) -> _FusedResBlock:
+        scale, shift = block.time(temb)[0].chunk(2)
+        bn = block.norm2
+        a = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        gain = a * (1 + scale)
+        conv = nn.Conv2d(block.conv1.in_channels, block.conv1.out_channels, block.conv1.kernel_size,
+                         padding=block.conv1.padding).to(p.device, p.dtype)
+        conv.weight.copy_(block.conv1.weight * gain[:, None, None, None])
+        bias = block.conv1.bias if block.conv1.bias is not None else torch.zeros_like(bn.running_mean)
+        conv.bias.copy_(((bias - bn.running_mean) * a + bn.bias) * (1 + scale) + shift)
+        return _FusedResBlock(block, conv)
+
+    for level in list(fused.down) + list(fused.up):
+        level["blocks"] = nn.ModuleList([fuse(b) for b in level["blocks"]])
+    fused.mid1, fused.mid2, fused.final_block = fuse(fused.mid1), fuse(fused.mid2), fuse(fused.final_block)
+    return fused

@@ -56,7 +56,8 @@ def compare(predictor, image: np.ndarray, tile: int, overlap: int, whole: np.nda
     tiled = tiled_probabilities(predictor, image, tile, overlap)
     diff = np.abs(tiled - whole)
     task = getattr(predictor, "task", "glands")
-    _, inst_w = postprocess(whole, task)
-    _, inst_t = postprocess(tiled, task)
+    options = getattr(predictor, "postprocess_options", None)
+    _, inst_w = postprocess(whole, task, options)
+    _, inst_t = postprocess(tiled, task, options)
     count = lambda lab: int(len(np.unique(lab[lab > 0])))  # noqa: E731
     return TilingDifference(tile, overlap, float(diff.max()), float(diff.mean()), count(inst_w), count(inst_t))

@@ -6,15 +6,18 @@ region predicted here equals the same region of a whole-slide run.
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict
-from typing import Any
+from typing import Any, Generator
 
 import dask.array as da
 import numpy as np
 
+from napari_genselfdiff.core.progress import Progress, run_to_end
 from napari_genselfdiff.slide.reader import Slide
 from napari_genselfdiff.slide.grid import BlendWindows, TileGrid, TileId, add_tile, normalise_blend
-from napari_genselfdiff.slide.tiler import Predictor, check_tile, iter_tile_predictions, resolve_level
+from napari_genselfdiff.slide.tiler import (BatchSizer, Predictor, check_tile, iter_tile_predictions, resolve_level,
+                                           split_by_tissue)
 from napari_genselfdiff.slide.tissue import TissueMask, clear_background, detect_tissue
 
 
@@ -25,7 +28,8 @@ class FieldOfViewPredictor:
     window and blending as :func:`predict_slide`, and kept in an LRU cache keyed by
     (level, tile row, tile column) holding ``cache_tiles`` tiles (each C x tile x tile
     float32), so panning back costs nothing. ``level`` is the default for
-    :meth:`as_lazy_dask` (an int or 'auto'). Thread-safe: requests are serialised.
+    :meth:`as_lazy_dask` (an int or 'auto'). Thread-safe: :meth:`predict_region` calls are
+    serialised; :meth:`iter_region` (the cancellable job form) takes the lock per model call.
     """
 
     def __init__(self, predictor: Predictor, slide: Slide, level: int | str = 0,
@@ -43,6 +47,7 @@ class FieldOfViewPredictor:
         self._grids: dict[int, TileGrid] = {}
         self._windows: dict[int, BlendWindows] = {}
         self._mask: TissueMask | None = None
+        self._sizer = BatchSizer(batch)  # tiles per model call: at most ``batch`` (see BatchSizer)
         self._lock = threading.RLock()
 
     def grid(self, level: int) -> TileGrid:
@@ -59,40 +64,70 @@ class FieldOfViewPredictor:
             self._mask = detect_tissue(self.slide)
         return self._mask
 
+    def uncached(self, level: int, y: int, x: int, h: int, w: int) -> int:
+        """How many tiles of the region at ``level`` are not in the cache (the work it would take)."""
+        level = resolve_level(self.slide, level, self.predictor)
+        with self._lock:
+            return sum((level,) + t not in self._cache for t in self.grid(level).touching(y, y + h, x, x + w))
+
     def predict_region(self, level: int, y: int, x: int, h: int, w: int) -> np.ndarray:
         """Blended class probabilities (C, h, w) float32 of the region at ``level``; pixels
-        outside the image are background."""
+        outside the image are background. Calls are serialised (the lazy dask overlay computes
+        chunks from several threads)."""
+        with self._lock:
+            return run_to_end(self.iter_region(level, y, x, h, w))
+
+    def iter_region(self, level: int, y: int, x: int, h: int, w: int) -> Generator[Progress, None, np.ndarray]:
+        """:meth:`predict_region` as a job: yields a 'predict' :class:`Progress` after every
+        predictor call (``step`` of ``total`` = tiles of the region ready, with the ETA) and
+        returns the probabilities (``probs = yield from fov.iter_region(...)``). Closing it stops
+        before the next call; the tiles computed so far stay in the cache. The lock is taken per
+        call, never held across a yield."""
         level = resolve_level(self.slide, level, self.predictor)
         with self._lock:
             grid = self.grid(level)
             tids = grid.touching(y, y + h, x, x + w)
-            missing = [t for t in tids if (level,) + t not in self._cache]
-            self.cache_hits += len(tids) - len(missing)
-            fresh: dict[TileId, np.ndarray] = {}
-            for results in iter_tile_predictions(self.predictor, self.slide, level, grid,
-                                                 missing, batch=self.batch,
-                                                 tissue=self._tissue()):
-                for tid, pred, was_computed in results:
-                    fresh[tid] = pred
-                    self.tiles_computed += was_computed
-            sums = np.zeros((self.predictor.num_classes, h, w), np.float64)
-            wsum = np.zeros((h, w), np.float64)
-            for tid in tids:
-                pred = fresh.get(tid)
-                if pred is None:
-                    pred = self._cache[(level,) + tid]
-                    self._cache.move_to_end((level,) + tid)
-                ty, tx = grid.origin(tid)
-                add_tile(sums, wsum, y, x, pred, ty, tx, self._windows[level](tid))
-            for tid, pred in fresh.items():
-                self._cache[(level,) + tid] = pred
-            while len(self._cache) > self.cache_tiles:
-                self._cache.popitem(last=False)
-            out = normalise_blend(sums, wsum).astype(np.float32)
+            have = {t: self._cache[(level,) + t] for t in tids if (level,) + t in self._cache}
+            for t in have:
+                self._cache.move_to_end((level,) + t)
+            missing = [t for t in tids if t not in have]
+            self.cache_hits += len(have)
             mask = self._tissue()
-            if mask is not None:
-                clear_background(out, mask, self.slide.downsamples[level], y, x, certain=1.0)
-            return out
+        todo = len(split_by_tissue(grid, missing, mask, self.slide.downsamples[level])[0])
+        fresh: dict[TileId, np.ndarray] = {}
+        computed = area = 0
+        start = time.perf_counter()
+        tiles = iter_tile_predictions(self.predictor, self.slide, level, grid, missing, tissue=mask,
+                                      sizer=self._sizer)
+        while True:
+            with self._lock:
+                results = next(tiles, None)
+            if results is None:
+                break
+            for tid, pred, was_computed in results:
+                fresh[tid] = pred
+                computed += was_computed
+                area += grid.cell_area(tid)
+            with self._lock:
+                self.tiles_computed += sum(r[2] for r in results)
+                for tid, pred, _ in results:
+                    self._cache[(level,) + tid] = pred
+                while len(self._cache) > self.cache_tiles:
+                    self._cache.popitem(last=False)
+            elapsed = max(time.perf_counter() - start, 1e-9)
+            eta = elapsed / computed * (todo - computed) if computed else (0.0 if todo == 0 else None)
+            yield Progress("predict", len(tids) - len(missing) + len(fresh), len(tids), eta_s=eta,
+                           tiles_computed=computed, tiles_skipped=len(fresh) - computed,
+                           megapixels_per_s=area / elapsed / 1e6)
+        sums = np.zeros((self.predictor.num_classes, h, w), np.float64)
+        wsum = np.zeros((h, w), np.float64)
+        for tid in tids:
+            ty, tx = grid.origin(tid)
+            add_tile(sums, wsum, y, x, fresh[tid] if tid in fresh else have[tid], ty, tx, self._windows[level](tid))
+        out = normalise_blend(sums, wsum).astype(np.float32)
+        if mask is not None:
+            clear_background(out, mask, self.slide.downsamples[level], y, x, certain=1.0)
+        return out
 
     def as_lazy_dask(self, level: int | None = None, chunk: int = 1024) -> da.Array:
         """Probabilities of ``level`` as a lazy (C, H, W) float32 dask array.

@@ -87,6 +87,14 @@ class TileGrid:
         ixs = [i for i, s in enumerate(self.xs) if s < x1 and s + self.tile > x0]
         return [(iy, ix) for iy in iys for ix in ixs]
 
+    def cell_area(self, tid: TileId) -> int:
+        """Level pixels the tile stands for in progress counts: from its origin to the next
+        tile's (to the level's end for the last one), so the cells of all tiles tile the level."""
+        def span(starts: tuple[int, ...], i: int, end: int) -> int:
+            return max(0, (starts[i + 1] if i + 1 < len(starts) else end) - starts[i])
+
+        return span(self.ys, tid[0], self.height) * span(self.xs, tid[1], self.width)
+
 
 def _window_1d(tile: int, overlap: int, eps: float, open_start: bool = False, open_end: bool = False) -> np.ndarray:
     i = np.arange(tile, dtype=np.float64)

@@ -1,9 +1,12 @@
 """Lazy whole-slide reading: every slide becomes a multiscale pyramid of dask arrays.
 
 A pathologist's slide is 50k x 50k pixels or more, so nothing here ever loads a slide whole:
-pyramidal / tiled TIFF, BigTIFF, OME-TIFF and Aperio SVS files are read tile by tile through
-tifffile's zarr store (``TiffPageSeries.aszarr``), OME-Zarr through zarr itself. Only small plain
-images (PNG, JPEG) are decoded in one piece, then wrapped in dask.
+pyramidal / tiled TIFF, BigTIFF, OME-TIFF, Aperio SVS, Hamamatsu NDPI and Leica SCN files are read
+tile by tile through tifffile's zarr store (``TiffPageSeries.aszarr``), OME-Zarr through zarr
+itself, and what tifffile cannot read (MIRAX .mrxs, Hamamatsu VMS / VMU, Ventana BIF, Philips
+TIFF, or a TIFF tifffile fails on that OpenSlide can read) through OpenSlide
+(:mod:`~napari_genselfdiff.slide.openslide_reader`); :func:`open_slide` chooses by itself. Only
+small plain images (PNG, JPEG) are decoded in one piece, then wrapped in dask.
 
 Every level is normalised lazily to (H, W, 3) uint8 RGB: singleton axes are squeezed, grayscale
 is repeated to three channels, alpha is composited on white and 16-bit images are rescaled (as
@@ -50,7 +53,8 @@ class Slide:
 
     ``downsamples[i]`` is how many level-0 pixels one level-``i`` pixel spans (level 0 = 1.0);
     ``mpp`` is microns per pixel at level 0 or ``None`` when the file does not say.
-    ``notes`` records conversions applied on reading (e.g. "grayscale repeated to RGB").
+    ``notes`` records conversions applied on reading (e.g. "grayscale repeated to RGB");
+    ``backend`` says what read the file ("tifffile", "openslide", "zarr" or "image").
     Close it (or use it as a context manager) to release the file handles.
     """
 
@@ -59,7 +63,12 @@ class Slide:
     downsamples: list[float]
     mpp: float | None = None
     notes: list[str] = field(default_factory=list)
+    backend: str = "tifffile"
     _closers: list[Callable[[], Any]] = field(default_factory=list, repr=False)
+    #: reads (level, y, x, h, w) of the first ``_region_levels`` levels directly (OpenSlide),
+    #: instead of through the dask arrays
+    _region: Callable[[int, int, int, int, int], np.ndarray] | None = field(default=None, repr=False)
+    _region_levels: int = field(default=0, repr=False)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -89,6 +98,8 @@ class Slide:
         if not 0 <= level < len(self.levels):
             raise DataError(f"{self.path.name}: level {level} does not exist "
                             f"(the slide has {len(self.levels)} levels)")
+        if self._region is not None and level < self._region_levels:
+            return self._region(level, y, x, h, w)
         arr = self.levels[level]
         out = np.full((h, w, 3), 255, dtype=np.uint8)
         y0, x0 = max(y, 0), max(x, 0)
@@ -119,11 +130,17 @@ class Slide:
 def open_slide(path: str | Path) -> Slide:
     """Open a slide or image lazily as a :class:`Slide`.
 
-    Supported: pyramidal / tiled TIFF, BigTIFF, OME-TIFF, Aperio SVS (only the main pyramid
-    series; thumbnail, label and macro pages are ignored), OME-Zarr folders (multiscales
-    metadata) and plain PNG / JPEG / BMP / TIFF images. The format is chosen from the file's
-    content, not its extension. Raises DataError for missing, corrupt or unsupported input.
+    Supported: pyramidal / tiled TIFF, BigTIFF, OME-TIFF, Aperio SVS, NDPI, SCN (only the main
+    pyramid series; thumbnail, label and macro pages are ignored), OME-Zarr folders
+    (multiscales metadata) and plain PNG / JPEG / BMP / TIFF images, read with tifffile / zarr;
+    MIRAX (.mrxs), VMS, VMU, BIF and Philips TIFF read with OpenSlide, which is also tried when
+    tifffile cannot read a file OpenSlide recognises. The reader is chosen from the file's content
+    (and, for OpenSlide's own formats, its extension). Raises DataError for missing, corrupt or
+    unsupported input.
     """
+    from napari_genselfdiff.slide.openslide_reader import (OPENSLIDE_SUFFIXES, OPENSLIDE_TIFF_VENDORS,
+                                                           openslide_vendor)
+
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: file not found")
@@ -134,12 +151,27 @@ def open_slide(path: str | Path) -> Slide:
             magic = fh.read(8)
     except OSError as exc:
         raise DataError(f"{path}: cannot open ({exc})") from exc
+    if path.suffix.lower() in OPENSLIDE_SUFFIXES:
+        return _open_openslide(path)
     if magic.startswith(_TIFF_MAGIC):
-        return _open_tiff(path)
+        vendor = openslide_vendor(path)
+        if vendor in OPENSLIDE_TIFF_VENDORS:
+            return _open_openslide(path)
+        try:
+            return _open_tiff(path)
+        except DataError as exc:
+            if vendor is None:
+                raise
+            try:
+                return _open_openslide(path)
+            except DataError as other:
+                raise DataError(f"{exc}; OpenSlide cannot read it either ({other})") from None
     if magic.startswith(_IMAGE_MAGIC):
         return _open_plain_image(path)
-    raise DataError(f"{path.name}: not a supported slide or image format "
-                    f"(expected TIFF/SVS/OME-TIFF, OME-Zarr, PNG or JPEG; file starts with {magic!r})")
+    if openslide_vendor(path) is not None:
+        return _open_openslide(path)
+    raise DataError(f"{path.name}: not a supported slide or image format (expected TIFF/SVS/NDPI/OME-TIFF, "
+                    f"MRXS/VMS/VMU/BIF, OME-Zarr, PNG or JPEG; file starts with {magic!r})")
 
 
 # --------------------------------------------------------------------------------------------
@@ -183,6 +215,22 @@ def _open_tiff(path: Path) -> Slide:
         raise DataError(f"{path.name}: cannot read the TIFF ({type(exc).__name__}: {exc})") from exc
 
 
+def _open_openslide(path: Path) -> Slide:
+    """OpenSlide's formats: its native levels (read region by region), coarsened below a single one."""
+    from napari_genselfdiff.slide.openslide_reader import OpenSlideFile
+
+    osf = OpenSlideFile(path)
+    try:
+        slide = _finish(path, list(osf.levels), osf.mpp, [f"read with OpenSlide ({osf.vendor} format)"],
+                        osf.downsamples)
+    except BaseException:
+        osf.close()
+        raise
+    slide.backend, slide._region, slide._region_levels = "openslide", osf.read_region, len(osf.levels)
+    slide._closers.append(osf.close)
+    return slide
+
+
 @contextlib.contextmanager
 def _quiet_tifffile() -> Iterator[None]:
     """Silence tifffile's logged complaints while parsing: a damaged file becomes one
@@ -213,7 +261,9 @@ def _open_plain_image(path: Path) -> Slide:
         raise DataError(f"{path.name}: unsupported image shape {img.shape}")
     notes: list[str] = []
     level0 = _normalise(da.from_array(img, chunks=_MEMORY_CHUNK), axes, path.name, notes)
-    return _finish(path, [level0], None, notes)
+    slide = _finish(path, [level0], None, notes)
+    slide.backend = "image"
+    return slide
 
 
 def _open_ome_zarr(path: Path) -> Slide:
@@ -244,7 +294,9 @@ def _open_ome_zarr(path: Path) -> Slide:
     axes = "".join(n[0].upper() for n in names)
     notes: list[str] = []
     levels = [_normalise(da.from_zarr(a), axes, path.name, notes) for a in arrays]
-    return _finish(path, levels, _ome_zarr_mpp(axes_meta, datasets[0]), notes)
+    slide = _finish(path, levels, _ome_zarr_mpp(axes_meta, datasets[0]), notes)
+    slide.backend = "zarr"
+    return slide
 
 
 # --------------------------------------------------------------------------------------------
@@ -323,8 +375,10 @@ def _note(notes: list[str], text: str) -> None:
 # pyramid and validation
 
 
-def _finish(path: Path, levels: list[da.Array], mpp: float | None, notes: list[str]) -> Slide:
-    """Validate the data can be decoded, add coarsened levels where needed, build the Slide."""
+def _finish(path: Path, levels: list[da.Array], mpp: float | None, notes: list[str],
+            downsamples: list[float] | None = None) -> Slide:
+    """Validate the data can be decoded, add coarsened levels where needed, build the Slide
+    (``downsamples`` of several levels: the file's own, else from the level shapes)."""
     _probe(path, levels[0])
     h0, w0 = levels[0].shape[:2]
     if len(levels) == 1:
@@ -332,7 +386,7 @@ def _finish(path: Path, levels: list[da.Array], mpp: float | None, notes: list[s
         downsamples = [float(2 ** i) for i in range(len(levels))]
         if len(levels) > 1:
             _note(notes, f"single-level image: {len(levels) - 1} lower levels built by 2x2 averaging")
-    else:
+    elif downsamples is None:
         downsamples = [1.0] + [(h0 / lv.shape[0] + w0 / lv.shape[1]) / 2.0 for lv in levels[1:]]
     return Slide(path=path, levels=levels, downsamples=downsamples, mpp=mpp, notes=notes)
 
@@ -446,9 +500,18 @@ def _positive(value: float) -> float | None:
 
 def file_mpp(path: str | Path) -> float | None:
     """Microns per pixel an image or slide file states, or None: TIFF (Aperio MPP, OME-XML,
-    resolution tags), OME-Zarr scales, and PNG pHYs / JPEG density when they give a microscopic
-    pixel size (plain images carry 72/96/300 dpi defaults, which mean nothing here)."""
+    resolution tags), OME-Zarr scales, OpenSlide's formats (its mpp properties), and PNG pHYs /
+    JPEG density when they give a microscopic pixel size (plain images carry 72/96/300 dpi
+    defaults, which mean nothing here)."""
+    from napari_genselfdiff.slide.openslide_reader import OPENSLIDE_SUFFIXES, OpenSlideFile
+
     path = Path(path)
+    if path.suffix.lower() in OPENSLIDE_SUFFIXES and path.is_file():
+        try:
+            with OpenSlideFile(path) as osf:  # the properties only: no pixels decoded
+                return osf.mpp
+        except DataError:
+            return None
     try:
         with open(path, "rb") as fh:
             magic = fh.read(8)

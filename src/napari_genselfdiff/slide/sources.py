@@ -14,7 +14,7 @@ from napari_genselfdiff.core.errors import DataError
 from napari_genselfdiff.slide.reader import open_slide
 from napari_genselfdiff.slide.tissue import detect_tissue
 
-SLIDE_EXTS = {".svs", ".ndpi", ".scn", ".zarr", ".btf"}
+SLIDE_EXTS = {".svs", ".ndpi", ".scn", ".zarr", ".btf", ".mrxs", ".vms", ".vmu", ".bif"}
 
 
 @dataclass

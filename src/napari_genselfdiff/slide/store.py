@@ -137,7 +137,22 @@ class PredictionStore:
 
     @property
     def mpp(self) -> float | None:
+        """Microns per stored pixel (of the level the model ran on); None when unknown."""
         return self.meta.get("mpp")
+
+    @property
+    def slide_mpp(self) -> float | None:
+        """Microns per level-0 slide pixel; None when unknown."""
+        mpp = self.meta.get("slide_mpp")
+        if mpp is None and self.mpp is not None:
+            mpp = self.mpp / self.downsample
+        return mpp
+
+    @property
+    def slide_path(self) -> Path | None:
+        """The slide the prediction was made from (as it was then: it may have moved since)."""
+        slide = self.settings.get("slide")
+        return Path(slide) if slide else None
 
     @property
     def class_names(self) -> list[str]:

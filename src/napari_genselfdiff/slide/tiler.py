@@ -29,7 +29,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
@@ -109,38 +109,102 @@ def _read_padded(slide: Slide, level: int, grid: TileGrid, y0: int, x0: int, y1:
     return pixels
 
 
-def iter_tile_predictions(predictor: Predictor, slide: Slide, level: int, grid: TileGrid,
-                          tiles: Sequence[TileId], *, batch: int = 4,
-                          tissue: TissueMask | None = None
-                          ) -> Iterator[list[tuple[TileId, np.ndarray, bool]]]:
-    """Predict ``tiles`` of ``grid`` on ``slide`` level ``level``, one list per predictor batch.
+class BatchSizer:
+    """How many tiles go to the model in one call: at most ``batch``, fewer while one call would
+    take longer than ``target_s`` seconds. A job yields (and so can be cancelled) between calls,
+    so this bounds how long Cancel waits whatever the batch setting: a CPU ends up at one tile per
+    call, a GPU at the full batch. Tiles are predicted independently, so the size never changes
+    the answer. The first call takes one tile; after each call the size becomes the number of
+    tiles that fit in ``target_s`` at the measured speed (at most twice the last size).
+    ``target_s=None`` keeps the size at ``batch``. ``clock`` is for tests."""
 
-    Each item is (tile id, (C, tile, tile) probabilities, computed). Tiles without tissue are
-    not given to the model: they come as background (class 0 = 1) with computed=False, in a
-    list of their own. The pixels are read once for the bounding box of the computed tiles.
-    """
-    t = grid.tile
-    c = predictor.num_classes
-    ds = slide.downsamples[level]
+    def __init__(self, batch: int, target_s: float | None = 0.5, clock: Callable[[], float] = time.perf_counter):
+        self.batch, self.target_s, self.clock = max(int(batch), 1), target_s, clock
+        self.size = 1 if target_s else self.batch
+
+    def record(self, tiles: int, seconds: float) -> None:
+        """A call of ``tiles`` tiles took ``seconds``."""
+        if not self.target_s or tiles < 1:
+            return
+        fit = int(self.target_s * tiles / seconds) if seconds > 0 else self.batch
+        self.size = max(1, min(self.batch, fit, 2 * tiles))
+
+
+def split_by_tissue(grid: TileGrid, tiles: Sequence[TileId], tissue: TissueMask | None,
+                    downsample: float) -> tuple[list[TileId], list[TileId]]:
+    """(tiles the model must see, tiles without tissue) of ``tiles``, each in the given order."""
     todo, skipped = [], []
     for tid in tiles:
         ty, tx = grid.origin(tid)
-        (todo if tissue is None or tissue.any_in(ty, tx, t, t, ds) else skipped).append(tid)
+        (todo if tissue is None or tissue.any_in(ty, tx, grid.tile, grid.tile, downsample) else skipped).append(tid)
+    return todo, skipped
+
+
+class _Rows:
+    """The pixels of columns [x0, x1) of a level, read in horizontal bands as the tiles (in raster
+    order) need them: rows above the current tiles are dropped, each row is read once, and no read
+    is larger than the band of the next batch."""
+
+    def __init__(self, slide: Slide, level: int, grid: TileGrid, x0: int, x1: int) -> None:
+        self.slide, self.level, self.grid, self.x0, self.x1 = slide, level, grid, x0, x1
+        self.top, self.pixels = 0, np.zeros((0, x1 - x0, 3), np.uint8)
+
+    def _read(self, y0: int, y1: int) -> np.ndarray:
+        # a band reaching past the image's end starts high enough for its reflection (as
+        # _read_padded does for the whole image) to see the same rows
+        g = self.grid
+        padded = -(-g.height // g.multiple) * g.multiple
+        lo = y0 if y1 <= g.height else max(0, min(y0, 2 * g.height - padded - 1))
+        return _read_padded(self.slide, self.level, g, lo, self.x0, y1, self.x1)[y0 - lo:]
+
+    def cover(self, y0: int, y1: int) -> tuple[np.ndarray, int]:
+        """(pixels, their first row) holding rows [y0, y1)."""
+        end = self.top + len(self.pixels)
+        if y0 < self.top or y0 >= end:
+            self.pixels, self.top = self._read(y0, y1), y0
+        else:
+            kept = self.pixels[y0 - self.top:]
+            self.pixels = np.concatenate([kept, self._read(end, y1)]) if y1 > end else kept
+            self.top = y0
+        return self.pixels, self.top
+
+
+def iter_tile_predictions(predictor: Predictor, slide: Slide, level: int, grid: TileGrid,
+                          tiles: Sequence[TileId], *, batch: int = 4,
+                          tissue: TissueMask | None = None, sizer: BatchSizer | None = None
+                          ) -> Iterator[list[tuple[TileId, np.ndarray, bool]]]:
+    """Predict ``tiles`` of ``grid`` on ``slide`` level ``level``, one list per predictor call.
+
+    Each item is (tile id, (C, tile, tile) probabilities, computed). Tiles without tissue are
+    not given to the model: they come as background (class 0 = 1) with computed=False, in a
+    list of their own, first. The others go in raster order, ``batch`` per call, or as many as
+    ``sizer`` says (:class:`BatchSizer`); their pixels are read in bands, each row once (the
+    columns of the computed tiles' bounding box), just before the call that needs them, so the
+    work between two lists is one band read and one call.
+    """
+    t = grid.tile
+    c = predictor.num_classes
+    todo, skipped = split_by_tissue(grid, tiles, tissue, slide.downsamples[level])
     if skipped:
         bg = np.zeros((c, t, t), np.float32)
         bg[0] = 1.0
         yield [(tid, bg, False) for tid in skipped]
     if not todo:
         return
-    origins = np.array([grid.origin(tid) for tid in todo])
-    by, bx = origins.min(axis=0)
-    ey, ex = origins.max(axis=0) + t
-    pixels = _read_padded(slide, level, grid, int(by), int(bx), int(ey), int(ex))
-    for i in range(0, len(todo), batch):
-        chunk = todo[i:i + batch]
-        stack = np.stack([pixels[oy - by:oy - by + t, ox - bx:ox - bx + t]
-                          for oy, ox in (grid.origin(tid) for tid in chunk)])
+    todo.sort(key=grid.origin)
+    xs = [grid.origin(tid)[1] for tid in todo]
+    rows = _Rows(slide, level, grid, min(xs), max(xs) + t)
+    sizer = sizer or BatchSizer(batch, None)
+    i = 0
+    while i < len(todo):
+        chunk = todo[i:i + sizer.size]
+        i += len(chunk)
+        origins = [grid.origin(tid) for tid in chunk]
+        pixels, top = rows.cover(min(o[0] for o in origins), max(o[0] for o in origins) + t)
+        stack = np.stack([pixels[oy - top:oy - top + t, ox - rows.x0:ox - rows.x0 + t] for oy, ox in origins])
+        start = sizer.clock()
         preds = _call_predictor(predictor, stack)
+        sizer.record(len(chunk), sizer.clock() - start)
         yield [(tid, preds[k], True) for k, tid in enumerate(chunk)]
 
 
@@ -226,13 +290,21 @@ class _Run:
     start: float = field(default_factory=time.perf_counter)
     computed: int = 0
     skipped: int = 0
-    area_done: int = 0
+    area_done: int = 0  # level pixels (tile cells, TileGrid.cell_area) predicted or skipped in this run
+    work_left: int = 0  # tiles with tissue this run still has to give the model
+    tiles_start: float = 0.0  # when the first tile was asked for
 
-    def event(self, phase: str, done: int, total: int, blocks_done: int,
-              remaining_area: float | None) -> Progress:
-        elapsed = max(time.perf_counter() - self.start, 1e-9)
-        rate = self.area_done / elapsed
-        eta = remaining_area / rate if rate > 0 and remaining_area is not None else None
+    def event(self, phase: str, done: int, total: int, blocks_done: int) -> Progress:
+        """A progress event; during 'predict' the ETA is the tiles left to compute at this run's
+        time per computed tile (so it is known from the first batch on), unknown while
+        postprocessing."""
+        now = time.perf_counter()
+        rate = self.area_done / max(now - self.start, 1e-9)
+        eta: float | None = None
+        if phase == "done" or (phase == "predict" and self.work_left == 0):
+            eta = 0.0
+        elif phase == "predict" and self.computed:
+            eta = (now - self.tiles_start) / self.computed * self.work_left
         return Progress(phase, done, total, eta_s=eta, done=phase == "done", blocks_done=blocks_done,
                         blocks_total=self.blocks.ny * self.blocks.nx, tiles_computed=self.computed,
                         tiles_skipped=self.skipped, megapixels_per_s=rate / 1e6, out_path=self.out)
@@ -260,8 +332,10 @@ def predict_slide(predictor: Predictor, slide_or_path: Slide | str | Path, out_p
     ``postprocess`` = 'glands' or 'nuclei' labels instances from class 1 (and class 2 as the
     nucleus boundary when the model has 3 classes), see :mod:`.instances`; ``min_size`` and
     ``postprocess_options`` (threshold, fill_holes, min_distance, halo) are passed on.
-    An event is yielded after every ``progress_every`` predictor batches and after each block.
-    The store layout is described in :mod:`.store`.
+    ``batch`` is the most tiles per model call: fewer while one call would take longer than half
+    a second (:class:`BatchSizer`), so a cancel waits at most about that long on any device.
+    An event is yielded after every ``progress_every`` predictor calls (from the first one on,
+    with the ETA and rate) and after each block. The store layout is described in :mod:`.store`.
     """
     settings = SlideSettings(level=level, tile=tile, overlap=overlap, batch=batch, tissue=tissue,
                              class_names=None if class_names is None else tuple(class_names),
@@ -306,7 +380,7 @@ def _predict_slide(predictor: Predictor, slide: Slide, out_path: Path,
     if cfg.postprocess is not None:
         yield from _postprocess(run)
     store.set_status(status="complete")
-    yield run.event("done", grid.count, grid.count, blocks.ny * blocks.nx, 0.0)
+    yield run.event("done", grid.count, grid.count, blocks.ny * blocks.nx)
 
 
 def _predict_blocks(run: _Run) -> Iterator[Progress]:
@@ -319,7 +393,10 @@ def _predict_blocks(run: _Run) -> Iterator[Progress]:
     for tid in ((iy, ix) for iy in range(len(grid.ys)) for ix in range(len(grid.xs))):
         owned[blocks.of_point(*grid.origin(tid))] += 1
     tiles_done = int(owned[done].sum())
-    remaining_area = float(sum(_area(blocks.region(b)) for b in zip(*np.nonzero(~done))))
+    needed = {t for b in zip(*np.nonzero(~done)) for t in grid.touching(*blocks.region(b))}
+    run.work_left = len(split_by_tissue(grid, sorted(needed), run.mask, run.slide.downsamples[run.level])[0])
+    sizer = BatchSizer(run.settings.batch)
+    run.tiles_start = time.perf_counter()
     computed: set[TileId] = set()
     pending: dict[tuple[int, int], list[tuple[int, int, np.ndarray, np.ndarray]]] = {}
     batches = 0
@@ -335,18 +412,19 @@ def _predict_blocks(run: _Run) -> Iterator[Progress]:
         todo = [t for t in grid.touching(y0, y1, x0, x1) if t not in computed]
         in_block = 0
         for results in iter_tile_predictions(predictor, run.slide, run.level, grid, todo,
-                                             batch=run.settings.batch, tissue=run.mask):
+                                             tissue=run.mask, sizer=sizer):
             for tid, pred, was_computed in results:
                 computed.add(tid)
                 run.computed += was_computed
+                run.work_left -= was_computed
                 run.skipped += not was_computed
+                run.area_done += grid.cell_area(tid)
                 in_block += blocks.of_point(*grid.origin(tid)) == b
                 _distribute(tid, pred, grid, blocks, b, done, windows(tid), sums, wsum, pending)
             if results[0][2]:
                 batches += 1
                 if batches % run.settings.progress_every == 0:
-                    yield run.event("predict", tiles_done + in_block, grid.count,
-                                    int(done.sum()), remaining_area)
+                    yield run.event("predict", tiles_done + in_block, grid.count, int(done.sum()))
         block_probs = blend_to_uint8(sums, wsum)
         if run.mask is not None:
             clear_background(block_probs, run.mask, run.slide.downsamples[run.level], y0, x0)
@@ -354,14 +432,7 @@ def _predict_blocks(run: _Run) -> Iterator[Progress]:
         done[b] = True
         done_arr[b] = 1
         tiles_done += int(owned[b])
-        run.area_done += _area((y0, y1, x0, x1))
-        remaining_area -= _area((y0, y1, x0, x1))
-        yield run.event("predict", tiles_done, grid.count, int(done.sum()), remaining_area)
-
-
-def _area(region: tuple[int, int, int, int]) -> int:
-    y0, y1, x0, x1 = region
-    return (y1 - y0) * (x1 - x0)
+        yield run.event("predict", tiles_done, grid.count, int(done.sum()))
 
 
 def _distribute(tid: TileId, pred: np.ndarray, grid: TileGrid, blocks: _Blocks,
@@ -394,4 +465,4 @@ def _postprocess(run: _Run) -> Iterator[Progress]:
     n_blocks = run.blocks.ny * run.blocks.nx
     gen = label_store(run.store, run.settings.postprocess, block=run.blocks.size,
                       min_size=run.settings.min_size, options=run.settings.postprocess_options)
-    yield from relay(gen, lambda step: run.event("postprocess", step[0], step[1], n_blocks, None))
+    yield from relay(gen, lambda step: run.event("postprocess", step[0], step[1], n_blocks))

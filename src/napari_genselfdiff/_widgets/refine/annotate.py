@@ -28,6 +28,7 @@ from qtpy.QtWidgets import QGroupBox, QPushButton
 from ...core.errors import DataError, GenSelfDiffError
 from ...project import Project
 from ...slide.tissue import is_background
+from ..canvas import FOV_KEY
 from ..geometry import (Bounds, Grid, box_overlap, covers, grid_of, placement, sample_labels, view_bounds,
                         view_of)
 from ..inputs import form_and_column, is_labels, level0_data, level0_shape, row
@@ -126,8 +127,9 @@ class AnnotateBox(QGroupBox):
         if request.name in self.viewer.layers:  # the same region again: keep what was painted there
             return self._show(self.viewer.layers[request.name])
         pred = self._prediction_layer(project, image)
+        regions = None if pred is None else pred.metadata.get(FOV_KEY, {}).get("regions")  # gathered views
         if suggested is not None and not (pred is not None and covers(level0_data(pred).shape, grid_of(pred),
-                                                                       grid_of(image), bounds)):
+                                                                       grid_of(image), bounds, regions)):
             model = self._segmentation_model(project)
             if model is not None and self._predict(request, model):
                 return None

@@ -1,4 +1,5 @@
-"""The "Project" box: create or open a project folder, set its model, and its status line."""
+"""The "Project" box: create or open a project folder, set its model (the same chooser as the
+Predict widget's: what each model is, its model card), and its status line."""
 from __future__ import annotations
 
 import html
@@ -6,11 +7,14 @@ import html
 from napari.utils.notifications import show_error, show_info
 from qtpy.QtWidgets import QComboBox, QGroupBox, QPushButton
 
+from ...bundled import bundled_models
 from ...core.errors import DataError, GenSelfDiffError
 from ...project import Project
 from ...project.refine import fmt_score
 from ..inputs import PathEdit, form_and_column, info_label, row
 from ..jobs import JobRunner
+from ..models import ModelChooser
+from ..settings import recent_models
 from .context import RefineContext
 
 TASKS = ("glands", "nuclei")
@@ -31,8 +35,12 @@ class ProjectBox(QGroupBox):
         self.task.addItems(TASKS)
         self.task.setToolTip("what a new project segments")
         form.addRow("Task", self.task)
-        self.model = PathEdit("dir", "checkpoint folder or bundled model name")
-        self.model.setToolTip("the segmentation model a new project starts from ('Use' sets it on an open project)")
+        self.model = ModelChooser(allow_none=True)
+        self.model.combo.setToolTip("the segmentation model a new project starts from ('Use model' sets it on an "
+                                    "open project)")
+        self.model.fill(bundled_models(), recent_models(ctx.settings.path))
+        self.model.setText(self.model.bundled_for(self.task.currentText()) or "")
+        self.task.currentTextChanged.connect(self.model.prefer_task)
         form.addRow("Model", self.model)
         self.create_btn, self.open_btn, self.use_model_btn = (QPushButton(t) for t in ("Create", "Open", "Use model"))
         self.create_btn.setToolTip("create a new project in the folder, with this task and model")
@@ -74,7 +82,7 @@ class ProjectBox(QGroupBox):
         try:
             project = self.ctx.need_project()
             if not self.model.text():
-                raise DataError("enter a checkpoint folder or bundled model name in 'Model'")
+                raise DataError("choose a model in 'Model' (a bundled one, or a checkpoint folder with …)")
             project.set_current_model(self.model.text())
         except GenSelfDiffError as e:
             show_error(str(e))
@@ -97,6 +105,8 @@ class ProjectBox(QGroupBox):
         self.folder.setText(str(project.folder))
         if project.spec.task in TASKS:
             self.task.setCurrentText(project.spec.task)
+        if project.current_model is not None and project.current_model.is_dir():
+            self.model.add_model(str(project.current_model))  # the chooser shows what the project uses
         self.ctx.open(project)
 
     # -- status ------------------------------------------------------------------------------

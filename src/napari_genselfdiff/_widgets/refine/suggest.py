@@ -201,7 +201,8 @@ class SuggestBox(QGroupBox):
         active = self.viewer.layers.selection.active
         self.viewer.add_shapes([np.array([[y - 0.5, x - 0.5], [y + h - 0.5, x + w - 0.5]])], shape_type="rectangle",
                                name=SUGGESTION_LAYER, edge_color="yellow", face_color="transparent",
-                               edge_width=max(h, w) / 100, scale=image.scale, translate=image.translate)
+                               edge_width=max(h, w) / 100, scale=image.scale, translate=image.translate,
+                               units=image.units)
         if active is not None:
             self.viewer.layers.selection.active = active
 

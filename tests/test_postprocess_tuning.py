@@ -1,0 +1,178 @@
+"""Objects from probabilities: the rules are the checkpoint's, tuned on validation images, applied
+alike in memory and block by block; boundary targets from binary masks; test-time augmentation;
+the weight average."""
+import json
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from napari_genselfdiff.core import checkpoint as ck
+from napari_genselfdiff.core.data import LabeledImage, TaskSpec, mask_to_target, split_touching
+from napari_genselfdiff.core.errors import CheckpointError
+from napari_genselfdiff.core.inference import TorchPredictor
+from napari_genselfdiff.core.postprocess import OPTIONS, options_for, postprocess
+from napari_genselfdiff.core.progress import drain
+from napari_genselfdiff.core.training import FinetuneConfig, finetune
+from napari_genselfdiff.core.tuning import instances_of_target, tune_postprocess
+from napari_genselfdiff.core.unet import UNet, UNetConfig, segmentation_config
+from napari_genselfdiff.slide.instances import iter_nuclei_blockwise
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _discs(shape, centres, r):
+    yy, xx = np.mgrid[:shape[0], :shape[1]]
+    lab = np.zeros(shape, np.int32)
+    for i, (cy, cx) in enumerate(centres, 1):
+        lab[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = i
+    return lab
+
+
+def test_split_touching_separates_two_touching_discs_and_keeps_one_whole():
+    two = _discs((40, 60), [(20, 20), (20, 34)], 8)  # overlapping: one blob in a binary mask
+    assert len(np.unique(two[two > 0])) == 2
+    blob = two > 0
+    from scipy import ndimage as ndi
+    assert ndi.label(blob)[0].max() == 1
+    split = split_touching(blob)
+    assert split.max() == 2 and ((split > 0) == blob).all()
+    one = split_touching(_discs((40, 40), [(20, 20)], 9) > 0)
+    assert one.max() == 1
+
+
+def test_boundary_target_of_a_binary_mask_draws_the_line_between_touching_nuclei():
+    blob = (_discs((40, 60), [(20, 20), (20, 34)], 8) > 0).astype(np.uint8) * 255
+    target = mask_to_target(blob, TaskSpec.make("nuclei", boundary=True))
+    assert set(np.unique(target)) == {0, 1, 2}
+    # the neck between the two discs (column ~27) is boundary, the discs' centres interior
+    assert (target[14:26, 26:29] == 2).any()
+    assert target[20, 20] == 1 and target[20, 34] == 1
+    # and the two interiors are apart: recovered objects are two
+    assert instances_of_target(target, "nuclei").max() == 2
+
+
+def _three_class(lab):
+    """Probabilities of a perfect 3-class model for instance labels ``lab``."""
+    from skimage.segmentation import find_boundaries
+    fg = lab > 0
+    edge = find_boundaries(lab, mode="inner") & fg
+    p = np.zeros((3,) + lab.shape, np.float32)
+    p[0] = ~fg
+    p[1] = fg & ~edge
+    p[2] = edge
+    return p
+
+
+def test_postprocess_options_change_objects_and_unknown_options_are_refused():
+    lab = _discs((64, 64), [(20, 20), (44, 44)], 3)  # two small nuclei (~29 px each)
+    probs = _three_class(lab)
+    assert postprocess(probs, "nuclei")[1].max() == 2
+    assert postprocess(probs, "nuclei", {"min_size": 40})[1].max() == 0
+    with pytest.raises(ValueError, match="unknown nuclei post-processing option 'sigma'"):
+        options_for("nuclei", {"sigma": 1})
+    assert options_for("glands", {"threshold": "0.3"})["threshold"] == 0.3
+
+
+def test_in_memory_and_blockwise_nuclei_agree_for_a_three_class_model(tmp_path):
+    rng = np.random.default_rng(0)
+    centres = [(int(y), int(x)) for y, x in rng.integers(8, 120, (25, 2))]
+    lab = _discs((128, 128), centres, 5)
+    probs = _three_class(lab)
+    probs = 0.8 * probs + 0.2 * rng.random(probs.shape).astype(np.float32)
+    probs /= probs.sum(0, keepdims=True)
+    opts = {"threshold": 0.45, "marker_threshold": 0.55, "min_size": 6, "min_distance": 4}
+    _, whole = postprocess(probs, "nuclei", opts)
+    out = zarr.zeros((128, 128), chunks=(32, 32), dtype="int32", store=zarr.storage.MemoryStore())
+    drain(iter_nuclei_blockwise(probs[1], out, block=32, prob_boundary=probs[2], halo=24, **opts))
+    blocks = np.asarray(out)
+    assert whole.max() > 10
+    # the same partition (ids may differ): every object of one is one object of the other
+    from napari_genselfdiff.slide.instances import compare_partitions
+    assert compare_partitions(whole, blocks).identical
+
+
+def test_tuning_finds_the_threshold_that_recovers_the_objects():
+    lab = _discs((64, 96), [(20, 20), (20, 60), (45, 40)], 7)
+    p = np.zeros((2,) + lab.shape, np.float32)
+    p[1] = np.where(lab > 0, 0.45, 0.05)  # an under-confident model: 0.5 finds nothing
+    p[0] = 1 - p[1]
+    assert postprocess(p, "glands")[1].max() == 0
+    options, report = tune_postprocess("glands", [p], [lab])
+    assert options["threshold"] < 0.45
+    assert postprocess(p, "glands", options)[1].max() == 3
+    assert report["best"] > report["default"]
+
+
+def _tiny_items(n=3, size=48):
+    rng = np.random.default_rng(1)
+    items = []
+    for i in range(n):
+        img = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
+        items.append(LabeledImage(f"img{i}", img, (img[..., 0] > 128).astype(np.uint8)))
+    return items
+
+
+FT = FinetuneConfig(preset="tiny", steps=4, patch=32, batch=2, lr=1e-3, warmup=1, checkpoint_every=0, val_every=0)
+
+
+def test_finetune_stores_tuned_options_and_the_predictor_applies_them(tmp_path):
+    items = _tiny_items()
+    drain(finetune(items[:2], tmp_path / "m", FT, val_items=items[2:], device="cpu"))
+    cfg = ck.load_config(tmp_path / "m")
+    assert set(cfg["postprocess"]) == set(OPTIONS["glands"])
+    assert cfg["postprocess_tuning"]["n_images"] == 1
+    pred = TorchPredictor.from_checkpoint(tmp_path / "m", device="cpu")
+    assert pred.postprocess_options == options_for("glands", cfg["postprocess"])
+    # without validation images there is nothing to tune on: the defaults
+    drain(finetune(items[:2], tmp_path / "n", FT, device="cpu"))
+    assert "postprocess" not in ck.load_config(tmp_path / "n")
+
+
+def test_a_checkpoint_with_bad_postprocess_settings_is_one_clear_error(tmp_path):
+    items = _tiny_items()
+    drain(finetune(items[:2], tmp_path / "m", FT, device="cpu"))
+    path = tmp_path / "m" / "config.json"
+    cfg = json.loads(path.read_text())
+    cfg["postprocess"] = {"treshold": 0.3}
+    path.write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="postprocess settings are invalid.*treshold"):
+        TorchPredictor.from_checkpoint(tmp_path / "m", device="cpu")
+
+
+def _predictor(tta):
+    torch.manual_seed(0)
+    net = UNet(segmentation_config(UNetConfig.from_preset("tiny", in_channels=3, out_channels=3), 2)).eval()
+    cfg = {"kind": "segmentation", "model": net.config.to_dict(), "task": TaskSpec.make("glands").to_dict()}
+    return TorchPredictor(net, cfg, "cpu", tta=tta)
+
+
+def test_eight_view_tta_is_equivariant_to_flips_and_turns_one_view_is_not():
+    x = np.random.default_rng(0).integers(0, 255, (1, 32, 32, 3), dtype=np.uint8)
+    turned = np.ascontiguousarray(np.rot90(x, 1, (1, 2)))
+    flipped = np.ascontiguousarray(x[:, :, ::-1])
+    plain, tta = _predictor(1), _predictor(8)
+    for views, back in ((turned, lambda p: np.rot90(p, -1, (2, 3))), (flipped, lambda p: p[:, :, :, ::-1])):
+        np.testing.assert_allclose(back(tta(views)), tta(x), atol=1e-5)
+        assert np.abs(back(plain(views)) - plain(x)).max() > 1e-4
+    with pytest.raises(ValueError, match="1, 2, 4 or 8"):
+        _predictor(3)
+
+
+def test_ema_saves_the_averaged_weights_and_training_keeps_its_own(tmp_path):
+    items = _tiny_items()
+    drain(finetune(items, tmp_path / "plain", FT, device="cpu"))
+    drain(finetune(items, tmp_path / "ema", FinetuneConfig(**{**FT.__dict__, "ema": 0.9}), device="cpu"))
+    a, b = ck.load_weights(tmp_path / "plain"), ck.load_weights(tmp_path / "ema")
+    conv = next(k for k in a if k.endswith("weight") and a[k].ndim == 4)
+    # same seed, same batches: the raw weights would be equal; the average is not
+    assert not torch.allclose(a[conv], b[conv])
+
+
+def test_cli_tta_flag_is_checked(tmp_path, capsys):
+    from napari_genselfdiff.cli import main
+    code = main(["evaluate", "--model", "nuclei", "--images", str(tmp_path), "--masks", str(tmp_path),
+                 "--tta", "3"])
+    assert code == 2
+    assert "--tta" in capsys.readouterr().err

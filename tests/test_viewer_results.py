@@ -1,0 +1,517 @@
+"""A viewer that speaks microns, a legend, a model chooser, field-of-view results kept (issue
+#15, items 9, 11, 12, 13).
+
+* 9: a slide whose pixel size is known is in microns (layer scale = um/px, units micrometre):
+  napari's scale bar says um, and every layer over it (levels, labels, probabilities, shapes,
+  a prediction store) keeps aligning; resolutions are said as um/px and a magnification.
+* 11: the Predict widget's legend lists class names in the layer's own colours, a colour bar
+  for probabilities; objects are drawn in their class's colour, nuclei as outlines.
+* 12: the model chooser (Predict and Refine alike) shows task, resolution, validation Dice and
+  date, and opens the model card.
+* 13: fields of view predicted one after another are gathered in one layer.
+
+The pure parts run without a viewer; the rest under Xvfb (pytest-xvfb) with QT_API=pyqt6, with
+stand-in models (no training). Screenshots of Predict and Refine docked on a 1920 x 1080 window,
+stacked and tabbed, go to ``screenshots/`` (git-ignored) for a person to look at.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from napari_genselfdiff._widgets import canvas as canvas_mod
+from napari_genselfdiff._widgets.canvas import LABELS, gather
+from napari_genselfdiff._widgets.geometry import Grid, covers, placement, scale_bar_of, slide_scale
+from napari_genselfdiff.bundled import bundled_models, sample_image_path
+
+REPO = Path(__file__).resolve().parents[1]
+SHOTS = REPO / "screenshots"
+
+
+# ---------------------------------------------------------------------------------------------
+# pure: resolution words, microns, gathering views
+
+def test_resolutions_are_said_in_microns_per_pixel_and_magnification():
+    from napari_genselfdiff._widgets.models import fmt_mpp, magnification
+
+    assert [magnification(m) for m in (0.25, 0.5, 1.0, 2.0)] == ["~40x", "~20x", "~10x", "~5x"]
+    assert fmt_mpp(0.499) == "0.50 um/px (~20x)" and fmt_mpp(1.24) == "1.24 um/px (~8x)"
+    assert fmt_mpp(None) == "unknown resolution"
+
+
+def test_a_slide_in_microns_places_its_results_in_microns():
+    """slide_scale is the one rule: (mpp, mpp) in micrometres, nothing when unknown; a level-1
+    result over it spans 2 * mpp microns per pixel, its centre at mpp * (2j + 0.5), in microns."""
+    assert slide_scale(None) == {} and slide_scale(0) == {}
+    image = Grid(**slide_scale(0.25))
+    assert image.units == ("um", "um") and image.mpp == pytest.approx(0.25)
+    place = placement(image, 2.0, 10, 20)
+    assert place["scale"] == pytest.approx((0.5, 0.5)) and place["units"] == ("um", "um")
+    assert place["translate"] == pytest.approx((0.25 * (20 + 0.5), 0.25 * (40 + 0.5)))
+    assert Grid(**place).mpp == pytest.approx(0.5)
+    assert Grid().mpp is None and "units" not in placement(Grid(), 2.0)  # pixels stay pixels
+    assert Grid((0.5, 0.5), units=("millimeter", "millimeter")).mpp == pytest.approx(500)
+
+
+def view(value: int, shape=(4, 5)) -> np.ndarray:
+    labels = np.zeros(shape, np.int32)
+    labels[1:3, 1:3] = value
+    return labels
+
+
+def test_views_are_gathered_in_one_growing_canvas_with_unique_ids():
+    a = {LABELS: view(1), "p": np.full((4, 5), 0.25, np.float32)}
+    canvas, outcome = gather(None, "k", (10, 20, 4, 5), a)
+    assert outcome == "new" and canvas.origin == (10, 20) and canvas.shape == (4, 5) and canvas.count == 1
+    b = {LABELS: view(1) * 2 + (view(1) > 0), "p": np.full((4, 5), 0.75, np.float32)}  # ids 3
+    same, outcome = gather(canvas, "k", (30, 12, 4, 5), b)
+    assert outcome == "grown" and same is canvas
+    assert canvas.origin == (10, 12) and canvas.shape == (24, 13)  # rows 10..33, columns 12..24
+    lab = canvas.arrays[LABELS]
+    np.testing.assert_array_equal(lab[0:4, 8:13], view(1))  # the first view, where it was
+    np.testing.assert_array_equal(lab[20:24, 0:5], view(4))  # the second, numbered after it (3 + 1)
+    assert lab[5:20].max() == 0 and canvas.arrays["p"][0, 8] == 0.25 and canvas.arrays["p"][20, 0] == 0.75
+    assert canvas.regions == [(10, 20, 4, 5), (30, 12, 4, 5)]
+    assert canvas.regions_in_array() == [[0, 8, 4, 5], [20, 0, 4, 5]]
+    # the first region again: replaced inside it (new ids), the other kept, no duplicate region
+    gather(canvas, "k", (10, 20, 4, 5), {LABELS: view(1), "p": np.zeros((4, 5), np.float32)})
+    lab_now = canvas.arrays[LABELS]
+    assert set(np.unique(lab_now[0:4, 8:13])) == {0, 5} and set(np.unique(lab_now[20:24, 0:5])) == {0, 4}
+    assert canvas.regions == [(30, 12, 4, 5), (10, 20, 4, 5)]
+    # another model (key) starts again; a view too far away starts again and leaves the old alone
+    fresh, outcome = gather(canvas, "other", (0, 0, 4, 5), a)
+    assert outcome == "new" and fresh is not canvas and fresh.shape == (4, 5)
+    far, outcome = gather(canvas, "k", (5000, 5000, 4, 5), a, max_pixels=10_000)
+    assert outcome == "far" and far is not canvas and far.origin == (5000, 5000)
+    assert canvas.shape == (24, 13) and len(canvas.regions) == 2
+
+
+def test_covers_asks_for_a_predicted_region_in_a_gathered_layer():
+    """A gathered layer spans the bounding box of its views; a box in the gap between them is
+    not covered (the edit of a suggested region there is predicted first)."""
+    shape = (100, 100)
+    regions = [[0, 0, 30, 30], [70, 70, 30, 30]]
+    assert covers(shape, Grid(), Grid(), (5, 5, 10, 10), regions)
+    assert not covers(shape, Grid(), Grid(), (40, 40, 10, 10), regions)
+    assert covers(shape, Grid(), Grid(), (40, 40, 10, 10))  # without regions: the array's extent
+
+
+# ---------------------------------------------------------------------------------------------
+# GUI
+
+pytest.importorskip("napari")
+pytest.importorskip("pytestqt")
+
+pytestmark = [pytest.mark.usefixtures("settings_dir")]
+
+
+class Dark:
+    """A stand-in segmentation model: foreground where the H&E is dark. ``task`` glands,
+    nuclei or multiclass (class 1 where dark, class 2 where mid-grey)."""
+
+    num_classes, tile_multiple = 2, 1
+
+    def __init__(self, task: str = "glands", mpp: float | None = 1.0):
+        self.task, self.mpp = task, mpp
+        self.class_names = {"glands": ["background", "gland"], "nuclei": ["background", "nucleus"],
+                            "multiclass": ["background", "tumour", "stroma"]}[task]
+        self.num_classes = len(self.class_names)
+        self.calls = 0
+
+    def __call__(self, tiles: np.ndarray) -> np.ndarray:
+        self.calls += 1
+        grey = np.asarray(tiles).mean(-1)
+        dark = (grey < 150).astype(np.float32)
+        if self.num_classes == 2:
+            return np.stack([1 - dark, dark], axis=1)
+        mid = ((grey >= 150) & (grey < 190)).astype(np.float32)
+        return np.stack([1 - dark - mid, dark, mid], axis=1)
+
+
+@pytest.fixture(scope="module")
+def he_image() -> np.ndarray:
+    from napari_genselfdiff.core.data import read_image
+    return read_image(sample_image_path())
+
+
+@pytest.fixture
+def viewer(make_napari_viewer):
+    v = make_napari_viewer(show=True)
+    v.window._qt_window.resize(1280, 900)
+    return v
+
+
+def stand_in(monkeypatch, model: Dark) -> None:
+    """The Predict widget loads ``model`` whatever folder is chosen."""
+    from napari_genselfdiff._widgets import predict
+    from napari_genselfdiff.core.inference import PredictorCache
+
+    monkeypatch.setattr(predict, "cached_predictor",
+                        lambda path, device, cache: PredictorCache(("fake", path, id(model)), model))
+
+
+def predict_widget(viewer, tmp_path: Path):
+    from napari_genselfdiff._widgets.predict import PredictWidget
+
+    w = PredictWidget(viewer)
+    viewer.window.add_dock_widget(w, name="Predict", area="right")
+    w.device.combo.setCurrentText("cpu")
+    w.tile.setValue(128)
+    w.overlap.setValue(16)
+    w.out.setText(str(tmp_path / "pred"))
+    w.probability.setChecked(True)
+    return w
+
+
+def look_at_pixel(viewer, image, centre: tuple[float, float], zoom_px: float, canvas=(400, 800)) -> None:
+    """The camera on image pixel ``centre``, ``zoom_px`` screen pixels per image pixel."""
+    viewer.canvas.size = canvas
+    s, t = np.asarray(image.scale)[-2:], np.asarray(image.translate)[-2:]
+    camera = viewer.scene.camera
+    camera.center = tuple(t + s * np.asarray(centre, float))
+    camera.zoom = zoom_px / float(s[0])
+
+
+def predict_here(qtbot, w) -> None:
+    w.fov_btn.click()
+    qtbot.waitUntil(lambda: not w.runner.running, timeout=60_000)
+
+
+def pixel_edges(layer) -> np.ndarray:
+    half = np.asarray(layer.scale) / 2
+    return np.stack([layer.extent.world[0] - half, layer.extent.world[1] + half])
+
+
+def write_ome_tiff(path: Path, image: np.ndarray, mpp: float) -> None:
+    import tifffile
+
+    meta = {"axes": "YXS", "PhysicalSizeX": mpp, "PhysicalSizeY": mpp,
+            "PhysicalSizeXUnit": "µm", "PhysicalSizeYUnit": "µm"}
+    with tifffile.TiffWriter(path, ome=True) as tif:
+        tif.write(image, subifds=1, tile=(128, 128), photometric="rgb", metadata=meta)
+        tif.write(np.ascontiguousarray(image[::2, ::2]), subfiletype=1, tile=(128, 128), photometric="rgb")
+
+
+def scale_bar_text(viewer) -> str:
+    visual = viewer.window._qt_viewer.canvas._viewer_overlay_to_visual[scale_bar_of(viewer)][0]
+    return visual.node.text.text
+
+
+# -- 9: microns --------------------------------------------------------------------------------
+
+@pytest.mark.gui
+def test_a_slide_opens_in_microns_and_the_scale_bar_says_so(viewer, qtbot, tmp_path, he_image, monkeypatch):
+    path = tmp_path / "slide.ome.tif"
+    write_ome_tiff(path, he_image[:512, :768], mpp=0.25)
+    [image] = viewer.open(str(path), plugin="napari-genselfdiff")
+    assert tuple(image.scale) == pytest.approx((0.25, 0.25))
+    assert [str(u) for u in image.units] == ["micrometer", "micrometer"]
+    stand_in(monkeypatch, model := Dark(mpp=0.5))
+    w = predict_widget(viewer, tmp_path)
+    assert not scale_bar_of(viewer).visible
+    look_at_pixel(viewer, image, (256, 384), 2)
+    predict_here(qtbot, w)
+    glands, prob = viewer.layers["glands"], viewer.layers["glands probability"]
+    assert model.calls > 0 and glands.metadata["genselfdiff"]["downsample"] == 2.0  # at 0.5 um/px: level 1
+    for layer in (glands, prob):
+        assert [str(u) for u in layer.units] == ["micrometer", "micrometer"]
+        assert tuple(layer.scale) == pytest.approx((0.5, 0.5))  # microns per pixel of level 1
+    assert str(viewer.layers.units[-1]) == "micrometer"
+    # the scale bar is switched on and speaks microns (it said "100 pixel" before)
+    assert scale_bar_of(viewer).visible
+    qtbot.waitUntil(lambda: scale_bar_text(viewer).endswith(("µm", "mm")), timeout=3000)
+    # the resolution is said as um/px and magnification, not as a level
+    status = w.progress.status.text()
+    assert "0.50 um/px (~20x)" in status and "level" not in status
+
+
+@pytest.mark.gui
+def test_every_layer_of_a_micron_slide_aligns(viewer, qtbot, tmp_path, he_image, monkeypatch):
+    """Image levels, field-of-view labels and probability, a whole-slide store opened by the
+    reader, and the suggestion outline (shapes) share pixel edges in microns."""
+    from napari_genselfdiff._widgets.refine import SUGGESTION_LAYER, RefineWidget
+
+    crop = he_image[:256, :384]
+    path = tmp_path / "slide.ome.tif"
+    write_ome_tiff(path, crop, mpp=0.5)
+    [image] = viewer.open(str(path), plugin="napari-genselfdiff")
+    stand_in(monkeypatch, Dark(mpp=1.0))
+    w = predict_widget(viewer, tmp_path)
+    viewer.reset_view()
+    predict_here(qtbot, w)  # the whole image is in view: its labels cover exactly the image
+    for name in ("glands", "glands probability"):
+        np.testing.assert_allclose(pixel_edges(viewer.layers[name]), pixel_edges(image), atol=1e-6)
+    np.testing.assert_allclose(pixel_edges(image), [[-0.25, -0.25], [127.75, 191.75]])  # 256 x 384 px of 0.5 um
+    # a whole-slide store, opened through the reader like `genselfdiff predict` output
+    w.slide_btn.click()
+    qtbot.waitUntil(lambda: not w.runner.running, timeout=60_000)
+    [store] = list((tmp_path / "pred").glob("*.zarr"))
+    layers = viewer.open(str(store), plugin="napari-genselfdiff")
+    assert layers
+    for layer in layers:
+        assert [str(u) for u in layer.units] == ["micrometer", "micrometer"], layer.name
+        np.testing.assert_allclose(pixel_edges(layer), pixel_edges(image), atol=1e-6)
+    # the suggestion outline: the region's pixel edges, in microns
+    refine = RefineWidget(viewer)
+    viewer.window.add_dock_widget(refine, name="Annotate and refine", area="right")
+    refine.project_box.folder.setText(str(tmp_path / "project"))
+    refine.project_box.model.setText("")
+    refine.project_box.create_btn.click()
+    refine.suggest.state.image = image.name
+    refine.suggest.state.show([{"bounds": [40, 60, 100, 120], "score": 0.5}])
+    refine.suggest._show_suggestion()
+    outline = viewer.layers[SUGGESTION_LAYER]
+    assert [str(u) for u in outline.units] == ["micrometer", "micrometer"]
+    corners = np.array([outline.data_to_world(c) for c in outline.data[0][[0, 2]]])
+    np.testing.assert_allclose(np.sort(corners, axis=0), [[0.5 * 39.5, 0.5 * 59.5], [0.5 * 139.5, 0.5 * 179.5]])
+
+
+@pytest.mark.gui
+def test_the_sample_image_is_in_microns(make_napari_viewer):
+    from napari_genselfdiff._sample_data import SAMPLE_NAME
+
+    v = make_napari_viewer()
+    v.open_sample("napari-genselfdiff", "he_skin")
+    layer = v.layers[SAMPLE_NAME]
+    assert tuple(layer.scale) == pytest.approx((layer.metadata["mpp"],) * 2) and str(layer.units[-1]) == "micrometer"
+
+
+# -- 11: legend and class colours ----------------------------------------------------------------
+
+@pytest.mark.gui
+def test_the_legend_names_the_classes_in_the_layers_colours(viewer, qtbot, tmp_path, he_image, monkeypatch):
+    from napari.utils.colormaps import DirectLabelColormap
+
+    image = viewer.add_image(he_image, name="H&E", rgb=True, **slide_scale(0.5))
+    stand_in(monkeypatch, Dark("glands", mpp=0.5))
+    w = predict_widget(viewer, tmp_path)
+    assert not w.legend.isVisible() and w.legend.entries() == []
+    look_at_pixel(viewer, image, (300, 400), 2)
+    predict_here(qtbot, w)
+    glands = viewer.layers["glands"]
+    assert glands.data.max() > 2
+    green = (0.0, 200 / 255, 0.0, 1.0)
+    for i in (1, 2, int(glands.data.max())):  # every object in the class colour
+        np.testing.assert_allclose(glands.colormap.map(np.array([i]))[0], green)
+    [(layer, text, colour), (player, ptext, pcolour)] = w.legend.entries()
+    assert (layer, text) == ("glands", "gland") and colour == pytest.approx(green)
+    assert player == "glands probability" and "p(gland)" in ptext and pcolour is None
+    assert w.legend.isVisible()
+    # a colour changed in napari's layer controls: the legend follows
+    glands.colormap = DirectLabelColormap(color_dict={None: [1.0, 0.0, 0.0, 1.0], 0: [0, 0, 0, 0]})
+    assert w.legend.entries()[0][2] == pytest.approx((1.0, 0.0, 0.0, 1.0))
+    viewer.layers.remove("glands probability")
+    assert [e[0] for e in w.legend.entries()] == ["glands"]
+
+
+@pytest.mark.gui
+def test_nuclei_are_outlines_and_a_class_map_gets_its_class_names(viewer, qtbot, tmp_path, he_image, monkeypatch):
+    image = viewer.add_image(he_image, name="H&E", rgb=True, **slide_scale(0.5))
+    stand_in(monkeypatch, Dark("nuclei", mpp=0.5))
+    w = predict_widget(viewer, tmp_path)
+    look_at_pixel(viewer, image, (300, 400), 2)
+    predict_here(qtbot, w)
+    nuclei = viewer.layers["nuclei"]
+    assert nuclei.contour == 1
+    assert w.legend.entries()[0][:2] == ("nuclei", "nucleus (outlines)")
+    np.testing.assert_allclose(w.legend.entries()[0][2], (30 / 255, 90 / 255, 1.0, 1.0))
+    # a model of several classes: a class map whose legend lists them in its colours
+    stand_in(monkeypatch, Dark("multiclass", mpp=0.5))
+    w.probability.setChecked(False)
+    predict_here(qtbot, w)
+    classes = viewer.layers["classes"]
+    entries = [e for e in w.legend.entries() if e[0] == "classes"]
+    assert [e[1] for e in entries] == ["tumour", "stroma"]
+    for i, (_, _, colour) in enumerate(entries, start=1):
+        np.testing.assert_allclose(colour, classes.colormap.map(np.array([i]))[0])
+    assert entries[0][2] != entries[1][2]
+    assert set(np.unique(classes.data)) <= {0, 1, 2} and (classes.data == 2).any()
+
+
+# -- 12: the model chooser ----------------------------------------------------------------------
+
+def copy_model(src: Path, dst: Path, **changes) -> Path:
+    dst.mkdir(parents=True)
+    cfg = json.loads((src / "config.json").read_text())
+    for key, value in changes.items():
+        cfg[key] = value
+    (dst / "config.json").write_text(json.dumps(cfg))
+    shutil.copy(src / "model.safetensors", dst / "model.safetensors")
+    return dst
+
+
+@pytest.mark.gui
+def test_the_model_chooser_says_what_each_model_is_and_opens_its_card(viewer, tmp_path):
+    models = bundled_models()
+    if set(models) != {"glands", "nuclei"}:
+        pytest.skip(f"the bundled models are not installed (found {sorted(models)})")
+    from napari_genselfdiff._widgets.models import fmt_mpp
+
+    w = predict_widget(viewer, tmp_path)
+    texts = [w.model.itemText(i) for i in range(w.model.count())]
+    for text, name in zip(texts[:2], ("glands", "nuclei")):  # what each config.json says (retraining changes it)
+        cfg = json.loads((models[name] / "config.json").read_text())
+        assert text.startswith(f"{name} (bundled) — {name} · {fmt_mpp(cfg['mpp'])}")
+        assert f"Dice {cfg['validation']['val_dice']:.2f}" in text and cfg["training"]["time"][:10] in text
+    assert "1.24 um/px (~8x)" in texts[0] and "0.50 um/px (~20x)" in texts[1]
+    w.model.setCurrentIndex(0)
+    cfg = json.loads((models["glands"] / "config.json").read_text())
+    info = w.chooser.info.text()
+    assert f"validation Dice {cfg['validation']['val_dice']:.3f} ({cfg['validation']['n_val']} images)" in info
+    assert f"test Dice {cfg['test_metrics']['dice']:.3f}" in info
+    assert w.chooser.card_btn.isEnabled()
+    dialog = w.chooser.show_card()
+    assert dialog.isVisible() and "Default glands model" in dialog.text.toPlainText()
+    # a model folder of one's own (fine-tuned elsewhere, no card)
+    mine = copy_model(models["nuclei"], tmp_path / "ft", mpp=0.25, validation={"val_dice": 0.7, "n_val": 2},
+                      training={"time": "2027-01-02T03:04:05+00:00"})
+    w.add_model(str(mine))
+    assert w.model_path() == str(mine)
+    text = w.model.currentText()
+    assert text.startswith("ft — nuclei") and "0.25 um/px (~40x)" in text and "Dice 0.70" in text
+    assert "2027-01-02" in text and not w.chooser.card_btn.isEnabled()
+    assert w.chooser.show_card() is None
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    w.add_model(str(broken))
+    assert "unreadable" in w.model.currentText()
+
+
+@pytest.mark.gui
+def test_refine_chooses_its_model_with_the_same_chooser(viewer, tmp_path):
+    from napari_genselfdiff._widgets.models import ModelChooser
+    from napari_genselfdiff._widgets.refine import RefineWidget
+
+    models = bundled_models()
+    if set(models) != {"glands", "nuclei"}:
+        pytest.skip(f"the bundled models are not installed (found {sorted(models)})")
+    predict = predict_widget(viewer, tmp_path)
+    refine = RefineWidget(viewer)
+    viewer.window.add_dock_widget(refine, name="Annotate and refine", area="right")
+    box = refine.project_box
+    assert isinstance(box.model, ModelChooser) and type(box.model) is type(predict.chooser)
+    listed = [box.model.combo.itemText(i) for i in range(box.model.combo.count())]
+    assert listed[0] == "(no model)" and listed[1:3] == [predict.model.itemText(i) for i in range(2)]
+    assert box.task.currentText() == "glands" and box.model.text() == str(models["glands"])
+    box.task.setCurrentText("nuclei")  # the bundled model follows the task
+    assert box.model.text() == str(models["nuclei"])
+    assert box.model.card_btn.isEnabled() and "0.50 um/px" in box.model.info.text()
+    box.folder.setText(str(tmp_path / "project"))
+    box.create_btn.click()
+    assert refine.project.current_model == models["nuclei"] and refine.project.spec.task == "nuclei"
+
+
+# -- 13: fields of view kept ---------------------------------------------------------------------
+
+@pytest.mark.gui
+def test_two_fields_of_view_leave_both_results_visible(viewer, qtbot, tmp_path, he_image, monkeypatch):
+    image = viewer.add_image(he_image, name="H&E", rgb=True, **slide_scale(0.5))
+    stand_in(monkeypatch, Dark(mpp=0.5))
+    w = predict_widget(viewer, tmp_path)
+    look_at_pixel(viewer, image, (150, 250), 2)  # rows ~50..250, columns ~50..450
+    predict_here(qtbot, w)
+    glands = viewer.layers["glands"]
+    first, (y1, x1) = glands.data.copy(), glands.metadata["genselfdiff"]["offset"]
+    first_prob = viewer.layers["glands probability"].data.copy()
+    assert first.max() > 0
+    look_at_pixel(viewer, image, (600, 350), 2)  # rows ~500..700, columns ~150..550: elsewhere
+    predict_here(qtbot, w)
+    assert viewer.layers["glands"] is glands  # the same layer, grown
+    (oy, ox), (h1, w1) = glands.metadata["genselfdiff"]["offset"], first.shape
+    regions = glands.metadata["genselfdiff_fov"]["regions"]
+    assert len(regions) == 2 and (oy, ox) == (y1, x1)  # the first view is the top-left one
+    kept = glands.data[y1 - oy:y1 - oy + h1, x1 - ox:x1 - ox + w1]
+    np.testing.assert_array_equal(kept, first)  # the first view's result, still there
+    np.testing.assert_array_equal(viewer.layers["glands probability"].data[:h1, :w1], first_prob)
+    ry, rx, rh, rw = regions[1]
+    second = glands.data[ry:ry + rh, rx:rx + rw]
+    assert second.max() > 0 and not set(np.unique(second[second > 0])) & set(np.unique(first[first > 0]))
+    assert "2 views" in w.progress.status.text()
+    # placed over the image: label pixel (0, 0) is image pixel (oy, ox), in microns
+    assert tuple(glands.translate) == pytest.approx((0.5 * oy, 0.5 * ox))
+    assert viewer.layers["glands probability"].data.shape == glands.data.shape
+    # coming back to the first view replaces it and keeps the second
+    look_at_pixel(viewer, image, (150, 250), 2)
+    predict_here(qtbot, w)
+    assert len(glands.metadata["genselfdiff_fov"]["regions"]) == 2
+    np.testing.assert_array_equal(glands.data[ry:ry + rh, rx:rx + rw], second)
+    np.testing.assert_array_equal(glands.data[:h1, :w1] > 0, first > 0)
+
+
+@pytest.mark.gui
+def test_a_view_far_from_the_others_keeps_them_in_their_own_layer(viewer, qtbot, tmp_path, he_image, monkeypatch):
+    image = viewer.add_image(he_image, name="H&E", rgb=True, **slide_scale(0.5))
+    stand_in(monkeypatch, Dark(mpp=0.5))
+    monkeypatch.setattr(canvas_mod, "MAX_CANVAS_PIXELS", 200 * 420)  # one view's worth
+    w = predict_widget(viewer, tmp_path)
+    look_at_pixel(viewer, image, (150, 250), 2)
+    predict_here(qtbot, w)
+    first = viewer.layers["glands"].data.copy()
+    oy, ox = viewer.layers["glands"].metadata["genselfdiff"]["offset"]
+    look_at_pixel(viewer, image, (600, 350), 2)
+    predict_here(qtbot, w)
+    earlier = viewer.layers[f"glands @ {oy},{ox}"]
+    np.testing.assert_array_equal(earlier.data, first)
+    assert f"glands probability @ {oy},{ox}" in viewer.layers
+    assert len(viewer.layers["glands"].metadata["genselfdiff_fov"]["regions"]) == 1
+    assert f"'glands @ {oy},{ox}'" in w.progress.status.text()
+
+
+# -- screenshots ---------------------------------------------------------------------------------
+
+@pytest.mark.gui
+@pytest.mark.parametrize("tabbed", [False, True], ids=["stacked", "tabbed"])
+def test_screenshots_of_predict_and_refine_docked(make_napari_viewer, qtbot, tmp_path, he_image, monkeypatch,
+                                                  one_torch_thread, tabbed):
+    """Predict and Refine docked on a 1920 x 1080 window, after two fields of view (the bundled
+    glands model when installed, else the stand-in)."""
+    from napari_genselfdiff._widgets.refine import RefineWidget
+
+    viewer = make_napari_viewer(show=True)
+    viewer.window._qt_window.resize(1920, 1080)
+    image = viewer.add_image(he_image, name="H&E skin", rgb=True, **slide_scale(0.5))
+    if "glands" not in bundled_models():
+        stand_in(monkeypatch, Dark(mpp=0.5))
+    w = predict_widget(viewer, tmp_path)
+    w.tile.setValue(256)
+    w.overlap.setValue(-1)
+    w.model.setCurrentIndex(0)
+    refine = RefineWidget(viewer)
+    refine_dock = viewer.window.add_dock_widget(refine, name="Annotate and refine", area="right", tabify=tabbed)
+    qtbot.wait(100)
+    for centre in [(250, 250), (550, 300)]:
+        look_at_pixel(viewer, image, centre, 1.5, canvas=tuple(viewer.canvas.size))
+        predict_here(qtbot, w)
+    assert len(viewer.layers["glands"].metadata["genselfdiff_fov"]["regions"]) == 2
+    look_at_pixel(viewer, image, (400, 300), 1.2, canvas=tuple(viewer.canvas.size))
+    SHOTS.mkdir(exist_ok=True)
+    shots = {"stacked": None} if not tabbed else {"tabbed_predict": w, "tabbed_refine": refine_dock}
+    for name, front in shots.items():
+        if front is not None:
+            (front if front is refine_dock else front.parentWidget()).raise_()
+        qtbot.wait(200)
+        path = SHOTS / f"predict_refine_{name}.png"
+        assert viewer.window._qt_window.grab().save(str(path))
+        assert path.stat().st_size > 10_000
+    assert w.legend.entries()[0][:2] == ("glands", "gland")
+
+
+def test_a_labels_layer_drawn_in_microns_saves_in_slide_pixels(tmp_path):
+    """Without our metadata, a layer in microns (scale 0.5 um, translate 5, 10 um) has one
+    label pixel per slide pixel: label (0, 0) is slide pixel (10, 20)."""
+    from napari_genselfdiff._writer import label_grid, write_geojson
+    from napari_genselfdiff.formats.geojson import read_geojson
+
+    meta = {"name": "glands", "scale": (0.5, 0.5), "translate": (5.0, 10.0), "units": ("micrometer", "micrometer")}
+    assert label_grid(meta) == ((10.0, 20.0), 1.0)
+    labels = np.zeros((4, 4), np.int32)
+    labels[0, 0] = 1
+    path = str(tmp_path / "g.geojson")
+    write_geojson(path, labels, meta)
+    assert read_geojson(path).features[0].geometry.bounds == (20.0, 10.0, 21.0, 11.0)
+    assert label_grid({**meta, "units": ("pixel", "pixel")}) == ((10.5, 20.5), 0.5)  # pixels as before
