@@ -53,6 +53,7 @@ class ModelInfo:
     mpp: float | None = None
     val_dice: float | None = None
     n_val: int | None = None
+    val_unit: str = "images"  # or "crops" (fine-tuning validates on fixed crops by default)
     test_dice: float | None = None
     date: str | None = None  # the day it was trained (YYYY-MM-DD)
     card: Path | None = None
@@ -82,6 +83,7 @@ class ModelInfo:
         return cls(path, name, kind=cfg.get("kind"), task=task if isinstance(task, str) else None,
                    mpp=_number(cfg.get("mpp")), val_dice=_number(validation.get("val_dice")),
                    n_val=int(n_val) if isinstance(n_val, (int, float)) else None,
+                   val_unit="crops" if validation.get("val_crop") else "images",
                    test_dice=_number(tests.get("dice")), date=date[:10] if date else None, card=card)
 
     @property
@@ -109,7 +111,7 @@ class ModelInfo:
                  + (f", runs at {fmt_mpp(self.mpp)}" if self.segments else f" ({html.escape(self.summary())})")]
         scores = []
         if self.val_dice is not None:
-            scores.append(f"validation Dice {self.val_dice:.3f}" + (f" ({self.n_val} images)" if self.n_val else ""))
+            scores.append(f"validation Dice {self.val_dice:.3f}" + (f" ({self.n_val} {self.val_unit})" if self.n_val else ""))
         if self.test_dice is not None:
             scores.append(f"test Dice {self.test_dice:.3f}")
         lines.append(" · ".join(scores) or "no validation score recorded")
