@@ -22,7 +22,6 @@ import argparse
 import itertools
 import json
 import time
-from pathlib import Path
 
 import numpy as np
 from scipy import ndimage as ndi

@@ -15,7 +15,7 @@ import numpy as np
 
 from .data import LabeledImage, TaskSpec, list_images, load_labeled_folder, pair_images_and_masks, read_mask
 from .errors import DataError
-from .inference import TorchPredictor, predict_image
+from .inference import TorchPredictor
 from .postprocess import postprocess
 from .resolution import resolution_note, segment_at_mpp
 
