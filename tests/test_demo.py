@@ -27,3 +27,9 @@ def test_demo_writes_labels_geojson_and_overlay(tmp_path, capsys, request):
     from napari_genselfdiff.bundled import sample_image_path
     changed = (ov != read_image(sample_image_path())).any(axis=2).mean()
     assert (changed > 0) == any(v["objects"] > 0 for k, v in summary["predicted"].items() if k != "overlay")
+    # a gland result over most of the (skin) sample is flagged as implausible, never silently shown
+    from napari_genselfdiff.cli.demo import GLANDS_IMPLAUSIBLE
+    glands = summary["predicted"].get("glands")
+    out = capsys.readouterr().out
+    if glands is not None:
+        assert ("implausible" in out) == (glands["foreground_fraction"] > GLANDS_IMPLAUSIBLE)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-SAMPLE_NAME = "H&E skin (CMU-1 crop)"
+SAMPLE_NAME = "H&E skin (CMU-1 crop; nuclei model — no glands here)"  # says what the bundled models are for on it
 
 
 def sample_he() -> list[tuple]:

@@ -17,6 +17,10 @@ from ..core.errors import DataError
 from .console import progress_bar
 from .predict import PREDICT_UNITS, export_store
 
+#: A glands result covering more of the image than this is flagged: glandular epithelium rarely covers
+#: more than half of a colon section's tissue, and the skin sample has none.
+GLANDS_IMPLAUSIBLE = 0.4
+
 #: The repository checkout this module runs from (src/napari_genselfdiff/cli/demo.py).
 _REPO = Path(__file__).resolve().parents[3]
 
@@ -46,6 +50,10 @@ def predict_sample(models: dict[str, Path], image_path: Path, out: Path, device:
                          "level": store.level, "geojson": written.geojson, "labels": written.tiff}
         print(f"{name}: {written.objects} objects, {100 * summary[name]['foreground_fraction']:.1f}% of the image "
               f"(pyramid level {summary[name]['level']})")
+        if name == "glands" and summary[name]["foreground_fraction"] > GLANDS_IMPLAUSIBLE:
+            print(f"glands: note: {100 * summary[name]['foreground_fraction']:.0f}% of the image labelled as gland is "
+                  "implausible: the glands model learned colon glands (GlaS); on tissue without glands (the bundled "
+                  "sample is skin) its output is not meaningful. Use it on colorectal / glandular tissue.")
     write_png_atomic(out / "overlay.png", overlay(image, labels))
     summary["overlay"] = str(out / "overlay.png")
     print(f"overlay: {out / 'overlay.png'}")
