@@ -14,15 +14,15 @@ OUT=${OUT:-/tmp/gpu_run}
 PY=${PY:-.venv/bin/python}
 mkdir -p "$OUT/models"
 if [ "${SMOKE:-0}" = 1 ]; then
-  PRE=20; FT=10; NUC=10; BUDGET=smoke; LIM=600; PRESET=tiny
+  PRE=20; FT=10; NUC=10; BUDGET=smoke; LIM=600; PRESET=tiny; PATCH=64; BATCH=4; SPEED="--preset tiny --patch 64 --batch 2 --infer-size 128"
 else
-  PRE=3000; FT=800; NUC=1200; BUDGET=gpu; LIM=300; PRESET=small
+  PRE=3000; FT=800; NUC=1200; BUDGET=gpu; LIM=300; PRESET=small; PATCH=256; BATCH=16; SPEED="--preset small --patch 256 --batch 16 --compile"
 fi
 nvidia-smi -L 2>/dev/null | tee "$OUT/gpu.txt"
-timeout 120 "$PY" benchmarks/speed.py --preset small --patch 256 --batch 16 --compile > "$OUT/speed_vs_baseline.txt" 2>&1
+timeout 120 "$PY" benchmarks/speed.py $SPEED > "$OUT/speed_vs_baseline.txt" 2>&1
 timeout 120 "$PY" benchmarks/speed.py --ceiling --json "$OUT/speed_ceiling.json" > "$OUT/speed_ceiling.txt" 2>&1
 timeout "$LIM" "$PY" benchmarks/train_defaults.py --preset "$PRESET" --pretrain-steps "$PRE" --finetune-steps "$FT" \
-  --nuclei-steps "$NUC" --patch 256 --gland-patch 256 --batch 16 --work "$OUT/defaults" --bundle-to "$OUT/models" \
+  --nuclei-steps "$NUC" --patch "$PATCH" --gland-patch "$PATCH" --batch "$BATCH" --work "$OUT/defaults" --bundle-to "$OUT/models" \
   --fresh > "$OUT/train_defaults.log" 2>&1
 timeout "$LIM" "$PY" benchmarks/quality.py --budget "$BUDGET" --work "$OUT/quality" > "$OUT/quality.log" 2>&1
 cp "$OUT"/quality/quality.md "$OUT"/ 2>/dev/null
