@@ -344,11 +344,17 @@ def copy_model(src: Path, dst: Path, **changes) -> Path:
     return dst
 
 
-@pytest.mark.gui
-def test_the_model_chooser_says_what_each_model_is_and_opens_its_card(viewer, tmp_path):
+def bundled_or_skip() -> dict:
+    """The bundled models by task; the test is skipped when they are not installed."""
     models = bundled_models()
     if set(models) != {"glands", "nuclei"}:
         pytest.skip(f"the bundled models are not installed (found {sorted(models)})")
+    return models
+
+
+@pytest.mark.gui
+def test_the_model_chooser_says_what_each_model_is_and_opens_its_card(viewer, tmp_path):
+    models = bundled_or_skip()
     from napari_genselfdiff._widgets.models import fmt_mpp
 
     w = predict_widget(viewer, tmp_path)
@@ -388,9 +394,7 @@ def test_refine_chooses_its_model_with_the_same_chooser(viewer, tmp_path):
     from napari_genselfdiff._widgets.models import ModelChooser
     from napari_genselfdiff._widgets.refine import RefineWidget
 
-    models = bundled_models()
-    if set(models) != {"glands", "nuclei"}:
-        pytest.skip(f"the bundled models are not installed (found {sorted(models)})")
+    models = bundled_or_skip()
     predict = predict_widget(viewer, tmp_path)
     refine = RefineWidget(viewer)
     viewer.window.add_dock_widget(refine, name="Annotate and refine", area="right")
