@@ -52,6 +52,9 @@ def main() -> None:
     ap.add_argument("--fractions", type=float, nargs="+", default=None, help="override the budget's label fractions")
     ap.add_argument("--ft-steps", type=int, default=None, help="override the budget's fine-tuning steps")
     ap.add_argument("--seeds", type=int, nargs="+", default=None, help="override the budget's seeds")
+    ap.add_argument("--pre-steps", type=int, default=None,
+                    help="override the budget's pretraining steps (a shorter pretraining in the work folder is "
+                         "continued to this many)")
     ap.add_argument("--report-only", action="store_true",
                     help="train nothing: rewrite the table and plot from the work folder's rows.json")
     a = ap.parse_args()
@@ -62,6 +65,8 @@ def main() -> None:
         b["ft_steps"] = a.ft_steps
     if a.seeds:
         b["seeds"] = tuple(a.seeds)
+    if a.pre_steps:
+        b["pre_steps"] = a.pre_steps
     work = Path(a.work or REPO / "benchmarks" / "_work" / "quality" / a.budget)
     if a.report_only:
         saved = json.loads((work / "rows.json").read_text())
@@ -84,13 +89,16 @@ def main() -> None:
                                                         batch=b["batch"], lr=1e-3 if b["preset"] == "tiny" else 1e-4,
                                                         warmup=20, checkpoint_every=200),
                            device=a.device, resume=pre.exists()))
-    rows = []
+    rows = previous_rows(work, b)  # an interrupted benchmark resumes: runs already scored are kept
+    done = {(r["dataset"], r["arm"], r["fraction"], r["seed"]) for r in rows}
     for name in a.datasets:
         ds = DATASETS[name]
         train, val, test, inst = splits[name]
         for frac in b["fractions"]:
             for seed in b["seeds"]:
                 for arm, init in (("pretrained", pre), ("scratch", None)):
+                    if (name, arm, frac, seed) in done:
+                        continue
                     out = work / f"{name}_{arm}_f{frac}_s{seed}"
                     cfg = FinetuneConfig(task=ds.task, preset=b["preset"], steps=b["ft_steps"], patch=b["patch"],
                                          batch=b["batch"], lr=1e-3 if b["preset"] == "tiny" else 1e-4, warmup=20,
@@ -104,6 +112,24 @@ def main() -> None:
                     print(json.dumps(rows[-1]), flush=True)
                     save_rows(work, rows, b, t_pre.s)  # after every run: an interrupted benchmark keeps its rows
     write_report(work, rows, a.budget, b, t_pre.s, machine())
+
+
+def previous_rows(work: Path, b: dict) -> list[dict]:
+    """The rows of an earlier run in ``work`` with the same schedule (preset, patch, batch, steps),
+    so an interrupted benchmark continues where it stopped; none when the schedule changed."""
+    f = work / "rows.json"
+    if not f.is_file():
+        return []
+    saved = json.loads(f.read_text())
+    if not isinstance(saved, dict):
+        return []
+    old = saved["meta"].get("budget", {})
+    same = all(old.get(k) == b[k] for k in ("preset", "patch", "batch", "pre_steps", "ft_steps"))
+    if not same:
+        print(f"{f}: another schedule ({ {k: old.get(k) for k in ('pre_steps', 'ft_steps')} }); starting over", flush=True)
+        return []
+    print(f"{f}: continuing after {len(saved['rows'])} finished runs", flush=True)
+    return list(saved["rows"])
 
 
 def save_rows(work: Path, rows: list[dict], b: dict, pre_s: float) -> None:

@@ -10,6 +10,7 @@ as float16 safetensors to keep the package small.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -88,12 +89,18 @@ def main() -> None:
     ap.add_argument("--no-boundary", action="store_true", help="nuclei: two classes, no boundary class")
     ap.add_argument("--ema", type=float, default=0.99, help="EMA decay of the weights (0: off)")
     ap.add_argument("--val-every", type=int, default=200)
+    ap.add_argument("--nuclei-mpp", type=float, default=None,
+                    help="microns per pixel the nuclei model learns at (default 0.5; MoNuSeg is stored at 0.25)")
     ap.add_argument("--bundle-to", default=str(REPO / "resources" / "models"),
                     help="where the bundled models are written (a trial run: somewhere else)")
     a = ap.parse_args()
     root, work = data_dir(), Path(a.work)
     boundary = not a.no_boundary
-    splits = {name: load_dataset(ds, root, boundary=boundary and ds.task == "nuclei") for name, ds in DATASETS.items()}
+    datasets = dict(DATASETS)
+    if a.nuclei_mpp:
+        m = datasets["monuseg"]
+        datasets["monuseg"] = dataclasses.replace(m, downsample=a.nuclei_mpp / m.mpp_native)
+    splits = {name: load_dataset(ds, root, boundary=boundary and ds.task == "nuclei") for name, ds in datasets.items()}
     pre = work / "pretrained"
     if not pretrained_enough(pre, a.pretrain_steps, a.preset):
         sources = unlabeled_pool(root, {n: s[0] for n, s in splits.items()})
@@ -106,7 +113,7 @@ def main() -> None:
         print(f"pretraining: {t.s:.0f} s")
     if a.pretrain_only:
         return
-    for name, ds in DATASETS.items():
+    for name, ds in datasets.items():
         if a.only and name != a.only:
             continue
         train, val, test, inst = splits[name]

@@ -75,14 +75,31 @@ def test_postprocess_options_change_objects_and_unknown_options_are_refused():
     assert options_for("glands", {"threshold": "0.3"})["threshold"] == 0.3
 
 
-def test_in_memory_and_blockwise_nuclei_agree_for_a_three_class_model(tmp_path):
+def test_h_maxima_markers_split_touching_nuclei_the_boundary_class_missed():
+    """Two nuclei whose interiors meet (the model drew their outline but not the line between
+    them): interior markers give one object, ``split`` markers the two, with every pixel kept."""
+    from skimage.segmentation import find_boundaries
+    two = _discs((40, 64), [(20, 22), (20, 36)], 9)
+    blob = (two > 0).astype(np.int32)
+    edge = find_boundaries(blob, mode="inner") & (blob > 0)
+    p = np.zeros((3,) + blob.shape, np.float32)
+    p[0], p[1], p[2] = blob == 0, (blob > 0) & ~edge, edge
+    assert postprocess(p, "nuclei", {"min_size": 5})[1].max() == 1
+    _, split = postprocess(p, "nuclei", {"min_size": 5, "split": 1.0})
+    assert split.max() == 2 and ((split > 0) == (blob > 0)).all()
+    # each recovered object sits over one of the true nuclei
+    assert split[20, 18] != split[20, 40] and split[20, 18] > 0 and split[20, 40] > 0
+
+
+@pytest.mark.parametrize("split", [0.0, 0.5])
+def test_in_memory_and_blockwise_nuclei_agree_for_a_three_class_model(tmp_path, split):
     rng = np.random.default_rng(0)
     centres = [(int(y), int(x)) for y, x in rng.integers(8, 120, (25, 2))]
     lab = _discs((128, 128), centres, 5)
     probs = _three_class(lab)
     probs = 0.8 * probs + 0.2 * rng.random(probs.shape).astype(np.float32)
     probs /= probs.sum(0, keepdims=True)
-    opts = {"threshold": 0.45, "marker_threshold": 0.55, "min_size": 6, "min_distance": 4}
+    opts = {"threshold": 0.45, "marker_threshold": 0.55, "min_size": 6, "min_distance": 4, "split": split}
     _, whole = postprocess(probs, "nuclei", opts)
     out = zarr.zeros((128, 128), chunks=(32, 32), dtype="int32", store=zarr.storage.MemoryStore())
     drain(iter_nuclei_blockwise(probs[1], out, block=32, prob_boundary=probs[2], halo=24, **opts))

@@ -20,7 +20,7 @@ from .postprocess import OPTIONS, options_for, postprocess
 #: The values tried, per task (every combination).
 GRIDS = {"glands": {"threshold": (0.3, 0.4, 0.5, 0.6, 0.7), "min_size": (50, 100, 200, 400)},
          "nuclei": {"threshold": (0.3, 0.4, 0.5, 0.6), "marker_threshold": (0.4, 0.5, 0.6, 0.7, 0.8),
-                    "min_size": (5, 10, 20)}}
+                    "min_size": (5, 10, 20), "split": (0.0, 0.5, 1.0)}}
 
 
 def instances_of_target(target: np.ndarray, task: str) -> np.ndarray:
@@ -53,6 +53,15 @@ def score(task: str, instances: np.ndarray, gt_instances: np.ndarray) -> float:
     return m["object_f1"] + m["object_dice"]
 
 
+def redundant(opts: dict, grid: dict, probabilities: Sequence[np.ndarray]) -> bool:
+    """Combinations that repeat another: nuclei markers by h-maxima (``split`` > 0) do not read
+    ``marker_threshold``, and models without a boundary class read neither."""
+    if opts.get("split", 0) > 0:
+        two_class = all(p.shape[0] < 3 for p in probabilities)
+        return two_class or opts.get("marker_threshold") != grid["marker_threshold"][0]
+    return False
+
+
 def tune_postprocess(task: str, probabilities: Sequence[np.ndarray], gt_instances: Sequence[np.ndarray],
                      grid: dict | None = None) -> tuple[dict, dict]:
     """The post-processing options of ``task`` that maximise the mean :func:`score` over the
@@ -67,6 +76,8 @@ def tune_postprocess(task: str, probabilities: Sequence[np.ndarray], gt_instance
     results = []
     for values in itertools.product(*(grid[k] for k in keys)):
         opts = dict(zip(keys, values))
+        if redundant(opts, grid, probabilities):
+            continue
         s = [score(task, postprocess(p, task, opts)[1], g) for p, g in zip(probabilities, gt_instances)]
         results.append((float(np.mean(s)), opts))
     best_score, best = max(results, key=lambda r: r[0])

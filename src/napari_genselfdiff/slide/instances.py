@@ -208,7 +208,7 @@ def glands_blockwise(prob_fg: Any, out: Any, *, block: int, **kwargs: Any) -> St
 def iter_nuclei_blockwise(prob_fg: Any, out: Any, *, block: int, prob_boundary: Any | None = None,
                           halo: int = 64, threshold: float = 0.5,
                           min_size: int = NUCLEUS_MIN_SIZE, min_distance: int = 4,
-                          marker_threshold: float = 0.5) -> Steps:
+                          marker_threshold: float = 0.5, split: float = 0.0) -> Steps:
     """Blockwise :func:`nuclei_from_probabilities` into ``out`` (int32, zero-initialised).
 
     Each block is segmented with ``halo`` pixels of context; objects whose centroid falls in
@@ -224,7 +224,7 @@ def iter_nuclei_blockwise(prob_fg: Any, out: Any, *, block: int, prob_boundary: 
         pb = None if prob_boundary is None else prob_boundary[ry0:ry1, rx0:rx1]
         lab = nuclei_from_probabilities(prob_fg[ry0:ry1, rx0:rx1], pb, threshold=threshold,
                                         min_size=min_size, min_distance=min_distance,
-                                        origin=(ry0, rx0), marker_threshold=marker_threshold)
+                                        origin=(ry0, rx0), marker_threshold=marker_threshold, split=split)
         n = int(lab.max())
         if n:
             keep = _owned_by_core(lab, n, y0 - ry0, y1 - ry0, x0 - rx0, x1 - rx0)
