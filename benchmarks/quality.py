@@ -1,7 +1,13 @@
-"""What diffusion pretraining buys: fine-tuned from pretraining vs. the same network from scratch,
-at several label fractions and seeds, on GlaS (glands) and MoNuSeg (nuclei).
+"""What self-supervised pretraining buys: the same network fine-tuned from scratch, from diffusion
+pretraining and from nucleus-aware pretraining (core.pretext_nucleus), at several label fractions
+and seeds, on GlaS (glands) and MoNuSeg (nuclei).
 
-    python benchmarks/quality.py --budget smoke|cpu|gpu [--datasets glas monuseg]
+    python benchmarks/quality.py --budget smoke|cpu|gpu [--datasets glas monuseg] [--arms scratch diffusion nucleus]
+
+Both pretexts get the same budget: the same steps, patch size, batch and unlabeled pool (a
+nucleus-aware step costs more: the seconds of each pretraining are in the report). The paired
+differences are each pretext minus scratch, same seed; the nucleus-aware sample grid (pseudo
+masks, generated H&E, real tiles and their predicted masks) is written next to the table.
 
 Splits are by image (benchmarks/common.split_by_image): label fractions subsample the training
 split's images; pretraining uses the training images of both datasets WITHOUT labels plus the
@@ -12,7 +18,10 @@ Budgets (what each one is for):
   smoke  a few minutes on a 2-core CPU: proves the pipeline, numbers are not meaningful
   cpu    about 1.5 hours on a 2-core CPU: tiny preset, 3 seeds x 3 fractions, short schedules (800
          pretraining steps, about 12 min, can be shared with train_defaults.py via --pretrained;
-         36 fine-tunings of 150 steps, about 2.5 min each; --datasets / --fractions / --seeds narrow it)
+         36 fine-tunings of 150 steps, about 2.5 min each; --datasets / --fractions / --seeds narrow it).
+         The nucleus arm adds its own 800 steps (a step costs several diffusion steps: about an hour
+         estimated from the smoke run, not measured at this budget) and 18 fine-tunings: about 2.5 hours
+         in all with the three arms; --arms scratch diffusion keeps the old two
   gpu    one GPU in about 10 minutes (benchmarks/gpu_run.sh): small preset, patch 256, 3 seeds x 2 fractions
   paper  the paper's settings: paper preset, patch 256, batch 8, 3 seeds, long schedules (a GPU-day)
 """
@@ -26,6 +35,11 @@ import numpy as np
 
 from common import (DATASETS, pretrained_enough, REPO, FinetuneConfig, PretrainConfig, Timer, data_dir, drain, evaluate, finetune,
                     load_dataset, machine, pretrain, unlabeled_pool)
+
+from napari_genselfdiff.core.pretext_nucleus import NucleusPretrainConfig, nucleus_samples, pretrain_nucleus
+
+ARMS = ("scratch", "diffusion", "nucleus")
+PRETEXT_ARMS = ("diffusion", "nucleus")  # each compared with scratch
 
 BUDGETS = {
     "smoke": dict(preset="tiny", patch=64, batch=4, pre_steps=30, ft_steps=30, fractions=(0.3, 1.0), seeds=(0,)),
@@ -52,6 +66,8 @@ def main() -> None:
     ap.add_argument("--fractions", type=float, nargs="+", default=None, help="override the budget's label fractions")
     ap.add_argument("--ft-steps", type=int, default=None, help="override the budget's fine-tuning steps")
     ap.add_argument("--seeds", type=int, nargs="+", default=None, help="override the budget's seeds")
+    ap.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS),
+                    help="which arms to fine-tune (default all three: scratch, diffusion, nucleus)")
     ap.add_argument("--pre-steps", type=int, default=None,
                     help="override the budget's pretraining steps (a shorter pretraining in the work folder is "
                          "continued to this many)")
@@ -72,7 +88,7 @@ def main() -> None:
         saved = json.loads((work / "rows.json").read_text())
         rows, meta = (saved["rows"], saved["meta"]) if isinstance(saved, dict) else (saved, {})
         b.update(meta.get("budget", {}))
-        write_report(work, rows, a.budget, b, meta.get("pretraining_s", float("nan")),
+        write_report(work, normalised(rows), a.budget, b, meta.get("pretraining_s", float("nan")),
                      meta.get("machine", "machine and date of the run not recorded"))
         return
     root = data_dir()
@@ -82,21 +98,35 @@ def main() -> None:
     pre = Path(a.pretrained) if a.pretrained else work / "pretrained"
     if a.pretrained:
         b["pre_steps"] = json.loads((pre / "config.json").read_text())["training"]["steps"]
+    sources = unlabeled_pool(root, {n: s[0] for n, s in splits.items()})
+    pre_s = {}
     with Timer() as t_pre:
-        if not pretrained_enough(pre, b["pre_steps"], b["preset"]):
-            sources = unlabeled_pool(root, {n: s[0] for n, s in splits.items()})
+        if "diffusion" in a.arms and not pretrained_enough(pre, b["pre_steps"], b["preset"]):
             drain(pretrain(sources, pre, PretrainConfig(preset=b["preset"], steps=b["pre_steps"], patch=b["patch"],
                                                         batch=b["batch"], lr=1e-3 if b["preset"] == "tiny" else 1e-4,
                                                         warmup=20, checkpoint_every=200),
                            device=a.device, resume=pre.exists()))
-    rows = previous_rows(work, b)  # an interrupted benchmark resumes: runs already scored are kept
+    pre_s["diffusion"] = t_pre.s
+    nucleus = work / "pretrained_nucleus"
+    with Timer() as t_nuc:
+        if "nucleus" in a.arms and not nucleus_enough(nucleus, b["pre_steps"]):
+            drain(pretrain_nucleus(sources, nucleus, NucleusPretrainConfig(
+                preset=b["preset"], steps=b["pre_steps"], patch=b["patch"], batch=b["batch"], warmup=20,
+                lr=5e-4 if b["preset"] == "tiny" else 2e-4, checkpoint_every=200), device=a.device,  # GAN: 1e-3 oscillates
+                resume=nucleus.exists()))
+    pre_s["nucleus"] = t_nuc.s
+    if "nucleus" in a.arms:
+        sample_grid(nucleus, sources, b["patch"], work / "nucleus_samples.png", a.device)
+    inits = {"scratch": None, "diffusion": pre, "nucleus": nucleus}
+    rows = normalised(previous_rows(work, b))  # an interrupted benchmark resumes: runs already scored are kept
     done = {(r["dataset"], r["arm"], r["fraction"], r["seed"]) for r in rows}
     for name in a.datasets:
         ds = DATASETS[name]
         train, val, test, inst = splits[name]
         for frac in b["fractions"]:
             for seed in b["seeds"]:
-                for arm, init in (("pretrained", pre), ("scratch", None)):
+                for arm in [arm for arm in ARMS if arm in a.arms]:
+                    init = inits[arm]
                     if (name, arm, frac, seed) in done:
                         continue
                     out = work / f"{name}_{arm}_f{frac}_s{seed}"
@@ -110,8 +140,35 @@ def main() -> None:
                     rows.append({"dataset": name, "arm": arm, "fraction": frac, "seed": seed, "seconds": t.s,
                                  "n_train_images": max(1, int(round(frac * len(train)))), **m})
                     print(json.dumps(rows[-1]), flush=True)
-                    save_rows(work, rows, b, t_pre.s)  # after every run: an interrupted benchmark keeps its rows
-    write_report(work, rows, a.budget, b, t_pre.s, machine())
+                    save_rows(work, rows, b, pre_s)  # after every run: an interrupted benchmark keeps its rows
+    write_report(work, rows, a.budget, b, pre_s, machine())
+
+
+def nucleus_enough(path: Path, steps: int) -> bool:
+    """True when ``path`` holds a nucleus-aware pretraining of at least ``steps`` steps."""
+    cfg = path / "config.json"
+    if not cfg.is_file():
+        return False
+    saved = json.loads(cfg.read_text())
+    if saved.get("pretext") != "nucleus":
+        raise SystemExit(f"{path} holds no nucleus-aware pretraining: move it away or pass another --work folder")
+    return saved["training"]["steps"] >= steps
+
+
+def sample_grid(ckpt: Path, sources, patch: int, path: Path, device: str) -> None:
+    """The nucleus-aware pretext's visual check: 4 rows of pseudo mask, 3 generated stainings,
+    a real unlabeled tile and the mask predicted for it."""
+    import imageio.v3 as iio
+
+    rng = np.random.default_rng(0)
+    real = np.stack([sources[int(rng.integers(len(sources)))].sample(rng, patch) for _ in range(4)])
+    iio.imwrite(path, nucleus_samples(ckpt, 4, size=patch, real=real, device=device))
+    print(f"wrote {path}", flush=True)
+
+
+def normalised(rows: list[dict]) -> list[dict]:
+    """Rows of runs before the third arm called the diffusion arm 'pretrained'."""
+    return [{**r, "arm": "diffusion"} if r["arm"] == "pretrained" else r for r in rows]
 
 
 def previous_rows(work: Path, b: dict) -> list[dict]:
@@ -132,7 +189,7 @@ def previous_rows(work: Path, b: dict) -> list[dict]:
     return list(saved["rows"])
 
 
-def save_rows(work: Path, rows: list[dict], b: dict, pre_s: float) -> None:
+def save_rows(work: Path, rows: list[dict], b: dict, pre_s) -> None:
     meta = {"budget": {**b, "seeds": list(b["seeds"]), "fractions": list(b["fractions"])}, "pretraining_s": pre_s,
             "machine": machine()}
     (work / "rows.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
@@ -145,11 +202,14 @@ def write_report(work: Path, rows: list[dict], budget: str, b: dict, pre_s: floa
     print(md)
 
 
-def report(rows: list[dict], budget: str, b: dict, pre_s: float, where: str) -> str:
+def report(rows: list[dict], budget: str, b: dict, pre_s, where: str) -> str:
     ft_min = sum(r["seconds"] for r in rows) / 60
+    if not isinstance(pre_s, dict):  # rows of runs with diffusion pretraining only
+        pre_s = {"diffusion": pre_s}
+    spent = ", ".join(f"{k} {v:.0f} s" for k, v in pre_s.items())
     lines = [f"### Quality, budget `{budget}` ({where})", "",
              f"preset {b['preset']}, patch {b['patch']}, batch {b['batch']}, pretraining {b['pre_steps']} steps "
-             f"({pre_s:.0f} s in this run), fine-tuning {b['ft_steps']} steps x {len(rows)} runs ({ft_min:.0f} min), "
+             f"per pretext ({spent} in this run; 0 s: reused), fine-tuning {b['ft_steps']} steps x {len(rows)} runs ({ft_min:.0f} min), "
              f"seeds {list(b['seeds'])}; test split only. Mean ± spread (std over seeds; 0 with one seed).", ""]
     for name in sorted({r["dataset"] for r in rows}):
         task = DATASETS[name].task
@@ -157,7 +217,7 @@ def report(rows: list[dict], budget: str, b: dict, pre_s: float, where: str) -> 
         lines += [f"**{name}** ({task})", "", "| fraction | arm | " + " | ".join(keys) + " |",
                   "|---|---|" + "---|" * len(keys)]
         for frac in sorted({r["fraction"] for r in rows if r["dataset"] == name}):
-            for arm in ("pretrained", "scratch"):
+            for arm in ARMS:
                 sel = [r for r in rows if r["dataset"] == name and r["fraction"] == frac and r["arm"] == arm]
                 if not sel:
                     continue
@@ -167,31 +227,35 @@ def report(rows: list[dict], budget: str, b: dict, pre_s: float, where: str) -> 
                     v = v[np.isfinite(v)]
                     cells.append(f"{v.mean():.3f} ± {v.std():.3f}" if v.size else "n/a")
                 lines.append(f"| {frac:.0%} ({sel[0]['n_train_images']} img) | {arm} | " + " | ".join(cells) + " |")
-        lines += ["", "Pretrained minus scratch, paired by seed (mean, 95 % t-interval over seeds; positive = "
+        lines += ["", "Each pretext minus scratch, paired by seed (mean, 95 % t-interval over seeds; positive = "
                   "pretraining helped; an interval that contains 0 shows no effect at this budget):", ""]
         for frac in sorted({r["fraction"] for r in rows if r["dataset"] == name}):
-            cells = [f"{k} {m:+.3f} [{lo:+.3f}, {hi:+.3f}] (n={n})"
-                     for k, (m, lo, hi, n) in paired_ci(rows, name, frac, MAIN[task]).items()]
-            lines.append(f"- {frac:.0%}: " + "; ".join(cells))
+            for arm in PRETEXT_ARMS:
+                ci = paired_ci(rows, name, frac, MAIN[task], arm)
+                if not any(n for *_, n in ci.values()):
+                    continue
+                cells = [f"{k} {m:+.3f} [{lo:+.3f}, {hi:+.3f}] (n={n})" for k, (m, lo, hi, n) in ci.items()]
+                lines.append(f"- {frac:.0%}, {arm}: " + "; ".join(cells))
         lines.append("")
     return "\n".join(lines)
 
 
-def paired(rows: list[dict], name: str, frac: float, keys: list[str]) -> dict:
-    """Mean over seeds of (pretrained - scratch) for each key, pairing runs of the same seed."""
-    return {k: v[0] for k, v in paired_ci(rows, name, frac, keys).items()}
+def paired(rows: list[dict], name: str, frac: float, keys: list[str], arm: str = "diffusion") -> dict:
+    """Mean over seeds of (``arm`` - scratch) for each key, pairing runs of the same seed."""
+    return {k: v[0] for k, v in paired_ci(rows, name, frac, keys, arm).items()}
 
 
-def paired_ci(rows: list[dict], name: str, frac: float, keys: list[str], level: float = 0.95) -> dict:
-    """(mean, low, high, n) of the paired differences pretrained - scratch (same seed) for each key:
+def paired_ci(rows: list[dict], name: str, frac: float, keys: list[str], arm: str = "diffusion",
+              level: float = 0.95) -> dict:
+    """(mean, low, high, n) of the paired differences ``arm`` - scratch (same seed) for each key:
     a Student-t confidence interval over seeds (nan bounds with fewer than 2 seeds)."""
     from scipy import stats
 
-    by = {(r["arm"], r["seed"]): r for r in rows if r["dataset"] == name and r["fraction"] == frac}
-    seeds = sorted({s for (a, s) in by if ("pretrained", s) in by and ("scratch", s) in by})
+    by = {(r["arm"], r["seed"]): r for r in normalised(rows) if r["dataset"] == name and r["fraction"] == frac}
+    seeds = sorted({s for (a, s) in by if (arm, s) in by and ("scratch", s) in by})
     out = {}
     for k in keys:
-        d = np.array([by["pretrained", s][k] - by["scratch", s][k] for s in seeds], float)
+        d = np.array([by[arm, s][k] - by["scratch", s][k] for s in seeds], float)
         if d.size == 0:
             out[k] = (float("nan"),) * 3 + (0,)
             continue
@@ -213,8 +277,11 @@ def plot(rows: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 3.6), squeeze=False)
     for ax, name in zip(axes[0], names):
         key = "object_f1" if DATASETS[name].task == "glands" else "aji"
-        for arm, style, nudge in (("pretrained", "o-", 0.96), ("scratch", "s--", 1.04)):  # side by side
+        for arm, style, nudge in (("diffusion", "o-", 0.94), ("nucleus", "^-.", 1.0),
+                                  ("scratch", "s--", 1.06)):  # side by side
             fr = sorted({r["fraction"] for r in rows if r["dataset"] == name and r["arm"] == arm})
+            if not fr:
+                continue
             for k, lab, colour in (("dice", "Dice", "C0"), (key, key, "C3")):
                 sel = [[r[k] for r in rows if r["dataset"] == name and r["arm"] == arm and r["fraction"] == f]
                        for f in fr]

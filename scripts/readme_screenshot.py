@@ -1,5 +1,6 @@
-"""Make docs/napari_glands.png for the README: the sample image, the bundled gland and nuclei
-models predicted over the whole image from the Predict widget, docked in a real napari window.
+"""Make docs/napari_nuclei.png for the README: the sample image (skin), the bundled nuclei model
+predicted over the whole image from the Predict widget, docked in a real napari window; then the
+glands model over the same view, which adds no layer there and says why (no glands in skin).
 
     xvfb-run -a .venv/bin/python scripts/readme_screenshot.py
 """
@@ -16,7 +17,7 @@ from napari_genselfdiff._sample_data import sample_he
 from napari_genselfdiff._widgets.predict import PredictWidget
 from napari_genselfdiff.bundled import bundled_models
 
-OUT = Path(__file__).resolve().parents[1] / "docs" / "napari_glands.png"
+OUT = Path(__file__).resolve().parents[1] / "docs" / "napari_nuclei.png"
 
 
 def wait_for(cond, timeout=600):
@@ -43,7 +44,7 @@ def main() -> None:
             widget.add_model(str(models[name]))
             viewer.reset_view()
             widget.predict_view()
-            wait_for(lambda: name in viewer.layers and not widget.runner.running)
+            wait_for(lambda: not widget.runner.running and (name in viewer.layers or "no glands" in widget.progress.status.text()))
     for name, width in (("glands", 4), ("nuclei", 1)):
         if name in viewer.layers:
             viewer.layers[name].contour = width

@@ -474,25 +474,28 @@ def test_a_view_far_from_the_others_keeps_them_in_their_own_layer(viewer, qtbot,
 def test_screenshots_of_predict_and_refine_docked(make_napari_viewer, qtbot, tmp_path, he_image, monkeypatch,
                                                   one_torch_thread, tabbed):
     """Predict and Refine docked on a 1920 x 1080 window, after two fields of view (the bundled
-    glands model when installed, else the stand-in)."""
+    nuclei model when installed, else the stand-in; on this skin image the glands model rightly
+    adds nothing)."""
     from napari_genselfdiff._widgets.refine import RefineWidget
 
     viewer = make_napari_viewer(show=True)
     viewer.window._qt_window.resize(1920, 1080)
     image = viewer.add_image(he_image, name="H&E skin", rgb=True, **slide_scale(0.5))
-    if "glands" not in bundled_models():
-        stand_in(monkeypatch, Dark(mpp=0.5))
+    bundled = "nuclei" in bundled_models()
+    if not bundled:
+        stand_in(monkeypatch, Dark("nuclei", mpp=0.5))
     w = predict_widget(viewer, tmp_path)
     w.tile.setValue(256)
     w.overlap.setValue(-1)
-    w.model.setCurrentIndex(0)
+    texts = [w.model.itemText(i) for i in range(w.model.count())]
+    w.model.setCurrentIndex(next((i for i, t in enumerate(texts) if t.startswith("nuclei")), 0) if bundled else 0)
     refine = RefineWidget(viewer)
     refine_dock = viewer.window.add_dock_widget(refine, name="Annotate and refine", area="right", tabify=tabbed)
     qtbot.wait(100)
     for centre in [(250, 250), (550, 300)]:
         look_at_pixel(viewer, image, centre, 1.5, canvas=tuple(viewer.canvas.size))
         predict_here(qtbot, w)
-    assert len(viewer.layers["glands"].metadata["genselfdiff_fov"]["regions"]) == 2
+    assert len(viewer.layers["nuclei"].metadata["genselfdiff_fov"]["regions"]) == 2
     look_at_pixel(viewer, image, (400, 300), 1.2, canvas=tuple(viewer.canvas.size))
     SHOTS.mkdir(exist_ok=True)
     shots = {"stacked": None} if not tabbed else {"tabbed_predict": w, "tabbed_refine": refine_dock}
@@ -503,7 +506,7 @@ def test_screenshots_of_predict_and_refine_docked(make_napari_viewer, qtbot, tmp
         path = SHOTS / f"predict_refine_{name}.png"
         assert viewer.window._qt_window.grab().save(str(path))
         assert path.stat().st_size > 10_000
-    assert w.legend.entries()[0][:2] == ("glands", "gland")
+    assert w.legend.entries()[0][:2] == ("nuclei", "nucleus (outlines)")
 
 
 def test_a_labels_layer_drawn_in_microns_saves_in_slide_pixels(tmp_path):

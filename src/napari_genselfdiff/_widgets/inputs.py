@@ -238,9 +238,14 @@ class LayerChoices:
         self.refresh()
 
     def _disconnect(self) -> None:
-        for ev in self._events:
+        """Stop following the viewer (the widget is gone). Qt may say so only after the garbage
+        collector cleared this object's attributes (a widget never docked, collected in one
+        reference cycle with its choices): then nothing is left to disconnect."""
+        state = vars(self)
+        for ev in state.get("_events", ()):
             ev.disconnect(self.refresh)
-        for layer in self.viewer.layers:
+        viewer = state.get("viewer")
+        for layer in (viewer.layers if viewer is not None else ()):
             layer.events.name.disconnect(self.refresh)
 
     def layers(self) -> list:

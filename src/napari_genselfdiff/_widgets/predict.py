@@ -110,6 +110,7 @@ class FovResult:
     objects: int  # the largest object id
     mpp: float | None = None  # microns per pixel of that level (None: unknown)
     semantic: np.ndarray | None = None  # the class map, for models of more than one object class
+    no_glands: str | None = None  # why a glands result does not look like glands (then no layer is added)
 
 
 def resolution_of(slide, level: int) -> str:
@@ -130,6 +131,7 @@ class SlideResult:
     predictor: PredictorCache
     out: str
     kind: str | None  # the label set ("glands" / "nuclei"), None for other models
+    no_glands: str | None = None  # why a glands result does not look like glands (then no labels layer)
 
 
 #: A field of view showing the whole image and needing more tiles than this gets a warning.
@@ -179,9 +181,16 @@ def fov_job(model: str, device: str, cache: PredictorCache | None, slide, source
                                                    status="finding objects…")
     instances = instances.astype(np.int32, copy=False)
     foreground = np.subtract(1.0, probs[0], dtype=np.float32)
+    no_glands = None
+    if predictor.task == "glands":
+        from ..core.glandular import check_glands, warn_no_glands
+
+        check = check_glands(instances, foreground, np.asarray(slide.levels[level][y:y + h, x:x + w]),
+                             slide.level_mpp(level))
+        no_glands = warn_no_glands(check)
     return FovResult(cache, fov, region, slide.downsamples[level], probs, instances, foreground,
                      int(instances.max(initial=0)), mpp=slide.level_mpp(level),
-                     semantic=semantic if shows_classes(predictor) else None)
+                     semantic=semantic if shows_classes(predictor) else None, no_glands=no_glands)
 
 
 def slide_job(model: str, device: str, cache: PredictorCache | None, slide, out: str, tile: int, overlap: int,
@@ -197,7 +206,14 @@ def slide_job(model: str, device: str, cache: PredictorCache | None, slide, out:
     yield from predict_slide(predictor, slide, out, level="auto", tile=tile, overlap=overlap, batch=batch,
                              tissue=True, class_names=predictor.class_names, postprocess=kind,
                              postprocess_options=getattr(predictor, "postprocess_options", None))
-    return SlideResult(cache, out, kind)
+    no_glands = None
+    if kind == "glands":
+        from ..core.glandular import warn_no_glands
+        from ..slide.glands_check import check_store_glands
+        from ..slide.store import PredictionStore
+
+        no_glands = warn_no_glands(check_store_glands(PredictionStore.open(out), slide))
+    return SlideResult(cache, out, kind, no_glands)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -379,9 +395,13 @@ class PredictWidget(QWidget):
         self._predictor = result.predictor
         if isinstance(result, FovResult):
             self._fov = result.fov
-            self._show_view(result)
+            if result.no_glands:  # a pathologist expects no gland outlines on tissue without glands
+                self.progress.set_step(1, 1)
+                self.progress.set_status(f"no glands here: nothing added ({result.no_glands})")
+            else:
+                self._show_view(result)
         else:
-            self._show_store(result.out, result.kind)
+            self._show_store(result.out, result.kind, result.no_glands)
 
     def _on_stopped(self, cancelled: bool) -> None:
         self._set_running(False)
@@ -487,7 +507,7 @@ class PredictWidget(QWidget):
                                                    metadata={LEGEND_KEY: {"kind": "probability", "of": of}})
         return [self._shown[pname]]
 
-    def _show_store(self, out: str, kind: str | None) -> None:
+    def _show_store(self, out: str, kind: str | None, no_glands: str | None = None) -> None:
         import dask.array as da
 
         from ..slide.store import PredictionStore
@@ -496,7 +516,9 @@ class PredictWidget(QWidget):
         d = store.downsample  # of the level the model ran on
         place = placement(grid_of(self._image_layer), d)
         names, grid, shown = store.class_names or ["background", "object"], {"downsample": d, "offset": [0, 0]}, []
-        if kind is not None and kind in store.label_names():
+        if no_glands:
+            pass  # the store keeps the labels; no layer shows them as glands
+        elif kind is not None and kind in store.label_names():
             levels = [da.from_zarr(lv) for lv in store.label_levels(kind)]
             multiscale = len(levels) > 1
             self.views.forget(kind)
@@ -513,4 +535,7 @@ class PredictWidget(QWidget):
         shown += self._put_probability(kind or "foreground", pyramid if multiscale else fg, place, multiscale,
                                        of=names[1])
         self._explain(shown)
-        self.progress.set_status(f"done: results in {out}" + (f" (layer '{kind}')" if kind else ""))
+        if no_glands:
+            self.progress.set_status(f"done: results in {out}; no glands here, no '{kind}' layer added ({no_glands})")
+        else:
+            self.progress.set_status(f"done: results in {out}" + (f" (layer '{kind}')" if kind else ""))

@@ -121,6 +121,14 @@ def loss(text: str) -> str:
     return text
 
 
+def scheduler_address(text: str) -> str:
+    """A Dask scheduler's address: ``tcp://HOST:PORT`` (or tls:// / ucx:// / ws(s)://, or
+    ``HOST:PORT``); whether it answers is checked when connecting."""
+    if not re.fullmatch(r"((tcp|tls|ucx|ws|wss)://)?(\[[0-9a-fA-F:]+\]|[\w.-]+):\d{1,5}", text.strip()):
+        raise argparse.ArgumentTypeError(f"must be a scheduler address like tcp://HOST:PORT, got {text!r}")
+    return text.strip()
+
+
 def output_file(text: str) -> str:
     """A file to write: refused at once when a folder stands there (not after the work)."""
     if Path(text).expanduser().is_dir():
@@ -215,8 +223,11 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train the U-Net to denoise unlabeled H&E tiles (DDPM, P2-weighted loss).")
     p.add_argument("--images", nargs="+", required=True, metavar="PATH",
                    help="folders of images and/or slide files (.svs, pyramidal .tif) to draw unlabeled tiles from")
+    p.add_argument("--pretext", default="diffusion", choices=["diffusion", "nucleus"],
+                   help="diffusion (GenSelfDiff-HIS, default) or nucleus: unpaired translation between the tiles "
+                        "and synthetic nucleus masks (UNITPathSSL-like); at 64-128 px --patch on a CPU")
     p.add_argument("--schedule", default="quadratic", choices=["quadratic", "linear", "cosine"],
-                   help="noise schedule (default quadratic, T=1000, as in the paper)")
+                   help="diffusion: noise schedule (default quadratic, T=1000, as in the paper)")
     _training(p, 1000)
     p.set_defaults(func=cmd_pretrain)
 
@@ -256,9 +267,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", type=device, help="auto, cuda, mps or cpu")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("sample", help="generate tiles from a pretrained diffusion model (sanity check)")
+    p = sub.add_parser("sample", help="generate tiles from a pretrained model (sanity check)",
+                       description="Diffusion: a grid of generated tiles. Nucleus-aware: rows of a pseudo mask, "
+                                   "H&E generated from it in three styles, and (with --images) a real tile and "
+                                   "the mask predicted for it.")
     p.add_argument("--model", required=True, help="pretraining checkpoint folder")
-    p.add_argument("--n", type=positive_int, default=16, help="number of tiles (default 16)")
+    p.add_argument("--n", type=positive_int, default=16, help="number of tiles, or of rows for nucleus-aware (default 16)")
+    p.add_argument("--images", nargs="+", default=None, metavar="PATH",
+                   help="nucleus-aware: folders / slides to draw real tiles from, to show the masks predicted for them")
     p.add_argument("--out", required=True, type=output_file, help="PNG file for the grid of tiles")
     p.add_argument("--force", action="store_true", help="replace an existing --out, but only a PNG genselfdiff wrote")
     p.add_argument("--size", type=positive_int, default=None, help="tile size (default: the training patch size)")
@@ -288,6 +304,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="replace an existing --geojson / --overlay, but only one genselfdiff wrote (never the input)")
     p.add_argument("--device", default="auto", type=device, help="auto, cuda, mps or cpu")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--workers", type=positive_int, default=None, metavar="N",
+                   help="predict the blocks of all inputs on a Dask LocalCluster of N worker processes here")
+    g.add_argument("--scheduler", type=scheduler_address, default=None, metavar="ADDRESS",
+                   help="predict on an existing Dask cluster (tcp://HOST:PORT; inputs, outputs and model on a "
+                        "shared file system); see README 'Many slides'")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("export", help="export predicted instance labels (zarr) to GeoJSON / OME-Zarr / TIFF")

@@ -44,6 +44,16 @@ def predict_sample(models: dict[str, Path], image_path: Path, out: Path, device:
                                    postprocess_options=predictor.postprocess_options),
                      name, units=PREDICT_UNITS)
         store = PredictionStore.open(target)
+        if name == "glands":
+            from ..slide.glands_check import check_store_glands
+            from ..slide.reader import open_slide
+
+            with open_slide(image_path) as slide:
+                check = check_store_glands(store, slide)
+            if check is not None and check.no_glands:  # no exports, nothing drawn: one line saying why
+                summary[name] = {"skipped": check.reason, "store": str(target)}
+                print(f"glands: skipped, no glands here: {check.reason}")
+                continue
         written = export_store(store, geojson=str(out / f"{name}.geojson"), tiff=str(out / f"{name}_labels.tif"))
         labels[name] = store.labels_at_level0(name, image.shape[:2])
         summary[name] = {"objects": written.objects, "foreground_fraction": float((labels[name] > 0).mean()),

@@ -25,18 +25,62 @@ def init_model(name_or_path: str) -> Path:
     return path
 
 
+def _drive(events, desc: str):
+    """:func:`.console.progress_bar`; under torchrun (core/ddp.py) only rank 0 shows it and its
+    messages, the other ranks run the same events silently (warnings too). Leaves the process
+    group at the end; returns the last event."""
+    import warnings
+
+    from ..core import ddp
+
+    if ddp.is_main_process():
+        last = progress_bar(events, desc)
+    else:
+        last = None
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                for last in events:
+                    if last.done:
+                        break
+        finally:
+            events.close()
+    ddp.shutdown()
+    return last
+
+
+def _report(text: str) -> None:
+    """Print ``text`` (under torchrun on rank 0 only)."""
+    from ..core.ddp import is_main_process
+
+    if is_main_process():
+        print(text)
+
+
 def cmd_pretrain(a: argparse.Namespace) -> int:
     from ..slide.sources import unlabeled_sources
     from ..core.diffusion import ScheduleConfig
     from ..core.training import PretrainConfig, pretrain
 
-    cfg = PretrainConfig(preset=a.preset, steps=a.steps, patch=a.patch, batch=a.batch, lr=a.lr, seed=a.seed,
-                         checkpoint_every=a.checkpoint_every, amp=not a.no_amp,
-                         schedule=ScheduleConfig(kind=a.schedule))
-    sources = unlabeled_sources(a.images)
-    last = progress_bar(pretrain(sources, a.out, cfg, device=a.device, resume=a.resume, overwrite=a.force),
-                        "pretrain")
-    print(f"pretrained model: {last.checkpoint} ({last.step} steps)")
+    if getattr(a, "pretext", "diffusion") == "nucleus":
+        from ..core.ddp import launched
+        from ..core.pretext_nucleus import NucleusPretrainConfig, pretrain_nucleus
+
+        if launched():  # its GAN trainer has no process group: N copies would write one checkpoint
+            raise GenSelfDiffError("pretrain --pretext nucleus runs in one process only; start it without torchrun")
+
+        ncfg = NucleusPretrainConfig(preset=a.preset, steps=a.steps, patch=a.patch, batch=a.batch, lr=a.lr,
+                                     seed=a.seed, checkpoint_every=a.checkpoint_every, amp=not a.no_amp)
+        events = pretrain_nucleus(unlabeled_sources(a.images), a.out, ncfg, device=a.device, resume=a.resume,
+                                  overwrite=a.force)
+    else:
+        cfg = PretrainConfig(preset=a.preset, steps=a.steps, patch=a.patch, batch=a.batch, lr=a.lr, seed=a.seed,
+                             checkpoint_every=a.checkpoint_every, amp=not a.no_amp,
+                             schedule=ScheduleConfig(kind=a.schedule))
+        events = pretrain(unlabeled_sources(a.images), a.out, cfg, device=a.device, resume=a.resume,
+                          overwrite=a.force)
+    last = _drive(events, "pretrain")
+    _report(f"pretrained model: {last.checkpoint} ({last.step} steps)")
     return 0
 
 
@@ -55,8 +99,8 @@ def cmd_finetune(a: argparse.Namespace) -> int:
                          val_every=a.val_every, val_crops=a.val_crops, amp=not a.no_amp, mpp=a.mpp)
     events = finetune(train, a.out, cfg, init=init, val_items=val, device=a.device,
                       resume=a.resume, overwrite=a.force)
-    last = progress_bar(events, "finetune")
-    print(f"segmentation model: {last.checkpoint} ({last.step} steps)")
+    last = _drive(events, "finetune")
+    _report(f"segmentation model: {last.checkpoint} ({last.step} steps)")
     return 0
 
 
@@ -91,8 +135,37 @@ def cmd_sample(a: argparse.Namespace) -> int:
     model = resolve_model(a.model)
     # checked before any work: an existing file is replaced only with --force and only a PNG of ours
     check_target(a.out, kind="PNG", force=a.force, ours=is_our_png, inputs=[model])
+    from ..core.checkpoint import load_config
+    from ..core.pretext_nucleus import pretext_of
+
+    config = load_config(model)
+    if config.get("kind") == "pretrain" and pretext_of(config) == "nucleus":
+        return _sample_nucleus(a, model, config)
     tiles = generate_tiles(model, a.n, size=a.size, steps=a.steps, sampler=a.sampler, seed=a.seed,
                            device=a.device)
     write_png_atomic(a.out, tile_grid(tiles))
     print(f"wrote {a.out} ({a.n} tiles of {tiles.shape[1]}x{tiles.shape[2]})")
+    return 0
+
+
+def _sample_nucleus(a: argparse.Namespace, model: Path, config: dict) -> int:
+    """``sample`` on a nucleus-aware checkpoint: pseudo masks -> generated H&E in three styles, and
+    real tiles (from ``--images``) -> predicted masks."""
+    import numpy as np
+
+    from ..core.atomic import write_png_atomic
+    from ..core.pretext_nucleus import nucleus_samples
+
+    size = a.size or int(config.get("patch_size", 128))
+    real = None
+    if a.images:
+        from ..slide.sources import unlabeled_sources
+
+        sources = unlabeled_sources(a.images)
+        rng = np.random.default_rng(a.seed)
+        real = np.stack([sources[int(rng.integers(len(sources)))].sample(rng, size) for _ in range(a.n)])
+    grid = nucleus_samples(model, a.n, size=size, real=real, seed=a.seed, device=a.device)
+    write_png_atomic(a.out, grid)
+    what = "pseudo masks, 3 generated stainings each" + (", real tiles and their predicted masks" if a.images else "")
+    print(f"wrote {a.out} ({a.n} rows: {what})")
     return 0

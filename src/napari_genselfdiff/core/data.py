@@ -261,6 +261,17 @@ def select_fraction(items: Sequence, fraction: float, seed: int) -> list:
     return [items[i] for i in idx]
 
 
+def select_fraction_from_names(items: Sequence[LabeledImage], names: list[str] | None) -> list[LabeledImage]:
+    """On resume, train on exactly the images the run started with."""
+    if not names:
+        return list(items)
+    by_name = {it.name: it for it in items}
+    missing = [n for n in names if n not in by_name]
+    if missing:
+        raise DataError(f"cannot resume: training images {missing[:3]} are no longer in the labeled set")
+    return [by_name[n] for n in names]
+
+
 def split_items(items: Sequence, val_fraction: float, seed: int) -> tuple[list, list]:
     """Split by item (by image, never by patch) into (train, validation)."""
     if val_fraction <= 0:

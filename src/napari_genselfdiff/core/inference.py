@@ -198,12 +198,15 @@ class PredictorCache(NamedTuple):
     predictor: TorchPredictor
 
 
-def cached_predictor(model: str | os.PathLike, device: str, cache: PredictorCache | None) -> PredictorCache:
+def cached_predictor(model: str | os.PathLike, device: str, cache: PredictorCache | None,
+                     **options) -> PredictorCache:
     """A :class:`TorchPredictor` for ``model`` on ``device``, reusing ``cache`` unless it holds
     another model or device, or the weights were rewritten since (a model fine-tuned again into
-    the same folder). Pass the returned cache to the next call."""
+    the same folder). Pass the returned cache to the next call. ``options`` (``batch_size``,
+    ``tta``) go to :meth:`TorchPredictor.from_checkpoint` and are part of the key."""
     weights = Path(model, "model.safetensors")
-    key = (os.path.abspath(model), device, weights.stat().st_mtime_ns if weights.is_file() else None)
+    key = (os.path.abspath(model), device, weights.stat().st_mtime_ns if weights.is_file() else None,
+           *sorted(options.items()))
     if cache is not None and cache.key == key:
         return cache
-    return PredictorCache(key, TorchPredictor.from_checkpoint(model, device=device))
+    return PredictorCache(key, TorchPredictor.from_checkpoint(model, device=device, **options))

@@ -25,6 +25,9 @@ def generate_tiles(model_path: str | os.PathLike, n: int = 16, *, size: int | No
     if cfg.get("kind") != "pretrain":
         raise CheckpointError(f"{model_path}: sampling needs a pretraining (diffusion) checkpoint, "
                               f"this is a {cfg.get('kind')} model")
+    if cfg.get("pretext", "diffusion") != "diffusion":
+        raise CheckpointError(f"{model_path}: a {cfg['pretext']}-aware pretraining has no diffusion model to "
+                              "sample; its check is core.pretext_nucleus.nucleus_samples (genselfdiff sample does it)")
     size = size or int(cfg.get("patch_size", 64))
     m = model.config.multiple
     size = max(m, size - size % m)

@@ -23,9 +23,9 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt
+from . import ddp
 from .data import (NORMALIZATION, AugmentConfig, LabeledImage, TaskSpec, UnlabeledSource, sample_labeled_batch,
-                   sample_unlabeled_batch, select_fraction, to_model_input)
-from .device import pick_device
+                   sample_unlabeled_batch, select_fraction, select_fraction_from_names, to_model_input)
 from .diffusion import Diffusion, ScheduleConfig
 from .errors import CheckpointError, DataError, GenSelfDiffError
 from .inference import TorchPredictor, autocast_for, checkpoint_task, predict_image
@@ -97,7 +97,9 @@ def _lr_at(step: int, total: int, base: float, warmup: int) -> float:
     return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
 
 
-def _step_rngs(seed: int, step: int, device: torch.device) -> tuple[np.random.Generator, torch.Generator]:
+def _step_rngs(seed: int, step: int, device: torch.device, rank=None) -> tuple[np.random.Generator, torch.Generator]:
+    if rank is not None:  # under torchrun: each rank its own stream (core/ddp.py)
+        return ddp.step_rngs(seed, step, rank, device)
     g = torch.Generator(device=device)
     g.manual_seed((seed * 1_000_003 + step) % (2**63))
     return np.random.default_rng([seed, step]), g
@@ -118,8 +120,10 @@ class _Trainer:
     """Optimizer, AMP, checkpointing and resuming shared by both stages."""
 
     def __init__(self, model: UNet, device: torch.device, lr: float, weight_decay: float, amp: bool,
-                 ema: float = 0.0):
+                 ema: float = 0.0, group: ddp.Group | None = None):
         self.model = model.to(device)
+        self.group, self.net = group, ddp.wrap(group, self.model)  # torchrun: DDP averages the gradients
+        self.stream, self.main = (None, True) if group is None else (group.rank, group.main)
         # exponential moving average of the parameters (BatchNorm statistics are recalibrated for
         # whatever weights are saved, so only parameters are averaged)
         self.ema_decay, self.ema_updates = ema, 0
@@ -131,13 +135,13 @@ class _Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=use_scaler) if self.amp else None
 
     def step(self, loss_fn: Callable[[], torch.Tensor], grad_clip: float) -> float:
-        self.model.train()
+        self.net.train()
         self.opt.zero_grad(set_to_none=True)
         try:
             with autocast_for(self.device, self.amp):
                 loss = loss_fn()
-            if not torch.isfinite(loss):
-                raise GenSelfDiffError(f"training diverged (loss {loss.item()}); lower the learning rate")
+            if not torch.isfinite(value := ddp.mean(self.group, loss)):  # torchrun: over ranks, all stop
+                raise GenSelfDiffError(f"training diverged (loss {value.item()}); lower the learning rate")
             if self.scaler is not None and self.scaler.is_enabled():
                 self.scaler.scale(loss).backward()
                 self.scaler.unscale_(self.opt)
@@ -158,7 +162,7 @@ class _Trainer:
         except torch.OutOfMemoryError:
             raise GenSelfDiffError(f"out of memory on {self.device}: lower the batch size or the patch size "
                                    "(the last checkpoint is kept)") from None
-        return float(loss.detach())
+        return float(value)
 
     @contextlib.contextmanager
     def averaged(self):
@@ -288,6 +292,7 @@ def _run(stage: str, trainer: _Trainer, *, total: int, start: int, lr: float, wa
         path, saved_at = save(step), step
     finally:
         if step > saved_at:  # cancelled or failed: keep what was learned
+            ddp.abandon(trainer.group)  # under torchrun the others may be gone: rank 0 saves alone
             try:
                 save(step)
             except Exception as e:  # never mask the original error
@@ -305,9 +310,11 @@ def pretrain(sources: Sequence[UnlabeledSource], out: str | os.PathLike, cfg: Pr
     if not sources:
         raise DataError("no unlabeled images to pretrain on")
     out = Path(out)
-    dev, why = pick_device(device)
+    dev, why, group = ddp.place(device, cfg.batch)  # group: None outside torchrun
     state = _prepare_out(out, resume, overwrite, "pretrain")
     if state is not None:
+        if state.get("run", {}).get("pretext", "diffusion") != "diffusion":
+            raise CheckpointError(f"{out}: is a {state['run']['pretext']} pretraining, cannot resume it as diffusion")
         saved = ckpt.load_config(out)
         ucfg = UNetConfig.from_dict(saved["model"])
         cfg = replace(cfg, schedule=ScheduleConfig.from_dict(saved["schedule"]))
@@ -318,25 +325,25 @@ def pretrain(sources: Sequence[UnlabeledSource], out: str | os.PathLike, cfg: Pr
     # resuming: the saved weights, checked against the saved architecture (one CheckpointError)
     model = ckpt.load_model(out)[0] if state is not None else _seeded_model(ucfg, cfg.seed)
     diffusion = Diffusion(cfg.schedule).to(dev)
-    trainer = _Trainer(model, dev, cfg.lr, cfg.weight_decay, cfg.amp)
+    trainer = _Trainer(model, dev, cfg.lr, cfg.weight_decay, cfg.amp, group=group)
     start = trainer.restore(state) if state is not None else 0
-    run = {"stage": "pretrain", **asdict(cfg)}
+    run = {"stage": "pretrain", "pretext": "diffusion", **asdict(cfg)}
     source_names = [s.name for s in sources]
 
     def loss_at(step: int):
-        rng, gen = _step_rngs(cfg.seed, step, dev)
-        batch = sample_unlabeled_batch(sources, rng, cfg.batch, cfg.patch, cfg.augment)
+        rng, gen = _step_rngs(cfg.seed, step, dev, trainer.stream)
+        batch = sample_unlabeled_batch(sources, rng, ddp.share(group, cfg.batch), cfg.patch, cfg.augment)
         x0 = torch.from_numpy(to_model_input(batch)).to(dev)
-        return lambda: diffusion.loss(trainer.model, x0, generator=gen)
+        return lambda: diffusion.loss(trainer.net, x0, generator=gen)
 
     def save(step: int) -> Path:
-        config = {"kind": "pretrain", "model": ucfg.to_dict(), "schedule": cfg.schedule.to_dict(),
+        config = {"kind": "pretrain", "pretext": "diffusion", "model": ucfg.to_dict(), "schedule": cfg.schedule.to_dict(),
                   "normalization": NORMALIZATION, "patch_size": cfg.patch,
                   "training": {"stage": "pretrain", "steps": step, "seed": cfg.seed, "batch": cfg.batch,
                                "lr": cfg.lr, "sources": source_names[:50], "n_sources": len(source_names),
-                               "device": str(dev), "time": _now()},
+                               "time": _now(), **ddp.provenance(group, dev)},
                   "versions": ckpt.versions()}
-        return ckpt.save_checkpoint(out, trainer.model, config, trainer.state(step, run))
+        return ddp.save(group, out, trainer.model, config, trainer.state(step, run))  # torchrun: rank 0 writes
 
     msg = f"pretraining {ucfg.preset or 'custom'} U-Net on {len(sources)} source(s), {why}"
     if start:
@@ -411,7 +418,7 @@ def finetune(items: Sequence[LabeledImage], out: str | os.PathLike, cfg: Finetun
     if all(not (it.target > 0).any() for it in items):
         raise DataError("every training mask is empty: there is nothing to learn (draw some labels first)")
     out = Path(out)
-    dev, why = pick_device(device)
+    dev, why, group = ddp.place(device, cfg.batch)  # group: None outside torchrun
     state = _prepare_out(out, resume, overwrite, "finetune")
     train = items
     if state is None and cfg.label_fraction < 1:
@@ -425,7 +432,7 @@ def finetune(items: Sequence[LabeledImage], out: str | os.PathLike, cfg: Finetun
         model, init_info, how = build_segmentation_model(spec, init, cfg.preset, cfg.seed, cfg.tile_invariant)
     if cfg.patch % model.config.multiple:
         raise DataError(f"patch size {cfg.patch} must be a multiple of {model.config.multiple} for this model")
-    trainer = _Trainer(model, dev, cfg.lr, cfg.weight_decay, cfg.amp, ema=cfg.ema)
+    trainer = _Trainer(model, dev, cfg.lr, cfg.weight_decay, cfg.amp, ema=cfg.ema, group=group)
     start = trainer.restore(state) if state is not None else 0
     loss_fn = build_loss(cfg.loss)
     run = {"stage": "finetune", **asdict(cfg)}
@@ -433,11 +440,11 @@ def finetune(items: Sequence[LabeledImage], out: str | os.PathLike, cfg: Finetun
 
     def loss_at(step: int):
         calibrated["trained_to"] = step + 1
-        rng, _ = _step_rngs(cfg.seed, step, dev)
-        imgs, tgts = sample_labeled_batch(train, rng, cfg.batch, cfg.patch, cfg.augment)
+        rng, _ = _step_rngs(cfg.seed, step, dev, trainer.stream)
+        imgs, tgts = sample_labeled_batch(train, rng, ddp.share(group, cfg.batch), cfg.patch, cfg.augment)
         x = torch.from_numpy(to_model_input(imgs)).to(dev)
         y = torch.from_numpy(tgts.astype(np.int64)).to(dev)
-        return lambda: loss_fn(trainer.model(x), y)
+        return lambda: loss_fn(trainer.net(x), y)
 
     def config_at(step: int) -> dict:
         return {"kind": "segmentation", "model": model.config.to_dict(), "normalization": NORMALIZATION,
@@ -445,7 +452,7 @@ def finetune(items: Sequence[LabeledImage], out: str | os.PathLike, cfg: Finetun
                 "training": {"stage": "finetune", "steps": step, "seed": cfg.seed, "loss": cfg.loss,
                              "label_fraction": cfg.label_fraction, "train_images": [it.name for it in train],
                              "val_images": [it.name for it in val_items], "init_info": init_info,
-                             "batch": cfg.batch, "lr": cfg.lr, "device": str(dev), "time": _now()},
+                             "batch": cfg.batch, "lr": cfg.lr, "time": _now(), **ddp.provenance(group, dev)},
                 "validation": latest, "versions": ckpt.versions(), **tuned}
 
     calibrated = {"step": None, "trained_to": start}
@@ -474,6 +481,7 @@ def finetune(items: Sequence[LabeledImage], out: str | os.PathLike, cfg: Finetun
                 yield k
         finally:
             gen.close()
+        ddp.sync_buffers(group, trainer.model)  # under torchrun: the same everywhere, bit for bit
         calibrated["step"] = step
 
     def calibrate(step: int) -> None:
@@ -499,9 +507,9 @@ def finetune(items: Sequence[LabeledImage], out: str | os.PathLike, cfg: Finetun
             calibrated["step"] = None if trainer.ema is not None else calibrated["step"]
             calibrate(step)
             if step >= cfg.steps and val_items and cfg.tune_postprocess and spec.task in ("glands", "nuclei") \
-                    and not tuned:
+                    and not tuned and trainer.main:  # only rank 0 writes the thresholds
                 tune()
-            path = ckpt.save_checkpoint(out, trainer.model, config_at(step), trainer.state(step, run))
+            path = ddp.save(group, out, trainer.model, config_at(step), trainer.state(step, run))
         if trainer.ema is not None:
             calibrated["step"] = None
         return path
@@ -532,15 +540,3 @@ def finetune(items: Sequence[LabeledImage], out: str | os.PathLike, cfg: Finetun
                     val_every=cfg.val_every, val_cost=val_cost, message=msg,
                     prepare=None if trainer.ema is not None else lambda step: relay(
                         iter_calibrate(step), lambda k: ("BatchNorm statistics", k, BN_CALIBRATION_BATCHES)))
-
-
-def select_fraction_from_names(items: Sequence[LabeledImage], names: list[str] | None) -> list[LabeledImage]:
-    """On resume, train on exactly the images the run started with."""
-    if not names:
-        return list(items)
-    by_name = {it.name: it for it in items}
-    missing = [n for n in names if n not in by_name]
-    if missing:
-        raise DataError(f"cannot resume: training images {missing[:3]} are no longer in the labeled set")
-    return [by_name[n] for n in names]
-

@@ -21,8 +21,10 @@ few tiles of finished blocks that spill into unfinished ones are recomputed).
 Tissue detection lives in :mod:`.tissue`, the store layout in :mod:`.store`, and the lazy
 viewer-side prediction (same grid, window and blending) in :mod:`.fov`.
 
-Nothing here keeps global state: the functions take everything they need as arguments, so they
-can later become tasks of a dask graph spread over several slides.
+Nothing here keeps global state: the functions take everything they need as arguments.
+:func:`predict_block` is the pure "one output block of one slide" function: the task that
+:mod:`.distributed` spreads over the blocks of many slides on a Dask cluster (it recomputes the
+few tiles a block shares with its neighbours, which :func:`predict_slide` computes once).
 """
 from __future__ import annotations
 
@@ -351,8 +353,21 @@ def predict_slide(predictor: Predictor, slide_or_path: Slide | str | Path, out_p
             slide.close()
 
 
-def _predict_slide(predictor: Predictor, slide: Slide, out_path: Path,
-                   cfg: SlideSettings) -> Iterator[Progress]:
+@dataclass(frozen=True)
+class SlidePlan:
+    """What a slide prediction works on: the level, its tile grid and output blocks, and the
+    (created or resumed) store. :func:`plan_slide` makes it; :func:`predict_slide` and the
+    cluster driver (:mod:`.distributed`) share it, so both write and resume the same stores."""
+
+    level: int
+    grid: TileGrid
+    blocks: _Blocks
+    store: PredictionStore
+
+
+def plan_slide(predictor: Predictor, slide: Slide, out_path: Path, cfg: SlideSettings) -> SlidePlan:
+    """The level, grid and blocks of ``slide`` under ``cfg``, and its store at ``out_path``
+    (created, or reopened to resume when its settings match)."""
     lvl = resolve_level(slide, cfg.level, predictor)
     check_tile(predictor, cfg.tile)
     h, w = (int(s) for s in slide.levels[lvl].shape[:2])
@@ -370,6 +385,34 @@ def _predict_slide(predictor: Predictor, slide: Slide, out_path: Path,
             "slide_mpp": slide.mpp, "class_names": names, "metadata": dict(cfg.metadata)}
     store = PredictionStore.create_or_resume(out_path, settings, nc, (h, w), blocks.size,
                                              (blocks.ny, blocks.nx), info, cfg.overwrite)
+    return SlidePlan(lvl, grid, blocks, store)
+
+
+def predict_block(predictor: Predictor, slide: Slide, level: int, grid: TileGrid, blocks: _Blocks,
+                  b: tuple[int, int], *, tissue: TissueMask | None = None, batch: int = 4) -> np.ndarray:
+    """The stored (C, h, w) uint8 probabilities of output block ``b`` on its own: every tile
+    touching it predicted (``batch`` per call) and blended, background outside the tissue. A pure
+    function of its arguments (the task of the cluster driver); the same values
+    :func:`predict_slide` stores for that block, which shares the tiles of neighbouring blocks
+    instead of computing them again."""
+    y0, y1, x0, x1 = blocks.region(b)
+    windows = BlendWindows(grid)
+    sums = np.zeros((predictor.num_classes, y1 - y0, x1 - x0), np.float64)
+    wsum = np.zeros((y1 - y0, x1 - x0), np.float64)
+    for results in iter_tile_predictions(predictor, slide, level, grid, grid.touching(y0, y1, x0, x1),
+                                         batch=batch, tissue=tissue):
+        for tid, pred, _ in results:
+            add_tile(sums, wsum, y0, x0, pred, *grid.origin(tid), windows(tid))
+    out = blend_to_uint8(sums, wsum)
+    if tissue is not None:
+        clear_background(out, tissue, slide.downsamples[level], y0, x0)
+    return out
+
+
+def _predict_slide(predictor: Predictor, slide: Slide, out_path: Path,
+                   cfg: SlideSettings) -> Iterator[Progress]:
+    plan = plan_slide(predictor, slide, out_path, cfg)
+    lvl, grid, blocks, store = plan.level, plan.grid, plan.blocks, plan.store
     start = time.perf_counter()  # the rate counts tissue detection too
     mask = detect_tissue(slide) if cfg.tissue else None
     if mask is not None:

@@ -1,0 +1,79 @@
+"""The layer lists of the dock widgets (``_widgets.inputs.LayerChoices``): they follow the viewer's
+layers, and a widget that was never docked can be garbage collected without an error (the known bug
+of issue #15: ``_disconnect`` raised AttributeError from Qt's ``destroyed`` signal once the garbage
+collector had cleared the choices' attributes, as it does to objects of one reference cycle)."""
+from __future__ import annotations
+
+import gc
+import sys
+import weakref
+
+import numpy as np
+import pytest
+
+pytest.importorskip("napari")
+pytest.importorskip("pytestqt")
+
+pytestmark = [pytest.mark.gui, pytest.mark.usefixtures("settings_dir")]
+
+
+@pytest.fixture
+def uncaught(monkeypatch) -> list:
+    """Exceptions nobody catches: in a Qt slot (PyQt calls sys.excepthook) or a finaliser."""
+    seen: list = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append(u.exc_value))
+    return seen
+
+
+def test_choices_cleared_by_the_garbage_collector_disconnect_without_error(make_napari_viewer, qtbot, uncaught):
+    from qtpy.QtWidgets import QComboBox
+
+    from napari_genselfdiff._widgets.inputs import LayerChoices, is_rgb_image
+
+    viewer = make_napari_viewer()
+    viewer.add_image(np.zeros((16, 16, 3), np.uint8), rgb=True, name="a")
+    combo = QComboBox()
+    choices = LayerChoices(viewer, is_rgb_image, combo)
+    assert [combo.itemText(i) for i in range(combo.count())] == ["a"]
+    vars(choices).clear()  # what gc's clearing of a reference cycle does, before Qt deletes the widget
+    with qtbot.capture_exceptions() as raised:
+        combo.deleteLater()  # -> destroyed -> _disconnect: AttributeError '_events' before the fix
+        qtbot.wait(50)
+    assert [e[1] for e in raised] == [] and uncaught == []
+
+
+def test_an_undocked_widget_is_collected_and_stops_following_the_viewer(make_napari_viewer, qtbot, uncaught):
+    from napari_genselfdiff._widgets.predict import PredictWidget
+
+    viewer = make_napari_viewer()
+    viewer.add_image(np.zeros((16, 16, 3), np.uint8), rgb=True, name="H&E")
+    w = PredictWidget(viewer)  # never docked: nothing owns it but this name
+    assert w.image_layer.currentText() == "H&E"
+    combo, alive = w.image_layer, weakref.ref(w)
+    with qtbot.capture_exceptions() as raised:
+        del w
+        gc.collect()
+        qtbot.wait(10)
+        assert alive() is None
+        viewer.add_image(np.zeros((16, 16, 3), np.uint8), rgb=True, name="second")  # nobody refreshes a dead combo
+        viewer.layers["H&E"].name = "renamed"
+        qtbot.wait(10)
+    assert [e[1] for e in raised] == [] and uncaught == []
+    del combo
+
+
+def test_the_choices_follow_inserts_renames_and_removals(make_napari_viewer):
+    from qtpy.QtWidgets import QComboBox
+
+    from napari_genselfdiff._widgets.inputs import LayerChoices, is_rgb_image
+
+    viewer = make_napari_viewer()
+    combo = QComboBox()
+    choices = LayerChoices(viewer, is_rgb_image, combo)
+    viewer.add_image(np.zeros((16, 16, 3), np.uint8), rgb=True, name="a")
+    viewer.add_image(np.zeros((16, 16), np.uint8), name="grey")  # not RGB: not offered
+    assert [combo.itemText(i) for i in range(combo.count())] == ["a"]
+    viewer.layers["a"].name = "b"
+    assert combo.currentText() == "b" and choices.current() is viewer.layers["b"]
+    viewer.layers.remove("b")
+    assert combo.count() == 0 and choices.current() is None
