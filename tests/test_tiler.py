@@ -13,11 +13,12 @@ from torch import nn
 
 from napari_genselfdiff.core.errors import DataError, GenSelfDiffError
 from napari_genselfdiff.core.postprocess import glands_from_probabilities, nuclei_from_probabilities
+from napari_genselfdiff.core.progress import drain
 from napari_genselfdiff.slide import instances
 from napari_genselfdiff.slide.fov import FieldOfViewPredictor
 from napari_genselfdiff.slide.reader import open_slide
 from napari_genselfdiff.slide.grid import WINDOW_EPS, TileGrid, blend_window, tile_starts
-from napari_genselfdiff.slide.tiler import Predictor, block_size_for, predict_slide
+from napari_genselfdiff.slide.tiler import Predictor, SlideSettings, block_size_for, plan_slide, predict_block, predict_slide
 from napari_genselfdiff.slide.store import PredictionStore
 from napari_genselfdiff.slide.tissue import TissueMask, detect_tissue, is_background, tissue_weight
 
@@ -463,3 +464,30 @@ def test_an_image_smaller_than_a_tile_gets_tiles_of_its_short_side():
     assert grid.tile == 216 and grid.overlap == 152 and grid.ys == (0,)
     assert grid.xs[-1] + grid.tile == 392 and all(x % 8 == 0 for x in grid.xs)
     assert TileGrid.make(100, 100, 256, 64, 1).tile == 256  # models without a multiple: as before
+
+
+# ``tiler.predict_block``, the pure one-block function the cluster driver runs as a task: block by
+# block on its own, it stores exactly what ``predict_slide`` stores (no cluster needed here).
+
+@pytest.fixture(scope="module")
+def block_slide_path(tmp_path_factory):
+    out = tmp_path_factory.mktemp("blocks") / "slide.tif"
+    return _make_test_slide()(out, 448, tile=128, mpp=0.5, source=None, compression="zlib", seed=3)
+
+
+@pytest.mark.parametrize("tissue", [False, True])
+def test_blocks_on_their_own_store_what_predict_slide_stores(block_slide_path, tmp_path, tissue):
+    kw = dict(tile=96, overlap=32, block=128, tissue=tissue)
+    drain(predict_slide(PixelPredictor(), block_slide_path, tmp_path / "ref.zarr", **kw))
+    ref = np.asarray(PredictionStore.open(tmp_path / "ref.zarr").probabilities)
+    with open_slide(block_slide_path) as slide:
+        plan = plan_slide(PixelPredictor(), slide, tmp_path / "blocks.zarr", SlideSettings(**kw))
+        mask = detect_tissue(slide) if tissue else None
+        assert (plan.blocks.ny, plan.blocks.nx) == (4, 4)  # 448 px in 128-px blocks: the last one short
+        got = np.zeros_like(ref)
+        for b in [(r, c) for r in range(plan.blocks.ny) for c in range(plan.blocks.nx)][::-1]:  # any order
+            y0, y1, x0, x1 = plan.blocks.region(b)
+            got[:, y0:y1, x0:x1] = predict_block(PixelPredictor(), slide, plan.level, plan.grid, plan.blocks, b,
+                                                 tissue=mask, batch=3)
+    np.testing.assert_array_equal(got, ref)
+    assert plan.store.settings == PredictionStore.open(tmp_path / "ref.zarr").settings  # either resumes the other

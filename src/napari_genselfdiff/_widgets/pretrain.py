@@ -55,17 +55,24 @@ def layer_source(layer) -> UnlabeledSource:
     return LazyArraySource(level0, layer.name)
 
 
+def _finished(events: Iterator[Progress]) -> Iterator[Progress]:
+    """Relay a training's events (closing it when the job is cancelled); returns its last event
+    when the training finished, else None."""
+    last = None
+    with closing(events) as gen:
+        for last in gen:
+            yield last
+    return last if last is not None and last.done else None
+
+
 def pretrain_job(sources: list[UnlabeledSource], out: str, cfg: PretrainConfig, device: str, resume: bool,
                  n_tiles: int, ddim_steps: int) -> Iterator[Progress | str]:
     """Pretrain (yielding the core's events), then say so and return a grid of ``n_tiles``
     generated tiles."""
     from ..core.sampling import generate_tiles, tile_grid
 
-    last = None
-    with closing(pretrain(sources, out, cfg, device=device, resume=resume)) as events:
-        for last in events:
-            yield last
-    if not n_tiles or last is None or not last.done:
+    last = yield from _finished(pretrain(sources, out, cfg, device=device, resume=resume))
+    if not n_tiles or last is None:
         return None
     yield f"generating {n_tiles} tiles ({ddim_steps} DDIM steps) to show what the model learned…"
     tiles = generate_tiles(last.checkpoint, n_tiles, size=cfg.patch, steps=ddim_steps, device=device)
@@ -79,11 +86,8 @@ def nucleus_pretrain_job(sources: list[UnlabeledSource], out: str, cfg, device: 
     predicted mask."""
     from ..core.pretext_nucleus import nucleus_samples, pretrain_nucleus
 
-    last = None
-    with closing(pretrain_nucleus(sources, out, cfg, device=device, resume=resume)) as events:
-        for last in events:
-            yield last
-    if not n_tiles or last is None or not last.done:
+    last = yield from _finished(pretrain_nucleus(sources, out, cfg, device=device, resume=resume))
+    if not n_tiles or last is None:
         return None
     rows = -(-n_tiles // 4)
     yield f"drawing {rows} pseudo mask(s) and their generated H&E to show what the model learned…"
