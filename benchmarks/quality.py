@@ -71,6 +71,9 @@ def main() -> None:
     ap.add_argument("--pre-steps", type=int, default=None,
                     help="override the budget's pretraining steps (a shorter pretraining in the work folder is "
                          "continued to this many)")
+    ap.add_argument("--nucleus-steps", type=int, default=None,
+                    help="the nucleus-aware pretext's steps (default: the same as --pre-steps; a step of it costs "
+                         "several diffusion steps, so a fixed CPU budget may give it fewer)")
     ap.add_argument("--report-only", action="store_true",
                     help="train nothing: rewrite the table and plot from the work folder's rows.json")
     a = ap.parse_args()
@@ -83,6 +86,7 @@ def main() -> None:
         b["seeds"] = tuple(a.seeds)
     if a.pre_steps:
         b["pre_steps"] = a.pre_steps
+    b["nucleus_steps"] = a.nucleus_steps or b["pre_steps"]
     work = Path(a.work or REPO / "benchmarks" / "_work" / "quality" / a.budget)
     if a.report_only:
         saved = json.loads((work / "rows.json").read_text())
@@ -99,22 +103,22 @@ def main() -> None:
     if a.pretrained:
         b["pre_steps"] = json.loads((pre / "config.json").read_text())["training"]["steps"]
     sources = unlabeled_pool(root, {n: s[0] for n, s in splits.items()})
-    pre_s = {}
+    pre_s = previous_seconds(work)  # seconds of pretrainings an earlier run in this folder did
     with Timer() as t_pre:
         if "diffusion" in a.arms and not pretrained_enough(pre, b["pre_steps"], b["preset"]):
             drain(pretrain(sources, pre, PretrainConfig(preset=b["preset"], steps=b["pre_steps"], patch=b["patch"],
                                                         batch=b["batch"], lr=1e-3 if b["preset"] == "tiny" else 1e-4,
                                                         warmup=20, checkpoint_every=200),
                            device=a.device, resume=pre.exists()))
-    pre_s["diffusion"] = t_pre.s
+    pre_s["diffusion"] = pre_s.get("diffusion", 0.0) + t_pre.s
     nucleus = work / "pretrained_nucleus"
     with Timer() as t_nuc:
-        if "nucleus" in a.arms and not nucleus_enough(nucleus, b["pre_steps"]):
+        if "nucleus" in a.arms and not nucleus_enough(nucleus, b["nucleus_steps"]):
             drain(pretrain_nucleus(sources, nucleus, NucleusPretrainConfig(
-                preset=b["preset"], steps=b["pre_steps"], patch=b["patch"], batch=b["batch"], warmup=20,
+                preset=b["preset"], steps=b["nucleus_steps"], patch=b["patch"], batch=b["batch"], warmup=20,
                 lr=5e-4 if b["preset"] == "tiny" else 2e-4, checkpoint_every=200), device=a.device,  # GAN: 1e-3 oscillates
                 resume=nucleus.exists()))
-    pre_s["nucleus"] = t_nuc.s
+    pre_s["nucleus"] = pre_s.get("nucleus", 0.0) + t_nuc.s
     if "nucleus" in a.arms:
         sample_grid(nucleus, sources, b["patch"], work / "nucleus_samples.png", a.device)
     inits = {"scratch": None, "diffusion": pre, "nucleus": nucleus}
@@ -185,8 +189,19 @@ def previous_rows(work: Path, b: dict) -> list[dict]:
     if not same:
         print(f"{f}: another schedule ({ {k: old.get(k) for k in ('pre_steps', 'ft_steps')} }); starting over", flush=True)
         return []
-    print(f"{f}: continuing after {len(saved['rows'])} finished runs", flush=True)
-    return list(saved["rows"])
+    rows = list(saved["rows"])
+    if old.get("nucleus_steps", old.get("pre_steps")) != b["nucleus_steps"]:  # the nucleus arm alone starts over
+        rows = [r for r in rows if r["arm"] != "nucleus"]
+    print(f"{f}: continuing after {len(rows)} finished runs", flush=True)
+    return rows
+
+
+def previous_seconds(work: Path) -> dict:
+    """Seconds each pretext's pretraining took in earlier runs in ``work`` (a float: diffusion only)."""
+    f = work / "rows.json"
+    saved = json.loads(f.read_text()) if f.is_file() else {}
+    s = saved.get("meta", {}).get("pretraining_s", {}) if isinstance(saved, dict) else {}
+    return {"diffusion": float(s)} if isinstance(s, (int, float)) else dict(s)
 
 
 def save_rows(work: Path, rows: list[dict], b: dict, pre_s) -> None:
@@ -208,8 +223,8 @@ def report(rows: list[dict], budget: str, b: dict, pre_s, where: str) -> str:
         pre_s = {"diffusion": pre_s}
     spent = ", ".join(f"{k} {v:.0f} s" for k, v in pre_s.items())
     lines = [f"### Quality, budget `{budget}` ({where})", "",
-             f"preset {b['preset']}, patch {b['patch']}, batch {b['batch']}, pretraining {b['pre_steps']} steps "
-             f"per pretext ({spent} in this run; 0 s: reused), fine-tuning {b['ft_steps']} steps x {len(rows)} runs ({ft_min:.0f} min), "
+             f"preset {b['preset']}, patch {b['patch']}, batch {b['batch']}, pretraining: diffusion {b['pre_steps']} steps, "
+             f"nucleus-aware {b.get('nucleus_steps', b['pre_steps'])} steps ({spent}; 0 s: reused), fine-tuning {b['ft_steps']} steps x {len(rows)} runs ({ft_min:.0f} min), "
              f"seeds {list(b['seeds'])}; test split only. Mean ± spread (std over seeds; 0 with one seed).", ""]
     for name in sorted({r["dataset"] for r in rows}):
         task = DATASETS[name].task

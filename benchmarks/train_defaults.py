@@ -26,13 +26,12 @@ from napari_genselfdiff.core.checkpoint import file_sha256, load_model  # noqa: 
 CARD = """# Default {task} model ({dataset_title})
 
 - **What it does**: {task} segmentation of H&E ({classes}); instances by {post}.
-- **Architecture**: GenSelfDiff-HIS U-Net, preset `{preset}` ({params:,} parameters), weights in float16. Pretrained
-  with the paper's GroupNorm + attention network; the segmentation network is its tile-invariant form (BatchNorm
-  with frozen statistics, no attention), so tiling cannot change the answer. Effective receptive field
+- **Architecture**: GenSelfDiff-HIS U-Net, preset `{preset}` ({params:,} parameters), weights in float16. {arch_pre}
+  the segmentation network is its tile-invariant form (BatchNorm with frozen statistics, no attention), so tiling
+  cannot change the answer. Effective receptive field
   (99.9 % of the gradient mass): {rf} px in each direction; default tile overlap {halo} px.
 - **Resolution**: expects about **{mpp:.2f} microns per pixel** (the predictor reads the closest pyramid level).
-- **Pretraining**: DDPM (T=1000, quadratic schedule, P2-weighted loss), {pre_steps} steps x {pre_batch} tiles of
-  {patch}x{patch} on unlabeled tiles: GlaS + MoNuSeg training images without labels, plus the two unlabeled slides.
+- **Pretraining**: {pretraining}
 - **Fine-tuning**: {ft_steps} steps x {ft_batch} patches of {ft_patch}x{ft_patch}, loss `{loss}`, on the {dataset} training
   split ({n_train} images; split by image, seed 2024), validated on {n_val} images; learning rate with linear warm-up
   and cosine decay, exponential moving average of the weights ({ema}), stain and colour augmentation.
@@ -48,6 +47,11 @@ CARD = """# Default {task} model ({dataset_title})
   MoNuSeg is CC BY-NC-SA 4.0 (Kumar et al., IEEE TMI 2017, 2019). These weights inherit the
   **non-commercial** terms.
 """
+
+PRE_DIFFUSION = """DDPM (T=1000, quadratic schedule, P2-weighted loss), {pre_steps} steps x {pre_batch} tiles of
+  {patch}x{patch} on unlabeled tiles: GlaS + MoNuSeg training images without labels, plus the two unlabeled slides."""
+PRE_SCRATCH = """none. On nuclei, diffusion pretraining was measured to hurt at 100 % labels on the CPU budget
+  (benchmarks/RESULTS.md, "Pretraining vs scratch"), so this model is fine-tuned from random weights."""
 
 
 def bundle(src: Path, dst: Path, card: str, metrics: dict, extra: dict | None = None) -> None:
@@ -83,6 +87,8 @@ def main() -> None:
     ap.add_argument("--work", default=str(REPO / "benchmarks" / "_work" / "defaults"))
     ap.add_argument("--device", default="auto")
     ap.add_argument("--only", choices=["glas", "monuseg"], default=None)
+    ap.add_argument("--scratch", nargs="*", choices=["glas", "monuseg"], default=[],
+                    help="fine-tune these datasets' models from random weights, without the pretraining")
     ap.add_argument("--pretrain-only", action="store_true", help="stop after the (resumable) pretraining")
     ap.add_argument("--fresh", action="store_true", help="restart fine-tunings instead of resuming them")
     ap.add_argument("--nuclei-steps", type=int, default=None, help="nuclei fine-tuning steps (default --finetune-steps)")
@@ -102,7 +108,8 @@ def main() -> None:
         datasets["monuseg"] = dataclasses.replace(m, downsample=a.nuclei_mpp / m.mpp_native)
     splits = {name: load_dataset(ds, root, boundary=boundary and ds.task == "nuclei") for name, ds in datasets.items()}
     pre = work / "pretrained"
-    if not pretrained_enough(pre, a.pretrain_steps, a.preset):
+    wanted = [n for n in datasets if not a.only or n == a.only]
+    if any(n not in a.scratch for n in wanted) and not pretrained_enough(pre, a.pretrain_steps, a.preset):
         sources = unlabeled_pool(root, {n: s[0] for n, s in splits.items()})
         cfg = PretrainConfig(preset=a.preset, steps=a.pretrain_steps, patch=a.patch, batch=a.batch, lr=1e-3,
                              warmup=20, checkpoint_every=100)
@@ -125,7 +132,8 @@ def main() -> None:
                              boundary=boundary and ds.task == "nuclei")
         with Timer() as t:
             resume = (out / "training_state.json").is_file() and not a.fresh  # an interrupted run continues
-            drain(finetune(train, out, cfg, init=pre, val_items=val, device=a.device, resume=resume, overwrite=True,
+            init = None if name in a.scratch else pre
+            drain(finetune(train, out, cfg, init=init, val_items=val, device=a.device, resume=resume, overwrite=True,
                            val_instances={it.name: inst[it.name] for it in val if it.name in inst}),
                   lambda e: print(f"{ds.task} {e.step}/{e.total} loss {e.loss:.4f} {e.metrics or ''}", flush=True)
                   if e.step % 50 == 0 else None)
@@ -167,7 +175,11 @@ def main() -> None:
                                     "nuclei": "background / nucleus / nucleus boundary" if cfg.boundary
                                     else "background / nucleus"}[ds.task],
                            post=post, preset=a.preset, params=params, mpp=ds.mpp,
-                           pre_steps=a.pretrain_steps, pre_batch=a.batch, patch=a.patch, ft_patch=patch, ft_steps=steps,
+                           arch_pre="Trained from random weights;" if init is None else
+                           "Pretrained with the paper's GroupNorm + attention network;",
+                           pretraining=PRE_SCRATCH if init is None else PRE_DIFFUSION.format(
+                               pre_steps=a.pretrain_steps, pre_batch=a.batch, patch=a.patch),
+                           ft_patch=patch, ft_steps=steps,
                            ft_batch=a.batch, loss=cfg.loss, dataset=name, n_train=len(train), n_val=len(val),
                            n_test=len(test), machine=machine(), metrics=table,
                            rf=field['receptive_field']['radius']['0.999'], halo=field['halo'],
