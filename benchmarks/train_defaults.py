@@ -127,7 +127,7 @@ def main() -> None:
         out = work / ds.task
         patch = a.gland_patch if ds.task == "glands" else a.patch
         steps = a.nuclei_steps if ds.task == "nuclei" and a.nuclei_steps else a.finetune_steps
-        cfg = FinetuneConfig(task=ds.task, steps=steps, patch=patch, batch=a.batch, lr=1e-3,
+        cfg = FinetuneConfig(task=ds.task, preset=a.preset, steps=steps, patch=patch, batch=a.batch, lr=1e-3,
                              warmup=20, checkpoint_every=100, val_every=a.val_every, mpp=ds.mpp, ema=a.ema,
                              boundary=boundary and ds.task == "nuclei")
         with Timer() as t:

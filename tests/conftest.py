@@ -66,6 +66,14 @@ def one_torch_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture(autouse=True)
+def _never_the_users_config(tmp_path_factory, monkeypatch) -> None:
+    """Every test: widget settings in a folder of this test session, never the user's real
+    config (a test that checks settings asks for its own fresh folder, :func:`settings_dir`)."""
+    # the name of _widgets.settings.CONFIG_ENV, not imported: that module imports Qt
+    monkeypatch.setenv("GENSELFDIFF_CONFIG_DIR", str(tmp_path_factory.getbasetemp() / "session-config"))
+
+
 @pytest.fixture
 def settings_dir(tmp_path, monkeypatch) -> Path:
     """Widget settings go to a fresh folder, never the user's real config."""

@@ -213,3 +213,88 @@ def test_an_unreachable_scheduler_is_one_line(model, slides, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and f"--scheduler tcp://127.0.0.1:{port}: cannot connect" in err, err
     assert len(err.strip().splitlines()) == 1, err
+
+
+# --------------------------------------------------------------------------------------------
+# napari: "Predict whole slide" on the same graph ("Run on", _widgets/whole_slide.py)
+
+
+def _predict_widget(viewer, model, out: Path):
+    from napari_genselfdiff._widgets.predict import PredictWidget
+
+    w = PredictWidget(viewer)
+    viewer.window.add_dock_widget(w, name="Predict", area="right")
+    w.add_model(str(model))
+    w.device.combo.setCurrentText("cpu")
+    w.tile.setValue(128)
+    w.overlap.setValue(64)
+    w.batch.setValue(1)
+    w.probability.setChecked(False)
+    w.out.setText(str(out))
+    return w
+
+
+def _whole_slide(qtbot, w, statuses: list) -> None:
+    w.runner.event.connect(lambda e: statuses.append(w.progress.status.text()))
+    w.slide_btn.click()
+    qtbot.waitUntil(lambda: not w.runner.running, timeout=180_000)
+
+
+def test_napari_whole_slide_on_a_cluster_gives_the_in_process_labels(client, model, slides, reference,
+                                                                      tmp_path, make_napari_viewer, qtbot):
+    viewer = make_napari_viewer()
+    (layer,) = viewer.open(str(slides[0]), plugin="napari-genselfdiff")
+    here = _predict_widget(viewer, model, tmp_path / "here")
+    assert not here.run_on.workers.isVisibleTo(here) and not here.run_on.scheduler.isVisibleTo(here)
+    _whole_slide(qtbot, here, [])
+    there = _predict_widget(viewer, model, tmp_path / "there")
+    there.run_on.combo.setCurrentText("Dask cluster at")
+    assert there.run_on.scheduler.isVisibleTo(there) and not there.run_on.workers.isVisibleTo(there)
+    there.run_on.scheduler.setText(client.scheduler.address)
+    statuses: list[str] = []
+    _whole_slide(qtbot, there, statuses)
+    assert any(s.startswith("cluster:") and "blocks" in s for s in statuses), statuses
+    (a,) = (tmp_path / "here").glob("*.zarr")
+    (b,) = (tmp_path / "there").glob("*.zarr")
+    sa, sb = PredictionStore.open(a), PredictionStore.open(b)
+    assert sb.status == "complete"
+    np.testing.assert_array_equal(np.asarray(sb.probabilities), np.asarray(sa.probabilities))
+    np.testing.assert_array_equal(np.asarray(sb.labels("nuclei")), np.asarray(sa.labels("nuclei")))
+    np.testing.assert_array_equal(np.asarray(sb.probabilities), reference[0]["probs"])  # and the tiler's, block size aside
+    shown = viewer.layers["nuclei"]
+    np.testing.assert_array_equal(np.asarray(shown.data[0] if shown.multiscale else shown.data),
+                                  np.asarray(sb.labels("nuclei")))
+
+
+def test_napari_whole_slide_on_a_local_cluster_and_what_a_cluster_cannot_read(model, slides, tmp_path,
+                                                                              make_napari_viewer, qtbot, monkeypatch):
+    import napari_genselfdiff._widgets.predict as predict_mod
+
+    errors: list[str] = []
+    monkeypatch.setattr(predict_mod, "show_error", errors.append)
+    viewer = make_napari_viewer()
+    (layer,) = viewer.open(str(slides[1]), plugin="napari-genselfdiff")
+    w = _predict_widget(viewer, model, tmp_path / "local")
+    w.run_on.combo.setCurrentText("local Dask cluster")
+    assert w.run_on.workers.isVisibleTo(w)
+    w.run_on.workers.setValue(1)
+    _whole_slide(qtbot, w, [])
+    (store,) = (tmp_path / "local").glob("*.zarr")
+    assert PredictionStore.open(store).status == "complete" and "nuclei" in viewer.layers
+    # an image only in napari's memory: a cluster cannot read it, said before anything starts
+    viewer.add_image(np.asarray(layer.data[0] if layer.multiscale else layer.data), name="in memory", rgb=True)
+    w.image_layer.setCurrentText("in memory")
+    w.slide_btn.click()
+    assert not w.runner.running and errors and "has no file" in errors[-1] and "this process" in errors[-1]
+    w.run_on.combo.setCurrentText("Dask cluster at")
+    w.run_on.scheduler.setText("  ")
+    w.slide_btn.click()
+    assert not w.runner.running and "scheduler's address" in errors[-1]
+
+
+def test_no_test_writes_the_users_widget_settings():
+    """The autouse fixture of conftest.py names the variable _widgets/settings.py reads."""
+    from napari_genselfdiff._widgets.settings import CONFIG_ENV, config_dir
+
+    assert CONFIG_ENV == "GENSELFDIFF_CONFIG_DIR"
+    assert "session-config" in str(config_dir())

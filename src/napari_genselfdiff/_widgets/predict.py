@@ -4,7 +4,8 @@
 model's resolution, through a tile-caching :class:`~napari_genselfdiff.slide.fov.FieldOfViewPredictor`
 (so panning back is free); each view's result is gathered with the earlier ones into one
 growing layer (:mod:`.canvas`), so moving around keeps what was predicted. "Predict whole
-slide" runs :func:`~napari_genselfdiff.slide.tiler.predict_slide` in the background into a
+slide" runs :func:`~napari_genselfdiff.slide.tiler.predict_slide` in the background (or, by
+"Run on", the same block graph as the CLI on a Dask cluster: :mod:`.whole_slide`) into a
 resumable zarr store and shows its label pyramid. Either way the results are Labels layers
 named after the task ("glands", "nuclei") placed exactly over the image: same scale, translate
 and units (microns when the pixel size is known), times the level's downsample for a coarser
@@ -36,14 +37,10 @@ from .legend import LEGEND_KEY, PROBABILITY_COLORMAP, Legend, classes_style, ins
 from .models import ModelChooser, fmt_mpp
 from .progress import ProgressPanel, format_duration
 from .settings import Settings, recent_models
+from .whole_slide import RunOnChooser, SlideResult, load_predictor, result_name, slide_job
 
 # ---------------------------------------------------------------------------------------------
 # layers as the jobs need them
-
-
-def result_name(predictor) -> str:
-    """The layer name for a model's objects: the task ("glands", "nuclei") or its first class."""
-    return predictor.task if predictor.task in ("glands", "nuclei") else predictor.class_names[1]
 
 
 def downsamples_of(layer) -> list[float]:
@@ -124,30 +121,8 @@ def shows_classes(predictor) -> bool:
     return predictor.task not in ("glands", "nuclei") and len(predictor.class_names) > 2
 
 
-@dataclass
-class SlideResult:
-    """What :func:`slide_job` returns: the finished store and the name of its labels."""
-
-    predictor: PredictorCache
-    out: str
-    kind: str | None  # the label set ("glands" / "nuclei"), None for other models
-    no_glands: str | None = None  # why a glands result does not look like glands (then no labels layer)
-
-
 #: A field of view showing the whole image and needing more tiles than this gets a warning.
 WHOLE_VIEW_TILES = 16
-
-
-def _load(model: str, device: str, cache: PredictorCache | None, tile: int, overlap: int):
-    """Load (or reuse) the predictor; the overlap to use (-1: the model's default for ``tile``).
-    Yields status lines; returns (cache, overlap)."""
-    yield "loading the model…"
-    cache = cached_predictor(model, device, cache)
-    if overlap < 0:  # only then is the model asked (any tiler Predictor may come with an overlap of the user's)
-        overlap, note = cache.predictor.overlap_for(tile)
-        if note:
-            yield note
-    return cache, overlap
 
 
 def fov_job(model: str, device: str, cache: PredictorCache | None, slide, source_id: int, region: Region,
@@ -162,7 +137,7 @@ def fov_job(model: str, device: str, cache: PredictorCache | None, slide, source
     from ..core.postprocess import postprocess
     from ..slide.fov import FieldOfViewPredictor
 
-    cache, overlap = yield from _load(model, device, cache, tile, overlap)
+    cache, overlap = yield from load_predictor(model, device, cache, tile, overlap)
     predictor = cache.predictor
     key = FovKey(cache.key, source_id, tile, overlap)
     if fov is None or fov[0] != key:
@@ -191,29 +166,6 @@ def fov_job(model: str, device: str, cache: PredictorCache | None, slide, source
     return FovResult(cache, fov, region, slide.downsamples[level], probs, instances, foreground,
                      int(instances.max(initial=0)), mpp=slide.level_mpp(level),
                      semantic=semantic if shows_classes(predictor) else None, no_glands=no_glands)
-
-
-def slide_job(model: str, device: str, cache: PredictorCache | None, slide, out: str, tile: int, overlap: int,
-              batch: int) -> Iterator[Any]:
-    """Predict the whole slide into the zarr store ``out`` (resumes a run with the same settings),
-    at the pyramid level closest to the model's training resolution when both are known; returns
-    a :class:`SlideResult`."""
-    from ..slide.tiler import predict_slide
-
-    cache, overlap = yield from _load(model, device, cache, tile, overlap)
-    predictor = cache.predictor
-    kind = result_name(predictor) if predictor.task in ("glands", "nuclei") else None
-    yield from predict_slide(predictor, slide, out, level="auto", tile=tile, overlap=overlap, batch=batch,
-                             tissue=True, class_names=predictor.class_names, postprocess=kind,
-                             postprocess_options=getattr(predictor, "postprocess_options", None))
-    no_glands = None
-    if kind == "glands":
-        from ..core.glandular import warn_no_glands
-        from ..slide.glands_check import check_store_glands
-        from ..slide.store import PredictionStore
-
-        no_glands = warn_no_glands(check_store_glands(PredictionStore.open(out), slide))
-    return SlideResult(cache, out, kind, no_glands)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,6 +232,8 @@ class PredictWidget(QWidget):
         self.out = PathEdit("dir", "folder for whole-slide results (.zarr)")
         self.out.setText(str(Path.home() / "genselfdiff" / "predictions"))
         form.addRow("Output folder", self.out)
+        self.run_on = RunOnChooser()
+        form.addRow("Run on", self.run_on)
         lay.addWidget(box)
 
         self.fov_btn = QPushButton("Predict field of view")
@@ -302,7 +256,9 @@ class PredictWidget(QWidget):
         self.fill_models()
         self.settings.bind_all({"device": self.device.combo, "probability": self.probability, "tile": self.tile,
                                 "mpp": self.mpp, "model": self.chooser,
-                                "overlap": self.overlap, "batch": self.batch, "out": self.out})
+                                "overlap": self.overlap, "batch": self.batch, "out": self.out,
+                                "run_on": self.run_on.combo, "workers": self.run_on.workers,
+                                "scheduler": self.run_on.scheduler})
 
     # -- models ----------------------------------------------------------------------------
 
@@ -348,12 +304,15 @@ class PredictWidget(QWidget):
             if not self.out.text():
                 raise DataError("choose an output folder for the whole-slide result")
             slide = self._slide(layer)
+            run_on = self.run_on.value()
+            run_on.check(slide)
         except GenSelfDiffError as e:
             show_error(str(e))
             return
         out = Path(self.out.text()) / f"{safe_name(layer.name, 'image')}-{safe_name(Path(model).name, 'image')}.zarr"
         self._start(layer, f"predicting {layer.name!r} into {out}…", slide_job, model, self.device.device,
-                    self._predictor, slide, str(out), self.tile.value(), self.overlap.value(), self.batch.value())
+                    self._predictor, slide, str(out), self.tile.value(), self.overlap.value(), self.batch.value(),
+                    run_on)
 
     def _slide(self, layer):
         """The layer as a Slide with its pixel size; one warning when nobody knows it."""
@@ -386,7 +345,7 @@ class PredictWidget(QWidget):
             self.progress.set_status(ev)
             return
         self.progress.set_step(ev.step, ev.total)
-        unit = "tiles" if ev.stage == "predict" else "blocks"
+        unit = "tiles" if ev.stage == "predict" else "blocks"  # 'cluster' (see .whole_slide) counts blocks
         eta = "" if ev.eta_s is None else f" · ETA {format_duration(ev.eta_s)}"
         self.progress.set_status(f"{ev.stage}: {ev.step}/{ev.total} {unit} · "
                                  f"{ev.megapixels_per_s:.2f} Mpx/s{eta}")
