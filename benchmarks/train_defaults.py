@@ -87,6 +87,8 @@ def main() -> None:
     ap.add_argument("--work", default=str(REPO / "benchmarks" / "_work" / "defaults"))
     ap.add_argument("--device", default="auto")
     ap.add_argument("--only", choices=["glas", "monuseg"], default=None)
+    ap.add_argument("--references", default=str(REPO / "benchmarks" / "_work" / "references" / "references.json"),
+                    help="the reference arms' results (benchmarks/references.py) quoted in the model cards")
     ap.add_argument("--scratch", nargs="*", choices=["glas", "monuseg"], default=[],
                     help="fine-tune these datasets' models from random weights, without the pretraining")
     ap.add_argument("--pretrain-only", action="store_true", help="stop after the (resumable) pretraining")
@@ -159,7 +161,7 @@ def main() -> None:
         if ds.task == "nuclei":
             table += (f" AJI and PQ over the {int(metrics.get('n_images_with_instances', 0))} test images with true "
                       "instance labels (the others have binary masks only, whose components merge touching nuclei).")
-        refs = REPO / "benchmarks" / "_work" / "references" / "references.json"
+        refs = Path(a.references)
         if refs.is_file():
             from references import table as ref_table
             saved = json.loads(refs.read_text())
@@ -167,6 +169,9 @@ def main() -> None:
                 "  " + line for line in ref_table({k: v for k, v in saved.items() if k.startswith(name)}).splitlines())
         tuned = json.loads((out / "config.json").read_text()).get("postprocess", {})
         post = ("connected components with hole filling" if ds.task == "glands"
+                else f"marker-controlled watershed (markers: the h-maxima, height {tuned['split']}, of the mask's "
+                     "distance transform weighted by interior minus boundary probability, flooding its negative)"
+                if cfg.boundary and tuned.get("split")
                 else "marker-controlled watershed (markers: nucleus interiors; flooding the boundary class)"
                 if cfg.boundary else "marker-controlled watershed on the distance transform")
         post += f"; thresholds tuned on the validation split and stored in config.json: {tuned}"

@@ -45,7 +45,7 @@ class FakeModel:
 
 
 def use_model(monkeypatch, model: FakeModel) -> None:
-    monkeypatch.setattr("napari_genselfdiff._widgets.predict.cached_predictor",
+    monkeypatch.setattr("napari_genselfdiff._widgets.whole_slide.cached_predictor",
                         lambda path, device, cache: PredictorCache(("fake", device), model))
 
 

@@ -310,7 +310,7 @@ def test_a_suggested_region_no_prediction_covers_is_predicted_to_prefill_it(view
     suggestion predicts that region with the project's model, in a worker thread."""
     import threading
 
-    from napari_genselfdiff._widgets import predict as predict_widget
+    from napari_genselfdiff._widgets import whole_slide as predict_widget
     from napari_genselfdiff.core.inference import PredictorCache
     from napari_genselfdiff.core.postprocess import postprocess
 

@@ -94,6 +94,17 @@ def test_finetune_cancel_and_resume_match_uninterrupted(tmp_path):
     _assert_same_weights(_weights(tmp_path / "full"), _weights(tmp_path / "cut"))
 
 
+def test_a_finished_run_resumed_keeps_its_validation_scores(tmp_path):
+    """Resuming a run that already reached its last step (e.g. to bundle it again) must not wipe
+    the validation record the model chooser shows."""
+    cfg = FinetuneConfig(**{**FT.__dict__, "val_every": 3, "tune_postprocess": False})
+    drain(finetune(_labeled(), tmp_path / "seg", cfg, val_items=_labeled(1), device="cpu"))
+    before = ck.load_config(tmp_path / "seg")["validation"]
+    assert 0.0 <= before["val_dice"] <= 1.0
+    drain(finetune(_labeled(), tmp_path / "seg", cfg, val_items=_labeled(1), device="cpu", resume=True))
+    assert ck.load_config(tmp_path / "seg")["validation"] == before
+
+
 def test_finetune_from_pretrained_transfers_weights(tmp_path):
     drain(pretrain(_sources(), tmp_path / "pre", PRE, device="cpu"))
     cfg = FinetuneConfig(**{**FT.__dict__, "steps": 0})

@@ -147,10 +147,10 @@ def viewer(make_napari_viewer):
 
 def stand_in(monkeypatch, model: Dark) -> None:
     """The Predict widget loads ``model`` whatever folder is chosen."""
-    from napari_genselfdiff._widgets import predict
+    from napari_genselfdiff._widgets import whole_slide
     from napari_genselfdiff.core.inference import PredictorCache
 
-    monkeypatch.setattr(predict, "cached_predictor",
+    monkeypatch.setattr(whole_slide, "cached_predictor",
                         lambda path, device, cache: PredictorCache(("fake", path, id(model)), model))
 
 

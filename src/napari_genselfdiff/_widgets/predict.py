@@ -25,7 +25,7 @@ from qtpy.QtWidgets import QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, QG
 
 from ..bundled import bundled_models
 from ..core.errors import DataError, GenSelfDiffError, GenSelfDiffWarning
-from ..core.inference import PredictorCache, cached_predictor
+from ..core.inference import PredictorCache
 from ..core.names import safe_name
 from ..core.progress import Progress, in_background
 from .canvas import FOV_KEY, LABELS, GatheredViews

@@ -436,7 +436,7 @@ def finetune(items: Sequence[LabeledImage], out: str | os.PathLike, cfg: Finetun
     start = trainer.restore(state) if state is not None else 0
     loss_fn = build_loss(cfg.loss)
     run = {"stage": "finetune", **asdict(cfg)}
-    latest: dict = {}
+    latest: dict = dict(saved.get("validation") or {}) if state is not None else {}  # a resumed run keeps its scores
 
     def loss_at(step: int):
         calibrated["trained_to"] = step + 1
