@@ -138,7 +138,7 @@ def main() -> None:
             drain(finetune(train, out, cfg, init=init, val_items=val, device=a.device, resume=resume, overwrite=True,
                            val_instances={it.name: inst[it.name] for it in val if it.name in inst}),
                   lambda e: print(f"{ds.task} {e.step}/{e.total} loss {e.loss:.4f} {e.metrics or ''}", flush=True)
-                  if e.step % 50 == 0 else None)
+                  if e.step % 50 == 0 and not e.activity else None)  # not each "validating k/n" of a step
         metrics = evaluate(out, test, inst)
         # test-time augmentation: its gain and cost on the same images (not shipped on by default)
         with Timer() as t1:
