@@ -61,13 +61,13 @@ def split_by_image(names: list[str], seed: int = 2024, test: float = 0.2, val: f
     return train_names, val_names, test_names
 
 
-def load_dataset(ds: Dataset, root: Path, boundary: bool = False):
+def load_dataset(ds: Dataset, root: Path, boundary: bool = False, boundary_width: int = 1):
     """(train, val, test) LabeledImage lists at the model resolution, and GT instances by name
     (only the images that have true instance labels). ``boundary`` (nuclei): targets with a third
     class on each nucleus's inner boundary, drawn at the model resolution from the true instances
     where there are some, else from the binary mask with touching nuclei split
-    (core.data.split_touching)."""
-    spec = TaskSpec.make(ds.task, boundary)
+    (core.data.split_touching); ``boundary_width`` pixels deep."""
+    spec = TaskSpec.make(ds.task, boundary, boundary_width=boundary_width)
     folder = root / ds.folder
     items = [downscale_item(it, ds.downsample) for it in load_labeled_folder(folder / "images", folder / "masks",
                                                                              TaskSpec.make(ds.task))]

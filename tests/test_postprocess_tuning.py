@@ -53,6 +53,27 @@ def test_boundary_target_of_a_binary_mask_draws_the_line_between_touching_nuclei
     assert instances_of_target(target, "nuclei").max() == 2
 
 
+def test_a_wider_boundary_class_peels_layers_but_leaves_small_nuclei_an_interior():
+    lab = _discs((48, 80), [(24, 20), (24, 56)], 9)
+    lab[_discs((48, 80), [(6, 70)], 2) > 0] = 3  # a nucleus about 3 px across
+    one = mask_to_target(lab, TaskSpec.make("nuclei", boundary=True))
+    three = mask_to_target(lab, TaskSpec.make("nuclei", boundary=True, boundary_width=3))
+    assert ((one > 0) == (lab > 0)).all() and ((three > 0) == (lab > 0)).all()
+    # the big discs' boundary is three pixels deep: about three times the one-pixel ring
+    big = lab[:, :50] > 0
+    ratio = (three[:, :50][big] == 2).sum() / (one[:, :50][big] == 2).sum()
+    assert 2.4 < ratio < 3.2
+    assert three[24, 20] == 1 and three[24, 11 + 2] == 2 and three[24, 11 + 3] == 1
+    # every object keeps interior pixels, so each keeps a watershed marker
+    for i in (1, 2, 3):
+        assert (three[lab == i] == 1).any()
+    assert TaskSpec.from_dict(TaskSpec.make("nuclei", True, boundary_width=3).to_dict()).boundary_width == 3
+    assert TaskSpec.from_dict({"task": "nuclei", "num_classes": 3, "class_names": ["a", "b", "c"],
+                               "boundary": True}).boundary_width == 1  # checkpoints before the option
+    with pytest.raises(Exception, match="at least 1 pixel"):
+        TaskSpec.make("nuclei", True, boundary_width=0)
+
+
 def _three_class(lab):
     """Probabilities of a perfect 3-class model for instance labels ``lab``."""
     from skimage.segmentation import find_boundaries

@@ -123,14 +123,18 @@ class TaskSpec:
     num_classes: int = 2
     class_names: tuple[str, ...] = ("background", "gland")
     boundary: bool = False  # nuclei: a third class on object boundaries, to separate touching nuclei
+    boundary_width: int = 1  # pixels (at the model's resolution) of each object's inner boundary
 
     @classmethod
-    def make(cls, task: str, boundary: bool = False, num_classes: int | None = None) -> "TaskSpec":
+    def make(cls, task: str, boundary: bool = False, num_classes: int | None = None,
+             boundary_width: int = 1) -> "TaskSpec":
         if task == "glands":
             return cls("glands", 2, ("background", "gland"), False)
         if task == "nuclei":
             if boundary:
-                return cls("nuclei", 3, ("background", "nucleus", "boundary"), True)
+                if int(boundary_width) < 1:
+                    raise DataError(f"boundary width must be at least 1 pixel, got {boundary_width}")
+                return cls("nuclei", 3, ("background", "nucleus", "boundary"), True, int(boundary_width))
             return cls("nuclei", 2, ("background", "nucleus"), False)
         if task == "multiclass":
             n = num_classes or 2
@@ -138,12 +142,16 @@ class TaskSpec:
         raise DataError(f"unknown task {task!r}: choose glands, nuclei or multiclass")
 
     def to_dict(self) -> dict:
-        return {"task": self.task, "num_classes": self.num_classes, "class_names": list(self.class_names),
-                "boundary": self.boundary}
+        d = {"task": self.task, "num_classes": self.num_classes, "class_names": list(self.class_names),
+             "boundary": self.boundary}
+        if self.boundary:
+            d["boundary_width"] = self.boundary_width
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "TaskSpec":
-        return cls(d["task"], int(d["num_classes"]), tuple(d["class_names"]), bool(d.get("boundary", False)))
+        return cls(d["task"], int(d["num_classes"]), tuple(d["class_names"]), bool(d.get("boundary", False)),
+                   int(d.get("boundary_width", 1)))
 
 
 def mask_to_target(mask: np.ndarray, spec: TaskSpec, source: object = "mask") -> np.ndarray:
@@ -152,7 +160,9 @@ def mask_to_target(mask: np.ndarray, spec: TaskSpec, source: object = "mask") ->
     0/255 masks are binary; masks whose values are all < num_classes are class ids (for binary
     tasks any value > 0 is foreground, which also covers instance-id masks). With a boundary class,
     the inner boundaries of objects become 2: of the instances of an instance-id mask, or, for a
-    binary mask, of its objects with touching ones split apart (:func:`split_touching`).
+    binary mask, of its objects with touching ones split apart (:func:`split_touching`);
+    ``spec.boundary_width`` pixels deep (each layer peeled off the object before the next; past
+    the first, only while the object keeps some interior, which its watershed marker needs).
     """
     mask = np.asarray(mask)
     values = np.unique(mask)
@@ -166,9 +176,16 @@ def mask_to_target(mask: np.ndarray, spec: TaskSpec, source: object = "mask") ->
     if not spec.boundary:
         return fg.astype(np.uint8)
     from skimage.segmentation import find_boundaries
-    inst = mask if len(values) > 2 else split_touching(fg)
+    inst = np.array(mask if len(values) > 2 else split_touching(fg))
     target = fg.astype(np.uint8)
-    target[find_boundaries(inst, mode="inner") & fg] = 2
+    for layer in range(spec.boundary_width):
+        edge = find_boundaries(inst, mode="inner") & (inst > 0)
+        if layer:  # past the first layer, an object is peeled only while some interior remains
+            kept = np.zeros(int(inst.max()) + 1, bool)
+            kept[np.unique(np.where(edge, 0, inst))] = True
+            edge &= kept[inst]
+        target[edge & fg] = 2
+        inst[edge] = 0
     return target
 
 

@@ -58,6 +58,7 @@ class PretrainConfig:
 class FinetuneConfig:
     task: str = "glands"
     boundary: bool = False
+    boundary_width: int = 1  # pixels of the boundary class the targets were drawn with (recorded)
     num_classes: int | None = None  # multiclass only
     preset: str = "small"  # used when training from scratch
     steps: int = 500
@@ -411,7 +412,7 @@ def finetune(items: Sequence[LabeledImage], out: str | os.PathLike, cfg: Finetun
     With validation images, the final checkpoint's post-processing thresholds are tuned on them
     (:mod:`.tuning`; ``val_instances`` by image name are their true objects where known, else
     they are recovered from the targets)."""
-    spec = TaskSpec.make(cfg.task, cfg.boundary, cfg.num_classes)
+    spec = TaskSpec.make(cfg.task, cfg.boundary, cfg.num_classes, cfg.boundary_width)
     parse_loss(cfg.loss)  # fail before any work on a typo
     if not items:
         raise DataError("no labeled images to fine-tune on")
