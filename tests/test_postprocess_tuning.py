@@ -214,3 +214,21 @@ def test_cli_tta_flag_is_checked(tmp_path, capsys):
                  "--tta", "3"])
     assert code == 2
     assert "--tta" in capsys.readouterr().err
+
+
+def test_h_maxima_object_by_object_equals_the_whole_map():
+    from scipy import ndimage as ndi
+    from skimage.morphology import h_maxima
+
+    from napari_genselfdiff.core.postprocess import h_maxima_by_object
+
+    rng = np.random.default_rng(3)
+    lab = _discs((120, 160), [(30, 30), (30, 44), (80, 100), (90, 40), (100, 140)], 9)
+    lab[5:9, 150:154] = 9  # an object lower than h: no marker
+    fg = lab > 0
+    score = ndi.distance_transform_edt(fg) * np.where(fg, rng.uniform(0.5, 1.5, fg.shape), 0)
+    for h in (0.5, 1.0, 3.0):
+        ours = h_maxima_by_object(score, h)
+        assert ours.any() and (ours == h_maxima(score, h)).all()
+    assert not h_maxima_by_object(score, 3.0)[5:9, 150:154].any()  # at most 2 px deep x 1.5 < 3
+    assert not h_maxima_by_object(np.zeros((8, 8)), 1.0).any()

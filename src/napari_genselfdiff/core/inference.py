@@ -57,6 +57,9 @@ TTA_VIEWS = {1: [(False, False, False)],
              8: [(h, w, t) for t in (False, True) for h in (False, True) for w in (False, True)]}
 
 
+CPU_FORWARD_TILES = 1  # see TorchPredictor.forward_tiles
+
+
 class TorchPredictor:
     """Wraps a segmentation U-Net and its checkpoint config. ``source`` names the model in
     errors (the checkpoint folder when loaded with :meth:`from_checkpoint`)."""
@@ -90,6 +93,10 @@ class TorchPredictor:
         self.config = config
         self.amp = amp
         self.batch_size = batch_size
+        # tiles per forward pass: on a CPU one at a time is faster per pixel than several at once
+        # (512-px tiles on the 2-core machine: 1.27 vs 0.92 Mpx/s for 4; the activations of one tile
+        # stay in cache); callers still hand over ``batch_size`` tiles per call
+        self.forward_tiles = batch_size if self.device.type != "cpu" else min(batch_size, CPU_FORWARD_TILES)
         self.num_classes = spec.num_classes
         self.class_names = list(spec.class_names)
         self.task = spec.task
@@ -159,8 +166,8 @@ class TorchPredictor:
         that is not finite (NaN / inf: damaged weights) is a CheckpointError naming the model,
         never a silent all-background prediction."""
         out = []
-        for i in range(0, len(tiles), self.batch_size):
-            x = torch.from_numpy(to_model_input(np.asarray(tiles[i:i + self.batch_size]))).to(self.device)
+        for i in range(0, len(tiles), self.forward_tiles):
+            x = torch.from_numpy(to_model_input(np.asarray(tiles[i:i + self.forward_tiles]))).to(self.device)
             probs = self._probabilities(x)
             if not bool(torch.isfinite(probs).all()):
                 raise CheckpointError(f"{self.source}: the model's output holds NaN or infinite values "
