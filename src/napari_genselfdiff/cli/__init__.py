@@ -293,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mpp", type=positive_float, default=None,
                    help="microns per pixel of the input when its file does not say (TIFF/OME/Aperio tags are read); "
                         "the pyramid level closest to the model's resolution is used")
-    p.add_argument("--batch", type=positive_int, default=4, help="tiles per forward pass (default 4)")
+    p.add_argument("--batch", type=positive_int, default=4, help="tiles per model call (default 4; on a CPU the network takes them one at a time, which is faster there)")
     p.add_argument("--tta", type=tta_views, default=1, help=TTA_HELP)
     p.add_argument("--level", default="auto", type=level, help="pyramid level, or auto (match the model's microns per pixel)")
     p.add_argument("--no-tissue", action="store_true", help="predict background tiles too (no tissue detection)")
