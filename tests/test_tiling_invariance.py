@@ -44,3 +44,20 @@ def test_too_small_an_overlap_does_change_the_answer(one_torch_thread, monuseg_d
     img = _at_model_resolution(f, 0.25, predictor)
     d = compare(predictor, img, tile=256, overlap=8, whole=np.asarray(predict_image(predictor, img)))
     assert d.max_abs > 0.05
+
+
+def test_cpu_forward_takes_tiles_one_at_a_time_and_the_answer_does_not_depend_on_it(one_torch_thread):
+    import torch
+
+    calls = []
+    pred = TorchPredictor.from_checkpoint(resolve_model("nuclei"), device="cpu", batch_size=4)
+    assert pred.batch_size == 4 and pred.forward_tiles == 1  # a CPU: one tile per forward pass
+    tiles = np.random.default_rng(0).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
+    hook = pred.network.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    one_by_one = pred(tiles)
+    hook.remove()
+    assert calls == [1, 1, 1] and one_by_one.shape == (3, 3, 64, 64)
+    pred.forward_tiles = 3  # all at once, as on a GPU: the same probabilities
+    together = pred(tiles)
+    assert np.abs(together - one_by_one).max() < 1e-4
+    assert TorchPredictor(pred.model, pred.config, torch.device("cpu"), batch_size=8).forward_tiles == 1
