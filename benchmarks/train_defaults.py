@@ -51,7 +51,7 @@ CARD = """# Default {task} model ({dataset_title})
 PRE_DIFFUSION = """DDPM (T=1000, quadratic schedule, P2-weighted loss), {pre_steps} steps x {pre_batch} tiles of
   {patch}x{patch} on unlabeled tiles: GlaS + MoNuSeg training images without labels, plus the two unlabeled slides."""
 PRE_SCRATCH = """none. On nuclei, diffusion pretraining was measured to hurt at 100 % labels on the CPU budget
-  (benchmarks/RESULTS.md, "Pretraining vs scratch"), so this model is fine-tuned from random weights."""
+  (benchmarks/RESULTS.md, "Quality: what pretraining buys"), so this model is fine-tuned from random weights."""
 
 
 def bundle(src: Path, dst: Path, card: str, metrics: dict, extra: dict | None = None) -> None:
