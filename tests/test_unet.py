@@ -126,8 +126,14 @@ def test_fused_for_inference_computes_the_same_function_and_leaves_the_model_alo
     assert not any(isinstance(m, torch.nn.BatchNorm2d) and m is b.norm2
                    for b in fused.modules() if hasattr(b, "norm2") for m in [b.norm2])
     x = torch.randn(2, 3, 64, 48)
-    with torch.no_grad():
+    with torch.no_grad():  # in-place activations (no gradient kept)
         torch.testing.assert_close(fused(x), net(x), rtol=1e-4, atol=1e-4)
+    xg = x.clone().requires_grad_(True)  # and with a gradient: not in place, backward works
+    out = fused(xg)
+    out.sum().backward()
+    assert xg.grad is not None and torch.isfinite(xg.grad).all()
+    with torch.no_grad():
+        torch.testing.assert_close(out.detach(), net(x), rtol=1e-4, atol=1e-4)
     for k, v in net.state_dict().items():
         assert torch.equal(v, before[k]), k
     assert any(isinstance(m, ResBlock) for m in net.modules())
