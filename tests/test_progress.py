@@ -71,3 +71,25 @@ def test_closing_a_relay_closes_the_inner_generator():
 ])
 def test_safe_name(text, fallback, expected):
     assert safe_name(text, fallback) == expected
+
+
+def test_relay_last_yields_everything_returns_the_last_and_closes_on_cancel():
+    from napari_genselfdiff.core.progress import relay_last, run_to_end
+
+    closed = []
+
+    def job(n):
+        try:
+            for i in range(n):
+                yield i
+        finally:
+            closed.append(n)
+
+    assert run_to_end(relay_last(job(3))) == 2 and closed == [3]
+    assert run_to_end(relay_last(job(0))) is None
+    seen = []
+    relay = relay_last(job(5))
+    seen.append(next(relay))
+    seen.append(next(relay))
+    relay.close()  # a cancel: the job underneath is closed too
+    assert seen == [0, 1] and closed[-1] == 5

@@ -6,7 +6,6 @@ and holding some out, so a validation Dice can be reported while training.
 """
 from __future__ import annotations
 
-from contextlib import closing
 from pathlib import Path
 from typing import Iterator
 
@@ -17,7 +16,7 @@ from qtpy.QtWidgets import QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, QG
 from ..core.data import LabeledImage, TaskSpec, load_labeled_folder, mask_to_target, split_for_validation
 from ..core.errors import DataError, GenSelfDiffError
 from ..core.losses import LOSSES, parse_loss
-from ..core.progress import Progress
+from ..core.progress import Progress, relay_last
 from ..core.training import FinetuneConfig, finetune
 from ..core.unet import PRESETS
 from .inputs import LayerChoices, PathEdit, add_training_rows, is_labels, is_rgb_image, layer_to_rgb, scrolling_column
@@ -48,11 +47,8 @@ def layer_pair_items(image_layer, labels_layer, spec: TaskSpec) -> LabeledImage:
 def finetune_job(items: list[LabeledImage], out: str, cfg: FinetuneConfig, init: str | None,
                  val_items: list[LabeledImage], device: str, resume: bool) -> Iterator[Progress]:
     """Fine-tune (yielding the core's events); returns the final checkpoint folder."""
-    last = None
-    with closing(finetune(items, out, cfg, init=init, val_items=val_items, device=device,
-                          resume=resume)) as events:
-        for last in events:
-            yield last
+    last = yield from relay_last(finetune(items, out, cfg, init=init, val_items=val_items, device=device,
+                                          resume=resume))
     return last.checkpoint if last is not None and last.done else None
 
 

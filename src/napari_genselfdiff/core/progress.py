@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Generator, Iterable, TypeVar
+from typing import Any, Callable, Generator, Iterable, Iterator, TypeVar
 
 from .errors import GenSelfDiffError
 
@@ -96,6 +96,20 @@ def relay(gen: Generator[T, Any, R], transform: Callable[[T], U] | None = None) 
     finally:
         gen.close()
 
+
+
+def relay_last(events: Iterator[T]) -> Generator[T, None, T | None]:
+    """Yield every event of ``events`` and return the last one (None when there was none):
+    ``last = yield from relay_last(job)``. Closing the relay (a cancel) closes ``events``."""
+    last = None
+    try:
+        for last in events:
+            yield last
+    finally:
+        close = getattr(events, "close", None)
+        if close is not None:
+            close()
+    return last
 
 
 def in_background(fn: Callable[..., R], *args: Any, status: Any = None,

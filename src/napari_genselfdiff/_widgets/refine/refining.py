@@ -10,6 +10,7 @@ from qtpy.QtCore import Signal
 from qtpy.QtWidgets import QCheckBox, QGroupBox, QLabel, QPushButton
 
 from ...core.errors import DataError, GenSelfDiffError
+from ...core.progress import relay_last
 from ...project import Project
 from ..inputs import DeviceChooser, form_and_column, info_label, int_spin, row
 from ..jobs import JobRunner
@@ -25,14 +26,7 @@ NO_DICE = "Dice before → after: –"
 def refine_job(project: Project, steps: int, device: str, overrides: dict) -> Iterator[Any]:
     """Relay :meth:`Project.refine`; returns its last event. Closing this generator (cancel)
     closes the project's, which saves the partial model and records a 'cancelled' refine."""
-    events = project.refine(steps=steps, device=device, **overrides)
-    last = None
-    try:
-        for last in events:
-            yield last
-    finally:
-        events.close()
-    return last
+    return (yield from relay_last(project.refine(steps=steps, device=device, **overrides)))
 
 
 class RefineBox(QGroupBox):
