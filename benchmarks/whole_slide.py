@@ -51,8 +51,18 @@ def build_slide(path: Path, size: int, mpp: float) -> Path:
 
 def run_predict(model: str, slide: Path, out: Path, tile: int, batch: int) -> dict:
     """``genselfdiff predict`` in a fresh process: wall seconds and that child's peak RSS."""
-    if out.exists():
-        shutil.rmtree(out)  # our own output from an earlier run of this benchmark
+    if out.exists():  # an earlier run's output: removed only when genselfdiff wrote it
+        import zarr
+
+        try:
+            ours = "genselfdiff" in zarr.open_group(str(out), mode="r").attrs
+        except Exception:  # noqa: BLE001 - not a zarr group: not ours
+            ours = False
+        if not ours:
+            print(f"whole_slide: {out} exists and is not a genselfdiff prediction; choose another --work",
+                  file=sys.stderr)
+            raise SystemExit(2)
+        shutil.rmtree(out)
     exe = Path(sys.executable).with_name("genselfdiff")
     cmd = [str(exe), "predict", "--model", model, "--input", str(slide), "--out", str(out),
            "--tile", str(tile), "--batch", str(batch)]
@@ -62,7 +72,8 @@ def run_predict(model: str, slide: Path, out: Path, tile: int, batch: int) -> di
     _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - t0
     if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"whole_slide: {' '.join(cmd)} failed:\n{output}")
+        print(f"whole_slide: {' '.join(cmd)} failed:\n{output}", file=sys.stderr)
+        raise SystemExit(2)
     return {"seconds": round(seconds, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
             "log": output.strip().splitlines()[-3:]}
 
