@@ -23,7 +23,7 @@ timeout 120 "$PY" benchmarks/speed.py $SPEED > "$OUT/speed_vs_baseline.txt" 2>&1
 timeout 120 "$PY" benchmarks/speed.py --ceiling --json "$OUT/speed_ceiling.json" > "$OUT/speed_ceiling.txt" 2>&1
 timeout "$LIM" "$PY" benchmarks/train_defaults.py --preset "$PRESET" --pretrain-steps "$PRE" --finetune-steps "$FT" \
   --nuclei-steps "$NUC" --patch "$PATCH" --gland-patch "$PATCH" --batch "$BATCH" --work "$OUT/defaults" --bundle-to "$OUT/models" \
-  --fresh > "$OUT/train_defaults.log" 2>&1
+  --scratch monuseg --nuclei-loss focal+ssl+dice --fresh > "$OUT/train_defaults.log" 2>&1
 timeout "$LIM" "$PY" benchmarks/quality.py --budget "$BUDGET" --work "$OUT/quality" > "$OUT/quality.log" 2>&1
 cp "$OUT"/quality/quality.md "$OUT"/ 2>/dev/null
 tail -n 3 "$OUT"/*.log "$OUT"/*.txt

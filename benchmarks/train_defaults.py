@@ -97,7 +97,8 @@ def main() -> None:
     ap.add_argument("--no-boundary", action="store_true", help="nuclei: two classes, no boundary class")
     ap.add_argument("--boundary-width", type=int, default=1,
                     help="nuclei: pixels of each nucleus's inner boundary class at the model's resolution")
-    ap.add_argument("--loss", default=None, help="fine-tuning loss, e.g. 'focal+ssl+dice' (default: FinetuneConfig's)")
+    ap.add_argument("--nuclei-loss", default=None,
+                    help="nuclei fine-tuning loss, e.g. 'focal+ssl+dice' (the bundled model's; default: FinetuneConfig's)")
     ap.add_argument("--ema", type=float, default=0.99, help="EMA decay of the weights (0: off)")
     ap.add_argument("--val-every", type=int, default=200)
     ap.add_argument("--nuclei-mpp", type=float, default=None,
@@ -136,7 +137,7 @@ def main() -> None:
         cfg = FinetuneConfig(task=ds.task, preset=a.preset, steps=steps, patch=patch, batch=a.batch, lr=1e-3,
                              warmup=20, checkpoint_every=100, val_every=a.val_every, mpp=ds.mpp, ema=a.ema,
                              boundary=boundary and ds.task == "nuclei", boundary_width=a.boundary_width,
-                             **({"loss": a.loss} if a.loss else {}))
+                             **({"loss": a.nuclei_loss} if a.nuclei_loss and ds.task == "nuclei" else {}))
         with Timer() as t:
             resume = (out / "training_state.json").is_file() and not a.fresh  # an interrupted run continues
             init = None if name in a.scratch else pre
