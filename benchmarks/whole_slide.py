@@ -20,7 +20,6 @@ Prints a Markdown table and writes ``--json`` (default ``WORK/whole_slide.json``
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import shutil
@@ -40,9 +39,6 @@ TYPICAL_TISSUE = 0.30
 def build_slide(path: Path, size: int, mpp: float) -> Path:
     if path.is_file():
         return path
-    spec = importlib.util.spec_from_file_location("make_test_slide", ROOT / "scripts" / "make_test_slide.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
     path.parent.mkdir(parents=True, exist_ok=True)
     subprocess.run([sys.executable, str(ROOT / "scripts" / "make_test_slide.py"), "--out", str(path),
                     "--size", str(size), "--mpp", str(mpp), "--tissue-fraction", "1.0"], check=True)
@@ -52,15 +48,13 @@ def build_slide(path: Path, size: int, mpp: float) -> Path:
 def run_predict(model: str, slide: Path, out: Path, tile: int, batch: int) -> dict:
     """``genselfdiff predict`` in a fresh process: wall seconds and that child's peak RSS."""
     if out.exists():  # an earlier run's output: removed only when genselfdiff wrote it
-        import zarr
+        from napari_genselfdiff.core.errors import DataError
+        from napari_genselfdiff.slide.store import PredictionStore
 
         try:
-            ours = "genselfdiff" in zarr.open_group(str(out), mode="r").attrs
-        except Exception:  # noqa: BLE001 - not a zarr group: not ours
-            ours = False
-        if not ours:
-            print(f"whole_slide: {out} exists and is not a genselfdiff prediction; choose another --work",
-                  file=sys.stderr)
+            PredictionStore.open(out)
+        except DataError as e:
+            print(f"whole_slide: {e}; choose another --work", file=sys.stderr)
             raise SystemExit(2)
         shutil.rmtree(out)
     exe = Path(sys.executable).with_name("genselfdiff")
@@ -80,10 +74,9 @@ def run_predict(model: str, slide: Path, out: Path, tile: int, batch: int) -> di
 
 def model_pixels(out: Path) -> tuple[int, int]:
     """(height, width) of the probabilities the model wrote: the slide at the model's um/px."""
-    import zarr
+    from napari_genselfdiff.slide.store import PredictionStore
 
-    root = zarr.open_group(str(out), mode="r")
-    shape = root["probabilities"].shape
+    shape = PredictionStore.open(out).probabilities.shape
     return int(shape[-2]), int(shape[-1])
 
 
