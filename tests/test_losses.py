@@ -95,3 +95,49 @@ def test_parse_and_weighted_sum():
     assert combo == pytest.approx(focal_loss(logits, t).item() + ssl_loss(logits, t).item(), rel=1e-6)
     with pytest.raises(ValueError, match="cannot read loss term"):
         parse_loss("focal+banana")
+
+
+def _two_touching_and_one_alone():
+    """Class targets (background 0, nucleus 1, boundary 2) of two 6x6 nuclei side by side and a
+    third one apart, drawn by the data module from instance labels."""
+    import numpy as np
+
+    from napari_genselfdiff.core.data import TaskSpec, mask_to_target
+
+    inst = np.zeros((20, 24), np.int32)
+    inst[2:8, 2:8] = 1
+    inst[2:8, 8:14] = 2
+    inst[12:18, 16:22] = 3
+    return torch.from_numpy(mask_to_target(inst, TaskSpec.make("nuclei", boundary=True)).astype(np.int64))[None]
+
+
+def test_contact_pixels_are_the_seam_between_touching_nuclei_only():
+    from napari_genselfdiff.core.losses import contact_pixels
+
+    t = _two_touching_and_one_alone()
+    where = contact_pixels(t)[0]
+    assert where.any()
+    cols = torch.nonzero(where)[:, 1]
+    assert cols.min() >= 6 and cols.max() <= 9  # around the shared edge at column 7 | 8
+    assert not where[10:, :].any()  # the nucleus on its own has no seam
+    assert (t[0][where] > 0).all()  # never background
+    # a class map without a boundary class has none
+    assert not contact_pixels((t > 0).long()).any()
+
+
+def test_contact_loss_is_cross_entropy_over_the_seam():
+    from napari_genselfdiff.core.losses import LOSSES, contact_loss, contact_pixels
+
+    t = _two_touching_and_one_alone()
+    logits = torch.randn(1, 3, *t.shape[1:], generator=torch.Generator().manual_seed(3))
+    ce = torch.nn.functional.cross_entropy(logits, t, reduction="none")
+    assert contact_loss(logits, t).item() == pytest.approx(ce[contact_pixels(t)].mean().item(), rel=1e-6)
+    assert contact_loss(logits, t).item() != pytest.approx(ce.mean().item(), rel=1e-3)
+    # no seam in the batch: zero, and still differentiable
+    lone = t.clone()
+    lone[:, :, :16] = 0
+    logits.requires_grad_(True)
+    z = contact_loss(logits, lone)
+    z.backward()
+    assert z.item() == 0.0 and logits.grad is not None
+    assert "contact" in LOSSES and parse_loss("focal+0.5*contact") == [(1.0, "focal"), (0.5, "contact")]
