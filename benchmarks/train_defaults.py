@@ -97,6 +97,8 @@ def main() -> None:
     ap.add_argument("--no-boundary", action="store_true", help="nuclei: two classes, no boundary class")
     ap.add_argument("--boundary-width", type=int, default=1,
                     help="nuclei: pixels of each nucleus's inner boundary class at the model's resolution")
+    ap.add_argument("--distance", action="store_true",
+                    help="nuclei: also learn each nucleus's distance map, whose peaks are the watershed's markers")
     ap.add_argument("--nuclei-loss", default=None,
                     help="nuclei fine-tuning loss, e.g. 'focal+ssl+dice' (the bundled model's; default: FinetuneConfig's)")
     ap.add_argument("--ema", type=float, default=0.99, help="EMA decay of the weights (0: off)")
@@ -137,6 +139,7 @@ def main() -> None:
         cfg = FinetuneConfig(task=ds.task, preset=a.preset, steps=steps, patch=patch, batch=a.batch, lr=1e-3,
                              warmup=20, checkpoint_every=100, val_every=a.val_every, mpp=ds.mpp, ema=a.ema,
                              boundary=boundary and ds.task == "nuclei", boundary_width=a.boundary_width,
+                             distance=a.distance and boundary and ds.task == "nuclei",
                              **({"loss": a.nuclei_loss} if a.nuclei_loss and ds.task == "nuclei" else {}))
         with Timer() as t:
             resume = (out / "training_state.json").is_file() and not a.fresh  # an interrupted run continues
@@ -175,6 +178,9 @@ def main() -> None:
                 "  " + line for line in ref_table({k: v for k, v in saved.items() if k.startswith(name)}).splitlines())
         tuned = json.loads((out / "config.json").read_text()).get("postprocess", {})
         post = ("connected components with hole filling" if ds.task == "glands"
+                else f"marker-controlled watershed (markers: the maxima, at least {tuned['distance_h']} high, of the "
+                     "learned distance map within the mask, flooding its negative)"
+                if cfg.distance
                 else f"marker-controlled watershed (markers: the h-maxima, height {tuned['split']}, of the mask's "
                      "distance transform weighted by interior minus boundary probability, flooding its negative)"
                 if cfg.boundary and tuned.get("split")
@@ -183,7 +189,8 @@ def main() -> None:
         post += f"; thresholds tuned on the validation split and stored in config.json: {tuned}"
         card = CARD.format(task=ds.task, dataset_title={"glas": "GlaS", "monuseg": "MoNuSeg"}[name],
                            classes={"glands": "background / gland",
-                                    "nuclei": "background / nucleus / nucleus boundary" if cfg.boundary
+                                    "nuclei": "background / nucleus / nucleus boundary, and a distance map"
+                                    if cfg.distance else "background / nucleus / nucleus boundary" if cfg.boundary
                                     else "background / nucleus"}[ds.task],
                            post=post, preset=a.preset, params=params, mpp=ds.mpp,
                            arch_pre="Trained from random weights;" if init is None else

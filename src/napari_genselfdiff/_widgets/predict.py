@@ -484,7 +484,7 @@ class PredictWidget(QWidget):
             shown.append(self._put_labels(kind, levels if multiscale else levels[0], place, grid,
                                           multiscale=multiscale, style=instance_style(kind, names[1])))
         elif len(names) > 2:  # a model of several object classes: its class map, lazily
-            c = da.from_zarr(store.probabilities).argmax(axis=0).astype(np.uint8)
+            c = da.from_zarr(store.probabilities)[:len(names)].argmax(axis=0).astype(np.uint8)  # classes, not maps
             levels = [c] + [c[::2 ** k, ::2 ** k] for k in range(1, 8) if min(c.shape) // 2 ** k >= 256]
             shown.append(self._put_labels("classes", levels if len(levels) > 1 else c, place, grid,
                                           multiscale=len(levels) > 1, style=classes_style(names)))

@@ -240,6 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--scratch", action="store_true", help="start from random weights (the baseline)")
     p.add_argument("--task", default="glands", choices=["glands", "nuclei", "multiclass"], help="what to segment")
     p.add_argument("--boundary", action="store_true", help="nuclei: add a boundary class to separate touching nuclei")
+    p.add_argument("--distance", action="store_true",
+                   help="nuclei with --boundary: also learn each nucleus's distance map (the watershed's markers)")
     p.add_argument("--num-classes", type=_int_at_least(2), default=None, help="multiclass: number of classes incl. background")
     p.add_argument("--loss", default="focal+ssl", type=loss, help="weighted sum of focal, ssl, dice, ce, tversky (default focal+ssl)")
     p.add_argument("--label-fraction", type=label_fraction, default=1.0, help="use only this fraction of the labeled images")

@@ -124,17 +124,34 @@ class TaskSpec:
     class_names: tuple[str, ...] = ("background", "gland")
     boundary: bool = False  # nuclei: a third class on object boundaries, to separate touching nuclei
     boundary_width: int = 1  # pixels (at the model's resolution) of each object's inner boundary
+    # nuclei with a boundary class: one more output, each nucleus's distance to its own edge over
+    # its largest (0..1, :func:`distance_target`), whose peaks are the watershed's markers
+    distance: bool = False
+
+    @property
+    def out_channels(self) -> int:
+        """What the network outputs: the classes' logits, then the distance map's when there is one."""
+        return self.num_classes + int(self.distance)
+
+    @property
+    def channel_names(self) -> tuple[str, ...]:
+        """The names of the predictor's output channels: the classes, then ``distance``."""
+        return self.class_names + (("distance",) if self.distance else ())
 
     @classmethod
     def make(cls, task: str, boundary: bool = False, num_classes: int | None = None,
-             boundary_width: int = 1) -> "TaskSpec":
+             boundary_width: int = 1, distance: bool = False) -> "TaskSpec":
+        if distance and not (task == "nuclei" and boundary):
+            raise DataError("a distance map is learned for nuclei with a boundary class only "
+                            "(its targets are drawn from the nuclei the boundary class separates)")
         if task == "glands":
             return cls("glands", 2, ("background", "gland"), False)
         if task == "nuclei":
             if boundary:
                 if int(boundary_width) < 1:
                     raise DataError(f"boundary width must be at least 1 pixel, got {boundary_width}")
-                return cls("nuclei", 3, ("background", "nucleus", "boundary"), True, int(boundary_width))
+                return cls("nuclei", 3, ("background", "nucleus", "boundary"), True, int(boundary_width),
+                           bool(distance))
             return cls("nuclei", 2, ("background", "nucleus"), False)
         if task == "multiclass":
             n = num_classes or 2
@@ -146,12 +163,14 @@ class TaskSpec:
              "boundary": self.boundary}
         if self.boundary:
             d["boundary_width"] = self.boundary_width
+        if self.distance:
+            d["distance"] = True
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "TaskSpec":
         return cls(d["task"], int(d["num_classes"]), tuple(d["class_names"]), bool(d.get("boundary", False)),
-                   int(d.get("boundary_width", 1)))
+                   int(d.get("boundary_width", 1)), bool(d.get("distance", False)))
 
 
 def mask_to_target(mask: np.ndarray, spec: TaskSpec, source: object = "mask") -> np.ndarray:
@@ -187,6 +206,34 @@ def mask_to_target(mask: np.ndarray, spec: TaskSpec, source: object = "mask") ->
         target[edge & fg] = 2
         inst[edge] = 0
     return target
+
+
+def distance_target(targets: np.ndarray) -> np.ndarray:
+    """(B, H, W) float32 in [0, 1]: for targets with a boundary class (0 background, 1 nucleus,
+    2 boundary), each nucleus's Euclidean distance to its own edge divided by its largest.
+
+    The nuclei are the 4-connected interiors (class 1) grown back over their boundary pixels (up to
+    two pixels, within the foreground), so touching nuclei, whose interiors the boundary class
+    keeps apart, each get their own peak and meet at a valley. Computed on the training patches
+    themselves (a nucleus cut by the patch edge is measured within the patch)."""
+    from skimage.segmentation import expand_labels
+
+    t = np.asarray(targets)
+    squeeze = t.ndim == 2
+    t = t[None] if squeeze else t
+    out = np.zeros(t.shape, np.float32)
+    for b in range(t.shape[0]):
+        interiors, _ = ndi.label(t[b] == 1, structure=ndi.generate_binary_structure(2, 1))
+        nuclei = expand_labels(interiors, 2)
+        nuclei[t[b] == 0] = 0
+        for i, box in enumerate(ndi.find_objects(nuclei), 1):
+            if box is None:
+                continue
+            box = tuple(slice(max(s.start - 1, 0), s.stop + 1) for s in box)
+            own = nuclei[box] == i
+            d = ndi.distance_transform_edt(np.pad(own, 1))[1:-1, 1:-1]
+            out[b][box][own] = (d / d.max())[own]
+    return out[0] if squeeze else out
 
 
 def split_touching(fg: np.ndarray, h: float = 0.4, sigma: float = 0.5) -> np.ndarray:

@@ -60,6 +60,14 @@ TTA_VIEWS = {1: [(False, False, False)],
 CPU_FORWARD_TILES = 1  # see TorchPredictor.forward_tiles
 
 
+def as_probabilities(logits: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """The network's output as the predictor returns it: softmax over the first ``num_classes``
+    channels, a sigmoid on each channel after them (a distance map)."""
+    if logits.shape[1] == num_classes:
+        return logits.softmax(dim=1)
+    return torch.cat([logits[:, :num_classes].softmax(dim=1), logits[:, num_classes:].sigmoid()], dim=1)
+
+
 class TorchPredictor:
     """Wraps a segmentation U-Net and its checkpoint config. ``source`` names the model in
     errors (the checkpoint folder when loaded with :meth:`from_checkpoint`)."""
@@ -75,10 +83,10 @@ class TorchPredictor:
         if norm != NORMALIZATION:
             raise CheckpointError(f"{self.source}: unsupported input normalisation {norm!r} in checkpoint")
         spec = checkpoint_task(config, self.source)
-        out_channels = getattr(getattr(model, "config", None), "out_channels", spec.num_classes)
-        if out_channels != spec.num_classes:
-            raise CheckpointError(f"{self.source}: the network predicts {out_channels} classes but config.json's "
-                                  f"task has {spec.num_classes}")
+        out_channels = getattr(getattr(model, "config", None), "out_channels", spec.out_channels)
+        if out_channels != spec.out_channels:
+            raise CheckpointError(f"{self.source}: the network has {out_channels} outputs but config.json's "
+                                  f"task has {spec.out_channels}")
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         # what runs the forward passes: the same function with frozen BatchNorm folded into the
@@ -99,6 +107,10 @@ class TorchPredictor:
         self.forward_tiles = batch_size if self.device.type != "cpu" else min(batch_size, CPU_FORWARD_TILES)
         self.num_classes = spec.num_classes
         self.class_names = list(spec.class_names)
+        # output channels: the class probabilities, then (nuclei models that learned one) the
+        # distance map, each nucleus's distance to its edge over its largest, in [0, 1]
+        self.channels = spec.out_channels
+        self.channel_names = list(spec.channel_names)
         self.task = spec.task
         self.tile_multiple = self.model.config.multiple
         self.mpp = config.get("mpp")
@@ -143,7 +155,7 @@ class TorchPredictor:
             if self.channels_last:
                 v = v.contiguous(memory_format=torch.channels_last)
             with autocast_for(self.device, self.amp):
-                p = self.network(v).float().softmax(dim=1)
+                p = as_probabilities(self.network(v).float(), self.num_classes)
             if turn:
                 p = p.rot90(-1, (2, 3))
             if flip_w:
@@ -162,7 +174,8 @@ class TorchPredictor:
 
     @torch.inference_mode()
     def __call__(self, tiles: np.ndarray) -> np.ndarray:
-        """(B, H, W, 3) uint8 -> (B, C, H, W) float32 probabilities (softmax over C). Output
+        """(B, H, W, 3) uint8 -> (B, channels, H, W) float32: the probabilities of the
+        ``num_classes`` classes (softmax), then the distance map of models that have one. Output
         that is not finite (NaN / inf: damaged weights) is a CheckpointError naming the model,
         never a silent all-background prediction."""
         out = []
@@ -173,7 +186,7 @@ class TorchPredictor:
                 raise CheckpointError(f"{self.source}: the model's output holds NaN or infinite values "
                                       "(damaged or diverged weights); copy the model again or retrain it")
             out.append(probs.cpu().numpy())
-        return np.concatenate(out) if out else np.zeros((0, self.num_classes) + tiles.shape[1:3], np.float32)
+        return np.concatenate(out) if out else np.zeros((0, self.channels) + tiles.shape[1:3], np.float32)
 
 
 def predict_padded_batch(predictor, tiles: np.ndarray) -> np.ndarray:

@@ -122,11 +122,24 @@ def parse_loss(spec: str) -> list[tuple[float, str]]:
     return terms
 
 
-def build_loss(spec: str) -> LossFn:
+def distance_loss(logit: torch.Tensor, distance: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy of a distance-map logit (B, H, W) against its target in [0, 1]
+    (:func:`napari_genselfdiff.core.data.distance_target`), averaged over all pixels."""
+    return F.binary_cross_entropy_with_logits(logit.float(), distance.float())
+
+
+def build_loss(spec: str, num_classes: int | None = None) -> Callable[..., torch.Tensor]:
+    """The weighted sum ``spec`` as ``loss(logits, target, distance=None)``. With ``num_classes``,
+    the terms see the first ``num_classes`` channels only; a ``distance`` target adds
+    :func:`distance_loss` on the channel after them (models that also learn a distance map)."""
     terms = parse_loss(spec)
 
-    def loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return sum(w * LOSSES[name](logits, target) for w, name in terms)
+    def loss(logits: torch.Tensor, target: torch.Tensor, distance: torch.Tensor | None = None) -> torch.Tensor:
+        classes = logits if num_classes is None else logits[:, :num_classes]
+        total = sum(w * LOSSES[name](classes, target) for w, name in terms)
+        if distance is not None:
+            total = total + distance_loss(logits[:, classes.shape[1]], distance)
+        return total
 
     loss.__doc__ = f"weighted loss {spec!r}"
     return loss

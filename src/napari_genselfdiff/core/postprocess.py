@@ -92,7 +92,8 @@ def h_maxima_by_object(score: np.ndarray, h: float) -> np.ndarray:
 def nuclei_from_probabilities(prob_fg: Any, prob_boundary: Any | None = None,
                               threshold: float = 0.5, min_size: int = NUCLEUS_MIN_SIZE,
                               min_distance: int = 4, origin: tuple[int, int] = (0, 0),
-                              marker_threshold: float = 0.5, split: float = 0.0) -> np.ndarray:
+                              marker_threshold: float = 0.5, split: float = 0.0,
+                              distance: Any | None = None, distance_h: float = 0.1) -> np.ndarray:
     """Nucleus instances by marker-controlled watershed. Returns int32 labels 1..N.
 
     Without a boundary class: mask = p_fg >= threshold, markers = peaks of the distance
@@ -103,7 +104,10 @@ def nuclei_from_probabilities(prob_fg: Any, prob_boundary: Any | None = None,
     with ``split`` > 0 the markers are instead the maxima of at least that height (h-maxima) of
     the mask's distance transform weighted by how much more interior than boundary each pixel is
     (``dist * clip(p_fg - p_boundary + 0.5, 0)``), flooding its negative: touching nuclei whose
-    interiors meet are split at their waist as well as at a predicted boundary.
+    interiors meet are split at their waist as well as at a predicted boundary. With a learned
+    ``distance`` map (models that predict each nucleus's distance to its edge, 0..1), the
+    markers are its maxima of at least ``distance_h`` within the mask, flooding its negative
+    (``split`` and ``marker_threshold`` are then not read).
     Objects under ``min_size`` pixels are removed. Equal elevations are ordered by a tiny hash
     of the global pixel position (``origin`` = global position of ``prob_fg[0, 0]``), so a
     block cut out of a larger map is segmented like the same pixels of the whole map.
@@ -115,7 +119,11 @@ def nuclei_from_probabilities(prob_fg: Any, prob_boundary: Any | None = None,
     if prob_boundary is not None:
         pb = as_float(prob_boundary)
         mask = (p + pb) >= threshold
-        if split > 0:
+        if distance is not None:
+            score = np.where(mask, as_float(distance), 0.0)
+            markers, _ = ndi.label(h_maxima_by_object(score, distance_h), structure=EIGHT)
+            elevation = -score
+        elif split > 0:
             score = ndi.distance_transform_edt(mask) * np.clip(p - pb + 0.5, 0.0, None)
             markers, _ = ndi.label(h_maxima_by_object(score, split), structure=EIGHT)
             elevation = -score
@@ -145,7 +153,7 @@ def nuclei_from_probabilities(prob_fg: Any, prob_boundary: Any | None = None,
 #: when a checkpoint has none.
 OPTIONS = {"glands": {"threshold": 0.5, "min_size": GLAND_MIN_SIZE, "fill_holes": True},
            "nuclei": {"threshold": 0.5, "marker_threshold": 0.5, "min_size": NUCLEUS_MIN_SIZE,
-                      "min_distance": 4, "split": 0.0}}
+                      "min_distance": 4, "split": 0.0, "distance_h": 0.1}}
 
 
 def options_for(task: str, options: dict | None = None) -> dict:
@@ -159,17 +167,23 @@ def options_for(task: str, options: dict | None = None) -> dict:
     return base
 
 
-def postprocess(probs: np.ndarray, task: str, options: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(semantic class map, instance labels) from class probabilities (C, H, W), with the task's
+def postprocess(probs: np.ndarray, task: str, options: dict | None = None,
+                num_classes: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(semantic class map, instance labels) from a predictor's output (C, H, W): the class
+    probabilities, then (``num_classes`` < C) a nucleus distance map; ``num_classes`` defaults to
+    C, for nuclei to at most 3 (background, nucleus, boundary: a 4th channel is the map); with the task's
     post-processing ``options`` (:func:`options_for`). The whole-slide path
     (:func:`napari_genselfdiff.slide.instances.label_store`) applies the same rules block by
     block: the foreground is class 1 for glands (everything but background when a model has more
     classes) and for nuclei the interior, class 2 being the nucleus boundary of 3-class models."""
-    semantic = probs.argmax(0).astype(np.uint8)
+    classes = int(num_classes) if num_classes is not None else (
+        min(probs.shape[0], 3) if task == "nuclei" else probs.shape[0])
+    semantic = probs[:classes].argmax(0).astype(np.uint8)
     opts = options_for("nuclei" if task == "nuclei" else "glands", options)
     if task == "nuclei":
-        boundary = probs[2] if probs.shape[0] > 2 else None
-        inst = nuclei_from_probabilities(probs[1], boundary, **opts)
+        boundary = probs[2] if classes > 2 else None
+        distance = probs[classes] if probs.shape[0] > classes else None
+        inst = nuclei_from_probabilities(probs[1], boundary, distance=distance, **opts)
     else:
         inst = glands_from_probabilities(1.0 - probs[0], **opts)
     return semantic, inst

@@ -24,8 +24,8 @@ import torch
 
 from . import checkpoint as ckpt
 from . import ddp
-from .data import (NORMALIZATION, AugmentConfig, LabeledImage, TaskSpec, UnlabeledSource, sample_labeled_batch,
-                   sample_unlabeled_batch, select_fraction, select_fraction_from_names, to_model_input)
+from .data import (NORMALIZATION, AugmentConfig, LabeledImage, TaskSpec, UnlabeledSource, distance_target,
+                   sample_labeled_batch, sample_unlabeled_batch, select_fraction, select_fraction_from_names, to_model_input)
 from .diffusion import Diffusion, ScheduleConfig
 from .errors import CheckpointError, DataError, GenSelfDiffError
 from .inference import TorchPredictor, autocast_for, checkpoint_task, predict_image
@@ -59,6 +59,7 @@ class FinetuneConfig:
     task: str = "glands"
     boundary: bool = False
     boundary_width: int = 1  # pixels of the boundary class the targets were drawn with (recorded)
+    distance: bool = False  # nuclei with a boundary class: also learn each nucleus's distance map
     num_classes: int | None = None  # multiclass only
     preset: str = "small"  # used when training from scratch
     steps: int = 500
@@ -367,8 +368,10 @@ def build_segmentation_model(spec: TaskSpec, init: str | os.PathLike | None, pre
     copied), or continuing a segmentation model (all weights, its own architecture). From scratch or
     from a pretraining the network is the tile-invariant one (``unet.segmentation_config``) unless
     ``tile_invariant`` is False. Returns (model, init info, message)."""
+    outputs = spec.out_channels
+
     def seg_config(cfg: UNetConfig) -> UNetConfig:
-        return segmentation_config(cfg, spec.num_classes) if tile_invariant else cfg.with_outputs(spec.num_classes)
+        return segmentation_config(cfg, outputs) if tile_invariant else cfg.with_outputs(outputs)
 
     if init is None:
         model = _seeded_model(seg_config(UNetConfig.from_preset(preset, in_channels=3, out_channels=3)), seed)
@@ -379,16 +382,16 @@ def build_segmentation_model(spec: TaskSpec, init: str | os.PathLike | None, pre
     if init_cfg.get("normalization", NORMALIZATION) != NORMALIZATION:
         raise CheckpointError(f"{init}: unsupported input normalisation {init_cfg.get('normalization')!r}")
     segmentation = init_cfg.get("kind") == "segmentation"
-    same_head = segmentation and checkpoint_task(init_cfg, init).num_classes == spec.num_classes
-    if same_head and loaded.config.out_channels != spec.num_classes:
-        raise CheckpointError(f"{init}: the network predicts {loaded.config.out_channels} classes but "
-                              f"config.json's task has {spec.num_classes}")
+    same_head = segmentation and checkpoint_task(init_cfg, init).out_channels == outputs
+    if same_head and loaded.config.out_channels != outputs:
+        raise CheckpointError(f"{init}: the network has {loaded.config.out_channels} outputs but "
+                              f"config.json's task has {outputs}")
     if same_head:
         model = loaded
         how = f"all weights from segmentation model {init}"
     else:
         saved = loaded.config
-        model = _seeded_model(saved.with_outputs(spec.num_classes) if segmentation else seg_config(saved), seed)
+        model = _seeded_model(saved.with_outputs(outputs) if segmentation else seg_config(saved), seed)
         try:
             report = transfer_pretrained(loaded.state_dict(), model)
         except ValueError as e:
@@ -412,7 +415,7 @@ def finetune(items: Sequence[LabeledImage], out: str | os.PathLike, cfg: Finetun
     With validation images, the final checkpoint's post-processing thresholds are tuned on them
     (:mod:`.tuning`; ``val_instances`` by image name are their true objects where known, else
     they are recovered from the targets)."""
-    spec = TaskSpec.make(cfg.task, cfg.boundary, cfg.num_classes, cfg.boundary_width)
+    spec = TaskSpec.make(cfg.task, cfg.boundary, cfg.num_classes, cfg.boundary_width, cfg.distance)
     parse_loss(cfg.loss)  # fail before any work on a typo
     if not items:
         raise DataError("no labeled images to fine-tune on")
@@ -435,7 +438,7 @@ def finetune(items: Sequence[LabeledImage], out: str | os.PathLike, cfg: Finetun
         raise DataError(f"patch size {cfg.patch} must be a multiple of {model.config.multiple} for this model")
     trainer = _Trainer(model, dev, cfg.lr, cfg.weight_decay, cfg.amp, ema=cfg.ema, group=group)
     start = trainer.restore(state) if state is not None else 0
-    loss_fn = build_loss(cfg.loss)
+    loss_fn = build_loss(cfg.loss, spec.num_classes)
     run = {"stage": "finetune", **asdict(cfg)}
     latest: dict = dict(saved.get("validation") or {}) if state is not None else {}  # a resumed run keeps its scores
 
@@ -445,7 +448,8 @@ def finetune(items: Sequence[LabeledImage], out: str | os.PathLike, cfg: Finetun
         imgs, tgts = sample_labeled_batch(train, rng, ddp.share(group, cfg.batch), cfg.patch, cfg.augment)
         x = torch.from_numpy(to_model_input(imgs)).to(dev)
         y = torch.from_numpy(tgts.astype(np.int64)).to(dev)
-        return lambda: loss_fn(trainer.net(x), y)
+        d = torch.from_numpy(distance_target(tgts)).to(dev) if spec.distance else None
+        return lambda: loss_fn(trainer.net(x), y, d)
 
     def config_at(step: int) -> dict:
         return {"kind": "segmentation", "model": model.config.to_dict(), "normalization": NORMALIZATION,

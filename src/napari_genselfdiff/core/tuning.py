@@ -20,7 +20,8 @@ from .postprocess import OPTIONS, options_for, postprocess
 #: The values tried, per task (every combination).
 GRIDS = {"glands": {"threshold": (0.3, 0.4, 0.5, 0.6, 0.7), "min_size": (50, 100, 200, 400)},
          "nuclei": {"threshold": (0.3, 0.4, 0.5, 0.6), "marker_threshold": (0.4, 0.5, 0.6, 0.7, 0.8),
-                    "min_size": (5, 10, 20), "split": (0.0, 0.5, 1.0)}}
+                    "min_size": (5, 10, 20), "split": (0.0, 0.5, 1.0),
+                    "distance_h": (0.05, 0.1, 0.2, 0.3)}}
 
 
 def instances_of_target(target: np.ndarray, task: str) -> np.ndarray:
@@ -54,8 +55,16 @@ def score(task: str, instances: np.ndarray, gt_instances: np.ndarray) -> float:
 
 
 def redundant(opts: dict, grid: dict, probabilities: Sequence[np.ndarray]) -> bool:
-    """Combinations that repeat another: nuclei markers by h-maxima (``split`` > 0) do not read
-    ``marker_threshold``, and models without a boundary class read neither."""
+    """Combinations that repeat another: nuclei markers from a learned distance map (a 4th
+    channel) read ``distance_h`` only, the others never read it; markers by h-maxima
+    (``split`` > 0) do not read ``marker_threshold``, and models without a boundary class read
+    neither."""
+    first = {k: v[0] for k, v in grid.items()}
+    if "distance_h" in opts:
+        if all(p.shape[0] > 3 for p in probabilities):
+            return any(opts.get(k) != first[k] for k in ("split", "marker_threshold") if k in opts)
+        if opts["distance_h"] != first["distance_h"]:
+            return True
     if opts.get("split", 0) > 0:
         two_class = all(p.shape[0] < 3 for p in probabilities)
         return two_class or opts.get("marker_threshold") != grid["marker_threshold"][0]

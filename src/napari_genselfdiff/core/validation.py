@@ -74,7 +74,8 @@ def iter_evaluate_dice(predictor, items: Sequence[LabeledImage]) -> Generator[tu
 
     scores = []
     for k, it in enumerate(items, start=1):
-        scores.append(dice(predict_image(predictor, it.image).argmax(0) > 0, it.target > 0))
+        classes = predict_image(predictor, it.image)[:getattr(predictor, "num_classes", None)]  # not a distance map
+        scores.append(dice(classes.argmax(0) > 0, it.target > 0))
         yield k, len(items)
     return {"val_dice": float(np.mean(scores)) if scores else float("nan"), "n_val": len(items)}
 

@@ -106,7 +106,18 @@ def refine_config(project: "Project", steps: int, seed: int, overrides: dict, ba
                          steps=steps, seed=seed, val_every=0)
     if "mpp" not in overrides:
         cfg = replace(cfg, mpp=training_mpp(project, base_model))
+    if spec.boundary and base_learns_distance(project, base_model):
+        cfg = replace(cfg, distance=True)  # refining keeps the base model's distance map
     return replace(cfg, **overrides)
+
+
+def base_learns_distance(project: "Project", base_model) -> bool:
+    """Whether the model a refine starts from also predicts a nucleus distance map."""
+    base = project.current_model if base_model is None else Path(model_path(base_model))
+    if base is None:
+        return False
+    from ..core.checkpoint import load_config
+    return bool((load_config(base).get("task") or {}).get("distance", False))
 
 
 def training_mpp(project: "Project", base_model) -> float | None:

@@ -16,8 +16,8 @@ import numpy as np
 from napari_genselfdiff.core.progress import Progress, run_to_end
 from napari_genselfdiff.slide.reader import Slide
 from napari_genselfdiff.slide.grid import BlendWindows, TileGrid, TileId, add_tile, normalise_blend
-from napari_genselfdiff.slide.tiler import (BatchSizer, Predictor, check_tile, iter_tile_predictions, resolve_level,
-                                           split_by_tissue)
+from napari_genselfdiff.slide.tiler import (BatchSizer, Predictor, channels_of, check_tile, iter_tile_predictions,
+                                           resolve_level, split_by_tissue)
 from napari_genselfdiff.slide.tissue import TissueMask, clear_background, detect_tissue
 
 
@@ -119,7 +119,7 @@ class FieldOfViewPredictor:
             yield Progress("predict", len(tids) - len(missing) + len(fresh), len(tids), eta_s=eta,
                            tiles_computed=computed, tiles_skipped=len(fresh) - computed,
                            megapixels_per_s=area / elapsed / 1e6)
-        sums = np.zeros((self.predictor.num_classes, h, w), np.float64)
+        sums = np.zeros((channels_of(self.predictor), h, w), np.float64)
         wsum = np.zeros((h, w), np.float64)
         for tid in tids:
             ty, tx = grid.origin(tid)
@@ -138,7 +138,7 @@ class FieldOfViewPredictor:
         """
         level = self.level if level is None else level
         h, w = (int(s) for s in self.slide.levels[level].shape[:2])
-        nc = self.predictor.num_classes
+        nc = channels_of(self.predictor)
 
         def chunks_of(n: int) -> tuple[int, ...]:
             return tuple(min(chunk, n - s) for s in range(0, n, chunk))

@@ -206,9 +206,9 @@ def glands_blockwise(prob_fg: Any, out: Any, *, block: int, **kwargs: Any) -> St
 
 
 def iter_nuclei_blockwise(prob_fg: Any, out: Any, *, block: int, prob_boundary: Any | None = None,
-                          halo: int = 64, threshold: float = 0.5,
+                          distance: Any | None = None, halo: int = 64, threshold: float = 0.5,
                           min_size: int = NUCLEUS_MIN_SIZE, min_distance: int = 4,
-                          marker_threshold: float = 0.5, split: float = 0.0) -> Steps:
+                          marker_threshold: float = 0.5, split: float = 0.0, distance_h: float = 0.1) -> Steps:
     """Blockwise :func:`nuclei_from_probabilities` into ``out`` (int32, zero-initialised).
 
     Each block is segmented with ``halo`` pixels of context; objects whose centroid falls in
@@ -222,9 +222,11 @@ def iter_nuclei_blockwise(prob_fg: Any, out: Any, *, block: int, prob_boundary: 
         ry0, ry1 = max(y0 - halo, 0), min(y1 + halo, h)
         rx0, rx1 = max(x0 - halo, 0), min(x1 + halo, w)
         pb = None if prob_boundary is None else prob_boundary[ry0:ry1, rx0:rx1]
+        pd = None if distance is None else distance[ry0:ry1, rx0:rx1]
         lab = nuclei_from_probabilities(prob_fg[ry0:ry1, rx0:rx1], pb, threshold=threshold,
                                         min_size=min_size, min_distance=min_distance,
-                                        origin=(ry0, rx0), marker_threshold=marker_threshold, split=split)
+                                        origin=(ry0, rx0), marker_threshold=marker_threshold, split=split,
+                                        distance=pd, distance_h=distance_h)
         n = int(lab.max())
         if n:
             keep = _owned_by_core(lab, n, y0 - ry0, y1 - ry0, x0 - rx0, x1 - rx0)
@@ -340,7 +342,8 @@ def label_store(store: Any, kind: str, *, block: int, min_size: int | None = Non
                 options: Mapping[str, Any] | None = None) -> Generator[tuple[int, int], None, StitchStats | None]:
     """Label instances ('glands' or 'nuclei') of a
     :class:`~napari_genselfdiff.slide.store.PredictionStore` from its class-1 probabilities (and
-    class 2 as the nucleus boundary of 3-class models) into ``labels/<kind>``, with a pyramid.
+    class 2 as the nucleus boundary of 3-class models, the channel after the classes as the
+    nucleus distance map of models that have one) into ``labels/<kind>``, with a pyramid.
     Yields (steps done, steps total) like the blockwise functions; returns their stats, or None
     when the store already holds complete labels of ``kind``."""
     probs = store.probabilities
@@ -357,8 +360,10 @@ def label_store(store: Any, kind: str, *, block: int, min_size: int | None = Non
     if kind == "glands":
         gen = iter_glands_blockwise(fg, lab0, block=block, **opts)
     else:
-        boundary = _ChannelView(probs, 2) if nc >= 3 else None
-        gen = iter_nuclei_blockwise(fg, lab0, prob_boundary=boundary, block=block, **opts)
+        classes = len(store.class_names) or nc
+        boundary = _ChannelView(probs, 2) if classes >= 3 else None
+        distance = _ChannelView(probs, classes) if nc > classes else None
+        gen = iter_nuclei_blockwise(fg, lab0, prob_boundary=boundary, distance=distance, block=block, **opts)
     stats = yield from gen
     n_levels = write_label_pyramid(lab_group, block=block)
     store.finish_labels(lab_group, kind, n_levels, count=stats.count, truncated=stats.truncated,

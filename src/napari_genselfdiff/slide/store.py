@@ -3,7 +3,8 @@
 Layout (zarr v3 group):
 
 * ``probabilities`` (C, H, W) uint8 (p * 255) of the level the model ran on, chunks
-  (1, block, block);
+  (1, block, block): one channel per class name, then the maps of models that predict one
+  (a nucleus distance map, 0..1 as well), named in settings ``maps``;
 * ``done`` (blocks_y, blocks_x) uint8: blocks already written (a run resumes after them);
 * ``tissue`` (optional) uint8 tissue mask, attribute ``downsample`` (of level 0);
 * ``labels/<name>/<k>`` int32 instance labels with a nearest-neighbour pyramid (k = 0, 1, ...),

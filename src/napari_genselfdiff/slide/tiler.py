@@ -50,8 +50,10 @@ class Predictor(Protocol):
     """What the tiler needs from a model.
 
     ``__call__`` maps a batch of RGB tiles ``(B, H, W, 3)`` uint8 to class probabilities
-    ``(B, C, H, W)`` float32 with ``C == num_classes``; class 0 is background (tiles without
-    tissue are given probability 1 for class 0 without calling the model). H and W are
+    ``(B, C, H, W)`` float32 with ``C == num_classes``, or ``C == channels`` when the predictor
+    has that attribute (the classes, then maps such as a nucleus distance map, in [0, 1] too);
+    class 0 is background (tiles without tissue are given probability 1 for class 0, and 0 in
+    every other channel, without calling the model). H and W are
     multiples of ``tile_multiple``. ``mpp`` is the microns per pixel the model was trained at
     (``None`` when unknown), used by ``level='auto'``.
     """
@@ -85,10 +87,15 @@ def check_tile(predictor: Predictor, tile: int) -> None:
                                "needs (choose e.g. tile={})".format(max(mult, tile // mult * mult)))
 
 
+def channels_of(predictor: Predictor) -> int:
+    """How many channels the predictor returns: its classes, plus any maps after them."""
+    return int(getattr(predictor, "channels", predictor.num_classes))
+
+
 def _call_predictor(predictor: Predictor, tiles: np.ndarray) -> np.ndarray:
     """Run the predictor on a batch and check the shape of what comes back."""
     out = np.asarray(predictor(tiles), dtype=np.float32)
-    want = (tiles.shape[0], predictor.num_classes, tiles.shape[1], tiles.shape[2])
+    want = (tiles.shape[0], channels_of(predictor), tiles.shape[1], tiles.shape[2])
     if out.shape != want:
         raise GenSelfDiffError(f"predictor returned shape {out.shape}, expected {want} "
                                "(batch, classes, height, width)")
@@ -185,7 +192,7 @@ def iter_tile_predictions(predictor: Predictor, slide: Slide, level: int, grid: 
     work between two lists is one band read and one call.
     """
     t = grid.tile
-    c = predictor.num_classes
+    c = channels_of(predictor)
     todo, skipped = split_by_tissue(grid, tiles, tissue, slide.downsamples[level])
     if skipped:
         bg = np.zeros((c, t, t), np.float32)
@@ -378,12 +385,15 @@ def plan_slide(predictor: Predictor, slide: Slide, out_path: Path, cfg: SlideSet
         ["background"] + [f"class_{i}" for i in range(1, nc)])
     if len(names) != nc:
         raise GenSelfDiffError(f"{len(names)} class names given for a model with {nc} classes")
+    channels = channels_of(predictor)
     settings = {"slide": str(Path(slide.path).resolve()), "level": lvl, "shape": [h, w],
                 "tile": cfg.tile, "overlap": cfg.overlap, "block": blocks.size, "num_classes": nc,
                 "tissue": bool(cfg.tissue)}
+    if channels != nc:  # maps after the classes (a nucleus distance map): their names
+        settings["maps"] = list(getattr(predictor, "channel_names", []))[nc:] or [f"map_{i}" for i in range(channels - nc)]
     info = {"downsample": slide.downsamples[lvl], "mpp": slide.level_mpp(lvl),
             "slide_mpp": slide.mpp, "class_names": names, "metadata": dict(cfg.metadata)}
-    store = PredictionStore.create_or_resume(out_path, settings, nc, (h, w), blocks.size,
+    store = PredictionStore.create_or_resume(out_path, settings, channels, (h, w), blocks.size,
                                              (blocks.ny, blocks.nx), info, cfg.overwrite)
     return SlidePlan(lvl, grid, blocks, store)
 
@@ -397,7 +407,7 @@ def predict_block(predictor: Predictor, slide: Slide, level: int, grid: TileGrid
     instead of computing them again."""
     y0, y1, x0, x1 = blocks.region(b)
     windows = BlendWindows(grid)
-    sums = np.zeros((predictor.num_classes, y1 - y0, x1 - x0), np.float64)
+    sums = np.zeros((channels_of(predictor), y1 - y0, x1 - x0), np.float64)
     wsum = np.zeros((y1 - y0, x1 - x0), np.float64)
     for results in iter_tile_predictions(predictor, slide, level, grid, grid.touching(y0, y1, x0, x1),
                                          batch=batch, tissue=tissue):
@@ -447,7 +457,7 @@ def _predict_blocks(run: _Run) -> Iterator[Progress]:
         if done[b]:
             continue
         y0, y1, x0, x1 = blocks.region(b)
-        sums = np.zeros((predictor.num_classes, y1 - y0, x1 - x0), np.float64)
+        sums = np.zeros((channels_of(predictor), y1 - y0, x1 - x0), np.float64)
         wsum = np.zeros((y1 - y0, x1 - x0), np.float64)
         for py, px, psum, pw in pending.pop(b, []):
             sums[:, py - y0:py - y0 + pw.shape[0], px - x0:px - x0 + pw.shape[1]] += psum
