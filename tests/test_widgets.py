@@ -342,6 +342,29 @@ def test_finetune_widget_trains_with_validation_dice(viewer, qtbot, tmp_path, he
     screenshot(viewer, qtbot, "finetune_widget")
 
 
+def test_finetune_widget_trains_a_nuclei_model_with_a_distance_map(viewer, qtbot, tmp_path, he_image):
+    image = he_image[:128, :128]
+    viewer.add_image(image, name="H&E", rgb=True)
+    viewer.add_labels(painted_labels(image.shape[:2]), name="nuclei drawn")
+    w = dock(viewer, FinetuneWidget(viewer), "Fine-tune")
+    w.task.setCurrentText("glands")
+    assert not w.boundary.isEnabled() and not w.distance.isEnabled()
+    w.task.setCurrentText("nuclei")
+    w.boundary.setChecked(False)
+    assert w.boundary.isEnabled() and not w.distance.isEnabled()  # the map needs the boundary class
+    w.distance.setChecked(True)
+    assert not w.spec().distance
+    w.boundary.setChecked(True)
+    assert w.distance.isEnabled() and w.spec().out_channels == 4 and w.config().distance
+    out = tmp_path / "nuclei"
+    tiny_finetune_settings(w, out, steps=2)
+    w.start_btn.click()
+    wait_idle(qtbot, w)
+    config = json.loads((out / "config.json").read_text())
+    assert config["task"]["distance"] is True and config["model"]["out_channels"] == 4
+    screenshot(viewer, qtbot, "finetune_widget_nuclei_distance")
+
+
 def test_finetune_from_folders_validates_by_image(make_napari_viewer, qtbot, tmp_path, he_image):
     import imageio.v3 as iio
 

@@ -96,7 +96,12 @@ class FinetuneWidget(QWidget):
         form.addRow("Task", self.task)
         self.boundary = QCheckBox("boundary class (separates touching nuclei)")
         form.addRow("", self.boundary)
-        self.task.currentTextChanged.connect(lambda t: self.boundary.setEnabled(t == "nuclei"))
+        self.distance = QCheckBox("distance map (its peaks mark each nucleus)")
+        self.distance.setToolTip("also learn each nucleus's distance to its edge; the watershed starts from its "
+                                 "peaks (needs the boundary class)")
+        form.addRow("", self.distance)
+        self.task.currentTextChanged.connect(self._enable_nuclei_options)
+        self.boundary.toggled.connect(self._enable_nuclei_options)
         self.init = PathEdit("dir", "empty: train from scratch")
         self.init.setToolTip("a pretraining checkpoint folder (recommended) or a segmentation model to continue")
         form.addRow("Pretrained model", self.init)
@@ -123,11 +128,18 @@ class FinetuneWidget(QWidget):
 
         self.settings.bind_all({"source": self.source, "images_dir": self.images_dir, "masks_dir": self.masks_dir,
                                 "val_fraction": self.val_fraction, "task": self.task, "boundary": self.boundary,
+                                "distance": self.distance,
                                 "init": self.init, "preset": self.preset, "loss": self.loss, "patch": self.patch,
                                 "steps": self.steps, "batch": self.batch, "device": self.device.combo,
                                 "out": self.out, "resume": self.resume})
-        self.boundary.setEnabled(self.task.currentText() == "nuclei")
+        self._enable_nuclei_options()
         self._show_source_rows()
+
+    def _enable_nuclei_options(self, *_: object) -> None:
+        """The boundary class is for nuclei; the distance map for nuclei with a boundary class."""
+        nuclei = self.task.currentText() == "nuclei"
+        self.boundary.setEnabled(nuclei)
+        self.distance.setEnabled(nuclei and self.boundary.isChecked())
 
     def _show_source_rows(self) -> None:
         """Layer choosers or folder fields, whichever the "From" choice needs."""
@@ -139,7 +151,9 @@ class FinetuneWidget(QWidget):
     # -- actions ---------------------------------------------------------------------------
 
     def spec(self) -> TaskSpec:
-        return TaskSpec.make(self.task.currentText(), self.boundary.isChecked() and self.boundary.isEnabled())
+        boundary = self.boundary.isChecked() and self.boundary.isEnabled()
+        return TaskSpec.make(self.task.currentText(), boundary,
+                             distance=boundary and self.distance.isChecked() and self.distance.isEnabled())
 
     def training_data(self) -> tuple[list[LabeledImage], list[LabeledImage]]:
         """(train, validation) items from the chosen layers or folders."""
@@ -158,7 +172,8 @@ class FinetuneWidget(QWidget):
     def config(self) -> FinetuneConfig:
         spec = self.spec()
         steps = self.steps.value()
-        return FinetuneConfig(task=spec.task, boundary=spec.boundary, preset=self.preset.currentText(), steps=steps,
+        return FinetuneConfig(task=spec.task, boundary=spec.boundary, distance=spec.distance,
+                              preset=self.preset.currentText(), steps=steps,
                               patch=self.patch.value(), batch=self.batch.value(), loss=self.loss.currentText().strip(),
                               checkpoint_every=max(1, min(100, steps // 5)), val_every=max(1, min(100, steps // 5)))
 
