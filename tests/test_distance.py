@@ -140,3 +140,18 @@ def test_a_distance_model_trains_saves_and_predicts_four_channels(tmp_path):
     # continuing it (a refine) keeps the map: all weights, four outputs
     drain(finetune(items[:2], tmp_path / "r", cfg, init=tmp_path / "m", device="cpu"))
     assert ck.load_config(tmp_path / "r")["model"]["out_channels"] == 4
+
+
+def test_a_project_refine_keeps_the_distance_map_of_its_base_model(tmp_path):
+    from napari_genselfdiff.project.refine import refine_config
+    from napari_genselfdiff.project.store import Project
+
+    items = _nuclei_items(2)
+    cfg = FinetuneConfig(task="nuclei", boundary=True, distance=True, preset="tiny", steps=1, patch=32, batch=2,
+                         lr=1e-3, warmup=1, checkpoint_every=0, val_every=0, tune_postprocess=False)
+    drain(finetune(items, tmp_path / "base", cfg, device="cpu"))
+    plain = FinetuneConfig(**{**cfg.__dict__, "distance": False})
+    drain(finetune(items, tmp_path / "plain", plain, device="cpu"))
+    proj = Project.create(tmp_path / "proj", task="nuclei", boundary=True, model=tmp_path / "base")
+    assert refine_config(proj, 5, 0, {}, None).distance is True
+    assert refine_config(proj, 5, 0, {}, tmp_path / "plain").distance is False
