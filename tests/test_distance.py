@@ -14,16 +14,9 @@ from napari_genselfdiff.core.progress import drain
 from napari_genselfdiff.core.training import FinetuneConfig, finetune
 from napari_genselfdiff.core.tuning import tune_postprocess
 
+from _shapes import discs
+
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-def _discs(shape, centres, r):
-    yy, xx = np.mgrid[:shape[0], :shape[1]]
-    lab = np.zeros(shape, np.int32)
-    for i, (cy, cx) in enumerate(centres, 1):
-        lab[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = i
-    return lab
-
 
 SPEC = TaskSpec.make("nuclei", boundary=True, distance=True)
 
@@ -40,7 +33,7 @@ def test_the_task_records_its_distance_map_and_refuses_it_without_a_boundary_cla
 
 
 def test_distance_target_peaks_once_per_nucleus_and_dips_where_two_touch():
-    lab = _discs((40, 64), [(20, 22), (20, 36), (8, 56)], 7)
+    lab = discs((40, 64), [(20, 22), (20, 36), (8, 56)], 7)
     target = mask_to_target(lab, SPEC)
     d = distance_target(target)
     assert d.shape == lab.shape and d.dtype == np.float32
@@ -79,7 +72,7 @@ def test_probabilities_are_a_softmax_over_the_classes_and_a_sigmoid_after_them()
 def _merged_prediction():
     """A model that drew two touching nuclei as one blob with no line between them, and a
     distance map that still has one peak in each."""
-    lab = _discs((40, 64), [(20, 22), (20, 36)], 9)
+    lab = discs((40, 64), [(20, 22), (20, 36)], 9)
     blob = lab > 0
     p = np.zeros((4,) + lab.shape, np.float32)
     p[0], p[1] = ~blob, blob
@@ -117,7 +110,7 @@ def _nuclei_items(n=3, size=48):
     rng = np.random.default_rng(2)
     items = []
     for i in range(n):
-        lab = _discs((size, size), [tuple(c) for c in rng.integers(6, size - 6, (6, 2))], 5)
+        lab = discs((size, size), [tuple(c) for c in rng.integers(6, size - 6, (6, 2))], 5)
         img = np.where(lab[..., None] > 0, 60, 220).astype(np.uint8) + rng.integers(0, 20, (size, size, 3), dtype=np.uint8)
         items.append(LabeledImage(f"n{i}", img, mask_to_target(lab, SPEC)))
     return items

@@ -19,31 +19,26 @@ from napari_genselfdiff.core.tuning import instances_of_target, tune_postprocess
 from napari_genselfdiff.core.unet import UNet, UNetConfig, segmentation_config
 from napari_genselfdiff.slide.instances import iter_nuclei_blockwise
 
+from _shapes import discs
+
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def _discs(shape, centres, r):
-    yy, xx = np.mgrid[:shape[0], :shape[1]]
-    lab = np.zeros(shape, np.int32)
-    for i, (cy, cx) in enumerate(centres, 1):
-        lab[(yy - cy) ** 2 + (xx - cx) ** 2 <= r * r] = i
-    return lab
-
 
 def test_split_touching_separates_two_touching_discs_and_keeps_one_whole():
-    two = _discs((40, 60), [(20, 20), (20, 34)], 8)  # overlapping: one blob in a binary mask
+    two = discs((40, 60), [(20, 20), (20, 34)], 8)  # overlapping: one blob in a binary mask
     assert len(np.unique(two[two > 0])) == 2
     blob = two > 0
     from scipy import ndimage as ndi
     assert ndi.label(blob)[0].max() == 1
     split = split_touching(blob)
     assert split.max() == 2 and ((split > 0) == blob).all()
-    one = split_touching(_discs((40, 40), [(20, 20)], 9) > 0)
+    one = split_touching(discs((40, 40), [(20, 20)], 9) > 0)
     assert one.max() == 1
 
 
 def test_boundary_target_of_a_binary_mask_draws_the_line_between_touching_nuclei():
-    blob = (_discs((40, 60), [(20, 20), (20, 34)], 8) > 0).astype(np.uint8) * 255
+    blob = (discs((40, 60), [(20, 20), (20, 34)], 8) > 0).astype(np.uint8) * 255
     target = mask_to_target(blob, TaskSpec.make("nuclei", boundary=True))
     assert set(np.unique(target)) == {0, 1, 2}
     # the neck between the two discs (column ~27) is boundary, the discs' centres interior
@@ -54,8 +49,8 @@ def test_boundary_target_of_a_binary_mask_draws_the_line_between_touching_nuclei
 
 
 def test_a_wider_boundary_class_peels_layers_but_leaves_small_nuclei_an_interior():
-    lab = _discs((48, 80), [(24, 20), (24, 56)], 9)
-    lab[_discs((48, 80), [(6, 70)], 2) > 0] = 3  # a nucleus about 3 px across
+    lab = discs((48, 80), [(24, 20), (24, 56)], 9)
+    lab[discs((48, 80), [(6, 70)], 2) > 0] = 3  # a nucleus about 3 px across
     one = mask_to_target(lab, TaskSpec.make("nuclei", boundary=True))
     three = mask_to_target(lab, TaskSpec.make("nuclei", boundary=True, boundary_width=3))
     assert ((one > 0) == (lab > 0)).all() and ((three > 0) == (lab > 0)).all()
@@ -87,7 +82,7 @@ def _three_class(lab):
 
 
 def test_postprocess_options_change_objects_and_unknown_options_are_refused():
-    lab = _discs((64, 64), [(20, 20), (44, 44)], 3)  # two small nuclei (~29 px each)
+    lab = discs((64, 64), [(20, 20), (44, 44)], 3)  # two small nuclei (~29 px each)
     probs = _three_class(lab)
     assert postprocess(probs, "nuclei")[1].max() == 2
     assert postprocess(probs, "nuclei", {"min_size": 40})[1].max() == 0
@@ -100,7 +95,7 @@ def test_h_maxima_markers_split_touching_nuclei_the_boundary_class_missed():
     """Two nuclei whose interiors meet (the model drew their outline but not the line between
     them): interior markers give one object, ``split`` markers the two, with every pixel kept."""
     from skimage.segmentation import find_boundaries
-    two = _discs((40, 64), [(20, 22), (20, 36)], 9)
+    two = discs((40, 64), [(20, 22), (20, 36)], 9)
     blob = (two > 0).astype(np.int32)
     edge = find_boundaries(blob, mode="inner") & (blob > 0)
     p = np.zeros((3,) + blob.shape, np.float32)
@@ -116,7 +111,7 @@ def test_h_maxima_markers_split_touching_nuclei_the_boundary_class_missed():
 def test_in_memory_and_blockwise_nuclei_agree_for_a_three_class_model(tmp_path, split):
     rng = np.random.default_rng(0)
     centres = [(int(y), int(x)) for y, x in rng.integers(8, 120, (25, 2))]
-    lab = _discs((128, 128), centres, 5)
+    lab = discs((128, 128), centres, 5)
     probs = _three_class(lab)
     probs = 0.8 * probs + 0.2 * rng.random(probs.shape).astype(np.float32)
     probs /= probs.sum(0, keepdims=True)
@@ -132,7 +127,7 @@ def test_in_memory_and_blockwise_nuclei_agree_for_a_three_class_model(tmp_path, 
 
 
 def test_tuning_finds_the_threshold_that_recovers_the_objects():
-    lab = _discs((64, 96), [(20, 20), (20, 60), (45, 40)], 7)
+    lab = discs((64, 96), [(20, 20), (20, 60), (45, 40)], 7)
     p = np.zeros((2,) + lab.shape, np.float32)
     p[1] = np.where(lab > 0, 0.45, 0.05)  # an under-confident model: 0.5 finds nothing
     p[0] = 1 - p[1]
@@ -223,7 +218,7 @@ def test_h_maxima_object_by_object_equals_the_whole_map():
     from napari_genselfdiff.core.postprocess import h_maxima_by_object
 
     rng = np.random.default_rng(3)
-    lab = _discs((120, 160), [(30, 30), (30, 44), (80, 100), (90, 40), (100, 140)], 9)
+    lab = discs((120, 160), [(30, 30), (30, 44), (80, 100), (90, 40), (100, 140)], 9)
     lab[5:9, 150:154] = 9  # an object lower than h: no marker
     fg = lab > 0
     score = ndi.distance_transform_edt(fg) * np.where(fg, rng.uniform(0.5, 1.5, fg.shape), 0)
