@@ -24,7 +24,6 @@ from _shapes import discs
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-
 def test_split_touching_separates_two_touching_discs_and_keeps_one_whole():
     two = discs((40, 60), [(20, 20), (20, 34)], 8)  # overlapping: one blob in a binary mask
     assert len(np.unique(two[two > 0])) == 2
