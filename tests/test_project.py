@@ -447,6 +447,28 @@ def test_suggest_regions_ranks_the_uncertain_quadrant_first_and_skips_reviewed(t
     assert len(everything) == 8
 
 
+class _WithAMap:
+    """The same fake classes, then a map channel (as a nuclei model's distance map) that would
+    change every entropy if it were read as a class."""
+
+    num_classes = 2
+
+    def __call__(self, tiles):
+        two = _uncertain_where_green_is_high(tiles)
+        return np.concatenate([two, np.full_like(two[:, :1], 0.7)], axis=1)
+
+
+def test_suggestions_score_the_classes_not_a_map_after_them(tmp_path, slide_file):
+    proj = Project.create(tmp_path / "p")
+    sid = proj.add_slide(slide_file, shape=(256, 256))
+    img = _test_image()
+    plain = proj.suggest_regions(_uncertain_where_green_is_high, img, region_size=64, top_k=16, slide_id=sid)
+    mapped = proj.suggest_regions(_WithAMap(), img, region_size=64, top_k=16, slide_id=sid)
+    assert [s["bounds"] for s in mapped] == [s["bounds"] for s in plain]
+    assert [s["score"] for s in mapped] == pytest.approx([s["score"] for s in plain])
+    assert mapped[0]["score"] == pytest.approx(1.0)
+
+
 def test_suggest_regions_tissue_mask_subsampling_and_slide_objects(tmp_path):
     proj = Project.create(tmp_path / "p")
     img = _test_image()

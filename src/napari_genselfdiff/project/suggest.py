@@ -219,10 +219,15 @@ def _score_cells(predictor, view: _LevelView, cells: Sequence[Cell], colour_test
         if not tiles:
             continue
         tiles = np.stack(tiles)
-        views = [predict_padded_batch(predictor, tiles)]
+        classes = getattr(predictor, "num_classes", None)  # the class probabilities, not a distance map
+
+        def predicted(batch_tiles: np.ndarray) -> np.ndarray:
+            return predict_padded_batch(predictor, batch_tiles)[:, :classes]
+
+        views = [predicted(tiles)]
         if flips:
-            views.append(predict_padded_batch(predictor, np.ascontiguousarray(tiles[:, :, ::-1]))[..., ::-1])
-            views.append(predict_padded_batch(predictor, np.ascontiguousarray(tiles[:, ::-1]))[:, :, ::-1])
+            views.append(predicted(np.ascontiguousarray(tiles[:, :, ::-1]))[..., ::-1])
+            views.append(predicted(np.ascontiguousarray(tiles[:, ::-1]))[:, :, ::-1])
         total = _entropy(np.mean(views, axis=0))
         expected = np.mean([_entropy(v) for v in views], axis=0)
         out += [ScoredCell(c, float(t), float(max(t - e, 0.0))) for c, t, e in zip(group, total, expected)]
