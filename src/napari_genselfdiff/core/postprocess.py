@@ -167,17 +167,15 @@ def options_for(task: str, options: dict | None = None) -> dict:
     return base
 
 
-def postprocess(probs: np.ndarray, task: str, options: dict | None = None,
-                num_classes: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def postprocess(probs: np.ndarray, task: str, options: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(semantic class map, instance labels) from a predictor's output (C, H, W): the class
-    probabilities, then (``num_classes`` < C) a nucleus distance map; ``num_classes`` defaults to
-    C, for nuclei to at most 3 (background, nucleus, boundary: a 4th channel is the map); with the task's
+    probabilities, for nuclei at most three (background, nucleus, boundary) and a 4th channel
+    being the nucleus distance map of models that learned one; with the task's
     post-processing ``options`` (:func:`options_for`). The whole-slide path
     (:func:`napari_genselfdiff.slide.instances.label_store`) applies the same rules block by
     block: the foreground is class 1 for glands (everything but background when a model has more
     classes) and for nuclei the interior, class 2 being the nucleus boundary of 3-class models."""
-    classes = int(num_classes) if num_classes is not None else (
-        min(probs.shape[0], 3) if task == "nuclei" else probs.shape[0])
+    classes = min(probs.shape[0], 3) if task == "nuclei" else probs.shape[0]
     semantic = probs[:classes].argmax(0).astype(np.uint8)
     opts = options_for("nuclei" if task == "nuclei" else "glands", options)
     if task == "nuclei":

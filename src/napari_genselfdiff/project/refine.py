@@ -106,28 +106,27 @@ def refine_config(project: "Project", steps: int, seed: int, overrides: dict, ba
                          steps=steps, seed=seed, val_every=0)
     if "mpp" not in overrides:
         cfg = replace(cfg, mpp=training_mpp(project, base_model))
-    if spec.boundary and base_learns_distance(project, base_model):
+    base_task = (base_config(project, base_model) or {}).get("task") or {}
+    if spec.boundary and base_task.get("distance", False):
         cfg = replace(cfg, distance=True)  # refining keeps the base model's distance map
     return replace(cfg, **overrides)
 
 
-def base_learns_distance(project: "Project", base_model) -> bool:
-    """Whether the model a refine starts from also predicts a nucleus distance map."""
+def base_config(project: "Project", base_model) -> dict | None:
+    """The config.json of the model a refine starts from (the project's current model unless
+    ``base_model`` is given), or None when there is none."""
     base = project.current_model if base_model is None else Path(model_path(base_model))
     if base is None:
-        return False
+        return None
     from ..core.checkpoint import load_config
-    return bool((load_config(base).get("task") or {}).get("distance", False))
+    return load_config(base)
 
 
 def training_mpp(project: "Project", base_model) -> float | None:
     """The base model's mpp, else the regions' when they all share one (within 10 %)."""
-    base = project.current_model if base_model is None else Path(model_path(base_model))
-    if base is not None:
-        from ..core.checkpoint import load_config
-        mpp = load_config(base).get("mpp")
-        if mpp:
-            return float(mpp)
+    cfg = base_config(project, base_model)
+    if cfg is not None and cfg.get("mpp"):
+        return float(cfg["mpp"])
     mpps = [project.region_mpp(r) for r in project.regions()]
     if not mpps or any(m is None for m in mpps):
         return None

@@ -206,6 +206,11 @@ def _entropy(probs: np.ndarray) -> np.ndarray:
 def _score_cells(predictor, view: _LevelView, cells: Sequence[Cell], colour_test: bool, flips: bool,
                  batch: int) -> Iterator[Progress]:
     """Yield a Progress per batch; return a :class:`ScoredCell` for each tissue cell among ``cells``."""
+    classes = getattr(predictor, "num_classes", None)  # the class probabilities, not a distance map
+
+    def predicted(batch_tiles: np.ndarray) -> np.ndarray:
+        return predict_padded_batch(predictor, batch_tiles)[:, :classes]
+
     out: list[ScoredCell] = []
     for i in range(0, len(cells), batch):
         yield Progress("suggest", i, len(cells), message=f"scored {i} of {len(cells)} candidate regions")
@@ -219,11 +224,6 @@ def _score_cells(predictor, view: _LevelView, cells: Sequence[Cell], colour_test
         if not tiles:
             continue
         tiles = np.stack(tiles)
-        classes = getattr(predictor, "num_classes", None)  # the class probabilities, not a distance map
-
-        def predicted(batch_tiles: np.ndarray) -> np.ndarray:
-            return predict_padded_batch(predictor, batch_tiles)[:, :classes]
-
         views = [predicted(tiles)]
         if flips:
             views.append(predicted(np.ascontiguousarray(tiles[:, :, ::-1]))[..., ::-1])
