@@ -40,7 +40,7 @@ def main() -> None:
     gts = [inst.get(it.name) if it.name in inst else instances_of_target(it.target, ds.task) for it in val]
     stored = pred.postprocess_options
     before = sum(score(ds.task, postprocess(p, ds.task, stored)[1], g) for p, g in zip(probs, gts)) / len(val)
-    options, report = tune_postprocess(ds.task, probs, gts)
+    options, report = tune_postprocess(ds.task, probs, gts, mpp=cfg.get("mpp"))
     print(json.dumps({"stored": stored, "stored_score": before, "best": options, "best_score": report["best"],
                       "n_images": len(val)}))
     if a.write:

@@ -137,6 +137,32 @@ def test_tuning_finds_the_threshold_that_recovers_the_objects():
     assert report["best"] > report["default"]
 
 
+def test_pixel_sizes_follow_the_model_resolution_in_defaults_and_in_the_tuning_grid():
+    """A nucleus model at 0.25 um/px (twice the bundled one's pixels per micron) drops objects
+    under the same area in um^2: its default and searched min_size are 4x, min_distance 2x."""
+    from napari_genselfdiff.core.tuning import GRIDS, grid_at
+
+    assert options_for("nuclei", None, 0.5) == options_for("nuclei")
+    fine = options_for("nuclei", None, 0.25)
+    assert fine["min_size"] == 4 * OPTIONS["nuclei"]["min_size"]
+    assert fine["min_distance"] == 2 * OPTIONS["nuclei"]["min_distance"]
+    assert fine["threshold"] == OPTIONS["nuclei"]["threshold"]  # not a size: unchanged
+    assert options_for("nuclei", {"min_size": 7}, 0.25)["min_size"] == 7  # stored options are already in pixels
+    assert grid_at("nuclei", 0.25)["min_size"] == tuple(4 * v for v in GRIDS["nuclei"]["min_size"])
+    assert grid_at("glands", 2.48)["min_size"] == tuple(max(1, round(v / 4)) for v in GRIDS["glands"]["min_size"])
+    # a 6-pixel nucleus at 0.25 um/px is under the smallest area searched there, kept at 0.5 um/px
+    lab = np.zeros((40, 40), np.int32)
+    lab[10:12, 10:13] = 1
+    lab[20:32, 20:32] = 2
+    p = np.zeros((3,) + lab.shape, np.float32)
+    p[1] = np.where(lab > 0, 0.9, 0.05)
+    p[0] = 1 - p[1]
+    _, report = tune_postprocess("nuclei", [p], [lab], mpp=0.25)
+    assert min(report["grid"]["min_size"]) > 6
+    options, _ = tune_postprocess("nuclei", [p], [lab], mpp=0.5)
+    assert min(GRIDS["nuclei"]["min_size"]) <= 6 and options["min_distance"] == OPTIONS["nuclei"]["min_distance"]
+
+
 def _tiny_items(n=3, size=48):
     rng = np.random.default_rng(1)
     items = []

@@ -203,3 +203,25 @@ def test_frozen_batchnorm_statistics_are_exact_after_a_few_steps(tmp_path):
             torch.testing.assert_close(v, saved[k], rtol=1e-4, atol=1e-5)
     mean0 = saved["down.0.blocks.0.norm1.running_mean"]
     assert mean0.abs().max() > 0.01  # real statistics, not the initial zeros
+
+
+def test_training_runs_channels_last_on_the_cpu_and_saves_the_same_function(tmp_path):
+    """The trainer moves the network's convolutions to channels_last on the CPU (the faster layout
+    for oneDNN); the checkpoint it writes is plain contiguous tensors computing the same outputs."""
+    from napari_genselfdiff.core.training import _Trainer
+    from napari_genselfdiff.core.unet import UNet, UNetConfig, segmentation_config
+
+    net = UNet(segmentation_config(UNetConfig.from_preset("tiny", in_channels=3, out_channels=2), 2))
+    trainer = _Trainer(net, torch.device("cpu"), lr=1e-3, weight_decay=0.0, amp=False, ema=0.9)
+    convs = [p for p in trainer.model.parameters() if p.ndim == 4]
+    assert convs and all(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
+                         for p in convs if p.shape[-1] > 1)
+    x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 2, (2, 32, 32))
+    loss = trainer.step(lambda: torch.nn.functional.cross_entropy(trainer.net(x), y), grad_clip=1.0)
+    assert np.isfinite(loss)
+    ck.save_checkpoint(tmp_path / "m", trainer.model, {"kind": "segmentation", "model": net.config.to_dict()})
+    assert all(w.is_contiguous() for w in ck.load_weights(tmp_path / "m").values())
+    loaded, _ = ck.load_model(tmp_path / "m")
+    trainer.model.eval(), loaded.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), trainer.model(x), rtol=1e-4, atol=1e-5)

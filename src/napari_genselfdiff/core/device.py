@@ -36,3 +36,10 @@ def pick_device(name: str = "auto") -> tuple[torch.device, str]:
     if base not in found:
         raise GenSelfDiffError(f"device {name!r} is not available here (found: {', '.join(found)})")
     return torch.device(name), f"using {name}"
+
+
+def channels_last_for(device: torch.device | str) -> torch.memory_format:
+    """The memory layout a convolutional network trains fastest in on ``device``: channels_last on
+    the CPU (oneDNN) and CUDA (tensor cores), the default layout elsewhere (MPS)."""
+    kind = torch.device(device).type
+    return torch.channels_last if kind in ("cpu", "cuda") else torch.preserve_format

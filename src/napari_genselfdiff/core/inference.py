@@ -120,7 +120,7 @@ class TorchPredictor:
         # instance rules tuned on the validation images at the end of fine-tuning (core/tuning.py)
         from .postprocess import options_for
         try:
-            self.postprocess_options = options_for(self.task, config.get("postprocess"))
+            self.postprocess_options = options_for(self.task, config.get("postprocess"), self.mpp)
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"{self.source}: config.json's postprocess settings are invalid ({e})") from None
         if tta not in TTA_VIEWS:

@@ -156,10 +156,32 @@ OPTIONS = {"glands": {"threshold": 0.5, "min_size": GLAND_MIN_SIZE, "fill_holes"
                       "min_distance": 4, "split": 0.0, "distance_h": 0.1}}
 
 
-def options_for(task: str, options: dict | None = None) -> dict:
-    """The post-processing options of ``task``: the defaults, updated with ``options`` (e.g. a
-    checkpoint's ``config["postprocess"]``); keys the task does not take are refused."""
-    base = dict(OPTIONS.get(task, OPTIONS["glands"]))
+#: The microns per pixel the pixel-valued defaults (and the tuning grids) are written for: the
+#: bundled models' own. A model at another um/px gets them rescaled (:func:`at_mpp`), so a nucleus
+#: model at 0.25 um/px drops objects under the same area in um^2, not in pixels.
+REFERENCE_MPP = {"glands": 1.24, "nuclei": 0.5}
+AREAS, LENGTHS = ("min_size",), ("min_distance",)
+
+
+def at_mpp(task: str, options: dict, mpp: float | None) -> dict:
+    """``options`` (written for :data:`REFERENCE_MPP`) with their areas and lengths in pixels
+    rescaled to ``mpp`` (unchanged when it is unknown); at least 1 pixel."""
+    ref = REFERENCE_MPP.get(task)
+    if not mpp or not ref or abs(mpp - ref) < 1e-6:
+        return dict(options)
+    f = ref / float(mpp)
+    out = dict(options)
+    for k in AREAS + LENGTHS:
+        if k in out:
+            out[k] = max(1, int(round(out[k] * (f * f if k in AREAS else f))))
+    return out
+
+
+def options_for(task: str, options: dict | None = None, mpp: float | None = None) -> dict:
+    """The post-processing options of ``task``: the defaults (rescaled to the model's ``mpp``,
+    :func:`at_mpp`), updated with ``options`` (e.g. a checkpoint's ``config["postprocess"]``,
+    already in the model's pixels); keys the task does not take are refused."""
+    base = at_mpp(task, OPTIONS.get(task, OPTIONS["glands"]), mpp)
     for k, v in (options or {}).items():
         if k not in base:
             raise ValueError(f"unknown {task} post-processing option {k!r}; expected one of {', '.join(base)}")

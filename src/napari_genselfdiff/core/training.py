@@ -26,6 +26,7 @@ from . import checkpoint as ckpt
 from . import ddp
 from .data import (NORMALIZATION, AugmentConfig, LabeledImage, TaskSpec, UnlabeledSource, distance_target,
                    sample_labeled_batch, sample_unlabeled_batch, select_fraction, select_fraction_from_names, to_model_input)
+from .device import channels_last_for
 from .diffusion import Diffusion, ScheduleConfig
 from .errors import CheckpointError, DataError, GenSelfDiffError
 from .inference import TorchPredictor, autocast_for, checkpoint_task, predict_image
@@ -123,7 +124,8 @@ class _Trainer:
 
     def __init__(self, model: UNet, device: torch.device, lr: float, weight_decay: float, amp: bool,
                  ema: float = 0.0, group: ddp.Group | None = None):
-        self.model = model.to(device)
+        # channels_last: 1.3-1.4x faster steps on the CPU (benchmarks/speed.py); inputs follow the weights
+        self.model = model.to(device, memory_format=channels_last_for(device))
         self.group, self.net = group, ddp.wrap(group, self.model)  # torchrun: DDP averages the gradients
         self.stream, self.main = (None, True) if group is None else (group.rank, group.main)
         # exponential moving average of the parameters (BatchNorm statistics are recalibrated for
@@ -502,7 +504,7 @@ def finetune(items: Sequence[LabeledImage], out: str | os.PathLike, cfg: Finetun
         probs = [predict_image(predictor, it.image) for it in val_items]
         gts = [(val_instances or {}).get(it.name) for it in val_items]
         gts = [g if g is not None else instances_of_target(it.target, spec.task) for g, it in zip(gts, val_items)]
-        options, report = tune_postprocess(spec.task, probs, gts)
+        options, report = tune_postprocess(spec.task, probs, gts, mpp=cfg.mpp)
         if options:
             tuned.update(postprocess=options, postprocess_tuning=report)
 

@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage as ndi
 
-from .postprocess import OPTIONS, options_for, postprocess
+from .postprocess import OPTIONS, at_mpp, options_for, postprocess
 
 #: The values tried, per task (every combination).
 GRIDS = {"glands": {"threshold": (0.3, 0.4, 0.5, 0.6, 0.7), "min_size": (50, 100, 200, 400)},
@@ -71,30 +71,38 @@ def redundant(opts: dict, grid: dict, probabilities: Sequence[np.ndarray]) -> bo
     return False
 
 
+def grid_at(task: str, mpp: float | None) -> dict:
+    """The task's grid with its areas and lengths in pixels rescaled to a model at ``mpp``
+    (:func:`.postprocess.at_mpp`; the grids are written for the bundled models' um/px)."""
+    return {k: tuple(at_mpp(task, {k: v}, mpp)[k] for v in values) for k, values in GRIDS[task].items()}
+
+
 def tune_postprocess(task: str, probabilities: Sequence[np.ndarray], gt_instances: Sequence[np.ndarray],
-                     grid: dict | None = None) -> tuple[dict, dict]:
+                     grid: dict | None = None, mpp: float | None = None) -> tuple[dict, dict]:
     """The post-processing options of ``task`` that maximise the mean :func:`score` over the
-    validation images (``probabilities[i]``: (C, H, W) of image i; ``gt_instances[i]``: its objects).
+    validation images (``probabilities[i]``: (C, H, W) of image i; ``gt_instances[i]``: its objects)
+    of a model at ``mpp`` um/px (the grid and defaults in its pixels, :func:`grid_at`).
     Returns (every option of the task, the searched ones at their best; report) with the report
     holding the best and the default options' scores."""
     if task not in GRIDS:
         return {}, {"note": f"no post-processing to tune for {task}"}
-    grid = grid or GRIDS[task]
+    grid = grid or grid_at(task, mpp)
     keys = list(grid)
-    defaults = {k: OPTIONS[task][k] for k in keys}
+    full = options_for(task, None, mpp)  # the options not searched keep their (rescaled) defaults
+    defaults = {k: full[k] for k in keys}
     results = []
     for values in itertools.product(*(grid[k] for k in keys)):
         opts = dict(zip(keys, values))
         if redundant(opts, grid, probabilities):
             continue
-        s = [score(task, postprocess(p, task, opts)[1], g) for p, g in zip(probabilities, gt_instances)]
+        s = [score(task, postprocess(p, task, {**full, **opts})[1], g) for p, g in zip(probabilities, gt_instances)]
         results.append((float(np.mean(s)), opts))
     best_score, best = max(results, key=lambda r: r[0])
     default_score = next((s for s, o in results if o == defaults), None)
     if default_score is None:
-        default_score = float(np.mean([score(task, postprocess(p, task, defaults)[1], g)
+        default_score = float(np.mean([score(task, postprocess(p, task, full)[1], g)
                                        for p, g in zip(probabilities, gt_instances)]))
     report = {"score": "object_f1 + object_dice" if task == "glands" else "aji + pq + dice",
               "best": best_score, "default": default_score, "n_images": len(probabilities),
               "grid": {k: list(v) for k, v in grid.items()}}
-    return options_for(task, best), report
+    return options_for(task, best, mpp), report
