@@ -1,4 +1,8 @@
 """Training loops: cancel saves, resume continues the same run, real runs learn."""
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -225,3 +229,40 @@ def test_training_runs_channels_last_on_the_cpu_and_saves_the_same_function(tmp_
     trainer.model.eval(), loaded.eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), trainer.model(x), rtol=1e-4, atol=1e-5)
+
+
+_FAULTS = """
+import resource, torch
+from napari_genselfdiff.core.device import tune_allocator
+from napari_genselfdiff.core.unet import UNet, UNetConfig, segmentation_config
+tuned = tune_allocator()
+torch.set_num_threads(1)
+torch.manual_seed(0)
+net = UNet(segmentation_config(UNetConfig.from_preset("tiny", in_channels=3, out_channels=2), 2))
+net = net.to(memory_format=torch.channels_last)
+opt = torch.optim.AdamW(net.parameters())
+x, y = torch.randn(4, 3, 128, 128), torch.randint(0, 2, (4, 128, 128))
+def step():
+    opt.zero_grad(set_to_none=True)
+    torch.nn.functional.cross_entropy(net(x), y).backward()
+    opt.step()
+step(); step()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(3):
+    step()
+print(int(tuned), (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) // 3)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the allocator tuning is for glibc on Linux")
+def test_the_tuned_allocator_reuses_freed_activations_instead_of_faulting_them_in_again():
+    """The same training steps in two processes: glibc as it comes hands the activations' memory
+    back to the kernel and faults it in again every step; tuned (the default) it is reused.
+    GENSELFDIFF_MALLOC=default opts out."""
+    def faults_per_step(mode):
+        env = {**os.environ, "GENSELFDIFF_MALLOC": mode}
+        out = subprocess.run([sys.executable, "-c", _FAULTS], capture_output=True, text=True, env=env, check=True)
+        return tuple(map(int, out.stdout.split()))
+    (tuned, with_tuning), (untuned, without) = faults_per_step(""), faults_per_step("default")
+    assert (tuned, untuned) == (1, 0)
+    assert without > 5 * max(with_tuning, 1000), (with_tuning, without)

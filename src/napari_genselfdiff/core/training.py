@@ -26,7 +26,7 @@ from . import checkpoint as ckpt
 from . import ddp
 from .data import (NORMALIZATION, AugmentConfig, LabeledImage, TaskSpec, UnlabeledSource, distance_target,
                    sample_labeled_batch, sample_unlabeled_batch, select_fraction, select_fraction_from_names, to_model_input)
-from .device import channels_last_for
+from .device import channels_last_for, tune_allocator
 from .diffusion import Diffusion, ScheduleConfig
 from .errors import CheckpointError, DataError, GenSelfDiffError
 from .inference import TorchPredictor, autocast_for, checkpoint_task, predict_image
@@ -126,6 +126,7 @@ class _Trainer:
                  ema: float = 0.0, group: ddp.Group | None = None):
         # channels_last: 1.3-1.4x faster steps on the CPU (benchmarks/speed.py); inputs follow the weights
         self.model = model.to(device, memory_format=channels_last_for(device))
+        tune_allocator()  # no page faults for every step's activations (core/device.py)
         self.group, self.net = group, ddp.wrap(group, self.model)  # torchrun: DDP averages the gradients
         self.stream, self.main = (None, True) if group is None else (group.rank, group.main)
         # exponential moving average of the parameters (BatchNorm statistics are recalibrated for
