@@ -55,7 +55,7 @@ def tune_allocator() -> bool:
     glibc returns large freed blocks to the kernel at once, so each training step or tile maps
     its activations afresh and the kernel zeroes every page again: on the 2-core machine 140,000
     page faults and a third of the step time for a step of 4 patches of 256 px. With a fixed
-    mmap threshold (32 MB, glibc's largest) and a 1 GB trim threshold the same step faults 3,000
+    mmap threshold (256 MB, or 32 MB where glibc allows no more) and a 1 GB trim threshold the same step faults 3,000
     times and runs 1.2-1.6x faster (benchmarks/speed.py --ceiling, ``allocator``). The cost: up to
     1 GB of freed memory stays with the process until it exits, below its peak. Returns whether
     the allocator is tuned."""
@@ -71,8 +71,10 @@ def tune_allocator() -> bool:
         try:
             libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
             m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
-            tuned = bool(libc.mallopt(m_mmap_threshold, 32 << 20) and libc.mallopt(m_trim_threshold, 1 << 30)
-                         and libc.mallopt(m_top_pad, 64 << 20))
+            # 256 MB keeps even a 1024-px tile's activations (67 MB) in the heap; older glibc
+            # refuses more than 32 MB
+            mmap_ok = libc.mallopt(m_mmap_threshold, 256 << 20) or libc.mallopt(m_mmap_threshold, 32 << 20)
+            tuned = bool(mmap_ok and libc.mallopt(m_trim_threshold, 1 << 30) and libc.mallopt(m_top_pad, 64 << 20))
         except (OSError, AttributeError):  # not glibc (musl, ...): nothing to tune
             tuned = False
     _ALLOCATOR["tuned"] = tuned
