@@ -202,8 +202,10 @@ for name, fn, n in (("train_step_s", step, 4), ("infer_tile_s", lambda: pred(til
     for _ in range(n):
         fn()
     out[name] = (time.perf_counter() - t0) / n
-    out[name.replace("_s", "_faults")] = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) // n
-out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out[name[:-2] + "_faults"] = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) // n
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent across fork and exec
+hwm = [line for line in open("/proc/self/status") if line.startswith("VmHWM")]
+out["peak_rss_mb"] = int(hwm[0].split()[1]) / 1024 if hwm else float("nan")
 print(json.dumps(out))
 """
 

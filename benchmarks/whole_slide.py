@@ -7,7 +7,7 @@ with tissue everywhere (``scripts/make_test_slide.py --tissue-fraction 1.0``: a 
 GlaS / MoNuSeg tiles in ../shared/data, synthetic tissue where that is absent), then for each
 bundled default model runs ``genselfdiff predict --model M --input SLIDE --out OUT.zarr`` in a
 fresh subprocess (reading, tissue detection, tiling, blending, instance labels, zarr writes: all
-of it) and records its wall time and peak RSS (``ru_maxrss`` of that child alone). In the same
+of it) and records its wall time and peak RSS (that child's own VmHWM, reported as it exits). In the same
 run, the raw forward pass of the same predictor (batched 512-px tiles of the slide, no tiling,
 no post-processing) gives the limit the end-to-end figure is set against, over the pixels the
 model sees (the slide resampled to the model's um/px) so that the tiles' overlap counts against
@@ -36,6 +36,19 @@ FORTY_X = (100_000, 80_000, 0.25)  # width, height, um/px of the projected slide
 TYPICAL_TISSUE = 0.30
 
 
+PEAK_REPORTING_CLI = """
+import atexit, sys
+def report():
+    hwm = [line.split()[1] for line in open('/proc/self/status') if line.startswith('VmHWM')]
+    sys.stdout.write('\\nVmHWM ' + (hwm[0] if hwm else 'nan') + '\\n')
+    sys.stdout.flush()
+atexit.register(report)
+from napari_genselfdiff.cli import main
+sys.argv = ['genselfdiff'] + sys.argv[1:]
+sys.exit(main())
+"""
+
+
 def build_slide(path: Path, size: int, mpp: float) -> Path:
     if path.is_file():
         return path
@@ -57,9 +70,11 @@ def run_predict(model: str, slide: Path, out: Path, tile: int, batch: int) -> di
             print(f"whole_slide: {e}; choose another --work", file=sys.stderr)
             raise SystemExit(2)
         shutil.rmtree(out)
-    exe = Path(sys.executable).with_name("genselfdiff")
-    cmd = [str(exe), "predict", "--model", model, "--input", str(slide), "--out", str(out),
-           "--tile", str(tile), "--batch", str(batch)]
+    # the user's command (genselfdiff = napari_genselfdiff.cli:main) in a child that reports its
+    # own peak RSS (VmHWM) on exit: its ru_maxrss would include this process's, which Linux
+    # carries over to children across fork and exec
+    cmd = [sys.executable, "-c", PEAK_REPORTING_CLI, "predict", "--model", model, "--input", str(slide),
+           "--out", str(out), "--tile", str(tile), "--batch", str(batch)]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     output = proc.stdout.read()
@@ -68,8 +83,10 @@ def run_predict(model: str, slide: Path, out: Path, tile: int, batch: int) -> di
     if os.waitstatus_to_exitcode(status) != 0:
         print(f"whole_slide: {' '.join(cmd)} failed:\n{output}", file=sys.stderr)
         raise SystemExit(2)
-    return {"seconds": round(seconds, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
-            "log": output.strip().splitlines()[-3:]}
+    lines = output.strip().splitlines()
+    peak = [float(line.split()[1]) / 1024 for line in lines if line.startswith("VmHWM ")]
+    return {"seconds": round(seconds, 1), "peak_rss_mb": round(peak[-1] if peak else usage.ru_maxrss / 1024, 1),
+            "log": [line for line in lines if not line.startswith("VmHWM ")][-3:]}
 
 
 def model_pixels(out: Path) -> tuple[int, int]:
