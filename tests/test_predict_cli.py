@@ -115,3 +115,12 @@ def test_export_errors_are_one_line(tmp_path, capsys):
     assert main(["export", "--labels", str(tmp_path / "nope.zarr"), "--geojson", str(tmp_path / "x.geojson")]) == 2
     err = capsys.readouterr().err
     assert "no such prediction store" in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_cli_tiles_slides_like_the_library_by_default():
+    """`genselfdiff predict` without --tile uses the library's default tile (the measured one)."""
+    from napari_genselfdiff.cli import build_parser
+    from napari_genselfdiff.slide.tiler import DEFAULT_TILE, SlideSettings
+
+    args = build_parser().parse_args(["predict", "--model", "m", "--input", "s.tif", "--out", "o.zarr"])
+    assert args.tile == DEFAULT_TILE == SlideSettings().tile

@@ -289,7 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="segmentation checkpoint folder, or 'glands'/'nuclei' for the bundled defaults")
     p.add_argument("--input", nargs="+", required=True, metavar="SLIDE_OR_IMAGE", help="slides or images")
     p.add_argument("--out", required=True, help="output .zarr (one per input; with several inputs, a folder)")
-    p.add_argument("--tile", type=positive_int, default=512, help="tile size (default 512)")
+    p.add_argument("--tile", type=positive_int, default=768,  # = slide.tiler.DEFAULT_TILE (a test checks)
+                   help="tile size (default 768)")
     p.add_argument("--overlap", type=nonnegative_int, default=None,
                    help="overlap between tiles (default: the model's, derived from its receptive field; 64 for older models)")
     p.add_argument("--mpp", type=positive_float, default=None,
