@@ -1,6 +1,6 @@
 """A full-tissue slide predicted end to end by the user's own command, for both default models.
 
-    python benchmarks/whole_slide.py [--size 16384] [--tile 512] [--batch 4] [--models glands nuclei]
+    python benchmarks/whole_slide.py [--size 16384] [--tile 768] [--batch 4] [--models glands nuclei]
 
 Builds (once, into ``--work``) a ``--size`` x ``--size`` pyramidal BigTIFF at 0.5 um/px covered
 with tissue everywhere (``scripts/make_test_slide.py --tissue-fraction 1.0``: a mosaic of the real
@@ -31,6 +31,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from napari_genselfdiff.slide.tiler import DEFAULT_TILE  # noqa: E402  (the CLI's default tile)
 
 FORTY_X = (100_000, 80_000, 0.25)  # width, height, um/px of the projected slide
 TYPICAL_TISSUE = 0.30
@@ -121,7 +123,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", type=int, default=16384)
     ap.add_argument("--mpp", type=float, default=0.5)
-    ap.add_argument("--tile", type=int, default=512)
+    ap.add_argument("--tile", type=int, default=DEFAULT_TILE, help="tile size (default: the CLI's, %(default)s)")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--models", nargs="+", default=["glands", "nuclei"], choices=["glands", "nuclei"])

@@ -266,3 +266,19 @@ def test_the_tuned_allocator_reuses_freed_activations_instead_of_faulting_them_i
     (tuned, with_tuning), (untuned, without) = faults_per_step(""), faults_per_step("default")
     assert (tuned, untuned) == (1, 0)
     assert without > 5 * max(with_tuning, 1000), (with_tuning, without)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the allocator tuning is for glibc on Linux")
+def test_a_process_keeps_the_largest_reserve_asked_for():
+    """Prediction asks for a small reserve, training for a large one; whichever comes first, the
+    process ends up keeping the larger, and a later small request does not shrink it."""
+    from napari_genselfdiff.core import device
+
+    if os.environ.get("GENSELFDIFF_MALLOC", "").lower() == "default":
+        pytest.skip("GENSELFDIFF_MALLOC=default: the allocator is left as it is")
+    assert device.tune_allocator(device.KEEP_MB["predict"])
+    assert device._ALLOCATOR["keep_mb"] >= device.KEEP_MB["predict"]
+    assert device.tune_allocator(device.KEEP_MB["train"])
+    assert device._ALLOCATOR["keep_mb"] == device.KEEP_MB["train"]
+    assert device.tune_allocator(device.KEEP_MB["predict"])
+    assert device._ALLOCATOR["keep_mb"] == device.KEEP_MB["train"]

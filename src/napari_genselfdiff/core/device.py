@@ -45,36 +45,49 @@ def channels_last_for(device: torch.device | str) -> torch.memory_format:
     return torch.channels_last if kind in ("cpu", "cuda") else torch.preserve_format
 
 
-_ALLOCATOR = {"tuned": None}
+_ALLOCATOR: dict = {"tuned": None, "keep_mb": 0, "libc": None}
+
+#: Freed memory a process keeps for reuse (glibc's trim threshold), by what it runs: a training
+#: step frees and reallocates all its activations (hundreds of MB) every step; a prediction
+#: process holds long-lived blocks between its tiles, where a large reserve only adds to the peak
+#: RSS (the 16384^2 nuclei slide: 1.9 GB with 1 GB kept, benchmarks/RESULTS.md, session 9).
+KEEP_MB = {"train": 1024, "predict": 64}
 
 
-def tune_allocator() -> bool:
+def tune_allocator(keep_mb: int = KEEP_MB["train"]) -> bool:
     """Keep freed tensor memory in the process instead of handing it back to the OS after every
-    step (Linux / glibc only; once per process; ``GENSELFDIFF_MALLOC=default`` leaves glibc as is).
+    step (Linux / glibc only; ``GENSELFDIFF_MALLOC=default`` leaves glibc as is).
 
     glibc returns large freed blocks to the kernel at once, so each training step or tile maps
     its activations afresh and the kernel zeroes every page again: on the 2-core machine 140,000
-    page faults and a third of the step time for a step of 4 patches of 256 px. With a fixed
-    mmap threshold (256 MB, or 32 MB where glibc allows no more) and a 1 GB trim threshold the same step faults 3,000
-    times and runs 1.2-1.6x faster (benchmarks/speed.py --ceiling, ``allocator``). The cost: up to
-    1 GB of freed memory stays with the process until it exits, below its peak. Returns whether
-    the allocator is tuned."""
-    if _ALLOCATOR["tuned"] is not None:
-        return _ALLOCATOR["tuned"]
+    page faults and a third of the step time for a step of 4 patches of 256 px, and a 768-px
+    tile's forward pass 250,000 faults. With a fixed mmap threshold (256 MB, or 32 MB where glibc
+    allows no more: tile and step activations come from the heap) and a trim threshold of
+    ``keep_mb`` (the largest asked for in this process) the same step faults 3,000 times and runs
+    1.2-2x faster, a tile none (benchmarks/speed.py --ceiling, ``allocator``). The cost: up to
+    ``keep_mb`` of freed memory stays with the process. Returns whether the allocator is tuned."""
+    if _ALLOCATOR["tuned"] is False or (_ALLOCATOR["tuned"] and keep_mb <= _ALLOCATOR["keep_mb"]):
+        return bool(_ALLOCATOR["tuned"])
     import ctypes
     import ctypes.util
     import os
     import sys
 
+    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
+    if _ALLOCATOR["tuned"]:  # tuned before with less kept: only keep more now
+        _ALLOCATOR["libc"].mallopt(m_trim_threshold, keep_mb << 20)
+        _ALLOCATOR["keep_mb"] = keep_mb
+        return True
     tuned = False
     if sys.platform.startswith("linux") and os.environ.get("GENSELFDIFF_MALLOC", "").lower() != "default":
         try:
             libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
             # 256 MB keeps even a 1024-px tile's activations (67 MB) in the heap; older glibc
             # refuses more than 32 MB
             mmap_ok = libc.mallopt(m_mmap_threshold, 256 << 20) or libc.mallopt(m_mmap_threshold, 32 << 20)
-            tuned = bool(mmap_ok and libc.mallopt(m_trim_threshold, 1 << 30) and libc.mallopt(m_top_pad, 64 << 20))
+            tuned = bool(mmap_ok and libc.mallopt(m_trim_threshold, keep_mb << 20)
+                         and libc.mallopt(m_top_pad, 16 << 20))
+            _ALLOCATOR.update(libc=libc, keep_mb=keep_mb)
         except (OSError, AttributeError):  # not glibc (musl, ...): nothing to tune
             tuned = False
     _ALLOCATOR["tuned"] = tuned

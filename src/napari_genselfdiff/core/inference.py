@@ -18,7 +18,7 @@ import torch
 
 from .checkpoint import load_model
 from .data import NORMALIZATION, TaskSpec, to_model_input
-from .device import pick_device, tune_allocator
+from .device import KEEP_MB, pick_device, tune_allocator
 from .errors import CheckpointError, DataError
 from .unet import UNet, fused_for_inference
 
@@ -90,7 +90,7 @@ class TorchPredictor:
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         if self.device.type == "cpu":
-            tune_allocator()  # each tile's activations without fresh page faults (core/device.py)
+            tune_allocator(KEEP_MB["predict"])  # tiles without fresh page faults (core/device.py)
         # what runs the forward passes: the same function with frozen BatchNorm folded into the
         # convolutions (core/unet.fused_for_inference), in channels_last layout (on the 2-core CPU:
         # 0.38 -> 0.6-0.7 Mpx/s, benchmarks/speed.py --ceiling); the model itself is left as it is
