@@ -45,7 +45,8 @@ def channels_last_for(device: torch.device | str) -> torch.memory_format:
     return torch.channels_last if kind in ("cpu", "cuda") else torch.preserve_format
 
 
-_ALLOCATOR: dict = {"tuned": None, "keep_mb": 0, "libc": None}
+_ALLOCATOR: dict = {"keep_mb": 0}  # "libc": glibc once its mmap threshold is fixed, or None
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3  # glibc's mallopt parameters
 
 #: Freed memory a process keeps for reuse (glibc's trim threshold), by what it runs: a training
 #: step frees and reallocates all its activations (hundreds of MB) every step; a prediction
@@ -66,29 +67,34 @@ def tune_allocator(keep_mb: int = KEEP_MB["train"]) -> bool:
     ``keep_mb`` (the largest asked for in this process) the same step faults 3,000 times and runs
     1.2-2x faster, a tile none (benchmarks/speed.py --ceiling, ``allocator``). The cost: up to
     ``keep_mb`` of freed memory stays with the process. Returns whether the allocator is tuned."""
-    if _ALLOCATOR["tuned"] is False or (_ALLOCATOR["tuned"] and keep_mb <= _ALLOCATOR["keep_mb"]):
-        return bool(_ALLOCATOR["tuned"])
+    libc = _glibc()
+    if libc is None:
+        return False
+    if keep_mb > _ALLOCATOR["keep_mb"]:  # only ever keep more: whoever asked for more still runs
+        libc.mallopt(_M_TRIM_THRESHOLD, keep_mb << 20)
+        _ALLOCATOR["keep_mb"] = keep_mb
+    return True
+
+
+def _glibc():
+    """glibc with tile and step activations served from its heap (a fixed mmap threshold: 256 MB
+    keeps even a 1024-px tile's 67 MB; older glibc refuses more than 32 MB), set up once per
+    process; None on other platforms, with another C library, or under ``GENSELFDIFF_MALLOC=default``."""
+    if "libc" in _ALLOCATOR:
+        return _ALLOCATOR["libc"]
     import ctypes
     import ctypes.util
     import os
     import sys
 
-    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
-    if _ALLOCATOR["tuned"]:  # tuned before with less kept: only keep more now
-        _ALLOCATOR["libc"].mallopt(m_trim_threshold, keep_mb << 20)
-        _ALLOCATOR["keep_mb"] = keep_mb
-        return True
-    tuned = False
+    libc = None
     if sys.platform.startswith("linux") and os.environ.get("GENSELFDIFF_MALLOC", "").lower() != "default":
         try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            # 256 MB keeps even a 1024-px tile's activations (67 MB) in the heap; older glibc
-            # refuses more than 32 MB
-            mmap_ok = libc.mallopt(m_mmap_threshold, 256 << 20) or libc.mallopt(m_mmap_threshold, 32 << 20)
-            tuned = bool(mmap_ok and libc.mallopt(m_trim_threshold, keep_mb << 20)
-                         and libc.mallopt(m_top_pad, 16 << 20))
-            _ALLOCATOR.update(libc=libc, keep_mb=keep_mb)
+            lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            if ((lib.mallopt(_M_MMAP_THRESHOLD, 256 << 20) or lib.mallopt(_M_MMAP_THRESHOLD, 32 << 20))
+                    and lib.mallopt(_M_TOP_PAD, 16 << 20)):
+                libc = lib
         except (OSError, AttributeError):  # not glibc (musl, ...): nothing to tune
-            tuned = False
-    _ALLOCATOR["tuned"] = tuned
-    return tuned
+            libc = None
+    _ALLOCATOR["libc"] = libc
+    return libc

@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage as ndi
 
-from .postprocess import OPTIONS, at_mpp, options_for, postprocess
+from .postprocess import at_mpp, options_for, postprocess
 
 #: The values tried, per task (every combination).
 GRIDS = {"glands": {"threshold": (0.3, 0.4, 0.5, 0.6, 0.7), "min_size": (50, 100, 200, 400)},
