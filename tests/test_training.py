@@ -282,3 +282,46 @@ def test_a_process_keeps_the_largest_reserve_asked_for():
     assert device._ALLOCATOR["keep_mb"] == device.KEEP_MB["train"]
     assert device.tune_allocator(device.KEEP_MB["predict"])
     assert device._ALLOCATOR["keep_mb"] == device.KEEP_MB["train"]
+
+
+_MAPPED_SCRIPT = r"""
+import sys
+import numpy as np
+from napari_genselfdiff.core.allocator import large_arrays_mapped, tune_allocator
+
+def rss_mb():
+    return [int(l.split()[1]) / 1024 for l in open('/proc/self/status') if l.startswith('VmRSS')][0]
+
+assert tune_allocator(1024)
+mapped = sys.argv[1] == 'mapped'
+def freed_kept():
+    keep = np.ones(1 << 20, np.uint8)        # a small live array after the big one
+    big = np.ones(200 << 20, np.uint8)      # 200 MB, touched
+    tail = np.ones(1 << 20, np.uint8)       # pins the heap's top above the big one
+    before = rss_mb()
+    del big
+    return before - rss_mb(), keep, tail
+if mapped:
+    with large_arrays_mapped():
+        dropped = freed_kept()[0]
+else:
+    dropped = freed_kept()[0]
+print(round(dropped))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the allocator tuning is for glibc on Linux")
+def test_large_arrays_go_back_to_the_kernel_while_mapped():
+    """The tuned heap keeps a freed 200 MB array inside the process; under large_arrays_mapped (the
+    whole-slide labelling) the same array is unmapped when freed and the RSS drops by its size."""
+    if os.environ.get("GENSELFDIFF_MALLOC", "").lower() == "default":
+        pytest.skip("GENSELFDIFF_MALLOC=default: the allocator is left as it is")
+    import subprocess
+    from pathlib import Path
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    dropped = {mode: float(subprocess.run([sys.executable, "-c", _MAPPED_SCRIPT, mode], env=env, check=True,
+                                          capture_output=True, text=True).stdout.split()[-1])
+               for mode in ("heap", "mapped")}
+    assert dropped["heap"] < 50, dropped
+    assert dropped["mapped"] > 150, dropped

@@ -31,6 +31,7 @@ from typing import Any, Generator, Mapping
 import numpy as np
 from scipy import ndimage as ndi
 
+from napari_genselfdiff.core.allocator import large_arrays_mapped
 from napari_genselfdiff.core.errors import GenSelfDiffError
 # the one-piece rules each block is labelled by (glands_from_probabilities is the reference
 # the blockwise result equals; benchmarks/tiler.py reads it from here)
@@ -364,8 +365,9 @@ def label_store(store: Any, kind: str, *, block: int, min_size: int | None = Non
         boundary = _ChannelView(probs, 2) if classes >= 3 else None
         distance = _ChannelView(probs, classes) if nc > classes else None
         gen = iter_nuclei_blockwise(fg, lab0, prob_boundary=boundary, distance=distance, block=block, **opts)
-    stats = yield from gen
-    n_levels = write_label_pyramid(lab_group, block=block)
+    with large_arrays_mapped():  # a block's arrays go back when freed: no heap growth (core/allocator.py)
+        stats = yield from gen
+        n_levels = write_label_pyramid(lab_group, block=block)
     store.finish_labels(lab_group, kind, n_levels, count=stats.count, truncated=stats.truncated,
                         conflicts=stats.conflicts)
     return stats
