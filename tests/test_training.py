@@ -295,7 +295,7 @@ def rss_mb():
 assert tune_allocator(1024)
 mapped = sys.argv[1] == 'mapped'
 def freed_kept():
-    keep = np.ones(1 << 20, np.uint8)        # a small live array after the big one
+    keep = np.ones(1 << 20, np.uint8)        # a small live array below the big one
     big = np.ones(200 << 20, np.uint8)      # 200 MB, touched
     tail = np.ones(1 << 20, np.uint8)       # pins the heap's top above the big one
     before = rss_mb()

@@ -71,9 +71,9 @@ MAPPED_MB = 8
 
 
 @contextlib.contextmanager
-def large_arrays_mapped(mb: int | None = None) -> Iterator[None]:
-    """While in force, arrays of ``mb`` MB (default :data:`MAPPED_MB`) or more are mapped for themselves and unmapped when
-    freed, in a process whose allocator :func:`tune_allocator` tuned (nothing changes otherwise).
+def large_arrays_mapped() -> Iterator[None]:
+    """While in force, arrays of :data:`MAPPED_MB` or more are mapped for themselves and unmapped
+    when freed, in a process whose allocator :func:`tune_allocator` tuned (nothing changes otherwise).
 
     The tuned heap serves arrays up to 256 MB from its free space; the blockwise labelling of a
     slide frees a block's dozen arrays of 10-50 MB in an order that leaves that space in pieces too
@@ -85,7 +85,7 @@ def large_arrays_mapped(mb: int | None = None) -> Iterator[None]:
     if libc is None:
         yield
         return
-    libc.mallopt(_M_MMAP_THRESHOLD, (mb or MAPPED_MB) << 20)
+    libc.mallopt(_M_MMAP_THRESHOLD, MAPPED_MB << 20)
     try:
         yield
     finally:
