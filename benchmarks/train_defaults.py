@@ -22,6 +22,7 @@ from common import (DATASETS, pretrained_enough, REPO, FinetuneConfig, PretrainC
 from napari_genselfdiff.core.atomic import atomic_directory, normal_permissions  # noqa: E402  (after common puts src/ on the path)
 from napari_genselfdiff.core import receptive  # noqa: E402
 from napari_genselfdiff.core.checkpoint import file_sha256, load_model  # noqa: E402
+from napari_genselfdiff.core.data import AugmentConfig  # noqa: E402
 
 CARD = """# Default {task} model ({dataset_title})
 
@@ -34,7 +35,7 @@ CARD = """# Default {task} model ({dataset_title})
 - **Pretraining**: {pretraining}
 - **Fine-tuning**: {ft_steps} steps x {ft_batch} patches of {ft_patch}x{ft_patch}, loss `{loss}`, on the {dataset} training
   split ({n_train} images; split by image, seed 2024), validated on {n_val} images; learning rate with linear warm-up
-  and cosine decay, exponential moving average of the weights ({ema}), stain and colour augmentation.
+  and cosine decay, exponential moving average of the weights ({ema}), stain and colour augmentation{scale_aug}.
 - **Test metrics** ({n_test} held-out {dataset} training-set images, never seen in training; measured by
   `benchmarks/train_defaults.py` on {machine}):
 
@@ -103,6 +104,8 @@ def main() -> None:
                     help="nuclei fine-tuning loss, e.g. 'focal+ssl+dice' (the bundled model's; default: FinetuneConfig's)")
     ap.add_argument("--ema", type=float, default=0.99, help="EMA decay of the weights (0: off)")
     ap.add_argument("--val-every", type=int, default=200)
+    ap.add_argument("--scale-aug", type=float, default=0.0,
+                    help="nuclei: draw training patches at a random scale in [1/(1+s), 1+s] (0: off)")
     ap.add_argument("--nuclei-mpp", type=float, default=None,
                     help="microns per pixel the nuclei model learns at (default 0.5; MoNuSeg is stored at 0.25)")
     ap.add_argument("--bundle-to", default=str(REPO / "resources" / "models"),
@@ -140,7 +143,9 @@ def main() -> None:
                              warmup=20, checkpoint_every=100, val_every=a.val_every, mpp=ds.mpp, ema=a.ema,
                              boundary=boundary and ds.task == "nuclei", boundary_width=a.boundary_width,
                              distance=a.distance and boundary and ds.task == "nuclei",
-                             **({"loss": a.nuclei_loss} if a.nuclei_loss and ds.task == "nuclei" else {}))
+                             **({"loss": a.nuclei_loss} if a.nuclei_loss and ds.task == "nuclei" else {}),
+                             **({"augment": AugmentConfig(scale=a.scale_aug)} if a.scale_aug and ds.task == "nuclei"
+                                else {}))
         with Timer() as t:
             resume = (out / "training_state.json").is_file() and not a.fresh  # an interrupted run continues
             init = None if name in a.scratch else pre
@@ -200,6 +205,8 @@ def main() -> None:
                            ft_patch=patch, ft_steps=steps,
                            ft_batch=a.batch, loss=cfg.loss, dataset=name, n_train=len(train), n_val=len(val),
                            n_test=len(test), machine=machine(), metrics=table,
+                           scale_aug=f", patches at a random scale (x{1 / (1 + cfg.augment.scale):.2f} to "
+                           f"x{1 + cfg.augment.scale:.2f})" if cfg.augment.scale else "",
                            rf=field['receptive_field']['radius']['0.999'], halo=field['halo'],
                            ema=f"decay {a.ema}" if a.ema else "off")
         bundle(out, Path(a.bundle_to) / ds.task, card, metrics, field)

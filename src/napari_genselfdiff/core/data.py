@@ -194,10 +194,19 @@ def mask_to_target(mask: np.ndarray, spec: TaskSpec, source: object = "mask") ->
     fg = mask > 0
     if not spec.boundary:
         return fg.astype(np.uint8)
+    return boundary_target(mask if len(values) > 2 else split_touching(fg), spec.boundary_width)
+
+
+def boundary_target(instances: np.ndarray, width: int = 1) -> np.ndarray:
+    """Class ids (0 background, 1 nucleus, 2 boundary) of an instance-id map: each object's inner
+    boundary ``width`` pixels deep (each layer peeled off before the next; past the first, only
+    while the object keeps some interior, which its watershed marker needs)."""
     from skimage.segmentation import find_boundaries
-    inst = np.array(mask if len(values) > 2 else split_touching(fg))
+
+    inst = np.array(instances)
+    fg = inst > 0
     target = fg.astype(np.uint8)
-    for layer in range(spec.boundary_width):
+    for layer in range(width):
         edge = find_boundaries(inst, mode="inner") & (inst > 0)
         if layer:  # past the first layer, an object is peeled only while some interior remains
             kept = np.zeros(int(inst.max()) + 1, bool)
@@ -208,6 +217,20 @@ def mask_to_target(mask: np.ndarray, spec: TaskSpec, source: object = "mask") ->
     return target
 
 
+def target_instances(target: np.ndarray) -> np.ndarray:
+    """The nuclei of a class map with a boundary class (0 background, 1 nucleus, 2 boundary): the
+    4-connected interiors grown back over their boundary pixels (up to two pixels, within the
+    foreground), so touching nuclei, whose interiors the boundary class keeps apart, stay apart."""
+    from skimage.segmentation import expand_labels
+
+    interiors, _ = ndi.label(target == 1, structure=ndi.generate_binary_structure(2, 1))
+    nuclei = expand_labels(interiors, 2)
+    nuclei[target == 0] = 0
+    rest, n = ndi.label((target > 0) & (nuclei == 0))  # a nucleus all boundary: an object of its own
+    nuclei[rest > 0] = rest[rest > 0] + interiors.max()
+    return nuclei
+
+
 def distance_target(targets: np.ndarray) -> np.ndarray:
     """(B, H, W) float32 in [0, 1]: for targets with a boundary class (0 background, 1 nucleus,
     2 boundary), each nucleus's Euclidean distance to its own edge divided by its largest.
@@ -216,16 +239,12 @@ def distance_target(targets: np.ndarray) -> np.ndarray:
     two pixels, within the foreground), so touching nuclei, whose interiors the boundary class
     keeps apart, each get their own peak and meet at a valley. Computed on the training patches
     themselves (a nucleus cut by the patch edge is measured within the patch)."""
-    from skimage.segmentation import expand_labels
-
     t = np.asarray(targets)
     squeeze = t.ndim == 2
     t = t[None] if squeeze else t
     out = np.zeros(t.shape, np.float32)
     for b in range(t.shape[0]):
-        interiors, _ = ndi.label(t[b] == 1, structure=ndi.generate_binary_structure(2, 1))
-        nuclei = expand_labels(interiors, 2)
-        nuclei[t[b] == 0] = 0
+        nuclei = target_instances(t[b])
         for i, box in enumerate(ndi.find_objects(nuclei), 1):
             if box is None:
                 continue
@@ -396,10 +415,13 @@ class AugmentConfig:
     color_jitter: float = 0.1  # brightness / contrast / saturation amplitude
     stain_sigma: float = 0.05  # H&E stain perturbation in HED space (Tellez et al. 2018)
     stain_p: float = 0.5
+    # labeled patches drawn at a random scale, log-uniform in [1 / (1 + scale), 1 + scale] (0: off);
+    # tissue is magnified or shrunk, its labels resampled so that a boundary class stays 1 px wide
+    scale: float = 0.0
 
     @classmethod
     def none(cls) -> "AugmentConfig":
-        return cls(False, False, 0.0, 0.0, 0.0, 0.0)
+        return cls(False, False, 0.0, 0.0, 0.0, 0.0, 0.0)
 
 
 def augment(image: np.ndarray, target: np.ndarray | None, rng: np.random.Generator,
@@ -456,15 +478,40 @@ def sample_unlabeled_batch(sources: Sequence[UnlabeledSource], rng: np.random.Ge
 
 
 def sample_labeled_batch(items: Sequence[LabeledImage], rng: np.random.Generator, batch: int, size: int,
-                         aug: AugmentConfig) -> tuple[np.ndarray, np.ndarray]:
+                         aug: AugmentConfig, boundary_width: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``batch`` augmented (patch, target) pairs; ``boundary_width`` > 0: the targets have a boundary
+    class that many pixels deep, redrawn at the new scale when ``aug.scale`` resamples a patch."""
     imgs, tgts = [], []
     for _ in range(batch):
         item = items[int(rng.integers(len(items)))]
-        img, tgt = random_crop(item.image, item.target, rng, size)
+        if aug.scale > 0:
+            s = float(np.exp(rng.uniform(-np.log1p(aug.scale), np.log1p(aug.scale))))
+            img, tgt = random_crop(item.image, item.target, rng, max(8, int(round(size / s))))
+            img, tgt = rescale_patch(img, tgt, size, boundary_width)
+        else:
+            img, tgt = random_crop(item.image, item.target, rng, size)
         img, tgt = augment(img, tgt, rng, aug)
         imgs.append(img)
         tgts.append(tgt)
     return np.stack(imgs), np.stack(tgts)
+
+
+def rescale_patch(image: np.ndarray, target: np.ndarray, size: int,
+                  boundary_width: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A square patch and its class ids resampled to ``size`` x ``size``: the image bilinearly
+    (area-smoothed when shrunk), the classes by nearest neighbour; with ``boundary_width`` > 0 the
+    nuclei are resampled as instances and their boundary class drawn again at the new scale (a
+    1-px boundary resampled as classes would break into gaps when shrunk and thicken when grown)."""
+    from skimage.transform import resize
+
+    if image.shape[0] == size and image.shape[1] == size:
+        return image, target
+    shrink = image.shape[0] > size
+    img = resize(image, (size, size), order=1, anti_aliasing=shrink, preserve_range=True)
+    labels = target_instances(target) if boundary_width > 0 else target
+    lab = resize(labels, (size, size), order=0, anti_aliasing=False, preserve_range=True).astype(labels.dtype)
+    tgt = boundary_target(lab, boundary_width) if boundary_width > 0 else lab.astype(target.dtype)
+    return np.round(img).astype(np.uint8), tgt
 
 
 # ---------------------------------------------------------------------------------------------

@@ -441,14 +441,14 @@ def finetune(items: Sequence[LabeledImage], out: str | os.PathLike, cfg: Finetun
         raise DataError(f"patch size {cfg.patch} must be a multiple of {model.config.multiple} for this model")
     trainer = _Trainer(model, dev, cfg.lr, cfg.weight_decay, cfg.amp, ema=cfg.ema, group=group)
     start = trainer.restore(state) if state is not None else 0
-    loss_fn = build_loss(cfg.loss, spec.num_classes)
+    loss_fn, bw = build_loss(cfg.loss, spec.num_classes), spec.boundary_width if spec.boundary else 0
     run = {"stage": "finetune", **asdict(cfg)}
     latest: dict = dict(saved.get("validation") or {}) if state is not None else {}  # a resumed run keeps its scores
 
     def loss_at(step: int):
         calibrated["trained_to"] = step + 1
         rng, _ = _step_rngs(cfg.seed, step, dev, trainer.stream)
-        imgs, tgts = sample_labeled_batch(train, rng, ddp.share(group, cfg.batch), cfg.patch, cfg.augment)
+        imgs, tgts = sample_labeled_batch(train, rng, ddp.share(group, cfg.batch), cfg.patch, cfg.augment, bw)
         x = torch.from_numpy(to_model_input(imgs)).to(dev)
         y = torch.from_numpy(tgts.astype(np.int64)).to(dev)
         d = torch.from_numpy(distance_target(tgts)).to(dev) if spec.distance else None
@@ -476,7 +476,7 @@ def finetune(items: Sequence[LabeledImage], out: str | os.PathLike, cfg: Finetun
         def batches():
             for k in range(BN_CALIBRATION_BATCHES):
                 imgs, _ = sample_labeled_batch(train, np.random.default_rng([cfg.seed, 7919, k]), cfg.batch,
-                                               cfg.patch, cfg.augment)
+                                               cfg.patch, replace(cfg.augment, scale=0.0))  # at its own scale
                 yield torch.from_numpy(to_model_input(imgs)).to(dev)
 
         gen = iter_recalibrate_batchnorm(trainer.model, batches())

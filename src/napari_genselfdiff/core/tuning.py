@@ -28,17 +28,14 @@ def instances_of_target(target: np.ndarray, task: str) -> np.ndarray:
     """Ground-truth objects recovered from a class-id target: for 3-class nuclei targets the
     interiors (class 1) grown into their boundary pixels (class 2); binary nuclei masks with
     touching nuclei split (:func:`.data.split_touching`); glands: connected components."""
-    from .data import split_touching
+    from .data import split_touching, target_instances
 
     target = np.asarray(target)
     fg = target > 0
     if task != "nuclei":
         return ndi.label(fg, structure=np.ones((3, 3), bool))[0].astype(np.int32)
     if (target == 2).any():
-        from skimage.segmentation import expand_labels
-
-        interior, _ = ndi.label(target == 1)
-        return np.where(fg, expand_labels(interior, 2), 0).astype(np.int32)
+        return target_instances(target).astype(np.int32)
     return split_touching(fg)
 
 
