@@ -490,6 +490,7 @@ def _predict_blocks(run: _Run) -> Iterator[Progress]:
         if run.mask is not None:
             clear_background(block_probs, run.mask, run.slide.downsamples[run.level], y0, x0)
         probs[:, y0:y1, x0:x1] = block_probs
+        del sums, wsum, block_probs  # freed before the next block's are allocated: one block's in memory
         done[b] = True
         done_arr[b] = 1
         tiles_done += int(owned[b])
