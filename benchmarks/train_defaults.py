@@ -58,7 +58,7 @@ PRE_SCRATCH = """none. On nuclei, diffusion pretraining was measured to hurt at 
 def bundle(src: Path, dst: Path, card: str, metrics: dict, extra: dict | None = None) -> None:
     """Copy a checkpoint without its training state, weights in float16, plus the model card; the
     new folder replaces ``dst`` atomically. Local paths in the training record become repo-relative."""
-    dst.parent.mkdir(parents=True, exist_ok=True)  # a trial run's --bundle-to (an empty folder of our own)
+    dst.parent.mkdir(parents=True, exist_ok=True)  # a trial run's --bundle-to may not exist yet
     with atomic_directory(dst) as tmp:
         weights = {k: (v.half() if v.is_floating_point() else v)
                    for k, v in load_file(str(src / "model.safetensors")).items()}
