@@ -79,7 +79,7 @@ def test_scale_augmentation_draws_nuclei_of_many_sizes_reproducibly():
     lab = _lattice((320, 320))
     item = LabeledImage("lattice", _image_of(lab), mask_to_target(lab, TaskSpec.make("nuclei", boundary=True)))
 
-    def mean_areas(aug, seed=0):
+    def largest_nuclei(aug, seed=0):
         imgs, tgts = sample_labeled_batch([item], np.random.default_rng(seed), 12, 96, aug, boundary_width=1)
         assert imgs.shape == (12, 96, 96, 3) and tgts.shape == (12, 96, 96)
         areas = []
@@ -89,13 +89,13 @@ def test_scale_augmentation_draws_nuclei_of_many_sizes_reproducibly():
             areas.append(sizes.max())  # a whole nucleus: those cut by the patch edge are smaller
         return np.array(areas), tgts
 
-    fixed, _ = mean_areas(AugmentConfig.none())
-    scaled, tgts = mean_areas(AugmentConfig(flips=False, rot90=False, blur_p=0, color_jitter=0, stain_sigma=0,
+    fixed, _ = largest_nuclei(AugmentConfig.none())
+    scaled, tgts = largest_nuclei(AugmentConfig(flips=False, rot90=False, blur_p=0, color_jitter=0, stain_sigma=0,
                                             scale=0.5))
     assert fixed.max() / fixed.min() < 1.15  # the same lattice whatever the crop
     assert scaled.max() / scaled.min() > 1.6  # magnified and shrunk: (1.5 / 0.67)^2 at the extremes
     for t in tgts:
         assert _mismatch(t) < 0.02
-    again, tgts2 = mean_areas(AugmentConfig(flips=False, rot90=False, blur_p=0, color_jitter=0, stain_sigma=0,
+    again, tgts2 = largest_nuclei(AugmentConfig(flips=False, rot90=False, blur_p=0, color_jitter=0, stain_sigma=0,
                                             scale=0.5))
     assert (tgts2 == tgts).all()  # the same seed, the same batch (a resumed run sees what it would have)

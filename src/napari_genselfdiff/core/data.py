@@ -223,11 +223,11 @@ def target_instances(target: np.ndarray) -> np.ndarray:
     foreground), so touching nuclei, whose interiors the boundary class keeps apart, stay apart."""
     from skimage.segmentation import expand_labels
 
-    interiors, _ = ndi.label(target == 1, structure=ndi.generate_binary_structure(2, 1))
+    interiors, n = ndi.label(target == 1, structure=ndi.generate_binary_structure(2, 1))
     nuclei = expand_labels(interiors, 2)
     nuclei[target == 0] = 0
-    rest, n = ndi.label((target > 0) & (nuclei == 0))  # a nucleus all boundary: an object of its own
-    nuclei[rest > 0] = rest[rest > 0] + interiors.max()
+    rest, _ = ndi.label((target > 0) & (nuclei == 0))  # a nucleus all boundary: an object of its own
+    nuclei[rest > 0] = rest[rest > 0] + n
     return nuclei
 
 
@@ -510,7 +510,7 @@ def rescale_patch(image: np.ndarray, target: np.ndarray, size: int,
     img = resize(image, (size, size), order=1, anti_aliasing=shrink, preserve_range=True)
     labels = target_instances(target) if boundary_width > 0 else target
     lab = resize(labels, (size, size), order=0, anti_aliasing=False, preserve_range=True).astype(labels.dtype)
-    tgt = boundary_target(lab, boundary_width) if boundary_width > 0 else lab.astype(target.dtype)
+    tgt = boundary_target(lab, boundary_width) if boundary_width > 0 else lab
     return np.round(img).astype(np.uint8), tgt
 
 
