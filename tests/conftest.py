@@ -82,3 +82,15 @@ def settings_dir(tmp_path, monkeypatch) -> Path:
     d = tmp_path / "config"
     monkeypatch.setenv(CONFIG_ENV, str(d))
     return d
+
+
+def require_bundled(*names: str) -> dict:
+    """The bundled models by task. They ship in resources/ with the package: one missing is a broken
+    install, so the test fails (never skips)."""
+    from napari_genselfdiff.bundled import bundled_models
+
+    models = bundled_models()
+    missing = [n for n in names if n not in models]
+    if missing:
+        pytest.fail(f"the bundled model(s) {missing} are missing from this install (found {sorted(models)})")
+    return models

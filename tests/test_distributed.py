@@ -13,14 +13,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from napari_genselfdiff.bundled import bundled_models
+from conftest import require_bundled  # noqa: E402
 from napari_genselfdiff.cli import main
 from napari_genselfdiff.core.progress import drain
 from napari_genselfdiff.slide.reader import open_slide
 from napari_genselfdiff.slide.store import PredictionStore
 from napari_genselfdiff.slide.tiler import SlideSettings, predict_slide
 
-distributed = pytest.importorskip("distributed")
+import distributed  # noqa: E402  (declared through dask[distributed]: never a skip)
 from napari_genselfdiff.slide import distributed as dx  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,9 +39,7 @@ def _make_test_slide():
 def model(tmp_path_factory) -> Path:
     """A private copy of the bundled nuclei model (3 classes, real nuclei), so that no change to the
     bundled files during the run can make the two runs differ."""
-    models = bundled_models()
-    if "nuclei" not in models:
-        pytest.skip("the bundled nuclei model is not installed")
+    models = require_bundled("nuclei")
     out = tmp_path_factory.mktemp("model") / "nuclei"
     shutil.copytree(models["nuclei"], out)
     return out

@@ -18,6 +18,7 @@ import pytest
 import torch
 from imageio.v3 import imwrite
 
+from conftest import require_bundled  # noqa: E402
 from napari_genselfdiff.bundled import bundled_models
 from napari_genselfdiff.cli import describe_os_error, main
 from napari_genselfdiff.core.errors import CheckpointError
@@ -65,8 +66,7 @@ def _folder(root: Path, n=1, size=(64, 64)):
 
 
 def _model_copy(tmp_path, name="glands") -> Path:
-    if name not in bundled_models():
-        pytest.skip(f"the bundled {name} model is not installed")
+    require_bundled(name)
     dst = tmp_path / f"{name}-copy"
     shutil.copytree(bundled_models()[name], dst)
     return dst
@@ -198,8 +198,7 @@ def _failing(exc):
 
 @pytest.fixture
 def evaluate_argv(tmp_path):
-    if "glands" not in bundled_models():
-        pytest.skip("the bundled glands model is not installed")
+    require_bundled("glands")
     images, masks = _folder(tmp_path / "data")
     return ["evaluate", "--model", "glands", "--images", images, "--masks", masks, "--device", "cpu"]
 
@@ -361,8 +360,7 @@ def test_ctrl_c_of_finetune_keeps_the_checkpoint_and_says_resume(tmp_path, capsy
 def test_ctrl_c_of_predict_says_rerun_not_resume_flag_and_rerunning_resumes(tmp_path, capsys, monkeypatch):
     from napari_genselfdiff.cli import predict
 
-    if "glands" not in bundled_models():
-        pytest.skip("the bundled glands model is not installed")
+    require_bundled("glands")
     image = tmp_path / "img.png"
     imwrite(image, np.random.default_rng(1).integers(0, 255, (96, 96, 3), dtype=np.uint8))
     argv = ["predict", "--model", "glands", "--input", image, "--out", tmp_path / "p.zarr", "--tile", "64",
@@ -379,8 +377,7 @@ def test_ctrl_c_of_predict_says_rerun_not_resume_flag_and_rerunning_resumes(tmp_
 def _project_with_regions(tmp_path):
     from napari_genselfdiff.project import Project
 
-    if "glands" not in bundled_models():
-        pytest.skip("the bundled glands model is not installed")
+    require_bundled("glands")
     rng = np.random.default_rng(2)
     image = rng.integers(150, 255, (96, 96, 3), dtype=np.uint8)
     labels = np.zeros((96, 96), np.int32)
@@ -467,8 +464,7 @@ def test_16_bit_grayscale_is_accepted_by_predict_as_by_training(tmp_path, capsys
     """The same 16-bit grayscale image: read_image (training, evaluate) and predict agree."""
     from napari_genselfdiff.core.data import read_image
 
-    if "glands" not in bundled_models():
-        pytest.skip("the bundled glands model is not installed")
+    require_bundled("glands")
     grey = (np.random.default_rng(3).integers(0, 65535, (64, 64))).astype(np.uint16)
     imwrite(tmp_path / "grey16.png", grey)
     assert read_image(tmp_path / "grey16.png").shape == (64, 64, 3)
@@ -481,8 +477,7 @@ def test_16_bit_grayscale_is_accepted_by_predict_as_by_training(tmp_path, capsys
 # ------------------------------------------------------------------------------ acceptance
 
 def test_bundled_names_are_accepted_wherever_a_model_is(tmp_path, capsys):
-    if not {"glands", "nuclei"} <= set(bundled_models()):
-        pytest.skip("the bundled models are not installed")
+    require_bundled("glands", "nuclei")
     images, masks = _folder(tmp_path / "data")
     code, out, err = _run(capsys, "evaluate", "--model", "glands", "--images", images, "--masks", masks,
                           "--device", "cpu", "--json", tmp_path / "m.json")

@@ -85,12 +85,10 @@ HARDEST = ("train_76", "train_16", "train_11", "train_27", "train_24", "train_42
 
 @pytest.fixture(scope="module")
 def glands_model():
-    from napari_genselfdiff.bundled import bundled_models
+    from conftest import require_bundled
     from napari_genselfdiff.core.inference import TorchPredictor
 
-    models = bundled_models()
-    if "glands" not in models:
-        pytest.skip("the bundled glands model is not installed")
+    models = require_bundled("glands")
     return TorchPredictor.from_checkpoint(models["glands"], device="cpu")
 
 
@@ -171,7 +169,7 @@ def test_predict_cli_keeps_the_glands_of_the_skin_sample_and_warns(glands_model,
 @pytest.mark.gui
 def test_predict_widget_warns_and_adds_no_glands_layer_on_skin(make_napari_viewer, qtbot, tmp_path, glands_model,
                                                                settings_dir, monkeypatch):
-    pytest.importorskip("pytestqt")
+    import pytestqt  # noqa: F401
     from napari_genselfdiff._sample_data import sample_he
     from napari_genselfdiff._widgets import jobs
     from napari_genselfdiff._widgets.predict import PredictWidget

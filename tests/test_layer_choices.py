@@ -11,8 +11,8 @@ import weakref
 import numpy as np
 import pytest
 
-pytest.importorskip("napari")
-pytest.importorskip("pytestqt")
+import napari  # noqa: E402,F401  (declared: missing or broken is a failure, never a skip)
+import pytestqt  # noqa: E402,F401
 
 pytestmark = [pytest.mark.gui, pytest.mark.usefixtures("settings_dir")]
 

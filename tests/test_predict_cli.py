@@ -67,7 +67,7 @@ def test_predict_writes_store_geojson_overlay_and_exports(tiny_glands, tmp_path,
 
 def _ome_zarr_nodes(path):
     """(image nodes, label nodes) the ``ome-zarr`` reader finds opening ``path``."""
-    ome_io = pytest.importorskip("ome_zarr.io", reason="the ome-zarr package (testing extra) is needed")
+    import ome_zarr.io as ome_io
     from ome_zarr.reader import Label, Multiscales, Reader
 
     nodes = list(Reader(ome_io.parse_url(str(path)))())

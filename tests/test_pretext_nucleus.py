@@ -229,8 +229,8 @@ def test_sample_grid_from_the_checkpoint_and_the_cli(nucleus_run, tmp_path, monu
 
 def test_pretrain_widget_offers_the_pretext_and_shows_its_grid(make_napari_viewer, qtbot, tmp_path, settings_dir,
                                                                monkeypatch):
-    pytest.importorskip("napari")
-    pytest.importorskip("pytestqt")
+    import napari  # noqa: F401
+    import pytestqt  # noqa: F401
     from napari_genselfdiff._sample_data import sample_he
     from napari_genselfdiff._widgets.pretrain import NUCLEUS_LAYER, TILES_LAYER, PretrainWidget
 

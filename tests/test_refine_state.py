@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-pytest.importorskip("napari")
+import napari  # noqa: E402,F401  (declared: missing or broken is a failure, never a skip)
 
 from napari_genselfdiff._widgets.refine.suggest import Suggestions  # noqa: E402
 

@@ -13,8 +13,8 @@ import warnings
 import numpy as np
 import pytest
 
-pytest.importorskip("napari")
-pytest.importorskip("pytestqt")
+import napari  # noqa: E402,F401  (declared: missing or broken is a failure, never a skip)
+import pytestqt  # noqa: E402,F401
 
 from napari_genselfdiff._widgets import jobs  # noqa: E402
 from napari_genselfdiff._widgets.inputs import VerticalScroll  # noqa: E402

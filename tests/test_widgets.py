@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("napari")
-pytest.importorskip("pytestqt")
+import napari  # noqa: E402,F401  (declared: missing or broken is a failure, never a skip)
+import pytestqt  # noqa: E402,F401
 
 from qtpy.QtCore import QThreadPool, QTimer  # noqa: E402
 
