@@ -12,8 +12,8 @@ import time
 import numpy as np
 import pytest
 
-pytest.importorskip("napari")
-pytest.importorskip("pytestqt")
+import napari  # noqa: E402,F401  (declared: missing or broken is a failure, never a skip)
+import pytestqt  # noqa: E402,F401
 
 from napari_genselfdiff._sample_data import sample_he  # noqa: E402
 from napari_genselfdiff.bundled import bundled_models  # noqa: E402
@@ -46,7 +46,7 @@ class FakeModel:
 
 def use_model(monkeypatch, model: FakeModel) -> None:
     monkeypatch.setattr("napari_genselfdiff._widgets.whole_slide.cached_predictor",
-                        lambda path, device, cache: PredictorCache(("fake", device), model))
+                        lambda path, device, cache, **options: PredictorCache(("fake", device), model))
 
 
 @pytest.fixture

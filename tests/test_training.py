@@ -13,7 +13,8 @@ from napari_genselfdiff.core.data import (ImageSource, LabeledImage, TaskSpec, d
 from napari_genselfdiff.core.errors import CheckpointError, DataError
 from napari_genselfdiff.core.inference import TorchPredictor
 from napari_genselfdiff.core.progress import drain
-from napari_genselfdiff.core.training import FinetuneConfig, PretrainConfig, evaluate_dice, finetune, pretrain
+from napari_genselfdiff.core.training import FinetuneConfig, PretrainConfig, finetune, pretrain
+from napari_genselfdiff.core.validation import evaluate_dice
 from napari_genselfdiff.slide.sources import unlabeled_sources
 
 
@@ -216,7 +217,7 @@ def test_training_runs_channels_last_on_the_cpu_and_saves_the_same_function(tmp_
     from napari_genselfdiff.core.unet import UNet, UNetConfig, segmentation_config
 
     net = UNet(segmentation_config(UNetConfig.from_preset("tiny", in_channels=3, out_channels=2), 2))
-    trainer = _Trainer(net, torch.device("cpu"), lr=1e-3, weight_decay=0.0, amp=False, ema=0.9)
+    trainer = _Trainer(net, torch.device("cpu"), lr=1e-3, weight_decay=0.0, precision="fp32", ema=0.9)
     convs = [p for p in trainer.model.parameters() if p.ndim == 4]
     assert convs and all(p.is_contiguous(memory_format=torch.channels_last) and not p.is_contiguous()
                          for p in convs if p.shape[-1] > 1)

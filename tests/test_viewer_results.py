@@ -26,6 +26,7 @@ import pytest
 from napari_genselfdiff._widgets import canvas as canvas_mod
 from napari_genselfdiff._widgets.canvas import LABELS, gather
 from napari_genselfdiff._widgets.geometry import Grid, covers, placement, scale_bar_of, slide_scale
+from conftest import require_bundled  # noqa: E402
 from napari_genselfdiff.bundled import bundled_models, sample_image_path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -103,8 +104,8 @@ def test_covers_asks_for_a_predicted_region_in_a_gathered_layer():
 # ---------------------------------------------------------------------------------------------
 # GUI
 
-pytest.importorskip("napari")
-pytest.importorskip("pytestqt")
+import napari  # noqa: E402,F401  (declared: missing or broken is a failure, never a skip)
+import pytestqt  # noqa: E402,F401
 
 pytestmark = [pytest.mark.usefixtures("settings_dir")]
 
@@ -151,7 +152,7 @@ def stand_in(monkeypatch, model: Dark) -> None:
     from napari_genselfdiff.core.inference import PredictorCache
 
     monkeypatch.setattr(whole_slide, "cached_predictor",
-                        lambda path, device, cache: PredictorCache(("fake", path, id(model)), model))
+                        lambda path, device, cache, **options: PredictorCache(("fake", path, id(model)), model))
 
 
 def predict_widget(viewer, tmp_path: Path):
@@ -346,9 +347,7 @@ def copy_model(src: Path, dst: Path, **changes) -> Path:
 
 def bundled_or_skip() -> dict:
     """The bundled models by task; the test is skipped when they are not installed."""
-    models = bundled_models()
-    if set(models) != {"glands", "nuclei"}:
-        pytest.skip(f"the bundled models are not installed (found {sorted(models)})")
+    models = require_bundled("glands", "nuclei")
     return models
 
 

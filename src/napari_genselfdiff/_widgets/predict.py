@@ -31,7 +31,8 @@ from ..core.progress import Progress, in_background
 from .canvas import FOV_KEY, LABELS, GatheredViews
 from .geometry import (Region, at_model_level, grid_of, layer_downsamples, placement, scale_bar_of, view_of,
                        visible_region)
-from .inputs import DeviceChooser, LayerChoices, PathEdit, int_spin, is_rgb_image, level0_data, row, scrolling_column
+from .inputs import (DeviceChooser, LayerChoices, PathEdit, PrecisionChooser, int_spin, is_rgb_image, level0_data,
+                     row, scrolling_column)
 from .jobs import JobRunner, StopsJobsOnClose
 from .legend import LEGEND_KEY, PROBABILITY_COLORMAP, Legend, classes_style, instance_style
 from .models import ModelChooser, fmt_mpp
@@ -126,7 +127,7 @@ WHOLE_VIEW_TILES = 16
 
 
 def fov_job(model: str, device: str, cache: PredictorCache | None, slide, source_id: int, region: Region,
-            tile: int, overlap: int, fov: tuple[FovKey, Any] | None) -> Iterator[Any]:
+            tile: int, overlap: int, fov: tuple[FovKey, Any] | None, precision: str = "auto") -> Iterator[Any]:
     """Predict the visible region; returns a :class:`FovResult`.
 
     Yields the tiler's progress after every model call (so Cancel stops within about half a
@@ -137,7 +138,7 @@ def fov_job(model: str, device: str, cache: PredictorCache | None, slide, source
     from ..core.postprocess import postprocess
     from ..slide.fov import FieldOfViewPredictor
 
-    cache, overlap = yield from load_predictor(model, device, cache, tile, overlap)
+    cache, overlap = yield from load_predictor(model, device, cache, tile, overlap, precision)
     predictor = cache.predictor
     key = FovKey(cache.key, source_id, tile, overlap)
     if fov is None or fov[0] != key:
@@ -205,6 +206,8 @@ class PredictWidget(QWidget):
         form.addRow("Image layer", self.image_layer)
         self.device = DeviceChooser()
         form.addRow("Device", self.device)
+        self.precision = PrecisionChooser(self.device)
+        form.addRow("Precision", self.precision)
         self.mpp = QDoubleSpinBox()
         self.mpp.setRange(0.0, 50.0)
         self.mpp.setDecimals(3)
@@ -254,7 +257,7 @@ class PredictWidget(QWidget):
         lay.addStretch(1)
 
         self.fill_models()
-        self.settings.bind_all({"device": self.device.combo, "probability": self.probability, "tile": self.tile,
+        self.settings.bind_all({"device": self.device.combo, "precision": self.precision.combo, "probability": self.probability, "tile": self.tile,
                                 "mpp": self.mpp, "model": self.chooser,
                                 "overlap": self.overlap, "batch": self.batch, "out": self.out,
                                 "run_on": self.run_on.combo, "workers": self.run_on.workers,
@@ -295,7 +298,8 @@ class PredictWidget(QWidget):
             return
         source_id = id(level0_data(layer))
         self._start(layer, f"predicting the field of view of {layer.name!r}…", fov_job, model, self.device.device,
-                    self._predictor, slide, source_id, region, self.tile.value(), self.overlap.value(), self._fov)
+                    self._predictor, slide, source_id, region, self.tile.value(), self.overlap.value(), self._fov,
+                    precision=self.precision.precision)
 
     def predict_slide(self) -> None:
         """Segment the whole image into a zarr store next to the other results (resumable)."""
@@ -312,7 +316,7 @@ class PredictWidget(QWidget):
         out = Path(self.out.text()) / f"{safe_name(layer.name, 'image')}-{safe_name(Path(model).name, 'image')}.zarr"
         self._start(layer, f"predicting {layer.name!r} into {out}…", slide_job, model, self.device.device,
                     self._predictor, slide, str(out), self.tile.value(), self.overlap.value(), self.batch.value(),
-                    run_on)
+                    run_on, precision=self.precision.precision)
 
     def _slide(self, layer):
         """The layer as a Slide with its pixel size; one warning when nobody knows it."""
@@ -322,11 +326,11 @@ class PredictWidget(QWidget):
                          "runs on the image as it is, assuming the model's own resolution")
         return slide
 
-    def _start(self, layer, text: str, job, *args) -> None:
+    def _start(self, layer, text: str, job, *args, **kwargs) -> None:
         self._image_layer, self._whole_slide = layer, job is slide_job
         self.progress.reset(text)
         self._set_running(True)
-        self.runner.start(job, *args)
+        self.runner.start(job, *args, **kwargs)
 
     def cancel(self) -> None:
         """Stop the running prediction after its current model call (the store keeps its blocks)."""

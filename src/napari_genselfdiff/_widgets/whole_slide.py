@@ -66,11 +66,16 @@ def result_name(predictor) -> str:
     return predictor.task if predictor.task in ("glands", "nuclei") else predictor.class_names[1]
 
 
-def load_predictor(model: str, device: str, cache: PredictorCache | None, tile: int, overlap: int):
+def load_predictor(model: str, device: str, cache: PredictorCache | None, tile: int, overlap: int,
+                   precision: str = "auto"):
     """Load (or reuse) the predictor; the overlap to use (-1: the model's default for ``tile``).
-    Yields status lines; returns (cache, overlap)."""
+    Yields status lines (which device and precision run it, and why); returns (cache, overlap)."""
     yield "loading the model…"
-    cache = cached_predictor(model, device, cache)
+    fresh = cache
+    cache = cached_predictor(model, device, cache, precision=precision)
+    how = getattr(cache.predictor, "precision", None)  # any tiler Predictor may stand in; ours say how they run
+    if cache is not fresh and how is not None:
+        yield f"the model runs on {cache.predictor.device.type}, in {how.why}"
     if overlap < 0:  # only then is the model asked (any tiler Predictor may come with an overlap of the user's)
         overlap, note = cache.predictor.overlap_for(tile)
         if note:
@@ -79,13 +84,13 @@ def load_predictor(model: str, device: str, cache: PredictorCache | None, tile: 
 
 
 def slide_job(model: str, device: str, cache: PredictorCache | None, slide, out: str, tile: int, overlap: int,
-              batch: int, run_on: RunOn = RunOn()) -> Iterator[Any]:
+              batch: int, run_on: RunOn = RunOn(), precision: str = "auto") -> Iterator[Any]:
     """Predict the whole slide into the zarr store ``out`` (resumes a run with the same settings),
     at the pyramid level closest to the model's training resolution when both are known, here or
     on a Dask cluster (``run_on``); returns a :class:`SlideResult`."""
     from ..slide.tiler import SlideSettings, predict_slide
 
-    cache, overlap = yield from load_predictor(model, device, cache, tile, overlap)
+    cache, overlap = yield from load_predictor(model, device, cache, tile, overlap, precision)
     predictor = cache.predictor
     kind = result_name(predictor) if predictor.task in ("glands", "nuclei") else None
     options = dict(getattr(predictor, "postprocess_options", None) or {})
@@ -95,7 +100,7 @@ def slide_job(model: str, device: str, cache: PredictorCache | None, slide, out:
         yield from predict_slide(predictor, slide, out, **{f.name: getattr(settings, f.name)
                                                            for f in dataclasses.fields(settings)})
     else:
-        yield from on_cluster(model, device, predictor, slide, out, settings, run_on)
+        yield from on_cluster(model, device, predictor, slide, out, settings, run_on, precision)
     no_glands = None
     if kind == "glands":
         from ..core.glandular import warn_no_glands
@@ -106,7 +111,8 @@ def slide_job(model: str, device: str, cache: PredictorCache | None, slide, out:
     return SlideResult(cache, out, kind, no_glands)
 
 
-def on_cluster(model: str, device: str, predictor, slide, out: str, settings, run_on: RunOn) -> Iterator[Any]:
+def on_cluster(model: str, device: str, predictor, slide, out: str, settings, run_on: RunOn,
+               precision: str = "auto") -> Iterator[Any]:
     """The slide's block graph on a Dask cluster; its events are relabelled 'cluster' (they count
     blocks, not tiles). Cancelling cancels the queued blocks; finished ones stay done."""
     from ..slide.distributed import ManySlides, ModelSpec, connect, plan_job
@@ -118,7 +124,7 @@ def on_cluster(model: str, device: str, predictor, slide, out: str, settings, ru
            else f"connecting to the Dask scheduler at {run_on.scheduler}…")
     with connect(run_on.workers if local else None, None if local else run_on.scheduler.strip(),
                  dashboard_address=None) as client:
-        run = ManySlides(client, ModelSpec(str(Path(model).resolve()), device, settings.batch), [job],
+        run = ManySlides(client, ModelSpec(str(Path(model).resolve()), device, settings.batch, precision=precision), [job],
                          settings.postprocess, settings.min_size, dict(settings.postprocess_options))
         for ev in run.events():
             yield dataclasses.replace(ev, stage="cluster")

@@ -192,6 +192,14 @@ def cmd_demo(a: argparse.Namespace) -> int:
     return run_demo(a)
 
 
+PRECISION_HELP = ("auto (bf16 where the processor computes it natively: avx512_bf16 / amx_bf16 / Arm bf16, or a "
+                  "CUDA GPU; fp32 elsewhere), fp32, or bf16 (emulated, hence slower, on CPUs without it)")
+
+
+def _precision(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help=PRECISION_HELP)
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", type=device, help="auto (cuda, then mps, then cpu), cuda, mps or cpu")
     p.add_argument("--seed", type=nonnegative_int, default=0, help="random seed: the same seed gives the same run")
@@ -209,7 +217,8 @@ def _training(p: argparse.ArgumentParser, steps: int) -> None:
                    help="save a checkpoint every N steps (0: only at the end)")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
     p.add_argument("--force", action="store_true", help="overwrite an existing --out instead of refusing")
-    p.add_argument("--no-amp", action="store_true", help="disable mixed precision on CUDA")
+    p.add_argument("--no-amp", action="store_true", help="fp32 throughout: the same as --precision fp32")
+    _precision(p)
     _common(p)
 
 
@@ -267,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="replace an existing --json, but only a metrics file genselfdiff wrote")
     p.add_argument("--device", default="auto", type=device, help="auto, cuda, mps or cpu")
+    _precision(p)
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("sample", help="generate tiles from a pretrained model (sanity check)",
@@ -307,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="replace an existing --geojson / --overlay, but only one genselfdiff wrote (never the input)")
     p.add_argument("--device", default="auto", type=device, help="auto, cuda, mps or cpu")
+    _precision(p)
     g = p.add_mutually_exclusive_group()
     g.add_argument("--workers", type=positive_int, default=None, metavar="N",
                    help="predict the blocks of all inputs on a Dask LocalCluster of N worker processes here")

@@ -179,8 +179,11 @@ def predict_cli(a: argparse.Namespace) -> int:
                       force=force, inputs=[*a.input, target])
     model = resolve_model(a.model)
     # on a cluster the workers run the model; here it only tells the store's settings
+    precision = getattr(a, "precision", "auto")
     predictor = TorchPredictor.from_checkpoint(model, device="cpu" if cluster else a.device, batch_size=a.batch,
-                                               tta=getattr(a, "tta", 1))
+                                               tta=getattr(a, "tta", 1), precision=precision)
+    if not cluster:  # which device and arithmetic run the model, and why (workers say their own)
+        print(f"model: {predictor.device.type}, {predictor.precision.why}")
     task = predictor.task
     post = task if task in ("glands", "nuclei") else None
     level = a.level if a.level == "auto" else int(a.level)
@@ -240,10 +243,12 @@ def _predict_on_cluster(a: argparse.Namespace, predictor, model: Path, targets: 
             if note:
                 print(note)
             jobs.append(plan_job(predictor, slide, target, settings, i, Path(inp).name))
-    spec = ModelSpec(str(model.resolve()), a.device, a.batch, getattr(a, "tta", 1))
+    spec = ModelSpec(str(model.resolve()), a.device, a.batch, getattr(a, "tta", 1), getattr(a, "precision", "auto"))
     with connect(a.workers, a.scheduler) as client:
         print(f"dask: {len(client.nthreads())} workers at {client.scheduler.address}"
               + (f", dashboard {client.dashboard_link}" if client.dashboard_link else ""))
+        print(f"model: precision {spec.precision}" + (" (each worker takes bf16 where its processor computes it "
+                                                       "natively, fp32 elsewhere)" if spec.precision == "auto" else ""))
         run = ManySlides(client, spec, jobs, kwargs["postprocess"], None, dict(opts or {}))
         progress_bar(run.events(), f"{len(jobs)} slide{'s' * (len(jobs) > 1)}", units={"predict": "block"})
     print(summary_table(run.summary))

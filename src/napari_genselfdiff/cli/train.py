@@ -70,12 +70,13 @@ def cmd_pretrain(a: argparse.Namespace) -> int:
             raise GenSelfDiffError("pretrain --pretext nucleus runs in one process only; start it without torchrun")
 
         ncfg = NucleusPretrainConfig(preset=a.preset, steps=a.steps, patch=a.patch, batch=a.batch, lr=a.lr,
-                                     seed=a.seed, checkpoint_every=a.checkpoint_every, amp=not a.no_amp)
+                                     seed=a.seed, checkpoint_every=a.checkpoint_every, amp=not a.no_amp,
+                                     precision=a.precision)
         events = pretrain_nucleus(unlabeled_sources(a.images), a.out, ncfg, device=a.device, resume=a.resume,
                                   overwrite=a.force)
     else:
         cfg = PretrainConfig(preset=a.preset, steps=a.steps, patch=a.patch, batch=a.batch, lr=a.lr, seed=a.seed,
-                             checkpoint_every=a.checkpoint_every, amp=not a.no_amp,
+                             checkpoint_every=a.checkpoint_every, amp=not a.no_amp, precision=a.precision,
                              schedule=ScheduleConfig(kind=a.schedule))
         events = pretrain(unlabeled_sources(a.images), a.out, cfg, device=a.device, resume=a.resume,
                           overwrite=a.force)
@@ -98,7 +99,8 @@ def cmd_finetune(a: argparse.Namespace) -> int:
     cfg = FinetuneConfig(task=a.task, boundary=a.boundary, distance=a.distance, num_classes=a.num_classes,
                          preset=a.preset, steps=a.steps, patch=a.patch, batch=a.batch, lr=a.lr, loss=a.loss, seed=a.seed,
                          label_fraction=a.label_fraction, checkpoint_every=a.checkpoint_every,
-                         val_every=a.val_every, val_crops=a.val_crops, amp=not a.no_amp, mpp=a.mpp)
+                         val_every=a.val_every, val_crops=a.val_crops, amp=not a.no_amp,
+                         precision=a.precision, mpp=a.mpp)
     events = finetune(train, a.out, cfg, init=init, val_items=val, device=a.device,
                       resume=a.resume, overwrite=a.force)
     last = _drive(events, "finetune")
@@ -121,7 +123,8 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
         check_target(a.json, kind="metrics JSON", force=a.force, ours=lambda p: is_our_json(p, METRICS_KIND),
                      inputs=[model])
     result = evaluate_folder(model, a.images, a.masks, instances_dir=a.instances, device=a.device,
-                             mpp=a.mpp, mpp_of=file_mpp, tta=getattr(a, "tta", 1))
+                             mpp=a.mpp, mpp_of=file_mpp, tta=getattr(a, "tta", 1),
+                             precision=getattr(a, "precision", "auto"))
     print(format_report(result))
     if a.json:
         from ..core.atomic import json_marker, write_json_atomic

@@ -54,12 +54,12 @@ def evaluate_items(predictor: TorchPredictor, items: Sequence[LabeledImage],
 
 def evaluate_folder(model: str | os.PathLike, images_dir, masks_dir, *, instances_dir=None,
                     device: str = "auto", predictor: TorchPredictor | None = None, mpp: float | None = None,
-                    mpp_of=None, tta: int = 1) -> dict:
+                    mpp_of=None, tta: int = 1, precision: str = "auto") -> dict:
     """Metrics of ``model`` on a folder of images with masks (and optional instance labels).
     ``mpp``: the images' pixel size (overrides the files); ``mpp_of(path) -> float | None`` reads
     it from a file (``slide.reader.file_mpp``) when ``mpp`` is not given. ``tta``: test-time
-    augmentation views (core.inference.TTA_VIEWS)."""
-    predictor = predictor or TorchPredictor.from_checkpoint(model, device=device, tta=tta)
+    augmentation views (core.inference.TTA_VIEWS); ``precision``: auto / fp32 / bf16 (core/precision.py)."""
+    predictor = predictor or TorchPredictor.from_checkpoint(model, device=device, tta=tta, precision=precision)
     spec = TaskSpec.from_dict(predictor.config["task"])
     items = load_labeled_folder(images_dir, masks_dir, spec)
     mpps = None
@@ -69,11 +69,13 @@ def evaluate_folder(model: str | os.PathLike, images_dir, masks_dir, *, instance
     if instances_dir:
         files = {p.stem: p for p in list_images(instances_dir)}
         gt_inst = {it.name: read_mask(files[it.name]) for it in items if it.name in files}
-    return {"model": str(model), **evaluate_items(predictor, items, gt_inst, mpp=mpp, mpps=mpps)}
+    return {"model": str(model), "precision": predictor.precision.name,
+            **evaluate_items(predictor, items, gt_inst, mpp=mpp, mpps=mpps)}
 
 
 def format_report(result: dict) -> str:
-    lines = [f"{result['task']} model {result.get('model', '')} on {result['n_images']} image(s):"]
+    lines = [f"{result['task']} model {result.get('model', '')} on {result['n_images']} image(s)"
+             + (f" in {result['precision']}" if result.get("precision") else "") + ":"]
     lines += [f"  resolution: {note}" for note in result.get("resolution", [])]
     for k, v in result["mean"].items():
         lines.append(f"  {k:<20} {v:.4f}" if isinstance(v, float) else f"  {k:<20} {v}")

@@ -8,7 +8,6 @@ the model loaded between calls until its weights change).
 """
 from __future__ import annotations
 
-import contextlib
 import os
 from pathlib import Path
 from typing import NamedTuple
@@ -20,15 +19,8 @@ from .checkpoint import load_model
 from .data import NORMALIZATION, TaskSpec, to_model_input
 from .device import KEEP_MB, pick_device, tune_allocator
 from .errors import CheckpointError, DataError
+from .precision import autocast, resolve_precision
 from .unet import UNet, fused_for_inference
-
-
-def autocast_for(device: torch.device, enabled: bool = True):
-    """bf16 autocast on CUDA GPUs that support it (fp16 otherwise); nothing on CPU/MPS."""
-    if enabled and device.type == "cuda":
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.autocast("cuda", dtype=dtype)
-    return contextlib.nullcontext()
 
 
 def checkpoint_task(config: dict, source: object = "checkpoint") -> TaskSpec:
@@ -70,11 +62,14 @@ def as_probabilities(logits: torch.Tensor, num_classes: int) -> torch.Tensor:
 
 class TorchPredictor:
     """Wraps a segmentation U-Net and its checkpoint config. ``source`` names the model in
-    errors (the checkpoint folder when loaded with :meth:`from_checkpoint`)."""
+    errors (the checkpoint folder when loaded with :meth:`from_checkpoint`). ``precision``
+    (auto / fp32 / bf16, core/precision.py) chooses the arithmetic: ``auto`` is bf16 where the
+    device computes it natively, fp32 elsewhere; ``amp=False`` is fp32. ``self.precision`` says
+    which ran and why."""
 
     def __init__(self, model: torch.nn.Module, config: dict, device: torch.device | str = "cpu",
                  amp: bool = True, batch_size: int = 8, source: str | os.PathLike | None = None,
-                 tta: int = 1, fuse: bool = True):
+                 tta: int = 1, fuse: bool = True, precision: str = "auto"):
         self.source = str(source) if source is not None else "the model"
         if config.get("kind") != "segmentation":
             raise CheckpointError(f"{self.source}: a pretraining (diffusion) model, not a segmentation "
@@ -100,6 +95,13 @@ class TorchPredictor:
             if self.network is not self.model:
                 self.network = self.network.to(memory_format=torch.channels_last)
                 self.channels_last = True
+        self.precision = resolve_precision(precision if amp else "fp32", self.device)
+        # bf16 on the CPU: the fused copy's weights are cast once and activations stay bf16 from
+        # input to logits (no per-call weight casts); an unfused model (GroupNorm) runs under autocast
+        self.input_dtype = None
+        if self.precision.name == "bf16" and self.device.type == "cpu" and self.network is not self.model:
+            self.network = self.network.to(torch.bfloat16)
+            self.input_dtype = torch.bfloat16
         self.config = config
         self.amp = amp
         self.batch_size = batch_size
@@ -154,10 +156,13 @@ class TorchPredictor:
                 v = v.flip(3)
             if turn:
                 v = v.rot90(1, (2, 3))
+            if self.input_dtype is not None:
+                v = v.to(self.input_dtype)
             if self.channels_last:
                 v = v.contiguous(memory_format=torch.channels_last)
-            with autocast_for(self.device, self.amp):
-                p = as_probabilities(self.network(v).float(), self.num_classes)
+            with autocast(self.device, None if self.input_dtype is not None else self.precision):
+                logits = self.network(v)
+            p = as_probabilities(logits.float(), self.num_classes)
             if turn:
                 p = p.rot90(-1, (2, 3))
             if flip_w:

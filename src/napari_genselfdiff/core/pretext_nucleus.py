@@ -28,7 +28,7 @@ from . import checkpoint as ckpt
 from .data import NORMALIZATION, AugmentConfig, UnlabeledSource, sample_unlabeled_batch, to_model_input
 from .device import pick_device
 from .errors import CheckpointError, DataError, GenSelfDiffError
-from .inference import autocast_for
+from .precision import Precision, autocast, precision_of, resolve_precision
 from .progress import Progress
 from .pseudomask import NucleusStats, draw_batch, measure_tile, render_mask, summarise
 from .training import _now, _prepare_out, _run, _seeded_model, _step_rngs
@@ -56,7 +56,8 @@ class NucleusPretrainConfig:
     grad_clip: float = 1.0
     seed: int = 0
     checkpoint_every: int = 200
-    amp: bool = True  # bf16 autocast on CUDA only
+    amp: bool = True  # False: fp32 whatever ``precision`` says
+    precision: str = "auto"  # auto / fp32 / bf16 autocast (core/precision.py); never fp16 (no loss scaling)
     stats_tiles: int = 16  # unlabeled tiles the nucleus statistics are measured on
     stats_size: int = 128  # their size (at least the patch): nuclei cut by a tile's edge are not measured
     weights: LossWeights = field(default_factory=LossWeights)
@@ -76,14 +77,16 @@ class _GanTrainer:
     ``state``). ``step`` takes a callable returning the step's batch, does one generator update
     then one discriminator update, and returns the generator side's total loss."""
 
-    def __init__(self, nets: TranslationNets, device: torch.device, lr: float, amp: bool, weights: LossWeights):
+    def __init__(self, nets: TranslationNets, device: torch.device, lr: float, precision: str, weights: LossWeights):
         self.nets = nets.to(device)
         self.model = self.net = nets.translator
         self.group, self.stream, self.main = None, None, True  # one process (no torchrun / DDP here)
         self.device, self.weights = device, weights
         self.opt = torch.optim.Adam(nets.generator_side(), lr=lr, betas=(0.5, 0.999))
         self.opt_d = torch.optim.Adam(nets.discriminator_side(), lr=lr, betas=(0.5, 0.999))
-        self.amp = amp and device.type == "cuda" and torch.cuda.is_bf16_supported()  # bf16: no loss scaling
+        self.precision = resolve_precision(precision, device)
+        if self.precision.name == "fp16":  # bf16 needs no loss scaling; fp16 would, for two optimizers
+            self.precision = Precision("fp32", "fp32 (this GPU has no bf16; the pretext takes no fp16)")
         self.last: dict[str, float] = {}
 
     def set_lr(self, lr: float) -> None:
@@ -108,13 +111,13 @@ class _GanTrainer:
             for p in discs:  # the generator step needs no discriminator gradients
                 p.requires_grad_(False)
             try:
-                with autocast_for(self.device, self.amp):
+                with autocast(self.device, self.precision):
                     g = generator_losses(nets, he, mask, target, gen, self.weights)
                 self._update(self.opt, g["total"], nets.generator_side(), grad_clip)
             finally:
                 for p in discs:
                     p.requires_grad_(True)
-            with autocast_for(self.device, self.amp):
+            with autocast(self.device, self.precision):
                 d = discriminator_loss(nets, he, mask, g["fake_he"], g["fake_mask"])
             self._update(self.opt_d, d, discs, grad_clip)
         except torch.OutOfMemoryError:
@@ -192,7 +195,7 @@ def pretrain_nucleus(sources: Sequence[UnlabeledSource], out: str | os.PathLike,
     nets = _seeded_nets(ucfg, tcfg, cfg.seed)
     if state is not None:
         nets.translator.load_state_dict(ckpt.load_model(out)[0].state_dict())
-    trainer = _GanTrainer(nets, dev, cfg.lr, cfg.amp, cfg.weights)
+    trainer = _GanTrainer(nets, dev, cfg.lr, precision_of(cfg), cfg.weights)
     start = trainer.restore(state, out) if state is not None else 0
     run = {"stage": "pretrain", "pretext": PRETEXT, **asdict(cfg)}
     source_names = [s.name for s in sources]
@@ -216,7 +219,7 @@ def pretrain_nucleus(sources: Sequence[UnlabeledSource], out: str | os.PathLike,
         return ckpt.save_checkpoint(out, trainer.model, config, trainer.state(step, run))
 
     msg = (f"nucleus-aware pretraining ({cfg.preset}) on {len(sources)} source(s): pseudo masks of "
-           f"~{stats.mean_area:.0f} px nuclei, {stats.density_mean:.1f} per 10,000 px; {why}")
+           f"~{stats.mean_area:.0f} px nuclei, {stats.density_mean:.1f} per 10,000 px; {why}, {trainer.precision.why}")
     if start:
         msg += f"; resumed at step {start}"
     yield from _run("pretrain", trainer, total=cfg.steps, start=start, lr=cfg.lr, warmup=cfg.warmup,
@@ -271,7 +274,7 @@ def nucleus_samples(path: str | os.PathLike, n: int = 4, *, styles: int = 3, siz
     masks, _, _ = draw_batch(stats, rng, n, size)
     m = torch.from_numpy(masks).to(dev)
     cells = []
-    with autocast_for(dev):
+    with autocast(dev, resolve_precision("auto", dev)):
         fakes = [nets.generator(m, torch.randn(n, nets.cfg.style_dim, device=dev, generator=gen), gen)
                  for _ in range(styles)]
         predicted = None

@@ -1,7 +1,7 @@
 """Pseudo masks for the nucleus-aware pretext: synthetic nucleus instance masks whose statistics
 are measured on the unlabeled tiles themselves.
 
-The nucleus-aware pretext (after Zhang et al., "Nucleus-aware self-supervised pretraining using
+The nucleus-aware pretext (after Song et al., "Nucleus-aware self-supervised pretraining using
 unpaired image-to-image translation for histopathology images", IEEE TMI, arXiv 2309.07394)
 translates between H&E tiles and masks of nuclei that were never paired with them. Its masks must
 look like the nuclei of *these* tiles (size, elongation, orientation, how many per area), but no

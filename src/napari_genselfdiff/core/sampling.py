@@ -14,7 +14,7 @@ from .checkpoint import load_model
 from .device import pick_device
 from .diffusion import Diffusion, ScheduleConfig
 from .errors import CheckpointError
-from .inference import autocast_for
+from .precision import autocast, resolve_precision
 
 
 def generate_tiles(model_path: str | os.PathLike, n: int = 16, *, size: int | None = None, steps: int = 50,
@@ -34,7 +34,7 @@ def generate_tiles(model_path: str | os.PathLike, n: int = 16, *, size: int | No
     diffusion = Diffusion(ScheduleConfig.from_dict(cfg["schedule"])).to(dev)
     model.eval()
     gen = torch.Generator(device=dev).manual_seed(seed)
-    with autocast_for(dev):
+    with autocast(dev, resolve_precision("auto", dev)):
         if sampler == "ddpm":
             x = diffusion.sample_ddpm(model, (n, 3, size, size), generator=gen, device=dev)
         elif sampler == "ddim":

@@ -29,8 +29,9 @@ from .data import (NORMALIZATION, AugmentConfig, LabeledImage, TaskSpec, Unlabel
 from .device import channels_last_for, tune_allocator
 from .diffusion import Diffusion, ScheduleConfig
 from .errors import CheckpointError, DataError, GenSelfDiffError
-from .inference import TorchPredictor, autocast_for, checkpoint_task, predict_image
+from .inference import TorchPredictor, checkpoint_task, predict_image
 from .losses import build_loss, parse_loss
+from .precision import Precision, autocast, precision_of, resolve_precision
 from .progress import Progress, relay, run_to_end
 from .unet import PRESETS, UNet, UNetConfig, iter_recalibrate_batchnorm, segmentation_config, transfer_pretrained
 from .validation import (VAL_CROP, VAL_CROPS, describe, iter_evaluate_dice, pass_cost, validation_crops,
@@ -49,7 +50,8 @@ class PretrainConfig:
     grad_clip: float = 1.0
     seed: int = 0
     checkpoint_every: int = 200
-    amp: bool = True
+    amp: bool = True  # False: fp32 whatever ``precision`` says
+    precision: str = "auto"  # auto / fp32 / bf16 autocast of the forward pass (core/precision.py)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     # photometric augmentation is mild for the pretext: the model should learn real H&E colours
     augment: AugmentConfig = field(default_factory=lambda: AugmentConfig(blur_p=0.0, color_jitter=0.05, stain_p=0.3))
@@ -79,7 +81,8 @@ class FinetuneConfig:
     # val_crops = 0 scores the whole validation images
     val_crops: int = VAL_CROPS
     val_crop: int = VAL_CROP
-    amp: bool = True
+    amp: bool = True  # False: fp32 whatever ``precision`` says
+    precision: str = "auto"  # auto / fp32 / bf16 autocast of the forward pass (core/precision.py)
     mpp: float | None = None  # microns per pixel of the training images, if known
     # BatchNorm (frozen at inference) and no attention, so tiling cannot change the answer
     # (core/unet.py); False keeps the pretraining architecture (GroupNorm + attention)
@@ -120,9 +123,9 @@ def _now() -> str:
 
 
 class _Trainer:
-    """Optimizer, AMP, checkpointing and resuming shared by both stages."""
+    """Optimizer, mixed precision (autocast forward; fp32 weights and loss), checkpoints and resuming."""
 
-    def __init__(self, model: UNet, device: torch.device, lr: float, weight_decay: float, amp: bool,
+    def __init__(self, model: UNet, device: torch.device, lr: float, weight_decay: float, precision: str,
                  ema: float = 0.0, group: ddp.Group | None = None):
         # channels_last: 1.3-1.4x faster steps on the CPU (benchmarks/speed.py); inputs follow the weights
         self.model = model.to(device, memory_format=channels_last_for(device))
@@ -135,15 +138,14 @@ class _Trainer:
         self.ema = [p.detach().clone() for p in model.parameters()] if ema > 0 else None
         self.device = device
         self.opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-        self.amp = amp and device.type == "cuda"
-        use_scaler = self.amp and not torch.cuda.is_bf16_supported()
-        self.scaler = torch.amp.GradScaler("cuda", enabled=use_scaler) if self.amp else None
+        self.precision: Precision = resolve_precision(precision, device)
+        self.scaler = torch.amp.GradScaler("cuda") if self.precision.name == "fp16" else None  # bf16: no scaling
 
     def step(self, loss_fn: Callable[[], torch.Tensor], grad_clip: float) -> float:
         self.net.train()
         self.opt.zero_grad(set_to_none=True)
         try:
-            with autocast_for(self.device, self.amp):
+            with autocast(self.device, self.precision):
                 loss = loss_fn()
             if not torch.isfinite(value := ddp.mean(self.group, loss)):  # torchrun: over ranks, all stop
                 raise GenSelfDiffError(f"training diverged (loss {value.item()}); lower the learning rate")
@@ -330,7 +332,7 @@ def pretrain(sources: Sequence[UnlabeledSource], out: str | os.PathLike, cfg: Pr
     # resuming: the saved weights, checked against the saved architecture (one CheckpointError)
     model = ckpt.load_model(out)[0] if state is not None else _seeded_model(ucfg, cfg.seed)
     diffusion = Diffusion(cfg.schedule).to(dev)
-    trainer = _Trainer(model, dev, cfg.lr, cfg.weight_decay, cfg.amp, group=group)
+    trainer = _Trainer(model, dev, cfg.lr, cfg.weight_decay, precision_of(cfg), group=group)
     start = trainer.restore(state) if state is not None else 0
     run = {"stage": "pretrain", "pretext": "diffusion", **asdict(cfg)}
     source_names = [s.name for s in sources]
@@ -350,7 +352,7 @@ def pretrain(sources: Sequence[UnlabeledSource], out: str | os.PathLike, cfg: Pr
                   "versions": ckpt.versions()}
         return ddp.save(group, out, trainer.model, config, trainer.state(step, run))  # torchrun: rank 0 writes
 
-    msg = f"pretraining {ucfg.preset or 'custom'} U-Net on {len(sources)} source(s), {why}"
+    msg = f"pretraining {ucfg.preset or 'custom'} U-Net on {len(sources)} source(s), {why}, {trainer.precision.why}"
     if start:
         msg += f"; resumed at step {start}"
     if state is not None and model_config is None and cfg.preset in PRESETS and \
@@ -404,11 +406,6 @@ def build_segmentation_model(spec: TaskSpec, init: str | os.PathLike | None, pre
     return model, info, how
 
 
-def evaluate_dice(predictor, items: Sequence[LabeledImage]) -> dict:
-    """Mean foreground Dice (class > 0) of ``predictor`` over whole images (or crops)."""
-    return run_to_end(iter_evaluate_dice(predictor, items))
-
-
 def finetune(items: Sequence[LabeledImage], out: str | os.PathLike, cfg: FinetuneConfig = FinetuneConfig(), *,
              init: str | os.PathLike | None = None, val_items: Sequence[LabeledImage] = (), device: str = "auto",
              resume: bool = False, overwrite: bool = False,
@@ -439,7 +436,7 @@ def finetune(items: Sequence[LabeledImage], out: str | os.PathLike, cfg: Finetun
         model, init_info, how = build_segmentation_model(spec, init, cfg.preset, cfg.seed, cfg.tile_invariant)
     if cfg.patch % model.config.multiple:
         raise DataError(f"patch size {cfg.patch} must be a multiple of {model.config.multiple} for this model")
-    trainer = _Trainer(model, dev, cfg.lr, cfg.weight_decay, cfg.amp, ema=cfg.ema, group=group)
+    trainer = _Trainer(model, dev, cfg.lr, cfg.weight_decay, precision_of(cfg), ema=cfg.ema, group=group)
     start = trainer.restore(state) if state is not None else 0
     loss_fn, bw = build_loss(cfg.loss, spec.num_classes), spec.boundary_width if spec.boundary else 0
     run = {"stage": "finetune", **asdict(cfg)}
@@ -482,7 +479,7 @@ def finetune(items: Sequence[LabeledImage], out: str | os.PathLike, cfg: Finetun
         gen = iter_recalibrate_batchnorm(trainer.model, batches())
         try:
             while True:
-                with autocast_for(dev, trainer.amp):  # entered per batch: never left on across a yield
+                with autocast(dev, trainer.precision if dev.type == "cuda" else None):  # per batch; CPU: fp32
                     k = next(gen, None)
                 if k is None:
                     break
@@ -501,7 +498,7 @@ def finetune(items: Sequence[LabeledImage], out: str | os.PathLike, cfg: Finetun
         """Instance thresholds for the final weights, chosen on the validation images."""
         from .tuning import instances_of_target, tune_postprocess
 
-        predictor = TorchPredictor(trainer.model, config_at(0), dev, amp=cfg.amp)
+        predictor = TorchPredictor(trainer.model, config_at(0), dev, precision=precision_of(cfg))
         probs = [predict_image(predictor, it.image) for it in val_items]
         gts = [(val_instances or {}).get(it.name) for it in val_items]
         gts = [g if g is not None else instances_of_target(it.target, spec.task) for g, it in zip(gts, val_items)]
@@ -533,7 +530,7 @@ def finetune(items: Sequence[LabeledImage], out: str | os.PathLike, cfg: Finetun
                 calibrated["step"] = None
             n_bn = BN_CALIBRATION_BATCHES if has_bn and calibrated["step"] != calibrated["trained_to"] else 0
             yield from relay(iter_calibrate(calibrated["trained_to"]), lambda k: ("BatchNorm statistics", k, n_bn))
-            predictor = TorchPredictor(trainer.model, config_at(0), dev, amp=cfg.amp)
+            predictor = TorchPredictor(trainer.model, config_at(0), dev, precision=precision_of(cfg))
             scores = yield from relay(iter_evaluate_dice(predictor, val_set), lambda kn: ("validating", *kn))
             latest.update(scores, val_crop=cfg.val_crop if cfg.val_crops > 0 else 0)
         if trainer.ema is not None:
@@ -541,7 +538,7 @@ def finetune(items: Sequence[LabeledImage], out: str | os.PathLike, cfg: Finetun
         return dict(latest)
 
     on = f", validating on {describe(val_items, val_set, cfg.val_crops, cfg.val_crop)}" if val_items else ""
-    msg = f"fine-tuning for {spec.task} ({spec.num_classes} classes) on {len(train)} image(s){on}; {how}; {why}"
+    msg = f"fine-tuning for {spec.task} ({spec.num_classes} classes) on {len(train)} image(s){on}; {how}; {why}, {trainer.precision.why}"
     yield from _run("finetune", trainer, total=cfg.steps, start=start, lr=cfg.lr, warmup=cfg.warmup,
                     batch=cfg.batch, grad_clip=cfg.grad_clip, checkpoint_every=cfg.checkpoint_every,
                     loss_at=loss_at, save=save, validate=validate if val_items else None,

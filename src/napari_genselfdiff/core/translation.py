@@ -1,7 +1,7 @@
 """The networks and losses of the nucleus-aware pretext: unpaired translation between H&E tiles
 and pseudo masks (:mod:`.pseudomask`).
 
-After Zhang et al. (IEEE TMI, arXiv 2309.07394), at a size that trains on a CPU:
+After Song et al. (UNITPathSSL, IEEE TMI 2023, arXiv 2309.07394), at a size that trains on a CPU:
 
 * **mask -> H&E**, :class:`MaskToHE`: a small convolutional encoder-decoder taking a mask image
   (foreground, boundary, distance; :func:`.pseudomask.mask_image`) whose every feature map is

@@ -99,3 +99,10 @@ def pass_cost(crops: Sequence[LabeledImage], batch_pixels: int, calibration_batc
     a third of a training step), BatchNorm calibration batches included: the ETA's guess until
     the first pass has been timed."""
     return (calibration_batches * batch_pixels + sum(it.target.size for it in crops)) / (3 * batch_pixels)
+
+
+def evaluate_dice(predictor, items: Sequence[LabeledImage]) -> dict:
+    """Mean foreground Dice (class > 0) of ``predictor`` over whole images (or crops), in one call."""
+    from .progress import run_to_end
+
+    return run_to_end(iter_evaluate_dice(predictor, items))

@@ -49,12 +49,14 @@ from napari_genselfdiff.slide.tissue import TissueMask, detect_tissue
 @dataclass(frozen=True)
 class ModelSpec:
     """What a worker loads: a segmentation checkpoint folder, the device ('auto': the worker's own
-    GPU when there is one), tiles per forward pass and test-time augmentation views."""
+    GPU when there is one), tiles per forward pass, test-time augmentation views and the
+    precision (auto / fp32 / bf16: 'auto' is resolved on each worker, for its own processor)."""
 
     path: str
     device: str = "auto"
     batch: int = 4
     tta: int = 1
+    precision: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -135,13 +137,14 @@ def worker_predictor(model: ModelSpec) -> Predictor:
 
     threads = os.environ.get("GENSELFDIFF_THREADS", "")
     device = _worker_device(model.device)
-    key = (model.path, device, model.batch, model.tta)
+    key = (model.path, device, model.batch, model.tta, model.precision)
     with _LOCK:
         if threads.isdigit() and int(threads) > 0 and not _PREDICTORS:
             import torch
 
             torch.set_num_threads(int(threads))
-        cache = cached_predictor(model.path, device, _PREDICTORS.get(key), batch_size=model.batch, tta=model.tta)
+        cache = cached_predictor(model.path, device, _PREDICTORS.get(key), batch_size=model.batch, tta=model.tta,
+                                 precision=model.precision)
         _PREDICTORS[key] = cache
         return cache.predictor
 
@@ -210,8 +213,16 @@ def connect(workers: int | None = None, scheduler: str | None = None, *,
     reached is a DataError naming it."""
     try:
         from distributed import Client, LocalCluster
-    except ImportError:
-        raise GenSelfDiffError("--workers / --scheduler need dask.distributed: pip install distributed") from None
+    except ImportError as e:
+        # installed but not importable is the registry's mismatched pair (an old distributed
+        # beside a new dask): say so rather than asking for what is already there
+        import importlib.metadata as md
+        try:
+            have = f"distributed {md.version('distributed')} is installed but does not import ({e})"
+        except md.PackageNotFoundError:
+            have = "distributed is not installed"
+        raise GenSelfDiffError(f"--workers / --scheduler need dask.distributed: {have}; "
+                               "install dask and distributed together: pip install \"dask[distributed]\"") from None
     stack = contextlib.ExitStack()
     if scheduler:
         try:
