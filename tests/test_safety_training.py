@@ -400,3 +400,49 @@ def test_a_good_segmentation_init_still_loads_all_its_weights(tmp_path):
     assert how.startswith("all weights") and info["init_kind"] == "segmentation"
     for (k, a), (_, b) in zip(m.state_dict().items(), model.state_dict().items()):
         assert torch.equal(a, b), k
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 36 (1, 6): an output never replaces an input, never lands inside one, never replaces a bundled model
+
+@pytest.mark.parametrize("flags", [["--force"], ["--resume"], ["--force", "via-link"]])
+def test_finetune_never_replaces_the_checkpoint_it_starts_from(flags, data, tmp_path, capsys):
+    init = tmp_path / "start"
+    assert run(capsys, *train_argv("finetune", data, init))[0] == 0
+    before = snapshot(init)
+    out = init
+    if "via-link" in flags:
+        out = tmp_path / "link"
+        out.symlink_to(init, target_is_directory=True)
+        flags = [f for f in flags if f != "via-link"]
+    images, masks = data
+    code, err = run(capsys, "finetune", "--images", images, "--masks", masks, "--init", init, "--out", out,
+                    "--steps", 1, *TINY, *flags)
+    assert code == 2 and "is (or holds, or lies inside) the input" in one_line(err)
+    assert snapshot(init) == before
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "finetune"])
+def test_training_output_inside_its_images_is_refused(stage, data, tmp_path, capsys):
+    images, masks = data
+    before = snapshot(images.parent)
+    code, err = run(capsys, *train_argv(stage, data, images / "model"))
+    assert code == 2 and "is (or holds, or lies inside) the input" in one_line(err)
+    assert snapshot(images.parent) == before and not (images / "model").exists()
+
+
+def test_training_never_writes_into_the_bundled_models(data, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    from napari_genselfdiff.bundled import resources_dir
+    from napari_genselfdiff.core import training
+
+    # a copy stands in for the installed resources: were the rule broken, the copy is what is lost
+    shutil.copytree(resources_dir() / "models", tmp_path / "resources" / "models")
+    monkeypatch.setattr(training, "resources_dir", lambda: tmp_path / "resources")
+    models = tmp_path / "resources" / "models"
+    before = sorted(p.name for p in models.iterdir())
+    for out in (models / "glands", models / "new"):
+        code, err = run(capsys, *train_argv("finetune", data, out), "--force")
+        assert code == 2 and "is (or holds, or lies inside) the input" in one_line(err)
+    assert sorted(p.name for p in models.iterdir()) == before

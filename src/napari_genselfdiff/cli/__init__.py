@@ -31,14 +31,15 @@ from ..core.errors import GenSelfDiffError
 # ---------------------------------------------------------------------------------------------
 # flag values, checked by the parser (argparse reports "argument --flag: <message>")
 
-def _int_at_least(low: int) -> Callable[[str], int]:
+def _int_at_least(low: int, high: int | None = None) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             value = None
-        if value is None or value < low:
-            raise argparse.ArgumentTypeError(f"must be a whole number >= {low}, got {text!r}")
+        if value is None or value < low or (high is not None and value > high):
+            within = f"from {low} to {high}" if high is not None else f">= {low}"
+            raise argparse.ArgumentTypeError(f"must be a whole number {within}, got {text!r}")
         return value
     parse.__name__ = f"int_at_least_{low}"
     return parse
@@ -46,6 +47,21 @@ def _int_at_least(low: int) -> Callable[[str], int]:
 
 positive_int = _int_at_least(1)
 nonnegative_int = _int_at_least(0)
+#: a seed numpy and torch both take (torch's manual_seed stops at 2**64 - 1; numpy's streams mix it)
+seed = _int_at_least(0, 2**32 - 1)
+#: generated tiles: how many and how large (one grid PNG held in memory)
+sample_count = _int_at_least(1, 1024)
+tile_size = _int_at_least(8, 4096)
+
+
+def pixel_size(text: str) -> float:
+    """Microns per pixel: from 0.01 (beyond any optical scanner) to 100 (a thumbnail)."""
+    return _number(text, "microns per pixel from 0.01 to 100", lambda v: 0.01 <= v <= 100)
+
+
+def learning_rate(text: str) -> float:
+    """A learning rate above 0, at most 1 (beyond it AdamW diverges at once)."""
+    return _number(text, "a learning rate in (0, 1]", lambda v: 0 < v <= 1)
 
 
 def tta_views(text: str) -> int:
@@ -202,7 +218,7 @@ def _precision(p: argparse.ArgumentParser) -> None:
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", type=device, help="auto (cuda, then mps, then cpu), cuda, mps or cpu")
-    p.add_argument("--seed", type=nonnegative_int, default=0, help="random seed: the same seed gives the same run")
+    p.add_argument("--seed", type=seed, default=0, help="random seed: the same seed gives the same run")
 
 
 def _training(p: argparse.ArgumentParser, steps: int) -> None:
@@ -212,7 +228,7 @@ def _training(p: argparse.ArgumentParser, steps: int) -> None:
     p.add_argument("--steps", type=positive_int, default=steps, help=f"optimisation steps (default {steps})")
     p.add_argument("--patch", type=positive_int, default=256, help="training patch size in pixels (default 256)")
     p.add_argument("--batch", type=positive_int, default=8, help="patches per step (default 8)")
-    p.add_argument("--lr", type=positive_float, default=1e-4, help="peak learning rate (default 1e-4)")
+    p.add_argument("--lr", type=learning_rate, default=1e-4, help="peak learning rate (default 1e-4)")
     p.add_argument("--checkpoint-every", type=nonnegative_int, default=200,
                    help="save a checkpoint every N steps (0: only at the end)")
     p.add_argument("--resume", action="store_true", help="continue the run saved in --out")
@@ -258,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-every", type=nonnegative_int, default=100, help="validate every N steps (0: never)")
     p.add_argument("--val-crops", type=nonnegative_int, default=8,
                    help="validate on at most N fixed crops of up to 512 px of the validation images (0: whole images)")
-    p.add_argument("--mpp", type=positive_float, default=None, help="microns per pixel of the training images, if known")
+    p.add_argument("--mpp", type=pixel_size, default=None, help="microns per pixel of the training images, if known")
     _training(p, 500)
     p.set_defaults(func=cmd_finetune)
 
@@ -268,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", required=True, help="folder of images")
     p.add_argument("--masks", required=True, help="folder of ground-truth masks")
     p.add_argument("--instances", default=None, help="folder of ground-truth instance labels (nuclei AJI/PQ)")
-    p.add_argument("--mpp", type=positive_float, default=None,
+    p.add_argument("--mpp", type=pixel_size, default=None,
                    help="microns per pixel of the images (overrides their files); each image is predicted at the "
                         "model's own and scored on its masks at its own")
     p.add_argument("--json", default=None, type=output_file, help="also write the metrics to this JSON file")
@@ -284,12 +300,12 @@ def build_parser() -> argparse.ArgumentParser:
                                    "H&E generated from it in three styles, and (with --images) a real tile and "
                                    "the mask predicted for it.")
     p.add_argument("--model", required=True, help="pretraining checkpoint folder")
-    p.add_argument("--n", type=positive_int, default=16, help="number of tiles, or of rows for nucleus-aware (default 16)")
+    p.add_argument("--n", type=sample_count, default=16, help="number of tiles, or of rows for nucleus-aware (default 16)")
     p.add_argument("--images", nargs="+", default=None, metavar="PATH",
                    help="nucleus-aware: folders / slides to draw real tiles from, to show the masks predicted for them")
     p.add_argument("--out", required=True, type=output_file, help="PNG file for the grid of tiles")
     p.add_argument("--force", action="store_true", help="replace an existing --out, but only a PNG genselfdiff wrote")
-    p.add_argument("--size", type=positive_int, default=None, help="tile size (default: the training patch size)")
+    p.add_argument("--size", type=tile_size, default=None, help="tile size (default: the training patch size)")
     p.add_argument("--steps", type=positive_int, default=50, help="DDIM steps (default 50)")
     p.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"], help="ddim (fast) or ddpm (all T steps)")
     _common(p)
@@ -303,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tile size (default 768)")
     p.add_argument("--overlap", type=nonnegative_int, default=None,
                    help="overlap between tiles (default: the model's, derived from its receptive field; 64 for older models)")
-    p.add_argument("--mpp", type=positive_float, default=None,
+    p.add_argument("--mpp", type=pixel_size, default=None,
                    help="microns per pixel of the input when its file does not say (TIFF/OME/Aperio tags are read); "
                         "the pyramid level closest to the model's resolution is used")
     p.add_argument("--batch", type=positive_int, default=4, help="tiles per model call (default 4; on a CPU the network takes them one at a time, which is faster there)")
@@ -353,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--like", default=None, metavar="IMAGE", help="the slide or image the objects were drawn on (its size, mpp)")
     g.add_argument("--shape", nargs=2, type=positive_int, default=None, metavar=("H", "W"),
                    help="the label image's height and width in pixels")
-    p.add_argument("--mpp", type=positive_float, default=None, help="microns per pixel to record (default: --like's)")
+    p.add_argument("--mpp", type=pixel_size, default=None, help="microns per pixel to record (default: --like's)")
     p.add_argument("--out", required=True, type=output_file, help="label TIFF to write (pyramidal, tiled)")
     p.add_argument("--force", action="store_true", help="replace --out, but only a label TIFF genselfdiff wrote")
     p.set_defaults(func=cmd_import)
@@ -367,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--task", default="glands", choices=["glands", "nuclei", "multiclass"])
     q.add_argument("--model", default=None, help="starting model: checkpoint folder or 'glands'/'nuclei' (bundled)")
     q.add_argument("--slides", nargs="*", default=[], help="slide files to add")
-    q.add_argument("--mpp", type=positive_float, default=None,
+    q.add_argument("--mpp", type=pixel_size, default=None,
                    help="microns per pixel of the slides when their files do not say")
     q.add_argument("--boundary", action="store_true", help="nuclei: boundary class")
     q = psub.add_parser("refine", help="fine-tune the current model on the accepted corrections")
@@ -377,7 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--base-model", default=None, help="start from this checkpoint instead of the current model")
     q.add_argument("--patch", type=positive_int, default=None, help="training patch size (default 256)")
     q.add_argument("--batch", type=positive_int, default=None, help="patches per step (default 8)")
-    q.add_argument("--lr", type=positive_float, default=None, help="peak learning rate (default 1e-4)")
+    q.add_argument("--lr", type=learning_rate, default=None, help="peak learning rate (default 1e-4)")
     _common(q)
     q = psub.add_parser("status", help="slides, regions, current model, last refine")
     q.add_argument("folder")
@@ -436,13 +452,12 @@ def _command_name(args: argparse.Namespace) -> str:
 
 
 def _set_threads() -> None:
-    value = os.environ.get("GENSELFDIFF_THREADS")
-    if not value:
-        return
-    if not value.strip().isdigit() or int(value) < 1:
-        raise GenSelfDiffError(f"GENSELFDIFF_THREADS must be a whole number >= 1, got {value!r}")
-    import torch
-    torch.set_num_threads(int(value))
+    from ..core.device import threads_from_env
+
+    threads = threads_from_env(os.environ.get("GENSELFDIFF_THREADS"))
+    if threads is not None:
+        import torch
+        torch.set_num_threads(threads)
 
 
 def _output_of(args: argparse.Namespace) -> str | None:

@@ -259,7 +259,11 @@ def _resolution(slide, mpp: float | None, predictor, level) -> str | None:
     read about the resolution the model will run at (None when it simply matches)."""
     from ..core.resolution import TOLERANCE, resolution_note
 
+    from ..slide.tiler import resolve_level
+
     name = slide.path.name
+    if level != "auto":
+        resolve_level(slide, level, predictor)  # a level the slide lacks: one line, before anything else
     if slide.mpp is None and mpp is not None:
         slide.mpp = mpp
     elif slide.mpp is not None and mpp is not None and abs(slide.mpp - mpp) > TOLERANCE * slide.mpp:

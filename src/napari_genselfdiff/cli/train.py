@@ -73,13 +73,13 @@ def cmd_pretrain(a: argparse.Namespace) -> int:
                                      seed=a.seed, checkpoint_every=a.checkpoint_every, amp=not a.no_amp,
                                      precision=a.precision)
         events = pretrain_nucleus(unlabeled_sources(a.images), a.out, ncfg, device=a.device, resume=a.resume,
-                                  overwrite=a.force)
+                                  overwrite=a.force, inputs=a.images)
     else:
         cfg = PretrainConfig(preset=a.preset, steps=a.steps, patch=a.patch, batch=a.batch, lr=a.lr, seed=a.seed,
                              checkpoint_every=a.checkpoint_every, amp=not a.no_amp, precision=a.precision,
                              schedule=ScheduleConfig(kind=a.schedule))
         events = pretrain(unlabeled_sources(a.images), a.out, cfg, device=a.device, resume=a.resume,
-                          overwrite=a.force)
+                          overwrite=a.force, inputs=a.images)
     last = _drive(events, "pretrain")
     _report(f"pretrained model: {last.checkpoint} ({last.step} steps)")
     return 0
@@ -102,7 +102,7 @@ def cmd_finetune(a: argparse.Namespace) -> int:
                          val_every=a.val_every, val_crops=a.val_crops, amp=not a.no_amp,
                          precision=a.precision, mpp=a.mpp)
     events = finetune(train, a.out, cfg, init=init, val_items=val, device=a.device,
-                      resume=a.resume, overwrite=a.force)
+                      resume=a.resume, overwrite=a.force, inputs=[a.images, a.masks])
     last = _drive(events, "finetune")
     _report(f"segmentation model: {last.checkpoint} ({last.step} steps)")
     return 0

@@ -83,6 +83,17 @@ def _related(target: Path, source: Path) -> bool:
         return False
 
 
+def refuse_inputs(target: str | os.PathLike, inputs: Iterable[str | os.PathLike | None],
+                  error: type[DataError] = DataError) -> None:
+    """``error`` (one line) when ``target`` is one of ``inputs``, holds one or lies inside one
+    (the same file by another name or through a symbolic link included): an output never
+    replaces or lands among what is being read."""
+    for source in inputs:
+        if source is not None and str(source) and _related(Path(target), Path(source)):
+            raise error(f"{target}: is (or holds, or lies inside) the input {source}; "
+                        "an input is never overwritten: choose another output path")
+
+
 def check_target(target: str | os.PathLike, *, kind: str, force: bool = False,
                  ours: Callable[[Path], bool] | None = None,
                  inputs: Iterable[str | os.PathLike | None] = ()) -> Path:
@@ -97,10 +108,7 @@ def check_target(target: str | os.PathLike, *, kind: str, force: bool = False,
       symbolic link never is: the link and what it points to are the user's).
     """
     target = Path(target)
-    for source in inputs:
-        if source is not None and _related(target, Path(source)):
-            raise DataError(f"{target}: is (or holds, or lies inside) the input {source}; "
-                            "an input is never overwritten: choose another output path")
+    refuse_inputs(target, inputs)
     if not os.path.lexists(target):
         return target
     if not force:

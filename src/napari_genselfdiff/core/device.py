@@ -1,6 +1,8 @@
 """Device choice: cuda, then mps, then cpu, and a sentence saying which and why."""
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .allocator import _ALLOCATOR, KEEP_MB, tune_allocator  # noqa: F401  (re-exported)
@@ -46,3 +48,21 @@ def channels_last_for(device: torch.device | str) -> torch.memory_format:
     return torch.channels_last if kind in ("cpu", "cuda") else torch.preserve_format
 
 
+
+
+def max_threads() -> int:
+    """The most threads GENSELFDIFF_THREADS may ask for: eight per core (more only slows a CPU
+    down, and a huge count crashes OpenMP before any work starts)."""
+    return 8 * (os.cpu_count() or 1)
+
+
+def threads_from_env(value: str | None) -> int | None:
+    """GENSELFDIFF_THREADS as a number of threads: None when unset or empty; a whole number from
+    1 to :func:`max_threads`, else a GenSelfDiffError naming the variable."""
+    if value is None or not value.strip():
+        return None
+    limit = max_threads()
+    if not value.strip().isdigit() or not 1 <= int(value) <= limit:
+        raise GenSelfDiffError(f"GENSELFDIFF_THREADS must be a whole number from 1 to {limit} "
+                               f"({os.cpu_count() or 1} cores here), got {value!r}")
+    return int(value)

@@ -6,6 +6,7 @@ weighted 1:1. :func:`build_loss` parses any weighted sum by name, e.g. ``"focal+
 """
 from __future__ import annotations
 
+import math
 import re
 from typing import Callable
 
@@ -118,7 +119,12 @@ def parse_loss(spec: str) -> list[tuple[float, str]]:
         if not m or m.group(2) not in LOSSES:
             raise ValueError(f"cannot read loss term {part.strip()!r} in {spec!r}: "
                              f"use weighted sums of {', '.join(LOSSES)}, e.g. 'focal+ssl' or '0.5*dice+ce'")
-        terms.append((float(m.group(1)) if m.group(1) else 1.0, m.group(2)))
+        weight = float(m.group(1)) if m.group(1) else 1.0
+        if not math.isfinite(weight) or weight < 0 or weight > 1e6:
+            raise ValueError(f"loss term {part.strip()!r} in {spec!r}: a weight must be a finite number from 0 to 1e6")
+        terms.append((weight, m.group(2)))
+    if not any(w > 0 for w, _ in terms):
+        raise ValueError(f"loss {spec!r} weighs every term 0: training would learn nothing; give one term a weight > 0")
     return terms
 
 

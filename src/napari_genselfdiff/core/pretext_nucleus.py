@@ -158,8 +158,8 @@ def iter_measure(sources: Sequence[UnlabeledSource], n: int, size: int, seed: in
 
 def pretrain_nucleus(sources: Sequence[UnlabeledSource], out: str | os.PathLike,
                      cfg: NucleusPretrainConfig = NucleusPretrainConfig(), *, device: str = "auto",
-                     resume: bool = False, overwrite: bool = False, stats: NucleusStats | None = None
-                     ) -> Iterator[Progress]:
+                     resume: bool = False, overwrite: bool = False, stats: NucleusStats | None = None,
+                     inputs: Sequence = ()) -> Iterator[Progress]:
     """Train the nucleus-aware pretext on unlabeled tiles; yields :class:`Progress` events like
     :func:`.training.pretrain`. ``stats`` skips measuring the nucleus statistics (a fresh run
     measures them on ``cfg.stats_tiles`` tiles first; a resumed one reads them from the checkpoint)."""
@@ -169,7 +169,7 @@ def pretrain_nucleus(sources: Sequence[UnlabeledSource], out: str | os.PathLike,
         raise DataError(f"unknown preset {cfg.preset!r}; choose one of {', '.join(PRESETS)}")
     out = Path(out)
     dev, why = pick_device(device)
-    state = _prepare_out(out, resume, overwrite, "pretrain")
+    state = _prepare_out(out, resume, overwrite, "pretrain", inputs)
     if state is not None:
         pretext = state.get("run", {}).get("pretext", "diffusion")
         if pretext != PRETEXT:

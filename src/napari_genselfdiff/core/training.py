@@ -22,8 +22,10 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
+from ..bundled import resources_dir
 from . import checkpoint as ckpt
 from . import ddp
+from .atomic import refuse_inputs
 from .data import (NORMALIZATION, AugmentConfig, LabeledImage, TaskSpec, UnlabeledSource, distance_target,
                    sample_labeled_batch, sample_unlabeled_batch, select_fraction, select_fraction_from_names, to_model_input)
 from .device import channels_last_for, tune_allocator
@@ -205,13 +207,14 @@ class _Trainer:
         return int(state["step"])
 
 
-def _prepare_out(out: Path, resume: bool, overwrite: bool, stage: str) -> dict | None:
+def _prepare_out(out: Path, resume: bool, overwrite: bool, stage: str, inputs: Sequence = ()) -> dict | None:
     """The training state to resume from, or None for a fresh run; refuses to clobber work.
 
     Saving replaces the whole folder at ``out``, so an existing one is resumed only when it holds
     nothing but our files, and ``overwrite`` replaces only a checkpoint of ours
     (:func:`.checkpoint.is_our_checkpoint`): a user's folder, or a checkpoint they added their
-    own files to, is never replaced."""
+    own files to, is never replaced; nor an input (``inputs``: images, starting model) or a bundled model."""
+    refuse_inputs(out, [*inputs, resources_dir() / "models"], CheckpointError)
     out = ckpt.resolve(out)
     if not os.path.lexists(out):
         return None
@@ -312,13 +315,13 @@ def _run(stage: str, trainer: _Trainer, *, total: int, start: int, lr: float, wa
 
 def pretrain(sources: Sequence[UnlabeledSource], out: str | os.PathLike, cfg: PretrainConfig = PretrainConfig(), *,
              device: str = "auto", resume: bool = False, overwrite: bool = False,
-             model_config: UNetConfig | None = None) -> Iterator[Progress]:
+             model_config: UNetConfig | None = None, inputs: Sequence = ()) -> Iterator[Progress]:
     """Train a U-Net to predict the noise added to unlabeled tiles (the self-supervised pretext)."""
     if not sources:
         raise DataError("no unlabeled images to pretrain on")
     out = Path(out)
     dev, why, group = ddp.place(device, cfg.batch)  # group: None outside torchrun
-    state = _prepare_out(out, resume, overwrite, "pretrain")
+    state = _prepare_out(out, resume, overwrite, "pretrain", inputs)
     if state is not None:
         if state.get("run", {}).get("pretext", "diffusion") != "diffusion":
             raise CheckpointError(f"{out}: is a {state['run']['pretext']} pretraining, cannot resume it as diffusion")
@@ -408,8 +411,8 @@ def build_segmentation_model(spec: TaskSpec, init: str | os.PathLike | None, pre
 
 def finetune(items: Sequence[LabeledImage], out: str | os.PathLike, cfg: FinetuneConfig = FinetuneConfig(), *,
              init: str | os.PathLike | None = None, val_items: Sequence[LabeledImage] = (), device: str = "auto",
-             resume: bool = False, overwrite: bool = False,
-             val_instances: dict[str, np.ndarray] | None = None) -> Iterator[Progress]:
+             resume: bool = False, overwrite: bool = False, val_instances: dict[str, np.ndarray] | None = None,
+             inputs: Sequence = ()) -> Iterator[Progress]:
     """Fine-tune for segmentation with ``cfg.loss`` (focal + SSL by default); t = 0 throughout.
 
     With validation images, the final checkpoint's post-processing thresholds are tuned on them
@@ -423,7 +426,7 @@ def finetune(items: Sequence[LabeledImage], out: str | os.PathLike, cfg: Finetun
         raise DataError("every training mask is empty: there is nothing to learn (draw some labels first)")
     out = Path(out)
     dev, why, group = ddp.place(device, cfg.batch)  # group: None outside torchrun
-    state = _prepare_out(out, resume, overwrite, "finetune")
+    state = _prepare_out(out, resume, overwrite, "finetune", [*inputs, init])
     train = items
     if state is None and cfg.label_fraction < 1:
         train = select_fraction(items, cfg.label_fraction, cfg.seed)

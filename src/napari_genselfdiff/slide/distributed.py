@@ -135,14 +135,16 @@ def worker_predictor(model: ModelSpec) -> Predictor:
     when the weights change), via :func:`~..core.inference.cached_predictor`."""
     from napari_genselfdiff.core.inference import cached_predictor
 
-    threads = os.environ.get("GENSELFDIFF_THREADS", "")
+    from napari_genselfdiff.core.device import threads_from_env
+
+    threads = threads_from_env(os.environ.get("GENSELFDIFF_THREADS"))
     device = _worker_device(model.device)
     key = (model.path, device, model.batch, model.tta, model.precision)
     with _LOCK:
-        if threads.isdigit() and int(threads) > 0 and not _PREDICTORS:
+        if threads is not None and not _PREDICTORS:
             import torch
 
-            torch.set_num_threads(int(threads))
+            torch.set_num_threads(threads)
         cache = cached_predictor(model.path, device, _PREDICTORS.get(key), batch_size=model.batch, tta=model.tta,
                                  precision=model.precision)
         _PREDICTORS[key] = cache

@@ -1,0 +1,89 @@
+"""Issue 36, round two: flag values and environment the parser used to let through end in one line
+and exit code 2 before any work, and training never learns from a loss that weighs nothing."""
+from __future__ import annotations
+
+import pytest
+
+from napari_genselfdiff.bundled import sample_image_path
+from napari_genselfdiff.cli import main
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def one_line(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def run(capsys, *argv) -> tuple[int, str]:
+    code = main([str(a) for a in argv])
+    return code, capsys.readouterr().err
+
+
+@pytest.fixture
+def data(tmp_path):
+    import numpy as np
+    from imageio.v3 import imwrite
+
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir()
+    masks.mkdir()
+    rng = np.random.default_rng(0)
+    imwrite(images / "a.png", rng.integers(0, 255, (48, 48, 3), dtype=np.uint8))
+    mask = np.zeros((48, 48), np.uint8)
+    mask[8:30, 8:30] = 255
+    imwrite(masks / "a.png", mask)
+    return images, masks
+
+
+def finetune_argv(data, out, *extra):
+    images, masks = data
+    return ["finetune", "--images", images, "--masks", masks, "--scratch", "--out", out, "--steps", 1,
+            "--preset", "tiny", "--patch", 32, "--batch", 1, "--device", "cpu", *extra]
+
+
+@pytest.mark.parametrize("extra, flag", [(["--lr", "1e308"], "--lr"), (["--seed", str(2 ** 70)], "--seed"),
+                                         (["--mpp", "1e-300"], "--mpp"), (["--mpp", "1e9"], "--mpp"),
+                                         (["--loss", "0*focal"], "--loss"), (["--loss", "0*focal+0*ssl"], "--loss"),
+                                         (["--loss", "1e400*focal"], "--loss")])
+def test_finetune_flags_out_of_bounds_are_one_line(extra, flag, data, tmp_path, capsys):
+    code, err = run(capsys, *finetune_argv(data, tmp_path / "m", *extra))
+    assert code == 2 and flag in one_line(err)
+    assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("extra", [["--n", "100000"], ["--size", "100000"]])
+def test_sample_sizes_out_of_bounds_are_one_line(extra, tmp_path, capsys):
+    code, err = run(capsys, "sample", "--model", tmp_path, "--out", tmp_path / "g.png", *extra)
+    assert code == 2 and extra[0] in one_line(err)
+
+
+def test_evaluate_mpp_out_of_bounds_is_one_line(data, tmp_path, capsys):
+    images, masks = data
+    for mpp in ("1e-9", "1e9"):
+        code, err = run(capsys, "evaluate", "--model", "glands", "--images", images, "--masks", masks, "--mpp", mpp)
+        assert code == 2 and "--mpp" in one_line(err)
+
+
+def test_a_level_the_slide_lacks_is_one_line(tmp_path, capsys):
+    code, err = run(capsys, "predict", "--model", "nuclei", "--input", sample_image_path(), "--out",
+                    tmp_path / "p.zarr", "--level", "99", "--device", "cpu")
+    assert code == 2 and "level 99 does not exist" in one_line(err)
+    assert not (tmp_path / "p.zarr").exists()
+
+
+@pytest.mark.parametrize("value", ["100000", "0", "-3", "many"])
+def test_a_thread_count_the_machine_cannot_take_is_one_line(value, data, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("GENSELFDIFF_THREADS", value)
+    code, err = run(capsys, *finetune_argv(data, tmp_path / "m"))
+    assert code == 2 and "GENSELFDIFF_THREADS" in one_line(err)
+    assert not (tmp_path / "m").exists()
+
+
+def test_a_zero_weighted_loss_is_refused_by_the_core_too():
+    from napari_genselfdiff.core.losses import build_loss
+
+    with pytest.raises(ValueError, match="weighs every term 0"):
+        build_loss("0*focal+0.0*dice")
+    assert build_loss("0*focal+ssl") is not None  # one live term is enough
