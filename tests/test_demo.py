@@ -38,3 +38,33 @@ def test_demo_writes_labels_geojson_and_overlay(tmp_path, capsys, request):
         assert "skipped" in glands and not (tmp_path / "glands.geojson").exists()
         assert [ln for ln in out.splitlines() if "no glands here" in ln] == [
             f"glands: skipped, no glands here: {glands['skipped']}"]
+
+
+def _snapshot(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("name", ["overlay.png", "summary.json", "nuclei.zarr", "glands.geojson", "nuclei_labels.tif"])
+def test_demo_never_replaces_a_users_file_and_says_so_before_any_work(name, tmp_path, capsys):
+    import zarr
+
+    user = tmp_path / name
+    if name.endswith(".zarr"):  # a user's own zarr store under the demo's name
+        zarr.open_group(user, mode="w").create_array("mine", shape=(4,), dtype="u1")
+    else:
+        user.write_bytes(b"a user's own " + name.encode())
+    before = _snapshot(tmp_path)
+    assert main(["demo", "--out", str(tmp_path), "--quick", "--device", "cpu"]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 1 and name in err[0] and "Traceback" not in err[0]
+    assert _snapshot(tmp_path) == before  # nothing replaced, nothing added
+
+
+@pytest.mark.slow
+def test_demo_run_twice_into_one_folder_replaces_its_own_outputs(tmp_path, capsys):
+    if not {"glands", "nuclei"} <= set(bundled_models()):
+        pytest.fail("the bundled models ship with the package")
+    assert main(["demo", "--out", str(tmp_path), "--quick", "--device", "cpu"]) == 0
+    first = json.loads((tmp_path / "summary.json").read_text())
+    assert main(["demo", "--out", str(tmp_path), "--quick", "--device", "cpu"]) == 0
+    assert json.loads((tmp_path / "summary.json").read_text()) == first

@@ -8,14 +8,16 @@ data), printing the metrics.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-from ..core.atomic import write_png_atomic
+from ..core.atomic import check_target, is_our_json, json_marker, write_json_atomic, write_png_atomic
 from ..core.data import read_image
 from ..core.errors import DataError
 from .console import progress_bar
-from .predict import PREDICT_UNITS, export_store
+from .predict import PREDICT_UNITS, check_exports, export_store
+
+#: the marker kind of the demo's summary.json (core.atomic.json_marker): the one summary a rerun replaces
+SUMMARY_KIND = "demo summary"
 
 #: A glands result covering more of the image than this is flagged: glandular epithelium rarely covers
 #: more than half of a colon section's tissue, and the skin sample has none.
@@ -54,7 +56,8 @@ def predict_sample(models: dict[str, Path], image_path: Path, out: Path, device:
                 summary[name] = {"skipped": check.reason, "store": str(target)}
                 print(f"glands: skipped, no glands here: {check.reason}")
                 continue
-        written = export_store(store, geojson=str(out / f"{name}.geojson"), tiff=str(out / f"{name}_labels.tif"))
+        written = export_store(store, geojson=str(out / f"{name}.geojson"), tiff=str(out / f"{name}_labels.tif"),
+                               force=True)  # ours only (check_demo_outputs ran first; export_store checks again)
         labels[name] = store.labels_at_level0(name, image.shape[:2])
         summary[name] = {"objects": written.objects, "foreground_fraction": float((labels[name] > 0).mean()),
                          "level": store.level, "geojson": written.geojson, "labels": written.tiff}
@@ -98,11 +101,24 @@ def train_briefly(data: Path, out: Path, quick: bool, device: str) -> dict:
     return result["mean"]
 
 
+def check_demo_outputs(out: Path, names) -> None:
+    """Every file the demo writes into ``out``, checked before any work: a rerun replaces the demo's
+    own outputs, and a user's file of the same name is never replaced (one DataError naming it)."""
+    from ..slide.store import is_our_store
+
+    for name in names:
+        check_exports(geojson=str(out / f"{name}.geojson"), tiff=str(out / f"{name}_labels.tif"), force=True)
+        check_target(out / f"{name}.zarr", kind="prediction store", force=True, ours=is_our_store)
+    check_exports(overlay=str(out / "overlay.png"), force=True)
+    check_target(out / "summary.json", kind="demo summary", force=True, ours=lambda p: is_our_json(p, SUMMARY_KIND))
+
+
 def run_demo(a: argparse.Namespace) -> int:
     from ..bundled import bundled_models, sample_image_path
 
     out = Path(a.out)
     models = bundled_models()
+    check_demo_outputs(out, ["glands", "nuclei"])
     summary: dict = {}
     if not {"glands", "nuclei"} <= set(models):
         data = Path(a.data) if a.data else _REPO.parent / "shared" / "data"
@@ -110,6 +126,6 @@ def run_demo(a: argparse.Namespace) -> int:
         summary["trained"] = train_briefly(data, out, a.quick, a.device)
         models = {**models, "glands": out / "glands"}
     summary["predicted"] = predict_sample(models, sample_image_path(), out, a.device)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_json_atomic(out / "summary.json", {**summary, **json_marker(SUMMARY_KIND)})
     print(f"done: results in {out}")
     return 0

@@ -30,6 +30,21 @@ STORE_VERSION = 1
 META = "genselfdiff"
 
 
+def is_our_store(path: str | Path) -> bool:
+    """Whether ``path`` is a prediction store genselfdiff wrote (a zarr group with our metadata, its
+    probabilities and its done-map), which a rerun with ``overwrite`` may replace."""
+    import zarr
+
+    path = Path(path)
+    if path.is_symlink() or not path.is_dir() or not ((path / "zarr.json").is_file() or (path / ".zgroup").is_file()):
+        return False
+    try:
+        group = zarr.open_group(path, mode="r")
+        return isinstance(dict(group.attrs).get(META), dict) and "probabilities" in group and "done" in group
+    except Exception:  # noqa: BLE001  (unreadable: not provably ours)
+        return False
+
+
 class PredictionStore:
     """A prediction zarr group (see the module docstring for its layout)."""
 
@@ -70,16 +85,17 @@ class PredictionStore:
             if not ((path / "zarr.json").is_file() or (path / ".zgroup").is_file()):
                 raise DataError(f"{path}: exists and is not a zarr store; choose another "
                                 "output path (it is never overwritten)")
+            try:
+                group = zarr.open_group(path, mode="r+")
+            except Exception as exc:
+                raise DataError(f"{path}: unreadable zarr store ({type(exc).__name__}: "
+                                f"{exc}); choose another output path") from exc
+            meta = dict(group.attrs).get(META)
+            if not isinstance(meta, dict) or "probabilities" not in group or "done" not in group:
+                # someone else's zarr store: never wiped, overwrite or not
+                raise DataError(f"{path}: is a zarr store that is not a genselfdiff "
+                                "prediction; it is never overwritten: choose another output path")
             if not overwrite:
-                try:
-                    group = zarr.open_group(path, mode="r+")
-                except Exception as exc:
-                    raise DataError(f"{path}: unreadable zarr store ({type(exc).__name__}: "
-                                    f"{exc}); choose another output path") from exc
-                meta = dict(group.attrs).get(META)
-                if meta is None or "probabilities" not in group or "done" not in group:
-                    raise DataError(f"{path}: is a zarr store that is not a genselfdiff "
-                                    "prediction; choose another output path")
                 if meta.get("settings") != settings:
                     raise DataError(f"{path}: holds a prediction made with other settings "
                                     f"({meta.get('settings')}); delete it, pass overwrite=True or "
