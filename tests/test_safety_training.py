@@ -446,3 +446,30 @@ def test_training_never_writes_into_the_bundled_models(data, tmp_path, capsys, m
         code, err = run(capsys, *train_argv("finetune", data, out), "--force")
         assert code == 2 and "is (or holds, or lies inside) the input" in one_line(err)
     assert sorted(p.name for p in models.iterdir()) == before
+
+
+@pytest.mark.parametrize("command", ["predict", "evaluate", "sample", "finetune --init"])
+def test_every_reader_of_a_model_recovers_a_save_killed_mid_swap(command, data, tmp_path, capsys):
+    """README: loading renames the moved-aside copy back; predict / evaluate / sample /
+    finetune --init all load through it (issue 36, 5)."""
+    images, masks = data
+    model = tmp_path / "ck"
+    stage = "pretrain" if command == "sample" else "finetune"
+    assert run(capsys, *train_argv(stage, data, model))[0] == 0
+    first = snapshot(model)
+    model.rename(tmp_path / ".ck.ab12cd34.old")  # a kill between the two renames of a save
+    argv = {"predict": ["predict", "--model", model, "--input", images / "t0.png", "--out", tmp_path / "p.zarr",
+                        "--device", "cpu"],
+            "evaluate": ["evaluate", "--model", model, "--images", images, "--masks", masks, "--device", "cpu"],
+            "sample": ["sample", "--model", model, "--n", 1, "--steps", 2, "--out", tmp_path / "s.png",
+                       "--device", "cpu"],
+            "finetune --init": ["finetune", "--images", images, "--masks", masks, "--init", model,
+                                "--out", tmp_path / "next", "--steps", 1, *TINY]}[command]
+    code, err = run(capsys, *argv)
+    assert code == 0, err
+    assert snapshot(model) == first and not (tmp_path / ".ck.ab12cd34.old").exists()
+
+
+def test_an_empty_model_name_says_so(capsys, tmp_path):
+    code, err = run(capsys, "evaluate", "--model", "", "--images", tmp_path, "--masks", tmp_path)
+    assert code == 2 and "the model is empty" in one_line(err)

@@ -26,10 +26,14 @@ def bundled_models() -> dict[str, Path]:
 
 def resolve_model(name_or_path: str | os.PathLike) -> Path:
     """A bundled model's name ('glands', 'nuclei') or a checkpoint folder -> the folder."""
+    if not str(name_or_path).strip():
+        raise CheckpointError("the model is empty: give a checkpoint folder or a bundled model's name")
     models = bundled_models()
     if str(name_or_path) in models:
         return models[str(name_or_path)]
-    path = Path(name_or_path)
+    from .core.checkpoint import resolve  # a save killed mid-swap: its moved-aside copy is renamed back
+
+    path = resolve(Path(name_or_path))
     if path.is_dir():
         return path
     known = ", ".join(models) or "none are installed"
