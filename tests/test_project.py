@@ -354,9 +354,11 @@ def test_refine_records_scores_and_switches_model_cancel_keeps_it(tmp_path, slid
     new = proj.folder / "models" / "refine-1"
     assert last.checkpoint == str(new)
     assert ck.load_config(new)["training"]["steps"] == 3
-    assert Project.open(proj.folder).current_model == new
+    current = new if after >= before else base_model.absolute()  # a model that scores lower is kept aside
+    assert Project.open(proj.folder).current_model == current
     (rec,) = proj.history()
     assert rec["status"] == "finished" and rec["before"] == before and rec["after"] == after
+    assert rec["adopted"] == (after >= before)
     assert rec["base_model"] == str(base_model.absolute()) and rec["new_model"] == "models/refine-1"
     assert sorted(rec["train_regions"] + rec["val_regions"]) == ["r00001", "r00002", "r00003"]
     assert len(rec["val_regions"]) == 1
@@ -366,10 +368,10 @@ def test_refine_records_scores_and_switches_model_cancel_keeps_it(tmp_path, slid
         if ev.stage == "finetune" and ev.step == 1:
             break
     gen.close()
-    assert Project.open(proj.folder).current_model == new  # unchanged
+    assert Project.open(proj.folder).current_model == current  # unchanged
     assert ck.load_config(proj.folder / "models" / "refine-2")["training"]["steps"] == 1
     assert [h["status"] for h in proj.history()] == ["finished", "cancelled"]
-    assert proj.history()[1]["base_model"] == "models/refine-1"
+    assert proj.history()[1]["base_model"] == proj.relative(current)
 
 
 def test_refine_with_one_region_validates_on_it_and_says_so(tmp_path, slide_file, base_model):
@@ -600,7 +602,9 @@ def test_cli_create_refine_status(tmp_path, slide_file, base_model, capsys):
     assert "slide case_01: 2 region(s)" in text and "last refine (finished" in text
     assert project_cli_status(SimpleNamespace(folder=str(folder), json=True)) == 0
     status = json.loads(capsys.readouterr().out)
-    assert status["regions"] == 2 and status["current_model"].endswith("refine-1")
+    last = status["last_refine"]
+    assert status["regions"] == 2 and last["new_model"] == "models/refine-1"
+    assert status["current_model"].endswith("refine-1") == (last["after"] >= last["before"])
 
 
 def test_slide_added_by_path_is_read_for_its_shape_and_suggested_by_id(tmp_path, glas_dir):

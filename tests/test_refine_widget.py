@@ -685,3 +685,33 @@ def test_screenshot_of_the_docked_widget(make_napari_viewer, qtbot, tmp_path, he
     path = SHOTS / "refine_widget.png"
     viewer.screenshot(str(path), canvas_only=False)
     assert path.stat().st_size > 10_000
+
+
+def test_a_refine_that_scores_lower_is_kept_aside_and_adopt_and_roll_back_are_one_click(
+        make_napari_viewer, qtbot, tmp_path, he_image, seg_model, monkeypatch):
+    from napari_genselfdiff.project import refine as R
+
+    scores = iter([0.9, 0.5])  # base, then the refined model: lower
+    monkeypatch.setattr(R, "score", lambda model, items, device: next(scores))
+    viewer = make_napari_viewer(show=True)
+    viewer.window._qt_window.resize(1920, 1080)
+    viewer.add_image(he_image, name="H&E", rgb=True)
+    w = refine_widget(viewer, tmp_path, seg_model)
+    accept_two_regions(viewer, w)
+    box = w.refine_box
+    assert not box.adopt_btn.isEnabled()
+    box.refine_btn.click()
+    wait_idle(qtbot, box.runner)
+    new = w.project.folder / "models" / "refine-1"
+    assert w.project.current_model == seg_model.absolute()  # kept aside: unchanged
+    assert "kept aside" in box.dice.text() and box.adopt_btn.isEnabled()
+    assert "kept aside" in w.project_box.status.text()
+    qtbot.wait(200)
+    SHOTS.mkdir(exist_ok=True)
+    viewer.screenshot(str(SHOTS / "refine_kept_aside.png"), canvas_only=False)
+    box.adopt_btn.click()
+    assert w.project.current_model == new and not box.adopt_btn.isEnabled()
+    assert "refine-1" in w.project_box.status.text()
+    box.rollback_btn.click()
+    assert w.project.current_model == seg_model.absolute()
+    assert [h["status"] for h in w.project.history()] == ["finished", "adopted", "rolled back"]

@@ -199,8 +199,10 @@ def cmd_import(a: argparse.Namespace) -> int:
 
 
 def cmd_project(a: argparse.Namespace) -> int:
-    from .project import project_cli_create, project_cli_refine, project_cli_status
-    return {"create": project_cli_create, "refine": project_cli_refine, "status": project_cli_status}[a.action](a)
+    from .project import (project_cli_adopt, project_cli_create, project_cli_refine, project_cli_rollback,
+                          project_cli_status)
+    return {"create": project_cli_create, "refine": project_cli_refine, "status": project_cli_status,
+            "adopt": project_cli_adopt, "rollback": project_cli_rollback}[a.action](a)
 
 
 def cmd_demo(a: argparse.Namespace) -> int:
@@ -395,6 +397,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--batch", type=positive_int, default=None, help="patches per step (default 8)")
     q.add_argument("--lr", type=learning_rate, default=None, help="peak learning rate (default 1e-4)")
     _common(q)
+    q = psub.add_parser("adopt", help="make a refined model that was kept aside (it scored lower) the current model")
+    q.add_argument("folder")
+    q.add_argument("model", help="the refined model's name under the project's models/ (e.g. refine-2)")
+    q = psub.add_parser("rollback", help="make the model before the last refine / adopt current again")
+    q.add_argument("folder")
     q = psub.add_parser("status", help="slides, regions, current model, last refine")
     q.add_argument("folder")
     q.add_argument("--json", action="store_true", help="print JSON")

@@ -51,7 +51,28 @@ def project_cli_refine(args) -> int:
     last = progress_bar(events, "refine")
     if last is None or not last.done:
         raise GenSelfDiffError("refine stopped before it finished")
+    print(last.message)
     print(f"current model: {project.current_model}")
+    return 0
+
+
+def project_cli_adopt(args) -> int:
+    """Make a refined model that was kept aside (``args.model``: its name under models/) current."""
+    from ..project import Project
+    from ..project.refine import adopt
+
+    project = Project.open(args.folder)
+    print(f"current model: {adopt(project, args.model)}")
+    return 0
+
+
+def project_cli_rollback(args) -> int:
+    """Make the model before the last refine / adopt current again."""
+    from ..project import Project
+    from ..project.refine import roll_back
+
+    project = Project.open(args.folder)
+    print(f"current model: {roll_back(project) or 'none'}")
     return 0
 
 
@@ -63,7 +84,7 @@ def project_cli_status(args) -> int:
 
     project = Project.open(args.folder)
     regions = project.regions()
-    history = project.history()
+    history = [h for h in project.history() if "validated_on" in h]  # the refines (not adopt / roll back)
     status = {"folder": str(project.folder), "task": project.spec.task, "class_names": project.class_names,
               "current_model": None if project.current_model is None else str(project.current_model),
               "slides": [{**s, "regions": sum(r["slide"] == s["id"] for r in regions)} for s in project.slides()],
@@ -79,6 +100,7 @@ def project_cli_status(args) -> int:
     print(f"{status['regions']} accepted region(s), {status['refines']} refine(s)")
     last = status["last_refine"]
     if last:
-        print(f"last refine ({last['status']}, {last['time']}): {last['new_model']}, Dice "
+        kept = ", kept aside" if last["status"] == "finished" and last.get("adopted") is False else ""
+        print(f"last refine ({last['status']}{kept}, {last['time']}): {last['new_model']}, Dice "
               f"{fmt_score(last.get('before'))} -> {fmt_score(last.get('after'))} on {last['validated_on']}")
     return 0

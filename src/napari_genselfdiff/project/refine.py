@@ -3,8 +3,12 @@
 :func:`refine` is a generator of :class:`~..core.progress.Progress` events, like the core
 training loops. It fine-tunes the current model (or ``base_model``) on the accepted regions into
 a new ``models/refine-<n>/`` and scores the base and the new model on held-out accepted regions
-(all of them, and said so, when fewer than two regions exist or ``val_fraction="all"``). The
-project's current model switches to the new checkpoint only when the run finishes. Cancelling
+(all of them, and said so, when fewer than two regions exist or ``val_fraction="all"``). A refine
+keeps its base model's head (its classes, boundary class and distance map). The project's current
+model switches to the new checkpoint only when the run finishes and the new model scores at least
+as well as the base on those regions; otherwise it is kept aside under ``models/`` and said so
+(:func:`adopt` takes it anyway; :func:`roll_back` undoes the last change of model). One refine
+writes to a project at a time (:mod:`.lock`). Cancelling
 (closing the generator) saves the checkpoint reached so far under ``models/`` -- usable later as
 ``base_model`` -- records a ``"cancelled"`` history line and leaves the current model unchanged.
 """
@@ -18,11 +22,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 from ..core.atomic import inside
-from ..core.data import LabeledImage, downscale_item, split_items
+from ..core.data import LabeledImage, TaskSpec, downscale_item, split_items
 from ..core.errors import DataError
 from ..core.progress import Progress
 from ..core.training import FinetuneConfig, finetune
 from .files import HISTORY, append_jsonl, model_path, now
+from .lock import writer_lock
 
 if TYPE_CHECKING:  # only for annotations: store imports this module
     from .store import Project
@@ -56,9 +61,15 @@ def refine(project: "Project", *, base_model: str | os.PathLike | None = None, s
     ``overrides`` are :class:`FinetuneConfig` fields (``patch``, ``batch``, ``lr``,
     ``preset``, ...). Close the generator to cancel (see the module docstring).
     """
+    with writer_lock(project.folder, "a refine"):
+        yield from _refine(project, base_model, steps, device, val_fraction, seed, overrides)
+
+
+def _refine(project: "Project", base_model, steps: int, device: str, val_fraction, seed: int,
+            overrides: dict) -> Iterator[Progress]:
     cfg = refine_config(project, steps, seed, overrides, base_model)
     base = project.current_model if base_model is None else Path(model_path(base_model))
-    items = project.training_items()
+    items = project.training_items(refine_spec(project, base_model))
     if not items:
         raise DataError(f"project {project.folder}: no accepted regions to refine on; accept a corrected region first")
     items = at_model_resolution(project, items, cfg.mpp)
@@ -84,11 +95,36 @@ def refine(project: "Project", *, base_model: str | os.PathLike | None = None, s
         raise
     finally:
         inner.close()  # when stopped early this runs finetune's finally: the checkpoint is saved
+        adopted = False
         if out.exists():
-            _record_refine(project, status, base, out, step, split, before, after)
-    yield Progress("refine", step, steps, metrics={"before": before, "after": after}, checkpoint=str(out),
-                   done=True, message=f"refined model {out.name}: Dice {fmt_score(before)} -> {fmt_score(after)} "
-                                      f"on {split.how}")
+            adopted = _record_refine(project, status, base, out, step, split, before, after)
+    text = f"refined model {out.name}: Dice {fmt_score(before)} -> {fmt_score(after)} on {split.how}"
+    if not adopted:
+        text += (f"; kept aside, not adopted: it scores lower than {base.name if base else 'the base model'} "
+                 "there (adopt it anyway: 'Adopt anyway' in napari, or genselfdiff project adopt FOLDER "
+                 f"{out.name})")
+    yield Progress("refine", step, steps, metrics={"before": before, "after": after, "adopted": adopted},
+                   checkpoint=str(out), done=True, message=text)
+
+
+def better_or_equal(before: float | None, after: float | None) -> bool:
+    """Whether a refined model may replace its base: it scores at least as well on the held-out
+    regions (a base that cannot segment, ``before`` None, is always replaced)."""
+    if before is None:
+        return True
+    return after is not None and after >= before
+
+
+def refine_spec(project: "Project", base_model) -> TaskSpec:
+    """The task a refine trains: the base model's own head when it segments the project's task
+    (its boundary class and width, distance map, classes), else the project's."""
+    spec = project.spec
+    task = (base_config(project, base_model) or {}).get("task") or {}
+    try:
+        base = TaskSpec.from_dict(task) if task else None
+    except (KeyError, TypeError, ValueError):
+        base = None
+    return base if base is not None and base.task == spec.task else spec
 
 
 def refine_config(project: "Project", steps: int, seed: int, overrides: dict, base_model) -> FinetuneConfig:
@@ -100,15 +136,13 @@ def refine_config(project: "Project", steps: int, seed: int, overrides: dict, ba
         raise DataError(f"unknown refine setting(s) {', '.join(unknown)}; choose from {', '.join(sorted(allowed))}")
     if steps < 1:
         raise DataError(f"steps must be >= 1, got {steps}")
-    spec = project.spec
-    cfg = FinetuneConfig(task=spec.task, boundary=spec.boundary,
+    spec = refine_spec(project, base_model)  # the base model's head, kept
+    cfg = FinetuneConfig(task=spec.task, boundary=spec.boundary, boundary_width=spec.boundary_width or 1,
+                         distance=bool(spec.boundary and spec.distance),
                          num_classes=spec.num_classes if spec.task == "multiclass" else None,
                          steps=steps, seed=seed, val_every=0)
     if "mpp" not in overrides:
         cfg = replace(cfg, mpp=training_mpp(project, base_model))
-    base_task = (base_config(project, base_model) or {}).get("task") or {}
-    if spec.boundary and base_task.get("distance", False):
-        cfg = replace(cfg, distance=True)  # refining keeps the base model's distance map
     return replace(cfg, **overrides)
 
 
@@ -179,15 +213,56 @@ def fmt_score(v: float | None) -> str:
 
 
 def _record_refine(project: "Project", status: str, base: Path | None, out: Path, step: int, split: RefineSplit,
-                   before: float | None, after: float | None) -> None:
-    """One history line; a finished refine also becomes the current model."""
+                   before: float | None, after: float | None) -> bool:
+    """One history line; a finished refine that scores at least as well as its base becomes the
+    current model (returns whether it did)."""
+    adopted = status == "finished" and better_or_equal(before, after)
+    previous = project.current_model
     record = {"time": now(), "status": status, "base_model": None if base is None else project.relative(base),
               "new_model": project.relative(out), "steps": step, "train_regions": [it.name for it in split.train],
               "val_regions": [it.name for it in split.val], "validated_on": split.how,
-              "n_regions": len(project.regions()), "before": before, "after": after}
+              "n_regions": len(project.regions()), "before": before, "after": after, "adopted": adopted,
+              "previous_model": None if previous is None else project.relative(previous)}
     append_jsonl(inside(project.folder, HISTORY, "refine history"), _finite(record))
-    if status == "finished":
+    if adopted:
         project.set_current_model(out)
+    return adopted
+
+
+def adopt(project: "Project", model: str | os.PathLike) -> Path:
+    """Make ``model`` (a refine kept aside: its folder under the project's ``models/``, or its
+    name) the current model; one history line."""
+    from ..core.checkpoint import load_config
+
+    path = inside(project.folder, f"models/{model}" if os.sep not in str(model) and "/" not in str(model)
+                  else project.relative(model), "the model to adopt")
+    load_config(path)  # a checkpoint, or one CheckpointError
+    with writer_lock(project.folder, "adopting a model"):
+        previous = project.current_model
+        append_jsonl(inside(project.folder, HISTORY, "refine history"),
+                     {"time": now(), "status": "adopted", "new_model": project.relative(path),
+                      "previous_model": None if previous is None else project.relative(previous)})
+        project.set_current_model(path)
+    return path
+
+
+def roll_back(project: "Project") -> Path | None:
+    """Undo the change that made the current model current (a refine adopted, or an adopt): the
+    model before it becomes current again, one history line; again, and it steps further back.
+    A DataError when no change made the current model current."""
+    with writer_lock(project.folder, "rolling back"):
+        current = project.current_model
+        made = [h for h in project.history() if (h.get("adopted") or h.get("status") == "adopted")
+                and current is not None and h.get("new_model") == project.relative(current)]
+        if not made:
+            raise DataError(f"project {project.folder}: the current model was not made current by a refine "
+                            "or an adopt; there is nothing to roll back")
+        previous = made[-1].get("previous_model")
+        append_jsonl(inside(project.folder, HISTORY, "refine history"),
+                     {"time": now(), "status": "rolled back", "restored_model": previous,
+                      "previous_model": project.relative(current)})
+        project.set_current_model(None if previous is None else project.folder / previous)
+        return project.current_model
 
 
 def _finite(record: dict) -> dict:

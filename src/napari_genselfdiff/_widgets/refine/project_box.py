@@ -124,10 +124,11 @@ class ProjectBox(QGroupBox):
             lines[-1] += f" ({sum(r['slide'] == sid for r in regions)} on this image)"
         model = html.escape(p.current_model.name) if p.current_model else "none (set one with Use model)"
         lines.append(f"model: {model}")
-        history = p.history()
-        if history:
-            last = history[-1]
+        refines = [h for h in p.history() if "validated_on" in h]  # not the adopt / roll back lines
+        if refines:
+            last = refines[-1]
             dice = f"{fmt_score(last.get('before'))} → {fmt_score(last.get('after'))}"
-            lines.append(f"last refine ({last['status']}): Dice {dice}")
+            kept = ", kept aside" if last["status"] == "finished" and last.get("adopted") is False else ""
+            lines.append(f"last refine ({last['status']}{kept}): Dice {dice}")
         self.status.setText("<br>".join(lines))
         self.status.setToolTip(str(p.folder))

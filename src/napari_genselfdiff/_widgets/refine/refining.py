@@ -55,11 +55,20 @@ class RefineBox(QGroupBox):
         self.repredict.setChecked(True)
         form.addRow(self.repredict)
         self.refine_btn, self.cancel_btn = QPushButton("Refine model"), QPushButton("Cancel")
-        self.refine_btn.setToolTip("fine-tune the project's model on every accepted region")
+        self.refine_btn.setToolTip("fine-tune the project's model on every accepted region; the new model is "
+                                   "adopted only if it scores at least as well on the held-out regions")
         self.cancel_btn.setEnabled(False)
         self.refine_btn.clicked.connect(lambda: self.refine())
         self.cancel_btn.clicked.connect(self.runner.cancel)
         form.addRow(row(self.refine_btn, self.cancel_btn))
+        self.adopt_btn, self.rollback_btn = QPushButton("Adopt anyway"), QPushButton("Roll back")
+        self.adopt_btn.setToolTip("make the refined model that was kept aside (it scored lower) the current model")
+        self.rollback_btn.setToolTip("make the model before the last refine / adopt current again")
+        self.adopt_btn.setEnabled(False)
+        self.adopt_btn.clicked.connect(lambda: self.adopt())
+        self.rollback_btn.clicked.connect(lambda: self.roll_back())
+        form.addRow(row(self.adopt_btn, self.rollback_btn))
+        self._kept_aside: str | None = None
         self.progress = ProgressPanel(with_plot=True)
         column.addWidget(self.progress)
         self.dice = info_label(NO_DICE)
@@ -86,16 +95,56 @@ class RefineBox(QGroupBox):
     def _set_running(self, running: bool) -> None:
         self.refine_btn.setEnabled(not running)
         self.cancel_btn.setEnabled(running)
+        self.rollback_btn.setEnabled(not running)
+        self.adopt_btn.setEnabled(not running and self._kept_aside is not None)
         self.running.emit(running)
 
     def _on_refined(self, last) -> None:
         if last is None or not last.done:
             return
-        before, after = (last.metrics or {}).get("before"), (last.metrics or {}).get("after")
-        self.dice.setText(f"Dice before → after: <b>{fmt_score(before)} → {fmt_score(after)}</b>")
+        metrics = last.metrics or {}
+        before, after = metrics.get("before"), metrics.get("after")
+        adopted = metrics.get("adopted", True)
+        verdict = "" if adopted else " · <b>kept aside</b> (scores lower): the current model is unchanged"
+        self.dice.setText(f"Dice before → after: <b>{fmt_score(before)} → {fmt_score(after)}</b>{verdict}")
         self.dice.setToolTip(last.message)
         self.progress.set_status(last.message)
-        self.publish_model(last.checkpoint)
+        self._kept_aside = None if adopted else last.checkpoint
+        self.adopt_btn.setEnabled(not adopted)
+        if adopted:
+            self.publish_model(last.checkpoint)
+
+    def adopt(self) -> None:
+        """Adopt the refined model that was kept aside, and hand it to the Predict widget."""
+        from ...project.refine import adopt
+
+        try:
+            project = self.ctx.need_project()
+            if not self._kept_aside:
+                raise DataError("no refined model is waiting to be adopted")
+            path = adopt(project, self._kept_aside)
+        except GenSelfDiffError as e:
+            show_error(str(e))
+            return
+        self._kept_aside = None
+        self.adopt_btn.setEnabled(False)
+        self.progress.set_status(f"adopted {path.name} as the current model")
+        self.publish_model(str(path))
+        self.ctx.changed.emit()
+
+    def roll_back(self) -> None:
+        """Make the model before the last refine / adopt current again."""
+        from ...project.refine import roll_back
+
+        try:
+            model = roll_back(self.ctx.need_project())
+        except GenSelfDiffError as e:
+            show_error(str(e))
+            return
+        self.progress.set_status(f"rolled back: the current model is {model.name if model else 'none'}")
+        if model is not None:
+            self.publish_model(str(model))
+        self.ctx.changed.emit()
 
     def _on_stopped(self, cancelled: bool) -> None:
         self._set_running(False)
