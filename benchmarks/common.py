@@ -38,6 +38,7 @@ class Dataset:
     folder: str
     downsample: float  # models run at 1/downsample of the stored resolution
     mpp_native: float  # microns per pixel of the stored images
+    by_tile: bool = False  # patches of one tile (the name before its last "_") stay on one side of a split
 
     @property
     def mpp(self) -> float:
@@ -46,12 +47,27 @@ class Dataset:
 
 # GlaS: 20x, 0.62 um/px (Sirinukunwattana et al. 2017); glands are large: train at half resolution.
 # MoNuSeg: 40x, 0.25 um/px (Kumar et al. 2017); nuclei at 20x-equivalent (0.5 um/px) matches most slides.
+# CoNSeP: 40x, 0.25 um/px (Graham et al. 2019), 27 colorectal tiles stored as 16 patches each.
 DATASETS = {"glas": Dataset("glas", "glands", "glas/train", 2.0, 0.62),
-            "monuseg": Dataset("monuseg", "nuclei", "monuseg/train", 2.0, 0.25)}
+            "monuseg": Dataset("monuseg", "nuclei", "monuseg/train", 2.0, 0.25),
+            "consep": Dataset("consep", "nuclei", "consep/train", 2.0, 0.25, by_tile=True)}
 
 
-def split_by_image(names: list[str], seed: int = 2024, test: float = 0.2, val: float = 0.1):
-    """Deterministic (train, val, test) name lists; the same on every machine."""
+def tile_of(name: str) -> str:
+    """The tile a CoNSeP patch comes from: its name before the last underscore."""
+    return name.rsplit("_", 1)[0]
+
+
+def split_by_image(names: list[str], seed: int = 2024, test: float = 0.2, val: float = 0.1,
+                   group=None):
+    """Deterministic (train, val, test) name lists; the same on every machine. ``group(name)``:
+    names of one group (the patches of one tile) are split together, the groups drawn as images are."""
+    if group is not None:
+        groups: dict[str, list[str]] = {}
+        for n in names:
+            groups.setdefault(group(n), []).append(n)
+        parts = split_by_image(list(groups), seed, test, val)
+        return tuple(sorted(n for g in part for n in groups[g]) for part in parts)
     names = sorted(names)
     perm = np.random.default_rng(seed).permutation(len(names))
     n_test, n_val = int(round(test * len(names))), int(round(val * len(names)))
@@ -72,7 +88,7 @@ def load_dataset(ds: Dataset, root: Path, boundary: bool = False, boundary_width
     items = [downscale_item(it, ds.downsample) for it in load_labeled_folder(folder / "images", folder / "masks",
                                                                              TaskSpec.make(ds.task))]
     by_name = {it.name: it for it in items}
-    train, val, test = split_by_image(list(by_name))
+    train, val, test = split_by_image(list(by_name), group=tile_of if ds.by_tile else None)
     inst = {}
     step = int(ds.downsample)
     if (folder / "instances").is_dir():
@@ -85,6 +101,16 @@ def load_dataset(ds: Dataset, root: Path, boundary: bool = False, boundary_width
             objects = inst[name] if name in inst else split_touching(it.target > 0)
             by_name[name] = LabeledImage(name, it.image, mask_to_target(objects.astype(np.int32), spec))
     return [by_name[n] for n in train], [by_name[n] for n in val], [by_name[n] for n in test], inst
+
+
+def by_area(items: list[LabeledImage], size: int) -> list[LabeledImage]:
+    """``items`` with each image repeated by how many ``size``-px patches its area holds (at least
+    once): fine-tuning draws an image uniformly per patch, so without this 300 CoNSeP patches of
+    128 px would outweigh 21 MoNuSeg tiles of 500 px 15 to 1 although their pixels are even."""
+    out = []
+    for it in items:
+        out += [it] * max(1, int(round(it.image.shape[0] * it.image.shape[1] / size ** 2)))
+    return out
 
 
 OBJECT_KEYS = ("aji", "pq", "dq", "sq")

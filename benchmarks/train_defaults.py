@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from common import (DATASETS, pretrained_enough, REPO, FinetuneConfig, PretrainConfig, Timer, data_dir, drain, evaluate, finetune,
-                    load_dataset, machine, pretrain, unlabeled_pool)
+from common import (DATASETS, pretrained_enough, REPO, FinetuneConfig, PretrainConfig, Timer, by_area, data_dir, drain,
+                    evaluate, finetune, load_dataset, machine, pretrain, unlabeled_pool)
 from napari_genselfdiff.core.atomic import atomic_directory, normal_permissions  # noqa: E402  (after common puts src/ on the path)
 from napari_genselfdiff.core import receptive  # noqa: E402
 from napari_genselfdiff.core.checkpoint import file_sha256, load_model  # noqa: E402
@@ -34,7 +34,8 @@ CARD = """# Default {task} model ({dataset_title})
 - **Resolution**: expects about **{mpp:.2f} microns per pixel** (the predictor reads the closest pyramid level).
 - **Pretraining**: {pretraining}
 - **Fine-tuning**: {ft_steps} steps x {ft_batch} patches of {ft_patch}x{ft_patch}, loss `{loss}`, on the {dataset} training
-  split ({n_train} images; split by image, seed 2024), validated on {n_val} images; learning rate with linear warm-up
+  split ({n_train} images, each weighted by its area when sets are mixed; split by image, CoNSeP by tile, seed 2024),
+  validated on {n_val} images; learning rate with linear warm-up
   and cosine decay, exponential moving average of the weights ({ema}), stain and colour augmentation{scale_aug}.
 - **Test metrics** ({n_test} held-out {dataset} training-set images, never seen in training; measured by
   `benchmarks/train_defaults.py` on {machine}):
@@ -45,8 +46,8 @@ CARD = """# Default {task} model ({dataset_title})
 - **Honest limits**: trained on a 2-core CPU in minutes, not the paper's GPU budget; treat it as a starting
   point to refine on your own slides (Annotate-and-refine), not as a diagnostic tool.
 - **Data terms**: GlaS is for research use only (cite Sirinukunwattana et al., Medical Image Analysis 2017);
-  MoNuSeg is CC BY-NC-SA 4.0 (Kumar et al., IEEE TMI 2017, 2019). These weights inherit the
-  **non-commercial** terms.
+  MoNuSeg is CC BY-NC-SA 4.0 (Kumar et al., IEEE TMI 2017, 2019); CoNSeP: cite Graham et al., Medical Image
+  Analysis 2019 (HoVer-Net). These weights inherit the **non-commercial** terms.
 """
 
 PRE_DIFFUSION = """DDPM (T=1000, quadratic schedule, P2-weighted loss), {pre_steps} steps x {pre_batch} tiles of
@@ -88,11 +89,13 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--work", default=str(REPO / "benchmarks" / "_work" / "defaults"))
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--only", choices=["glas", "monuseg"], default=None)
+    ap.add_argument("--only", choices=["glands", "nuclei"], default=None, help="train only this task's model")
+    ap.add_argument("--nuclei-data", nargs="+", choices=["monuseg", "consep"], default=["monuseg", "consep"],
+                    help="the nuclei model's training sets (default both; images weighted by area)")
     ap.add_argument("--references", default=str(REPO / "benchmarks" / "_work" / "references" / "references.json"),
                     help="the reference arms' results (benchmarks/references.py) quoted in the model cards")
-    ap.add_argument("--scratch", nargs="*", choices=["glas", "monuseg"], default=[],
-                    help="fine-tune these datasets' models from random weights, without the pretraining")
+    ap.add_argument("--scratch", nargs="*", choices=["glands", "nuclei"], default=[],
+                    help="fine-tune these tasks' models from random weights, without the pretraining")
     ap.add_argument("--pretrain-only", action="store_true", help="stop after the (resumable) pretraining")
     ap.add_argument("--fresh", action="store_true", help="restart fine-tunings instead of resuming them")
     ap.add_argument("--nuclei-steps", type=int, default=None, help="nuclei fine-tuning steps (default --finetune-steps)")
@@ -114,15 +117,16 @@ def main() -> None:
     a = ap.parse_args()
     root, work = data_dir(), Path(a.work)
     boundary = not a.no_boundary
-    datasets = dict(DATASETS)
+    datasets = {n: DATASETS[n] for n in ["glas", *a.nuclei_data]}
     if a.nuclei_mpp:
-        m = datasets["monuseg"]
-        datasets["monuseg"] = dataclasses.replace(m, downsample=a.nuclei_mpp / m.mpp_native)
+        for n in a.nuclei_data:
+            datasets[n] = dataclasses.replace(datasets[n], downsample=a.nuclei_mpp / datasets[n].mpp_native)
     splits = {name: load_dataset(ds, root, boundary=boundary and ds.task == "nuclei",
                                  boundary_width=a.boundary_width) for name, ds in datasets.items()}
     pre = work / "pretrained"
-    wanted = [n for n in datasets if not a.only or n == a.only]
-    if any(n not in a.scratch for n in wanted) and not pretrained_enough(pre, a.pretrain_steps, a.preset):
+    tasks = {"glands": ["glas"], "nuclei": list(a.nuclei_data)}
+    wanted = [t for t in tasks if not a.only or t == a.only]
+    if any(t not in a.scratch for t in wanted) and not pretrained_enough(pre, a.pretrain_steps, a.preset):
         sources = unlabeled_pool(root, {n: s[0] for n, s in splits.items()})
         cfg = PretrainConfig(preset=a.preset, steps=a.pretrain_steps, patch=a.patch, batch=a.batch, lr=1e-3,
                              warmup=20, checkpoint_every=100)
@@ -133,12 +137,19 @@ def main() -> None:
         print(f"pretraining: {t.s:.0f} s")
     if a.pretrain_only:
         return
-    for name, ds in datasets.items():
-        if a.only and name != a.only:
-            continue
-        train, val, test, inst = splits[name]
-        out = work / ds.task
+    for task in wanted:
+        names = tasks[task]
+        ds = dataclasses.replace(datasets[names[0]], name=" + ".join(names))
         patch = a.gland_patch if ds.task == "glands" else a.patch
+        # one model on every dataset of the task: the splits' union (by image / by tile within each),
+        # images weighted by area; each test split also scored on its own
+        train = [it for n in names for it in (by_area(splits[n][0], patch) if len(names) > 1 else splits[n][0])]
+        val = [it for n in names for it in splits[n][1]]
+        tests = {n: splits[n][2] for n in names}
+        test = [it for n in names for it in splits[n][2]]
+        inst = {k: v for n in names for k, v in splits[n][3].items()}
+        name = "+".join(names)
+        out = work / ds.task
         steps = a.nuclei_steps if ds.task == "nuclei" and a.nuclei_steps else a.finetune_steps
         cfg = FinetuneConfig(task=ds.task, preset=a.preset, steps=steps, patch=patch, batch=a.batch, lr=1e-3,
                              warmup=20, checkpoint_every=100, val_every=a.val_every, mpp=ds.mpp, ema=a.ema,
@@ -149,12 +160,15 @@ def main() -> None:
                                 else {}))
         with Timer() as t:
             resume = (out / "training_state.json").is_file() and not a.fresh  # an interrupted run continues
-            init = None if name in a.scratch else pre
+            init = None if task in a.scratch else pre
             drain(finetune(train, out, cfg, init=init, val_items=val, device=a.device, resume=resume, overwrite=True,
                            val_instances={it.name: inst[it.name] for it in val if it.name in inst}),
                   lambda e: print(f"{ds.task} {e.step}/{e.total} loss {e.loss:.4f} {e.metrics or ''}", flush=True)
                   if e.step % 50 == 0 and not e.activity else None)  # not each "validating k/n" of a step
         metrics = evaluate(out, test, inst)
+        per_set = {n: evaluate(out, items, inst) for n, items in tests.items()} if len(tests) > 1 else {}
+        for n, m in per_set.items():
+            print(f"{ds.task}: test {n} {json.dumps(m)}")
         # test-time augmentation: its gain and cost on the same images (not shipped on by default)
         with Timer() as t1:
             evaluate(out, test, inst)
@@ -169,8 +183,11 @@ def main() -> None:
         params = sum(v.numel() for v in load_file(str(out / "model.safetensors")).values())
         keys = ["dice", "iou", "hd95"] + (["object_f1", "object_dice", "object_hausdorff"] if ds.task == "glands"
                                          else ["aji", "pq"])
-        table = "\n".join(["  | metric | value | with TTA x8 |", "  |---|---|---|"]
-                          + [f"  | {k} | {metrics[k]:.3f} | {metrics_tta[k]:.3f} |" for k in keys])
+        sets = list(per_set)
+        table = "\n".join([f"  | metric | value | with TTA x8 |{''.join(f' {n} |' for n in sets)}",
+                           "  |---|---|---|" + "---|" * len(sets)]
+                          + [f"  | {k} | {metrics[k]:.3f} | {metrics_tta[k]:.3f} |"
+                             + "".join(f" {per_set[n][k]:.3f} |" for n in sets) for k in keys])
         table += (f"\n\n  Test-time augmentation (8 flipped / turned views, `--tta 8`) costs {tta['cost']:.1f}x the time; "
                   "it is off by default.")
         if ds.task == "nuclei":
@@ -181,7 +198,7 @@ def main() -> None:
             from references import table as ref_table
             saved = json.loads(refs.read_text())
             table += "\n\n  Reference arms on the same test split (benchmarks/references.py):\n\n" + "\n".join(
-                "  " + line for line in ref_table({k: v for k, v in saved.items() if k.startswith(name)}).splitlines())
+                "  " + line for line in ref_table({k: v for k, v in saved.items() if k.startswith(names[0])}).splitlines())
         tuned = json.loads((out / "config.json").read_text()).get("postprocess", {})
         post = ("connected components with hole filling" if ds.task == "glands"
                 else f"marker-controlled watershed (markers: the maxima, at least {tuned['distance_h']} high, of the "
@@ -193,7 +210,8 @@ def main() -> None:
                 else "marker-controlled watershed (markers: nucleus interiors; flooding the boundary class)"
                 if cfg.boundary else "marker-controlled watershed on the distance transform")
         post += f"; thresholds tuned on the validation split and stored in config.json: {tuned}"
-        card = CARD.format(task=ds.task, dataset_title={"glas": "GlaS", "monuseg": "MoNuSeg"}[name],
+        titles = {"glas": "GlaS", "monuseg": "MoNuSeg", "consep": "CoNSeP"}
+        card = CARD.format(task=ds.task, dataset_title=" + ".join(titles[n] for n in names),
                            classes={"glands": "background / gland",
                                     "nuclei": "background / nucleus / nucleus boundary, and a distance map"
                                     if cfg.distance else "background / nucleus / nucleus boundary" if cfg.boundary
@@ -210,8 +228,8 @@ def main() -> None:
                            f"x{1 + cfg.augment.scale:.2f})" if cfg.augment.scale else "",
                            rf=field['receptive_field']['radius']['0.999'], halo=field['halo'],
                            ema=f"decay {a.ema}" if a.ema else "off")
-        bundle(out, Path(a.bundle_to) / ds.task, card, metrics, field)
-        (work / f"{ds.task}_test_metrics.json").write_text(json.dumps({**metrics, "tta": tta,
+        bundle(out, Path(a.bundle_to) / ds.task, card, metrics, {**field, "test_metrics_per_set": per_set})
+        (work / f"{ds.task}_test_metrics.json").write_text(json.dumps({**metrics, "tta": tta, "per_set": per_set,
                                                                        "seconds": t.s}, indent=2))
 
 
