@@ -702,3 +702,15 @@ def test_cli_import_says_so_when_nothing_lies_inside_the_image(tmp_path, capsys)
     assert main(["import", "--geojson", str(deep), "--shape", "8", "8", "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "nested" in err
+
+
+def test_each_class_is_exported_in_its_own_colour_nucleus_is_not_gland_green():
+    from napari_genselfdiff.formats import qupath
+
+    labels = np.zeros((20, 20), np.int32)
+    labels[2:8, 2:8] = 1
+    colours = {name: next(gj.labels_to_features(labels, class_name=name))["properties"]["classification"]["color"]
+               for name in ("Gland", "Nucleus", "Stroma")}
+    assert colours["Gland"] == list(qupath.COLOURS["glands"])
+    assert colours["Nucleus"] == list(qupath.COLOURS["nuclei"]) != colours["Gland"]
+    assert colours["Stroma"] == list(qupath.DEFAULT_COLOUR)

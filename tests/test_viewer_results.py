@@ -40,7 +40,7 @@ def test_resolutions_are_said_in_microns_per_pixel_and_magnification():
     from napari_genselfdiff._widgets.models import fmt_mpp, magnification
 
     assert [magnification(m) for m in (0.25, 0.5, 1.0, 2.0)] == ["~40x", "~20x", "~10x", "~5x"]
-    assert fmt_mpp(0.499) == "0.50 um/px (~20x)" and fmt_mpp(1.24) == "1.24 um/px (~8x)"
+    assert fmt_mpp(0.499) == "0.50 µm/px (~20x)" and fmt_mpp(1.24) == "1.24 µm/px (~8x)"
     assert fmt_mpp(None) == "unknown resolution"
 
 
@@ -227,7 +227,7 @@ def test_a_slide_opens_in_microns_and_the_scale_bar_says_so(viewer, qtbot, tmp_p
     qtbot.waitUntil(lambda: scale_bar_text(viewer).endswith(("µm", "mm")), timeout=3000)
     # the resolution is said as um/px and magnification, not as a level
     status = w.progress.status.text()
-    assert "0.50 um/px (~20x)" in status and "level" not in status
+    assert "0.50 µm/px (~20x)" in status and "level" not in status
 
 
 @pytest.mark.gui
@@ -362,7 +362,7 @@ def test_the_model_chooser_says_what_each_model_is_and_opens_its_card(viewer, tm
         cfg = json.loads((models[name] / "config.json").read_text())
         assert text.startswith(f"{name} (bundled) — {name} · {fmt_mpp(cfg['mpp'])}")
         assert f"Dice {cfg['validation']['val_dice']:.2f}" in text and cfg["training"]["time"][:10] in text
-    assert "1.24 um/px (~8x)" in texts[0] and "0.50 um/px (~20x)" in texts[1]
+    assert "1.24 µm/px (~8x)" in texts[0] and "0.50 µm/px (~20x)" in texts[1]
     w.model.setCurrentIndex(0)
     cfg = json.loads((models["glands"] / "config.json").read_text())
     info = w.chooser.info.text()
@@ -378,7 +378,7 @@ def test_the_model_chooser_says_what_each_model_is_and_opens_its_card(viewer, tm
     w.add_model(str(mine))
     assert w.model_path() == str(mine)
     text = w.model.currentText()
-    assert text.startswith("ft — nuclei") and "0.25 um/px (~40x)" in text and "Dice 0.70" in text
+    assert text.startswith("ft — nuclei") and "0.25 µm/px (~40x)" in text and "Dice 0.70" in text
     assert "2027-01-02" in text and not w.chooser.card_btn.isEnabled()
     assert w.chooser.show_card() is None
     broken = tmp_path / "broken"
@@ -404,7 +404,7 @@ def test_refine_chooses_its_model_with_the_same_chooser(viewer, tmp_path):
     assert box.task.currentText() == "glands" and box.model.text() == str(models["glands"])
     box.task.setCurrentText("nuclei")  # the bundled model follows the task
     assert box.model.text() == str(models["nuclei"])
-    assert box.model.card_btn.isEnabled() and "0.50 um/px" in box.model.info.text()
+    assert box.model.card_btn.isEnabled() and "0.50 µm/px" in box.model.info.text()
     box.folder.setText(str(tmp_path / "project"))
     box.create_btn.click()
     assert refine.project.current_model == models["nuclei"] and refine.project.spec.task == "nuclei"

@@ -667,7 +667,7 @@ def test_predict_offers_bundled_then_recently_trained_models(make_napari_viewer,
     w = PredictWidget(make_napari_viewer())
     texts = [w.model.itemText(i) for i in range(w.model.count())]
     assert [t.split(" — ")[0] for t in texts] == ["glands (bundled)", "copy"]
-    assert all("glands · 1.00 um/px (~10x)" in t for t in texts)  # what each model is (issue #15, 12)
+    assert all("glands · 1.00 µm/px (~10x)" in t for t in texts)  # what each model is (issue #15, 12)
     assert w.model.itemData(1) == str(seg_model.parent / "copy")  # a model that is gone is not offered
 
 

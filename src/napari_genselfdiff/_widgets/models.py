@@ -35,7 +35,7 @@ def fmt_mpp(mpp: float | None) -> str:
     """A resolution as a person reads it: '0.50 um/px (~20x)'; 'unknown resolution' for None."""
     if not mpp:
         return "unknown resolution"
-    return f"{mpp:.2f} um/px ({magnification(mpp)})"
+    return f"{mpp:.2f} µm/px ({magnification(mpp)})"
 
 
 def _number(value: Any) -> float | None:

@@ -212,7 +212,7 @@ class PredictWidget(QWidget):
         self.mpp.setRange(0.0, 50.0)
         self.mpp.setDecimals(3)
         self.mpp.setSingleStep(0.05)
-        self.mpp.setSuffix(" um/px")
+        self.mpp.setSuffix(" µm/px")
         self.mpp.setSpecialValueText("from the image")
         self.mpp.setToolTip("microns per pixel of the image, used only when its file does not say "
                             "(e.g. 0.25 at 40x, 0.5 at 20x); the model always runs at its own resolution")

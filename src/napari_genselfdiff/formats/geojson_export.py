@@ -212,7 +212,7 @@ class _ExportOptions:
     @classmethod
     def make(cls, offset: Sequence[float] = (0, 0), downsample: float = 1.0,
              object_type: str = "annotation", class_name: str = "Gland",
-             color: Sequence[int] = DEFAULT_COLOR,
+             color: Sequence[int] | None = None,
              simplify_tolerance: float = 0.0) -> _ExportOptions:
         if object_type not in OBJECT_KINDS:
             raise ValueError(f"object_type must be one of {OBJECT_KINDS}, got {object_type!r}")
@@ -220,6 +220,9 @@ class _ExportOptions:
             raise ValueError(f"downsample must be > 0, got {downsample}")
         if simplify_tolerance < 0:
             raise ValueError(f"simplify_tolerance must be >= 0, got {simplify_tolerance}")
+        if color is None:  # the class's own colour (Nucleus blue, Gland green), as napari draws it
+            from .qupath import colour_of_class
+            color = colour_of_class(str(class_name))
         rgb = tuple(int(c) for c in color)
         if len(rgb) != 3 or not all(0 <= c <= 255 for c in rgb):
             raise ValueError(f"color must be three integers 0..255, got {color!r}")
@@ -367,7 +370,7 @@ def _iter_array_features(array: Any, chunk: int, probabilities: Any | None,
 
 def labels_to_features(labels: np.ndarray, *, offset: Sequence[float] = (0, 0),
                        downsample: float = 1.0, object_type: str = "annotation",
-                       class_name: str = "Gland", color: Sequence[int] = DEFAULT_COLOR,
+                       class_name: str = "Gland", color: Sequence[int] | None = None,
                        probabilities: np.ndarray | None = None,
                        simplify_tolerance: float = 0.0) -> Iterator[dict[str, Any]]:
     """One GeoJSON Feature per instance id > 0 of ``labels``, lazily, in increasing id order.
@@ -380,7 +383,8 @@ def labels_to_features(labels: np.ndarray, *, offset: Sequence[float] = (0, 0),
         ``y = (row + offset[0]) * downsample``.
     downsample : size of one label pixel in full-resolution pixels.
     object_type : ``"annotation"`` or ``"detection"`` (QuPath object types).
-    class_name, color : QuPath classification name and RGB colour.
+    class_name, color : QuPath classification name and RGB colour (default: the class's own,
+        :func:`.qupath.colour_of_class`).
     probabilities : optional array of the shape of ``labels``, float in [0, 1] or uint8 0..255;
         adds ``measurements["mean_probability"]`` (mean over the object's pixels, in [0, 1]).
     simplify_tolerance : Douglas-Peucker tolerance in full-resolution pixels (0 = exact

@@ -29,3 +29,11 @@ def object_type(task: str | None) -> str:
 def colour(task: str | None) -> tuple[int, int, int]:
     """RGB display colour of a task (yellow when unknown)."""
     return COLOURS.get(task or "", DEFAULT_COLOUR)
+
+
+def colour_of_class(name: str) -> tuple[int, int, int]:
+    """RGB colour of a QuPath class name ('Nucleus' -> the nuclei colour; yellow when unknown)."""
+    for task, cls in CLASS_NAMES.items():
+        if cls.lower() == name.lower():
+            return COLOURS[task]
+    return DEFAULT_COLOUR
