@@ -715,3 +715,14 @@ def test_a_refine_that_scores_lower_is_kept_aside_and_adopt_and_roll_back_are_on
     box.rollback_btn.click()
     assert w.project.current_model == seg_model.absolute()
     assert [h["status"] for h in w.project.history()] == ["finished", "adopted", "rolled back"]
+
+
+def test_a_suggestion_run_that_finds_nothing_says_so(viewer, tmp_path, seg_model):
+    """Issue 35 (7): after the whole image was accepted, the box says nothing is left, never a blank line."""
+    w = refine_widget(viewer, tmp_path, seg_model)
+    box = w.suggest
+    assert box.info.text() == ""  # before any run: nothing to say yet
+    box.state.image = "H&E"
+    box._on_suggested((None, []))
+    assert box.info.text() == "no unreviewed tissue region left to suggest"
+    assert not box.skip_btn.isEnabled()

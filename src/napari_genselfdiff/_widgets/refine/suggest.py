@@ -33,7 +33,7 @@ class Suggestions:
 
     ``image`` is the name of the image layer they are for, ``regions`` the ranked suggestions
     (dicts with ``bounds``, ``score``, ...), ``index`` the one on screen (None before the first
-    run or when a run found none; ``len(regions)`` once all were shown) and ``reviewed`` whether
+    run; ``len(regions)`` once all were shown, 0 when a run found none) and ``reviewed`` whether
     that one was accepted or skipped (marked reviewed in the project) already.
     """
 
@@ -47,7 +47,7 @@ class Suggestions:
 
     def show(self, regions: list[dict]) -> None:
         """A new ranking: its first region goes on screen."""
-        self.regions, self.index, self.reviewed = list(regions), (0 if regions else None), False
+        self.regions, self.index, self.reviewed = list(regions), 0, False  # none found: nothing left
 
     def next(self) -> None:
         self.index, self.reviewed = self.index + 1, False
