@@ -344,3 +344,21 @@ def test_ome_zarr_image_must_match_the_labels(tmp_path):
     with pytest.raises(ValueError, match="image must be"):
         ome_zarr.write_ome_zarr_labels(tmp_path / "m.zarr", _labels((10, 10)), image=np.zeros((10, 10, 3), np.float32))
     assert not (tmp_path / "m.zarr").exists()
+
+
+@pytest.mark.parametrize("inside", ["notes.txt", "labels/my_counts.csv", "0/README"])
+def test_ome_zarr_force_never_deletes_a_users_file_put_inside_our_export(inside, tmp_path):
+    """Issue 36 (4): a user's file inside an earlier export of ours makes it theirs too: --force
+    refuses to replace the folder, and the file is kept byte for byte."""
+    from napari_genselfdiff.core.errors import DataError
+
+    target = tmp_path / "out.zarr"
+    ome_zarr.write_ome_zarr_labels(target, _labels((64, 64)))
+    assert ome_zarr.is_our_ome_zarr(target)
+    user = target / inside
+    user.parent.mkdir(parents=True, exist_ok=True)
+    user.write_bytes(b"a pathologist's own file")
+    assert not ome_zarr.is_our_ome_zarr(target) and ome_zarr.foreign_files(target) == [inside]
+    with pytest.raises(DataError, match="not a OME-Zarr labels export written by genselfdiff|never replaced"):
+        ome_zarr.write_ome_zarr_labels(target, _labels((64, 64), seed=2), force=True)
+    assert user.read_bytes() == b"a pathologist's own file"
