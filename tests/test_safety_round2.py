@@ -87,3 +87,17 @@ def test_a_zero_weighted_loss_is_refused_by_the_core_too():
     with pytest.raises(ValueError, match="weighs every term 0"):
         build_loss("0*focal+0.0*dice")
     assert build_loss("0*focal+ssl") is not None  # one live term is enough
+
+
+def test_predict_out_inside_the_model_folder_is_refused(tmp_path, capsys):
+    import shutil
+
+    from napari_genselfdiff.bundled import bundled_models
+
+    model = tmp_path / "model"
+    shutil.copytree(bundled_models()["nuclei"], model)
+    before = sorted(p.name for p in model.iterdir())
+    code, err = run(capsys, "predict", "--model", model, "--input", sample_image_path(), "--out",
+                    model / "pred.zarr", "--device", "cpu")
+    assert code == 2 and "is (or holds, or lies inside) the input" in one_line(err)
+    assert sorted(p.name for p in model.iterdir()) == before

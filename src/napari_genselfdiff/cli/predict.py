@@ -178,6 +178,10 @@ def predict_cli(a: argparse.Namespace) -> int:
         check_exports(geojson=_per_input(a.geojson, inp, many), overlay=_per_input(a.overlay, inp, many),
                       force=force, inputs=[*a.input, target])
     model = resolve_model(a.model)
+    from ..core.atomic import refuse_inputs
+
+    for inp, target in targets.items():  # a store never lands in (or holds) the model or an input
+        refuse_inputs(target, [model, *a.input])
     # on a cluster the workers run the model; here it only tells the store's settings
     precision = getattr(a, "precision", "auto")
     predictor = TorchPredictor.from_checkpoint(model, device="cpu" if cluster else a.device, batch_size=a.batch,
