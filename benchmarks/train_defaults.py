@@ -222,7 +222,7 @@ def main() -> None:
                            pretraining=PRE_SCRATCH if init is None else PRE_DIFFUSION.format(
                                pre_steps=a.pretrain_steps, pre_batch=a.batch, patch=a.patch),
                            ft_patch=patch, ft_steps=steps,
-                           ft_batch=a.batch, loss=cfg.loss, dataset=name, n_train=len(train), n_val=len(val),
+                           ft_batch=a.batch, loss=cfg.loss, dataset=name, n_train=len({it.name for it in train}), n_val=len(val),
                            n_test=len(test), machine=machine(), metrics=table,
                            scale_aug=f", patches at a random scale (x{1 / (1 + cfg.augment.scale):.2f} to "
                            f"x{1 + cfg.augment.scale:.2f})" if cfg.augment.scale else "",
