@@ -101,3 +101,39 @@ def test_predict_out_inside_the_model_folder_is_refused(tmp_path, capsys):
                     model / "pred.zarr", "--device", "cpu")
     assert code == 2 and "is (or holds, or lies inside) the input" in one_line(err)
     assert sorted(p.name for p in model.iterdir()) == before
+
+
+def _edited_model(tmp_path, edit) -> "Path":
+    import json
+    import shutil
+
+    from napari_genselfdiff.bundled import bundled_models
+
+    model = tmp_path / "edited"
+    shutil.copytree(bundled_models()["nuclei"], model)
+    cfg_file = model / "config.json"
+    cfg = json.loads(cfg_file.read_text())
+    text = edit(cfg)
+    cfg_file.write_text(text if isinstance(text, str) else json.dumps(cfg))
+    return model
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda c: c["model"].update(base=100000), "do not match the architecture"),
+    (lambda c: c["model"].update(base=-4), "no valid architecture"),
+    (lambda c: c["model"].update(mults=[1, 2]), "do not match the architecture"),
+    (lambda c: c.update(format_version="1"), "format_version"),
+    (lambda c: c.update(model=[1, 2]), "lacks the model architecture"),
+    (lambda c: '{"model": ' * 100000 + "1" + "}" * 100000, "nested too deeply"),
+])
+def test_an_edited_config_is_one_line_before_anything_is_built(edit, words, tmp_path, capsys):
+    import resource
+    import time
+
+    model = _edited_model(tmp_path, edit)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    code, err = run(capsys, "evaluate", "--model", model, "--images", tmp_path, "--masks", tmp_path)
+    assert code == 2 and words in one_line(err)
+    assert time.perf_counter() - t0 < 60
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 2_000_000  # KB: nothing huge allocated

@@ -180,10 +180,15 @@ def load_config(path: str | os.PathLike) -> dict:
         cfg = json.loads(cfg_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{cfg_file}: unreadable config ({e})") from None
-    if not isinstance(cfg, dict) or "model" not in cfg:
+    except RecursionError:
+        raise CheckpointError(f"{cfg_file}: unreadable config (nested too deeply)") from None
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("model"), dict):
         raise CheckpointError(f"{cfg_file}: config lacks the model architecture ('model')")
-    if cfg.get("format_version", 0) > FORMAT_VERSION:
-        raise CheckpointError(f"{path}: written by a newer napari-genselfdiff (format {cfg['format_version']})")
+    version = cfg.get("format_version", 0)
+    if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+        raise CheckpointError(f"{cfg_file}: format_version {version!r} is not a whole number (edited?)")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f"{path}: written by a newer napari-genselfdiff (format {version})")
     return cfg
 
 
@@ -208,22 +213,27 @@ def load_weights(path: str | os.PathLike, config: dict | None = None) -> dict[st
 
 
 def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[UNet, dict]:
-    """Build the U-Net described by the checkpoint's config and load its weights."""
+    """Build the U-Net described by the checkpoint's config and load its weights. The weights are
+    checked first (checksum, finite) and the architecture is laid out on the meta device, where it
+    costs no memory, and compared tensor by tensor with them before anything is allocated: an
+    edited config (say a width of 100000) is one CheckpointError, never a 160 GB allocation."""
     cfg = load_config(path)
-    try:
-        model = UNet(UNetConfig.from_dict(cfg["model"]))
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{path}: {CONFIG_FILE} describes no valid architecture ({e})") from None
     weights = load_weights(path, cfg)
     try:
-        missing, unexpected = model.load_state_dict(weights, strict=False)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[1:2] or [str(e)]
-        raise CheckpointError(f"{path}: weights do not match the architecture in {CONFIG_FILE} "
-                              f"({first[0].strip()})") from None
-    if missing or unexpected:
-        raise CheckpointError(f"{path}: weights do not match the config "
-                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        ucfg = UNetConfig.from_dict(cfg["model"])
+        with torch.device("meta"):
+            layout = {k: tuple(v.shape) for k, v in UNet(ucfg).state_dict().items()}
+    except (TypeError, ValueError, KeyError, AttributeError, RuntimeError, NotImplementedError) as e:
+        raise CheckpointError(f"{path}: {CONFIG_FILE} describes no valid architecture ({e})") from None
+    have = {k: tuple(v.shape) for k, v in weights.items()}
+    if have != layout:
+        diff = sorted(set(have) ^ set(layout)) or [k for k in layout if layout[k] != have[k]]
+        k = diff[0]
+        raise CheckpointError(f"{path}: weights do not match the architecture in {CONFIG_FILE} (e.g. {k!r}: "
+                              f"config {layout.get(k, 'absent')}, weights {have.get(k, 'absent')}); edited or "
+                              "from another model?")
+    model = UNet(ucfg)
+    model.load_state_dict(weights)
     return model.to(device), cfg
 
 
