@@ -22,8 +22,8 @@ def test_suggestions_step_through_the_ranking():
     assert not s.reviewed and s.current["bounds"] == [8, 8, 8, 8]
     s.next()
     assert s.current is None and s.index == 2  # all shown
-    s.show([])
-    assert s.index is None and s.current is None
+    s.show([])  # a run that found none: nothing left (the box says so), unlike before any run
+    assert s.index == 0 and s.current is None
     s.show([{"bounds": [1, 1, 1, 1]}])
     s.clear()
     assert s.regions == [] and s.index is None

@@ -434,12 +434,9 @@ def test_training_output_inside_its_images_is_refused(stage, data, tmp_path, cap
 def test_training_never_writes_into_the_bundled_models(data, tmp_path, capsys, monkeypatch):
     import shutil
 
-    from napari_genselfdiff.bundled import resources_dir
-    from napari_genselfdiff.core import training
-
-    # a copy stands in for the installed resources: were the rule broken, the copy is what is lost
-    shutil.copytree(resources_dir() / "models", tmp_path / "resources" / "models")
-    monkeypatch.setattr(training, "resources_dir", lambda: tmp_path / "resources")
+    # a copy stands in for the installed models: were the rule broken, the copy is what is lost
+    shutil.copytree(ck.bundled_models_dir(), tmp_path / "resources" / "models")
+    monkeypatch.setattr(ck, "bundled_models_dir", lambda: tmp_path / "resources" / "models")
     models = tmp_path / "resources" / "models"
     before = sorted(p.name for p in models.iterdir())
     for out in (models / "glands", models / "new"):

@@ -18,7 +18,9 @@ def sample_image_path() -> Path:
 
 def bundled_models() -> dict[str, Path]:
     """Name -> checkpoint folder for each default model shipped in ``resources/models``."""
-    root = resources_dir() / "models"
+    from .core.checkpoint import bundled_models_dir
+
+    root = bundled_models_dir()
     if not root.is_dir():
         return {}
     return {p.name: p for p in sorted(root.iterdir()) if (p / "config.json").is_file()}

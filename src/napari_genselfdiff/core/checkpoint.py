@@ -169,6 +169,14 @@ def _join_tensors(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return obj
 
 
+def bundled_models_dir() -> Path:
+    """Where the package's own models lie (``resources/models``, a data folder): training never
+    writes there."""
+    from importlib.resources import files
+
+    return Path(str(files("napari_genselfdiff.resources"))) / "models"
+
+
 def load_config(path: str | os.PathLike) -> dict:
     path = resolve(path)
     cfg_file = path / CONFIG_FILE

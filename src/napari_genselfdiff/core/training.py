@@ -22,7 +22,6 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from ..bundled import resources_dir
 from . import checkpoint as ckpt
 from . import ddp
 from .atomic import refuse_inputs
@@ -214,7 +213,7 @@ def _prepare_out(out: Path, resume: bool, overwrite: bool, stage: str, inputs: S
     nothing but our files, and ``overwrite`` replaces only a checkpoint of ours
     (:func:`.checkpoint.is_our_checkpoint`): a user's folder, or a checkpoint they added their
     own files to, is never replaced; nor an input (``inputs``: images, starting model) or a bundled model."""
-    refuse_inputs(out, [*inputs, resources_dir() / "models"], CheckpointError)
+    refuse_inputs(out, [*inputs, ckpt.bundled_models_dir()], CheckpointError)
     out = ckpt.resolve(out)
     if not os.path.lexists(out):
         return None
