@@ -10,6 +10,7 @@ import pytest
 import torch
 from scipy import ndimage as ndi
 
+from _shapes import he_blobs
 from napari_genselfdiff.cli.project import project_cli_create, project_cli_refine, project_cli_status
 from napari_genselfdiff.core import checkpoint as ck
 from napari_genselfdiff.core.data import LabeledImage, read_image, read_mask
@@ -32,18 +33,7 @@ def _needs_instances():
     import napari_genselfdiff.slide.instances  # noqa: F401  (our own module: a failure, never a skip)
 
 
-def _region(seed, h=64, w=64, n_blobs=3):
-    """A synthetic H&E-ish region whose labels are dark blobs with instance ids 1..n."""
-    rng = np.random.default_rng(seed)
-    labels = np.zeros((h, w), np.int32)
-    for i in range(1, n_blobs + 1):
-        cy, cx = rng.integers(8, h - 8), rng.integers(8, w - 8)
-        yy, xx = np.ogrid[:h, :w]
-        labels[(yy - cy) ** 2 + (xx - cx) ** 2 < 36] = i
-    image = np.stack([np.full((h, w), 230), np.full((h, w), 170), np.full((h, w), 210)], -1).astype(np.int32)
-    image[labels > 0] = (120, 50, 150)
-    image += rng.integers(-15, 15, image.shape)
-    return np.clip(image, 0, 255).astype(np.uint8), labels
+_region = he_blobs  # a synthetic H&E-ish region with instance ids 1..n (tests/_shapes.py)
 
 
 @pytest.fixture(scope="module")

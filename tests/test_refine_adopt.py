@@ -4,11 +4,10 @@ one refine writes to a project at a time."""
 from __future__ import annotations
 
 import json
-from types import SimpleNamespace
 
-import numpy as np
 import pytest
 
+from _shapes import he_blobs
 from napari_genselfdiff.cli import main
 from napari_genselfdiff.core import checkpoint as ck
 from napari_genselfdiff.core.data import LabeledImage, TaskSpec, mask_to_target
@@ -24,17 +23,7 @@ FAST = dict(patch=32, batch=2, lr=1e-3, warmup=1, checkpoint_every=0)
 SHAPE = (300, 400)
 
 
-def _region(seed, h=64, w=64):
-    rng = np.random.default_rng(seed)
-    labels = np.zeros((h, w), np.int32)
-    for i in range(1, 4):
-        cy, cx = rng.integers(8, h - 8), rng.integers(8, w - 8)
-        yy, xx = np.ogrid[:h, :w]
-        labels[(yy - cy) ** 2 + (xx - cx) ** 2 < 36] = i
-    image = np.stack([np.full((h, w), 230), np.full((h, w), 170), np.full((h, w), 210)], -1).astype(np.int32)
-    image[labels > 0] = (120, 50, 150)
-    image += rng.integers(-15, 15, image.shape)
-    return np.clip(image, 0, 255).astype(np.uint8), labels
+_region = he_blobs
 
 
 @pytest.fixture(scope="module")
