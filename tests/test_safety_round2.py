@@ -137,3 +137,27 @@ def test_an_edited_config_is_one_line_before_anything_is_built(edit, words, tmp_
     assert code == 2 and words in one_line(err)
     assert time.perf_counter() - t0 < 60
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 2_000_000  # KB: nothing huge allocated
+
+
+def test_a_mask_holding_negative_labels_is_one_line_not_an_empty_mask(tmp_path, capsys):
+    import numpy as np
+    import tifffile
+    from imageio.v3 import imwrite
+
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    images.mkdir()
+    masks.mkdir()
+    imwrite(images / "a.png", np.full((48, 48, 3), 128, np.uint8))
+    mask = np.zeros((48, 48), np.int16)
+    mask[8:30, 8:30] = -1
+    tifffile.imwrite(masks / "a.tif", mask)
+    code, err = run(capsys, "finetune", "--images", images, "--masks", masks, "--scratch", "--out", tmp_path / "m",
+                    "--steps", 1, "--preset", "tiny", "--patch", 32, "--batch", 1, "--device", "cpu")
+    assert code == 2 and "negative labels" in one_line(err) and "a.tif" in one_line(err)
+
+
+def test_a_config_with_an_impossible_pixel_size_is_one_line(tmp_path, capsys):
+    for mpp in (-0.5, 1e-300, "0.5"):
+        model = _edited_model(tmp_path / str(mpp), lambda c: c.update(mpp=mpp))
+        code, err = run(capsys, "evaluate", "--model", model, "--images", tmp_path, "--masks", tmp_path)
+        assert code == 2 and "mpp" in one_line(err), (mpp, err)

@@ -109,6 +109,9 @@ def read_mask(path: str | os.PathLike) -> np.ndarray:
         arr = arr[0]
     if arr.ndim != 2 or not (np.issubdtype(arr.dtype, np.integer) or arr.dtype == bool):
         raise DataError(f"{path}: expected a 2-D integer mask, got shape {arr.shape} {arr.dtype}")
+    if np.issubdtype(arr.dtype, np.signedinteger) and arr.size and arr.min() < 0:
+        raise DataError(f"{path}: holds negative labels (smallest {int(arr.min())}); a mask has 0 for background "
+                        "and positive class or instance ids")
     return arr
 
 

@@ -118,6 +118,10 @@ class TorchPredictor:
         self.task = spec.task
         self.tile_multiple = self.model.config.multiple
         self.mpp = config.get("mpp")
+        if self.mpp is not None and (isinstance(self.mpp, bool) or not isinstance(self.mpp, (int, float))
+                                     or not 0.01 <= self.mpp <= 100):
+            raise CheckpointError(f"{self.source}: config.json's mpp {self.mpp!r} is not a pixel size from 0.01 to "
+                                  "100 µm/px (edited?)")
         # tile overlap derived from the trained network's effective receptive field (core/receptive.py),
         # recorded by benchmarks/train_defaults.py; checkpoints without one get the old default
         self.overlap = int(config.get("halo") or DEFAULT_OVERLAP)
