@@ -161,3 +161,14 @@ def test_a_config_with_an_impossible_pixel_size_is_one_line(tmp_path, capsys):
         model = _edited_model(tmp_path / str(mpp), lambda c: c.update(mpp=mpp))
         code, err = run(capsys, "evaluate", "--model", model, "--images", tmp_path, "--masks", tmp_path)
         assert code == 2 and "mpp" in one_line(err), (mpp, err)
+
+
+def test_a_plain_folder_as_input_or_like_says_it_is_a_folder(tmp_path, capsys):
+    folder = tmp_path / "some folder"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("not an image")
+    code, err = run(capsys, "predict", "--model", "nuclei", "--input", folder, "--out", tmp_path / "p.zarr",
+                    "--device", "cpu")
+    assert code == 2 and "is a folder, not an image or slide" in one_line(err)
+    code, err = run(capsys, "import", "--geojson", folder / "notes.txt", "--like", folder, "--out", tmp_path / "l.tif")
+    assert code == 2 and "is a folder, not an image or slide" in one_line(err)

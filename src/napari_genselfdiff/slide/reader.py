@@ -145,6 +145,9 @@ def open_slide(path: str | Path) -> Slide:
     if not path.exists():
         raise DataError(f"{path}: file not found")
     if path.is_dir():
+        if not any((path / m).is_file() for m in ("zarr.json", ".zgroup", ".zattrs")):
+            raise DataError(f"{path}: is a folder, not an image or slide (nor an OME-Zarr store): give an image "
+                            "or slide file")
         return _open_ome_zarr(path)
     try:
         with open(path, "rb") as fh:
