@@ -172,3 +172,24 @@ def test_a_plain_folder_as_input_or_like_says_it_is_a_folder(tmp_path, capsys):
     assert code == 2 and "is a folder, not an image or slide" in one_line(err)
     code, err = run(capsys, "import", "--geojson", folder / "notes.txt", "--like", folder, "--out", tmp_path / "l.tif")
     assert code == 2 and "is a folder, not an image or slide" in one_line(err)
+
+
+def test_import_refuses_a_label_image_no_slide_has(tmp_path, capsys):
+    gj = tmp_path / "a.geojson"
+    gj.write_text('{"type": "FeatureCollection", "features": []}')
+    code, err = run(capsys, "import", "--geojson", gj, "--shape", "1000000", "1000000", "--out", tmp_path / "l.tif")
+    assert code == 2 and "--shape" in one_line(err) and "262144" in one_line(err)
+    assert not (tmp_path / "l.tif").exists()
+
+
+@pytest.mark.parametrize("extra, flag", [(["--batch", "1000000000"], "--batch"), (["--patch", "100000"], "--patch"),
+                                         (["--num-classes", "100000", "--task", "multiclass"], "--num-classes")])
+def test_training_sizes_that_cannot_fit_are_refused_before_starting(extra, flag, data, tmp_path, capsys):
+    argv = finetune_argv(data, tmp_path / "m")
+    for f in ("--batch", "--patch"):  # the test's own small values give way to the ones under test
+        if f in extra:
+            i = argv.index(f)
+            del argv[i:i + 2]
+    code, err = run(capsys, *argv, *extra)
+    assert code == 2 and flag in one_line(err)
+    assert not (tmp_path / "m").exists()

@@ -52,6 +52,13 @@ seed = _int_at_least(0, 2**32 - 1)
 #: generated tiles: how many and how large (one grid PNG held in memory)
 sample_count = _int_at_least(1, 1024)
 tile_size = _int_at_least(8, 4096)
+#: a label image's side: 2**18 px, beyond any scanner's slide (the largest are about 150,000 px)
+image_side = _int_at_least(1, 2 ** 18)
+#: patches or tiles per step / call, and a training patch or prediction tile's side
+batch_size = _int_at_least(1, 1024)
+patch_size = _int_at_least(8, 8192)
+#: classes of a multiclass model (background included)
+class_count = _int_at_least(2, 256)
 
 
 def pixel_size(text: str) -> float:
@@ -228,8 +235,8 @@ def _training(p: argparse.ArgumentParser, steps: int) -> None:
     p.add_argument("--preset", default="small", choices=["tiny", "small", "paper"],
                    help="model size: tiny (tests), small (CPU-friendly), paper (the reference); default small")
     p.add_argument("--steps", type=positive_int, default=steps, help=f"optimisation steps (default {steps})")
-    p.add_argument("--patch", type=positive_int, default=256, help="training patch size in pixels (default 256)")
-    p.add_argument("--batch", type=positive_int, default=8, help="patches per step (default 8)")
+    p.add_argument("--patch", type=patch_size, default=256, help="training patch size in pixels (default 256)")
+    p.add_argument("--batch", type=batch_size, default=8, help="patches per step (default 8)")
     p.add_argument("--lr", type=learning_rate, default=1e-4, help="peak learning rate (default 1e-4)")
     p.add_argument("--checkpoint-every", type=nonnegative_int, default=200,
                    help="save a checkpoint every N steps (0: only at the end)")
@@ -269,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--boundary", action="store_true", help="nuclei: add a boundary class to separate touching nuclei")
     p.add_argument("--distance", action="store_true",
                    help="nuclei with --boundary: also learn each nucleus's distance map (the watershed's markers)")
-    p.add_argument("--num-classes", type=_int_at_least(2), default=None, help="multiclass: number of classes incl. background")
+    p.add_argument("--num-classes", type=class_count, default=None, help="multiclass: number of classes incl. background")
     p.add_argument("--loss", default="focal+ssl", type=loss, help="weighted sum of focal, ssl, dice, ce, tversky (default focal+ssl)")
     p.add_argument("--label-fraction", type=label_fraction, default=1.0, help="use only this fraction of the labeled images")
     p.add_argument("--val-fraction", type=fraction_0_1, default=0.0, help="hold out this fraction of images for validation Dice")
@@ -317,14 +324,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="segmentation checkpoint folder, or 'glands'/'nuclei' for the bundled defaults")
     p.add_argument("--input", nargs="+", required=True, metavar="SLIDE_OR_IMAGE", help="slides or images")
     p.add_argument("--out", required=True, help="output .zarr (one per input; with several inputs, a folder)")
-    p.add_argument("--tile", type=positive_int, default=768,  # = slide.tiler.DEFAULT_TILE (a test checks)
+    p.add_argument("--tile", type=patch_size, default=768,  # = slide.tiler.DEFAULT_TILE (a test checks)
                    help="tile size (default 768)")
     p.add_argument("--overlap", type=nonnegative_int, default=None,
                    help="overlap between tiles (default: the model's, derived from its receptive field; 64 for older models)")
     p.add_argument("--mpp", type=pixel_size, default=None,
                    help="microns per pixel of the input when its file does not say (TIFF/OME/Aperio tags are read); "
                         "the pyramid level closest to the model's resolution is used")
-    p.add_argument("--batch", type=positive_int, default=4, help="tiles per model call (default 4; on a CPU the network takes them one at a time, which is faster there)")
+    p.add_argument("--batch", type=batch_size, default=4, help="tiles per model call (default 4; on a CPU the network takes them one at a time, which is faster there)")
     p.add_argument("--tta", type=tta_views, default=1, help=TTA_HELP)
     p.add_argument("--level", default="auto", type=level, help="pyramid level, or auto (match the model's microns per pixel)")
     p.add_argument("--no-tissue", action="store_true", help="predict background tiles too (no tissue detection)")
@@ -369,7 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--geojson", required=True, help="GeoJSON file to read (FeatureCollection, Feature(s), geometry)")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--like", default=None, metavar="IMAGE", help="the slide or image the objects were drawn on (its size, mpp)")
-    g.add_argument("--shape", nargs=2, type=positive_int, default=None, metavar=("H", "W"),
+    g.add_argument("--shape", nargs=2, type=image_side, default=None, metavar=("H", "W"),
                    help="the label image's height and width in pixels")
     p.add_argument("--mpp", type=pixel_size, default=None, help="microns per pixel to record (default: --like's)")
     p.add_argument("--out", required=True, type=output_file, help="label TIFF to write (pyramidal, tiled)")
@@ -393,8 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--steps", type=positive_int, default=200, help="fine-tuning steps (default 200)")
     q.add_argument("--val-fraction", default=None, type=val_fraction_or_all, help="held-out share of regions for before/after Dice, or 'all'")
     q.add_argument("--base-model", default=None, help="start from this checkpoint instead of the current model")
-    q.add_argument("--patch", type=positive_int, default=None, help="training patch size (default 256)")
-    q.add_argument("--batch", type=positive_int, default=None, help="patches per step (default 8)")
+    q.add_argument("--patch", type=patch_size, default=None, help="training patch size (default 256)")
+    q.add_argument("--batch", type=batch_size, default=None, help="patches per step (default 8)")
     q.add_argument("--lr", type=learning_rate, default=None, help="peak learning rate (default 1e-4)")
     _common(q)
     q = psub.add_parser("adopt", help="make a refined model that was kept aside (it scored lower) the current model")
