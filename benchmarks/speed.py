@@ -85,10 +85,6 @@ def conv_ceilings(repeats: int = 10) -> dict:
     return {"gflops": out, "best": best, "best_gflops": out[best]}
 
 
-def conv_ceiling(repeats: int = 10) -> float:
-    """The machine's ceiling: the best of :func:`conv_ceilings`."""
-    return conv_ceilings(repeats)["best_gflops"]
-
 
 def forward_flops(model, x) -> float:
     from torch.utils.flop_counter import FlopCounterMode

@@ -116,6 +116,9 @@ def test_cli_precision_flag(capsys):
                 ["pretrain", "--images", "i", "--out", "o"]):
         assert build_parser().parse_args(cmd + ["--precision", "fp32"]).precision == "fp32"
         assert build_parser().parse_args(cmd).precision == "auto"
+    action = next(a for a in build_parser()._subparsers._group_actions[0].choices["predict"]._actions
+                  if a.dest == "precision")
+    assert tuple(action.choices) == P.CHOICES
     assert main(["predict", "--model", "m", "--input", "x", "--out", "o", "--precision", "fp8"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--precision" in err[0]

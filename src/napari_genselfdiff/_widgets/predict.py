@@ -257,7 +257,8 @@ class PredictWidget(QWidget):
         lay.addStretch(1)
 
         self.fill_models()
-        self.settings.bind_all({"device": self.device.combo, "precision": self.precision.combo, "probability": self.probability, "tile": self.tile,
+        self.settings.bind_all({"device": self.device.combo, "precision": self.precision.combo,
+                                "probability": self.probability, "tile": self.tile,
                                 "mpp": self.mpp, "model": self.chooser,
                                 "overlap": self.overlap, "batch": self.batch, "out": self.out,
                                 "run_on": self.run_on.combo, "workers": self.run_on.workers,

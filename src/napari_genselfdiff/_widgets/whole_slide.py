@@ -71,10 +71,10 @@ def load_predictor(model: str, device: str, cache: PredictorCache | None, tile: 
     """Load (or reuse) the predictor; the overlap to use (-1: the model's default for ``tile``).
     Yields status lines (which device and precision run it, and why); returns (cache, overlap)."""
     yield "loading the model…"
-    fresh = cache
+    loaded = cache
     cache = cached_predictor(model, device, cache, precision=precision)
     how = getattr(cache.predictor, "precision", None)  # any tiler Predictor may stand in; ours say how they run
-    if cache is not fresh and how is not None:
+    if cache is not loaded and how is not None:  # a model loaded just now: say how it runs
         yield f"the model runs on {cache.predictor.device.type}, in {how.why}"
     if overlap < 0:  # only then is the model asked (any tiler Predictor may come with an overlap of the user's)
         overlap, note = cache.predictor.overlap_for(tile)
@@ -124,7 +124,8 @@ def on_cluster(model: str, device: str, predictor, slide, out: str, settings, ru
            else f"connecting to the Dask scheduler at {run_on.scheduler}…")
     with connect(run_on.workers if local else None, None if local else run_on.scheduler.strip(),
                  dashboard_address=None) as client:
-        run = ManySlides(client, ModelSpec(str(Path(model).resolve()), device, settings.batch, precision=precision), [job],
+        spec = ModelSpec(str(Path(model).resolve()), device, settings.batch, precision=precision)
+        run = ManySlides(client, spec, [job],
                          settings.postprocess, settings.min_size, dict(settings.postprocess_options))
         for ev in run.events():
             yield dataclasses.replace(ev, stage="cluster")

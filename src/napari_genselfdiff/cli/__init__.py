@@ -222,6 +222,7 @@ PRECISION_HELP = ("auto (bf16 where the processor computes it natively: avx512_b
 
 
 def _precision(p: argparse.ArgumentParser) -> None:
+    # core.precision.CHOICES, written out: importing it would load torch for every --help (a test checks they agree)
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"], help=PRECISION_HELP)
 
 

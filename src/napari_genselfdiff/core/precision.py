@@ -99,13 +99,13 @@ def autocast(device: torch.device | str, precision: Precision | str | None):
     """The autocast context for ``precision`` on ``device`` (nothing for fp32)."""
     if precision is None:
         return contextlib.nullcontext()
-    name = precision.name if isinstance(precision, Precision) else precision
-    if name == "fp32":
+    if not isinstance(precision, Precision):
+        precision = Precision(precision, "")
+    if precision.name == "fp32":
         return contextlib.nullcontext()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[name]
-    return torch.autocast(torch.device(device).type, dtype=dtype)
+    return torch.autocast(torch.device(device).type, dtype=precision.dtype)
 
 
 def precision_of(cfg) -> str:
     """The precision a training config asks for: its ``precision``, fp32 where ``amp`` is off."""
-    return getattr(cfg, "precision", "auto") if getattr(cfg, "amp", True) else "fp32"
+    return cfg.precision if cfg.amp else "fp32"

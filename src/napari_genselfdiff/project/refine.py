@@ -67,9 +67,10 @@ def refine(project: "Project", *, base_model: str | os.PathLike | None = None, s
 
 def _refine(project: "Project", base_model, steps: int, device: str, val_fraction, seed: int,
             overrides: dict) -> Iterator[Progress]:
-    cfg = refine_config(project, steps, seed, overrides, base_model)
+    spec = refine_spec(project, base_model)
+    cfg = refine_config(project, steps, seed, overrides, base_model, spec)
     base = project.current_model if base_model is None else Path(model_path(base_model))
-    items = project.training_items(refine_spec(project, base_model))
+    items = project.training_items(spec)
     if not items:
         raise DataError(f"project {project.folder}: no accepted regions to refine on; accept a corrected region first")
     items = at_model_resolution(project, items, cfg.mpp)
@@ -127,16 +128,17 @@ def refine_spec(project: "Project", base_model) -> TaskSpec:
     return base if base is not None and base.task == spec.task else spec
 
 
-def refine_config(project: "Project", steps: int, seed: int, overrides: dict, base_model) -> FinetuneConfig:
-    """The fine-tuning settings of a refine: the project's task, ``steps``, ``seed``, the base
-    model's (or the regions') resolution, and the allowed ``overrides``."""
+def refine_config(project: "Project", steps: int, seed: int, overrides: dict, base_model,
+                  spec: TaskSpec | None = None) -> FinetuneConfig:
+    """The fine-tuning settings of a refine: its task (``spec``, default :func:`refine_spec`),
+    ``steps``, ``seed``, the base model's (or the regions') resolution, and the allowed ``overrides``."""
     allowed = {f.name for f in fields(FinetuneConfig)} - FIXED_FIELDS
     unknown = sorted(set(overrides) - allowed)
     if unknown:
         raise DataError(f"unknown refine setting(s) {', '.join(unknown)}; choose from {', '.join(sorted(allowed))}")
     if steps < 1:
         raise DataError(f"steps must be >= 1, got {steps}")
-    spec = refine_spec(project, base_model)  # the base model's head, kept
+    spec = spec or refine_spec(project, base_model)  # the base model's head, kept
     cfg = FinetuneConfig(task=spec.task, boundary=spec.boundary, boundary_width=spec.boundary_width or 1,
                          distance=bool(spec.boundary and spec.distance),
                          num_classes=spec.num_classes if spec.task == "multiclass" else None,
