@@ -38,8 +38,11 @@ from common import (DATASETS, pretrained_enough, REPO, FinetuneConfig, PretrainC
 
 from napari_genselfdiff.core.pretext_nucleus import NucleusPretrainConfig, nucleus_samples, pretrain_nucleus
 
-ARMS = ("scratch", "diffusion", "nucleus")
-PRETEXT_ARMS = ("diffusion", "nucleus")  # each compared with scratch
+ARMS = ("scratch", "diffusion", "nucleus", "backbone", "frozen")
+PRETEXT_ARMS = ("diffusion", "nucleus", "backbone", "frozen")  # each compared with scratch
+# backbone: the one network (unet preset "backbone", per-pixel LayerNorm) fine-tuned whole from the long
+# pretraining (benchmarks/pretrain_backbone.py, --backbone); frozen: the same start, only the head trained
+# (FinetuneConfig.freeze_backbone). Compare them with a scratch arm of the same network: --preset backbone.
 
 BUDGETS = {
     "smoke": dict(preset="tiny", patch=64, batch=4, pre_steps=30, ft_steps=30, fractions=(0.3, 1.0), seeds=(0,)),
@@ -74,6 +77,12 @@ def main() -> None:
     ap.add_argument("--nucleus-steps", type=int, default=None,
                     help="the nucleus-aware pretext's steps (default: the same as --pre-steps; a step of it costs "
                          "several diffusion steps, so a fixed CPU budget may give it fewer)")
+    ap.add_argument("--images", type=int, nargs="+", default=None,
+                    help="the few-label protocol: this many labeled training images (e.g. 1 3 10) instead of fractions")
+    ap.add_argument("--preset", default=None, help="override the budget's preset (the scratch arm's network)")
+    ap.add_argument("--backbone", default=str(REPO / "benchmarks" / "_work" / "backbone" / "pretrained"),
+                    help="the long backbone pretraining the backbone and frozen arms start from")
+    ap.add_argument("--frozen-lr", type=float, default=None, help="the frozen arm's learning rate (default 3x)")
     ap.add_argument("--report-only", action="store_true",
                     help="train nothing: rewrite the table and plot from the work folder's rows.json")
     a = ap.parse_args()
@@ -87,6 +96,10 @@ def main() -> None:
     if a.pre_steps:
         b["pre_steps"] = a.pre_steps
     b["nucleus_steps"] = a.nucleus_steps or b["pre_steps"]
+    if a.preset:
+        b["preset"] = a.preset
+    if a.images:
+        b["images"] = tuple(a.images)
     work = Path(a.work or REPO / "benchmarks" / "_work" / "quality" / a.budget)
     if a.report_only:
         saved = json.loads((work / "rows.json").read_text())
@@ -121,23 +134,32 @@ def main() -> None:
     pre_s["nucleus"] = pre_s.get("nucleus", 0.0) + t_nuc.s
     if "nucleus" in a.arms:
         sample_grid(nucleus, sources, b["patch"], work / "nucleus_samples.png", a.device)
-    inits = {"scratch": None, "diffusion": pre, "nucleus": nucleus}
+    backbone = Path(a.backbone)
+    if {"backbone", "frozen"} & set(a.arms):
+        if not (backbone / "config.json").is_file():
+            raise SystemExit(f"{backbone}: no backbone pretraining (run benchmarks/pretrain_backbone.py)")
+        b["backbone_steps"] = json.loads((backbone / "config.json").read_text())["training"]["steps"]
+    inits = {"scratch": None, "diffusion": pre, "nucleus": nucleus, "backbone": backbone, "frozen": backbone}
     rows = normalised(previous_rows(work, b))  # an interrupted benchmark resumes: runs already scored are kept
     done = {(r["dataset"], r["arm"], r["fraction"], r["seed"]) for r in rows}
     for name in a.datasets:
         ds = DATASETS[name]
         train, val, test, inst = splits[name]
-        for frac in b["fractions"]:
+        fractions = [n / len(train) for n in b["images"]] if b.get("images") else b["fractions"]
+        for frac in fractions:
             for seed in b["seeds"]:
                 for arm in [arm for arm in ARMS if arm in a.arms]:
                     init = inits[arm]
                     if (name, arm, frac, seed) in done:
                         continue
                     out = work / f"{name}_{arm}_f{frac}_s{seed}"
+                    lr = 1e-3 if b["preset"] in ("tiny", "backbone") else 1e-4
+                    if arm == "frozen":
+                        lr = a.frozen_lr or 3 * lr
                     cfg = FinetuneConfig(task=ds.task, preset=b["preset"], steps=b["ft_steps"], patch=b["patch"],
-                                         batch=b["batch"], lr=1e-3 if b["preset"] == "tiny" else 1e-4, warmup=20,
+                                         batch=b["batch"], lr=lr, warmup=20,
                                          seed=seed, label_fraction=frac, checkpoint_every=0, val_every=0, mpp=ds.mpp,
-                                         boundary=ds.task == "nuclei", ema=0.99)
+                                         boundary=ds.task == "nuclei", ema=0.99, freeze_backbone=arm == "frozen")
                     with Timer() as t:
                         drain(finetune(train, out, cfg, init=init, device=a.device, overwrite=True))
                     m = evaluate(out, test, inst)  # nuclei AJI / PQ over the images with true instances
@@ -185,7 +207,7 @@ def previous_rows(work: Path, b: dict) -> list[dict]:
     if not isinstance(saved, dict):
         return []
     old = saved["meta"].get("budget", {})
-    same = all(old.get(k) == b[k] for k in ("preset", "patch", "batch", "pre_steps", "ft_steps"))
+    same = all(old.get(k) == b.get(k) for k in ("preset", "patch", "batch", "pre_steps", "ft_steps", "backbone_steps"))
     if not same:
         print(f"{f}: another schedule ({ {k: old.get(k) for k in ('pre_steps', 'ft_steps')} }); starting over", flush=True)
         return []
@@ -205,7 +227,8 @@ def previous_seconds(work: Path) -> dict:
 
 
 def save_rows(work: Path, rows: list[dict], b: dict, pre_s) -> None:
-    meta = {"budget": {**b, "seeds": list(b["seeds"]), "fractions": list(b["fractions"])}, "pretraining_s": pre_s,
+    meta = {"budget": {**b, "seeds": list(b["seeds"]), "fractions": list(b["fractions"]),
+                       "images": list(b.get("images", []))}, "pretraining_s": pre_s,
             "machine": machine()}
     (work / "rows.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
 
@@ -225,7 +248,8 @@ def report(rows: list[dict], budget: str, b: dict, pre_s, where: str) -> str:
     lines = [f"### Quality, budget `{budget}` ({where})", "",
              f"preset {b['preset']}, patch {b['patch']}, batch {b['batch']}, pretraining: diffusion {b['pre_steps']} steps, "
              f"nucleus-aware {b.get('nucleus_steps', b['pre_steps'])} steps ({spent}; 0 s: reused), fine-tuning {b['ft_steps']} steps x {len(rows)} runs ({ft_min:.0f} min), "
-             f"seeds {list(b['seeds'])}; test split only. Mean ± spread (std over seeds; 0 with one seed).", ""]
+             + (f"backbone (benchmarks/pretrain_backbone.py) {b['backbone_steps']} steps; " if b.get("backbone_steps") else "")
+             + f"seeds {list(b['seeds'])}; test split only. Mean ± spread (std over seeds; 0 with one seed).", ""]
     for name in sorted({r["dataset"] for r in rows}):
         task = DATASETS[name].task
         keys = KEYS[task]
@@ -292,8 +316,8 @@ def plot(rows: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 3.6), squeeze=False)
     for ax, name in zip(axes[0], names):
         key = "object_f1" if DATASETS[name].task == "glands" else "aji"
-        for arm, style, nudge in (("diffusion", "o-", 0.94), ("nucleus", "^-.", 1.0),
-                                  ("scratch", "s--", 1.06)):  # side by side
+        for arm, style, nudge in (("diffusion", "o-", 0.94), ("nucleus", "^-.", 1.0), ("backbone", "D-", 0.97),
+                                  ("frozen", "v:", 1.03), ("scratch", "s--", 1.06)):  # side by side
             fr = sorted({r["fraction"] for r in rows if r["dataset"] == name and r["arm"] == arm})
             if not fr:
                 continue

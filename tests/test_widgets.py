@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import napari  # noqa: E402,F401  (declared: missing or broken is a failure, never a skip)
 import pytestqt  # noqa: E402,F401
@@ -363,6 +364,33 @@ def test_finetune_widget_trains_a_nuclei_model_with_a_distance_map(viewer, qtbot
     config = json.loads((out / "config.json").read_text())
     assert config["task"]["distance"] is True and config["model"]["out_channels"] == 4
     screenshot(viewer, qtbot, "finetune_widget_nuclei_distance")
+
+
+def test_finetune_widget_starts_from_the_shipped_backbone_and_can_train_the_head_only(viewer, qtbot, tmp_path,
+                                                                                       he_image):
+    from napari_genselfdiff.bundled import bundled_backbone
+    from napari_genselfdiff.core import checkpoint as ck
+
+    image = he_image[:128, :128]
+    viewer.add_image(image, name="H&E", rgb=True)
+    viewer.add_labels(painted_labels(image.shape[:2]), name="glands drawn")
+    w = dock(viewer, FinetuneWidget(viewer), "Fine-tune")
+    assert w.init.text() == "pretrained" and bundled_backbone() is not None  # the default starting point
+    w.freeze.setChecked(True)
+    out = tmp_path / "head-only"
+    tiny_finetune_settings(w, out, steps=2)
+    assert w.config().freeze_backbone
+    w.start_btn.click()
+    wait_idle(qtbot, w)
+    config = json.loads((out / "config.json").read_text())
+    assert config["training"]["init_info"]["init"] == str(bundled_backbone())
+    assert config["model"]["norm"] == "layer"
+    pre, ft = ck.load_weights(bundled_backbone()), ck.load_weights(out)
+    assert torch.equal(pre["stem.weight"], ft["stem.weight"])  # frozen
+    assert not torch.equal(pre["final_block.conv2.weight"], ft["final_block.conv2.weight"])  # trained
+    screenshot(viewer, qtbot, "finetune_widget_backbone")
+    w.init.setText("")
+    assert not w.config().freeze_backbone and not w.freeze.isEnabled()  # nothing to freeze from random weights
 
 
 def test_finetune_from_folders_validates_by_image(make_napari_viewer, qtbot, tmp_path, he_image):

@@ -13,6 +13,7 @@ import numpy as np
 from napari.utils.notifications import show_error
 from qtpy.QtWidgets import QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, QGroupBox, QWidget
 
+from ..bundled import BACKBONE, bundled_backbone, resolve_model
 from ..core.data import LabeledImage, TaskSpec, load_labeled_folder, mask_to_target, split_for_validation
 from ..core.errors import DataError, GenSelfDiffError
 from ..core.losses import LOSSES, parse_loss
@@ -103,8 +104,14 @@ class FinetuneWidget(QWidget):
         self.task.currentTextChanged.connect(self._enable_nuclei_options)
         self.boundary.toggled.connect(self._enable_nuclei_options)
         self.init = PathEdit("dir", "empty: train from scratch")
-        self.init.setToolTip("a pretraining checkpoint folder (recommended) or a segmentation model to continue")
-        form.addRow("Pretrained model", self.init)
+        self.init.setText(BACKBONE if bundled_backbone() is not None else "")
+        self.init.setToolTip(f"'{BACKBONE}': the backbone shipped with the plugin (recommended), a pretraining "
+                             "checkpoint folder, or a segmentation model to continue; empty: random weights")
+        form.addRow("Start from", self.init)
+        self.freeze = QCheckBox("train the head only (frozen features; fast, for a handful of labels)")
+        self.freeze.setToolTip("keep the pretrained network as it is and train only its last block and classifier")
+        form.addRow("", self.freeze)
+        self.init.edit.textChanged.connect(lambda text: self.freeze.setEnabled(bool(text.strip())))
         self.preset = QComboBox()
         self.preset.addItems(list(PRESETS))
         self.preset.setCurrentText("small")
@@ -129,7 +136,7 @@ class FinetuneWidget(QWidget):
         self.settings.bind_all({"source": self.source, "images_dir": self.images_dir, "masks_dir": self.masks_dir,
                                 "val_fraction": self.val_fraction, "task": self.task, "boundary": self.boundary,
                                 "distance": self.distance,
-                                "init": self.init, "preset": self.preset, "loss": self.loss, "patch": self.patch,
+                                "init": self.init, "freeze": self.freeze, "preset": self.preset, "loss": self.loss, "patch": self.patch,
                                 "steps": self.steps, "batch": self.batch, "device": self.device.combo,
                                 "out": self.out, "resume": self.resume})
         self._enable_nuclei_options()
@@ -175,19 +182,21 @@ class FinetuneWidget(QWidget):
         return FinetuneConfig(task=spec.task, boundary=spec.boundary, distance=spec.distance,
                               preset=self.preset.currentText(), steps=steps,
                               patch=self.patch.value(), batch=self.batch.value(), loss=self.loss.currentText().strip(),
-                              checkpoint_every=max(1, min(100, steps // 5)), val_every=max(1, min(100, steps // 5)))
+                              checkpoint_every=max(1, min(100, steps // 5)), val_every=max(1, min(100, steps // 5)),
+                              freeze_backbone=self.freeze.isChecked() and bool(self.init.text()))
 
     def start(self) -> None:
         try:
             cfg = self.config()
             parse_loss(cfg.loss)
             out = self.controls.checked_output_folder("model")
+            init = str(resolve_model(self.init.text())) if self.init.text() else None
             train, val = self.training_data()
         except (GenSelfDiffError, ValueError) as e:
             show_error(str(e))
             return
         self.controls.begin(f"fine-tuning on {len(train)} image(s)" + (f", validating on {len(val)}" if val else ""))
-        self.runner.start(finetune_job, train, out, cfg, self.init.text() or None, val, self.device.device,
+        self.runner.start(finetune_job, train, out, cfg, init, val, self.device.device,
                           self.resume.isChecked())
 
     def _on_done(self, checkpoint: str | None) -> None:

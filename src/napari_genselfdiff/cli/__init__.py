@@ -271,7 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", required=True, help="folder of images")
     p.add_argument("--masks", required=True, help="folder of masks with the same file names (0/255, class or instance ids)")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--init", help="pretrained checkpoint to start from (or a segmentation model to refine)")
+    g.add_argument("--init", help="where to start: 'pretrained' (the shipped backbone), a pretraining checkpoint, "
+                                  "or a segmentation model to refine")
     g.add_argument("--scratch", action="store_true", help="start from random weights (the baseline)")
     p.add_argument("--task", default="glands", choices=["glands", "nuclei", "multiclass"], help="what to segment")
     p.add_argument("--boundary", action="store_true", help="nuclei: add a boundary class to separate touching nuclei")
@@ -285,6 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-crops", type=nonnegative_int, default=8,
                    help="validate on at most N fixed crops of up to 512 px of the validation images (0: whole images)")
     p.add_argument("--mpp", type=pixel_size, default=None, help="microns per pixel of the training images, if known")
+    p.add_argument("--freeze-backbone", action="store_true",
+                   help="train only the head (last residual block and classifier) on the frozen features of --init")
     _training(p, 500)
     p.set_defaults(func=cmd_finetune)
 

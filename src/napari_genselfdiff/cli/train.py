@@ -90,7 +90,9 @@ def cmd_finetune(a: argparse.Namespace) -> int:
     from ..core.training import FinetuneConfig, finetune
 
     if a.init is None and not a.scratch and not a.resume:
-        raise GenSelfDiffError("give --init CKPT (a pretrained model) or --scratch")
+        raise GenSelfDiffError("give --init pretrained (the shipped backbone), --init CKPT or --scratch")
+    if a.freeze_backbone and a.init is None and not a.resume:
+        raise GenSelfDiffError("--freeze-backbone needs --init: random features are not worth freezing")
     if a.distance and not (a.task == "nuclei" and a.boundary):
         raise GenSelfDiffError("--distance needs --task nuclei --boundary (its targets come from the separated nuclei)")
     init = None if a.scratch or a.init is None else init_model(a.init)  # checked before the images load
@@ -100,7 +102,7 @@ def cmd_finetune(a: argparse.Namespace) -> int:
                          preset=a.preset, steps=a.steps, patch=a.patch, batch=a.batch, lr=a.lr, loss=a.loss, seed=a.seed,
                          label_fraction=a.label_fraction, checkpoint_every=a.checkpoint_every,
                          val_every=a.val_every, val_crops=a.val_crops, amp=not a.no_amp,
-                         precision=a.precision, mpp=a.mpp)
+                         precision=a.precision, mpp=a.mpp, freeze_backbone=a.freeze_backbone)
     events = finetune(train, a.out, cfg, init=init, val_items=val, device=a.device,
                       resume=a.resume, overwrite=a.force, inputs=[a.images, a.masks])
     last = _drive(events, "finetune")

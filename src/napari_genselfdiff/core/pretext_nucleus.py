@@ -31,10 +31,10 @@ from .errors import CheckpointError, DataError, GenSelfDiffError
 from .precision import Precision, autocast, precision_of, resolve_precision
 from .progress import Progress
 from .pseudomask import NucleusStats, draw_batch, measure_tile, render_mask, summarise
-from .training import _now, _prepare_out, _run, _seeded_model, _step_rngs
+from .training import _now, _prepare_out, _run, _step_rngs
 from .translation import (LossWeights, TranslationConfig, TranslationNets, discriminator_loss, generator_losses,
                           translator_config)
-from .unet import PRESETS, UNetConfig
+from .unet import PRESETS, UNetConfig, seeded_model
 
 PRETEXT = "nucleus"
 #: terms reported per step (``last_losses``) and recorded in the checkpoint
@@ -65,7 +65,7 @@ class NucleusPretrainConfig:
 
 
 def _seeded_nets(ucfg: UNetConfig, tcfg: TranslationConfig, seed: int) -> TranslationNets:
-    translator = _seeded_model(ucfg, seed)
+    translator = seeded_model(ucfg, seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 1)
         return TranslationNets(translator, tcfg)

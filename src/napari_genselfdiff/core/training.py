@@ -30,11 +30,12 @@ from .data import (NORMALIZATION, AugmentConfig, LabeledImage, TaskSpec, Unlabel
 from .device import channels_last_for, tune_allocator
 from .diffusion import Diffusion, ScheduleConfig
 from .errors import CheckpointError, DataError, GenSelfDiffError
-from .inference import TorchPredictor, checkpoint_task, predict_image
+from .inference import TorchPredictor, predict_image
 from .losses import build_loss, parse_loss
 from .precision import Precision, autocast, precision_of, resolve_precision
 from .progress import Progress, relay, run_to_end
-from .unet import PRESETS, UNet, UNetConfig, iter_recalibrate_batchnorm, segmentation_config, transfer_pretrained
+from .segmenter import build_segmentation_model, freeze_backbone
+from .unet import PRESETS, UNet, UNetConfig, iter_recalibrate_batchnorm, seeded_model
 from .validation import (VAL_CROP, VAL_CROPS, describe, iter_evaluate_dice, pass_cost, validation_crops,
                          validations_left)
 
@@ -90,6 +91,9 @@ class FinetuneConfig:
     tile_invariant: bool = True
     tune_postprocess: bool = True  # at the end, choose the instance thresholds on the validation images
     ema: float = 0.0  # decay of an exponential moving average of the weights (0: off); the average is saved
+    # train only the head (the final residual block and the classifier) on the frozen features of
+    # the rest: seconds from a pretrained backbone, little to overfit with a handful of labels
+    freeze_backbone: bool = False
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -110,13 +114,6 @@ def _step_rngs(seed: int, step: int, device: torch.device, rank=None) -> tuple[n
     g = torch.Generator(device=device)
     g.manual_seed((seed * 1_000_003 + step) % (2**63))
     return np.random.default_rng([seed, step]), g
-
-
-def _seeded_model(cfg: UNetConfig, seed: int) -> UNet:
-    """A freshly initialised U-Net whose random weights depend on ``seed`` alone."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return UNet(cfg)
 
 
 def _now() -> str:
@@ -332,7 +329,7 @@ def pretrain(sources: Sequence[UnlabeledSource], out: str | os.PathLike, cfg: Pr
     if cfg.patch % ucfg.multiple:
         raise DataError(f"patch size {cfg.patch} must be a multiple of {ucfg.multiple} for this model")
     # resuming: the saved weights, checked against the saved architecture (one CheckpointError)
-    model = ckpt.load_model(out)[0] if state is not None else _seeded_model(ucfg, cfg.seed)
+    model = ckpt.load_model(out)[0] if state is not None else seeded_model(ucfg, cfg.seed)
     diffusion = Diffusion(cfg.schedule).to(dev)
     trainer = _Trainer(model, dev, cfg.lr, cfg.weight_decay, precision_of(cfg), group=group)
     start = trainer.restore(state) if state is not None else 0
@@ -369,45 +366,6 @@ def pretrain(sources: Sequence[UnlabeledSource], out: str | os.PathLike, cfg: Pr
 # ---------------------------------------------------------------------------------------------
 # stage 2: segmentation fine-tuning on a few labeled tiles
 
-def build_segmentation_model(spec: TaskSpec, init: str | os.PathLike | None, preset: str,
-                             seed: int = 0, tile_invariant: bool = True) -> tuple[UNet, dict, str]:
-    """A segmentation U-Net: from scratch, from a pretrained diffusion model (all but the head
-    copied), or continuing a segmentation model (all weights, its own architecture). From scratch or
-    from a pretraining the network is the tile-invariant one (``unet.segmentation_config``) unless
-    ``tile_invariant`` is False. Returns (model, init info, message)."""
-    outputs = spec.out_channels
-
-    def seg_config(cfg: UNetConfig) -> UNetConfig:
-        return segmentation_config(cfg, outputs) if tile_invariant else cfg.with_outputs(outputs)
-
-    if init is None:
-        model = _seeded_model(seg_config(UNetConfig.from_preset(preset, in_channels=3, out_channels=3)), seed)
-        return model, {"init": "scratch"}, f"from scratch ({preset})"
-    # the checkpoint as it is (its weights checked against its own architecture: one
-    # CheckpointError, never load_state_dict's traceback), then the network to train from it
-    loaded, init_cfg = ckpt.load_model(init)
-    if init_cfg.get("normalization", NORMALIZATION) != NORMALIZATION:
-        raise CheckpointError(f"{init}: unsupported input normalisation {init_cfg.get('normalization')!r}")
-    segmentation = init_cfg.get("kind") == "segmentation"
-    same_head = segmentation and checkpoint_task(init_cfg, init).out_channels == outputs
-    if same_head and loaded.config.out_channels != outputs:
-        raise CheckpointError(f"{init}: the network has {loaded.config.out_channels} outputs but "
-                              f"config.json's task has {outputs}")
-    if same_head:
-        model = loaded
-        how = f"all weights from segmentation model {init}"
-    else:
-        saved = loaded.config
-        model = _seeded_model(saved.with_outputs(outputs) if segmentation else seg_config(saved), seed)
-        try:
-            report = transfer_pretrained(loaded.state_dict(), model)
-        except ValueError as e:
-            raise CheckpointError(f"{init}: its weights cannot start this network ({e})") from None
-        how = f"{len(report['copied'])} tensors from {init_cfg.get('kind')} model {init}, new {spec.num_classes}-class head"
-    info = {"init": str(init), "init_kind": init_cfg.get("kind"), "init_training": init_cfg.get("training")}
-    return model, info, how
-
-
 def finetune(items: Sequence[LabeledImage], out: str | os.PathLike, cfg: FinetuneConfig = FinetuneConfig(), *,
              init: str | os.PathLike | None = None, val_items: Sequence[LabeledImage] = (), device: str = "auto",
              resume: bool = False, overwrite: bool = False, val_instances: dict[str, np.ndarray] | None = None,
@@ -438,6 +396,8 @@ def finetune(items: Sequence[LabeledImage], out: str | os.PathLike, cfg: Finetun
         model, init_info, how = build_segmentation_model(spec, init, cfg.preset, cfg.seed, cfg.tile_invariant)
     if cfg.patch % model.config.multiple:
         raise DataError(f"patch size {cfg.patch} must be a multiple of {model.config.multiple} for this model")
+    if cfg.freeze_backbone:
+        how += f"; backbone frozen, {freeze_backbone(model)} head parameters trained"
     trainer = _Trainer(model, dev, cfg.lr, cfg.weight_decay, precision_of(cfg), ema=cfg.ema, group=group)
     start = trainer.restore(state) if state is not None else 0
     loss_fn, bw = build_loss(cfg.loss, spec.num_classes), spec.boundary_width if spec.boundary else 0

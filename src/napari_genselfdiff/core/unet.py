@@ -22,6 +22,12 @@ BatchNorm instead of GroupNorm (batch statistics while fine-tuning, frozen runni
 inference, so a pixel's output depends only on its receptive field) and no attention. Pretraining
 keeps the paper's architecture; :func:`transfer_pretrained` maps GroupNorm affine weights onto the
 BatchNorm layers and leaves the attention weights unused.
+
+**One network** (``norm="layer"``, the ``backbone`` preset): a LayerNorm over the channels of each
+pixel (as ConvNeXt normalises) depends on that pixel alone, in training and at inference alike, so
+the same attention-free network is tile-invariant in both stages: the diffusion pretext trains it,
+and the segmenter is that network with another head; every pretrained tensor transfers unchanged
+and no statistics are estimated afterwards.
 """
 from __future__ import annotations
 
@@ -42,6 +48,9 @@ PRESETS: dict[str, dict] = {
     "small": dict(base=32, mults=(1, 2, 4, 8), blocks=1, heads=4, head_dim=32, linear_attention_from=2),
     # the paper's reference size (~35M parameters)
     "paper": dict(base=64, mults=(1, 2, 4, 8), blocks=2, heads=4, head_dim=32),
+    # one network from pretext to segmentation: tiny's widths, a per-pixel LayerNorm, no attention
+    "backbone": dict(base=16, mults=(1, 2, 2, 4), blocks=1, heads=2, head_dim=16, linear_attention=False,
+                     mid_attention=False, norm="layer"),
 }
 
 
@@ -60,7 +69,7 @@ class UNetConfig:
     linear_attention: bool = True
     linear_attention_from: int = 0  # first level (0 = full resolution) with linear attention
     mid_attention: bool = True
-    norm: str = "group"  # "group" (tile-dependent statistics) | "batch" (frozen at inference)
+    norm: str = "group"  # "group" (tile-dependent) | "batch" (frozen at inference) | "layer" (per pixel)
     preset: str | None = field(default=None, compare=False)
 
     def __post_init__(self):
@@ -84,7 +93,7 @@ class UNetConfig:
     @property
     def tile_invariant(self) -> bool:
         """True when (in eval mode) each output pixel depends only on a bounded neighbourhood."""
-        return self.norm == "batch" and not self.linear_attention and not self.mid_attention
+        return self.norm in ("batch", "layer") and not self.linear_attention and not self.mid_attention
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -98,18 +107,32 @@ class UNetConfig:
         return cls(**known)
 
 
-NORMS = ("group", "batch")
+NORMS = ("group", "batch", "layer")
 
 
 def segmentation_config(cfg: UNetConfig, num_classes: int) -> UNetConfig:
     """The tile-invariant segmentation network for a (pretraining) architecture ``cfg``: same widths
-    and levels, BatchNorm instead of GroupNorm, no attention, ``num_classes`` outputs."""
-    return replace(cfg, out_channels=num_classes, norm="batch", linear_attention=False, mid_attention=False)
+    and levels, no attention, ``num_classes`` outputs; a per-pixel LayerNorm network keeps its
+    normalisation (it is the same network), a GroupNorm one gets BatchNorm instead."""
+    norm = "layer" if cfg.norm == "layer" else "batch"
+    return replace(cfg, out_channels=num_classes, norm=norm, linear_attention=False, mid_attention=False)
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channels of each pixel of an NCHW tensor: each output pixel depends on
+    that pixel alone (tile-invariant, no running statistics). Computed on the channels-last view,
+    where the channels are contiguous."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias,
+                            self.eps).permute(0, 3, 1, 2)
 
 
 def make_norm(kind: str, groups: int, ch: int) -> nn.Module:
     if kind == "batch":
         return nn.BatchNorm2d(ch)
+    if kind == "layer":
+        return LayerNorm2d(ch, eps=1e-6)
     return nn.GroupNorm(groups if ch % groups == 0 else 1, ch)
 
 
@@ -256,6 +279,13 @@ class UNet(nn.Module):
         return self.final_conv(h)
 
 
+def seeded_model(cfg: UNetConfig, seed: int) -> UNet:
+    """A freshly initialised U-Net whose random weights depend on ``seed`` alone."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return UNet(cfg)
+
+
 HEAD_PREFIX = "final_conv."
 
 
@@ -340,31 +370,35 @@ def count_parameters(model: nn.Module) -> int:
 
 
 class _FusedResBlock(nn.Module):
-    """A :class:`ResBlock` at t = 0 with its frozen BatchNorm ``norm2`` and the constant time
-    modulation folded into ``conv1`` (see :func:`fused_for_inference`)."""
+    """A :class:`ResBlock` at t = 0 with the constant time modulation folded in: into ``conv1``
+    together with a frozen BatchNorm ``norm2``, or into a per-pixel LayerNorm ``norm2``'s affine
+    weights (see :func:`fused_for_inference`)."""
 
-    def __init__(self, block: ResBlock, conv1: nn.Conv2d):
+    def __init__(self, block: ResBlock, conv1: nn.Conv2d, norm2: nn.Module | None = None):
         super().__init__()
         self.norm1, self.conv1, self.conv2, self.skip = block.norm1, conv1, block.conv2, block.skip
+        self.norm2 = norm2 if norm2 is not None else nn.Identity()
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
         # in place where no gradient is kept (prediction): the same values, about 8 % faster on the CPU
         inplace = not torch.is_grad_enabled()
-        h = F.silu(self.conv1(F.silu(self.norm1(x), inplace=inplace)), inplace=inplace)
+        h = F.silu(self.norm2(self.conv1(F.silu(self.norm1(x), inplace=inplace))), inplace=inplace)
         return self.conv2(h) + self.skip(x)
 
 
 @torch.no_grad()
 def fused_for_inference(model: UNet) -> UNet:
-    """A copy of a tile-invariant segmentation U-Net (BatchNorm, frozen statistics) that computes
-    the same function at t = 0 with fewer operations: in every residual block, ``norm2`` and the
-    time modulation ``(1 + scale) * . + shift`` (constants at t = 0) are affine maps right after
-    ``conv1``, so they are folded into its weights and bias. Models without BatchNorm are returned
-    unchanged (GroupNorm depends on the tile: nothing to fold). The original is not modified."""
+    """A copy of a tile-invariant segmentation U-Net that computes the same function at t = 0 with
+    fewer operations. In every residual block, ``norm2`` followed by the time modulation
+    ``(1 + scale) * . + shift`` (constants at t = 0): with frozen BatchNorm, both are affine maps
+    right after ``conv1`` and are folded into its weights and bias; with a per-pixel LayerNorm, the
+    modulation is folded into the LayerNorm's own weight and bias. GroupNorm models are returned
+    unchanged (their statistics depend on the tile: nothing to fold). The original is not modified."""
     import copy
 
     blocks = [m for m in model.modules() if isinstance(m, ResBlock)]
-    if not blocks or not all(isinstance(b.norm2, nn.BatchNorm2d) for b in blocks):
+    kinds = {type(b.norm2) for b in blocks}
+    if not blocks or len(kinds) != 1 or kinds.pop() not in (nn.BatchNorm2d, LayerNorm2d):
         return model
     fused = copy.deepcopy(model).eval()
     p = next(fused.parameters())
@@ -372,14 +406,19 @@ def fused_for_inference(model: UNet) -> UNet:
 
     def fuse(block: ResBlock) -> _FusedResBlock:
         scale, shift = block.time(temb)[0].chunk(2)
-        bn = block.norm2
-        a = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        norm = block.norm2
+        if isinstance(norm, LayerNorm2d):
+            ln = LayerNorm2d(norm.normalized_shape, eps=norm.eps).to(p.device, p.dtype)
+            ln.weight.copy_(norm.weight * (1 + scale))
+            ln.bias.copy_(norm.bias * (1 + scale) + shift)
+            return _FusedResBlock(block, block.conv1, ln)
+        a = norm.weight / torch.sqrt(norm.running_var + norm.eps)
         gain = a * (1 + scale)
         conv = nn.Conv2d(block.conv1.in_channels, block.conv1.out_channels, block.conv1.kernel_size,
                          padding=block.conv1.padding).to(p.device, p.dtype)
         conv.weight.copy_(block.conv1.weight * gain[:, None, None, None])
-        bias = block.conv1.bias if block.conv1.bias is not None else torch.zeros_like(bn.running_mean)
-        conv.bias.copy_(((bias - bn.running_mean) * a + bn.bias) * (1 + scale) + shift)
+        bias = block.conv1.bias if block.conv1.bias is not None else torch.zeros_like(norm.running_mean)
+        conv.bias.copy_(((bias - norm.running_mean) * a + norm.bias) * (1 + scale) + shift)
         return _FusedResBlock(block, conv)
 
     for level in list(fused.down) + list(fused.up):

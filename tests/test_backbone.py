@@ -1,0 +1,157 @@
+"""One network from pretext to segmentation (the ``backbone`` preset, per-pixel LayerNorm): the
+pretext's every tensor reaches the segmenter unchanged, nothing depends on the tile or the batch,
+the frozen-backbone fine-tuning trains the head alone, and the shipped backbone is a starting point,
+not a model to predict with."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from napari_genselfdiff.core import checkpoint as ck
+from napari_genselfdiff.core.data import ImageSource, LabeledImage, TaskSpec
+from napari_genselfdiff.core.progress import drain
+from napari_genselfdiff.core.segmenter import HEAD_MODULES, build_segmentation_model, freeze_backbone
+from napari_genselfdiff.core.training import FinetuneConfig, PretrainConfig, finetune, pretrain
+from napari_genselfdiff.core.unet import (LayerNorm2d, UNet, UNetConfig, fused_for_inference, seeded_model,
+                                          segmentation_config)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _sources(n=3, size=48):
+    rng = np.random.default_rng(0)
+    return [ImageSource(rng.integers(0, 255, (size, size + 8, 3), dtype=np.uint8), f"img{i}") for i in range(n)]
+
+
+def _labeled(n=3, size=48):
+    rng = np.random.default_rng(1)
+    items = []
+    for i in range(n):
+        img = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
+        items.append(LabeledImage(f"img{i}", img, (img[..., 0] > 128).astype(np.uint8)))
+    return items
+
+
+def _random_affine(model: torch.nn.Module) -> None:
+    """Norm layers with weights and biases away from 1 / 0, so folding them is tested for real."""
+    g = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, (LayerNorm2d, torch.nn.BatchNorm2d)):
+            with torch.no_grad():
+                m.weight.copy_(1 + 0.3 * torch.randn(m.weight.shape, generator=g))
+                m.bias.copy_(0.3 * torch.randn(m.bias.shape, generator=g))
+
+
+@pytest.fixture(scope="module")
+def backbone_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bb") / "pretrained"
+    cfg = PretrainConfig(preset="backbone", steps=4, patch=32, batch=2, lr=1e-3, warmup=1, checkpoint_every=0)
+    drain(pretrain(_sources(), out, cfg, device="cpu"))
+    return out
+
+
+def test_layer_norm_is_per_pixel():
+    ln = LayerNorm2d(8)
+    x = torch.randn(2, 8, 20, 20)
+    torch.testing.assert_close(ln(x)[:, :, 5:9, 3:11], ln(x[:, :, 5:9, 3:11]))
+    ref = torch.nn.functional.layer_norm(x.permute(0, 2, 3, 1), (8,), ln.weight, ln.bias, ln.eps).permute(0, 3, 1, 2)
+    torch.testing.assert_close(ln(x), ref)
+
+
+def test_backbone_answer_does_not_depend_on_the_batch_even_while_training():
+    """BatchNorm mixes the images of a batch while training (so a pretext's features change when
+    moved to inference); the per-pixel network does not."""
+    x = torch.randn(3, 3, 32, 32)
+    one = seeded_model(UNetConfig.from_preset("backbone"), 0).train()
+    torch.testing.assert_close(one(x)[:1], one(x[:1]), rtol=1e-5, atol=1e-5)
+    bn = seeded_model(segmentation_config(UNetConfig.from_preset("tiny"), 3), 0).train()
+    assert (bn(x)[:1] - bn(x[:1])).abs().max() > 1e-3  # the property the test checks is real
+
+
+def test_backbone_is_its_own_segmentation_network_and_tile_invariant():
+    cfg = UNetConfig.from_preset("backbone")
+    seg = segmentation_config(cfg, 3)
+    assert seg.norm == "layer" and seg.tile_invariant and cfg.tile_invariant
+    assert segmentation_config(UNetConfig.from_preset("tiny"), 3).norm == "batch"  # GroupNorm -> BatchNorm as before
+
+
+def test_fused_layer_norm_network_computes_the_same_function():
+    model = UNet(segmentation_config(UNetConfig.from_preset("backbone"), 3)).eval()
+    _random_affine(model)
+    x = torch.randn(2, 3, 64, 64)
+    fused = fused_for_inference(model)
+    assert fused is not model
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_every_pretrained_tensor_reaches_the_segmenter_unchanged(backbone_run):
+    model, info, how = build_segmentation_model(TaskSpec.make("nuclei", boundary=True), backbone_run, "tiny", seed=3)
+    pre = ck.load_weights(backbone_run)
+    own = model.state_dict()
+    assert model.config.norm == "layer"
+    body = [k for k in own if not k.startswith("final_conv.")]
+    assert set(body) == set(pre) - {"final_conv.weight", "final_conv.bias"}  # nothing unused, nothing initialised
+    for k in body:
+        assert torch.equal(own[k], pre[k]), k
+    assert own["final_conv.weight"].shape[0] == 3
+
+
+def test_frozen_backbone_trains_the_head_alone(backbone_run, tmp_path):
+    cfg = FinetuneConfig(steps=4, patch=32, batch=2, lr=1e-2, warmup=1, checkpoint_every=0, val_every=0,
+                         freeze_backbone=True)
+    events = list(finetune(_labeled(), tmp_path / "ft", cfg, init=backbone_run, device="cpu"))
+    assert events[-1].done and any("backbone frozen" in (e.message or "") for e in events)
+    pre, ft = ck.load_weights(backbone_run), ck.load_weights(tmp_path / "ft")
+    head = [k for k in ft if k.split(".", 1)[0] in HEAD_MODULES and k != "final_conv.weight" and k != "final_conv.bias"]
+    assert head and any(not torch.equal(ft[k], pre[k]) for k in head)  # the head learned
+    for k in ft:
+        if k.split(".", 1)[0] not in HEAD_MODULES:
+            assert torch.equal(ft[k], pre[k]), k  # the backbone did not move
+
+
+def test_freeze_backbone_counts_what_it_leaves_to_train():
+    model = seeded_model(segmentation_config(UNetConfig.from_preset("backbone"), 2), 0)
+    n = freeze_backbone(model)
+    assert 0 < n < sum(p.numel() for p in model.parameters()) / 4
+    assert n == sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def test_the_shipped_backbone_is_a_starting_point_not_a_prediction_model(tmp_path):
+    from conftest import require_bundled
+
+    from napari_genselfdiff.bundled import BACKBONE, bundled_backbone, bundled_models, resolve_model
+
+    require_bundled("glands", "nuclei")
+    path = bundled_backbone()
+    assert path is not None, "resources/models/pretrained is missing"
+    assert BACKBONE not in bundled_models()
+    assert resolve_model(BACKBONE) == path
+    cfg = json.loads((path / "config.json").read_text())
+    assert cfg["kind"] == "pretrain" and UNetConfig.from_dict(cfg["model"]).norm == "layer"
+    assert (path / "MODEL_CARD.md").is_file()
+    assert sum(f.stat().st_size for f in path.iterdir()) < 5 * 2**20
+
+
+def test_cli_finetunes_from_the_shipped_backbone(tmp_path):
+    import imageio.v3 as iio
+
+    (tmp_path / "img").mkdir()
+    (tmp_path / "msk").mkdir()
+    for it in _labeled(2, 64):
+        iio.imwrite(tmp_path / "img" / f"{it.name}.png", it.image)
+        iio.imwrite(tmp_path / "msk" / f"{it.name}.png", (it.target * 255).astype(np.uint8))
+    cmd = [sys.executable, "-m", "napari_genselfdiff.cli", "finetune", "--images", str(tmp_path / "img"),
+           "--masks", str(tmp_path / "msk"), "--init", "pretrained", "--freeze-backbone", "--steps", "2",
+           "--patch", "32", "--batch", "2", "--out", str(tmp_path / "out"), "--device", "cpu"]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    cfg = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert cfg["training"]["init_info"]["init_kind"] == "pretrain"
+    assert cfg["model"]["norm"] == "layer"
+    r = subprocess.run(cmd[:cmd.index("--init")] + ["--freeze-backbone", "--scratch", "--out", str(tmp_path / "o2")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "--freeze-backbone needs --init" in r.stderr
