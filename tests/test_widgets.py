@@ -571,6 +571,16 @@ def test_predict_field_of_view_adds_aligned_layers(viewer, qtbot, tmp_path, he_i
     assert 0.0 <= prob.data.min() and prob.data.max() <= 1.0
     assert tuple(prob.translate) == pytest.approx(tuple(glands.translate))
     assert w.fov_btn.isEnabled()
+    # the per-object table: one row per object, napari shows it under the cursor, saved as CSV
+    ids = np.unique(glands.data[glands.data > 0])
+    feats = glands.features
+    assert list(feats["Object ID"]) == list(ids) and (feats["Area px^2"] == np.bincount(glands.data.ravel())[ids]).all()
+    one = int(ids[0])
+    yy, xx = np.argwhere(glands.data == one)[0]
+    status = glands.get_status(tuple(np.array(glands.translate) + np.array(glands.scale) * (yy, xx)), world=True)
+    assert "Circularity" in str(status)
+    csv_path = w.save_measurements(str(tmp_path / "glands.csv"))
+    assert csv_path and (tmp_path / "glands.csv").read_text(encoding="utf-8").count("\n") == len(ids) + 1
     fov = w._fov[1]
     computed = fov.tiles_computed
     w.fov_btn.click()  # the same view again: every tile comes from the cache

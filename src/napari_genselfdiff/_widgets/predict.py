@@ -254,6 +254,13 @@ class PredictWidget(QWidget):
         lay.addWidget(self.progress)
         self.legend = Legend(self.viewer)
         lay.addWidget(self.legend)
+        self.measure_btn = QPushButton("Save measurements (CSV)…")
+        self.measure_btn.setToolTip("the objects of the last field-of-view result, one row each: area, perimeter, "
+                                    "circularity, eccentricity, solidity, mean probability; in µm when the pixel "
+                                    "size is known (also shown in the status bar over an object)")
+        self.measure_btn.setEnabled(False)
+        self.measure_btn.clicked.connect(self.save_measurements)
+        lay.addWidget(self.measure_btn)
         lay.addStretch(1)
 
         self.fill_models()
@@ -382,7 +389,9 @@ class PredictWidget(QWidget):
         (downsample, offset in level pixels) goes into its metadata so the GeoJSON writer can
         place objects in slide pixels; ``meta`` adds to it (e.g. the gathered views)."""
         style = dict(style or {})
-        meta = {"genselfdiff": {**grid, "image": self._image_layer.name}, **(meta or {})}
+        slide_mpp = grid_of(self._image_layer).mpp  # microns per full-resolution pixel: the GeoJSON's µm
+        meta = {"genselfdiff": {**grid, "image": self._image_layer.name, **({"mpp": slide_mpp} if slide_mpp else {})},
+                **(meta or {})}
         if "legend" in style:
             meta[LEGEND_KEY] = style.pop("legend")
         if self._update_layer(name, data, place, multiscale, metadata=meta):
@@ -434,6 +443,7 @@ class PredictWidget(QWidget):
         views = {FOV_KEY: {"regions": canvas.regions_in_array()}}
         shown = [self._put_labels(name, canvas.arrays[LABELS], place, grid, style=instance_style(predictor.task, of),
                                   meta=views)]
+        self._measure(shown[0], canvas.arrays[LABELS], canvas.arrays["probability"], result.mpp)
         self.views.shown(name, canvas, shown[0])
         if "classes" in canvas.arrays:
             shown.append(self._put_labels("classes", canvas.arrays["classes"], place, grid,
@@ -446,6 +456,40 @@ class PredictWidget(QWidget):
         where = fmt_mpp(result.mpp) if result.mpp else f"level {level} (pixel size unknown)"
         held = f"; it holds {len(canvas.regions)} views" if len(canvas.regions) > 1 else ""
         self.progress.set_status(f"{n} {noun} in the {w}x{h} view at {where} (layer '{name}'{held}){kept}")
+
+    def _measure(self, layer, labels: np.ndarray, foreground: np.ndarray, mpp: float | None) -> None:
+        """The result's per-object table (formats.measurements) as the layer's ``features``: napari
+        shows an object's row in the status bar under the cursor; Save measurements writes it."""
+        from ..formats.measurements import measure_objects
+
+        table = measure_objects(labels, probability=foreground, mpp=mpp)
+        layer.features = {"index": table["Object ID"], **table}
+        self._measured = layer
+        self.measure_btn.setEnabled(True)
+
+    def save_measurements(self, path: str | None = None) -> str | None:
+        """Write the last measured result's table as CSV (asks where, unless given); the path."""
+        from qtpy.QtWidgets import QFileDialog
+
+        from ..formats.measurements import write_csv
+
+        layer = getattr(self, "_measured", None)
+        if layer is None or layer not in self.viewer.layers:
+            show_error("no result to measure: predict a field of view first")
+            return None
+        if path is None:
+            path, _ = QFileDialog.getSaveFileName(self, "Save measurements", f"{safe_name(layer.name)}.csv",
+                                                  "CSV (*.csv)")
+            if not path:
+                return None
+        table = {k: v.to_numpy() for k, v in layer.features.items() if k != "index"}
+        try:  # the dialog asked before replacing a file; a file that is not a table of ours is kept
+            n = write_csv(path, table, force=True)
+        except (GenSelfDiffError, OSError) as e:
+            show_error(str(e))
+            return None
+        self.progress.set_status(f"{n} objects measured: {path}")
+        return path
 
     def _explain(self, layers: list) -> None:
         """The legend of the new result layers; the scale bar on (once) when the image is in microns."""
