@@ -447,11 +447,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         _say(f"genselfdiff {name}: error: out of memory; {_smaller(args)}")
     except OSError as e:
         _say(f"genselfdiff {name}: error: {describe_os_error(e, _output_of(args))}")
-    except RuntimeError as e:
-        if type(e).__name__ != "OutOfMemoryError":  # torch's (a RuntimeError); anything else is a bug
+    except Exception as e:
+        if type(e).__name__ == "OutOfMemoryError":  # torch's (a RuntimeError)
+            _say(f"genselfdiff {name}: error: out of GPU memory; {_smaller(args)}")
+        elif _raised_in(e, ("zarr", "numcodecs")):  # a store someone damaged or edited; anything else is a bug
+            _say(f"genselfdiff {name}: error: {_store_of(args)}: a damaged or edited zarr store "
+                 f"({type(e).__name__}: {_one_line(e) or 'no detail'}); predict again into a new folder")
+        else:
             raise
-        _say(f"genselfdiff {name}: error: out of GPU memory; {_smaller(args)}")
     return 2
+
+
+def _raised_in(e: BaseException, packages: tuple[str, ...]) -> bool:
+    """Whether the innermost frame of ``e``'s traceback is in one of ``packages``."""
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    module = tb.tb_frame.f_globals.get("__name__", "") if tb is not None else ""
+    return module.split(".")[0] in packages
+
+
+def _store_of(args: argparse.Namespace) -> str:
+    """The zarr store a command reads or resumes (export --labels, predict --out...)."""
+    for key in ("labels", "input", "out", "like"):
+        value = getattr(args, key, None)
+        if isinstance(value, str) and value.rstrip("/").endswith(".zarr"):
+            return value
+    return getattr(args, "labels", None) or getattr(args, "out", None) or "the store"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -135,16 +135,30 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, config: dic
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_directory(path) as tmp:
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        save_file(state, str(tmp / MODEL_FILE))
+        _save_tensors(state, tmp / MODEL_FILE, path)
         if training_state is not None:
             tensors: dict[str, torch.Tensor] = {}
             skeleton = _split_tensors(training_state, "", tensors)
-            save_file(tensors, str(tmp / STATE_TENSORS))
+            _save_tensors(tensors, tmp / STATE_TENSORS, path)
             _write_json(tmp / STATE_JSON, skeleton)
         _write_json(tmp / CONFIG_FILE, {**config, "format_version": FORMAT_VERSION,
                                         "weights_sha256": file_sha256(tmp / MODEL_FILE)})
         normal_permissions(tmp)  # safetensors writes 0600 files
     return path
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], file: Path, target: Path) -> None:
+    """``save_file``, its I/O failures (safetensors' own error type: a full disk says "No space left
+    on device (os error 28)") raised as the OSError they are, naming the checkpoint being saved."""
+    try:
+        save_file(tensors, str(file))
+    except SafetensorError as e:
+        import errno
+        import re
+
+        code = re.search(r"os error (\d+)", str(e))
+        raise OSError(int(code.group(1)) if code else errno.EIO, f"cannot save the checkpoint ({e})",
+                      str(target)) from None
 
 
 def _split_tensors(obj: Any, prefix: str, out: dict[str, torch.Tensor]) -> Any:
