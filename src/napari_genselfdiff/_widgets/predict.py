@@ -21,7 +21,7 @@ from typing import Any, Iterator
 
 import numpy as np
 from napari.utils.notifications import show_error, show_warning
-from qtpy.QtWidgets import QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, QGroupBox, QPushButton, QWidget
+from qtpy.QtWidgets import QCheckBox, QComboBox, QFormLayout, QGroupBox, QPushButton, QWidget
 
 from ..bundled import bundled_models
 from ..core.errors import DataError, GenSelfDiffError, GenSelfDiffWarning
@@ -32,6 +32,7 @@ from .canvas import FOV_KEY, LABELS, GatheredViews
 from .geometry import (Region, at_model_level, grid_of, layer_downsamples, placement, scale_bar_of, view_of,
                        visible_region)
 from .inputs import (DeviceChooser, LayerChoices, PathEdit, PrecisionChooser, int_spin, is_rgb_image, level0_data,
+                     pixel_size_spin,
                      row, scrolling_column)
 from .jobs import JobRunner, StopsJobsOnClose
 from .legend import LEGEND_KEY, PROBABILITY_COLORMAP, Legend, classes_style, instance_style
@@ -208,14 +209,8 @@ class PredictWidget(QWidget):
         form.addRow("Device", self.device)
         self.precision = PrecisionChooser(self.device)
         form.addRow("Precision", self.precision)
-        self.mpp = QDoubleSpinBox()
-        self.mpp.setRange(0.0, 50.0)
-        self.mpp.setDecimals(3)
-        self.mpp.setSingleStep(0.05)
-        self.mpp.setSuffix(" µm/px")
-        self.mpp.setSpecialValueText("from the image")
-        self.mpp.setToolTip("microns per pixel of the image, used only when its file does not say "
-                            "(e.g. 0.25 at 40x, 0.5 at 20x); the model always runs at its own resolution")
+        self.mpp = pixel_size_spin("microns per pixel of the image, used only when its file does not say "
+                                   "(e.g. 0.25 at 40x, 0.5 at 20x); the model always runs at its own resolution")
         form.addRow("Pixel size", self.mpp)
         self.probability = QCheckBox("also add a probability layer")
         form.addRow("", self.probability)
