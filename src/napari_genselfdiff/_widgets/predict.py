@@ -394,7 +394,8 @@ class PredictWidget(QWidget):
         if name in self.viewer.layers:
             self.viewer.layers.remove(name)
         contour = style.pop("contour", 0)  # not an add_labels keyword
-        layer = self.viewer.add_labels(data, name=name, multiscale=multiscale, opacity=0.5, metadata=meta,
+        opacity = style.pop("opacity", 0.5)
+        layer = self.viewer.add_labels(data, name=name, multiscale=multiscale, opacity=opacity, metadata=meta,
                                        **style, **place)
         layer.contour = contour
         self._shown[name] = layer
