@@ -134,8 +134,8 @@ def device(text: str) -> str:
 
 
 def loss(text: str) -> str:
-    """A weighted sum of the losses in :mod:`..core.losses`, e.g. ``focal+ssl``."""
-    from ..core.losses import parse_loss
+    """A weighted sum of the losses in :mod:`..core.train.losses`, e.g. ``focal+ssl``."""
+    from ..core.train.losses import parse_loss
 
     try:
         parse_loss(text)
