@@ -12,7 +12,7 @@ import torch
 
 from napari_genselfdiff.core import checkpoint as ck
 from napari_genselfdiff.core.data import ImageSource, LabeledImage, TaskSpec
-from napari_genselfdiff.core.nets.segmenter import HEAD_MODULES, build_segmentation_model, freeze_backbone
+from napari_genselfdiff.core.train.segmenter import HEAD_MODULES, build_segmentation_model, freeze_backbone
 from napari_genselfdiff.core.nets.unet import (LayerNorm2d, UNet, UNetConfig, fused_for_inference, seeded_model,
                                                segmentation_config)
 from napari_genselfdiff.core.progress import drain

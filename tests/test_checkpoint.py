@@ -152,7 +152,7 @@ def test_config_of_another_architecture_gives_one_clear_error(tmp_path):
     (d / ck.CONFIG_FILE).write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="do not match the architecture"):
         ck.load_model(d)
-    cfg["model"]["norm"] = "layer"
+    cfg["model"]["norm"] = "instance"
     (d / ck.CONFIG_FILE).write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="no valid architecture"):
         ck.load_model(d)

@@ -359,6 +359,26 @@ def test_accepting_an_empty_region_over_tissue_asks_first(viewer, tmp_path, he_i
     assert w.annotate.accept_region() == "r00002" and len(messages["warning"]) == n_warnings
 
 
+def test_clear_region_empties_a_wrong_prefill_and_accepts_it_without_asking(viewer, qtbot, tmp_path, he_image,
+                                                                            seg_model, messages):
+    viewer.add_image(he_image, name="H&E", rgb=True)
+    predicted = np.zeros((768, 1024), np.int32)
+    predicted[250:300, 300:400], predicted[320:340, 420:480] = 5, 9  # objects where there are none
+    viewer.add_labels(predicted, name="glands", metadata={"genselfdiff": {"downsample": 1.0, "offset": [0, 0],
+                                                                          "image": "H&E"}})
+    w = refine_widget(viewer, tmp_path, seg_model)
+    look_at(viewer, (300, 400), 4)  # tissue
+    layer = w.annotate.edit_region()
+    assert layer.data.any() and layer.metadata[EDIT_KEY]["prefill"] == ["prediction"]
+    w.annotate.clear_btn.click()
+    assert not layer.data.any() and any("cleared 2 object" in m for m in messages["info"])
+    n_warnings = len(messages["warning"])
+    assert w.annotate.accept_region() == "r00001" and len(messages["warning"]) == n_warnings  # no second press
+    assert w.project.regions()[0]["n_objects"] == 0
+    SHOTS.mkdir(exist_ok=True)
+    viewer.screenshot(str(SHOTS / "refine_clear_region.png"), canvas_only=False)
+
+
 def test_accepting_the_same_layer_twice_replaces_the_region(viewer, tmp_path, he_image, seg_model, messages):
     viewer.add_image(he_image, name="H&E", rgb=True)
     w = refine_widget(viewer, tmp_path, seg_model)

@@ -193,3 +193,99 @@ def test_training_sizes_that_cannot_fit_are_refused_before_starting(extra, flag,
     code, err = run(capsys, *argv, *extra)
     assert code == 2 and flag in one_line(err)
     assert not (tmp_path / "m").exists()
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """A prediction store of the bundled nuclei model on the bundled sample."""
+    out = tmp_path_factory.mktemp("store") / "pred.zarr"
+    assert main(["predict", "--model", "nuclei", "--input", str(sample_image_path()), "--out", str(out),
+                 "--device", "cpu"]) == 0
+    return out
+
+
+@pytest.mark.parametrize("damage", ["labels/nuclei/0/c/0/0", "done/c/0/0", "labels/nuclei/0/zarr.json"])
+def test_export_of_a_damaged_store_is_one_line_naming_it(damage, store, tmp_path, capsys):
+    import hashlib
+    import shutil
+
+    copy = tmp_path / "p.zarr"
+    shutil.copytree(store, copy)
+    part = copy / damage
+    part.write_bytes(b'{"zarr_format": 3, "node_type": "array", "shape": "x"}' if damage.endswith(".json")
+                     else bytes(range(100)))
+    before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in copy.rglob("*") if p.is_file()}
+    for flag, target in (("--geojson", tmp_path / "o.geojson"), ("--tiff", tmp_path / "o.tif")):
+        code, err = run(capsys, "export", "--labels", copy, flag, target)
+        line = one_line(err)
+        assert code == 2 and str(copy) in line and "damaged or edited zarr store" in line
+        assert not target.exists()
+    assert before == {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in copy.rglob("*") if p.is_file()}
+
+
+def test_a_full_disk_while_saving_a_checkpoint_is_one_line_and_keeps_the_old_one(data, tmp_path, capsys,
+                                                                                  monkeypatch):
+    import hashlib
+
+    from safetensors import SafetensorError
+
+    from napari_genselfdiff.core import checkpoint as ck
+
+    out = tmp_path / "m"
+    assert run(capsys, *finetune_argv(data, out))[0] == 0
+    before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.iterdir()}
+
+    def full(tensors, filename, *a, **k):
+        raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, "
+                              "message: \"No space left on device\" }) (os error 28)")
+
+    monkeypatch.setattr(ck, "save_file", full)
+    code, err = run(capsys, *finetune_argv(data, out, "--resume", "--steps", 2))
+    assert "Traceback" not in err
+    line = err.strip().splitlines()[-1]  # after the run's own "fine-tuning ... resumed" line
+    assert code == 2 and line.startswith("genselfdiff finetune: error:") and "no space left" in line and str(out) in line
+    assert before == {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.iterdir()}
+
+
+@pytest.mark.parametrize("edit", ["list", "step_string", "step_negative", "optimizer_missing", "param_ids",
+                                  "groups_not_lists", "group_size", "moment_shape", "truncated"])
+def test_an_edited_training_state_is_one_line_on_resume(edit, data, tmp_path, capsys):
+    import hashlib
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path / "m"
+    assert run(capsys, *finetune_argv(data, out))[0] == 0
+    state_json, state_tensors = out / "training_state.json", out / "training_state.safetensors"
+    state = json.loads(state_json.read_text())
+    if edit == "list":
+        state = [state]
+    elif edit == "step_string":
+        state["step"] = "1"
+    elif edit == "step_negative":
+        state["step"] = -5
+    elif edit == "optimizer_missing":
+        del state["optimizer"]
+    elif edit == "param_ids":
+        state["optimizer"]["state"] = {"x": {}}
+    elif edit == "groups_not_lists":
+        state["optimizer"]["param_groups"][0]["params"] = 3
+    elif edit == "group_size":
+        state["optimizer"]["param_groups"][0]["params"] = state["optimizer"]["param_groups"][0]["params"][:3]
+    elif edit == "moment_shape":
+        tensors = load_file(str(state_tensors))
+        name = next(k for k in tensors if k.endswith("exp_avg") and tensors[k].dim() == 4)
+        tensors[name] = tensors[name][:1]
+        save_file(tensors, str(state_tensors))
+    if edit == "truncated":
+        state_json.write_text(json.dumps(state)[:40])
+    else:
+        state_json.write_text(json.dumps(state))
+    before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.iterdir()}
+    code, err = run(capsys, *finetune_argv(data, out, "--resume", "--steps", 2))
+    assert "Traceback" not in err
+    line = err.strip().splitlines()[-1]
+    assert code == 2 and line.startswith("genselfdiff finetune: error:"), err
+    assert "training state" in line or "training_state.json" in line
+    assert before == {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.iterdir()}

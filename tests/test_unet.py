@@ -103,7 +103,7 @@ def test_old_configs_load_as_groupnorm():
     d.pop("norm")
     assert UNetConfig.from_dict(d).norm == "group"
     with pytest.raises(ValueError, match="normalisation"):
-        UNetConfig(norm="layer")
+        UNetConfig(norm="instance")
 
 
 def test_fused_for_inference_computes_the_same_function_and_leaves_the_model_alone():

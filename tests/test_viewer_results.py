@@ -317,9 +317,11 @@ def test_nuclei_are_outlines_and_a_class_map_gets_its_class_names(viewer, qtbot,
     look_at_pixel(viewer, image, (300, 400), 2)
     predict_here(qtbot, w)
     nuclei = viewer.layers["nuclei"]
-    assert nuclei.contour == 1
+    assert nuclei.contour == 2 and nuclei.opacity == pytest.approx(0.9)  # visible at ordinary zoom
     assert w.legend.entries()[0][:2] == ("nuclei", "nucleus (outlines)")
-    np.testing.assert_allclose(w.legend.entries()[0][2], (30 / 255, 90 / 255, 1.0, 1.0))
+    np.testing.assert_allclose(w.legend.entries()[0][2], (1.0, 220 / 255, 0.0, 1.0))
+    from napari_genselfdiff.formats.qupath import colour_of_class
+    assert colour_of_class("Nucleus") == (255, 220, 0)  # the QuPath export's colour is napari's
     # a model of several classes: a class map whose legend lists them in its colours
     stand_in(monkeypatch, Dark("multiclass", mpp=0.5))
     w.probability.setChecked(False)

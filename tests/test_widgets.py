@@ -371,11 +371,17 @@ def test_finetune_widget_starts_from_the_shipped_backbone_and_can_train_the_head
     from napari_genselfdiff.bundled import bundled_backbone
     from napari_genselfdiff.core import checkpoint as ck
 
+    from napari_genselfdiff._widgets.geometry import slide_scale
+
     image = he_image[:128, :128]
-    viewer.add_image(image, name="H&E", rgb=True)
-    viewer.add_labels(painted_labels(image.shape[:2]), name="glands drawn")
+    viewer.add_image(image, name="H&E", rgb=True, **slide_scale(0.5))  # an image in microns
+    viewer.add_labels(painted_labels(image.shape[:2]), name="glands drawn", **slide_scale(0.5))
     w = dock(viewer, FinetuneWidget(viewer), "Fine-tune")
     assert w.init.text() == "pretrained" and bundled_backbone() is not None  # the default starting point
+    assert w.config().mpp == pytest.approx(0.5)  # the layer's pixel size reaches the model
+    w.mpp.setValue(0.25)
+    assert w.config().mpp == pytest.approx(0.25)  # the Pixel size row, where given, wins
+    w.mpp.setValue(0.0)
     w.freeze.setChecked(True)
     out = tmp_path / "head-only"
     tiny_finetune_settings(w, out, steps=2)
@@ -384,7 +390,7 @@ def test_finetune_widget_starts_from_the_shipped_backbone_and_can_train_the_head
     wait_idle(qtbot, w)
     config = json.loads((out / "config.json").read_text())
     assert config["training"]["init_info"]["init"] == str(bundled_backbone())
-    assert config["model"]["norm"] == "layer"
+    assert config["model"]["norm"] == "layer" and config["mpp"] == pytest.approx(0.5)
     pre, ft = ck.load_weights(bundled_backbone()), ck.load_weights(out)
     assert torch.equal(pre["stem.weight"], ft["stem.weight"])  # frozen
     assert not torch.equal(pre["final_block.conv2.weight"], ft["final_block.conv2.weight"])  # trained
@@ -571,6 +577,16 @@ def test_predict_field_of_view_adds_aligned_layers(viewer, qtbot, tmp_path, he_i
     assert 0.0 <= prob.data.min() and prob.data.max() <= 1.0
     assert tuple(prob.translate) == pytest.approx(tuple(glands.translate))
     assert w.fov_btn.isEnabled()
+    # the per-object table: one row per object, napari shows it under the cursor, saved as CSV
+    ids = np.unique(glands.data[glands.data > 0])
+    feats = glands.features
+    assert list(feats["Object ID"]) == list(ids) and (feats["Area px^2"] == np.bincount(glands.data.ravel())[ids]).all()
+    one = int(ids[0])
+    yy, xx = np.argwhere(glands.data == one)[0]
+    status = glands.get_status(tuple(np.array(glands.translate) + np.array(glands.scale) * (yy, xx)), world=True)
+    assert "Circularity" in str(status)
+    csv_path = w.save_measurements(str(tmp_path / "glands.csv"))
+    assert csv_path and (tmp_path / "glands.csv").read_text(encoding="utf-8").count("\n") == len(ids) + 1
     fov = w._fov[1]
     computed = fov.tiles_computed
     w.fov_btn.click()  # the same view again: every tile comes from the cache

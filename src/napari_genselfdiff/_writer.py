@@ -40,7 +40,8 @@ def write_geojson(path: str, data: Any, meta: dict[str, Any]) -> list[str]:
         raise ValueError(f"GeoJSON export needs a 2-D Labels layer, got shape {labels.shape}")
     offset, downsample = label_grid(meta)
     name = meta.get("name")  # QuPath class and object type follow the layer name (formats.qupath)
+    mpp = meta.get("metadata", {}).get("genselfdiff", {}).get("mpp")  # the Predict widget's layers say it
     export_label_array_chunked(labels, path, offset=offset, downsample=downsample,
                                class_name=qupath.class_name(name), object_type=qupath.object_type(name),
-                               force=True)
+                               force=True, mpp=mpp)
     return [path]

@@ -20,7 +20,9 @@ from ..core.nets.unet import PRESETS
 from ..core.progress import Progress, relay_last
 from ..core.train.losses import LOSSES, parse_loss
 from ..core.train.training import FinetuneConfig, finetune
-from .inputs import LayerChoices, PathEdit, add_training_rows, is_labels, is_rgb_image, layer_to_rgb, scrolling_column
+from .geometry import grid_of
+from .inputs import (LayerChoices, PathEdit, add_training_rows, is_labels, is_rgb_image, layer_to_rgb,
+                     pixel_size_spin, scrolling_column)
 from .jobs import JobRunner, StopsJobsOnClose
 from .progress import TrainingControls
 from .settings import Settings, remember_model
@@ -88,6 +90,10 @@ class FinetuneWidget(QWidget):
         self.val_fraction.setToolTip("part held out to report a validation Dice (one layer pair: by quadrant; "
                                      "folders: by image); 0 = no validation")
         form.addRow("Validation fraction", self.val_fraction)
+        self.mpp = pixel_size_spin("microns per pixel of the training images, used when the image layer or files do "
+                                   "not say (0.25 at 40x, 0.5 at 20x): the model records it, so Predict and projects "
+                                   "run it at the resolution it learned")
+        form.addRow("Pixel size", self.mpp)
         lay.addWidget(data)
 
         task = QGroupBox("Model")
@@ -135,7 +141,7 @@ class FinetuneWidget(QWidget):
 
         self.settings.bind_all({"source": self.source, "images_dir": self.images_dir, "masks_dir": self.masks_dir,
                                 "val_fraction": self.val_fraction, "task": self.task, "boundary": self.boundary,
-                                "distance": self.distance,
+                                "distance": self.distance, "mpp": self.mpp,
                                 "init": self.init, "freeze": self.freeze, "preset": self.preset, "loss": self.loss, "patch": self.patch,
                                 "steps": self.steps, "batch": self.batch, "device": self.device.combo,
                                 "out": self.out, "resume": self.resume})
@@ -183,7 +189,18 @@ class FinetuneWidget(QWidget):
                               preset=self.preset.currentText(), steps=steps,
                               patch=self.patch.value(), batch=self.batch.value(), loss=self.loss.currentText().strip(),
                               checkpoint_every=max(1, min(100, steps // 5)), val_every=max(1, min(100, steps // 5)),
-                              freeze_backbone=self.freeze.isChecked() and bool(self.init.text()))
+                              freeze_backbone=self.freeze.isChecked() and bool(self.init.text()),
+                              mpp=self.pixel_size())
+
+    def pixel_size(self) -> float | None:
+        """µm/px of the training pixels: the Pixel size row, else the image layer's (a slide or image
+        opened in microns), else unknown."""
+        if self.mpp.value():
+            return float(self.mpp.value())
+        if self.source.currentText() == LAYERS and self.image_layer.currentText():
+            layer = self.image_choices.by_name(self.image_layer.currentText())
+            return grid_of(layer).mpp if layer is not None else None
+        return None
 
     def start(self) -> None:
         try:

@@ -11,7 +11,7 @@ from typing import Any, Callable
 import numpy as np
 from qtpy.QtCore import QEvent, QObject, QSize, Qt
 from qtpy.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QFormLayout, QFrame, QGroupBox, QHBoxLayout, QLabel,
-                            QLineEdit, QListWidget, QPushButton, QScrollArea, QSpinBox, QVBoxLayout, QWidget)
+                            QDoubleSpinBox, QLineEdit, QListWidget, QPushButton, QScrollArea, QSpinBox, QVBoxLayout, QWidget)
 
 from ..core.device import CHOICES, available_devices, pick_device
 from ..core.errors import DataError, GenSelfDiffError
@@ -129,6 +129,18 @@ class PathEdit(QWidget):
             chosen = QFileDialog.getSaveFileName(self, "Choose where to save", start, self.file_filter)[0]
         if chosen:
             self.edit.setText(chosen)
+
+
+def pixel_size_spin(tip: str) -> QDoubleSpinBox:
+    """The Pixel size row Predict and Fine-tune share: µm/px, 0 shown as 'from the image'."""
+    spin = QDoubleSpinBox()
+    spin.setRange(0.0, 50.0)
+    spin.setDecimals(3)
+    spin.setSingleStep(0.05)
+    spin.setSuffix(" µm/px")
+    spin.setSpecialValueText("from the image")
+    spin.setToolTip(tip)
+    return spin
 
 
 def int_spin(lo: int, hi: int, value: int, step: int, tip: str) -> QSpinBox:

@@ -21,7 +21,7 @@ from typing import Any, Iterator
 
 import numpy as np
 from napari.utils.notifications import show_error, show_warning
-from qtpy.QtWidgets import QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, QGroupBox, QPushButton, QWidget
+from qtpy.QtWidgets import QCheckBox, QComboBox, QFormLayout, QGroupBox, QPushButton, QWidget
 
 from ..bundled import bundled_models
 from ..core.errors import DataError, GenSelfDiffError, GenSelfDiffWarning
@@ -32,6 +32,7 @@ from .canvas import FOV_KEY, LABELS, GatheredViews
 from .geometry import (Region, at_model_level, grid_of, layer_downsamples, placement, scale_bar_of, view_of,
                        visible_region)
 from .inputs import (DeviceChooser, LayerChoices, PathEdit, PrecisionChooser, int_spin, is_rgb_image, level0_data,
+                     pixel_size_spin,
                      row, scrolling_column)
 from .jobs import JobRunner, StopsJobsOnClose
 from .legend import LEGEND_KEY, PROBABILITY_COLORMAP, Legend, classes_style, instance_style
@@ -208,14 +209,8 @@ class PredictWidget(QWidget):
         form.addRow("Device", self.device)
         self.precision = PrecisionChooser(self.device)
         form.addRow("Precision", self.precision)
-        self.mpp = QDoubleSpinBox()
-        self.mpp.setRange(0.0, 50.0)
-        self.mpp.setDecimals(3)
-        self.mpp.setSingleStep(0.05)
-        self.mpp.setSuffix(" µm/px")
-        self.mpp.setSpecialValueText("from the image")
-        self.mpp.setToolTip("microns per pixel of the image, used only when its file does not say "
-                            "(e.g. 0.25 at 40x, 0.5 at 20x); the model always runs at its own resolution")
+        self.mpp = pixel_size_spin("microns per pixel of the image, used only when its file does not say "
+                                   "(e.g. 0.25 at 40x, 0.5 at 20x); the model always runs at its own resolution")
         form.addRow("Pixel size", self.mpp)
         self.probability = QCheckBox("also add a probability layer")
         form.addRow("", self.probability)
@@ -254,6 +249,13 @@ class PredictWidget(QWidget):
         lay.addWidget(self.progress)
         self.legend = Legend(self.viewer)
         lay.addWidget(self.legend)
+        self.measure_btn = QPushButton("Save measurements (CSV)…")
+        self.measure_btn.setToolTip("the objects of the last field-of-view result, one row each: area, perimeter, "
+                                    "circularity, eccentricity, solidity, mean probability; in µm when the pixel "
+                                    "size is known (also shown in the status bar over an object)")
+        self.measure_btn.setEnabled(False)
+        self.measure_btn.clicked.connect(self.save_measurements)
+        lay.addWidget(self.measure_btn)
         lay.addStretch(1)
 
         self.fill_models()
@@ -382,7 +384,9 @@ class PredictWidget(QWidget):
         (downsample, offset in level pixels) goes into its metadata so the GeoJSON writer can
         place objects in slide pixels; ``meta`` adds to it (e.g. the gathered views)."""
         style = dict(style or {})
-        meta = {"genselfdiff": {**grid, "image": self._image_layer.name}, **(meta or {})}
+        slide_mpp = grid_of(self._image_layer).mpp  # microns per full-resolution pixel: the GeoJSON's µm
+        meta = {"genselfdiff": {**grid, "image": self._image_layer.name, **({"mpp": slide_mpp} if slide_mpp else {})},
+                **(meta or {})}
         if "legend" in style:
             meta[LEGEND_KEY] = style.pop("legend")
         if self._update_layer(name, data, place, multiscale, metadata=meta):
@@ -390,7 +394,8 @@ class PredictWidget(QWidget):
         if name in self.viewer.layers:
             self.viewer.layers.remove(name)
         contour = style.pop("contour", 0)  # not an add_labels keyword
-        layer = self.viewer.add_labels(data, name=name, multiscale=multiscale, opacity=0.5, metadata=meta,
+        opacity = style.pop("opacity", 0.5)
+        layer = self.viewer.add_labels(data, name=name, multiscale=multiscale, opacity=opacity, metadata=meta,
                                        **style, **place)
         layer.contour = contour
         self._shown[name] = layer
@@ -434,6 +439,7 @@ class PredictWidget(QWidget):
         views = {FOV_KEY: {"regions": canvas.regions_in_array()}}
         shown = [self._put_labels(name, canvas.arrays[LABELS], place, grid, style=instance_style(predictor.task, of),
                                   meta=views)]
+        self._measure(shown[0], canvas.arrays[LABELS], canvas.arrays["probability"], result.mpp)
         self.views.shown(name, canvas, shown[0])
         if "classes" in canvas.arrays:
             shown.append(self._put_labels("classes", canvas.arrays["classes"], place, grid,
@@ -446,6 +452,40 @@ class PredictWidget(QWidget):
         where = fmt_mpp(result.mpp) if result.mpp else f"level {level} (pixel size unknown)"
         held = f"; it holds {len(canvas.regions)} views" if len(canvas.regions) > 1 else ""
         self.progress.set_status(f"{n} {noun} in the {w}x{h} view at {where} (layer '{name}'{held}){kept}")
+
+    def _measure(self, layer, labels: np.ndarray, foreground: np.ndarray, mpp: float | None) -> None:
+        """The result's per-object table (formats.measurements) as the layer's ``features``: napari
+        shows an object's row in the status bar under the cursor; Save measurements writes it."""
+        from ..formats.measurements import measure_objects
+
+        table = measure_objects(labels, probability=foreground, mpp=mpp)
+        layer.features = {"index": table["Object ID"], **table}
+        self._measured = layer
+        self.measure_btn.setEnabled(True)
+
+    def save_measurements(self, path: str | None = None) -> str | None:
+        """Write the last measured result's table as CSV (asks where, unless given); the path."""
+        from qtpy.QtWidgets import QFileDialog
+
+        from ..formats.measurements import write_csv
+
+        layer = getattr(self, "_measured", None)
+        if layer is None or layer not in self.viewer.layers:
+            show_error("no result to measure: predict a field of view first")
+            return None
+        if path is None:
+            path, _ = QFileDialog.getSaveFileName(self, "Save measurements", f"{safe_name(layer.name)}.csv",
+                                                  "CSV (*.csv)")
+            if not path:
+                return None
+        table = {k: v.to_numpy() for k, v in layer.features.items() if k != "index"}
+        try:  # the dialog asked before replacing a file; a file that is not a table of ours is kept
+            n = write_csv(path, table, force=True)
+        except (GenSelfDiffError, OSError) as e:
+            show_error(str(e))
+            return None
+        self.progress.set_status(f"{n} objects measured: {path}")
+        return path
 
     def _explain(self, layers: list) -> None:
         """The legend of the new result layers; the scale bar on (once) when the image is in microns."""

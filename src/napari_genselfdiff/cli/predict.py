@@ -147,7 +147,7 @@ def _export_labels(store: PredictionStore, name: str, labels, geojson, tiff, ome
         objects = export_label_array_chunked(
             labels, geojson, chunk=4096, probabilities=store.foreground(), downsample=downsample,
             object_type=object_type or qupath.object_type(name), class_name=qupath.class_name(name),
-            color=qupath.colour(name), force=force, inputs=sources)
+            color=qupath.colour(name), force=force, inputs=sources, mpp=store.slide_mpp)
     if tiff:
         from ..formats.tiff import write_label_tiff
 

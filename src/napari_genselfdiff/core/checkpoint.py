@@ -135,16 +135,30 @@ def save_checkpoint(path: str | os.PathLike, model: torch.nn.Module, config: dic
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_directory(path) as tmp:
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        save_file(state, str(tmp / MODEL_FILE))
+        _save_tensors(state, tmp / MODEL_FILE, path)
         if training_state is not None:
             tensors: dict[str, torch.Tensor] = {}
             skeleton = _split_tensors(training_state, "", tensors)
-            save_file(tensors, str(tmp / STATE_TENSORS))
+            _save_tensors(tensors, tmp / STATE_TENSORS, path)
             _write_json(tmp / STATE_JSON, skeleton)
         _write_json(tmp / CONFIG_FILE, {**config, "format_version": FORMAT_VERSION,
                                         "weights_sha256": file_sha256(tmp / MODEL_FILE)})
         normal_permissions(tmp)  # safetensors writes 0600 files
     return path
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], file: Path, target: Path) -> None:
+    """``save_file``, its I/O failures (safetensors' own error type: a full disk says "No space left
+    on device (os error 28)") raised as the OSError they are, naming the checkpoint being saved."""
+    try:
+        save_file(tensors, str(file))
+    except SafetensorError as e:
+        import errno
+        import re
+
+        code = re.search(r"os error (\d+)", str(e))
+        raise OSError(int(code.group(1)) if code else errno.EIO, f"cannot save the checkpoint ({e})",
+                      str(target)) from None
 
 
 def _split_tensors(obj: Any, prefix: str, out: dict[str, torch.Tensor]) -> Any:
@@ -253,9 +267,33 @@ def load_training_state(path: str | os.PathLike) -> dict | None:
     try:
         skeleton = json.loads((path / STATE_JSON).read_text())
         tensors = load_file(str(path / STATE_TENSORS)) if (path / STATE_TENSORS).is_file() else {}
-    except (json.JSONDecodeError, SafetensorError, OSError) as e:
+    except (json.JSONDecodeError, SafetensorError, OSError, RecursionError) as e:
         raise CheckpointError(f"{path}: unreadable training state ({e})") from None
+    problem = _training_state_problem(skeleton)
+    if problem:
+        raise CheckpointError(f"{path}: {STATE_JSON} was edited or damaged ({problem}); start the run again "
+                              "with --force instead of --resume")
     return _join_tensors(skeleton, tensors)
+
+
+def _training_state_problem(state: Any) -> str | None:
+    """What is wrong with a training state's layout (None: nothing): the step, the optimizer's
+    state and parameter groups, the run's settings, as training saves them."""
+    if not isinstance(state, dict):
+        return f"a {type(state).__name__} instead of an object"
+    step = state.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step <= 10**9:
+        return f"step {step!r} is not a whole number from 0 to 10^9"
+    opt = state.get("optimizer")
+    if not isinstance(opt, dict) or not isinstance(opt.get("state"), dict) or not isinstance(opt.get("param_groups"), list):
+        return "the optimizer's state is not the object training writes"
+    if not all(isinstance(k, str) and k.isdigit() and isinstance(v, dict) for k, v in opt["state"].items()):
+        return "the optimizer's state has entries that are not parameter numbers"
+    if not all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in opt["param_groups"]):
+        return "the optimizer's parameter groups are not lists of parameters"
+    if not isinstance(state.get("run", {}), dict):
+        return "the run's settings are not an object"
+    return None
 
 
 def optimizer_state_from_json(state: dict) -> dict:

@@ -41,6 +41,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import math
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -54,6 +55,7 @@ from shapely.geometry import MultiPolygon, Polygon
 from skimage.measure import find_contours
 
 from ..core.atomic import atomic_file, check_target
+from .measurements import shape_of_one
 from .qupath import OBJECT_KINDS
 
 log = logging.getLogger(__name__)
@@ -208,12 +210,13 @@ class _ExportOptions:
     class_name: str
     color: tuple[int, int, int]
     simplify_tolerance: float
+    mpp: float | None = None  # microns per full-resolution pixel: measurements in µm too
 
     @classmethod
     def make(cls, offset: Sequence[float] = (0, 0), downsample: float = 1.0,
              object_type: str = "annotation", class_name: str = "Gland",
              color: Sequence[int] | None = None,
-             simplify_tolerance: float = 0.0) -> _ExportOptions:
+             simplify_tolerance: float = 0.0, mpp: float | None = None) -> _ExportOptions:
         if object_type not in OBJECT_KINDS:
             raise ValueError(f"object_type must be one of {OBJECT_KINDS}, got {object_type!r}")
         if not downsample > 0:
@@ -226,9 +229,11 @@ class _ExportOptions:
         rgb = tuple(int(c) for c in color)
         if len(rgb) != 3 or not all(0 <= c <= 255 for c in rgb):
             raise ValueError(f"color must be three integers 0..255, got {color!r}")
+        if mpp is not None and not (math.isfinite(mpp) and mpp > 0):
+            raise ValueError(f"mpp must be a finite number > 0, got {mpp}")
         oy, ox = offset
         return cls((float(oy), float(ox)), float(downsample), object_type, str(class_name),
-                   rgb, float(simplify_tolerance))
+                   rgb, float(simplify_tolerance), None if mpp is None else float(mpp))
 
 
 def _object_geometry(mask: np.ndarray, origin: tuple[int, int], label: int,
@@ -268,6 +273,10 @@ def _make_feature(mask: np.ndarray, origin: tuple[int, int], label: int, opts: _
     geom, perimeter = _object_geometry(mask, origin, label, opts)
     measurements = {"area": float(np.count_nonzero(mask)) * opts.downsample ** 2,
                     "perimeter": perimeter}
+    shape = shape_of_one(mask, opts.mpp, opts.downsample)  # the measurements table's numbers (.measurements)
+    if opts.mpp is None:  # the pixel area and staircase perimeter above already say it in pixels
+        shape = {k: v for k, v in shape.items() if not k.endswith("px") and not k.endswith("px^2")}
+    measurements.update(shape)
     if probs is not None:
         measurements["mean_probability"] = _mean_probability(probs, mask)
     return {
@@ -372,7 +381,7 @@ def labels_to_features(labels: np.ndarray, *, offset: Sequence[float] = (0, 0),
                        downsample: float = 1.0, object_type: str = "annotation",
                        class_name: str = "Gland", color: Sequence[int] | None = None,
                        probabilities: np.ndarray | None = None,
-                       simplify_tolerance: float = 0.0) -> Iterator[dict[str, Any]]:
+                       simplify_tolerance: float = 0.0, mpp: float | None = None) -> Iterator[dict[str, Any]]:
     """One GeoJSON Feature per instance id > 0 of ``labels``, lazily, in increasing id order.
 
     Parameters
@@ -393,12 +402,14 @@ def labels_to_features(labels: np.ndarray, *, offset: Sequence[float] = (0, 0),
     Each feature has a uuid4 ``id``, a Polygon (MultiPolygon for objects in several parts) with
     holes as interior rings, and ``properties`` = ``objectType``, ``classification``,
     ``measurements`` (``area`` = pixel count * downsample**2, ``perimeter`` = length of all rings
-    of the exact polygon, both in full-resolution pixels) and ``label_id``.
+    of the exact polygon, both in full-resolution pixels; ``Circularity``, ``Eccentricity``,
+    ``Solidity`` and, with ``mpp`` (microns per full-resolution pixel), ``Area µm^2`` and
+    ``Perimeter µm``, the numbers of :mod:`.measurements`) and ``label_id``.
     """
     labels = np.asarray(labels)
     _check_label_array(labels, probabilities)
     opts = _ExportOptions.make(offset, downsample, object_type, class_name, color,
-                               simplify_tolerance)
+                               simplify_tolerance, mpp)
     probs = None if probabilities is None else np.asarray(probabilities)
     yield from _iter_array_features(labels, max(labels.shape), probs, opts)
 

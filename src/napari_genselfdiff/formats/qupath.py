@@ -2,17 +2,17 @@
 
 Glands are few and large: QuPath *annotations* (editable). Nuclei are many and small: QuPath
 *detections* (light-weight, not editable one by one). Any other name is an annotation of its own
-class, drawn yellow.
+class, drawn cyan.
 """
 from __future__ import annotations
 
 CLASS_NAMES = {"glands": "Gland", "nuclei": "Nucleus"}
-COLOURS = {"glands": (0, 200, 0), "nuclei": (30, 90, 255)}
+COLOURS = {"glands": (0, 200, 0), "nuclei": (255, 220, 0)}  # nuclei: yellow reads on haematoxylin, blue did not
 OBJECT_TYPES = {"glands": "annotation", "nuclei": "detection"}
 
 #: The object types QuPath knows (GeoJSON ``objectType``).
 OBJECT_KINDS = ("annotation", "detection")
-DEFAULT_COLOUR = (255, 255, 0)
+DEFAULT_COLOUR = (0, 220, 255)
 DEFAULT_OBJECT_TYPE = "annotation"
 
 
@@ -27,12 +27,12 @@ def object_type(task: str | None) -> str:
 
 
 def colour(task: str | None) -> tuple[int, int, int]:
-    """RGB display colour of a task (yellow when unknown)."""
+    """RGB display colour of a task (cyan when unknown)."""
     return COLOURS.get(task or "", DEFAULT_COLOUR)
 
 
 def colour_of_class(name: str) -> tuple[int, int, int]:
-    """RGB colour of a QuPath class name ('Nucleus' -> the nuclei colour; yellow when unknown)."""
+    """RGB colour of a QuPath class name ('Nucleus' -> the nuclei colour; cyan when unknown)."""
     for task, cls in CLASS_NAMES.items():
         if cls.lower() == name.lower():
             return COLOURS[task]

@@ -227,6 +227,7 @@ def connect(workers: int | None = None, scheduler: str | None = None, *,
                                "install dask and distributed together: pip install \"dask[distributed]\"") from None
     stack = contextlib.ExitStack()
     if scheduler:
+        check_scheduler(scheduler)  # before a Client exists: a failed one hangs 20 s and prints a traceback
         try:
             client = Client(scheduler, timeout=timeout, set_as_default=False)
         except (OSError, ValueError, TypeError) as e:
@@ -246,6 +247,36 @@ def connect(workers: int | None = None, scheduler: str | None = None, *,
     client = Client(cluster, set_as_default=False)
     stack.callback(client.close)
     return _Entered(stack, client)
+
+
+def check_scheduler(address: str, timeout_s: float = 10.0) -> None:
+    """Ask ``address`` who it is over distributed's own protocol, without a Client: a DataError in
+    one line unless a Dask scheduler answers (nothing listening, another kind of server, a tls://
+    address without TLS settings, no answer within ``timeout_s``)."""
+    import asyncio
+
+    from distributed.comm import connect as comm_connect
+
+    async def identity():
+        comm = await comm_connect(address, timeout=timeout_s)
+        try:
+            await comm.write({"op": "identity"})
+            return await asyncio.wait_for(comm.read(), timeout_s)
+        finally:
+            comm.abort()
+
+    try:
+        reply = asyncio.run(asyncio.wait_for(identity(), 2 * timeout_s + 1))
+    except Exception as e:  # noqa: BLE001 -- whatever went wrong on the wire, the answer is "not a scheduler here"
+        what = str(e).splitlines()[0] if str(e) else "no answer"
+        hint = ("; a tls:// scheduler needs distributed's TLS settings (dask config)" if "TLS" in str(e) else
+                "; is a Dask scheduler listening there?" if isinstance(e, TimeoutError) else "")
+        raise DataError(f"--scheduler {address}: cannot connect to a Dask scheduler ({type(e).__name__}: "
+                        f"{what}){hint}") from None
+    kind = reply.get("type") if isinstance(reply, dict) else None
+    if kind != "Scheduler":
+        raise DataError(f"--scheduler {address}: something answers there, but not a Dask scheduler "
+                        f"(it says it is {kind or 'nothing dask knows'})")
 
 
 class _Entered(contextlib.AbstractContextManager):

@@ -90,9 +90,13 @@ class AnnotateBox(QGroupBox):
         self.edit_btn.setToolTip(f"open the region in view (at most {MAX_EDIT} x {MAX_EDIT} pixels) at full "
                                  "resolution as a Labels layer to paint on")
         self.accept_btn.setToolTip("store the selected (or last) edit layer as a correction in the project")
+        self.clear_btn = QPushButton("Clear region")
+        self.clear_btn.setToolTip("remove every object from the edit layer (a region with none, e.g. a prefilled "
+                                  "prediction on keratin or stroma); paint what is there, or accept it empty")
         self.edit_btn.clicked.connect(lambda: self.edit_region())
         self.accept_btn.clicked.connect(lambda: self.accept_region())
-        form.addRow(row(self.edit_btn, self.accept_btn))
+        self.clear_btn.clicked.connect(lambda: self.clear_region())
+        form.addRow(row(self.edit_btn, self.clear_btn, self.accept_btn))
         self.runner.result.connect(self._on_predicted)
         self.runner.failed.connect(self._on_prediction_failed)
         self.runner.stopped.connect(self._on_prediction_stopped)
@@ -250,6 +254,21 @@ class AnnotateBox(QGroupBox):
             renumbered = np.where(part > 0, np.searchsorted(ids, part) + 1 + int(labels.max()), 0)
             labels = np.where(inside, renumbered, labels).astype(np.int32)
         return labels, prefill
+
+    def clear_region(self, layer=None):
+        """Empty the selected (or last) edit layer: its prefilled objects were wrong. Accepting it
+        as it is then stores a region with no objects without asking again; returns the layer."""
+        try:
+            layer = layer or self._edit_layer()
+        except GenSelfDiffError as e:
+            show_error(str(e))
+            return None
+        n = len(np.unique(layer.data)) - int((np.asarray(layer.data) == 0).any())
+        layer.data = np.zeros_like(layer.data)
+        layer.metadata = {**layer.metadata, EDIT_KEY: {**layer.metadata[EDIT_KEY], "empty_ok": True}}
+        self._start_painting(layer)
+        show_info(f"cleared {n} object(s) from {layer.name!r}: paint what is there, or accept it as a region with none")
+        return layer
 
     # -- accepting ---------------------------------------------------------------------------
 

@@ -1,4 +1,3 @@
-"""The networks: the time-conditioned U-Net, its presets and the BatchNorm-folded copy inference
-runs (``unet``), how far a trained network looks and the halo a tiler needs (``receptive``), and
-the segmentation network a fine-tuning starts from, pretrained weights transferred and the
-backbone optionally frozen (``segmenter``)."""
+"""The networks: the time-conditioned U-Net, its presets (``backbone``: the one network from pretext
+to segmentation) and the folded copy inference runs (``unet``), and how far a trained network looks
+and the halo a tiler needs (``receptive``)."""

@@ -30,7 +30,7 @@ from ..data import (NORMALIZATION, AugmentConfig, LabeledImage, TaskSpec, Unlabe
 from ..device import channels_last_for, tune_allocator
 from ..errors import CheckpointError, DataError, GenSelfDiffError
 from ..inference import TorchPredictor, predict_image
-from ..nets.segmenter import build_segmentation_model, freeze_backbone
+from .segmenter import build_segmentation_model, freeze_backbone
 from ..nets.unet import PRESETS, UNet, UNetConfig, iter_recalibrate_batchnorm, seeded_model
 from ..precision import Precision, autocast, precision_of, resolve_precision
 from ..pretext.diffusion import Diffusion, ScheduleConfig
@@ -198,7 +198,19 @@ class _Trainer:
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None, "run": run}
 
     def restore(self, state: dict) -> int:
-        self.opt.load_state_dict(ckpt.optimizer_state_from_json(state["optimizer"]))
+        """Continue from a saved state; an edited one (parameters that are not this model's, moment
+        tensors of the wrong shape) is one CheckpointError, never the optimizer's traceback."""
+        try:
+            saved = ckpt.optimizer_state_from_json(state["optimizer"])
+            params = [p for g in self.opt.param_groups for p in g["params"]]
+            for k, v in saved["state"].items():
+                bad = [n for n, t in v.items() if torch.is_tensor(t) and t.dim() and t.shape != params[k].shape]
+                if bad:
+                    raise ValueError(f"parameter {k}'s {bad[0]} does not fit the model")
+            self.opt.load_state_dict(saved)
+        except (ValueError, KeyError, IndexError, TypeError) as e:
+            raise CheckpointError(f"the saved training state does not fit this model ({e}); edited? start the "
+                                  "run again with --force instead of --resume") from None
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         return int(state["step"])

@@ -9,7 +9,7 @@ from .. import checkpoint as ckpt
 from ..data import NORMALIZATION, TaskSpec
 from ..errors import CheckpointError
 from ..inference import checkpoint_task
-from .unet import UNet, UNetConfig, seeded_model, segmentation_config, transfer_pretrained
+from ..nets.unet import UNet, UNetConfig, seeded_model, segmentation_config, transfer_pretrained
 
 HEAD_MODULES = ("final_block", "final_conv")  # what a frozen-backbone fine-tuning trains
 

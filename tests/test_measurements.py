@@ -1,0 +1,121 @@
+"""Per-object measurements in microns (formats/measurements.py): shapes a pathologist can check by
+hand, stain densities, region counts, the CSV and the GeoJSON export's unit-named measurements."""
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from napari_genselfdiff.core.errors import DataError
+from napari_genselfdiff.formats.measurements import measure_objects, region_summary, shape_of_one, write_csv
+
+
+def _disc(shape, cy, cx, r):
+    yy, xx = np.mgrid[:shape[0], :shape[1]]
+    return (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+
+
+def _scene():
+    labels = np.zeros((120, 160), np.int32)
+    labels[_disc(labels.shape, 40, 40, 20)] = 1           # a disc, radius 20 px
+    labels[80:100, 90:150] = 2                            # a 20 x 60 px rectangle
+    return labels
+
+
+def test_shapes_in_microns_match_geometry():
+    t = measure_objects(_scene(), mpp=0.5)
+    assert list(t["Object ID"]) == [1, 2]
+    disc_area = np.pi * 20 ** 2 * 0.25  # µm^2
+    assert t["Area µm^2"][0] == pytest.approx(disc_area, rel=0.02)
+    assert t["Area µm^2"][1] == pytest.approx(20 * 60 * 0.25)
+    assert t["Perimeter µm"][0] == pytest.approx(2 * np.pi * 20 * 0.5, rel=0.06)
+    assert t["Circularity"][0] > 0.9 > t["Circularity"][1]
+    assert t["Eccentricity"][0] < 0.2 < t["Eccentricity"][1]
+    assert t["Solidity"][1] == pytest.approx(1.0)
+    assert t["Centroid X µm"][1] == pytest.approx(119.5 * 0.5) and t["Centroid Y µm"][1] == pytest.approx(89.5 * 0.5)
+    px = measure_objects(_scene())
+    assert "Area px^2" in px and "Area µm^2" not in px  # no pixel size: pixels, said in the name
+    assert px["Area px^2"][1] == 1200
+
+
+def test_stain_densities_and_probability():
+    labels = _scene()
+    image = np.full(labels.shape + (3,), 235, np.uint8)
+    image[labels == 1] = (60, 40, 140)    # haematoxylin-blue nucleus
+    image[labels == 2] = (230, 120, 190)  # eosin-pink cytoplasm
+    prob = np.where(labels > 0, 0.8, 0.1).astype(np.float32)
+    t = measure_objects(labels, image=image, probability=prob, mpp=0.5)
+    assert t["Hematoxylin OD mean"][0] > t["Hematoxylin OD mean"][1]
+    assert t["Eosin OD mean"][1] > t["Eosin OD mean"][0]
+    assert t["Probability mean"] == pytest.approx([0.8, 0.8])
+    t8 = measure_objects(labels, probability=(prob * 255).astype(np.uint8))
+    assert t8["Probability mean"] == pytest.approx([0.8, 0.8], abs=0.01)
+
+
+def test_region_summary_counts_density_and_fraction():
+    labels = _scene()
+    left = np.zeros(labels.shape, bool)
+    left[:, :80] = True
+    s = region_summary(labels, left, mpp=0.5)
+    assert s["objects"] == 1  # the disc's centre is inside, the rectangle's is not
+    assert s["area mm^2"] == pytest.approx(120 * 80 * 0.25e-6)
+    assert s["objects per mm^2"] == pytest.approx(1 / (120 * 80 * 0.25e-6))
+    assert s["area fraction"] == pytest.approx((labels[:, :80] > 0).mean())
+    with pytest.raises(DataError, match="region is empty"):
+        region_summary(labels, np.zeros(labels.shape, bool))
+
+
+def test_bad_inputs_are_one_line_errors():
+    with pytest.raises(DataError, match="2-D integer"):
+        measure_objects(np.zeros((4, 4), np.float32))
+    with pytest.raises(DataError, match="not the same pixels"):
+        measure_objects(_scene(), image=np.zeros((10, 10, 3), np.uint8))
+    with pytest.raises(DataError, match="pixel size"):
+        measure_objects(_scene(), mpp=-1)
+
+
+def test_csv_round_trip_and_never_over_a_users_file(tmp_path):
+    t = measure_objects(_scene(), mpp=0.5)
+    path = tmp_path / "m.csv"
+    assert write_csv(path, t) == 2
+    rows = list(csv.DictReader(path.open(encoding="utf-8")))
+    assert rows[1]["Object ID"] == "2" and float(rows[1]["Area µm^2"]) == pytest.approx(300)
+    with pytest.raises(DataError):
+        write_csv(path, t)  # exists: --force needed
+    assert write_csv(path, t, force=True) == 2
+    mine = tmp_path / "mine.csv"
+    mine.write_text("patient,grade\n1,2\n")
+    with pytest.raises(DataError):
+        write_csv(mine, t, force=True)  # not ours: never replaced
+    assert mine.read_text() == "patient,grade\n1,2\n"
+
+
+def test_shape_of_one_is_the_table_row():
+    labels = _scene()
+    row = shape_of_one(labels == 2, mpp=0.25, downsample=2.0)
+    t = measure_objects(labels, mpp=0.5)
+    for k in ("Area µm^2", "Perimeter µm", "Circularity", "Solidity"):
+        assert row[k] == pytest.approx(t[k][1])
+
+
+def test_geojson_carries_measurements_with_units(tmp_path):
+    from napari_genselfdiff.formats.geojson import labels_to_features
+
+    feats = list(labels_to_features(_scene(), mpp=0.5))
+    m = feats[1]["properties"]["measurements"]
+    assert m["Area µm^2"] == pytest.approx(300) and m["area"] == 1200  # pixels kept for the round trip
+    assert m["Circularity"] < 0.9
+    json.dumps(feats)  # serialisable
+    plain = list(labels_to_features(_scene()))[0]["properties"]["measurements"]
+    assert "Area µm^2" not in plain and "Circularity" in plain
+
+
+def test_napari_writer_puts_microns_in_the_geojson_of_a_predict_layer(tmp_path):
+    from napari_genselfdiff._writer import write_geojson
+
+    meta = {"name": "glands", "metadata": {"genselfdiff": {"downsample": 2.0, "offset": [0, 0], "mpp": 0.25}}}
+    path = tmp_path / "g.geojson"
+    write_geojson(str(path), _scene(), meta)
+    feats = json.loads(path.read_text())["features"]
+    m = feats[1]["properties"]["measurements"]
+    assert m["Area µm^2"] == pytest.approx(1200 * (2 * 0.25) ** 2)  # label px -> full-res px -> µm
