@@ -18,10 +18,10 @@ sys.path.insert(0, str(REPO / "src"))
 
 from napari_genselfdiff.core.data import (ImageSource, LabeledImage, TaskSpec, downscale_item,  # noqa: E402
                                           load_labeled_folder, mask_to_target, read_mask, split_touching)
-from napari_genselfdiff.core.evaluation import evaluate_items  # noqa: E402
+from napari_genselfdiff.core.eval.evaluation import evaluate_items  # noqa: E402
 from napari_genselfdiff.core.inference import TorchPredictor  # noqa: E402
 from napari_genselfdiff.core.progress import drain  # noqa: E402,F401  (re-exported for the benchmark scripts)
-from napari_genselfdiff.core.training import FinetuneConfig, PretrainConfig, finetune, pretrain  # noqa: E402,F401  (re-exported)
+from napari_genselfdiff.core.train.training import FinetuneConfig, PretrainConfig, finetune, pretrain  # noqa: E402,F401  (re-exported)
 
 
 def data_dir() -> Path:
@@ -121,7 +121,7 @@ def object_metrics_on_true_instances(result: dict, instances: dict) -> dict:
     averaged over the images that have true instance labels only: on the others the ground
     truth's "instances" would be the binary mask's connected components, which merge 15-45 % of
     MoNuSeg's nuclei and would punish a model for separating them."""
-    from napari_genselfdiff.core.metrics import aggregate
+    from napari_genselfdiff.core.eval.metrics import aggregate
 
     mean = dict(result["mean"])
     if result["task"] != "nuclei":
@@ -152,7 +152,7 @@ def pretrained_enough(path: Path, steps: int, preset: str | None = None) -> bool
     resuming it would silently benchmark the old network."""
     import json
 
-    from napari_genselfdiff.core.unet import UNetConfig
+    from napari_genselfdiff.core.nets.unet import UNetConfig
 
     cfg = path / "config.json"
     if not cfg.is_file():

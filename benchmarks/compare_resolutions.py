@@ -17,7 +17,7 @@ import json
 from common import DATASETS, data_dir, object_metrics_on_true_instances, split_by_image
 
 from napari_genselfdiff.core.data import TaskSpec, load_labeled_folder, read_mask  # noqa: E402
-from napari_genselfdiff.core.evaluation import evaluate_items  # noqa: E402
+from napari_genselfdiff.core.eval.evaluation import evaluate_items  # noqa: E402
 from napari_genselfdiff.core.inference import TorchPredictor  # noqa: E402
 
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from common import machine, time_per_call  # also puts src/ on the path
-from napari_genselfdiff.core import unet as U
+from napari_genselfdiff.core.nets import unet as U
 
 VARIANTS = {"tiny": {}, "tiny-3level": {"mults": (1, 2, 2)}}
 

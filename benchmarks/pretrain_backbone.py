@@ -32,7 +32,7 @@ import torch
 from common import DATASETS, REPO, PretrainConfig, data_dir, load_dataset, machine, pretrain, unlabeled_pool
 
 from napari_genselfdiff.core.data import to_model_input
-from napari_genselfdiff.core.diffusion import Diffusion, ScheduleConfig
+from napari_genselfdiff.core.pretext.diffusion import Diffusion, ScheduleConfig
 
 EVAL_T = (50, 200, 500)  # noise levels of the held-out denoising loss (of the schedule's 1000)
 
@@ -89,7 +89,7 @@ def fixed_patches(val_items: list, patch: int, n: int = 32) -> np.ndarray:
 def write_samples(ckpt: Path, path: Path, n: int = 8, size: int = 128) -> None:
     import imageio.v3 as iio
 
-    from napari_genselfdiff.core.sampling import generate_tiles, tile_grid
+    from napari_genselfdiff.core.pretext.sampling import generate_tiles, tile_grid
 
     tiles = generate_tiles(ckpt, n, size=size, steps=50, sampler="ddim", seed=0, device="cpu")
     iio.imwrite(path, tile_grid(tiles, cols=n))
@@ -180,7 +180,7 @@ def card(cfg: dict, curve: list[dict]) -> str:
 Fine-tune widget's default). It predicts noise, not masks: it is not a segmentation model and is not
 offered for prediction.
 
-- **Network**: the `backbone` preset (core/unet.py): base {cfg['model']['base']}, levels {cfg['model']['mults']},
+- **Network**: the `backbone` preset (core/nets/unet.py): base {cfg['model']['base']}, levels {cfg['model']['mults']},
   a per-pixel LayerNorm, no attention: the same network the segmenter is, so every tensor but the
   head transfers unchanged and tiling cannot change a fine-tuned model's answer.
 - **Pretext**: DDPM noise prediction ({cfg['schedule']}), {t['steps']} steps of batch {t['batch']},

@@ -1,5 +1,5 @@
 """What self-supervised pretraining buys: the same network fine-tuned from scratch, from diffusion
-pretraining and from nucleus-aware pretraining (core.pretext_nucleus), at several label fractions
+pretraining and from nucleus-aware pretraining (core.train.pretext_nucleus), at several label fractions
 and seeds, on GlaS (glands) and MoNuSeg (nuclei).
 
     python benchmarks/quality.py --budget smoke|cpu|gpu [--datasets glas monuseg] [--arms scratch diffusion nucleus]
@@ -36,7 +36,7 @@ import numpy as np
 from common import (DATASETS, pretrained_enough, REPO, FinetuneConfig, PretrainConfig, Timer, data_dir, drain, evaluate, finetune,
                     load_dataset, machine, pretrain, unlabeled_pool)
 
-from napari_genselfdiff.core.pretext_nucleus import NucleusPretrainConfig, nucleus_samples, pretrain_nucleus
+from napari_genselfdiff.core.train.pretext_nucleus import NucleusPretrainConfig, nucleus_samples, pretrain_nucleus
 
 ARMS = ("scratch", "diffusion", "nucleus", "backbone", "frozen")
 PRETEXT_ARMS = ("diffusion", "nucleus", "backbone", "frozen")  # each compared with scratch

@@ -29,8 +29,8 @@ from scipy import ndimage as ndi
 from common import (DATASETS, REPO, FinetuneConfig, data_dir, drain, evaluate, finetune, load_dataset, machine,
                     object_metrics_on_true_instances)
 
-from napari_genselfdiff.core.metrics import aggregate, segmentation_report  # noqa: E402
-from napari_genselfdiff.core.postprocess import remove_small  # noqa: E402
+from napari_genselfdiff.core.eval.metrics import aggregate, segmentation_report  # noqa: E402
+from napari_genselfdiff.core.eval.postprocess import remove_small  # noqa: E402
 
 
 def haematoxylin(image: np.ndarray, sigma: float) -> np.ndarray:

@@ -2,7 +2,7 @@
 
     python benchmarks/retune.py MODEL_DIR --dataset monuseg|glas [--write]
 
-Fine-tuning tunes the instance thresholds once, at its end (core.tuning); when the grid grows
+Fine-tuning tunes the instance thresholds once, at its end (core.eval.tuning); when the grid grows
 (e.g. nuclei markers by h-maxima, ``split``), a model trained before can be re-tuned without
 training it again. Predicts the dataset's validation images (the split of
 common.split_by_image, never the test split), runs the grid search, prints the best and the
@@ -20,8 +20,8 @@ from common import DATASETS, data_dir, load_dataset
 from napari_genselfdiff.core import checkpoint as ck  # noqa: E402  (after common puts src/ on the path)
 from napari_genselfdiff.core.atomic import write_json_atomic  # noqa: E402
 from napari_genselfdiff.core.inference import TorchPredictor, predict_image  # noqa: E402
-from napari_genselfdiff.core.tuning import instances_of_target, score, tune_postprocess  # noqa: E402
-from napari_genselfdiff.core.postprocess import postprocess  # noqa: E402
+from napari_genselfdiff.core.eval.tuning import instances_of_target, score, tune_postprocess  # noqa: E402
+from napari_genselfdiff.core.eval.postprocess import postprocess  # noqa: E402
 
 
 def main() -> None:

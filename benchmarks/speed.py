@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from common import REPO, machine, time_per_call  # also puts src/ on the path
-from napari_genselfdiff.core import unet as U
+from napari_genselfdiff.core.nets import unet as U
 from napari_genselfdiff.core.precision import autocast, cpu_bf16_native, resolve_precision
 
 
@@ -103,7 +103,7 @@ def ceiling_report(a) -> dict:
 
     from napari_genselfdiff.bundled import resolve_model as bundled_model_path
     from napari_genselfdiff.core.inference import TorchPredictor
-    from napari_genselfdiff.core.unet import UNet, fused_for_inference, segmentation_config, UNetConfig
+    from napari_genselfdiff.core.nets.unet import UNet, fused_for_inference, segmentation_config, UNetConfig
 
     ceilings = conv_ceilings(a.repeats)
     ceiling = ceilings["best_gflops"]
@@ -220,7 +220,7 @@ import torch.nn.functional as F
 from napari_genselfdiff.bundled import resolve_model
 from napari_genselfdiff.core.device import tune_allocator
 from napari_genselfdiff.core.inference import TorchPredictor
-from napari_genselfdiff.core.unet import UNet, UNetConfig, segmentation_config
+from napari_genselfdiff.core.nets.unet import UNet, UNetConfig, segmentation_config
 tuned = tune_allocator()
 net = UNet(segmentation_config(UNetConfig.from_preset("tiny", in_channels=3, out_channels=3), 2))
 net = net.to(memory_format=torch.channels_last)

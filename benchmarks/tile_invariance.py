@@ -5,7 +5,7 @@
 From the same diffusion pretraining, fine-tune each dataset's model twice with the same seed,
 batches and schedule: once as the paper's network (GroupNorm + attention, whose answer depends on
 the tile) and once as the tile-invariant one (BatchNorm with frozen statistics, no attention;
-core/unet.py). Both are scored on the VALIDATION split (benchmarks/common.split_by_image), never
+core/nets/unet.py). Both are scored on the VALIDATION split (benchmarks/common.split_by_image), never
 on the test split. Writes benchmarks/_work/tile_invariance/rows.json and prints a Markdown table
 for benchmarks/RESULTS.md.
 """

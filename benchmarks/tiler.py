@@ -49,14 +49,14 @@ def _load_make_test_slide():
 
 
 def unet_predictor(preset: str):
-    """THE MODEL UNDER TEST: the project's U-Net (``core.unet``) with the given preset and
+    """THE MODEL UNDER TEST: the project's U-Net (``core.nets.unet``) with the given preset and
     random weights (no trained checkpoint is shipped), wrapped in ``core.inference``'s
     TorchPredictor; fp32 on CPU. Speed and memory do not depend on the weights; the seam
     error of a random network is larger than a trained one's would typically be."""
     import torch
 
     from napari_genselfdiff.core.inference import TorchPredictor
-    from napari_genselfdiff.core.unet import UNet, UNetConfig
+    from napari_genselfdiff.core.nets.unet import UNet, UNetConfig
 
     torch.manual_seed(0)
     net = UNet(UNetConfig.from_preset(preset, out_channels=2))

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from common import (DATASETS, pretrained_enough, REPO, FinetuneConfig, PretrainConfig, Timer, by_area, data_dir, drain,
                     evaluate, finetune, load_dataset, machine, pretrain, unlabeled_pool)
 from napari_genselfdiff.core.atomic import atomic_directory, normal_permissions  # noqa: E402  (after common puts src/ on the path)
-from napari_genselfdiff.core import receptive  # noqa: E402
+from napari_genselfdiff.core.nets import receptive  # noqa: E402
 from napari_genselfdiff.core.checkpoint import file_sha256, load_model  # noqa: E402
 from napari_genselfdiff.core.data import AugmentConfig  # noqa: E402
 

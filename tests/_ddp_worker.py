@@ -16,7 +16,8 @@ import numpy as np
 from safetensors.torch import save_file
 
 from napari_genselfdiff.cli import main
-from napari_genselfdiff.core import checkpoint, training
+from napari_genselfdiff.core import checkpoint
+from napari_genselfdiff.core.train import training
 
 dump, rank = Path(os.environ["DDP_DUMP"]), int(os.environ["RANK"])
 seen = {"losses": [], "batches": [], "wrote": 0}

@@ -12,11 +12,11 @@ import torch
 
 from napari_genselfdiff.core import checkpoint as ck
 from napari_genselfdiff.core.data import ImageSource, LabeledImage, TaskSpec
+from napari_genselfdiff.core.train.segmenter import HEAD_MODULES, build_segmentation_model, freeze_backbone
+from napari_genselfdiff.core.nets.unet import (LayerNorm2d, UNet, UNetConfig, fused_for_inference, seeded_model,
+                                               segmentation_config)
 from napari_genselfdiff.core.progress import drain
-from napari_genselfdiff.core.segmenter import HEAD_MODULES, build_segmentation_model, freeze_backbone
-from napari_genselfdiff.core.training import FinetuneConfig, PretrainConfig, finetune, pretrain
-from napari_genselfdiff.core.unet import (LayerNorm2d, UNet, UNetConfig, fused_for_inference, seeded_model,
-                                          segmentation_config)
+from napari_genselfdiff.core.train.training import FinetuneConfig, PretrainConfig, finetune, pretrain
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -6,7 +6,7 @@ import torch
 
 from napari_genselfdiff.core import checkpoint as ck
 from napari_genselfdiff.core.errors import CheckpointError
-from napari_genselfdiff.core.unet import UNet, UNetConfig
+from napari_genselfdiff.core.nets.unet import UNet, UNetConfig
 
 
 def _model(seed=0):

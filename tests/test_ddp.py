@@ -1,4 +1,4 @@
-"""Training on several processes (core/ddp.py): two gloo processes on the CPU, started by torchrun
+"""Training on several processes (core/train/ddp.py): two gloo processes on the CPU, started by torchrun
 as a user would, must end with the same weights, BatchNorm statistics and optimizer state on
 both ranks, a checkpoint written by rank 0 only that loads and holds those weights, and a global
 batch split between the ranks (each drawing its own patches). Plus the refusals, in-process."""
@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from napari_genselfdiff.cli import main
 from napari_genselfdiff.core import checkpoint as ckpt
-from napari_genselfdiff.core import ddp
+from napari_genselfdiff.core.train import ddp
 from napari_genselfdiff.core.errors import DataError, GenSelfDiffError
 
 WORKER = Path(__file__).with_name("_ddp_worker.py")

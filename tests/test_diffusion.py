@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from napari_genselfdiff.core.diffusion import Diffusion, ScheduleConfig, make_betas
+from napari_genselfdiff.core.pretext.diffusion import Diffusion, ScheduleConfig, make_betas
 
 
 def test_quadratic_schedule_closed_form():

@@ -7,12 +7,12 @@ import torch
 from napari_genselfdiff.core import checkpoint as ck
 from napari_genselfdiff.core.data import LabeledImage, TaskSpec, distance_target, mask_to_target
 from napari_genselfdiff.core.errors import DataError  # noqa: F401
+from napari_genselfdiff.core.eval.postprocess import postprocess
+from napari_genselfdiff.core.eval.tuning import tune_postprocess
 from napari_genselfdiff.core.inference import TorchPredictor, as_probabilities, predict_image
-from napari_genselfdiff.core.losses import build_loss, distance_loss
-from napari_genselfdiff.core.postprocess import postprocess
 from napari_genselfdiff.core.progress import drain
-from napari_genselfdiff.core.training import FinetuneConfig, finetune
-from napari_genselfdiff.core.tuning import tune_postprocess
+from napari_genselfdiff.core.train.losses import build_loss, distance_loss
+from napari_genselfdiff.core.train.training import FinetuneConfig, finetune
 
 from _shapes import discs
 

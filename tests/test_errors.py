@@ -257,14 +257,14 @@ def test_a_real_rename_onto_a_folder_names_the_folder(tmp_path):
                                        (type("OutOfMemoryError", (RuntimeError,), {})("CUDA out of memory"),
                                         "out of GPU memory")])
 def test_running_out_of_memory_is_one_line(exc, words, evaluate_argv, capsys, monkeypatch):
-    from napari_genselfdiff.core import evaluation
+    from napari_genselfdiff.core.eval import evaluation
 
     monkeypatch.setattr(evaluation, "evaluate_folder", _failing(exc))
     _one_line(*_run(capsys, *evaluate_argv)[::2], words)
 
 
 def test_a_bug_keeps_its_traceback(evaluate_argv, monkeypatch):
-    from napari_genselfdiff.core import evaluation
+    from napari_genselfdiff.core.eval import evaluation
 
     monkeypatch.setattr(evaluation, "evaluate_folder", _failing(ZeroDivisionError("a bug")))
     with pytest.raises(ZeroDivisionError):
@@ -422,7 +422,7 @@ def test_ctrl_c_inside_a_refine_is_recorded_as_cancelled(tmp_path, capsys, monke
 
 
 def test_ctrl_c_of_a_quick_command_is_one_line(evaluate_argv, capsys, monkeypatch):
-    from napari_genselfdiff.core import evaluation
+    from napari_genselfdiff.core.eval import evaluation
 
     monkeypatch.setattr(evaluation, "evaluate_folder", _failing(KeyboardInterrupt()))
     _one_line(*_run(capsys, *evaluate_argv)[::2], "genselfdiff evaluate: cancelled")

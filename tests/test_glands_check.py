@@ -1,4 +1,4 @@
-"""Does a glands result look like glandular tissue? (``core.glandular``; issue #15, item 15: skip
+"""Does a glands result look like glandular tissue? (``core.eval.glandular``; issue #15, item 15: skip
 glands on tissue that has none, in the demo, ``genselfdiff predict`` and the Predict widget.)
 
 Both ways on real data: on GlaS training images (colon) with the bundled glands model the check does
@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from napari_genselfdiff.core.glandular import (CONFIDENT_P, MAX_TISSUE_COVERAGE, MIN_CONFIDENT, check_glands,
-                                               on_grid, tissue_pixels)
+from napari_genselfdiff.core.eval.glandular import (CONFIDENT_P, MAX_TISSUE_COVERAGE, MIN_CONFIDENT, check_glands,
+                                                    on_grid, tissue_pixels)
 
 PINK, GLASS = (200, 120, 170), (245, 245, 245)
 
@@ -79,7 +79,7 @@ def test_too_little_tissue_or_no_glands_is_no_verdict():
 
 #: The GlaS training images (of 85) the check comes closest to firing on with the bundled model
 #: (glands over 74-83 % of the tissue, or the model unsure: 13-40 % of the gland pixels at p >= 0.8),
-#: as measured for core.glandular. Over all 85 the check fires on none.
+#: as measured for core.eval.glandular. Over all 85 the check fires on none.
 HARDEST = ("train_76", "train_16", "train_11", "train_27", "train_24", "train_42")
 
 
@@ -94,8 +94,8 @@ def glands_model():
 
 def model_result(predictor, image: np.ndarray, image_mpp: float):
     """(labels, gland probability, image) at the model's resolution, as the predict paths make them."""
+    from napari_genselfdiff.core.eval.postprocess import postprocess
     from napari_genselfdiff.core.inference import predict_image
-    from napari_genselfdiff.core.postprocess import postprocess
     from napari_genselfdiff.core.resolution import resize_image
 
     f = image_mpp / predictor.mpp

@@ -6,7 +6,7 @@ import pytest
 import zarr
 from skimage.draw import disk
 
-from napari_genselfdiff.core.postprocess import glands_from_probabilities, nuclei_from_probabilities
+from napari_genselfdiff.core.eval.postprocess import glands_from_probabilities, nuclei_from_probabilities
 from napari_genselfdiff.slide import instances as ins
 
 

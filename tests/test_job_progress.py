@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from napari_genselfdiff.core import validation
+from napari_genselfdiff.core.train import validation
 from napari_genselfdiff.core.data import LabeledImage
 from napari_genselfdiff.core.progress import Progress, drain, in_background, run_to_end
-from napari_genselfdiff.core.training import BN_CALIBRATION_BATCHES, FinetuneConfig, finetune
-from napari_genselfdiff.core.validation import validation_crops, validations_left
+from napari_genselfdiff.core.train.training import BN_CALIBRATION_BATCHES, FinetuneConfig, finetune
+from napari_genselfdiff.core.train.validation import validation_crops, validations_left
 from napari_genselfdiff.slide.fov import FieldOfViewPredictor
 from napari_genselfdiff.slide.grid import TileGrid
 from napari_genselfdiff.slide.reader import open_slide

@@ -2,13 +2,19 @@
 
 (a) ``core`` imports nothing from the floors above it (slide, formats, project, cli, _widgets),
     and every floor only imports its own and lower ones (_widgets / cli -> project -> slide /
-    formats / bundled -> core);
+    formats / bundled -> core); a floor is a module's first component below the package, so
+    ``core.nets.unet`` is ``core``;
 (b) only ``_widgets`` and the npe2 entry points import Qt or napari;
-(c) the module import graph (function-level imports included) has no cycle;
+(c) the module import graph (function-level imports included) has no cycle, and neither has the
+    graph of core's rooms (its subpackages: nets, pretext, train, eval);
 (d) no module is over 550 lines unless its docstring (or a comment at its top) says why it must
-    be one piece.
+    be one piece;
+(e) ``project.refine`` and ``project.suggest`` never import ``project.store`` (which imports them),
+    not even for type checkers: they take a ``files.ProjectFolder``, which lists exactly what
+    they use of a project, all of it defined by ``store.Project``;
+(f) every package (core's rooms included) is in setup.cfg's ``packages``.
 
-Imports under ``if TYPE_CHECKING:`` are left out: they never run.
+Imports under ``if TYPE_CHECKING:`` never run, so they are left out, except in (e).
 """
 from __future__ import annotations
 
@@ -93,11 +99,12 @@ def _resolve(name: str) -> str:
     return name
 
 
-def _imports(module: str, path: Path) -> list[Import]:
+def _imports(module: str, path: Path, type_checking: bool = False) -> list[Import]:
+    """The imports of a module; those under ``if TYPE_CHECKING:`` too when ``type_checking``."""
     is_package = path.name == "__init__.py"
     tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
     found = []
-    for node in _runtime_nodes(tree):
+    for node in (ast.walk(tree) if type_checking else _runtime_nodes(tree)):
         if isinstance(node, ast.Import):
             found += [Import(module, _resolve(alias.name), node.lineno) for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -121,6 +128,15 @@ def _room(module: str) -> str | None:
     return parts[1] if len(parts) > 1 else None
 
 
+def _core_room(module: str) -> str | None:
+    """The subpackage of ``core`` a module lies in (``nets`` for ``core.nets.unet``); None for the
+    modules at core's top level, which every room shares, and for modules outside core."""
+    parts = module.split(".")
+    if len(parts) > 2 and parts[1] == "core" and MODULES[".".join(parts[:3])].name == "__init__.py":
+        return parts[2]
+    return None
+
+
 def _where(imp: Import) -> str:
     return f"{MODULES[imp.source].relative_to(SRC.parent)}:{imp.line}: {imp.source} imports {imp.target}"
 
@@ -128,6 +144,18 @@ def _where(imp: Import) -> str:
 def test_the_module_list_is_sane():
     assert {f"{PACKAGE}.core", f"{PACKAGE}.cli", f"{PACKAGE}.project", f"{PACKAGE}.project.store"} <= set(MODULES)
     assert any(imp.target == f"{PACKAGE}.core.errors" for imp in IMPORTS)
+
+
+def test_every_package_is_installed():
+    """setup.cfg lists its packages by name: a subpackage it misses (a new room of core) would be
+    left out of a wheel while every test run from the source tree still passed."""
+    import configparser
+
+    cfg = configparser.ConfigParser()
+    cfg.read(SRC.parents[1] / "setup.cfg")
+    listed = {line.strip() for line in cfg["options"]["packages"].splitlines() if line.strip()}
+    packages = {m for m, path in MODULES.items() if path.name == "__init__.py"}
+    assert packages <= listed, f"setup.cfg [options] packages lacks {sorted(packages - listed)}"
 
 
 def test_core_imports_no_higher_floor():
@@ -168,6 +196,24 @@ def test_there_is_no_import_cycle():
         pytest.fail("import cycle: " + " -> ".join(cycle) + "\n  " + "\n  ".join(steps))
 
 
+def test_the_rooms_of_core_import_one_another_one_way():
+    rooms = {_core_room(m) for m in MODULES} - {None}
+    assert {"nets", "pretext", "train", "eval"} <= rooms
+    graph: dict[str, set[str]] = {r: set() for r in rooms}
+    where: dict[tuple[str, str], str] = {}
+    for imp in IMPORTS:
+        a, b = _core_room(imp.source), _core_room(imp.target)
+        if a and b and a != b:
+            graph[a].add(b)
+            where.setdefault((a, b), _where(imp))
+    try:
+        tuple(graphlib.TopologicalSorter(graph).static_order())
+    except graphlib.CycleError as e:
+        cycle = e.args[1][::-1]
+        pytest.fail("the rooms of core import one another in a circle: " + " -> ".join(cycle) + "\n  "
+                    + "\n  ".join(where[(cycle[i], cycle[i + 1])] for i in range(len(cycle) - 1)))
+
+
 def _says_why(path: Path) -> bool:
     text = path.read_text(encoding="utf-8")
     doc = ast.get_docstring(ast.parse(text)) or ""
@@ -180,3 +226,34 @@ def test_no_module_is_too_long_without_saying_why():
             if (n := len(p.read_text(encoding="utf-8").splitlines())) > MAX_LINES and not _says_why(p)]
     assert not long, (f"modules over {MAX_LINES} lines must be split, or say in their docstring why they "
                       "must be one piece:\n" + "\n".join(long))
+
+
+def test_refine_and_suggest_do_not_import_the_store():
+    store = f"{PACKAGE}.project.store"
+    bad = [_where(i) for m in (f"{PACKAGE}.project.refine", f"{PACKAGE}.project.suggest")
+           for i in _imports(m, MODULES[m], type_checking=True) if i.target == store]
+    assert not bad, ("project.store imports refine and suggest, so they must not import it, not even under "
+                     "TYPE_CHECKING (annotate with files.ProjectFolder); found:\n" + "\n".join(bad))
+
+
+def _class(module: str, name: str) -> ast.ClassDef:
+    tree = ast.parse(MODULES[module].read_text(encoding="utf-8"))
+    return next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == name)
+
+
+def test_project_folder_lists_what_refine_and_suggest_use_and_project_has_it():
+    protocol = _class(f"{PACKAGE}.project.files", "ProjectFolder")
+    listed = {n.target.id for n in protocol.body if isinstance(n, ast.AnnAssign)} | \
+        {n.name for n in protocol.body if isinstance(n, ast.FunctionDef)}
+    used = set()
+    for m in (f"{PACKAGE}.project.refine", f"{PACKAGE}.project.suggest"):
+        tree = ast.parse(MODULES[m].read_text(encoding="utf-8"))
+        used |= {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)
+                 and isinstance(n.value, ast.Name) and n.value.id == "project"}
+    assert used == listed, (f"ProjectFolder must list exactly what refine and suggest use of a project: "
+                            f"used but not listed {sorted(used - listed)}, listed but unused {sorted(listed - used)}")
+    project = _class(f"{PACKAGE}.project.store", "Project")
+    defined = {n.name for n in project.body if isinstance(n, ast.FunctionDef)} | \
+        {t.attr for n in ast.walk(project) if isinstance(n, ast.Assign) for t in n.targets
+         if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id == "self"}
+    assert listed <= defined, f"store.Project lacks {sorted(listed - defined)} of ProjectFolder"

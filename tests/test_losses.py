@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from napari_genselfdiff.core.losses import (build_loss, cross_entropy_loss, dice_loss, focal_loss, parse_loss,
-                                            ssl_loss, tversky_loss)
+from napari_genselfdiff.core.train.losses import (build_loss, cross_entropy_loss, dice_loss, focal_loss, parse_loss,
+                                                  ssl_loss, tversky_loss)
 
 
 def _target(b=2, h=16, w=16, seed=0):
@@ -112,7 +112,7 @@ def _two_touching_and_one_alone():
 
 
 def test_contact_pixels_are_the_seam_between_touching_nuclei_only():
-    from napari_genselfdiff.core.losses import contact_pixels
+    from napari_genselfdiff.core.train.losses import contact_pixels
 
     t = _two_touching_and_one_alone()
     where = contact_pixels(t)[0]
@@ -126,7 +126,7 @@ def test_contact_pixels_are_the_seam_between_touching_nuclei_only():
 
 
 def test_contact_loss_is_cross_entropy_over_the_seam():
-    from napari_genselfdiff.core.losses import LOSSES, contact_loss, contact_pixels
+    from napari_genselfdiff.core.train.losses import LOSSES, contact_loss, contact_pixels
 
     t = _two_touching_and_one_alone()
     logits = torch.randn(1, 3, *t.shape[1:], generator=torch.Generator().manual_seed(3))

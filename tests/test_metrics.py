@@ -1,4 +1,4 @@
-"""Tests for core.metrics: hand-worked cases (arithmetic in the comments), properties (identity,
+"""Tests for core.eval.metrics: hand-worked cases (arithmetic in the comments), properties (identity,
 relabelling, empty maps), a cross-check of the vectorised code against plain per-object loops,
 and one check on a real GlaS mask."""
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 from scipy import ndimage
 from scipy.spatial.distance import cdist
 
-from napari_genselfdiff.core.metrics import (
+from napari_genselfdiff.core.eval.metrics import (
     aggregate,
     aji,
     dice,

@@ -11,12 +11,12 @@ import zarr
 from napari_genselfdiff.core import checkpoint as ck
 from napari_genselfdiff.core.data import LabeledImage, TaskSpec, mask_to_target, split_touching
 from napari_genselfdiff.core.errors import CheckpointError
+from napari_genselfdiff.core.eval.postprocess import OPTIONS, options_for, postprocess
+from napari_genselfdiff.core.eval.tuning import instances_of_target, tune_postprocess
 from napari_genselfdiff.core.inference import TorchPredictor
-from napari_genselfdiff.core.postprocess import OPTIONS, options_for, postprocess
+from napari_genselfdiff.core.nets.unet import UNet, UNetConfig, segmentation_config
 from napari_genselfdiff.core.progress import drain
-from napari_genselfdiff.core.training import FinetuneConfig, finetune
-from napari_genselfdiff.core.tuning import instances_of_target, tune_postprocess
-from napari_genselfdiff.core.unet import UNet, UNetConfig, segmentation_config
+from napari_genselfdiff.core.train.training import FinetuneConfig, finetune
 from napari_genselfdiff.slide.instances import iter_nuclei_blockwise
 
 from _shapes import discs
@@ -140,7 +140,7 @@ def test_tuning_finds_the_threshold_that_recovers_the_objects():
 def test_pixel_sizes_follow_the_model_resolution_in_defaults_and_in_the_tuning_grid():
     """A nucleus model at 0.25 um/px (twice the bundled one's pixels per micron) drops objects
     under the same area in um^2: its default and searched min_size are 4x, min_distance 2x."""
-    from napari_genselfdiff.core.tuning import GRIDS, grid_at
+    from napari_genselfdiff.core.eval.tuning import GRIDS, grid_at
 
     assert options_for("nuclei", None, 0.5) == options_for("nuclei")
     fine = options_for("nuclei", None, 0.25)
@@ -240,7 +240,7 @@ def test_h_maxima_object_by_object_equals_the_whole_map():
     from scipy import ndimage as ndi
     from skimage.morphology import h_maxima
 
-    from napari_genselfdiff.core.postprocess import h_maxima_by_object
+    from napari_genselfdiff.core.eval.postprocess import h_maxima_by_object
 
     rng = np.random.default_rng(3)
     lab = discs((120, 160), [(30, 30), (30, 44), (80, 100), (90, 40), (100, 140)], 9)

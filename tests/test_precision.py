@@ -9,7 +9,7 @@ import torch
 from napari_genselfdiff.core import precision as P
 from napari_genselfdiff.core.errors import GenSelfDiffError
 from napari_genselfdiff.core.inference import TorchPredictor
-from napari_genselfdiff.core.unet import UNet, UNetConfig, segmentation_config
+from napari_genselfdiff.core.nets.unet import UNet, UNetConfig, segmentation_config
 
 
 def test_cpuinfo_flags_of_x86_and_arm():
@@ -92,7 +92,7 @@ def he_tile() -> np.ndarray:
 def test_training_in_bf16_keeps_fp32_weights_and_says_so(tmp_path, he_tile):
     from napari_genselfdiff.core.checkpoint import load_model
     from napari_genselfdiff.core.data import LabeledImage, TaskSpec, mask_to_target
-    from napari_genselfdiff.core.training import FinetuneConfig, finetune
+    from napari_genselfdiff.core.train.training import FinetuneConfig, finetune
 
     mask = np.zeros(he_tile.shape[:2], np.uint8)
     mask[32:96, 40:100] = 255

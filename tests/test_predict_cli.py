@@ -8,7 +8,7 @@ import torch
 from napari_genselfdiff.cli import main
 from napari_genselfdiff.core.data import LabeledImage
 from napari_genselfdiff.core.progress import drain
-from napari_genselfdiff.core.training import FinetuneConfig, finetune
+from napari_genselfdiff.core.train.training import FinetuneConfig, finetune
 from napari_genselfdiff.bundled import sample_image_path
 
 

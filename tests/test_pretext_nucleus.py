@@ -1,6 +1,7 @@
-"""The nucleus-aware pretext (core.pseudomask, core.translation, core.pretext_nucleus): pseudo-mask
-statistics, network shapes, each loss finite and falling on real tiles, exact resume after a
-cancel, the checkpoint's pretext, the transfer into the segmentation U-Net, the sample grid."""
+"""The nucleus-aware pretext (core.pretext.pseudomask, core.pretext.translation,
+core.train.pretext_nucleus): pseudo-mask statistics, network shapes, each loss finite and falling
+on real tiles, exact resume after a cancel, the checkpoint's pretext, the transfer into the
+segmentation U-Net, the sample grid."""
 from __future__ import annotations
 
 import math
@@ -15,12 +16,12 @@ from napari_genselfdiff.core import checkpoint as ckpt
 from napari_genselfdiff.core.data import ImageSource, TaskSpec, read_image, to_model_input
 from napari_genselfdiff.core.errors import CheckpointError
 from napari_genselfdiff.core.progress import drain
-from napari_genselfdiff.core.pretext_nucleus import (NucleusPretrainConfig, _GanTrainer, _seeded_nets,
-                                                     nucleus_samples, pretrain_nucleus)
-from napari_genselfdiff.core.pseudomask import (ORIENTATION_BINS, NucleusStats, draw_batch, draw_instances,
-                                                instance_target, mask_image, measure_nuclei)
-from napari_genselfdiff.core.translation import (LossWeights, TranslationConfig, discriminator_loss,
-                                                 generator_losses, soft_mask, translator_config)
+from napari_genselfdiff.core.train.pretext_nucleus import (NucleusPretrainConfig, _GanTrainer, _seeded_nets,
+                                                           nucleus_samples, pretrain_nucleus)
+from napari_genselfdiff.core.pretext.pseudomask import (ORIENTATION_BINS, NucleusStats, draw_batch, draw_instances,
+                                                        instance_target, mask_image, measure_nuclei)
+from napari_genselfdiff.core.pretext.translation import (LossWeights, TranslationConfig, discriminator_loss,
+                                                         generator_losses, soft_mask, translator_config)
 
 PATCH = 32
 STATS = NucleusStats(log_area_mean=math.log(40), log_area_std=0.3, density_mean=25, density_std=6)
@@ -186,7 +187,7 @@ def test_resume_after_cancel_continues_the_same_run(nucleus_run):
 
 
 def test_pretexts_are_never_resumed_as_each_other(nucleus_run, tmp_path):
-    from napari_genselfdiff.core.training import PretrainConfig, pretrain
+    from napari_genselfdiff.core.train.training import PretrainConfig, pretrain
 
     straight = nucleus_run[0]
     with pytest.raises(CheckpointError, match="nucleus pretraining, cannot resume it as diffusion"):
@@ -202,7 +203,7 @@ def test_pretexts_are_never_resumed_as_each_other(nucleus_run, tmp_path):
 
 @pytest.mark.parametrize("task,boundary", [("nuclei", True), ("glands", False)])
 def test_transfer_copies_every_tensor_but_the_head(nucleus_run, task, boundary):
-    from napari_genselfdiff.core.training import build_segmentation_model
+    from napari_genselfdiff.core.train.training import build_segmentation_model
 
     pretrained = ckpt.load_weights(nucleus_run[0])
     spec = TaskSpec.make(task, boundary)

@@ -16,7 +16,7 @@ from napari_genselfdiff.core import checkpoint as ck
 from napari_genselfdiff.core.data import LabeledImage, read_image, read_mask
 from napari_genselfdiff.core.errors import DataError
 from napari_genselfdiff.core.progress import drain
-from napari_genselfdiff.core.training import FinetuneConfig, finetune
+from napari_genselfdiff.core.train.training import FinetuneConfig, finetune
 from napari_genselfdiff.project import Project
 from napari_genselfdiff.project import store as project_store
 from napari_genselfdiff.project.refine import at_model_resolution, split_for_refine, training_mpp
@@ -29,7 +29,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _needs_instances():
-    """Scoring goes through core.evaluation, which uses the slide room's instance extraction."""
+    """Scoring goes through core.eval.evaluation, which uses the slide room's instance extraction."""
     import napari_genselfdiff.slide.instances  # noqa: F401  (our own module: a failure, never a skip)
 
 

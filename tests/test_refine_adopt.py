@@ -13,7 +13,7 @@ from napari_genselfdiff.core import checkpoint as ck
 from napari_genselfdiff.core.data import LabeledImage, TaskSpec, mask_to_target
 from napari_genselfdiff.core.errors import DataError
 from napari_genselfdiff.core.progress import drain
-from napari_genselfdiff.core.training import FinetuneConfig, finetune
+from napari_genselfdiff.core.train.training import FinetuneConfig, finetune
 from napari_genselfdiff.project import Project
 from napari_genselfdiff.project import refine as R
 from napari_genselfdiff.project.lock import LOCK_FILE, writer_lock

@@ -71,7 +71,7 @@ def seg_model(tmp_path_factory) -> Path:
 
     from napari_genselfdiff.core.data import TaskSpec, mask_to_target
     from napari_genselfdiff.core.progress import drain
-    from napari_genselfdiff.core.training import FinetuneConfig, finetune
+    from napari_genselfdiff.core.train.training import FinetuneConfig, finetune
 
     torch.set_num_threads(1)
     image = read_image(sample_image_path())[:96, :96]
@@ -311,8 +311,8 @@ def test_a_suggested_region_no_prediction_covers_is_predicted_to_prefill_it(view
     import threading
 
     from napari_genselfdiff._widgets import whole_slide as predict_widget
+    from napari_genselfdiff.core.eval.postprocess import postprocess
     from napari_genselfdiff.core.inference import PredictorCache
-    from napari_genselfdiff.core.postprocess import postprocess
 
     fake = DarkIsGland()
     asked = []

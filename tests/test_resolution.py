@@ -83,7 +83,7 @@ def test_evaluate_with_mpp_equals_rescaling_by_hand(one_torch_thread, glas_dir, 
 
     from napari_genselfdiff.bundled import resolve_model
     from napari_genselfdiff.core.data import TaskSpec, downscale_item, load_labeled_folder
-    from napari_genselfdiff.core.evaluation import evaluate_folder, evaluate_items
+    from napari_genselfdiff.core.eval.evaluation import evaluate_folder, evaluate_items
     from napari_genselfdiff.core.inference import TorchPredictor
 
     names = sorted(p.name for p in (glas_dir / "images").iterdir())[:4]

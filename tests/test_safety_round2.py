@@ -82,7 +82,7 @@ def test_a_thread_count_the_machine_cannot_take_is_one_line(value, data, tmp_pat
 
 
 def test_a_zero_weighted_loss_is_refused_by_the_core_too():
-    from napari_genselfdiff.core.losses import build_loss
+    from napari_genselfdiff.core.train.losses import build_loss
 
     with pytest.raises(ValueError, match="weighs every term 0"):
         build_loss("0*focal+0.0*dice")

@@ -30,9 +30,9 @@ from napari_genselfdiff.core import checkpoint as ck
 from napari_genselfdiff.core.atomic import is_our_json, is_our_png, write_png_atomic
 from napari_genselfdiff.core.data import LabeledImage
 from napari_genselfdiff.core.errors import CheckpointError
+from napari_genselfdiff.core.nets.unet import UNet, UNetConfig
 from napari_genselfdiff.core.progress import drain
-from napari_genselfdiff.core.training import FinetuneConfig, finetune
-from napari_genselfdiff.core.unet import UNet, UNetConfig
+from napari_genselfdiff.core.train.training import FinetuneConfig, finetune
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -289,7 +289,7 @@ def test_sample_never_overwrites_a_users_file(pre_model, tmp_path, capsys, force
 
 def test_sample_replaces_only_its_own_png_and_never_writes_into_the_model(pre_model, tmp_path, capsys,
                                                                          monkeypatch):
-    from napari_genselfdiff.core import sampling
+    from napari_genselfdiff.core.pretext import sampling
 
     monkeypatch.setattr(sampling, "generate_tiles", lambda *a, **k: np.full((1, 8, 8, 3), 7, np.uint8))
     grid = tmp_path / "grid.png"
@@ -309,7 +309,7 @@ def test_sample_replaces_only_its_own_png_and_never_writes_into_the_model(pre_mo
 
 @pytest.fixture
 def fake_evaluation(monkeypatch):
-    from napari_genselfdiff.core import evaluation
+    from napari_genselfdiff.core.eval import evaluation
 
     calls = []
 
@@ -394,7 +394,7 @@ def test_a_good_segmentation_init_still_loads_all_its_weights(tmp_path):
            "task": {"task": "glands", "num_classes": 2, "class_names": ["background", "gland"]}}
     init = ck.save_checkpoint(tmp_path / "init", m, cfg)
     from napari_genselfdiff.core.data import TaskSpec
-    from napari_genselfdiff.core.training import build_segmentation_model
+    from napari_genselfdiff.core.train.training import build_segmentation_model
 
     model, info, how = build_segmentation_model(TaskSpec.make("glands"), init, "tiny", seed=0)
     assert how.startswith("all weights") and info["init_kind"] == "segmentation"

@@ -12,7 +12,7 @@ import zarr
 from torch import nn
 
 from napari_genselfdiff.core.errors import DataError, GenSelfDiffError
-from napari_genselfdiff.core.postprocess import glands_from_probabilities, nuclei_from_probabilities
+from napari_genselfdiff.core.eval.postprocess import glands_from_probabilities, nuclei_from_probabilities
 from napari_genselfdiff.core.progress import drain
 from napari_genselfdiff.slide import instances
 from napari_genselfdiff.slide.fov import FieldOfViewPredictor

@@ -13,8 +13,8 @@ from napari_genselfdiff.core.data import (ImageSource, LabeledImage, TaskSpec, d
 from napari_genselfdiff.core.errors import CheckpointError, DataError
 from napari_genselfdiff.core.inference import TorchPredictor
 from napari_genselfdiff.core.progress import drain
-from napari_genselfdiff.core.training import FinetuneConfig, PretrainConfig, finetune, pretrain
-from napari_genselfdiff.core.validation import evaluate_dice
+from napari_genselfdiff.core.train.training import FinetuneConfig, PretrainConfig, finetune, pretrain
+from napari_genselfdiff.core.train.validation import evaluate_dice
 from napari_genselfdiff.slide.sources import unlabeled_sources
 
 
@@ -72,7 +72,7 @@ def test_resuming_says_when_the_checkpoint_is_not_the_preset_asked_for(tmp_path)
     asked for (e.g. the preset was redefined since), the first message says so."""
     from dataclasses import replace
 
-    from napari_genselfdiff.core.unet import UNetConfig
+    from napari_genselfdiff.core.nets.unet import UNetConfig
 
     old_tiny = UNetConfig.from_preset("tiny", mults=(1, 2, 2))
     gen = pretrain(_sources(), tmp_path / "old", PRE, device="cpu", model_config=old_tiny)
@@ -192,7 +192,7 @@ def test_frozen_batchnorm_statistics_are_exact_after_a_few_steps(tmp_path):
     """Momentum statistics after 2 steps are still ~(0, 1): the saved model must carry statistics
     recalibrated for its final weights, or it predicts garbage in eval mode."""
     from napari_genselfdiff.core.data import sample_labeled_batch, to_model_input
-    from napari_genselfdiff.core.unet import recalibrate_batchnorm
+    from napari_genselfdiff.core.nets.unet import recalibrate_batchnorm
 
     cfg = FinetuneConfig(**{**FT.__dict__, "steps": 2})
     drain(finetune(_labeled(), tmp_path / "seg", cfg, device="cpu"))
@@ -213,8 +213,8 @@ def test_frozen_batchnorm_statistics_are_exact_after_a_few_steps(tmp_path):
 def test_training_runs_channels_last_on_the_cpu_and_saves_the_same_function(tmp_path):
     """The trainer moves the network's convolutions to channels_last on the CPU (the faster layout
     for oneDNN); the checkpoint it writes is plain contiguous tensors computing the same outputs."""
-    from napari_genselfdiff.core.training import _Trainer
-    from napari_genselfdiff.core.unet import UNet, UNetConfig, segmentation_config
+    from napari_genselfdiff.core.nets.unet import UNet, UNetConfig, segmentation_config
+    from napari_genselfdiff.core.train.training import _Trainer
 
     net = UNet(segmentation_config(UNetConfig.from_preset("tiny", in_channels=3, out_channels=2), 2))
     trainer = _Trainer(net, torch.device("cpu"), lr=1e-3, weight_decay=0.0, precision="fp32", ema=0.9)
@@ -235,7 +235,7 @@ def test_training_runs_channels_last_on_the_cpu_and_saves_the_same_function(tmp_
 _FAULTS = """
 import resource, torch
 from napari_genselfdiff.core.device import tune_allocator
-from napari_genselfdiff.core.unet import UNet, UNetConfig, segmentation_config
+from napari_genselfdiff.core.nets.unet import UNet, UNetConfig, segmentation_config
 tuned = tune_allocator()
 torch.set_num_threads(1)
 torch.manual_seed(0)

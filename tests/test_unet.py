@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from napari_genselfdiff.core.unet import (PRESETS, UNet, UNetConfig, count_parameters, segmentation_config,
-                                          transfer_pretrained)
+from napari_genselfdiff.core.nets.unet import (PRESETS, UNet, UNetConfig, count_parameters, segmentation_config,
+                                               transfer_pretrained)
 
 
 def test_tiny_shapes_and_time_conditioning():
@@ -108,8 +108,8 @@ def test_old_configs_load_as_groupnorm():
 
 def test_fused_for_inference_computes_the_same_function_and_leaves_the_model_alone():
     import torch
-    from napari_genselfdiff.core.unet import (ResBlock, UNet, UNetConfig, fused_for_inference,
-                                              segmentation_config)
+    from napari_genselfdiff.core.nets.unet import (ResBlock, UNet, UNetConfig, fused_for_inference,
+                                                   segmentation_config)
 
     torch.manual_seed(0)
     net = UNet(segmentation_config(UNetConfig.from_preset("tiny", in_channels=3, out_channels=3), 3))

@@ -306,7 +306,7 @@ def pretrained_model(tmp_path_factory) -> Path:
     """A tiny diffusion-pretrained model (two steps of the core's pretraining)."""
     from napari_genselfdiff.core.data import ImageSource
     from napari_genselfdiff.core.progress import drain
-    from napari_genselfdiff.core.training import PretrainConfig, pretrain
+    from napari_genselfdiff.core.train.training import PretrainConfig, pretrain
 
     out = tmp_path_factory.mktemp("models") / "pretrained-tiny"
     cfg = PretrainConfig(preset="tiny", steps=2, patch=32, batch=2, checkpoint_every=0)
@@ -521,7 +521,7 @@ def seg_model(tmp_path_factory) -> Path:
     """A tiny glands model, fine-tuned for a few steps with the core (what the widget would load)."""
     from napari_genselfdiff.core.data import TaskSpec, mask_to_target
     from napari_genselfdiff.core.progress import drain
-    from napari_genselfdiff.core.training import FinetuneConfig, finetune
+    from napari_genselfdiff.core.train.training import FinetuneConfig, finetune
 
     image = sample_he()[0][0][:128, :128]
     item = LabeledImage("crop", image, mask_to_target(painted_labels((128, 128)), TaskSpec.make("glands")))

@@ -16,10 +16,10 @@ from qtpy.QtWidgets import QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, QG
 from ..bundled import BACKBONE, bundled_backbone, resolve_model
 from ..core.data import LabeledImage, TaskSpec, load_labeled_folder, mask_to_target, split_for_validation
 from ..core.errors import DataError, GenSelfDiffError
-from ..core.losses import LOSSES, parse_loss
+from ..core.nets.unet import PRESETS
 from ..core.progress import Progress, relay_last
-from ..core.training import FinetuneConfig, finetune
-from ..core.unet import PRESETS
+from ..core.train.losses import LOSSES, parse_loss
+from ..core.train.training import FinetuneConfig, finetune
 from .geometry import grid_of
 from .inputs import (LayerChoices, PathEdit, add_training_rows, is_labels, is_rgb_image, layer_to_rgb,
                      pixel_size_spin, scrolling_column)

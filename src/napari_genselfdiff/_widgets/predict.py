@@ -136,7 +136,7 @@ def fov_job(model: str, device: str, cache: PredictorCache | None, slide, source
     The FOV predictor (and its tile cache) is kept while the model, the image and the tiling are
     the same.
     """
-    from ..core.postprocess import postprocess
+    from ..core.eval.postprocess import postprocess
     from ..slide.fov import FieldOfViewPredictor
 
     cache, overlap = yield from load_predictor(model, device, cache, tile, overlap, precision)
@@ -160,7 +160,7 @@ def fov_job(model: str, device: str, cache: PredictorCache | None, slide, source
     foreground = np.subtract(1.0, probs[0], dtype=np.float32)
     no_glands = None
     if predictor.task == "glands":
-        from ..core.glandular import check_glands, warn_no_glands
+        from ..core.eval.glandular import check_glands, warn_no_glands
 
         check = check_glands(instances, foreground, np.asarray(slide.levels[level][y:y + h, x:x + w]),
                              slide.level_mpp(level))

@@ -2,7 +2,7 @@
 
 Sources are open image layers, a folder of tiles and/or a slide file. The pretext is diffusion
 (GenSelfDiff-HIS) or nucleus-aware (unpaired translation between the tiles and synthetic nucleus
-masks, :mod:`..core.pretext_nucleus`). At the end the pretext's visual check is added as a layer:
+masks, :mod:`..core.train.pretext_nucleus`). At the end the pretext's visual check is added as a layer:
 for diffusion a grid of generated tiles ("generated tiles": H&E-like colours and texture mean the
 pretext was learned; coloured noise means it needs more steps), for nucleus-aware rows of a pseudo
 mask, H&E generated from it in three styles, a real tile and the mask predicted for it
@@ -20,9 +20,9 @@ from qtpy.QtWidgets import QAbstractItemView, QComboBox, QFormLayout, QGroupBox,
 
 from ..core.data import ImageSource, UnlabeledSource
 from ..core.errors import DataError, GenSelfDiffError
+from ..core.nets.unet import PRESETS
 from ..core.progress import Progress
-from ..core.training import PretrainConfig, pretrain
-from ..core.unet import PRESETS
+from ..core.train.training import PretrainConfig, pretrain
 from ..slide.sources import LazyArraySource, unlabeled_sources
 from .inputs import LayerChoices, PathEdit, add_training_rows, int_spin, is_rgb_image, layer_to_rgb, scrolling_column
 from .jobs import JobRunner, StopsJobsOnClose
@@ -69,7 +69,7 @@ def pretrain_job(sources: list[UnlabeledSource], out: str, cfg: PretrainConfig, 
                  n_tiles: int, ddim_steps: int) -> Iterator[Progress | str]:
     """Pretrain (yielding the core's events), then say so and return a grid of ``n_tiles``
     generated tiles."""
-    from ..core.sampling import generate_tiles, tile_grid
+    from ..core.pretext.sampling import generate_tiles, tile_grid
 
     last = yield from _finished(pretrain(sources, out, cfg, device=device, resume=resume))
     if not n_tiles or last is None:
@@ -84,7 +84,7 @@ def nucleus_pretrain_job(sources: list[UnlabeledSource], out: str, cfg, device: 
     """Nucleus-aware pretraining (yielding the core's events), then the pretext's sample grid:
     ``ceil(n_tiles / 4)`` rows of pseudo mask, three generated stainings, a real tile and its
     predicted mask."""
-    from ..core.pretext_nucleus import nucleus_samples, pretrain_nucleus
+    from ..core.train.pretext_nucleus import nucleus_samples, pretrain_nucleus
 
     last = yield from _finished(pretrain_nucleus(sources, out, cfg, device=device, resume=resume))
     if not n_tiles or last is None:
@@ -187,7 +187,7 @@ class PretrainWidget(QWidget):
         return PRETEXTS.get(self.pretext.currentText()) == "nucleus"
 
     def nucleus_config(self):
-        from ..core.pretext_nucleus import NucleusPretrainConfig
+        from ..core.train.pretext_nucleus import NucleusPretrainConfig
 
         return NucleusPretrainConfig(preset=self.preset.currentText(), steps=self.steps.value(),
                                      patch=self.patch.value(), batch=self.batch.value(),

@@ -103,7 +103,7 @@ def slide_job(model: str, device: str, cache: PredictorCache | None, slide, out:
         yield from on_cluster(model, device, predictor, slide, out, settings, run_on, precision)
     no_glands = None
     if kind == "glands":
-        from ..core.glandular import warn_no_glands
+        from ..core.eval.glandular import warn_no_glands
         from ..slide.glands_check import check_store_glands
         from ..slide.store import PredictionStore
 

@@ -77,9 +77,9 @@ def train_briefly(data: Path, out: Path, quick: bool, device: str) -> dict:
     """Pretrain -> fine-tune -> evaluate a small model on GlaS (the job before bundled models)."""
     from ..core.data import TaskSpec, load_labeled_folder, split_items
     from ..slide.sources import unlabeled_sources
-    from ..core.evaluation import evaluate_items, format_report
+    from ..core.eval.evaluation import evaluate_items, format_report
     from ..core.inference import TorchPredictor
-    from ..core.training import FinetuneConfig, PretrainConfig, finetune, pretrain
+    from ..core.train.training import FinetuneConfig, PretrainConfig, finetune, pretrain
 
     glas = data / "glas" / "train"
     if not (glas / "images").is_dir():

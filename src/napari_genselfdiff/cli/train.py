@@ -26,12 +26,12 @@ def init_model(name_or_path: str) -> Path:
 
 
 def _drive(events, desc: str):
-    """:func:`.console.progress_bar`; under torchrun (core/ddp.py) only rank 0 shows it and its
+    """:func:`.console.progress_bar`; under torchrun (core/train/ddp.py) only rank 0 shows it and its
     messages, the other ranks run the same events silently (warnings too). Leaves the process
     group at the end; returns the last event."""
     import warnings
 
-    from ..core import ddp
+    from ..core.train import ddp
 
     if ddp.is_main_process():
         last = progress_bar(events, desc)
@@ -51,7 +51,7 @@ def _drive(events, desc: str):
 
 def _report(text: str) -> None:
     """Print ``text`` (under torchrun on rank 0 only)."""
-    from ..core.ddp import is_main_process
+    from ..core.train.ddp import is_main_process
 
     if is_main_process():
         print(text)
@@ -59,12 +59,12 @@ def _report(text: str) -> None:
 
 def cmd_pretrain(a: argparse.Namespace) -> int:
     from ..slide.sources import unlabeled_sources
-    from ..core.diffusion import ScheduleConfig
-    from ..core.training import PretrainConfig, pretrain
+    from ..core.pretext.diffusion import ScheduleConfig
+    from ..core.train.training import PretrainConfig, pretrain
 
     if getattr(a, "pretext", "diffusion") == "nucleus":
-        from ..core.ddp import launched
-        from ..core.pretext_nucleus import NucleusPretrainConfig, pretrain_nucleus
+        from ..core.train.ddp import launched
+        from ..core.train.pretext_nucleus import NucleusPretrainConfig, pretrain_nucleus
 
         if launched():  # its GAN trainer has no process group: N copies would write one checkpoint
             raise GenSelfDiffError("pretrain --pretext nucleus runs in one process only; start it without torchrun")
@@ -87,7 +87,7 @@ def cmd_pretrain(a: argparse.Namespace) -> int:
 
 def cmd_finetune(a: argparse.Namespace) -> int:
     from ..core.data import TaskSpec, load_labeled_folder, split_items
-    from ..core.training import FinetuneConfig, finetune
+    from ..core.train.training import FinetuneConfig, finetune
 
     if a.init is None and not a.scratch and not a.resume:
         raise GenSelfDiffError("give --init pretrained (the shipped backbone), --init CKPT or --scratch")
@@ -115,7 +115,7 @@ METRICS_KIND = "evaluation"
 
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
-    from ..core.evaluation import evaluate_folder, format_report
+    from ..core.eval.evaluation import evaluate_folder, format_report
 
     from ..slide.reader import file_mpp
 
@@ -137,13 +137,13 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 
 def cmd_sample(a: argparse.Namespace) -> int:
     from ..core.atomic import check_target, is_our_png, write_png_atomic
-    from ..core.sampling import generate_tiles, tile_grid
+    from ..core.pretext.sampling import generate_tiles, tile_grid
 
     model = resolve_model(a.model)
     # checked before any work: an existing file is replaced only with --force and only a PNG of ours
     check_target(a.out, kind="PNG", force=a.force, ours=is_our_png, inputs=[model])
     from ..core.checkpoint import load_config
-    from ..core.pretext_nucleus import pretext_of
+    from ..core.train.pretext_nucleus import pretext_of
 
     config = load_config(model)
     if config.get("kind") == "pretrain" and pretext_of(config) == "nucleus":
@@ -161,7 +161,7 @@ def _sample_nucleus(a: argparse.Namespace, model: Path, config: dict) -> int:
     import numpy as np
 
     from ..core.atomic import write_png_atomic
-    from ..core.pretext_nucleus import nucleus_samples
+    from ..core.train.pretext_nucleus import nucleus_samples
 
     size = a.size or int(config.get("patch_size", 128))
     real = None

@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from .atomic import atomic_directory, normal_permissions, temp_name_pattern
 from .errors import CheckpointError
-from .unet import UNet, UNetConfig
+from .nets.unet import UNet, UNetConfig
 
 FORMAT_VERSION = 1
 MODEL_FILE = "model.safetensors"

@@ -19,8 +19,8 @@ from .checkpoint import load_model
 from .data import NORMALIZATION, TaskSpec, to_model_input
 from .device import KEEP_MB, pick_device, tune_allocator
 from .errors import CheckpointError, DataError
+from .nets.unet import UNet, fused_for_inference
 from .precision import autocast, resolve_precision
-from .unet import UNet, fused_for_inference
 
 
 def checkpoint_task(config: dict, source: object = "checkpoint") -> TaskSpec:
@@ -87,7 +87,7 @@ class TorchPredictor:
         if self.device.type == "cpu":
             tune_allocator(KEEP_MB["predict"])  # tiles without fresh page faults (core/device.py)
         # what runs the forward passes: the same function with frozen BatchNorm folded into the
-        # convolutions (core/unet.fused_for_inference), in channels_last layout (on the 2-core CPU:
+        # convolutions (core/nets/unet.fused_for_inference), in channels_last layout (on the 2-core CPU:
         # 0.38 -> 0.6-0.7 Mpx/s, benchmarks/speed.py --ceiling); the model itself is left as it is
         self.network, self.channels_last = self.model, False
         if fuse and isinstance(self.model, UNet):
@@ -122,11 +122,11 @@ class TorchPredictor:
                                      or not 0.01 <= self.mpp <= 100):
             raise CheckpointError(f"{self.source}: config.json's mpp {self.mpp!r} is not a pixel size from 0.01 to "
                                   "100 µm/px (edited?)")
-        # tile overlap derived from the trained network's effective receptive field (core/receptive.py),
+        # tile overlap derived from the trained network's effective receptive field (core/nets/receptive.py),
         # recorded by benchmarks/train_defaults.py; checkpoints without one get the old default
         self.overlap = int(config.get("halo") or DEFAULT_OVERLAP)
-        # instance rules tuned on the validation images at the end of fine-tuning (core/tuning.py)
-        from .postprocess import options_for
+        # instance rules tuned on the validation images at the end of fine-tuning (core/eval/tuning.py)
+        from .eval.postprocess import options_for
         try:
             self.postprocess_options = options_for(self.task, config.get("postprocess"), self.mpp)
         except (TypeError, ValueError) as e:

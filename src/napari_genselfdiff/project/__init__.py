@@ -9,7 +9,8 @@ nothing here imports Qt or napari.
 ``store``: the :class:`Project` folder (layout and durability rules in its docstring);
 ``suggest``: uncertainty sampling of the next region; ``refine``: fine-tuning on the accepted
 regions with a before/after score; ``files``: the names, JSON-lines files and region checks
-the three share.
+the three share, and ``ProjectFolder``, what ``suggest`` and ``refine`` use of a project (they
+take one and do not import ``store``).
 """
 from .files import count_objects, read_jsonl
 from .store import Project

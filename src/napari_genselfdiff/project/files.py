@@ -1,6 +1,8 @@
 """The files of a project folder below the :class:`~.store.Project` class: names, JSON lines,
-region checks and the checkpoint reference. ``store``, ``suggest`` and ``refine`` import this
-module, never each other's internals (``store`` delegates to ``suggest`` and ``refine``)."""
+region checks and the checkpoint reference, and :class:`ProjectFolder`, what ``suggest`` and
+``refine`` use of a project. ``store``, ``suggest`` and ``refine`` import this module, never each
+other's internals (``store`` delegates to ``suggest`` and ``refine``, which do not import
+``store``: they take a :class:`ProjectFolder`)."""
 from __future__ import annotations
 
 import json
@@ -9,11 +11,12 @@ import re
 import warnings
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Sequence
+from typing import Protocol, Sequence
 
 import numpy as np
 
 from ..core.atomic import atomic_open, inside
+from ..core.data import LabeledImage, TaskSpec
 from ..core.errors import DataError
 from ..core.names import is_safe_name
 
@@ -25,6 +28,37 @@ HISTORY = "models/history.jsonl"
 REVIEWED = "reviewed.json"
 STORE_CHUNK = 1024
 SOURCES = ("correction", "import")
+
+
+class ProjectFolder(Protocol):
+    """What ``refine`` and ``suggest`` use of a project, no more: :class:`~.store.Project` is one.
+    They are annotated with this instead of importing ``store``, which imports them (so there is
+    no import circle, not even one for type checkers); ``tests/test_layout.py`` checks that they
+    use nothing else and that ``Project`` defines all of it."""
+
+    folder: Path
+
+    @property
+    def spec(self) -> TaskSpec: ...
+
+    @property
+    def current_model(self) -> Path | None: ...
+
+    def set_current_model(self, model: str | os.PathLike | None) -> None: ...
+
+    def relative(self, path: str | os.PathLike) -> str: ...
+
+    def slide(self, slide_id: str) -> dict: ...
+
+    def regions(self, slide_id: str | None = None) -> list[dict]: ...
+
+    def region_mpp(self, region: dict) -> float | None: ...
+
+    def reviewed(self, slide_id: str) -> list[list[int]]: ...
+
+    def training_items(self, spec: TaskSpec | None = None) -> list[LabeledImage]: ...
+
+    def history(self) -> list[dict]: ...
 
 
 def now() -> str:

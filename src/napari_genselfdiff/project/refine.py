@@ -19,18 +19,15 @@ import os
 import re
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 from ..core.atomic import inside
 from ..core.data import LabeledImage, TaskSpec, downscale_item, split_items
 from ..core.errors import DataError
 from ..core.progress import Progress
-from ..core.training import FinetuneConfig, finetune
-from .files import HISTORY, append_jsonl, model_path, now
+from ..core.train.training import FinetuneConfig, finetune
+from .files import HISTORY, ProjectFolder, append_jsonl, model_path, now
 from .lock import writer_lock
-
-if TYPE_CHECKING:  # only for annotations: store imports this module
-    from .store import Project
 
 #: Fixed overrides refine() does not accept: they follow from the project.
 FIXED_FIELDS = {"task", "boundary", "num_classes", "steps"}
@@ -46,7 +43,7 @@ class RefineSplit:
     how: str
 
 
-def refine(project: "Project", *, base_model: str | os.PathLike | None = None, steps: int = 200,
+def refine(project: ProjectFolder, *, base_model: str | os.PathLike | None = None, steps: int = 200,
            device: str = "auto", val_fraction: float | str = 0.25, seed: int = 0,
            **overrides: Any) -> Iterator[Progress]:
     """Fine-tune the project's current model (or ``base_model``) on its accepted regions.
@@ -65,7 +62,7 @@ def refine(project: "Project", *, base_model: str | os.PathLike | None = None, s
         yield from _refine(project, base_model, steps, device, val_fraction, seed, overrides)
 
 
-def _refine(project: "Project", base_model, steps: int, device: str, val_fraction, seed: int,
+def _refine(project: ProjectFolder, base_model, steps: int, device: str, val_fraction, seed: int,
             overrides: dict) -> Iterator[Progress]:
     spec = refine_spec(project, base_model)
     cfg = refine_config(project, steps, seed, overrides, base_model, spec)
@@ -116,7 +113,7 @@ def better_or_equal(before: float | None, after: float | None) -> bool:
     return after is not None and after >= before
 
 
-def refine_spec(project: "Project", base_model) -> TaskSpec:
+def refine_spec(project: ProjectFolder, base_model) -> TaskSpec:
     """The task a refine trains: the base model's own head when it segments the project's task
     (its boundary class and width, distance map, classes), else the project's."""
     spec = project.spec
@@ -128,7 +125,7 @@ def refine_spec(project: "Project", base_model) -> TaskSpec:
     return base if base is not None and base.task == spec.task else spec
 
 
-def refine_config(project: "Project", steps: int, seed: int, overrides: dict, base_model,
+def refine_config(project: ProjectFolder, steps: int, seed: int, overrides: dict, base_model,
                   spec: TaskSpec | None = None) -> FinetuneConfig:
     """The fine-tuning settings of a refine: its task (``spec``, default :func:`refine_spec`),
     ``steps``, ``seed``, the base model's (or the regions') resolution, and the allowed ``overrides``."""
@@ -148,7 +145,7 @@ def refine_config(project: "Project", steps: int, seed: int, overrides: dict, ba
     return replace(cfg, **overrides)
 
 
-def base_config(project: "Project", base_model) -> dict | None:
+def base_config(project: ProjectFolder, base_model) -> dict | None:
     """The config.json of the model a refine starts from (the project's current model unless
     ``base_model`` is given), or None when there is none."""
     base = project.current_model if base_model is None else Path(model_path(base_model))
@@ -158,7 +155,7 @@ def base_config(project: "Project", base_model) -> dict | None:
     return load_config(base)
 
 
-def training_mpp(project: "Project", base_model) -> float | None:
+def training_mpp(project: ProjectFolder, base_model) -> float | None:
     """The base model's mpp, else the regions' when they all share one (within 10 %)."""
     cfg = base_config(project, base_model)
     if cfg is not None and cfg.get("mpp"):
@@ -169,7 +166,7 @@ def training_mpp(project: "Project", base_model) -> float | None:
     return mpps[0] if max(mpps) / min(mpps) < 1.1 else None
 
 
-def at_model_resolution(project: "Project", items: list[LabeledImage],
+def at_model_resolution(project: ProjectFolder, items: list[LabeledImage],
                         model_mpp: float | None) -> list[LabeledImage]:
     """Regions are stored at the level they were accepted at; a model trained at another
     resolution (e.g. a half-resolution gland model) must be refined at its own, so rescale
@@ -203,7 +200,7 @@ def score(model: Path | None, items: Sequence[LabeledImage], device: str) -> flo
     from ..core.checkpoint import load_config
     if load_config(model).get("kind") != "segmentation":
         return None
-    from ..core.evaluation import evaluate_items
+    from ..core.eval.evaluation import evaluate_items
     from ..core.inference import TorchPredictor
     predictor = TorchPredictor.from_checkpoint(model, device=device)
     return float(evaluate_items(predictor, items)["mean"]["dice"])
@@ -214,7 +211,7 @@ def fmt_score(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.3f}"
 
 
-def _record_refine(project: "Project", status: str, base: Path | None, out: Path, step: int, split: RefineSplit,
+def _record_refine(project: ProjectFolder, status: str, base: Path | None, out: Path, step: int, split: RefineSplit,
                    before: float | None, after: float | None) -> bool:
     """One history line; a finished refine that scores at least as well as its base becomes the
     current model (returns whether it did)."""
@@ -231,7 +228,7 @@ def _record_refine(project: "Project", status: str, base: Path | None, out: Path
     return adopted
 
 
-def adopt(project: "Project", model: str | os.PathLike) -> Path:
+def adopt(project: ProjectFolder, model: str | os.PathLike) -> Path:
     """Make ``model`` (a refine kept aside: its folder under the project's ``models/``, or its
     name) the current model; one history line."""
     from ..core.checkpoint import load_config
@@ -248,7 +245,7 @@ def adopt(project: "Project", model: str | os.PathLike) -> Path:
     return path
 
 
-def roll_back(project: "Project") -> Path | None:
+def roll_back(project: ProjectFolder) -> Path | None:
     """Undo the change that made the current model current (a refine adopted, or an adopt): the
     model before it becomes current again, one history line; again, and it steps further back.
     A DataError when no change made the current model current."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -19,9 +19,7 @@ from ..core.errors import DataError
 from ..core.inference import predict_padded_batch
 from ..core.progress import Progress, run_to_end
 from ..slide.tissue import is_background
-
-if TYPE_CHECKING:  # only for annotations: store imports this module
-    from .store import Project
+from .files import ProjectFolder
 
 Cell = tuple[int, int, int, int]  # (y, x, h, w) at the scored level
 
@@ -36,13 +34,13 @@ class ScoredCell:
     disagreement: float
 
 
-def suggest_regions(project: "Project", predictor: Callable[[np.ndarray], np.ndarray], slide_or_image: Any,
+def suggest_regions(project: ProjectFolder, predictor: Callable[[np.ndarray], np.ndarray], slide_or_image: Any,
                     **kwargs: Any) -> list[dict]:
     """The blocking form of :func:`iter_suggest_regions` (same arguments, same result)."""
     return run_to_end(iter_suggest_regions(project, predictor, slide_or_image, **kwargs))
 
 
-def iter_suggest_regions(project: "Project", predictor: Callable[[np.ndarray], np.ndarray], slide_or_image: Any, *,
+def iter_suggest_regions(project: ProjectFolder, predictor: Callable[[np.ndarray], np.ndarray], slide_or_image: Any, *,
                          region_size: int = 512, level: int = 0, top_k: int = 5, exclude_reviewed: bool = True,
                          tissue_mask: np.ndarray | None = None, slide_id: str | None = None,
                          flips: bool = False, max_candidates: int = 64,

@@ -11,8 +11,8 @@ from pathlib import Path
 import dask.array as da
 import numpy as np
 
+from napari_genselfdiff.core.eval.postprocess import postprocess
 from napari_genselfdiff.core.inference import predict_image
-from napari_genselfdiff.core.postprocess import postprocess
 from napari_genselfdiff.slide.fov import FieldOfViewPredictor
 from napari_genselfdiff.slide.reader import Slide
 

@@ -1,11 +1,11 @@
-"""The "does this look like glandular tissue?" check (:func:`..core.glandular.check_glands`) of a
+"""The "does this look like glandular tissue?" check (:func:`..core.eval.glandular.check_glands`) of a
 whole-slide glands prediction: its store's labels and probabilities and the slide's pixels, read at
 a coarse level (at most ``max_side`` pixels a side), so it costs little on a slide of any size."""
 from __future__ import annotations
 
 import numpy as np
 
-from ..core.glandular import GlandsCheck, check_glands
+from ..core.eval.glandular import GlandsCheck, check_glands
 from .reader import Slide
 from .store import PredictionStore
 

@@ -1,7 +1,7 @@
 """Instances (glands, nuclei) from class probabilities, block by block.
 
 The one-piece functions (a tile, a field of view held in memory) are in
-:mod:`napari_genselfdiff.core.postprocess`. The blockwise versions here
+:mod:`napari_genselfdiff.core.eval.postprocess`. The blockwise versions here
 label arrays far larger than memory (zarr, dask, numpy: anything 2-D that can be sliced) into
 an int32 output array, block by block, and stitch objects across block borders so that an
 object crossing a border keeps ONE id and is never cut:
@@ -35,8 +35,8 @@ from napari_genselfdiff.core.allocator import large_arrays_mapped
 from napari_genselfdiff.core.errors import GenSelfDiffError
 # the one-piece rules each block is labelled by (glands_from_probabilities is the reference
 # the blockwise result equals; benchmarks/tiler.py reads it from here)
-from napari_genselfdiff.core.postprocess import (EIGHT, FOUR, GLAND_MIN_SIZE, NUCLEUS_MIN_SIZE, as_float,  # noqa: F401
-                                                 glands_from_probabilities, nuclei_from_probabilities)
+from napari_genselfdiff.core.eval.postprocess import (EIGHT, FOUR, GLAND_MIN_SIZE, NUCLEUS_MIN_SIZE,  # noqa: F401
+                                                      as_float, glands_from_probabilities, nuclei_from_probabilities)
 from napari_genselfdiff.core.progress import run_to_end
 
 Steps = Generator[tuple[int, int], None, "StitchStats"]

@@ -10,11 +10,11 @@ import os
 import numpy as np
 import torch
 
-from .checkpoint import load_model
-from .device import pick_device
+from ..checkpoint import load_model
+from ..device import pick_device
+from ..errors import CheckpointError
+from ..precision import autocast, resolve_precision
 from .diffusion import Diffusion, ScheduleConfig
-from .errors import CheckpointError
-from .precision import autocast, resolve_precision
 
 
 def generate_tiles(model_path: str | os.PathLike, n: int = 16, *, size: int | None = None, steps: int = 50,
@@ -27,7 +27,8 @@ def generate_tiles(model_path: str | os.PathLike, n: int = 16, *, size: int | No
                               f"this is a {cfg.get('kind')} model")
     if cfg.get("pretext", "diffusion") != "diffusion":
         raise CheckpointError(f"{model_path}: a {cfg['pretext']}-aware pretraining has no diffusion model to "
-                              "sample; its check is core.pretext_nucleus.nucleus_samples (genselfdiff sample does it)")
+                              "sample; its check is core.train.pretext_nucleus.nucleus_samples "
+                              "(genselfdiff sample does it)")
     size = size or int(cfg.get("patch_size", 64))
     m = model.config.multiple
     size = max(m, size - size % m)

@@ -13,11 +13,11 @@ from typing import Sequence
 
 import numpy as np
 
-from .data import LabeledImage, TaskSpec, list_images, load_labeled_folder, pair_images_and_masks, read_mask
-from .errors import DataError
-from .inference import TorchPredictor
+from ..data import LabeledImage, TaskSpec, list_images, load_labeled_folder, pair_images_and_masks, read_mask
+from ..errors import DataError
+from ..inference import TorchPredictor
+from ..resolution import resolution_note, segment_at_mpp
 from .postprocess import postprocess
-from .resolution import resolution_note, segment_at_mpp
 
 
 def evaluate_items(predictor: TorchPredictor, items: Sequence[LabeledImage],

@@ -13,8 +13,8 @@ from typing import Generator, Sequence
 
 import numpy as np
 
-from .data import LabeledImage
-from .inference import predict_image
+from ..data import LabeledImage
+from ..inference import predict_image
 
 #: Default number of validation crops, and their largest side in pixels.
 VAL_CROPS = 8
@@ -70,7 +70,7 @@ def iter_evaluate_dice(predictor, items: Sequence[LabeledImage]) -> Generator[tu
     """Mean foreground Dice (class > 0) of ``predictor`` over ``items`` (images or crops, each
     predicted in one piece); yields (done, total) after each item and returns
     ``{"val_dice", "n_val"}``."""
-    from .metrics import dice
+    from ..eval.metrics import dice
 
     scores = []
     for k, it in enumerate(items, start=1):
@@ -103,6 +103,6 @@ def pass_cost(crops: Sequence[LabeledImage], batch_pixels: int, calibration_batc
 
 def evaluate_dice(predictor, items: Sequence[LabeledImage]) -> dict:
     """Mean foreground Dice (class > 0) of ``predictor`` over whole images (or crops), in one call."""
-    from .progress import run_to_end
+    from ..progress import run_to_end
 
     return run_to_end(iter_evaluate_dice(predictor, items))

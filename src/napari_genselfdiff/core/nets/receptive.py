@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from .data import to_model_input
+from ..data import to_model_input
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import GenSelfDiffWarning
+from ..errors import GenSelfDiffWarning
 
 #: A pixel is glass (not tissue) when its grey value is above this or its saturation below
 #: ``GLASS_SATURATION``: the same thresholds as ``slide.tissue.is_background`` (core imports nothing
@@ -110,7 +110,7 @@ def check_glands(labels: np.ndarray, prob_fg: np.ndarray, image: np.ndarray, mpp
 
 
 def warn_no_glands(check: GlandsCheck | None) -> str | None:
-    """For the widgets: a :class:`~.errors.GenSelfDiffWarning` (shown as a notification) when a
+    """For the widgets: a :class:`~..errors.GenSelfDiffWarning` (shown as a notification) when a
     glands result does not look like glands, and the reason; None when it does."""
     if check is None or not check.no_glands:
         return None

@@ -4,7 +4,7 @@ The class probabilities a model outputs become objects through a few thresholds 
 nucleus markers, smallest object; :data:`.postprocess.OPTIONS`). At the end of fine-tuning those
 are chosen on the VALIDATION images by a small grid search for the task's object score, and
 written into the checkpoint's ``config["postprocess"]``: the CLI, the napari widgets and
-``evaluate`` all read them from there (:class:`.inference.TorchPredictor.postprocess_options`),
+``evaluate`` all read them from there (:class:`..inference.TorchPredictor.postprocess_options`),
 so every path applies the same rules. Test images are never seen here.
 """
 from __future__ import annotations
@@ -27,8 +27,8 @@ GRIDS = {"glands": {"threshold": (0.3, 0.4, 0.5, 0.6, 0.7), "min_size": (50, 100
 def instances_of_target(target: np.ndarray, task: str) -> np.ndarray:
     """Ground-truth objects recovered from a class-id target: for 3-class nuclei targets the
     interiors (class 1) grown into their boundary pixels (class 2); binary nuclei masks with
-    touching nuclei split (:func:`.data.split_touching`); glands: connected components."""
-    from .data import split_touching, target_instances
+    touching nuclei split (:func:`..data.split_touching`); glands: connected components."""
+    from ..data import split_touching, target_instances
 
     target = np.asarray(target)
     fg = target > 0

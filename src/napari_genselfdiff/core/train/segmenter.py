@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import os
 
-from . import checkpoint as ckpt
-from .data import NORMALIZATION, TaskSpec
-from .errors import CheckpointError
-from .inference import checkpoint_task
-from .unet import UNet, UNetConfig, seeded_model, segmentation_config, transfer_pretrained
+from .. import checkpoint as ckpt
+from ..data import NORMALIZATION, TaskSpec
+from ..errors import CheckpointError
+from ..inference import checkpoint_task
+from ..nets.unet import UNet, UNetConfig, seeded_model, segmentation_config, transfer_pretrained
 
 HEAD_MODULES = ("final_block", "final_conv")  # what a frozen-backbone fine-tuning trains
 

@@ -9,7 +9,7 @@ After Song et al. (UNITPathSSL, IEEE TMI 2023, arXiv 2309.07394), at a size that
   computed from the code) and given per-pixel noise. The code is *conditional* when
   :class:`StyleEncoder` takes it from a real tile (mean and log-variance, sampled as in a VAE) and
   *stochastic* when drawn from N(0, 1): one mask yields many stainings.
-* **H&E -> mask**: the tile-invariant segmentation U-Net (:func:`.unet.segmentation_config`),
+* **H&E -> mask**: the tile-invariant segmentation U-Net (:func:`..nets.unet.segmentation_config`),
   so fine-tuning inherits every tensor of it but the head. Its head predicts 4 channels: logits of
   background / nucleus / boundary, and the normalised distance to the nucleus' edge.
 * a PatchGAN discriminator per domain (:class:`PatchDiscriminator`).
@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .unet import UNet, UNetConfig, segmentation_config
+from ..nets.unet import UNet, UNetConfig, segmentation_config
 
 MASK_CHANNELS = 3  # foreground, boundary, distance
 TRANSLATOR_OUTPUTS = 4  # background / nucleus / boundary logits + distance

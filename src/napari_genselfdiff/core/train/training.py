@@ -22,20 +22,21 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from . import checkpoint as ckpt
-from . import ddp
-from .atomic import refuse_inputs
-from .data import (NORMALIZATION, AugmentConfig, LabeledImage, TaskSpec, UnlabeledSource, distance_target,
-                   sample_labeled_batch, sample_unlabeled_batch, select_fraction, select_fraction_from_names, to_model_input)
-from .device import channels_last_for, tune_allocator
-from .diffusion import Diffusion, ScheduleConfig
-from .errors import CheckpointError, DataError, GenSelfDiffError
-from .inference import TorchPredictor, predict_image
-from .losses import build_loss, parse_loss
-from .precision import Precision, autocast, precision_of, resolve_precision
-from .progress import Progress, relay, run_to_end
+from .. import checkpoint as ckpt
+from ..atomic import refuse_inputs
+from ..data import (NORMALIZATION, AugmentConfig, LabeledImage, TaskSpec, UnlabeledSource, distance_target,
+                    sample_labeled_batch, sample_unlabeled_batch, select_fraction, select_fraction_from_names,
+                    to_model_input)
+from ..device import channels_last_for, tune_allocator
+from ..errors import CheckpointError, DataError, GenSelfDiffError
+from ..inference import TorchPredictor, predict_image
 from .segmenter import build_segmentation_model, freeze_backbone
-from .unet import PRESETS, UNet, UNetConfig, iter_recalibrate_batchnorm, seeded_model
+from ..nets.unet import PRESETS, UNet, UNetConfig, iter_recalibrate_batchnorm, seeded_model
+from ..precision import Precision, autocast, precision_of, resolve_precision
+from ..pretext.diffusion import Diffusion, ScheduleConfig
+from ..progress import Progress, relay, run_to_end
+from . import ddp
+from .losses import build_loss, parse_loss
 from .validation import (VAL_CROP, VAL_CROPS, describe, iter_evaluate_dice, pass_cost, validation_crops,
                          validations_left)
 
@@ -79,7 +80,7 @@ class FinetuneConfig:
     label_fraction: float = 1.0
     checkpoint_every: int = 100
     val_every: int = 100
-    # validation scores at most val_crops fixed crops of at most val_crop px (core/validation.py);
+    # validation scores at most val_crops fixed crops of at most val_crop px (core/train/validation.py);
     # val_crops = 0 scores the whole validation images
     val_crops: int = VAL_CROPS
     val_crop: int = VAL_CROP
@@ -87,7 +88,7 @@ class FinetuneConfig:
     precision: str = "auto"  # auto / fp32 / bf16 autocast of the forward pass (core/precision.py)
     mpp: float | None = None  # microns per pixel of the training images, if known
     # BatchNorm (frozen at inference) and no attention, so tiling cannot change the answer
-    # (core/unet.py); False keeps the pretraining architecture (GroupNorm + attention)
+    # (core/nets/unet.py); False keeps the pretraining architecture (GroupNorm + attention)
     tile_invariant: bool = True
     tune_postprocess: bool = True  # at the end, choose the instance thresholds on the validation images
     ema: float = 0.0  # decay of an exponential moving average of the weights (0: off); the average is saved
@@ -109,7 +110,7 @@ def _lr_at(step: int, total: int, base: float, warmup: int) -> float:
 
 
 def _step_rngs(seed: int, step: int, device: torch.device, rank=None) -> tuple[np.random.Generator, torch.Generator]:
-    if rank is not None:  # under torchrun: each rank its own stream (core/ddp.py)
+    if rank is not None:  # under torchrun: each rank its own stream (core/train/ddp.py)
         return ddp.step_rngs(seed, step, rank, device)
     g = torch.Generator(device=device)
     g.manual_seed((seed * 1_000_003 + step) % (2**63))
@@ -220,7 +221,7 @@ def _prepare_out(out: Path, resume: bool, overwrite: bool, stage: str, inputs: S
 
     Saving replaces the whole folder at ``out``, so an existing one is resumed only when it holds
     nothing but our files, and ``overwrite`` replaces only a checkpoint of ours
-    (:func:`.checkpoint.is_our_checkpoint`): a user's folder, or a checkpoint they added their
+    (:func:`..checkpoint.is_our_checkpoint`): a user's folder, or a checkpoint they added their
     own files to, is never replaced; nor an input (``inputs``: images, starting model) or a bundled model."""
     refuse_inputs(out, [*inputs, ckpt.bundled_models_dir()], CheckpointError)
     out = ckpt.resolve(out)
@@ -385,7 +386,7 @@ def finetune(items: Sequence[LabeledImage], out: str | os.PathLike, cfg: Finetun
     """Fine-tune for segmentation with ``cfg.loss`` (focal + SSL by default); t = 0 throughout.
 
     With validation images, the final checkpoint's post-processing thresholds are tuned on them
-    (:mod:`.tuning`; ``val_instances`` by image name are their true objects where known, else
+    (:mod:`..eval.tuning`; ``val_instances`` by image name are their true objects where known, else
     they are recovered from the targets)."""
     spec = TaskSpec.make(cfg.task, cfg.boundary, cfg.num_classes, cfg.boundary_width, cfg.distance)
     parse_loss(cfg.loss)  # fail before any work on a typo
@@ -437,7 +438,7 @@ def finetune(items: Sequence[LabeledImage], out: str | os.PathLike, cfg: Finetun
     calibrated = {"step": None, "trained_to": start}
 
     def iter_calibrate(step: int) -> Iterator[int]:
-        """Frozen BatchNorm statistics for the weights at ``step`` (core/unet.recalibrate_batchnorm),
+        """Frozen BatchNorm statistics for the weights at ``step`` (core/nets/unet.recalibrate_batchnorm),
         from fixed, seeded training batches: deterministic, so resuming stays exact. Yields the
         batches done (of BN_CALIBRATION_BATCHES); closed early, the statistics count as not made."""
         if calibrated["step"] == step:
@@ -470,7 +471,7 @@ def finetune(items: Sequence[LabeledImage], out: str | os.PathLike, cfg: Finetun
 
     def tune() -> None:
         """Instance thresholds for the final weights, chosen on the validation images."""
-        from .tuning import instances_of_target, tune_postprocess
+        from ..eval.tuning import instances_of_target, tune_postprocess
 
         predictor = TorchPredictor(trainer.model, config_at(0), dev, precision=precision_of(cfg))
         probs = [predict_image(predictor, it.image) for it in val_items]

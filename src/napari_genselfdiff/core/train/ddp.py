@@ -35,7 +35,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .errors import DataError, GenSelfDiffError
+from ..errors import DataError, GenSelfDiffError
 
 #: the torchrun variables read here
 ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
@@ -176,7 +176,7 @@ def place(device: str, batch: int) -> tuple[torch.device, str, Group | None]:
     torchrun, else this rank's device and :class:`Group` (:func:`join`)."""
     group = join(device, batch)
     if group is None:
-        from .device import pick_device
+        from ..device import pick_device
         return (*pick_device(device), None)
     return group.device, group.why, group
 
@@ -210,8 +210,8 @@ def sync_buffers(group: Group | None, module: torch.nn.Module) -> None:
 
 
 def save(group: Group | None, path: Path, model: torch.nn.Module, config: dict, state: dict) -> Path:
-    """:func:`.checkpoint.save_checkpoint`; under torchrun on rank 0 only, the others waiting for it."""
-    from . import checkpoint
+    """:func:`..checkpoint.save_checkpoint`; under torchrun on rank 0 only, the others waiting for it."""
+    from .. import checkpoint
 
     def write() -> Path:
         return checkpoint.save_checkpoint(path, model, config, state)

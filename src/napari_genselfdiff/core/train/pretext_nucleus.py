@@ -1,11 +1,11 @@
 """The nucleus-aware pretext as a training generator, beside diffusion's (:func:`.training.pretrain`).
 
 Unpaired translation between unlabeled H&E tiles and pseudo masks drawn from nucleus statistics
-measured on those tiles (:mod:`.pseudomask`, networks and losses in :mod:`.translation`). It runs
-on the pretraining machinery of :mod:`.training`: the same :class:`~.progress.Progress` events,
-lr schedule, periodic checkpoints, cancel-by-closing (the ``finally`` saves) and exact resume
-(each step's tiles, pseudo masks, style codes and noise come from generators seeded with
-(seed, step)).
+measured on those tiles (:mod:`..pretext.pseudomask`, networks and losses in
+:mod:`..pretext.translation`). It runs on the pretraining machinery of :mod:`.training`: the same
+:class:`~..progress.Progress` events, lr schedule, periodic checkpoints, cancel-by-closing (the
+``finally`` saves) and exact resume (each step's tiles, pseudo masks, style codes and noise come
+from generators seeded with (seed, step)).
 
 The checkpoint is a pretraining checkpoint like diffusion's (``kind: "pretrain"``) with
 ``pretext: "nucleus"``: ``model.safetensors`` holds the H&E -> mask translator, a tile-invariant
@@ -24,17 +24,17 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from . import checkpoint as ckpt
-from .data import NORMALIZATION, AugmentConfig, UnlabeledSource, sample_unlabeled_batch, to_model_input
-from .device import pick_device
-from .errors import CheckpointError, DataError, GenSelfDiffError
-from .precision import Precision, autocast, precision_of, resolve_precision
-from .progress import Progress
-from .pseudomask import NucleusStats, draw_batch, measure_tile, render_mask, summarise
+from .. import checkpoint as ckpt
+from ..data import NORMALIZATION, AugmentConfig, UnlabeledSource, sample_unlabeled_batch, to_model_input
+from ..device import pick_device
+from ..errors import CheckpointError, DataError, GenSelfDiffError
+from ..nets.unet import PRESETS, UNetConfig, seeded_model
+from ..precision import Precision, autocast, precision_of, resolve_precision
+from ..pretext.pseudomask import NucleusStats, draw_batch, measure_tile, render_mask, summarise
+from ..pretext.translation import (LossWeights, TranslationConfig, TranslationNets, discriminator_loss,
+                                   generator_losses, translator_config)
+from ..progress import Progress
 from .training import _now, _prepare_out, _run, _step_rngs
-from .translation import (LossWeights, TranslationConfig, TranslationNets, discriminator_loss, generator_losses,
-                          translator_config)
-from .unet import PRESETS, UNetConfig, seeded_model
 
 PRETEXT = "nucleus"
 #: terms reported per step (``last_losses``) and recorded in the checkpoint
@@ -261,7 +261,7 @@ def nucleus_samples(path: str | os.PathLike, n: int = 4, *, styles: int = 3, siz
     """The pretext's visual check as one RGB uint8 picture: ``n`` rows of a pseudo mask followed by
     ``styles`` H&E tiles generated from it with random styles, then (when ``real`` tiles (m, S, S, 3)
     are given) a real tile and the mask the translator predicts for it."""
-    from .sampling import tile_grid
+    from ..pretext.sampling import tile_grid
 
     dev, _ = pick_device(device)
     nets, config = load_nucleus_nets(path, dev)

@@ -9,7 +9,7 @@ label may be used. So:
 
 * :func:`measure_nuclei` finds rough nuclei on unlabeled tiles: the haematoxylin channel by colour
   deconvolution (``skimage.color.rgb2hed``), Otsu's threshold, small objects dropped, holes
-  filled, touching nuclei split by the distance watershed of :func:`.data.split_touching`; then
+  filled, touching nuclei split by the distance watershed of :func:`..data.split_touching`; then
   per nucleus its area, axis ratio and orientation (``skimage.measure.regionprops``) and per tile
   the count per area. The rough segmentation is only a source of statistics, never a target.
 * :class:`NucleusStats` summarises them: log-normal area and axis ratio, an orientation
@@ -20,7 +20,7 @@ label may be used. So:
 * :func:`mask_image` turns instances into what the networks see (foreground, inner boundary and a
   per-nucleus normalised distance, in [-1, 1]); :func:`instance_target` into the class ids the
   segmentation loss takes (0 background, 1 nucleus, 2 boundary: the recipe of
-  :func:`.data.mask_to_target` with a boundary class).
+  :func:`..data.mask_to_target` with a boundary class).
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ from typing import Iterable
 import numpy as np
 from scipy import ndimage as ndi
 
-from .errors import DataError
+from ..errors import DataError
 
 ORIENTATION_BINS = 12  # over [-pi/2, pi/2), regionprops' convention
 MIN_AREA = 8  # px: smaller haematoxylin specks are not nuclei
@@ -77,7 +77,7 @@ def rough_nuclei(tile: np.ndarray) -> np.ndarray:
     deconvolution, Otsu, specks dropped and holes filled, touching nuclei split by watershed."""
     from skimage.color import rgb2hed
     from skimage.filters import threshold_otsu
-    from .data import split_touching
+    from ..data import split_touching
 
     img = np.clip(np.asarray(tile, np.float32) / 255.0, 1e-3, 1.0)
     h = ndi.gaussian_filter(rgb2hed(img)[..., 0], 1.0)
