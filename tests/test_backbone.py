@@ -155,3 +155,26 @@ def test_cli_finetunes_from_the_shipped_backbone(tmp_path):
     r = subprocess.run(cmd[:cmd.index("--init")] + ["--freeze-backbone", "--scratch", "--out", str(tmp_path / "o2")],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "--freeze-backbone needs --init" in r.stderr
+
+
+def test_a_segmenter_fine_tuned_from_the_shipped_backbone_cannot_be_changed_by_tiling(monuseg_dir, tmp_path):
+    """The one network keeps the tiling guarantee: 256-px tiles with the model's overlap against
+    the same image in one piece, on real tissue, <= 0.02 in probability."""
+    from conftest import require_bundled
+
+    from napari_genselfdiff.bundled import bundled_backbone
+    from napari_genselfdiff.core.data import TaskSpec, downscale_item, load_labeled_folder
+    from napari_genselfdiff.core.inference import TorchPredictor, predict_image
+    from napari_genselfdiff.slide.consistency import compare
+
+    require_bundled("glands", "nuclei")
+    items = load_labeled_folder(monuseg_dir / "images", monuseg_dir / "masks", TaskSpec.make("nuclei"))[:2]
+    items = [downscale_item(it, 2.0) for it in items]  # 0.5 µm/px, the backbone's nuclei resolution
+    cfg = FinetuneConfig(task="nuclei", steps=20, patch=128, batch=4, lr=1e-3, warmup=2, checkpoint_every=0,
+                         val_every=0, mpp=0.5, tune_postprocess=False)
+    drain(finetune(items, tmp_path / "nuc", cfg, init=bundled_backbone(), device="cpu"))
+    predictor = TorchPredictor.from_checkpoint(tmp_path / "nuc", device="cpu")
+    assert predictor.model.config.tile_invariant and predictor.model.config.norm == "layer"
+    img = items[0].image
+    d = compare(predictor, img, tile=256, overlap=predictor.overlap, whole=predict_image(predictor, img))
+    assert d.max_abs <= 0.02, d

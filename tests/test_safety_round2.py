@@ -2,6 +2,8 @@
 and exit code 2 before any work, and training never learns from a loss that weighs nothing."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from napari_genselfdiff.bundled import sample_image_path
