@@ -6,7 +6,11 @@ and inference megapixels/s, so that a change of preset is decided on measured ra
 Variants: every preset as shipped, plus ``tiny-3level`` (the tiny preset as it was before
 2026-11-22: mults (1, 2, 2), so its bottleneck's full attention runs at 1/4 resolution instead of
 1/8). Each is timed with random weights, float32, one process, same inputs; ratios are taken
-against the shipped ``tiny``.
+against the shipped ``tiny``. A ``-seg`` suffix times the segmentation network the preset gives
+(``segmentation_config``: BatchNorm for tiny, the per-pixel LayerNorm for backbone), channels_last,
+its inference through ``fused_for_inference`` as the predictor runs it:
+
+    python benchmarks/presets.py --presets tiny-seg backbone-seg
 """
 from __future__ import annotations
 
@@ -22,11 +26,13 @@ from napari_genselfdiff.core.nets import unet as U
 VARIANTS = {"tiny": {}, "tiny-3level": {"mults": (1, 2, 2)}}
 
 
-def measure(cfg: U.UNetConfig, patch: int, batch: int, infer_size: int, repeats: int) -> dict:
+def measure(cfg: U.UNetConfig, patch: int, batch: int, infer_size: int, repeats: int, seg: bool = False) -> dict:
     torch.manual_seed(0)
     model = U.UNet(cfg)
+    layout = torch.channels_last if seg else torch.contiguous_format
+    model = model.to(memory_format=layout)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    xb = torch.randn(batch, 3, patch, patch)
+    xb = torch.randn(batch, 3, patch, patch).to(memory_format=layout)
     yb = torch.randint(0, cfg.out_channels, (batch, patch, patch))
 
     def step():
@@ -34,16 +40,17 @@ def measure(cfg: U.UNetConfig, patch: int, batch: int, infer_size: int, repeats:
         F.cross_entropy(model(xb), yb).backward()
         opt.step()
 
-    xi = torch.randn(1, 3, infer_size, infer_size)
-
-    def infer():
-        with torch.inference_mode():
-            model(xi)
-
+    xi = torch.randn(1, 3, infer_size, infer_size).to(memory_format=layout)
     model.train()
     train = batch / time_per_call(step, repeats)
     model.eval()
-    return {"params": U.count_parameters(model), "train_img_s": train,
+    net = U.fused_for_inference(model).to(memory_format=layout) if seg else model
+
+    def infer():
+        with torch.inference_mode():
+            net(xi)
+
+    return {"params": U.count_parameters(model), "train_img_s": train, "norm": cfg.norm,
             "infer_mp_s": infer_size**2 / 1e6 / time_per_call(infer, repeats)}
 
 
@@ -57,16 +64,20 @@ def main() -> None:
     a = ap.parse_args()
     rows = {}
     for name in a.presets:
-        preset = name.split("-")[0]
+        preset, seg = name.split("-")[0], name.endswith("-seg")
         cfg = U.UNetConfig.from_preset(preset, out_channels=2, **VARIANTS.get(name, {}))
-        rows[name] = measure(cfg, a.patch, a.batch, a.infer_size, a.repeats)
+        if seg:
+            cfg = U.segmentation_config(cfg, 2)
+        rows[name] = measure(cfg, a.patch, a.batch, a.infer_size, a.repeats, seg)
         print(json.dumps({name: rows[name]}), flush=True)
-    ref = rows.get("tiny") or next(iter(rows.values()))
+    ref = rows.get("tiny") or rows.get("tiny-seg") or next(iter(rows.values()))
     print(f"\n{machine()}; patch {a.patch}, batch {a.batch}, inference on one {a.infer_size}x{a.infer_size} tile\n")
-    print("| variant | mults | parameters | train img/s | vs tiny | infer MP/s | vs tiny |\n|---|---|---|---|---|---|---|")
+    print("| variant | mults | norm | parameters | train img/s | vs ref | infer MP/s | vs ref |\n"
+          "|---|---|---|---|---|---|---|---|")
     for name, r in rows.items():
         mults = VARIANTS.get(name, {}).get("mults") or U.PRESETS[name.split("-")[0]]["mults"]
-        print(f"| {name} | {tuple(mults)} | {r['params']:,} | {r['train_img_s']:.2f} | "
+        norm = r["norm"]
+        print(f"| {name} | {tuple(mults)} | {norm} | {r['params']:,} | {r['train_img_s']:.2f} | "
               f"{r['train_img_s'] / ref['train_img_s']:.2f} | {r['infer_mp_s']:.3f} | "
               f"{r['infer_mp_s'] / ref['infer_mp_s']:.2f} |")
 

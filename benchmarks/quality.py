@@ -142,11 +142,12 @@ def main() -> None:
     inits = {"scratch": None, "diffusion": pre, "nucleus": nucleus, "backbone": backbone, "frozen": backbone}
     rows = normalised(previous_rows(work, b))  # an interrupted benchmark resumes: runs already scored are kept
     done = {(r["dataset"], r["arm"], r["fraction"], r["seed"]) for r in rows}
-    for name in a.datasets:
+    levels = b["images"] if b.get("images") else b["fractions"]
+    # label levels outermost, datasets inside: an interrupted run has every dataset at the lower levels
+    for level, name in [(lv, n) for lv in levels for n in a.datasets]:
         ds = DATASETS[name]
         train, val, test, inst = splits[name]
-        fractions = [n / len(train) for n in b["images"]] if b.get("images") else b["fractions"]
-        for frac in fractions:
+        for frac in [level / len(train) if b.get("images") else level]:
             for seed in b["seeds"]:
                 for arm in [arm for arm in ARMS if arm in a.arms]:
                     init = inits[arm]
