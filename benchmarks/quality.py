@@ -38,11 +38,13 @@ from common import (DATASETS, pretrained_enough, REPO, FinetuneConfig, PretrainC
 
 from napari_genselfdiff.core.train.pretext_nucleus import NucleusPretrainConfig, nucleus_samples, pretrain_nucleus
 
-ARMS = ("scratch", "diffusion", "nucleus", "backbone", "frozen")
-PRETEXT_ARMS = ("diffusion", "nucleus", "backbone", "frozen")  # each compared with scratch
+ARMS = ("scratch", "diffusion", "nucleus", "backbone", "frozen", "frozen_t")
+PRETEXT_ARMS = ("diffusion", "nucleus", "backbone", "frozen", "frozen_t")  # each compared with scratch
 # backbone: the one network (unet preset "backbone", per-pixel LayerNorm) fine-tuned whole from the long
 # pretraining (benchmarks/pretrain_backbone.py, --backbone); frozen: the same start, only the head trained
-# (FinetuneConfig.freeze_backbone). Compare them with a scratch arm of the same network: --preset backbone.
+# (FinetuneConfig.freeze_backbone); frozen_t: the same, the network told it sees diffusion timestep
+# --feature-t (UNetConfig.feature_t, after Baranchuk et al.: a denoiser's features at a small noise
+# level). Compare them with a scratch arm of the same network: --preset backbone.
 
 BUDGETS = {
     "smoke": dict(preset="tiny", patch=64, batch=4, pre_steps=30, ft_steps=30, fractions=(0.3, 1.0), seeds=(0,)),
@@ -82,6 +84,7 @@ def main() -> None:
     ap.add_argument("--preset", default=None, help="override the budget's preset (the scratch arm's network)")
     ap.add_argument("--backbone", default=str(REPO / "benchmarks" / "_work" / "backbone" / "pretrained"),
                     help="the long backbone pretraining the backbone and frozen arms start from")
+    ap.add_argument("--feature-t", type=int, default=100, help="the frozen_t arm's timestep")
     ap.add_argument("--frozen-lr", type=float, default=None, help="the frozen arm's learning rate (default 3x)")
     ap.add_argument("--report-only", action="store_true",
                     help="train nothing: rewrite the table and plot from the work folder's rows.json")
@@ -135,11 +138,12 @@ def main() -> None:
     if "nucleus" in a.arms:
         sample_grid(nucleus, sources, b["patch"], work / "nucleus_samples.png", a.device)
     backbone = Path(a.backbone)
-    if {"backbone", "frozen"} & set(a.arms):
+    if {"backbone", "frozen", "frozen_t"} & set(a.arms):
         if not (backbone / "config.json").is_file():
             raise SystemExit(f"{backbone}: no backbone pretraining (run benchmarks/pretrain_backbone.py)")
         b["backbone_steps"] = json.loads((backbone / "config.json").read_text())["training"]["steps"]
-    inits = {"scratch": None, "diffusion": pre, "nucleus": nucleus, "backbone": backbone, "frozen": backbone}
+    inits = {"scratch": None, "diffusion": pre, "nucleus": nucleus, "backbone": backbone, "frozen": backbone,
+             "frozen_t": backbone}
     rows = normalised(previous_rows(work, b))  # an interrupted benchmark resumes: runs already scored are kept
     done = {(r["dataset"], r["arm"], r["fraction"], r["seed"]) for r in rows}
     levels = b["images"] if b.get("images") else b["fractions"]
@@ -155,12 +159,14 @@ def main() -> None:
                         continue
                     out = work / f"{name}_{arm}_f{frac}_s{seed}"
                     lr = 1e-3 if b["preset"] in ("tiny", "backbone") else 1e-4
-                    if arm == "frozen":
+                    if arm in ("frozen", "frozen_t"):
                         lr = a.frozen_lr or 3 * lr
                     cfg = FinetuneConfig(task=ds.task, preset=b["preset"], steps=b["ft_steps"], patch=b["patch"],
                                          batch=b["batch"], lr=lr, warmup=20,
                                          seed=seed, label_fraction=frac, checkpoint_every=0, val_every=0, mpp=ds.mpp,
-                                         boundary=ds.task == "nuclei", ema=0.99, freeze_backbone=arm == "frozen")
+                                         boundary=ds.task == "nuclei", ema=0.99,
+                                         freeze_backbone=arm in ("frozen", "frozen_t"),
+                                         feature_t=a.feature_t if arm == "frozen_t" else 0)
                     with Timer() as t:
                         drain(finetune(train, out, cfg, init=init, device=a.device, overwrite=True))
                     m = evaluate(out, test, inst)  # nuclei AJI / PQ over the images with true instances
@@ -318,7 +324,8 @@ def plot(rows: list[dict], path: Path) -> None:
     for ax, name in zip(axes[0], names):
         key = "object_f1" if DATASETS[name].task == "glands" else "aji"
         for arm, style, nudge in (("diffusion", "o-", 0.94), ("nucleus", "^-.", 1.0), ("backbone", "D-", 0.97),
-                                  ("frozen", "v:", 1.03), ("scratch", "s--", 1.06)):  # side by side
+                                  ("frozen", "v:", 1.03), ("frozen_t", "<:", 1.045),
+                                  ("scratch", "s--", 1.06)):  # side by side
             fr = sorted({r["fraction"] for r in rows if r["dataset"] == name and r["arm"] == arm})
             if not fr:
                 continue

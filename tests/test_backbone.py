@@ -178,3 +178,31 @@ def test_a_segmenter_fine_tuned_from_the_shipped_backbone_cannot_be_changed_by_t
     img = items[0].image
     d = compare(predictor, img, tile=256, overlap=predictor.overlap, whole=predict_image(predictor, img))
     assert d.max_abs <= 0.02, d
+
+
+def test_feature_t_is_one_constant_timestep_folded_like_t0():
+    """A segmenter told it sees timestep feature_t: the same as passing t explicitly, folded at
+    inference, stored with the architecture, bounded."""
+    cfg = UNetConfig.from_preset("backbone", feature_t=100)
+    model = UNet(segmentation_config(cfg, 2)).eval()
+    assert model.config.feature_t == 100
+    _random_affine(model)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        told = model(x)
+        torch.testing.assert_close(told, model(x, torch.full((1,), 100.0)))
+        assert (told - model(x, torch.zeros(1))).abs().max() > 1e-4  # t matters
+        torch.testing.assert_close(fused_for_inference(model)(x), told, rtol=1e-4, atol=1e-4)
+    assert UNetConfig.from_dict(model.config.to_dict()).feature_t == 100
+    assert UNetConfig.from_dict({k: v for k, v in model.config.to_dict().items() if k != "feature_t"}).feature_t == 0
+    for bad in (-1, 10**6, 2.5, True):
+        with pytest.raises(ValueError, match="feature_t"):
+            UNetConfig(feature_t=bad)
+
+
+def test_finetune_with_feature_t_records_it(backbone_run, tmp_path):
+    cfg = FinetuneConfig(steps=2, patch=32, batch=2, lr=1e-3, warmup=1, checkpoint_every=0, val_every=0,
+                         freeze_backbone=True, feature_t=50)
+    drain(finetune(_labeled(), tmp_path / "ft", cfg, init=backbone_run, device="cpu"))
+    model, _ = ck.load_model(tmp_path / "ft")
+    assert model.config.feature_t == 50

@@ -70,9 +70,15 @@ class UNetConfig:
     linear_attention_from: int = 0  # first level (0 = full resolution) with linear attention
     mid_attention: bool = True
     norm: str = "group"  # "group" (tile-dependent) | "batch" (frozen at inference) | "layer" (per pixel)
+    # the diffusion timestep a segmenter is told (its input is a clean image either way): a
+    # pretrained denoiser's features are most telling at small noise levels (Baranchuk et al.,
+    # ICLR 2022); 0 = a clean image. One constant: tile-invariant, folded at inference
+    feature_t: int = 0
     preset: str | None = field(default=None, compare=False)
 
     def __post_init__(self):
+        if not isinstance(self.feature_t, int) or isinstance(self.feature_t, bool) or not 0 <= self.feature_t <= 10_000:
+            raise ValueError(f"feature_t must be a whole number from 0 to 10000, got {self.feature_t!r}")
         if self.norm not in NORMS:
             raise ValueError(f"unknown normalisation {self.norm!r}; choose one of {', '.join(NORMS)}")
 
@@ -257,7 +263,7 @@ class UNet(nn.Module):
         if x.shape[-1] % m or x.shape[-2] % m:
             raise ValueError(f"input size {tuple(x.shape[-2:])} is not a multiple of {m}")
         if t is None:
-            t = torch.zeros(x.shape[0], device=x.device)
+            t = torch.full((x.shape[0],), float(self.config.feature_t), device=x.device)
         temb = self.time_mlp(timestep_embedding(t, self.config.base).to(x.dtype))
         h = self.stem(x)
         stem = h
@@ -402,7 +408,8 @@ def fused_for_inference(model: UNet) -> UNet:
         return model
     fused = copy.deepcopy(model).eval()
     p = next(fused.parameters())
-    temb = fused.time_mlp(timestep_embedding(torch.zeros(1, device=p.device), fused.config.base).to(p.dtype))
+    t = torch.full((1,), float(fused.config.feature_t), device=p.device)
+    temb = fused.time_mlp(timestep_embedding(t, fused.config.base).to(p.dtype))
 
     def fuse(block: ResBlock) -> _FusedResBlock:
         scale, shift = block.time(temb)[0].chunk(2)

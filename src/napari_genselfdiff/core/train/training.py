@@ -95,6 +95,7 @@ class FinetuneConfig:
     # train only the head (the final residual block and the classifier) on the frozen features of
     # the rest: seconds from a pretrained backbone, little to overfit with a handful of labels
     freeze_backbone: bool = False
+    feature_t: int = 0  # the diffusion timestep a new network is told (UNetConfig.feature_t)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
@@ -406,7 +407,8 @@ def finetune(items: Sequence[LabeledImage], out: str | os.PathLike, cfg: Finetun
         init_info, how = saved["training"].get("init_info", {}), f"resumed {out}"
         train = select_fraction_from_names(items, saved["training"].get("train_images"))
     else:
-        model, init_info, how = build_segmentation_model(spec, init, cfg.preset, cfg.seed, cfg.tile_invariant)
+        model, init_info, how = build_segmentation_model(spec, init, cfg.preset, cfg.seed, cfg.tile_invariant,
+                                                         cfg.feature_t or None)
     if cfg.patch % model.config.multiple:
         raise DataError(f"patch size {cfg.patch} must be a multiple of {model.config.multiple} for this model")
     if cfg.freeze_backbone:
