@@ -141,7 +141,8 @@ class PretrainWidget(QWidget):
         self.preset.addItems(list(PRESETS))
         self.preset.setCurrentText("small")
         self.preset.setToolTip("tiny: seconds, for trying things out; small: a CPU-friendly model; "
-                               "paper: the reference size (needs a GPU)")
+                               "paper: the reference size (needs a GPU); backbone: the shipped backbone's network "
+                               "(a per-pixel LayerNorm: every pretrained tensor reaches the segmenter unchanged)")
         form.addRow("Model size", self.preset)
         rows = add_training_rows(form, patch_tip="tile size in pixels (a multiple of 32)", steps=1000,
                                  steps_step=100, out_tip="folder for the checkpoint",
