@@ -265,6 +265,11 @@ def check_scheduler(address: str, timeout_s: float = 10.0) -> None:
         finally:
             comm.abort()
 
+    import logging
+
+    quiet = logging.getLogger("distributed")  # its retry warnings would be lines beside ours
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)
     try:
         reply = asyncio.run(asyncio.wait_for(identity(), 2 * timeout_s + 1))
     except Exception as e:  # noqa: BLE001 -- whatever went wrong on the wire, the answer is "not a scheduler here"
@@ -273,6 +278,8 @@ def check_scheduler(address: str, timeout_s: float = 10.0) -> None:
                 "; is a Dask scheduler listening there?" if isinstance(e, TimeoutError) else "")
         raise DataError(f"--scheduler {address}: cannot connect to a Dask scheduler ({type(e).__name__}: "
                         f"{what}){hint}") from None
+    finally:
+        quiet.setLevel(level)
     kind = reply.get("type") if isinstance(reply, dict) else None
     if kind != "Scheduler":
         raise DataError(f"--scheduler {address}: something answers there, but not a Dask scheduler "
