@@ -550,7 +550,7 @@ def pixel_edges(layer) -> np.ndarray:
     return np.stack([layer.extent.world[0] - half, layer.extent.world[1] + half])
 
 
-def test_predict_field_of_view_adds_aligned_layers(viewer, qtbot, tmp_path, he_image, seg_model):
+def test_predict_field_of_view_adds_aligned_layers(viewer, qtbot, tmp_path, he_image, seg_model, monkeypatch):
     from napari_genselfdiff._widgets.predict import region_on_screen
 
     image = viewer.add_image(he_image, name="H&E", rgb=True, scale=(0.5, 0.5), translate=(100, 200))
@@ -587,6 +587,10 @@ def test_predict_field_of_view_adds_aligned_layers(viewer, qtbot, tmp_path, he_i
     assert "Circularity" in str(status)
     csv_path = w.save_measurements(str(tmp_path / "glands.csv"))
     assert csv_path and (tmp_path / "glands.csv").read_text(encoding="utf-8").count("\n") == len(ids) + 1
+    from qtpy.QtWidgets import QFileDialog  # the button asks where (the dialog answered here)
+    monkeypatch.setattr(QFileDialog, "getSaveFileName", staticmethod(lambda *a, **k: (str(tmp_path / "b.csv"), "")))
+    w.measure_btn.click()
+    assert (tmp_path / "b.csv").read_text(encoding="utf-8").startswith("Object ID,")
     fov = w._fov[1]
     computed = fov.tiles_computed
     w.fov_btn.click()  # the same view again: every tile comes from the cache

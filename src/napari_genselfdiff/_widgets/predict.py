@@ -254,7 +254,8 @@ class PredictWidget(QWidget):
                                     "circularity, eccentricity, solidity, mean probability; in µm when the pixel "
                                     "size is known (also shown in the status bar over an object)")
         self.measure_btn.setEnabled(False)
-        self.measure_btn.clicked.connect(self.save_measurements)
+        self._measured = None  # the result layer the table belongs to
+        self.measure_btn.clicked.connect(lambda: self.save_measurements())  # not clicked's bool as the path
         lay.addWidget(self.measure_btn)
         lay.addStretch(1)
 
@@ -469,7 +470,7 @@ class PredictWidget(QWidget):
 
         from ..formats.measurements import write_csv
 
-        layer = getattr(self, "_measured", None)
+        layer = self._measured
         if layer is None or layer not in self.viewer.layers:
             show_error("no result to measure: predict a field of view first")
             return None

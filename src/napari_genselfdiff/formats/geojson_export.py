@@ -40,8 +40,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import math
+import os
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass

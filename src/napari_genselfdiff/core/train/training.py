@@ -30,13 +30,13 @@ from ..data import (NORMALIZATION, AugmentConfig, LabeledImage, TaskSpec, Unlabe
 from ..device import channels_last_for, tune_allocator
 from ..errors import CheckpointError, DataError, GenSelfDiffError
 from ..inference import TorchPredictor, predict_image
-from .segmenter import build_segmentation_model, freeze_backbone
 from ..nets.unet import PRESETS, UNet, UNetConfig, iter_recalibrate_batchnorm, seeded_model
 from ..precision import Precision, autocast, precision_of, resolve_precision
 from ..pretext.diffusion import Diffusion, ScheduleConfig
 from ..progress import Progress, relay, run_to_end
 from . import ddp
 from .losses import build_loss, parse_loss
+from .segmenter import build_segmentation_model, freeze_backbone
 from .validation import (VAL_CROP, VAL_CROPS, describe, iter_evaluate_dice, pass_cost, validation_crops,
                          validations_left)
 
