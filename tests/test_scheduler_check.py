@@ -13,9 +13,14 @@ from napari_genselfdiff.core.errors import DataError
 from napari_genselfdiff.slide.distributed import check_scheduler
 
 
+class _Quiet(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):  # the bad requests it is sent are the point, not news
+        pass
+
+
 @pytest.fixture
 def http_port():
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Quiet)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield server.server_address[1]
     server.shutdown()

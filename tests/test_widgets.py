@@ -441,7 +441,12 @@ def test_error_in_the_worker_is_notified_and_start_reenabled(make_napari_viewer,
     v.add_labels(painted_labels((64, 64)), name="drawn")
     w = FinetuneWidget(v)
     tiny_finetune_settings(w, tmp_path / "seg", steps=3)
-    w.init.setText(str(tmp_path / "no-such-checkpoint"))  # only the worker finds out
+    w.init.setText(str(tmp_path / "missing"))  # a path that is not there: refused before any work
+    w.start_btn.click()
+    assert errors and "missing: neither a checkpoint folder nor a bundled model" in errors[-1]
+    assert w.start_btn.isEnabled() and not w.runner.running
+    (tmp_path / "no-such-checkpoint").mkdir()  # a folder holding no checkpoint: only the worker finds out
+    w.init.setText(str(tmp_path / "no-such-checkpoint"))
     w.start_btn.click()
     wait_idle(qtbot, w)
     assert errors and "fine-tuning failed" in errors[-1] and "no-such-checkpoint" in errors[-1]
