@@ -142,10 +142,12 @@ class FinetuneWidget(QWidget):
         self.settings.bind_all({"source": self.source, "images_dir": self.images_dir, "masks_dir": self.masks_dir,
                                 "val_fraction": self.val_fraction, "task": self.task, "boundary": self.boundary,
                                 "distance": self.distance, "mpp": self.mpp,
-                                "init": self.init, "freeze": self.freeze, "preset": self.preset, "loss": self.loss, "patch": self.patch,
+                                "init": self.init, "freeze": self.freeze, "preset": self.preset, "loss": self.loss,
+                                "patch": self.patch,
                                 "steps": self.steps, "batch": self.batch, "device": self.device.combo,
                                 "out": self.out, "resume": self.resume})
         self._enable_nuclei_options()
+        self.freeze.setEnabled(bool(self.init.text()))  # as the remembered start says
         self._show_source_rows()
 
     def _enable_nuclei_options(self, *_: object) -> None:

@@ -10,8 +10,9 @@ from typing import Any, Callable
 
 import numpy as np
 from qtpy.QtCore import QEvent, QObject, QSize, Qt
-from qtpy.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QFormLayout, QFrame, QGroupBox, QHBoxLayout, QLabel,
-                            QDoubleSpinBox, QLineEdit, QListWidget, QPushButton, QScrollArea, QSpinBox, QVBoxLayout, QWidget)
+from qtpy.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout, QFrame, QGroupBox,
+                            QHBoxLayout, QLabel, QLineEdit, QListWidget, QPushButton, QScrollArea, QSpinBox,
+                            QVBoxLayout, QWidget)
 
 from ..core.device import CHOICES, available_devices, pick_device
 from ..core.errors import DataError, GenSelfDiffError
