@@ -94,3 +94,27 @@ def require_bundled(*names: str) -> dict:
     if missing:
         pytest.fail(f"the bundled model(s) {missing} are missing from this install (found {sorted(models)})")
     return models
+
+
+def random_sources(n: int = 3, size: int = 48) -> list:
+    """``n`` unlabeled random RGB sources (size x size+8), the same every call."""
+    import numpy as np
+
+    from napari_genselfdiff.core.data import ImageSource
+
+    rng = np.random.default_rng(0)
+    return [ImageSource(rng.integers(0, 255, (size, size + 8, 3), dtype=np.uint8), f"img{i}") for i in range(n)]
+
+
+def random_labeled(n: int = 3, size: int = 48) -> list:
+    """``n`` random RGB images labeled where their red channel is over 128, the same every call."""
+    import numpy as np
+
+    from napari_genselfdiff.core.data import LabeledImage
+
+    rng = np.random.default_rng(1)
+    items = []
+    for i in range(n):
+        img = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
+        items.append(LabeledImage(f"img{i}", img, (img[..., 0] > 128).astype(np.uint8)))
+    return items

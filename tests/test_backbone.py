@@ -11,28 +11,19 @@ import pytest
 import torch
 
 from napari_genselfdiff.core import checkpoint as ck
-from napari_genselfdiff.core.data import ImageSource, LabeledImage, TaskSpec
+from napari_genselfdiff.core.data import TaskSpec
 from napari_genselfdiff.core.train.segmenter import HEAD_MODULES, build_segmentation_model, freeze_backbone
 from napari_genselfdiff.core.nets.unet import (LayerNorm2d, UNet, UNetConfig, fused_for_inference, seeded_model,
                                                segmentation_config)
 from napari_genselfdiff.core.progress import drain
 from napari_genselfdiff.core.train.training import FinetuneConfig, PretrainConfig, finetune, pretrain
 
+from conftest import random_labeled, random_sources  # noqa: E402
+
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def _sources(n=3, size=48):
-    rng = np.random.default_rng(0)
-    return [ImageSource(rng.integers(0, 255, (size, size + 8, 3), dtype=np.uint8), f"img{i}") for i in range(n)]
-
-
-def _labeled(n=3, size=48):
-    rng = np.random.default_rng(1)
-    items = []
-    for i in range(n):
-        img = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
-        items.append(LabeledImage(f"img{i}", img, (img[..., 0] > 128).astype(np.uint8)))
-    return items
+_sources, _labeled = random_sources, random_labeled
 
 
 def _random_affine(model: torch.nn.Module) -> None:

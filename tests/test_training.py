@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from napari_genselfdiff.core import checkpoint as ck
-from napari_genselfdiff.core.data import (ImageSource, LabeledImage, TaskSpec, downscale_item, load_labeled_folder,
+from napari_genselfdiff.core.data import (LabeledImage, TaskSpec, downscale_item, load_labeled_folder,
                                           split_items)
 from napari_genselfdiff.core.errors import CheckpointError, DataError
 from napari_genselfdiff.core.inference import TorchPredictor
@@ -18,22 +18,12 @@ from napari_genselfdiff.core.train.validation import evaluate_dice
 from napari_genselfdiff.slide.sources import unlabeled_sources
 
 
+from conftest import random_labeled, random_sources  # noqa: E402
+
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-def _sources(n=3, size=48):
-    rng = np.random.default_rng(0)
-    return [ImageSource(rng.integers(0, 255, (size, size + 8, 3), dtype=np.uint8), f"img{i}") for i in range(n)]
-
-
-def _labeled(n=3, size=48):
-    rng = np.random.default_rng(1)
-    items = []
-    for i in range(n):
-        img = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
-        tgt = (img[..., 0] > 128).astype(np.uint8)
-        items.append(LabeledImage(f"img{i}", img, tgt))
-    return items
+_sources, _labeled = random_sources, random_labeled
 
 
 PRE = PretrainConfig(preset="tiny", steps=6, patch=32, batch=2, lr=1e-3, warmup=2, checkpoint_every=0)
