@@ -582,7 +582,8 @@ def test_predict_field_of_view_adds_aligned_layers(viewer, qtbot, tmp_path, he_i
     assert 0.0 <= prob.data.min() and prob.data.max() <= 1.0
     assert tuple(prob.translate) == pytest.approx(tuple(glands.translate))
     assert w.fov_btn.isEnabled()
-    # the per-object table: one row per object, napari shows it under the cursor, saved as CSV
+    # the per-object table: one row per object (made in a worker), napari shows it under the cursor, saved as CSV
+    qtbot.waitUntil(w.measure_btn.isEnabled, timeout=30_000)
     ids = np.unique(glands.data[glands.data > 0])
     feats = glands.features
     assert list(feats["Object ID"]) == list(ids) and (feats["Area px^2"] == np.bincount(glands.data.ravel())[ids]).all()

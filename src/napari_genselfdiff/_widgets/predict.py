@@ -32,10 +32,10 @@ from .canvas import FOV_KEY, LABELS, GatheredViews
 from .geometry import (Region, at_model_level, grid_of, layer_downsamples, placement, scale_bar_of, view_of,
                        visible_region)
 from .inputs import (DeviceChooser, LayerChoices, PathEdit, PrecisionChooser, int_spin, is_rgb_image, level0_data,
-                     pixel_size_spin,
-                     row, scrolling_column)
+                     pixel_size_spin, row, scrolling_column)
 from .jobs import JobRunner, StopsJobsOnClose
 from .legend import LEGEND_KEY, PROBABILITY_COLORMAP, Legend, classes_style, instance_style
+from .measure import Measurements
 from .models import ModelChooser, fmt_mpp
 from .progress import ProgressPanel, format_duration
 from .settings import Settings, recent_models
@@ -181,7 +181,8 @@ class PredictWidget(QWidget):
         self.viewer = napari_viewer
         self.settings = settings or Settings("predict")
         self.runner = JobRunner("prediction", self)
-        self.stops_jobs = StopsJobsOnClose(self, [self.runner])
+        self.measurements = Measurements(napari_viewer, self, lambda text: self.progress.set_status(text))
+        self.stops_jobs = StopsJobsOnClose(self, [self.runner, self.measurements.runner])
         self._predictor: PredictorCache | None = None
         self._fov: tuple[FovKey, Any] | None = None  # (key, FieldOfViewPredictor)
         self._image_layer = None
@@ -249,13 +250,7 @@ class PredictWidget(QWidget):
         lay.addWidget(self.progress)
         self.legend = Legend(self.viewer)
         lay.addWidget(self.legend)
-        self.measure_btn = QPushButton("Save measurements (CSV)…")
-        self.measure_btn.setToolTip("the objects of the last field-of-view result, one row each: area, perimeter, "
-                                    "circularity, eccentricity, solidity, mean probability; in µm when the pixel "
-                                    "size is known (also shown in the status bar over an object)")
-        self.measure_btn.setEnabled(False)
-        self._measured = None  # the result layer the table belongs to
-        self.measure_btn.clicked.connect(lambda: self.save_measurements())  # not clicked's bool as the path
+        self.measure_btn = self.measurements.button
         lay.addWidget(self.measure_btn)
         lay.addStretch(1)
 
@@ -440,7 +435,7 @@ class PredictWidget(QWidget):
         views = {FOV_KEY: {"regions": canvas.regions_in_array()}}
         shown = [self._put_labels(name, canvas.arrays[LABELS], place, grid, style=instance_style(predictor.task, of),
                                   meta=views)]
-        self._measure(shown[0], canvas.arrays[LABELS], canvas.arrays["probability"], result.mpp)
+        self.measurements.measure(shown[0], canvas.arrays[LABELS], canvas.arrays["probability"], result.mpp)
         self.views.shown(name, canvas, shown[0])
         if "classes" in canvas.arrays:
             shown.append(self._put_labels("classes", canvas.arrays["classes"], place, grid,
@@ -454,39 +449,9 @@ class PredictWidget(QWidget):
         held = f"; it holds {len(canvas.regions)} views" if len(canvas.regions) > 1 else ""
         self.progress.set_status(f"{n} {noun} in the {w}x{h} view at {where} (layer '{name}'{held}){kept}")
 
-    def _measure(self, layer, labels: np.ndarray, foreground: np.ndarray, mpp: float | None) -> None:
-        """The result's per-object table (formats.measurements) as the layer's ``features``: napari
-        shows an object's row in the status bar under the cursor; Save measurements writes it."""
-        from ..formats.measurements import measure_objects
-
-        table = measure_objects(labels, probability=foreground, mpp=mpp)
-        layer.features = {"index": table["Object ID"], **table}
-        self._measured = layer
-        self.measure_btn.setEnabled(True)
-
     def save_measurements(self, path: str | None = None) -> str | None:
-        """Write the last measured result's table as CSV (asks where, unless given); the path."""
-        from qtpy.QtWidgets import QFileDialog
-
-        from ..formats.measurements import write_csv
-
-        layer = self._measured
-        if layer is None or layer not in self.viewer.layers:
-            show_error("no result to measure: predict a field of view first")
-            return None
-        if path is None:
-            path, _ = QFileDialog.getSaveFileName(self, "Save measurements", f"{safe_name(layer.name)}.csv",
-                                                  "CSV (*.csv)")
-            if not path:
-                return None
-        table = {k: v.to_numpy() for k, v in layer.features.items() if k != "index"}
-        try:  # the dialog asked before replacing a file; a file that is not a table of ours is kept
-            n = write_csv(path, table, force=True)
-        except (GenSelfDiffError, OSError) as e:
-            show_error(str(e))
-            return None
-        self.progress.set_status(f"{n} objects measured: {path}")
-        return path
+        """:meth:`.measure.Measurements.save`: the last field-of-view result's table as CSV."""
+        return self.measurements.save(path)
 
     def _explain(self, layers: list) -> None:
         """The legend of the new result layers; the scale bar on (once) when the image is in microns."""
