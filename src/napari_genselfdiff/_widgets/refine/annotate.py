@@ -263,7 +263,7 @@ class AnnotateBox(QGroupBox):
         except GenSelfDiffError as e:
             show_error(str(e))
             return None
-        n = len(np.unique(layer.data)) - int((np.asarray(layer.data) == 0).any())
+        n = np.count_nonzero(np.unique(layer.data))  # object ids
         layer.data = np.zeros_like(layer.data)
         layer.metadata = {**layer.metadata, EDIT_KEY: {**layer.metadata[EDIT_KEY], "empty_ok": True}}
         self._start_painting(layer)

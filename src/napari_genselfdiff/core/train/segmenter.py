@@ -17,18 +17,18 @@ HEAD_MODULES = ("final_block", "final_conv")  # what a frozen-backbone fine-tuni
 
 def build_segmentation_model(spec: TaskSpec, init: str | os.PathLike | None, preset: str,
                              seed: int = 0, tile_invariant: bool = True,
-                             feature_t: int | None = None) -> tuple[UNet, dict, str]:
+                             feature_t: int = 0) -> tuple[UNet, dict, str]:
     """A segmentation U-Net: from scratch, from a pretrained diffusion model (all but the head
     copied), or continuing a segmentation model (all weights, its own architecture). From scratch or
     from a pretraining the network is the tile-invariant one (``unet.segmentation_config``) unless
-    ``tile_invariant`` is False; ``feature_t`` (not None) is the timestep a new network is told
+    ``tile_invariant`` is False; ``feature_t`` is the timestep a new network is told
     (``UNetConfig.feature_t``; a continued segmentation model keeps its own). Returns (model, init
     info, message)."""
     outputs = spec.out_channels
 
     def seg_config(cfg: UNetConfig) -> UNetConfig:
         cfg = segmentation_config(cfg, outputs) if tile_invariant else cfg.with_outputs(outputs)
-        return cfg if feature_t is None else replace(cfg, feature_t=int(feature_t))
+        return replace(cfg, feature_t=int(feature_t))
 
     if init is None:
         model = seeded_model(seg_config(UNetConfig.from_preset(preset, in_channels=3, out_channels=3)), seed)

@@ -408,7 +408,7 @@ def finetune(items: Sequence[LabeledImage], out: str | os.PathLike, cfg: Finetun
         train = select_fraction_from_names(items, saved["training"].get("train_images"))
     else:
         model, init_info, how = build_segmentation_model(spec, init, cfg.preset, cfg.seed, cfg.tile_invariant,
-                                                         cfg.feature_t or None)
+                                                         cfg.feature_t)
     if cfg.patch % model.config.multiple:
         raise DataError(f"patch size {cfg.patch} must be a multiple of {model.config.multiple} for this model")
     if cfg.freeze_backbone:
