@@ -9,7 +9,7 @@ import torch
 import zarr
 
 from napari_genselfdiff.core import checkpoint as ck
-from napari_genselfdiff.core.data import LabeledImage, TaskSpec, mask_to_target, split_touching
+from napari_genselfdiff.core.data import TaskSpec, mask_to_target, split_touching
 from napari_genselfdiff.core.errors import CheckpointError
 from napari_genselfdiff.core.eval.postprocess import OPTIONS, options_for, postprocess
 from napari_genselfdiff.core.eval.tuning import instances_of_target, tune_postprocess
@@ -20,6 +20,7 @@ from napari_genselfdiff.core.train.training import FinetuneConfig, finetune
 from napari_genselfdiff.slide.instances import iter_nuclei_blockwise
 
 from _shapes import discs
+from conftest import random_labeled
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -163,13 +164,7 @@ def test_pixel_sizes_follow_the_model_resolution_in_defaults_and_in_the_tuning_g
     assert min(GRIDS["nuclei"]["min_size"]) <= 6 and options["min_distance"] == OPTIONS["nuclei"]["min_distance"]
 
 
-def _tiny_items(n=3, size=48):
-    rng = np.random.default_rng(1)
-    items = []
-    for i in range(n):
-        img = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
-        items.append(LabeledImage(f"img{i}", img, (img[..., 0] > 128).astype(np.uint8)))
-    return items
+_tiny_items = random_labeled
 
 
 FT = FinetuneConfig(preset="tiny", steps=4, patch=32, batch=2, lr=1e-3, warmup=1, checkpoint_every=0, val_every=0)
