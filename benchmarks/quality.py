@@ -151,29 +151,29 @@ def main() -> None:
     for level, name in [(lv, n) for lv in levels for n in a.datasets]:
         ds = DATASETS[name]
         train, val, test, inst = splits[name]
-        for frac in [level / len(train) if b.get("images") else level]:
-            for seed in b["seeds"]:
-                for arm in [arm for arm in ARMS if arm in a.arms]:
-                    init = inits[arm]
-                    if (name, arm, frac, seed) in done:
-                        continue
-                    out = work / f"{name}_{arm}_f{frac}_s{seed}"
-                    lr = 1e-3 if b["preset"] in ("tiny", "backbone") else 1e-4
-                    if arm in ("frozen", "frozen_t"):
-                        lr = a.frozen_lr or 3 * lr
-                    cfg = FinetuneConfig(task=ds.task, preset=b["preset"], steps=b["ft_steps"], patch=b["patch"],
-                                         batch=b["batch"], lr=lr, warmup=20,
-                                         seed=seed, label_fraction=frac, checkpoint_every=0, val_every=0, mpp=ds.mpp,
-                                         boundary=ds.task == "nuclei", ema=0.99,
-                                         freeze_backbone=arm in ("frozen", "frozen_t"),
-                                         feature_t=a.feature_t if arm == "frozen_t" else 0)
-                    with Timer() as t:
-                        drain(finetune(train, out, cfg, init=init, device=a.device, overwrite=True))
-                    m = evaluate(out, test, inst)  # nuclei AJI / PQ over the images with true instances
-                    rows.append({"dataset": name, "arm": arm, "fraction": frac, "seed": seed, "seconds": t.s,
-                                 "n_train_images": max(1, int(round(frac * len(train)))), **m})
-                    print(json.dumps(rows[-1]), flush=True)
-                    save_rows(work, rows, b, pre_s)  # after every run: an interrupted benchmark keeps its rows
+        frac = level / len(train) if b.get("images") else level
+        for seed in b["seeds"]:
+            for arm in [arm for arm in ARMS if arm in a.arms]:
+                init = inits[arm]
+                if (name, arm, frac, seed) in done:
+                    continue
+                out = work / f"{name}_{arm}_f{frac}_s{seed}"
+                lr = 1e-3 if b["preset"] in ("tiny", "backbone") else 1e-4
+                if arm in ("frozen", "frozen_t"):
+                    lr = a.frozen_lr or 3 * lr
+                cfg = FinetuneConfig(task=ds.task, preset=b["preset"], steps=b["ft_steps"], patch=b["patch"],
+                                     batch=b["batch"], lr=lr, warmup=20,
+                                     seed=seed, label_fraction=frac, checkpoint_every=0, val_every=0, mpp=ds.mpp,
+                                     boundary=ds.task == "nuclei", ema=0.99,
+                                     freeze_backbone=arm in ("frozen", "frozen_t"),
+                                     feature_t=a.feature_t if arm == "frozen_t" else 0)
+                with Timer() as t:
+                    drain(finetune(train, out, cfg, init=init, device=a.device, overwrite=True))
+                m = evaluate(out, test, inst)  # nuclei AJI / PQ over the images with true instances
+                rows.append({"dataset": name, "arm": arm, "fraction": frac, "seed": seed, "seconds": t.s,
+                             "n_train_images": max(1, int(round(frac * len(train)))), **m})
+                print(json.dumps(rows[-1]), flush=True)
+                save_rows(work, rows, b, pre_s)  # after every run: an interrupted benchmark keeps its rows
     write_report(work, rows, a.budget, b, pre_s, machine())
 
 
