@@ -337,8 +337,10 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_title(f"{name} ({DATASETS[name].task}), test split")
         ax.set_xlabel("labeled training images (%)")
         ax.set_xscale("log")
-        ax.set_xticks([100 * f for f in sorted({r["fraction"] for r in rows})])
-        ax.set_xticklabels([f"{100 * f:g}" for f in sorted({r["fraction"] for r in rows})])
+        ax.minorticks_off()  # the log axis's own minor labels clash with the fractions below
+        images = {r["fraction"]: r["n_train_images"] for r in rows if r["dataset"] == name}  # this dataset's own
+        ax.set_xticks([100 * f for f in sorted(images)])
+        ax.set_xticklabels([f"{100 * f:.3g}\n({images[f]} img)" for f in sorted(images)])
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
