@@ -291,3 +291,63 @@ def test_an_edited_training_state_is_one_line_on_resume(edit, data, tmp_path, ca
     assert code == 2 and line.startswith("genselfdiff finetune: error:"), err
     assert "training state" in line or "training_state.json" in line
     assert before == {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.iterdir()}
+
+
+# ---------------------------------------------------------------------------------------------
+# project files someone edited: one line naming the file, exit 2, nothing changed
+
+@pytest.fixture
+def project(tmp_path):
+    import numpy as np
+
+    from napari_genselfdiff.project import Project
+
+    p = Project.create(tmp_path / "proj", task="glands")
+    sid = p.add_slide(sample_image_path(), shape=(768, 1024), mpp=0.5)
+    labels = np.zeros((32, 32), np.uint8)
+    labels[4:20, 4:20] = 1
+    p.accept_region(sid, np.full((32, 32, 3), 200, np.uint8), labels, (0, 0, 32, 32))
+    return p
+
+
+def _hashes(folder: Path) -> dict:
+    import hashlib
+    return {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("version", ['"1"', "1.5", "[1]", "null", "true", "0", "1e400"])
+def test_a_project_file_whose_format_version_is_not_a_whole_number(project, capsys, version):
+    path = project.folder / "project.json"
+    path.write_text(path.read_text().replace('"format_version": 1', f'"format_version": {version}'))
+    before = _hashes(project.folder)
+    code, err = run(capsys, "project", "status", project.folder)
+    assert code == 2 and "project.json: 'format_version' must be a whole number" in one_line(err)
+    assert _hashes(project.folder) == before
+
+
+@pytest.mark.parametrize("where", ["project.json", "regions/manifest.jsonl"])
+def test_deeply_nested_project_files_are_one_line(project, capsys, where):
+    path = project.folder / where
+    text = path.read_text().rstrip("\n")
+    deep = "[" * 100_000 + "]" * 100_000
+    path.write_text(text[:-1] + f', "extra": {deep}}}\n')
+    code, err = run(capsys, "project", "status", project.folder)
+    line = one_line(err)
+    assert code == 2 and where.split("/")[-1] in line and "nested too deeply" in line
+
+
+def test_a_region_mask_whose_size_differs_from_its_image(project, capsys):
+    import numpy as np
+    from imageio.v3 import imwrite
+
+    mask = next((project.folder / "regions").glob("r*/mask.png"))
+    other = np.zeros((20, 24), np.uint8)
+    other[2:10, 2:10] = 1
+    imwrite(mask, other)
+    before = _hashes(project.folder)
+    code, err = run(capsys, "project", "refine", project.folder, "--steps", "1")
+    line = one_line(err)
+    assert code == 2 and "mask.png" in line and "20x24" in line and "32x32" in line
+    after = _hashes(project.folder)  # every file as it was; the only new one is the writer lock
+    assert before.items() <= after.items() and {p.name for p in after.keys() - before.keys()} <= {
+        ".genselfdiff-writer.lock"}

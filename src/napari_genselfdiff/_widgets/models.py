@@ -68,8 +68,9 @@ class ModelInfo:
             cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
             if not isinstance(cfg, dict):
                 raise ValueError("not a JSON object")
-        except (OSError, ValueError) as e:
-            return cls(path, name, card=card, problem=f"config.json unreadable ({e})")
+        except (OSError, ValueError, RecursionError) as e:
+            why = "nested too deeply" if isinstance(e, RecursionError) else e
+            return cls(path, name, card=card, problem=f"config.json unreadable ({why})")
         task = cfg.get("task")
         task = task.get("task") if isinstance(task, dict) else task
         validation = cfg.get("validation") if isinstance(cfg.get("validation"), dict) else {}

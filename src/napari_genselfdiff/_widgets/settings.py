@@ -39,7 +39,7 @@ class Settings:
         try:
             data = json.loads(self.path.read_text(encoding="utf-8"))
             return data if isinstance(data, dict) else {}
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             return {}  # missing or damaged settings are not worth an error: defaults apply
 
     def get(self, key: str, default: Any = None) -> Any:

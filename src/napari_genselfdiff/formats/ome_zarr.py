@@ -73,7 +73,7 @@ def is_our_ome_zarr(path: str | os.PathLike) -> bool:
         return False
     try:
         attrs = json.loads((path / ".zattrs").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return False
     marker = attrs.get(MARKER_KEY) if isinstance(attrs, dict) else None
     return isinstance(marker, dict) and marker.get("kind") == MARKER["kind"] and not foreign_files(path)

@@ -61,6 +61,12 @@ class ProjectFolder(Protocol):
     def history(self) -> list[dict]: ...
 
 
+def describe_json_error(e: Exception) -> str:
+    """Why a JSON text could not be read, in words (a RecursionError's own text names Python's
+    recursion limit, not the file's problem)."""
+    return "nested too deeply" if isinstance(e, RecursionError) else str(e)
+
+
 def now() -> str:
     """The current UTC time, ISO 8601 to the second (the project's timestamps)."""
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -110,12 +116,13 @@ def read_jsonl(path: Path) -> list[dict]:
             continue
         try:
             records.append(json.loads(raw))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise DataError(f"{path}: line {i} is damaged ({e}); fix or remove that line") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+            raise DataError(f"{path}: line {i} is damaged ({describe_json_error(e)}); fix or remove that "
+                            "line") from None
     if tail.strip():
         try:
             records.append(json.loads(tail))  # complete record whose newline was lost
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
             warnings.warn(f"{path}: ignoring a truncated last line (an interrupted write)", stacklevel=3)
     return records
 
@@ -264,6 +271,8 @@ def check_regions(records: list, folder: Path, slide_ids: set[str], path: Path) 
                             "does not have")
         if not _int_list(rec.get("bounds"), 4) or not isinstance(rec.get("level"), int) or rec["level"] < 0:
             raise DataError(f"{where}: region {rid} needs integer bounds [y, x, h, w] and a level >= 0")
+        if "shape" in rec and (not _int_list(rec["shape"], 2) or min(rec["shape"]) <= 0):
+            raise DataError(f"{where}: region {rid} has no valid shape ([height, width] > 0)")
         for key in ("image", "mask"):
             inside(folder, rec.get(key), f"{where}: region {rid} {key}")
     return records

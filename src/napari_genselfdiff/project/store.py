@@ -65,6 +65,7 @@ from . import refine as _refine
 from . import suggest as _suggest
 from .files import (FORMAT, FORMAT_VERSION, HISTORY, MANIFEST, PROJECT_FILE, REVIEWED, SOURCES, STORE_CHUNK,
                     REGION_ID, append_jsonl, check_history, check_meta, check_region, check_regions, count_objects,
+                    describe_json_error,
                     mask_dtype, model_path, now, read_jsonl, region_mpp, rewrite_jsonl)
 
 
@@ -123,11 +124,15 @@ class Project:
             raise DataError(f"{folder}: not a napari-genselfdiff project (no {PROJECT_FILE}); create one first")
         try:
             meta = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise DataError(f"{path}: unreadable project file ({e})") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+            raise DataError(f"{path}: unreadable project file ({describe_json_error(e)})") from None
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise DataError(f"{path}: not a napari-genselfdiff project file")
-        if int(meta.get("format_version", 0)) > FORMAT_VERSION:
+        version = meta.get("format_version")
+        if type(version) is not int or version < 1:
+            raise DataError(f"{path}: 'format_version' must be a whole number >= 1, got {version!r} "
+                            "(the file was edited)")
+        if version > FORMAT_VERSION:
             raise DataError(f"{path}: written by a newer napari-genselfdiff (project format "
                             f"{meta['format_version']}, this version reads up to {FORMAT_VERSION}); upgrade")
         check_meta(meta, path)  # a shared project is checked, never trusted (files.check_*)
@@ -314,8 +319,16 @@ class Project:
     def region_arrays(self, region: dict | str) -> tuple[np.ndarray, np.ndarray]:
         """(image, labels) of an accepted region, as stored."""
         rec = region if isinstance(region, dict) else self._region(region)
-        return (read_image(self._inside(rec["image"], f"region {rec['id']} image")),
-                read_mask(self._inside(rec["mask"], f"region {rec['id']} mask")))
+        image_path = self._inside(rec["image"], f"region {rec['id']} image")
+        mask_path = self._inside(rec["mask"], f"region {rec['id']} mask")
+        image, labels = read_image(image_path), read_mask(mask_path)
+        recorded = rec.get("shape")  # [h, w] as accepted (older manifests may lack it)
+        if image.shape[:2] != labels.shape[:2] or (recorded is not None and list(labels.shape[:2]) != recorded):
+            said = "" if recorded is None else f" and the manifest says {recorded[0]}x{recorded[1]}"
+            raise DataError(f"{mask_path}: region {rec['id']}'s mask is {labels.shape[0]}x{labels.shape[1]} "
+                            f"but its image is {image.shape[0]}x{image.shape[1]}{said} (a file was edited or "
+                            "replaced); accept the region again")
+        return image, labels
 
     def _region(self, rid: str) -> dict:
         for r in self._regions:
@@ -397,7 +410,7 @@ class Project:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-            raise DataError(f"{path}: unreadable ({e}); delete it to forget the reviewed regions") from None
+            raise DataError(f"{path}: unreadable ({describe_json_error(e)}); delete it to forget the reviewed regions") from None
         if not isinstance(data, dict) or not all(isinstance(v, list) for v in data.values()):
             raise DataError(f"{path}: not a {{slide id: [[y, x, h, w], ...]}} object; delete it to forget "
                             "the reviewed regions")
