@@ -425,3 +425,73 @@ def test_a_killed_region_accept_is_cleaned_by_the_next_accept(project):
     rid = project.accept_region(sid, np.zeros((8, 8, 3), np.uint8), np.ones((8, 8), np.uint8), (0, 0, 8, 8))
     assert rid == "r00001" and not killed.exists() and fresh.exists()
     assert sorted(p.name for p in regions.iterdir()) == [fresh.name, "manifest.jsonl", "r00001"]
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Ctrl-C during an export
+
+def test_a_cancelled_folder_export_leaves_no_temporary_even_while_other_threads_still_write(tmp_path):
+    """zarr's event loop thread finishes the chunk writes it holds after a Ctrl-C interrupts the main
+    thread, recreating folders inside the temporary after one delete: none may be left."""
+    import threading
+
+    target = tmp_path / "out.ome.zarr"
+    target.mkdir()
+    (target / "ours.txt").write_bytes(b"the earlier export")
+    before = snapshot(target)
+    writer = None
+    with pytest.raises(KeyboardInterrupt):
+        with atomic.atomic_directory(target) as tmp:
+            (tmp / "0").mkdir()
+
+            def late_write():  # a write in flight when the interrupt arrived
+                time.sleep(0.08)
+                (tmp / "labels" / "0" / "c").mkdir(parents=True, exist_ok=True)
+                (tmp / "labels" / "0" / "c" / "0").write_bytes(b"chunk")
+
+            writer = threading.Thread(target=late_write)
+            writer.start()
+            raise KeyboardInterrupt
+    writer.join()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.ome.zarr"]
+    assert snapshot(target) == before
+
+
+def test_ctrl_c_during_an_export_is_one_line_saying_what_is_unchanged(store, tmp_path, capsys, monkeypatch):
+    import logging
+
+    from napari_genselfdiff.formats import tiff as tiff_format
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tiff_format, "write_label_tiff", interrupted)
+    asyncio_log = logging.getLogger("asyncio")
+    monkeypatch.setattr(asyncio_log, "level", asyncio_log.level)  # restored after the test
+    out = tmp_path / "labels.tif"
+    assert main(["export", "--labels", str(store), "--tiff", str(out)]) == 2
+    line = one_line_error(capsys)
+    assert line.startswith("genselfdiff export: cancelled") and "unchanged" in line
+    assert not out.exists()
+    # the interrupted writes zarr's loop still holds are not logged at exit after our line
+    assert asyncio_log.level >= logging.CRITICAL
+
+
+def test_a_ctrl_c_after_the_program_finished_is_ignored(store, tmp_path, capsys, monkeypatch):
+    """As the program (no argv), once the command has finished and said so a late Ctrl-C cannot kill
+    the interpreter while it shuts down (exit -2, no line); called with argv (tests, other code),
+    main leaves the handler alone."""
+    import signal
+    import sys
+
+    default = signal.getsignal(signal.SIGINT)
+    try:
+        assert main(["export", "--labels", str(store), "--tiff", str(tmp_path / "a.tif")]) == 0
+        assert signal.getsignal(signal.SIGINT) is default
+        monkeypatch.setattr(sys, "argv", ["genselfdiff", "export", "--labels", str(store), "--tiff",
+                                          str(tmp_path / "b.tif")])
+        assert main() == 0
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        assert (tmp_path / "b.tif").is_file()
+    finally:
+        signal.signal(signal.SIGINT, default)

@@ -17,8 +17,11 @@ point); the commands live in ``train`` (pretrain, finetune, evaluate, sample), `
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import re
+import signal
+import threading
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -429,7 +432,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one ``genselfdiff`` command; returns its exit code (0 done, 2 error or cancelled)."""
+    """Run one ``genselfdiff`` command; returns its exit code (0 done, 2 error or cancelled).
+
+    Called as the program (``argv`` None: the console script, ``python -m``), a Ctrl-C that comes
+    after the command has finished and said so is ignored: it would otherwise kill the interpreter
+    while it shuts down, with no line, and turn a finished job into exit status -2."""
+    code = _run(argv)
+    if argv is None and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    return code
+
+
+def _run(argv: Sequence[str] | None) -> int:
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help (0), or a bad flag already reported in one line (2)
@@ -439,6 +453,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         set_threads()
         return args.func(args)
     except KeyboardInterrupt:
+        # zarr's event loop thread still holds the interrupted writes; at exit asyncio would log
+        # each as "Task was destroyed but it is pending!" after our line
+        logging.getLogger("asyncio").setLevel(logging.CRITICAL)
         kept = after_cancel(args)
         say(f"genselfdiff {name}: cancelled{'; ' + kept if kept else ''}")
         return 2

@@ -112,7 +112,10 @@ def after_cancel(args: argparse.Namespace) -> str:
                 "pass the partial model as --base-model to start from it)")
     if command in ("evaluate", "sample"):
         return "nothing was written"
-    return ""  # export, project create / status, demo: what is done stays done
+    if command == "export":
+        return ("an export already reported is complete; the one being written was discarded and an earlier "
+                "file of its name is unchanged")
+    return ""  # project create / status, demo: what is done stays done
 
 
 def smaller(args: argparse.Namespace) -> str:

@@ -231,6 +231,20 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def _remove_settled(tmp: Path, settle_s: float = 0.2, limit_s: float = 5.0) -> None:
+    """Delete a temporary folder that writers in other threads may still be filling: a Ctrl-C
+    interrupts the main thread while zarr's event loop thread finishes the chunk writes it holds,
+    recreating folders after one ``rmtree``. Delete until it has stayed gone for ``settle_s``."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        shutil.rmtree(tmp, ignore_errors=True)
+        gone_since = time.monotonic()
+        while not tmp.exists() and time.monotonic() - gone_since < settle_s:
+            time.sleep(0.02)
+        if not tmp.exists() or time.monotonic() > deadline:
+            return  # a folder still left is named as our temporary: the next run's clean-up takes it
+
+
 @contextlib.contextmanager
 def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary folder next to ``target``; on success it replaces ``target`` (an existing
@@ -243,7 +257,7 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove_settled(tmp)
         raise
     # only the folder itself is private (mkdtemp); what the caller wrote into it has its own
     # permissions, and walking a whole-slide OME-Zarr's chunks here would cost an export dearly
