@@ -351,3 +351,44 @@ def test_a_region_mask_whose_size_differs_from_its_image(project, capsys):
     after = _hashes(project.folder)  # every file as it was; the only new one is the writer lock
     assert before.items() <= after.items() and {p.name for p in after.keys() - before.keys()} <= {
         ".genselfdiff-writer.lock"}
+
+
+# ---------------------------------------------------------------------------------------------
+# a large plain image is the user's own file, not an attack: memory decides, not Pillow's pixel count
+
+def test_an_image_above_pillows_bomb_limit_is_read_when_it_fits(tmp_path, monkeypatch):
+    import numpy as np
+    from imageio.v3 import imwrite
+    from PIL import Image
+
+    from napari_genselfdiff.core.data import read_image
+    from napari_genselfdiff.slide.reader import open_slide
+
+    image = np.random.default_rng(0).integers(0, 255, (96, 80, 3), dtype=np.uint8)
+    imwrite(tmp_path / "big.png", image)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 7,680 px: over twice the limit, a "bomb"
+    assert np.array_equal(read_image(tmp_path / "big.png"), image)
+    with open_slide(tmp_path / "big.png") as slide:
+        assert np.array_equal(np.asarray(slide.levels[0]), image)
+    assert Image.MAX_IMAGE_PIXELS == 1000  # Pillow's own setting is left as it was
+
+
+def test_an_image_that_cannot_fit_in_memory_is_one_line_before_decoding(tmp_path, capsys, monkeypatch):
+    import numpy as np
+    from imageio.v3 import imwrite
+
+    from napari_genselfdiff.core import imagefile
+
+    imwrite(tmp_path / "big.png", np.zeros((96, 80, 3), np.uint8))
+    monkeypatch.setattr(imagefile, "available_memory", lambda: 10_000)
+
+    def never(*args, **kwargs):
+        raise AssertionError("decoded although it cannot fit")
+
+    import imageio.v3
+    monkeypatch.setattr(imageio.v3, "imread", never)
+    code, err = run(capsys, "predict", "--input", tmp_path / "big.png", "--model", "glands", "--out",
+                    tmp_path / "out.zarr")
+    line = one_line(err)
+    assert code == 2 and "big.png: 80x96 px" in line and "GiB free" in line and "tiled pyramidal TIFF" in line
+    assert not (tmp_path / "out.zarr").exists()

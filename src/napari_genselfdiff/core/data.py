@@ -15,12 +15,9 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from .errors import DataError
+from .imagefile import decode
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
-#: File signatures of the formats read here, to say what a file that fails to decode is.
-IMAGE_MAGIC = {b"\x89PNG": "PNG", b"\xff\xd8\xff": "JPEG", b"BM": "BMP", b"GIF8": "GIF", b"II*\x00": "TIFF",
-               b"MM\x00*": "TIFF", b"II+\x00": "TIFF", b"MM\x00+": "TIFF"}
-_SUFFIX_FORMAT = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".tif": "TIFF", ".tiff": "TIFF", ".bmp": "BMP"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -28,41 +25,7 @@ _SUFFIX_FORMAT = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".tif": "TIFF"
 
 def read_image(path: str | os.PathLike) -> np.ndarray:
     """An RGB uint8 (H, W, 3) image from a small PNG/JPEG/TIFF file, with clear errors."""
-    return to_rgb_uint8(_decode(path, "image"), path)
-
-
-def _decode(path: str | os.PathLike, what: str) -> np.ndarray:
-    """Pixels of a small PNG/JPEG/TIFF file; a one-line DataError naming the file when it can't
-    be read (the decoders' own messages, e.g. imageio's multi-line plugin hints, are not shown)."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(8)
-    except OSError as e:
-        raise DataError(f"{path}: cannot read {what} ({(e.strerror or str(e)).lower()})") from None
-    try:
-        if path.suffix.lower() in {".tif", ".tiff"}:
-            import tifffile
-            return np.asarray(tifffile.imread(path))
-        import imageio.v3 as iio
-        return np.asarray(iio.imread(path))
-    except MemoryError:
-        raise
-    except Exception:  # every decoder has its own exception types
-        raise DataError(f"{path}: cannot read {what}: {undecodable(path, head)}") from None
-
-
-def undecodable(path: Path, head: bytes) -> str:
-    """Why a file whose first bytes are ``head`` could not be decoded, in words."""
-    actual = next((fmt for magic, fmt in IMAGE_MAGIC.items() if head.startswith(magic)), None)
-    if not head:
-        return "the file is empty"
-    if actual is None:
-        expected = _SUFFIX_FORMAT.get(path.suffix.lower(), "an image")
-        return f"not a {expected} file (nor another image format read here)"
-    return f"not a readable {actual} image (truncated or damaged)"
+    return to_rgb_uint8(decode(path, "image"), path)
 
 
 def to_rgb_uint8(arr: np.ndarray, source: object = "image") -> np.ndarray:
@@ -98,7 +61,7 @@ def to_rgb_uint8(arr: np.ndarray, source: object = "image") -> np.ndarray:
 def read_mask(path: str | os.PathLike) -> np.ndarray:
     """A mask as stored: 2-D integer array (0/255 binary, class ids or instance ids)."""
     path = Path(path)
-    arr = _decode(path, "mask")
+    arr = decode(path, "mask")
     if arr.ndim == 3 and arr.shape[-1] in (3, 4):  # an RGB-saved mask: channels must agree
         if not (np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(arr[..., 0], arr[..., 2])):
             raise DataError(f"{path}: colour mask; expected a single-channel label image")

@@ -30,8 +30,8 @@ from typing import Any, Callable, Iterator
 import dask.array as da
 import numpy as np
 
-from napari_genselfdiff.core.data import undecodable
 from napari_genselfdiff.core.errors import DataError
+from napari_genselfdiff.core.imagefile import decode_large, undecodable
 from napari_genselfdiff.slide.levels import level_for_mpp, region_at_mpp
 
 #: Lower levels are built by coarsening until the short side would drop below this many pixels.
@@ -249,11 +249,9 @@ def _quiet_tifffile() -> Iterator[None]:
 
 def _open_plain_image(path: Path) -> Slide:
     """Small PNG / JPEG / BMP images: decoded in one piece, then wrapped in dask."""
-    import skimage.io
-
     try:
-        img = np.asarray(skimage.io.imread(path))
-    except MemoryError:
+        img = decode_large(path)
+    except (MemoryError, DataError):
         raise
     except Exception:  # the decoders' own messages can span lines (imageio's plugin hints)
         with open(path, "rb") as fh:
