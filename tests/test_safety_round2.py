@@ -392,3 +392,35 @@ def test_an_image_that_cannot_fit_in_memory_is_one_line_before_decoding(tmp_path
     line = one_line(err)
     assert code == 2 and "big.png: 80x96 px" in line and "GiB free" in line and "tiled pyramidal TIFF" in line
     assert not (tmp_path / "out.zarr").exists()
+
+
+@pytest.mark.parametrize("command", ["finetune", "pretrain"])
+def test_a_step_whose_activations_cannot_fit_is_refused_before_the_first(command, data, tmp_path, capsys):
+    """Each flag within its bounds, together terabytes: measured through the network, refused in
+    one line before any step (the kernel's OOM killer would end it with no line)."""
+    images, masks = data
+    out = tmp_path / "m"
+    argv = (["finetune", "--images", images, "--masks", masks, "--scratch"] if command == "finetune"
+            else ["pretrain", "--images", images])
+    code, err = run(capsys, *argv, "--out", out, "--steps", 1, "--batch", 1024, "--patch", 8192, "--device", "cpu")
+    line = one_line(err)
+    assert code == 2 and "1024 patch(es) of 8192 px needs about" in line and "GiB free on cpu" in line
+    assert not (out / "model.safetensors").exists()
+
+
+def test_the_step_estimate_follows_the_pixels_and_the_frozen_layers():
+    import torch
+
+    from napari_genselfdiff.core.nets.unet import UNetConfig, seeded_model
+    from napari_genselfdiff.core.precision import resolve_precision
+    from napari_genselfdiff.core.train.memory import step_bytes_per_pixel
+    from napari_genselfdiff.core.train.segmenter import freeze_backbone
+
+    cpu = torch.device("cpu")
+    model = seeded_model(UNetConfig.from_preset("backbone", in_channels=3, out_channels=2), 0).train()
+    whole = step_bytes_per_pixel(model, cpu, resolve_precision("fp32", cpu), False)
+    # at least the stem's float32 output (16 channels) per pixel, and not wildly more than a network's worth
+    assert 16 * 4 < whole < 100_000
+    freeze_backbone(model)
+    head = step_bytes_per_pixel(model, cpu, resolve_precision("fp32", cpu), False)
+    assert 0 < head < whole / 2  # frozen layers keep nothing for a backward pass

@@ -36,6 +36,7 @@ from ..pretext.diffusion import Diffusion, ScheduleConfig
 from ..progress import Progress, relay, run_to_end
 from . import ddp
 from .losses import build_loss, parse_loss
+from .memory import check_step_fits
 from .segmenter import build_segmentation_model, freeze_backbone
 from .validation import (VAL_CROP, VAL_CROPS, describe, iter_evaluate_dice, pass_cost, validation_crops,
                          validations_left)
@@ -346,6 +347,7 @@ def pretrain(sources: Sequence[UnlabeledSource], out: str | os.PathLike, cfg: Pr
     model = ckpt.load_model(out)[0] if state is not None else seeded_model(ucfg, cfg.seed)
     diffusion = Diffusion(cfg.schedule).to(dev)
     trainer = _Trainer(model, dev, cfg.lr, cfg.weight_decay, precision_of(cfg), group=group)
+    check_step_fits(model, dev, trainer.precision, ddp.share(group, cfg.batch), cfg.patch, timestep=True)
     start = trainer.restore(state) if state is not None else 0
     run = {"stage": "pretrain", "pretext": "diffusion", **asdict(cfg)}
     source_names = [s.name for s in sources]
@@ -414,6 +416,7 @@ def finetune(items: Sequence[LabeledImage], out: str | os.PathLike, cfg: Finetun
     if cfg.freeze_backbone:
         how += f"; backbone frozen, {freeze_backbone(model)} head parameters trained"
     trainer = _Trainer(model, dev, cfg.lr, cfg.weight_decay, precision_of(cfg), ema=cfg.ema, group=group)
+    check_step_fits(model, dev, trainer.precision, ddp.share(group, cfg.batch), cfg.patch)
     start = trainer.restore(state) if state is not None else 0
     loss_fn, bw = build_loss(cfg.loss, spec.num_classes), spec.boundary_width if spec.boundary else 0
     run = {"stage": "finetune", **asdict(cfg)}
