@@ -5,8 +5,10 @@ collector had cleared the choices' attributes, as it does to objects of one refe
 from __future__ import annotations
 
 import gc
+import os
 import sys
 import weakref
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -77,3 +79,32 @@ def test_the_choices_follow_inserts_renames_and_removals(make_napari_viewer):
     assert combo.currentText() == "b" and choices.current() is viewer.layers["b"]
     viewer.layers.remove("b")
     assert combo.count() == 0 and choices.current() is None
+
+
+def test_a_greyscale_image_is_not_listed_and_the_choosers_say_why(make_napari_viewer, qtbot, tmp_path):
+    """Issue 35 item 9: greyscale images were silently missing from the image lists."""
+    from napari_genselfdiff._widgets.finetune import FinetuneWidget
+    from napari_genselfdiff._widgets.predict import PredictWidget
+
+    viewer = make_napari_viewer()
+    viewer.add_image(np.zeros((16, 16), np.uint8), name="grey scan")
+    predict, finetune = PredictWidget(viewer), FinetuneWidget(viewer)
+    for w in (predict, finetune):
+        combo = w.image_layer
+        assert combo.count() == 0
+        assert combo.placeholderText() == "'grey scan' is greyscale, not H&E"
+        assert "'grey scan' is greyscale: the models read H&E colour" in combo.toolTip()
+    viewer.add_image(np.zeros((16, 16, 3), np.uint8), rgb=True, name="H&E")
+    for w in (predict, finetune):
+        combo = w.image_layer
+        assert [combo.itemText(i) for i in range(combo.count())] == ["H&E"]
+        assert combo.placeholderText() == "" and "'grey scan' is greyscale" in combo.toolTip()
+    viewer.layers.remove("grey scan")
+    assert "grey scan" not in predict.image_layer.toolTip()
+    viewer.window.add_dock_widget(predict, name="Predict")
+    viewer.layers.remove("H&E")
+    viewer.add_image(np.zeros((16, 16), np.uint8), name="grey scan")
+    qtbot.wait(50)
+    path = Path(os.environ.get("GENSELFDIFF_SHOTS", tmp_path)) / "predict_greyscale.png"
+    predict.grab().save(str(path))
+    assert path.stat().st_size > 0

@@ -22,7 +22,7 @@ from ..core.train.losses import LOSSES, parse_loss
 from ..core.train.training import FinetuneConfig, finetune
 from .geometry import grid_of
 from .inputs import (LayerChoices, PathEdit, add_training_rows, is_labels, is_rgb_image, layer_to_rgb,
-                     pixel_size_spin, scrolling_column)
+                     pixel_size_spin, scrolling_column, why_not_rgb)
 from .jobs import JobRunner, StopsJobsOnClose
 from .progress import TrainingControls
 from .settings import Settings, remember_model
@@ -76,7 +76,7 @@ class FinetuneWidget(QWidget):
         self.source.addItems([LAYERS, FOLDERS])
         form.addRow("From", self.source)
         self.image_layer, self.labels_layer = QComboBox(), QComboBox()
-        self.image_choices = LayerChoices(self.viewer, is_rgb_image, self.image_layer)
+        self.image_choices = LayerChoices(self.viewer, is_rgb_image, self.image_layer, why_not_rgb)
         self.labels_choices = LayerChoices(self.viewer, is_labels, self.labels_layer)
         self.images_dir, self.masks_dir = PathEdit("dir", "folder of images"), PathEdit("dir", "folder of masks")
         for label, w in [("Image layer", self.image_layer), ("Labels layer", self.labels_layer),

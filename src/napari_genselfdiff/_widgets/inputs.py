@@ -279,8 +279,13 @@ class LayerChoices:
     widget is docked in a viewer, and have no multi-selection list.)
     """
 
-    def __init__(self, viewer, accept: Callable[[Any], bool], widget: QComboBox | QListWidget):
-        self.viewer, self.accept, self.widget = viewer, accept, widget
+    def __init__(self, viewer, accept: Callable[[Any], bool], widget: QComboBox | QListWidget,
+                 explain: Callable[[Any], tuple[str, str] | None] | None = None):
+        """``explain(layer)``: why a layer of the viewer is not listed, when a user would look for
+        it there (a greyscale image in an image chooser), short and in full: the full reason is
+        added to the widget's tooltip, the short one is its placeholder while nothing can be chosen."""
+        self.viewer, self.accept, self.widget, self.explain = viewer, accept, widget, explain
+        self._tooltip = widget.toolTip()
         self._named: set[int] = set()
         self._events = (viewer.layers.events.inserted, viewer.layers.events.removed,
                         viewer.layers.events.moved)
@@ -317,6 +322,7 @@ class LayerChoices:
                 self._named.add(id(layer))
         names = [layer.name for layer in self.layers()]
         w = self.widget
+        self._explain_skipped(bool(names))
         if isinstance(w, QComboBox):
             current = w.currentText()
             w.blockSignals(True)
@@ -334,9 +340,30 @@ class LayerChoices:
                 w.item(i).setSelected(w.item(i).text() in selected)
 
 
+    def _explain_skipped(self, any_listed: bool) -> None:
+        if self.explain is None:
+            return
+        reasons = [r for r in (self.explain(layer) for layer in self.viewer.layers if not self.accept(layer)) if r]
+        self.widget.setToolTip("\n".join([t for t in (self._tooltip, *(full for _, full in reasons)) if t]))
+        if isinstance(self.widget, QComboBox):
+            self.widget.setPlaceholderText("" if any_listed or not reasons else reasons[0][0])
+
+
 def is_rgb_image(layer) -> bool:
     from napari.layers import Image
     return isinstance(layer, Image) and bool(layer.rgb)
+
+
+def why_not_rgb(layer) -> tuple[str, str] | None:
+    """Why an image layer is not offered where an H&E image is chosen, short and in full (None: it
+    is, or it is not an image at all)."""
+    from napari.layers import Image
+    if not isinstance(layer, Image) or layer.rgb:
+        return None
+    kind = "greyscale" if (layer.data[0] if layer.multiscale else layer.data).ndim == 2 else "not RGB"
+    return (f"'{layer.name}' is {kind}, not H&E",
+            f"'{layer.name}' is {kind}: the models read H&E colour, so it is not listed (open the RGB "
+            "original, or add it with rgb=True)")
 
 
 def is_labels(layer) -> bool:

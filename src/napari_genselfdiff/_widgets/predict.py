@@ -32,7 +32,7 @@ from .canvas import FOV_KEY, LABELS, GatheredViews
 from .geometry import (Region, at_model_level, grid_of, layer_downsamples, placement, scale_bar_of, view_of,
                        visible_region)
 from .inputs import (DeviceChooser, LayerChoices, PathEdit, PrecisionChooser, int_spin, is_rgb_image, level0_data,
-                     pixel_size_spin, row, scrolling_column)
+                     pixel_size_spin, row, scrolling_column, why_not_rgb)
 from .jobs import JobRunner, StopsJobsOnClose
 from .legend import LEGEND_KEY, PROBABILITY_COLORMAP, Legend, classes_style, instance_style
 from .measure import Measurements
@@ -204,7 +204,7 @@ class PredictWidget(QWidget):
         self.model, self.browse = self.chooser.combo, self.chooser.browse
         form.addRow("Model", self.chooser)
         self.image_layer = QComboBox()
-        self.image_choices = LayerChoices(self.viewer, is_rgb_image, self.image_layer)
+        self.image_choices = LayerChoices(self.viewer, is_rgb_image, self.image_layer, why_not_rgb)
         form.addRow("Image layer", self.image_layer)
         self.device = DeviceChooser()
         form.addRow("Device", self.device)

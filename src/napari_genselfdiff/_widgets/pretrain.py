@@ -24,7 +24,8 @@ from ..core.nets.unet import PRESETS
 from ..core.progress import Progress
 from ..core.train.training import PretrainConfig, pretrain
 from ..slide.sources import LazyArraySource, unlabeled_sources
-from .inputs import LayerChoices, PathEdit, add_training_rows, int_spin, is_rgb_image, layer_to_rgb, scrolling_column
+from .inputs import (LayerChoices, PathEdit, add_training_rows, int_spin, is_rgb_image, layer_to_rgb, scrolling_column,
+                     why_not_rgb)
 from .jobs import JobRunner, StopsJobsOnClose
 from .progress import TrainingControls
 from .settings import Settings
@@ -120,7 +121,7 @@ class PretrainWidget(QWidget):
         self.layers.setSelectionMode(QAbstractItemView.SelectionMode.MultiSelection)
         self.layers.setMaximumHeight(90)
         self.layers.setToolTip("image layers to draw random tiles from (click to select several)")
-        self.layer_choices = LayerChoices(self.viewer, is_pretraining_source, self.layers)
+        self.layer_choices = LayerChoices(self.viewer, is_pretraining_source, self.layers, why_not_rgb)
         form.addRow("Image layers", self.layers)
         self.folder = PathEdit("dir", "optional: a folder of tiles")
         form.addRow("Folder", self.folder)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from qtpy.QtWidgets import QWidget
 
 from ...project import Project
-from ..inputs import LayerChoices, is_rgb_image, narrow_combo, scrolling_column
+from ..inputs import LayerChoices, is_rgb_image, narrow_combo, scrolling_column, why_not_rgb
 from ..jobs import StopsJobsOnClose
 from ..settings import Settings
 from .annotate import AnnotateBox
@@ -30,7 +30,7 @@ class RefineWidget(QWidget):
         self.viewer = napari_viewer
         self.settings = settings or Settings("refine")
         images = narrow_combo()
-        self.ctx = RefineContext(napari_viewer, self.settings, LayerChoices(napari_viewer, is_rgb_image, images), self)
+        self.ctx = RefineContext(napari_viewer, self.settings, LayerChoices(napari_viewer, is_rgb_image, images, why_not_rgb), self)
 
         self.refine_box = RefineBox(self.ctx)
         self.project_box = ProjectBox(self.ctx, self.refine_box.runner)
