@@ -108,3 +108,36 @@ def test_a_greyscale_image_is_not_listed_and_the_choosers_say_why(make_napari_vi
     path = Path(os.environ.get("GENSELFDIFF_SHOTS", tmp_path)) / "predict_greyscale.png"
     predict.grab().save(str(path))
     assert path.stat().st_size > 0
+
+
+def test_slides_open_with_our_reader_once_a_widget_is_opened_and_a_users_choice_stays(make_napari_viewer, qtbot):
+    """Issue 35 item 9: File > Open asked "napari-genselfdiff or builtins" for every slide."""
+    from types import SimpleNamespace
+
+    import yaml
+    from napari.plugins.utils import get_preferred_reader
+    from napari.settings import get_settings
+
+    from napari_genselfdiff import __file__ as package
+    from napari_genselfdiff._widgets.predict import PredictWidget
+    from napari_genselfdiff._widgets.readers import PLUGIN, SLIDE_PATTERNS, prefer_our_reader
+
+    manifest = yaml.safe_load((Path(package).parent / "napari.yaml").read_text())
+    claimed = set(manifest["contributions"]["readers"][0]["filename_patterns"])
+    assert set(SLIDE_PATTERNS) == claimed - {"*.zarr"}
+    fake = SimpleNamespace(plugins=SimpleNamespace(extension2reader={"*.tif": "napari"}))
+    assert "*.tif" not in prefer_our_reader(fake)
+    assert fake.plugins.extension2reader["*.tif"] == "napari"  # the user's choice is kept
+    assert fake.plugins.extension2reader["*.svs"] == PLUGIN and prefer_our_reader(fake) == []
+
+    viewer = make_napari_viewer()
+    settings = get_settings()
+    before = dict(settings.plugins.extension2reader)
+    try:
+        settings.plugins.extension2reader = {"*.tiff": "napari"}
+        assert get_preferred_reader("slide.svs") is None  # napari would ask
+        PredictWidget(viewer)
+        assert get_preferred_reader("slide.svs") == PLUGIN and get_preferred_reader("scan.ndpi") == PLUGIN
+        assert get_preferred_reader("image.tiff") == "napari"
+    finally:
+        settings.plugins.extension2reader = before

@@ -34,6 +34,7 @@ from .geometry import (Region, at_model_level, grid_of, layer_downsamples, place
 from .inputs import (DeviceChooser, LayerChoices, PathEdit, PrecisionChooser, int_spin, is_rgb_image, level0_data,
                      pixel_size_spin, row, scrolling_column, why_not_rgb)
 from .jobs import JobRunner, StopsJobsOnClose
+from .readers import prefer_our_reader, say_reader_preference
 from .legend import LEGEND_KEY, PROBABILITY_COLORMAP, Legend, classes_style, instance_style
 from .measure import Measurements
 from .models import ModelChooser, fmt_mpp
@@ -189,6 +190,7 @@ class PredictWidget(QWidget):
         self._whole_slide = False
         self._shown: dict[str, Any] = {}  # layer name -> the layer this widget added under it last
         self.views = GatheredViews(napari_viewer)  # the fields of view gathered per result layer
+        say_reader_preference(prefer_our_reader())  # File > Open gives slides to our reader
         self._scale_bar_shown = False
         self._build()
         self.progress.follow(self.runner)
