@@ -55,7 +55,7 @@ from shapely.geometry import MultiPolygon, Polygon
 from skimage.measure import find_contours
 
 from ..core.atomic import atomic_file, check_target
-from .measurements import shape_of_one
+from .measurements import shape_row, shape_table
 from .qupath import OBJECT_KINDS
 
 log = logging.getLogger(__name__)
@@ -269,11 +269,11 @@ def _mean_probability(probs: np.ndarray, mask: np.ndarray) -> float:
 
 
 def _make_feature(mask: np.ndarray, origin: tuple[int, int], label: int, opts: _ExportOptions,
-                  probs: np.ndarray | None) -> dict[str, Any]:
+                  probs: np.ndarray | None, shape: dict[str, float]) -> dict[str, Any]:
+    """``shape``: the object's row of the measurements table (.measurements.shape_row)."""
     geom, perimeter = _object_geometry(mask, origin, label, opts)
     measurements = {"area": float(np.count_nonzero(mask)) * opts.downsample ** 2,
                     "perimeter": perimeter}
-    shape = shape_of_one(mask, opts.mpp, opts.downsample)  # the measurements table's numbers (.measurements)
     if opts.mpp is None:  # the pixel area and staircase perimeter above already say it in pixels
         shape = {k: v for k, v in shape.items() if not k.endswith("px") and not k.endswith("px^2")}
     measurements.update(shape)
@@ -370,11 +370,13 @@ def _iter_array_features(array: Any, chunk: int, probabilities: Any | None,
         r1, c1 = g_boxes[:, 2:].max(axis=0)
         region = np.asarray(array[r0:r1, c0:c1])
         probs = None if probabilities is None else np.asarray(probabilities[r0:r1, c0:c1])
+        # the group's shape measurements in one pass (objects of other groups left out: they may be cut)
+        table = shape_table(np.where(np.isin(region, g_ids), region, 0))
         for label, (br0, bc0, br1, bc1) in zip(g_ids.tolist(), g_boxes.tolist()):
             window = (slice(br0 - r0, br1 - r0), slice(bc0 - c0, bc1 - c0))
             mask = region[window] == label
-            yield _make_feature(mask, (br0, bc0), label, opts,
-                                None if probs is None else probs[window])
+            row = shape_row(table, int(np.searchsorted(table["label"], label)), opts.mpp, opts.downsample)
+            yield _make_feature(mask, (br0, bc0), label, opts, None if probs is None else probs[window], row)
 
 
 def labels_to_features(labels: np.ndarray, *, offset: Sequence[float] = (0, 0),

@@ -7,7 +7,8 @@ Columns (QuPath's names, units in the name; ``px`` instead of ``µm`` when the p
 - ``Object ID``; ``Centroid X µm`` / ``Centroid Y µm`` (in the measured array's own grid);
 - ``Area µm^2`` (pixel count), ``Perimeter µm`` (scikit-image's estimate of the boundary's length,
   not the pixel staircase), ``Circularity`` (4 pi area / perimeter^2, 1 for a disc), ``Eccentricity``
-  and ``Solidity`` (area / convex area) of the pixel mask;
+  of the pixel mask and ``Solidity`` (area / the area of the convex hull of the object's pixel-edge
+  outline, QuPath's definition for a ROI);
 - with the RGB image: ``Hematoxylin OD mean`` and ``Eosin OD mean``, the mean optical density of
   each stain after colour deconvolution (scikit-image ``rgb2hed``, Ruifrok and Johnston's vectors);
 - with the model's probability: ``Probability mean``.
@@ -46,6 +47,98 @@ def _check(labels: np.ndarray, mpp: float | None, *others: tuple[str, np.ndarray
     return labels
 
 
+_PERIMETER_WEIGHTS = np.zeros(50, np.float64)  # scikit-image's perimeter estimator (Benkrid and Crookes)
+_PERIMETER_WEIGHTS[[5, 7, 15, 17, 25, 27]] = 1
+_PERIMETER_WEIGHTS[[21, 33]] = math.sqrt(2)
+_PERIMETER_WEIGHTS[[13, 23]] = (1 + math.sqrt(2)) / 2
+
+
+def shape_table(labels: np.ndarray) -> dict[str, np.ndarray]:
+    """Shape columns of every object id > 0 of ``labels`` in pixels, in id order, in one pass over
+    the array (no per-object Python but the convex hull of each outline): ``label``, ``area``,
+    ``perimeter`` (scikit-image's ``perimeter``, 4-connected, per object exactly as ``regionprops``
+    gives it), ``centroid-0`` / ``centroid-1``, ``eccentricity`` (of the ellipse with the same second
+    moments, as ``regionprops``) and ``solidity``: the area over the area of the convex hull of the
+    object's pixel-edge outline (the polygon the GeoJSON export writes), as QuPath computes it from
+    a ROI. ``regionprops`` per object cost 5 ms (its convex hull image alone 3 ms): 10 minutes of a
+    whole slide's nuclei export."""
+    lab = np.pad(np.asarray(labels), 1)
+    inner = lab[1:-1, 1:-1]
+    ids = np.unique(inner)
+    ids = ids[ids > 0]
+    if ids.size == 0:
+        return {k: np.zeros(0, np.int64 if k == "label" else np.float64) for k in
+                ("label", "area", "perimeter", "centroid-0", "centroid-1", "eccentricity", "solidity")}
+    rows, cols = np.nonzero(inner)
+    obj = inner[rows, cols]
+    index = np.searchsorted(ids, obj)
+    n = len(ids)
+    area = np.bincount(index, minlength=n).astype(np.float64)
+    # moments in each object's own frame (its first row and column): the same numbers wherever it lies
+    y0, x0 = np.full(n, lab.shape[0]), np.full(n, lab.shape[1])
+    np.minimum.at(y0, index, rows)
+    np.minimum.at(x0, index, cols)
+    ly, lx = rows - y0[index], cols - x0[index]
+    cy = np.bincount(index, ly, minlength=n) / np.maximum(area, 1)
+    cx = np.bincount(index, lx, minlength=n) / np.maximum(area, 1)
+    dy, dx = ly - cy[index], lx - cx[index]
+    vyy, vxx, vxy = (np.bincount(index, w, minlength=n) for w in (dy * dy, dx * dx, dy * dx))
+    half = np.sqrt(((vyy - vxx) / 2) ** 2 + vxy ** 2)
+    big, small = (vyy + vxx) / 2 + half, (vyy + vxx) / 2 - half
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ecc = np.where(big > 0, np.sqrt(np.clip(1 - small / big, 0, 1)), 0.0)
+    # border pixels: a 4-neighbour outside the object (scikit-image erodes each object alone)
+    r, c = rows + 1, cols + 1
+
+    def same(dr: int, dc: int) -> np.ndarray:
+        return lab[r + dr, c + dc] == obj
+
+    border = ~(same(-1, 0) & same(1, 0) & same(0, -1) & same(0, 1))
+    is_border = np.zeros(lab.shape, bool)
+    is_border[r[border], c[border]] = True
+    br, bc, bobj = r[border], c[border], obj[border]
+    code = np.ones(len(br), np.int64)
+    for dr, dc, w in ((-1, 0, 2), (1, 0, 2), (0, -1, 2), (0, 1, 2), (-1, -1, 10), (-1, 1, 10), (1, -1, 10), (1, 1, 10)):
+        code += w * (is_border[br + dr, bc + dc] & (lab[br + dr, bc + dc] == bobj))
+    bindex = np.searchsorted(ids, bobj)
+    perimeter = np.bincount(bindex, _PERIMETER_WEIGHTS[code], minlength=n)
+    # convex hull of each outline: of the corners of each row's first and last pixel
+    key = index * lab.shape[0] + rows  # pixels are in row-major order: sorted by row within an object
+    order = np.argsort(key, kind="stable")
+    key_sorted = key[order]
+    first = np.flatnonzero(np.r_[True, key_sorted[1:] != key_sorted[:-1]])
+    row_obj, row_y = index[order][first], rows[order][first]
+    x_lo = np.minimum.reduceat(cols[order], first)
+    x_hi = np.maximum.reduceat(cols[order], first) + 1
+    bounds = np.searchsorted(row_obj, np.arange(n + 1))
+    solidity = np.ones(n)
+    for k in range(n):
+        a, b = bounds[k], bounds[k + 1]
+        if area[k] > 2:  # one or two pixels are their own hull
+            solidity[k] = min(1.0, area[k] / _hull_area(row_y[a:b], x_lo[a:b], x_hi[a:b]))
+    return {"label": ids.astype(np.int64), "area": area, "perimeter": perimeter, "centroid-0": cy + y0,
+            "centroid-1": cx + x0, "eccentricity": ecc, "solidity": solidity}
+
+
+def _hull_area(y: np.ndarray, x_lo: np.ndarray, x_hi: np.ndarray) -> float:
+    """Area of the convex hull of the pixel corners of rows ``y`` spanning columns [x_lo, x_hi)
+    (Andrew's monotone chain over at most four corners per row, then the shoelace formula)."""
+    pts = sorted({(float(v), float(u)) for yy, lo, hi in zip(y.tolist(), x_lo.tolist(), x_hi.tolist())
+                  for u in (yy, yy + 1) for v in (lo, hi)})
+
+    def half(points):
+        chain: list[tuple[float, float]] = []
+        for p in points:
+            while len(chain) >= 2 and ((chain[-1][0] - chain[-2][0]) * (p[1] - chain[-2][1])
+                                       - (chain[-1][1] - chain[-2][1]) * (p[0] - chain[-2][0])) <= 0:
+                chain.pop()
+            chain.append(p)
+        return chain[:-1]
+
+    hull = half(pts) + half(pts[::-1])
+    return abs(sum(x0 * y1 - x1 * y0 for (x0, y0), (x1, y1) in zip(hull, hull[1:] + hull[:1]))) / 2
+
+
 def measure_objects(labels: np.ndarray, *, image: np.ndarray | None = None, probability: np.ndarray | None = None,
                     mpp: float | None = None) -> dict[str, np.ndarray]:
     """One row per object id > 0 of ``labels`` (columns as in the module docstring), in id order.
@@ -53,51 +146,49 @@ def measure_objects(labels: np.ndarray, *, image: np.ndarray | None = None, prob
     ``image``: the RGB pixels the labels cover (uint8, same height and width); ``probability``:
     the model's foreground probability there (float in [0, 1], or uint8 0..255); ``mpp``: microns
     per pixel of this grid (None: lengths in pixels)."""
-    from skimage.measure import regionprops_table
-
     labels = _check(labels, mpp, ("the image", image), ("the probability", probability))
     length, area = unit_names(mpp)
     s = mpp or 1.0
-    channels = []
-    if image is not None:
-        from skimage.color import rgb2hed
-
-        hed = rgb2hed(np.asarray(image)[..., :3])
-        channels += [hed[..., 0], hed[..., 1]]
-    if probability is not None:
-        p = np.asarray(probability, dtype=np.float32)
-        channels.append(p / 255.0 if np.asarray(probability).dtype == np.uint8 else p)
-    props = ["label", "area", "perimeter", "eccentricity", "solidity", "centroid"]
-    intensity = np.stack(channels, axis=-1) if channels else None
-    if intensity is not None:
-        props.append("intensity_mean")
-    t = regionprops_table(labels, intensity_image=intensity, properties=props)
-    px_area = t["area"].astype(np.float64)
-    perim = t["perimeter"].astype(np.float64)
+    t = shape_table(labels)
+    px_area, perim = t["area"], t["perimeter"]
     with np.errstate(divide="ignore", invalid="ignore"):
         circ = np.where(perim > 0, np.minimum(1.0, 4 * np.pi * px_area / perim ** 2), 1.0)
-    out = {"Object ID": t["label"].astype(np.int64),
+    out = {"Object ID": t["label"],
            f"Centroid X {length}": t["centroid-1"] * s, f"Centroid Y {length}": t["centroid-0"] * s,
            f"Area {area}": px_area * s * s, f"Perimeter {length}": perim * s,
            "Circularity": circ, "Eccentricity": t["eccentricity"], "Solidity": t["solidity"]}
-    k = 0
-    if image is not None:
-        out["Hematoxylin OD mean"], out["Eosin OD mean"] = t["intensity_mean-0"], t["intensity_mean-1"]
-        k = 2
-    if probability is not None:
-        out["Probability mean"] = t[f"intensity_mean-{k}"]  # a channel axis, even of one channel
+    if image is not None or probability is not None:
+        from scipy import ndimage as ndi
+
+        ids = t["label"]
+
+        def mean_of(values: np.ndarray) -> np.ndarray:
+            return np.asarray(ndi.mean(values, labels, ids), np.float64) if len(ids) else np.zeros(0)
+        if image is not None:
+            from skimage.color import rgb2hed
+
+            hed = rgb2hed(np.asarray(image)[..., :3])
+            out["Hematoxylin OD mean"], out["Eosin OD mean"] = mean_of(hed[..., 0]), mean_of(hed[..., 1])
+        if probability is not None:
+            p = np.asarray(probability, dtype=np.float32)
+            out["Probability mean"] = mean_of(p / 255.0 if np.asarray(probability).dtype == np.uint8 else p)
     return out
 
 
 def shape_of_one(mask: np.ndarray, mpp: float | None, downsample: float = 1.0) -> dict[str, float]:
-    """The shape columns of one object given as a boolean mask (the GeoJSON export's), with
-    ``downsample`` full-resolution pixels per mask pixel and ``mpp`` microns per full-resolution pixel."""
-    table = measure_objects(np.asarray(mask, dtype=np.uint8), mpp=None)
+    """The shape columns of one object given as a boolean mask, with ``downsample`` full-resolution
+    pixels per mask pixel and ``mpp`` microns per full-resolution pixel."""
+    return shape_row(shape_table(np.asarray(mask, dtype=np.uint8)), 0, mpp, downsample)
+
+
+def shape_row(table: dict[str, np.ndarray], k: int, mpp: float | None, downsample: float = 1.0) -> dict[str, float]:
+    """Row ``k`` of a :func:`shape_table` as the GeoJSON export's unit-named measurements."""
     length, area = unit_names(mpp)
     s = (mpp or 1.0) * downsample
-    return {f"Area {area}": float(table["Area px^2"][0]) * s * s, f"Perimeter {length}": float(table["Perimeter px"][0]) * s,
-            "Circularity": float(table["Circularity"][0]), "Eccentricity": float(table["Eccentricity"][0]),
-            "Solidity": float(table["Solidity"][0])}
+    px_area, perim = float(table["area"][k]), float(table["perimeter"][k])
+    circ = min(1.0, 4 * math.pi * px_area / perim ** 2) if perim > 0 else 1.0
+    return {f"Area {area}": px_area * s * s, f"Perimeter {length}": perim * s, "Circularity": circ,
+            "Eccentricity": float(table["eccentricity"][k]), "Solidity": float(table["solidity"][k])}
 
 
 def region_summary(labels: np.ndarray, region: np.ndarray | None = None, mpp: float | None = None) -> dict:
