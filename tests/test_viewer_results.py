@@ -524,3 +524,27 @@ def test_a_labels_layer_drawn_in_microns_saves_in_slide_pixels(tmp_path):
     write_geojson(path, labels, meta)
     assert read_geojson(path).features[0].geometry.bounds == (20.0, 10.0, 21.0, 11.0)
     assert label_grid({**meta, "units": ("pixel", "pixel")}) == ((10.5, 20.5), 0.5)  # pixels as before
+
+
+def test_two_projects_refined_models_are_told_apart_in_the_model_list(tmp_path, qtbot):
+    """Issue 35 item 10: two models both listed as 'refine-1'."""
+    import shutil
+
+    from conftest import require_bundled
+    from napari_genselfdiff._widgets.models import ModelChooser
+
+    seg_model = require_bundled("glands")["glands"]
+    paths = []
+    for project in ("study-A", "study-B"):
+        models = tmp_path / project / "models"
+        models.mkdir(parents=True)
+        (tmp_path / project / "project.json").write_text("{}")
+        shutil.copytree(seg_model, models / "refine-1")
+        paths.append(str(models / "refine-1"))
+    loose = tmp_path / "elsewhere" / "refine-1"  # a folder of that name outside any project keeps its name
+    shutil.copytree(seg_model, loose)
+    chooser = ModelChooser()
+    qtbot.addWidget(chooser)
+    chooser.fill({}, [*paths, str(loose)])
+    listed = [chooser.combo.itemText(i).split(" — ")[0] for i in range(chooser.combo.count())]
+    assert listed == ["study-A / refine-1", "study-B / refine-1", "refine-1"]

@@ -62,7 +62,7 @@ class ModelInfo:
     @classmethod
     def read(cls, path: str | Path, name: str | None = None) -> ModelInfo:
         path = Path(path)
-        name = name or path.name
+        name = name or display_name(path)
         card = path / MODEL_CARD if (path / MODEL_CARD).is_file() else None
         try:
             cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
@@ -121,6 +121,15 @@ class ModelInfo:
 
     def listed(self) -> str:
         return f"{self.name} — {self.summary()}"
+
+
+def display_name(path: Path) -> str:
+    """A checkpoint folder's name in a list: a project's refined models are all called
+    ``refine-<n>``, so theirs carries the project's name ('study-A / refine-1')."""
+    parent = path.parent
+    if parent.name == "models" and (parent.parent / "project.json").is_file():
+        return f"{parent.parent.name} / {path.name}"
+    return path.name
 
 
 class ModelCardDialog(QDialog):
