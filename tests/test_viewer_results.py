@@ -548,3 +548,59 @@ def test_two_projects_refined_models_are_told_apart_in_the_model_list(tmp_path, 
     chooser.fill({}, [*paths, str(loose)])
     listed = [chooser.combo.itemText(i).split(" — ")[0] for i in range(chooser.combo.count())]
     assert listed == ["study-A / refine-1", "study-B / refine-1", "refine-1"]
+
+
+class Graded(Dark):
+    """A stand-in whose probability falls off with brightness (0 at grey 200, 1 at grey 100): the
+    threshold moves where objects end."""
+
+    def __call__(self, tiles: np.ndarray) -> np.ndarray:
+        self.calls += 1
+        p = np.clip((200.0 - np.asarray(tiles).mean(-1)) / 100.0, 0, 1).astype(np.float32)
+        return np.stack([1 - p, p], axis=1)
+
+
+@pytest.mark.gui
+def test_the_live_object_controls_find_objects_again_without_the_model(viewer, qtbot, tmp_path, he_image,
+                                                                       monkeypatch):
+    """Issue 35 item 11: threshold and smallest-object controls re-run only the post-processing."""
+    image = viewer.add_image(he_image, name="H&E", rgb=True, **slide_scale(0.5))
+    stand_in(monkeypatch, model := Graded(mpp=0.5))
+    w = predict_widget(viewer, tmp_path)
+    assert not w.objects.box.isEnabled()  # nothing to find objects in yet
+    look_at_pixel(viewer, image, (300, 400), 1)
+    predict_here(qtbot, w)
+    glands, calls = viewer.layers["glands"], model.calls
+    first = glands.data.copy()
+    assert w.objects.box.isEnabled() and w.objects.values()["threshold"] == pytest.approx(0.5)
+    assert w.objects.min_size.value() == 100 and w.objects.overrides() == {}  # the glands defaults
+
+    def after(change) -> np.ndarray:
+        before = glands.data.copy()
+        change()
+        qtbot.waitUntil(lambda: not np.array_equal(glands.data, before), timeout=20_000)
+        qtbot.waitUntil(lambda: not w.objects.runner.running, timeout=20_000)
+        return glands.data.copy()
+
+    stricter = after(lambda: w.objects.threshold.setValue(80))
+    assert 0 < (stricter > 0).sum() < (first > 0).sum()
+    assert "threshold 0.80" in w.progress.status.text()
+    assert viewer.layers["glands"] is glands and model.calls == calls  # the network did not run again
+    fewer = after(lambda: w.objects.min_size.setValue(2000))
+    assert 0 < len(np.unique(fewer)) - 1 < len(np.unique(stricter)) - 1
+    assert w.objects.min_size_text.text() == "≈ 500 µm²"
+    assert w.objects.overrides() == {"threshold": 0.8, "min_size": 2000}
+    meta = glands.metadata
+    (y0, x0), (ry, rx, rh, rw) = meta["genselfdiff"]["offset"], meta["genselfdiff_fov"]["regions"][0]
+    predict_here(qtbot, w)  # the view again (the dock may have moved it): the model runs, with the controls' values
+    assert model.calls > calls
+    (y1, x1) = glands.metadata["genselfdiff"]["offset"]
+    again = glands.data[y0 + ry - y1:y0 + ry - y1 + rh, x0 + rx - x1:x0 + rx - x1 + rw]
+    # the same objects, but for those the first view's border cut below the smallest size (whole now)
+    differ = (again > 0) != (fewer[ry:ry + rh, rx:rx + rw] > 0)
+    assert differ.mean() < 0.01 and differ[40:-40, 40:-40].mean() < 1e-3
+    assert (again > 0).sum() < (first[ry:ry + rh, rx:rx + rw] > 0).sum()  # stricter than the model's values
+    w.objects.threshold.setValue(50)
+    w.objects.min_size.setValue(100)
+    assert w.objects.overrides() == {}
+    assert w.objects.overrides() == {}

@@ -15,7 +15,8 @@ the colours mean. The model chooser (:mod:`.models`) says what each model is.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -34,6 +35,7 @@ from .geometry import (Region, at_model_level, grid_of, layer_downsamples, place
 from .inputs import (DeviceChooser, LayerChoices, PathEdit, PrecisionChooser, int_spin, is_rgb_image, level0_data,
                      pixel_size_spin, row, scrolling_column, why_not_rgb)
 from .jobs import JobRunner, StopsJobsOnClose
+from .objects import ObjectControls
 from .readers import prefer_our_reader, say_reader_preference
 from .legend import LEGEND_KEY, PROBABILITY_COLORMAP, Legend, classes_style, instance_style
 from .measure import Measurements
@@ -111,6 +113,7 @@ class FovResult:
     mpp: float | None = None  # microns per pixel of that level (None: unknown)
     semantic: np.ndarray | None = None  # the class map, for models of more than one object class
     no_glands: str | None = None  # why a glands result does not look like glands (then no layer is added)
+    model_values: dict = field(default_factory=dict)  # the model's own post-processing options
 
 
 def resolution_of(slide, level: int) -> str:
@@ -129,15 +132,17 @@ WHOLE_VIEW_TILES = 16
 
 
 def fov_job(model: str, device: str, cache: PredictorCache | None, slide, source_id: int, region: Region,
-            tile: int, overlap: int, fov: tuple[FovKey, Any] | None, precision: str = "auto") -> Iterator[Any]:
+            tile: int, overlap: int, fov: tuple[FovKey, Any] | None, precision: str = "auto",
+            overrides: dict | None = None) -> Iterator[Any]:
     """Predict the visible region; returns a :class:`FovResult`.
 
     Yields the tiler's progress after every model call (so Cancel stops within about half a
     second, and the panel shows tiles, speed and ETA), and warns when the view is the whole image.
     The FOV predictor (and its tile cache) is kept while the model, the image and the tiling are
-    the same.
+    the same. ``overrides``: post-processing values to use instead of the model's (the live
+    Objects controls, :mod:`.objects`).
     """
-    from ..core.eval.postprocess import postprocess
+    from ..core.eval.postprocess import options_for, postprocess
     from ..slide.fov import FieldOfViewPredictor
 
     cache, overlap = yield from load_predictor(model, device, cache, tile, overlap, precision)
@@ -154,8 +159,10 @@ def fov_job(model: str, device: str, cache: PredictorCache | None, slide, source
             "'Predict whole slide', which also saves the result and resumes; zoom in for a quick look"))
     yield f"predicting {w}x{h} pixels at {resolution_of(slide, level)}…"
     probs = yield from fov[1].iter_region(level, y, x, h, w)
-    options = getattr(predictor, "postprocess_options", None)
-    semantic, instances = yield from in_background(postprocess, probs, predictor.task, options,
+    model_values = options_for("nuclei" if predictor.task == "nuclei" else "glands",
+                               getattr(predictor, "postprocess_options", None))
+    semantic, instances = yield from in_background(postprocess, probs, predictor.task,
+                                                   {**model_values, **(overrides or {})},
                                                    status="finding objects…")
     instances = instances.astype(np.int32, copy=False)
     foreground = np.subtract(1.0, probs[0], dtype=np.float32)
@@ -168,7 +175,8 @@ def fov_job(model: str, device: str, cache: PredictorCache | None, slide, source
         no_glands = warn_no_glands(check)
     return FovResult(cache, fov, region, slide.downsamples[level], probs, instances, foreground,
                      int(instances.max(initial=0)), mpp=slide.level_mpp(level),
-                     semantic=semantic if shows_classes(predictor) else None, no_glands=no_glands)
+                     semantic=semantic if shows_classes(predictor) else None, no_glands=no_glands,
+                     model_values=model_values)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,10 +191,12 @@ class PredictWidget(QWidget):
         self.settings = settings or Settings("predict")
         self.runner = JobRunner("prediction", self)
         self.measurements = Measurements(napari_viewer, self, lambda text: self.progress.set_status(text))
-        self.stops_jobs = StopsJobsOnClose(self, [self.runner, self.measurements.runner])
+        self.objects = ObjectControls(self, self._relabelled)
+        self.stops_jobs = StopsJobsOnClose(self, [self.runner, self.measurements.runner, self.objects.runner])
         self._predictor: PredictorCache | None = None
         self._fov: tuple[FovKey, Any] | None = None  # (key, FieldOfViewPredictor)
         self._image_layer = None
+        self._last_fov: FovResult | None = None  # what the Objects controls find objects in again
         self._whole_slide = False
         self._shown: dict[str, Any] = {}  # layer name -> the layer this widget added under it last
         self.views = GatheredViews(napari_viewer)  # the fields of view gathered per result layer
@@ -250,6 +260,7 @@ class PredictWidget(QWidget):
         lay.addWidget(row(self.slide_btn, self.cancel_btn))
         self.progress = ProgressPanel(with_plot=False)
         lay.addWidget(self.progress)
+        lay.addWidget(self.objects.box)
         self.legend = Legend(self.viewer)
         lay.addWidget(self.legend)
         self.measure_btn = self.measurements.button
@@ -300,7 +311,7 @@ class PredictWidget(QWidget):
         source_id = id(level0_data(layer))
         self._start(layer, f"predicting the field of view of {layer.name!r}…", fov_job, model, self.device.device,
                     self._predictor, slide, source_id, region, self.tile.value(), self.overlap.value(), self._fov,
-                    precision=self.precision.precision)
+                    precision=self.precision.precision, overrides=self.objects.overrides())
 
     def predict_slide(self) -> None:
         """Segment the whole image into a zarr store next to the other results (resumable)."""
@@ -364,6 +375,9 @@ class PredictWidget(QWidget):
                 self.progress.set_status(f"no glands here: nothing added ({result.no_glands})")
             else:
                 self._show_view(result)
+                self._last_fov = result
+                self.objects.result(result.predictor.key, result.predictor.predictor.task, result.model_values,
+                                    result.probs, result.mpp)
         else:
             self._show_store(result.out, result.kind, result.no_glands)
 
@@ -450,6 +464,15 @@ class PredictWidget(QWidget):
         where = fmt_mpp(result.mpp) if result.mpp else f"level {level} (pixel size unknown)"
         held = f"; it holds {len(canvas.regions)} views" if len(canvas.regions) > 1 else ""
         self.progress.set_status(f"{n} {noun} in the {w}x{h} view at {where} (layer '{name}'{held}){kept}")
+
+    def _relabelled(self, labels: np.ndarray, values: dict) -> None:
+        """The last field of view's objects found again with the Objects controls' ``values``."""
+        last = self._last_fov
+        if last is None or self._image_layer not in self.viewer.layers:
+            return
+        self._show_view(dataclasses.replace(last, instances=labels, objects=int(labels.max(initial=0))))
+        self.progress.set_status(f"{self.progress.status.text()} · threshold {values['threshold']:.2f}, "
+                                 f"smallest {values['min_size']} px")
 
     def save_measurements(self, path: str | None = None) -> str | None:
         """:meth:`.measure.Measurements.save`: the last field-of-view result's table as CSV."""

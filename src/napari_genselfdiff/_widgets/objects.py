@@ -1,0 +1,141 @@
+"""Live object controls on a field-of-view result (as cellpose- and stardist-napari have): the
+probability threshold and the smallest object, applied again to the kept probabilities in a
+worker thread as the controls move; the network does not run again.
+
+The controls start at the model's own values (those it was tuned with, :mod:`core.eval.postprocess`)
+whenever a result of another model arrives; what differs from them is used for the next
+fields of view too (:meth:`ObjectControls.overrides`). A whole-slide run keeps the model's values.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator
+
+import numpy as np
+from qtpy.QtCore import Qt, QTimer
+from qtpy.QtWidgets import QFormLayout, QGroupBox, QLabel, QPushButton, QSlider, QSpinBox, QWidget
+
+from .inputs import row
+from .jobs import JobRunner
+
+#: Wait this long after the last move of a control before finding the objects again.
+SETTLE_MS = 250
+
+
+def relabel_job(token: object, probs: np.ndarray, task: str, options: dict) -> Iterator[str]:
+    """The objects of kept probabilities with other options, in a worker; returns (token, labels)."""
+    from ..core.eval.postprocess import postprocess
+
+    yield "finding objects…"
+    _, instances = postprocess(probs, task, options)
+    return token, instances.astype(np.int32, copy=False)
+
+
+class ObjectControls:
+    """The "Objects" box of the Predict widget: a threshold slider and a minimum-size field.
+    ``relabelled(labels, options)`` receives the new objects of the last result (GUI thread)."""
+
+    def __init__(self, parent: QWidget, relabelled: Callable[[np.ndarray, dict], None]):
+        self.relabelled = relabelled
+        self.box = QGroupBox("Objects (live)")
+        self.box.setToolTip("change what counts as an object in the last field-of-view result without "
+                            "running the model again; whole-slide runs keep the model's values")
+        form = QFormLayout(self.box)
+        self.threshold = QSlider(Qt.Orientation.Horizontal)
+        self.threshold.setRange(5, 95)
+        self.threshold.setSingleStep(1)
+        self.threshold.setPageStep(5)
+        self.threshold.setToolTip("probability above which a pixel belongs to an object: lower finds more "
+                                  "and larger objects, higher fewer and smaller ones")
+        self.threshold_text = QLabel()
+        self.threshold_text.setMinimumWidth(32)
+        form.addRow("Threshold", row(self.threshold, self.threshold_text))
+        self.min_size = QSpinBox()
+        self.min_size.setRange(0, 1_000_000)
+        self.min_size.setSuffix(" px")
+        self.min_size.setToolTip("objects smaller than this many pixels (at the model's resolution) are dropped")
+        self.min_size_text = QLabel()
+        self.reset = QPushButton("Model's values")
+        self.reset.setToolTip("the threshold and minimum size the model was tuned with")
+        self.reset.clicked.connect(self.use_model_values)
+        form.addRow("Smallest", row(self.min_size, self.min_size_text))
+        form.addRow("", self.reset)
+        self.timer = QTimer(parent)
+        self.timer.setSingleShot(True)
+        self.timer.setInterval(SETTLE_MS)
+        self.timer.timeout.connect(self._apply)
+        self.runner = JobRunner("finding objects", parent)
+        self.runner.result.connect(self._on_relabelled)
+        self.runner.stopped.connect(lambda _cancelled: self._start())
+        self.model_key: Any = None
+        self.model_values: dict = {}  # the model's full post-processing options
+        self.task = "glands"
+        self.mpp: float | None = None
+        self._probs: np.ndarray | None = None
+        self._latest: object | None = None  # the token of the objects asked for last
+        self._waiting: tuple | None = None  # a job asked for while another ran
+        self.threshold.valueChanged.connect(self._changed)
+        self.min_size.valueChanged.connect(self._changed)
+        self.box.setEnabled(False)
+        self._show_values()
+
+    # -- values ------------------------------------------------------------------------------
+
+    def values(self) -> dict:
+        return {"threshold": self.threshold.value() / 100.0, "min_size": self.min_size.value()}
+
+    def overrides(self) -> dict:
+        """The values that differ from the model's (what the next field of view uses)."""
+        if not self.model_values:
+            return {}
+        return {k: v for k, v in self.values().items() if abs(v - self.model_values.get(k, v)) > 1e-9}
+
+    def use_model_values(self) -> None:
+        self._set(self.model_values)
+        self._changed()
+
+    def _set(self, values: dict) -> None:
+        for w, v in ((self.threshold, round(values.get("threshold", 0.5) * 100)),
+                     (self.min_size, int(values.get("min_size", 0)))):
+            w.blockSignals(True)
+            w.setValue(int(v))
+            w.blockSignals(False)
+        self._show_values()
+
+    def _show_values(self) -> None:
+        self.threshold_text.setText(f"{self.threshold.value() / 100:.2f}")
+        a = self.min_size.value() * self.mpp ** 2 if self.mpp else None
+        area = "" if a is None else f"≈ {a:.1f} µm²" if a < 10 else f"≈ {a:.0f} µm²"
+        self.min_size_text.setText(area)
+
+    # -- results -----------------------------------------------------------------------------
+
+    def result(self, model_key: Any, task: str, model_values: dict, probs: np.ndarray, mpp: float | None) -> None:
+        """A new field-of-view result: its probabilities are kept; a result of another model puts
+        the controls at that model's values."""
+        self._probs, self.task, self.mpp = probs, task, mpp
+        if model_key != self.model_key:
+            self.model_key, self.model_values = model_key, dict(model_values)
+            self._set(self.model_values)
+        self._show_values()
+        self.box.setEnabled(True)
+
+    def _changed(self, *_: Any) -> None:
+        self._show_values()
+        if self._probs is not None:
+            self.timer.start()
+
+    def _apply(self) -> None:
+        token = object()
+        self._latest = token
+        self._waiting = (token, self._probs, self.task, {**self.model_values, **self.values()})
+        self._start()
+
+    def _start(self) -> None:
+        if self._waiting is not None and not self.runner.running:
+            args, self._waiting = self._waiting, None
+            self.runner.start(relabel_job, *args)
+
+    def _on_relabelled(self, result: tuple) -> None:
+        token, labels = result
+        if token is self._latest:  # a newer move of a control supersedes this one
+            self.relabelled(labels, self.values())
