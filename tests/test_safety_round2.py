@@ -2,6 +2,7 @@
 and exit code 2 before any work, and training never learns from a loss that weighs nothing."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -106,7 +107,6 @@ def test_predict_out_inside_the_model_folder_is_refused(tmp_path, capsys):
 
 
 def _edited_model(tmp_path, edit) -> "Path":
-    import json
     import shutil
 
     from napari_genselfdiff.bundled import bundled_models
@@ -163,6 +163,38 @@ def test_a_config_with_an_impossible_pixel_size_is_one_line(tmp_path, capsys):
         model = _edited_model(tmp_path / str(mpp), lambda c: c.update(mpp=mpp))
         code, err = run(capsys, "evaluate", "--model", model, "--images", tmp_path, "--masks", tmp_path)
         assert code == 2 and "mpp" in one_line(err), (mpp, err)
+
+
+@pytest.mark.parametrize("key, value, words", [
+    ("halo", [168], "halo [168] is not a tile overlap"), ("halo", "nan", "halo 'nan'"), ("halo", -5, "halo -5"),
+    ("halo", 10 ** 9, "halo 1000000000"), ("halo", True, "halo True"),
+    ("postprocess", [1, 2], "postprocess settings are invalid"),
+    ("postprocess", {"threshold": 5}, "threshold 5 is not a number from 0.0 to 1.0"),
+    ("postprocess", {"min_size": -1}, "min_size -1 is not a whole number"),
+    ("postprocess", {"min_size": 2.5}, "min_size 2.5 is not a whole number"),
+])
+def test_a_config_whose_overlap_or_object_rules_were_edited_is_one_line(key, value, words, tmp_path, capsys):
+    model = _edited_model(tmp_path, lambda c: c.update({key: value}))
+    for argv in (["evaluate", "--model", model, "--images", tmp_path, "--masks", tmp_path],
+                 ["predict", "--model", model, "--input", sample_image_path(), "--out", tmp_path / "p.zarr"]):
+        code, err = run(capsys, *argv)
+        line = one_line(err)
+        assert code == 2 and "config.json" in line and words in line, line
+    assert not (tmp_path / "p.zarr").exists()
+
+
+def test_a_glands_configs_fill_holes_must_be_true_or_false(tmp_path, capsys):
+    import shutil
+
+    from napari_genselfdiff.bundled import bundled_models
+
+    model = tmp_path / "edited"
+    shutil.copytree(bundled_models()["glands"], model)
+    cfg = json.loads((model / "config.json").read_text())
+    cfg["postprocess"]["fill_holes"] = "no"  # bool("no") would be True
+    (model / "config.json").write_text(json.dumps(cfg))
+    code, err = run(capsys, "evaluate", "--model", model, "--images", tmp_path, "--masks", tmp_path)
+    assert code == 2 and "fill_holes 'no' is not true or false" in one_line(err)
 
 
 def test_a_plain_folder_as_input_or_like_says_it_is_a_folder(tmp_path, capsys):

@@ -40,6 +40,7 @@ def checkpoint_task(config: dict, source: object = "checkpoint") -> TaskSpec:
 
 
 DEFAULT_OVERLAP = 64
+MAX_HALO = 4096  # a recorded overlap beyond this is not a receptive field of ours (an edited config)
 
 
 #: Test-time augmentation: (flip rows, flip columns, turn 90 degrees) of each view.
@@ -124,13 +125,22 @@ class TorchPredictor:
                                   "100 µm/px (edited?)")
         # tile overlap derived from the trained network's effective receptive field (core/nets/receptive.py),
         # recorded by benchmarks/train_defaults.py; checkpoints without one get the old default
-        self.overlap = int(config.get("halo") or DEFAULT_OVERLAP)
+        halo = config.get("halo")
+        if halo is not None and (type(halo) is not int or not 0 <= halo <= MAX_HALO):
+            raise CheckpointError(f"{self.source}: config.json's halo {halo!r} is not a tile overlap from 0 to "
+                                  f"{MAX_HALO} px (edited?)")
+        self.overlap = int(halo or DEFAULT_OVERLAP)
         # instance rules tuned on the validation images at the end of fine-tuning (core/eval/tuning.py)
-        from .eval.postprocess import options_for
+        from .eval.postprocess import check_options, options_for
         try:
-            self.postprocess_options = options_for(self.task, config.get("postprocess"), self.mpp)
+            raw = config.get("postprocess")
+            if raw is not None and not isinstance(raw, dict):
+                raise ValueError(f"an object of settings was expected, got {type(raw).__name__}")
+            check_options(raw or {})
+            self.postprocess_options = options_for(self.task, raw, self.mpp)
         except (TypeError, ValueError) as e:
-            raise CheckpointError(f"{self.source}: config.json's postprocess settings are invalid ({e})") from None
+            raise CheckpointError(f"{self.source}: config.json's postprocess settings are invalid ({e}; "
+                                  "edited?)") from None
         if tta not in TTA_VIEWS:
             raise ValueError(f"test-time augmentation takes 1, 2, 4 or 8 views, not {tta!r}")
         self.tta = tta

@@ -177,6 +177,27 @@ def at_mpp(task: str, options: dict, mpp: float | None) -> dict:
     return out
 
 
+#: What each post-processing option may be: (type, smallest, largest).
+_BOUNDS = {"threshold": (float, 0.0, 1.0), "marker_threshold": (float, 0.0, 1.0), "min_size": (int, 0, 10 ** 9),
+           "min_distance": (int, 0, 10 ** 4), "split": (float, 0.0, 10 ** 4), "distance_h": (float, 0.0, 1.0),
+           "fill_holes": (bool, None, None)}
+
+
+def check_options(options: dict) -> None:
+    """ValueError naming the first option whose value is of the wrong kind or out of range (a
+    checkpoint's recorded settings are checked, never trusted: ``bool('no')`` is True)."""
+    for k, v in options.items():
+        kind, lo, hi = _BOUNDS.get(k, (None, None, None))
+        if kind is None:
+            continue  # unknown keys are refused by options_for, with the task's list
+        ok = isinstance(v, bool) if kind is bool else (
+            not isinstance(v, bool) and isinstance(v, (int, float) if kind is float else int)
+            and lo <= v <= hi)
+        if not ok:
+            raise ValueError(f"{k} {v!r} is not " + ("true or false" if kind is bool else
+                                                      f"a {'whole ' if kind is int else ''}number from {lo} to {hi}"))
+
+
 def options_for(task: str, options: dict | None = None, mpp: float | None = None) -> dict:
     """The post-processing options of ``task``: the defaults (rescaled to the model's ``mpp``,
     :func:`at_mpp`), updated with ``options`` (e.g. a checkpoint's ``config["postprocess"]``,
