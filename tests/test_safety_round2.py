@@ -282,7 +282,8 @@ def test_a_full_disk_while_saving_a_checkpoint_is_one_line_and_keeps_the_old_one
 
 
 @pytest.mark.parametrize("edit", ["list", "step_string", "step_negative", "optimizer_missing", "param_ids",
-                                  "groups_not_lists", "group_size", "moment_shape", "truncated"])
+                                  "groups_not_lists", "group_size", "moment_shape", "truncated", "tensor_name",
+                                  "tensor_number"])
 def test_an_edited_training_state_is_one_line_on_resume(edit, data, tmp_path, capsys):
     import hashlib
     import json
@@ -312,6 +313,9 @@ def test_an_edited_training_state_is_one_line_on_resume(edit, data, tmp_path, ca
         name = next(k for k in tensors if k.endswith("exp_avg") and tensors[k].dim() == 4)
         tensors[name] = tensors[name][:1]
         save_file(tensors, str(state_tensors))
+    elif edit in ("tensor_name", "tensor_number"):  # a reference to a tensor the .safetensors does not hold
+        moments = next(v for v in state["optimizer"]["state"].values() if "exp_avg" in v)
+        moments["exp_avg"] = {"__tensor__": "nope" if edit == "tensor_name" else 5}
     if edit == "truncated":
         state_json.write_text(json.dumps(state)[:40])
     else:

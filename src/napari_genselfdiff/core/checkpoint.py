@@ -176,7 +176,10 @@ def _split_tensors(obj: Any, prefix: str, out: dict[str, torch.Tensor]) -> Any:
 def _join_tensors(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
     if isinstance(obj, dict):
         if set(obj) == {"__tensor__"}:
-            return tensors[obj["__tensor__"]]
+            name = obj["__tensor__"]
+            if not isinstance(name, str) or name not in tensors:
+                raise KeyError(f"it names a tensor {name!r} that {STATE_TENSORS} does not hold")
+            return tensors[name]
         return {k: _join_tensors(v, tensors) for k, v in obj.items()}
     if isinstance(obj, list):
         return [_join_tensors(v, tensors) for v in obj]
@@ -273,7 +276,11 @@ def load_training_state(path: str | os.PathLike) -> dict | None:
     if problem:
         raise CheckpointError(f"{path}: {STATE_JSON} was edited or damaged ({problem}); start the run again "
                               "with --force instead of --resume")
-    return _join_tensors(skeleton, tensors)
+    try:
+        return _join_tensors(skeleton, tensors)
+    except KeyError as e:
+        raise CheckpointError(f"{path}: {STATE_JSON} was edited or damaged ({e.args[0]}); start the run again "
+                              "with --force instead of --resume") from None
 
 
 def _training_state_problem(state: Any) -> str | None:
