@@ -11,6 +11,7 @@ import tifffile
 import zarr
 
 from napari_genselfdiff.core.errors import DataError
+from napari_genselfdiff.core.atomic import foreign_files
 from napari_genselfdiff.formats import ome_zarr, tiff
 
 
@@ -358,7 +359,7 @@ def test_ome_zarr_force_never_deletes_a_users_file_put_inside_our_export(inside,
     user = target / inside
     user.parent.mkdir(parents=True, exist_ok=True)
     user.write_bytes(b"a pathologist's own file")
-    assert not ome_zarr.is_our_ome_zarr(target) and ome_zarr.foreign_files(target) == [inside]
+    assert not ome_zarr.is_our_ome_zarr(target) and foreign_files(target) == [inside]
     with pytest.raises(DataError, match="not a OME-Zarr labels export written by genselfdiff|never replaced"):
         ome_zarr.write_ome_zarr_labels(target, _labels((64, 64), seed=2), force=True)
     assert user.read_bytes() == b"a pathologist's own file"

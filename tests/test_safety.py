@@ -495,3 +495,24 @@ def test_a_ctrl_c_after_the_program_finished_is_ignored(store, tmp_path, capsys,
         assert (tmp_path / "b.tif").is_file()
     finally:
         signal.signal(signal.SIGINT, default)
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. a store of ours that a user put a file into is theirs too
+
+def test_a_user_file_inside_our_store_stops_overwriting_it(tmp_path, capsys):
+    make_store(tmp_path / "nuclei.zarr")
+    (tmp_path / "nuclei.zarr" / "my_notes.txt").write_bytes(b"counts checked by hand")
+    (tmp_path / "nuclei.zarr" / "labels").mkdir(exist_ok=True)
+    (tmp_path / "nuclei.zarr" / "labels" / "mine.csv").write_bytes(b"id,grade\n")
+    before = snapshot(tmp_path)
+    from napari_genselfdiff.slide.store import is_our_store
+
+    assert not is_our_store(tmp_path / "nuclei.zarr")
+    with pytest.raises(DataError, match="my_notes.txt"):
+        PredictionStore.create_or_resume(tmp_path / "nuclei.zarr", {"slide": "other.png", "level": 0}, 2, (64, 64), 32,
+                                         (2, 2), {}, overwrite=True)
+    assert main(["demo", "--out", str(tmp_path), "--quick", "--device", "cpu"]) == 2
+    line = one_line_error(capsys)
+    assert "nuclei.zarr" in line and "Traceback" not in line
+    assert snapshot(tmp_path) == before

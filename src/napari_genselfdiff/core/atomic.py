@@ -83,6 +83,22 @@ def _related(target: Path, source: Path) -> bool:
         return False
 
 
+#: The files a zarr store of ours holds (a prediction store, an OME-Zarr export): zarr metadata
+#: and chunks named by their indices.
+_ZARR_FILE = re.compile(r"(\.zattrs|\.zgroup|\.zarray|\.zmetadata|zarr\.json|\d+(\.\d+)*)")
+
+
+def foreign_files(path: str | os.PathLike) -> list[str]:
+    """Files under a zarr folder of ours that we never write (a user's own, put inside it
+    afterwards), or links: a folder holding them is not ours alone to replace."""
+    root = Path(path)
+    found = []
+    for p in sorted(root.rglob("*")):
+        if p.is_symlink() or (p.is_file() and not _ZARR_FILE.fullmatch(p.name)):
+            found.append(str(p.relative_to(root)))
+    return found
+
+
 def refuse_inputs(target: str | os.PathLike, inputs: Iterable[str | os.PathLike | None],
                   error: type[DataError] = DataError) -> None:
     """``error`` (one line) when ``target`` is one of ``inputs``, holds one or lies inside one

@@ -42,7 +42,6 @@ from __future__ import annotations
 import colorsys
 import json
 import os
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -52,7 +51,7 @@ import numpy as np
 import zarr
 
 from ..core.errors import DataError
-from ..core.atomic import atomic_directory, check_target
+from ..core.atomic import atomic_directory, check_target, foreign_files
 
 NGFF_VERSION = "0.4"
 _COMPRESSOR = numcodecs.Blosc(cname="zstd", clevel=5, shuffle=numcodecs.Blosc.BITSHUFFLE)
@@ -77,21 +76,6 @@ def is_our_ome_zarr(path: str | os.PathLike) -> bool:
         return False
     marker = attrs.get(MARKER_KEY) if isinstance(attrs, dict) else None
     return isinstance(marker, dict) and marker.get("kind") == MARKER["kind"] and not foreign_files(path)
-
-
-#: The files an OME-Zarr export of ours holds: zarr metadata and chunks named by their indices.
-_OUR_FILE = re.compile(r"(\.zattrs|\.zgroup|\.zarray|\.zmetadata|zarr\.json|\d+(\.\d+)*)")
-
-
-def foreign_files(path: str | os.PathLike) -> list[str]:
-    """Files under an export folder that no export of ours writes (a user's own, put inside it
-    afterwards), or links: ``--force`` never replaces a folder holding them."""
-    root = Path(path)
-    found = []
-    for p in sorted(root.rglob("*")):
-        if p.is_symlink() or (p.is_file() and not _OUR_FILE.fullmatch(p.name)):
-            found.append(str(p.relative_to(root)))
-    return found
 
 
 def _level_shapes(shape: tuple[int, int], levels: int) -> list[tuple[int, int]]:

@@ -32,17 +32,21 @@ META = "genselfdiff"
 
 def is_our_store(path: str | Path) -> bool:
     """Whether ``path`` is a prediction store genselfdiff wrote (a zarr group with our metadata, its
-    probabilities and its done-map), which a rerun with ``overwrite`` may replace."""
+    probabilities and its done-map) and nothing but ours is in it (a user's file put inside makes it
+    theirs too), which a rerun with ``overwrite`` may replace."""
     import zarr
+
+    from ..core.atomic import foreign_files
 
     path = Path(path)
     if path.is_symlink() or not path.is_dir() or not ((path / "zarr.json").is_file() or (path / ".zgroup").is_file()):
         return False
     try:
         group = zarr.open_group(path, mode="r")
-        return isinstance(dict(group.attrs).get(META), dict) and "probabilities" in group and "done" in group
+        ours = isinstance(dict(group.attrs).get(META), dict) and "probabilities" in group and "done" in group
     except Exception:  # noqa: BLE001  (unreadable: not provably ours)
         return False
+    return ours and not foreign_files(path)
 
 
 class PredictionStore:
@@ -101,6 +105,11 @@ class PredictionStore:
                                     f"({meta.get('settings')}); delete it, pass overwrite=True or "
                                     "choose another output path")
                 return cls(group, path)
+            from ..core.atomic import foreign_files
+            foreign = foreign_files(path)
+            if foreign:  # a user's file put inside our store makes it theirs too: never wiped
+                raise DataError(f"{path}: holds files genselfdiff did not write ({', '.join(foreign[:3])}); it "
+                                "is never overwritten: move them out or choose another output path")
         group = zarr.open_group(path, mode="w")
         group.create_array("probabilities", shape=(num_classes, h, w), chunks=(1, block, block),
                            dtype="uint8", fill_value=0, dimension_names=("c", "y", "x"))
