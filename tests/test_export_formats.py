@@ -360,6 +360,6 @@ def test_ome_zarr_force_never_deletes_a_users_file_put_inside_our_export(inside,
     user.parent.mkdir(parents=True, exist_ok=True)
     user.write_bytes(b"a pathologist's own file")
     assert not ome_zarr.is_our_ome_zarr(target) and foreign_files(target) == [inside]
-    with pytest.raises(DataError, match="not a OME-Zarr labels export written by genselfdiff|never replaced"):
+    with pytest.raises(DataError, match="not an OME-Zarr labels export written by genselfdiff|never replaced"):
         ome_zarr.write_ome_zarr_labels(target, _labels((64, 64), seed=2), force=True)
     assert user.read_bytes() == b"a pathologist's own file"

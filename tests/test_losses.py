@@ -90,6 +90,7 @@ def test_gradients_finite_including_empty_target(name):
 def test_parse_and_weighted_sum():
     assert parse_loss("focal+ssl") == [(1.0, "focal"), (1.0, "ssl")]
     assert parse_loss("0.5*dice + CE") == [(0.5, "dice"), (1.0, "ce")]
+    assert parse_loss("1e-3*focal+ssl") == [(0.001, "focal"), (1.0, "ssl")]  # scientific notation
     logits, t = torch.randn(2, 2, 8, 8), _target(2, 8, 8)
     combo = build_loss("focal+ssl")(logits, t).item()
     assert combo == pytest.approx(focal_loss(logits, t).item() + ssl_loss(logits, t).item(), rel=1e-6)

@@ -460,3 +460,33 @@ def test_the_step_estimate_follows_the_pixels_and_the_frozen_layers():
     freeze_backbone(model)
     head = step_bytes_per_pixel(model, cpu, resolve_precision("fp32", cpu), False)
     assert 0 < head < whole / 2  # frozen layers keep nothing for a backward pass
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["predict", "--model", "glands", "--input", "x.png", "--out", ""], "--out"),
+    (["predict", "--model", "glands", "--input", " ", "--out", "p.zarr"], "--input"),
+    (["import", "--geojson", "a.geojson", "--like", "", "--out", "l.tif"], "--like"),
+    (["project", "status", ""], "folder"),
+])
+def test_an_empty_path_is_said_to_be_empty(argv, flag, tmp_path, capsys, monkeypatch):
+    """'--out ""' (an unset shell variable) used to mean the current folder ('.: is a folder'), or
+    a traceback for --like."""
+    monkeypatch.chdir(tmp_path)
+    code, err = run(capsys, *argv)
+    assert code == 2 and f"argument {flag}: is empty" in one_line(err)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_overlay_or_geojson_inside_the_model_folder_is_refused(tmp_path, capsys):
+    import shutil
+
+    from napari_genselfdiff.bundled import bundled_models
+
+    model = tmp_path / "model"
+    shutil.copytree(bundled_models()["glands"], model)
+    before = sorted(p.name for p in model.iterdir())
+    for flag in ("--overlay", "--geojson"):
+        code, err = run(capsys, "predict", "--model", model, "--input", sample_image_path(), "--out",
+                        tmp_path / "p.zarr", flag, model / ("o.png" if flag == "--overlay" else "o.geojson"))
+        assert code == 2 and "an input is never overwritten" in one_line(err)
+    assert sorted(p.name for p in model.iterdir()) == before and not (tmp_path / "p.zarr").exists()

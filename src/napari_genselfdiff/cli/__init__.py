@@ -431,6 +431,22 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+#: The flags that name files or folders (their argparse dests): an empty value there is a slip
+#: ('--out ""' from an unset shell variable) that would otherwise mean the current folder.
+PATH_FLAGS = ("out", "input", "images", "masks", "instances", "like", "labels", "geojson", "tiff", "ome_zarr",
+              "overlay", "slide", "slides", "init", "base_model", "data", "folder")
+
+
+def empty_path_flag(args: argparse.Namespace) -> str | None:
+    """The first path flag given an empty value ('--out' or 'folder'), or None."""
+    for dest in PATH_FLAGS:
+        value = getattr(args, dest, None)
+        values = value if isinstance(value, list) else [value]
+        if any(isinstance(v, str) and not v.strip() for v in values):
+            return dest if dest == "folder" else "--" + dest.replace("_", "-")
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one ``genselfdiff`` command; returns its exit code (0 done, 2 error or cancelled).
 
@@ -449,6 +465,11 @@ def _run(argv: Sequence[str] | None) -> int:
     except SystemExit as e:  # --help (0), or a bad flag already reported in one line (2)
         return e.code if isinstance(e.code, int) else 2
     name = command_name(args)
+    empty = empty_path_flag(args)
+    if empty:
+        say(f"genselfdiff {name}: error: argument {empty}: is empty; give a file or folder "
+            f"(see genselfdiff {name} --help)")
+        return 2
     try:
         set_threads()
         return args.func(args)

@@ -174,10 +174,10 @@ def predict_cli(a: argparse.Namespace) -> int:
     if len(set(targets.values())) < len(targets):
         raise DataError("two inputs have the same file name (their outputs would be the same "
                         f"{out}/<name>.zarr); rename one or predict them into different --out folders")
+    model = resolve_model(a.model)
     for inp, target in targets.items():  # every output checked before any work starts
         check_exports(geojson=_per_input(a.geojson, inp, many), overlay=_per_input(a.overlay, inp, many),
-                      force=force, inputs=[*a.input, target])
-    model = resolve_model(a.model)
+                      force=force, inputs=[*a.input, target, model])
     from ..core.atomic import refuse_inputs
 
     for inp, target in targets.items():  # a store never lands in (or holds) the model or an input

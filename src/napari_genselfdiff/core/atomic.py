@@ -131,7 +131,8 @@ def check_target(target: str | os.PathLike, *, kind: str, force: bool = False,
         raise DataError(f"{target}: already exists; choose another path, or pass --force to "
                         f"replace it (only a {kind} written by genselfdiff is ever replaced)")
     if target.is_symlink() or ours is None or not ours(target):
-        raise DataError(f"{target}: exists and is not a {kind} written by genselfdiff; it is "
+        article = "an" if kind[:1].lower() in "aeiou" else "a"
+        raise DataError(f"{target}: exists and is not {article} {kind} written by genselfdiff; it is "
                         "never replaced: choose another path")
     return target
 

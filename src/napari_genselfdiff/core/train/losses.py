@@ -108,7 +108,7 @@ LOSSES: dict[str, LossFn] = {
     "contact": contact_loss,
 }
 
-_TERM = re.compile(r"^\s*(?:(\d+(?:\.\d*)?|\.\d+)\s*\*\s*)?([a-z]+)\s*$")
+_TERM = re.compile(r"^\s*(?:((?:\d+(?:\.\d*)?|\.\d+)(?:e-?\d+)?)\s*\*\s*)?([a-z]+)\s*$")  # 2*dice, 1e-3*ce
 
 
 def parse_loss(spec: str) -> list[tuple[float, str]]:
