@@ -490,3 +490,22 @@ def test_an_overlay_or_geojson_inside_the_model_folder_is_refused(tmp_path, caps
                         tmp_path / "p.zarr", flag, model / ("o.png" if flag == "--overlay" else "o.geojson"))
         assert code == 2 and "an input is never overwritten" in one_line(err)
     assert sorted(p.name for p in model.iterdir()) == before and not (tmp_path / "p.zarr").exists()
+
+
+@pytest.mark.parametrize("schedule, words", [([1], "schedule is not an object but a list"),
+                                             ({"timesteps": -1}, "schedule timesteps -1"),
+                                             ({"kind": "wavy"}, "schedule kind 'wavy'"),
+                                             ({"beta_end": "0.02"}, "schedule beta_end '0.02'")])
+def test_a_pretraining_whose_schedule_was_edited_is_one_line(schedule, words, data, tmp_path, capsys):
+    images, _ = data
+    out = tmp_path / "p"
+    common = ["--images", images, "--out", out, "--preset", "tiny", "--patch", 32, "--batch", 1, "--device", "cpu"]
+    assert run(capsys, "pretrain", *common, "--steps", 1)[0] == 0
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["schedule"] = schedule if isinstance(schedule, list) else {**cfg["schedule"], **schedule}
+    (out / "config.json").write_text(json.dumps(cfg))
+    for argv in (["sample", "--model", out, "--out", tmp_path / "s.png", "--n", 1, "--size", 32, "--steps", 2],
+                 ["pretrain", *common, "--steps", 2, "--resume"]):
+        code, err = run(capsys, *argv)
+        line = one_line(err)
+        assert code == 2 and "config.json" in line and words in line, err

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -28,8 +29,23 @@ class ScheduleConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ScheduleConfig":
-        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+    def from_dict(cls, d: Any) -> "ScheduleConfig":
+        """A schedule as a checkpoint's config.json records it, checked (never trusted):
+        ValueError naming the first field that is not what a schedule can be."""
+        if not isinstance(d, dict):
+            raise ValueError(f"schedule is not an object but a {type(d).__name__}")
+        cfg = cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+        if type(cfg.timesteps) is not int or not 1 <= cfg.timesteps <= 100_000:
+            raise ValueError(f"schedule timesteps {cfg.timesteps!r} is not a whole number from 1 to 100000")
+        if cfg.kind not in ("quadratic", "linear", "cosine"):
+            raise ValueError(f"schedule kind {cfg.kind!r} is not quadratic, linear or cosine")
+        for name in ("beta_start", "beta_end", "p2_k", "p2_gamma"):
+            v = getattr(cfg, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1e3:
+                raise ValueError(f"schedule {name} {v!r} is not a number from 0 to 1000")
+        if not 0 < cfg.beta_start <= cfg.beta_end < 1:
+            raise ValueError(f"schedule betas {cfg.beta_start!r}..{cfg.beta_end!r} must satisfy 0 < start <= end < 1")
+        return cfg
 
 
 def make_betas(cfg: ScheduleConfig) -> torch.Tensor:

@@ -32,7 +32,11 @@ def generate_tiles(model_path: str | os.PathLike, n: int = 16, *, size: int | No
     size = size or int(cfg.get("patch_size", 64))
     m = model.config.multiple
     size = max(m, size - size % m)
-    diffusion = Diffusion(ScheduleConfig.from_dict(cfg["schedule"])).to(dev)
+    try:
+        schedule = ScheduleConfig.from_dict(cfg.get("schedule", {}))
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{model_path}: config.json's {e} (edited?)") from None
+    diffusion = Diffusion(schedule).to(dev)
     model.eval()
     gen = torch.Generator(device=dev).manual_seed(seed)
     with autocast(dev, resolve_precision("auto", dev)):

@@ -338,7 +338,10 @@ def pretrain(sources: Sequence[UnlabeledSource], out: str | os.PathLike, cfg: Pr
             raise CheckpointError(f"{out}: is a {state['run']['pretext']} pretraining, cannot resume it as diffusion")
         saved = ckpt.load_config(out)
         ucfg = UNetConfig.from_dict(saved["model"])
-        cfg = replace(cfg, schedule=ScheduleConfig.from_dict(saved["schedule"]))
+        try:
+            cfg = replace(cfg, schedule=ScheduleConfig.from_dict(saved.get("schedule", {})))
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"{out}: config.json's {e} (edited?)") from None
     else:
         ucfg = model_config or UNetConfig.from_preset(cfg.preset, in_channels=3, out_channels=3)
     if cfg.patch % ucfg.multiple:
