@@ -283,7 +283,7 @@ def test_a_full_disk_while_saving_a_checkpoint_is_one_line_and_keeps_the_old_one
 
 @pytest.mark.parametrize("edit", ["list", "step_string", "step_negative", "optimizer_missing", "param_ids",
                                   "groups_not_lists", "group_size", "moment_shape", "truncated", "tensor_name",
-                                  "tensor_number"])
+                                  "tensor_number", "param_step"])
 def test_an_edited_training_state_is_one_line_on_resume(edit, data, tmp_path, capsys):
     import hashlib
     import json
@@ -313,6 +313,8 @@ def test_an_edited_training_state_is_one_line_on_resume(edit, data, tmp_path, ca
         name = next(k for k in tensors if k.endswith("exp_avg") and tensors[k].dim() == 4)
         tensors[name] = tensors[name][:1]
         save_file(tensors, str(state_tensors))
+    elif edit == "param_step":  # one parameter's step count: torch's own message named a generator object
+        next(iter(state["optimizer"]["state"].values()))["step"] = "x"
     elif edit in ("tensor_name", "tensor_number"):  # a reference to a tensor the .safetensors does not hold
         moments = next(v for v in state["optimizer"]["state"].values() if "exp_avg" in v)
         moments["exp_avg"] = {"__tensor__": "nope" if edit == "tensor_name" else 5}
@@ -326,6 +328,7 @@ def test_an_edited_training_state_is_one_line_on_resume(edit, data, tmp_path, ca
     line = err.strip().splitlines()[-1]
     assert code == 2 and line.startswith("genselfdiff finetune: error:"), err
     assert "training state" in line or "training_state.json" in line
+    assert "object at 0x" not in line
     assert before == {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in out.iterdir()}
 
 
@@ -509,3 +512,15 @@ def test_a_pretraining_whose_schedule_was_edited_is_one_line(schedule, words, da
         code, err = run(capsys, *argv)
         line = one_line(err)
         assert code == 2 and "config.json" in line and words in line, err
+
+
+def test_a_pretraining_whose_pretext_name_was_edited_is_one_line(data, tmp_path, capsys):
+    images, _ = data
+    out = tmp_path / "p"
+    assert run(capsys, "pretrain", "--images", images, "--out", out, "--preset", "tiny", "--patch", 32, "--batch", 1,
+               "--device", "cpu", "--steps", 1)[0] == 0
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["pretext"] = [1]
+    (out / "config.json").write_text(json.dumps(cfg))
+    code, err = run(capsys, "sample", "--model", out, "--out", tmp_path / "s.png", "--n", 1, "--size", 32)
+    assert code == 2 and "config.json's pretext [1] is not a pretext's name" in one_line(err)

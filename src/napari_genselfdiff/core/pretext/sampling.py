@@ -25,6 +25,8 @@ def generate_tiles(model_path: str | os.PathLike, n: int = 16, *, size: int | No
     if cfg.get("kind") != "pretrain":
         raise CheckpointError(f"{model_path}: sampling needs a pretraining (diffusion) checkpoint, "
                               f"this is a {cfg.get('kind')} model")
+    if not isinstance(cfg.get("pretext", "diffusion"), str):
+        raise CheckpointError(f"{model_path}: config.json's pretext {cfg['pretext']!r} is not a pretext's name (edited?)")
     if cfg.get("pretext", "diffusion") != "diffusion":
         raise CheckpointError(f"{model_path}: a {cfg['pretext']}-aware pretraining has no diffusion model to "
                               "sample; its check is core.train.pretext_nucleus.nucleus_samples "

@@ -209,6 +209,8 @@ class _Trainer:
                 bad = [n for n, t in v.items() if torch.is_tensor(t) and t.dim() and t.shape != params[k].shape]
                 if bad:
                     raise ValueError(f"parameter {k}'s {bad[0]} does not fit the model")
+                if "step" in v and not (torch.is_tensor(v["step"]) or type(v["step"]) in (int, float)):
+                    raise ValueError(f"parameter {k}'s step {v['step']!r} is not a number")
             self.opt.load_state_dict(saved)
         except (ValueError, KeyError, IndexError, TypeError) as e:
             raise CheckpointError(f"the saved training state does not fit this model ({e}); edited? start the "
