@@ -325,3 +325,31 @@ def test_batchnorm_statistics_before_a_checkpoint_are_reported_and_cancellable(t
     gen.close()  # the save after the cancel recalibrates fully
     from napari_genselfdiff.core import checkpoint as ck
     assert ck.load_training_state(tmp_path / "c")["step"] == 2
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_the_stages_after_the_last_step_say_what_they_do_and_stop_on_cancel(tmp_path):
+    """Issue 35 item 8: fine-tuning sat at "step 20/20, ETA 0:00" with no status while it chose the
+    object thresholds and saved. Each is now a stage with its own text; a cancel during the choice
+    keeps the model (with the default thresholds)."""
+    from dataclasses import replace
+
+    from napari_genselfdiff.core import checkpoint as ck
+
+    cfg = replace(FT, tune_postprocess=True, val_every=0, ema=0.9)
+    events = list(finetune(_val_images(2, 96, 96), tmp_path / "a", cfg, val_items=_val_images(2, 96, 96),
+                           device="cpu"))
+    after = [ev.activity for ev in events if ev.step == cfg.steps and ev.activity]
+    predicting = [a for a in after if a.startswith("predicting the validation images")]
+    choosing = [a for a in after if a.startswith("choosing object thresholds")]
+    assert predicting == ["predicting the validation images 1/2", "predicting the validation images 2/2"]
+    assert len(choosing) >= 2 and choosing[-1].split()[-1].split("/")[0] == choosing[-1].split("/")[-1]
+    assert after[-1] == "saving the checkpoint" and events[-1].done
+    assert "postprocess_tuning" in ck.load_config(tmp_path / "a")
+    gen = finetune(_val_images(2, 96, 96), tmp_path / "b", cfg, val_items=_val_images(2, 96, 96), device="cpu")
+    for ev in gen:
+        if (ev.activity or "").startswith("choosing object thresholds 1/"):
+            break
+    gen.close()
+    saved = ck.load_config(tmp_path / "b")
+    assert saved["training"]["steps"] == cfg.steps and "postprocess_tuning" not in saved

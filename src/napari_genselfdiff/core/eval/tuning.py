@@ -10,11 +10,12 @@ so every path applies the same rules. Test images are never seen here.
 from __future__ import annotations
 
 import itertools
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 from scipy import ndimage as ndi
 
+from ..progress import run_to_end
 from .postprocess import at_mpp, options_for, postprocess
 
 #: The values tried, per task (every combination).
@@ -80,20 +81,26 @@ def tune_postprocess(task: str, probabilities: Sequence[np.ndarray], gt_instance
     validation images (``probabilities[i]``: (C, H, W) of image i; ``gt_instances[i]``: its objects)
     of a model at ``mpp`` um/px (the grid and defaults in its pixels, :func:`grid_at`).
     Returns (every option of the task, the searched ones at their best; report) with the report
-    holding the best and the default options' scores."""
+    holding the best and the default options' scores. :func:`iter_tune_postprocess` says how far."""
+    return run_to_end(iter_tune_postprocess(task, probabilities, gt_instances, grid, mpp))
+
+
+def iter_tune_postprocess(task: str, probabilities: Sequence[np.ndarray], gt_instances: Sequence[np.ndarray],
+                          grid: dict | None = None, mpp: float | None = None) -> Iterator[tuple[int, int]]:
+    """:func:`tune_postprocess`, yielding (settings tried, settings to try) after each."""
     if task not in GRIDS:
         return {}, {"note": f"no post-processing to tune for {task}"}
     grid = grid or grid_at(task, mpp)
     keys = list(grid)
     full = options_for(task, None, mpp)  # the options not searched keep their (rescaled) defaults
     defaults = {k: full[k] for k in keys}
+    todo = [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
+    todo = [opts for opts in todo if not redundant(opts, grid, probabilities)]
     results = []
-    for values in itertools.product(*(grid[k] for k in keys)):
-        opts = dict(zip(keys, values))
-        if redundant(opts, grid, probabilities):
-            continue
+    for opts in todo:
         s = [score(task, postprocess(p, task, {**full, **opts})[1], g) for p, g in zip(probabilities, gt_instances)]
         results.append((float(np.mean(s)), opts))
+        yield len(results), len(todo)
     best_score, best = max(results, key=lambda r: r[0])
     default_score = next((s for s, o in results if o == defaults), None)
     if default_score is None:

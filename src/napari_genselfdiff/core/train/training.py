@@ -29,7 +29,7 @@ from ..data import (NORMALIZATION, AugmentConfig, LabeledImage, TaskSpec, Unlabe
                     to_model_input)
 from ..device import channels_last_for, tune_allocator
 from ..errors import CheckpointError, DataError, GenSelfDiffError
-from ..inference import TorchPredictor, predict_image
+from ..inference import TorchPredictor
 from ..nets.unet import PRESETS, UNet, UNetConfig, iter_recalibrate_batchnorm, seeded_model
 from ..precision import Precision, autocast, precision_of, resolve_precision
 from ..pretext.diffusion import Diffusion, ScheduleConfig
@@ -38,8 +38,8 @@ from . import ddp
 from .losses import build_loss, parse_loss
 from .memory import check_step_fits
 from .segmenter import build_segmentation_model, freeze_backbone
-from .validation import (VAL_CROP, VAL_CROPS, describe, iter_evaluate_dice, pass_cost, validation_crops,
-                         validations_left)
+from .validation import (VAL_CROP, VAL_CROPS, describe, iter_evaluate_dice, iter_tune_on, pass_cost,
+                         validation_crops, validations_left)
 
 
 @dataclass
@@ -259,11 +259,12 @@ def _run(stage: str, trainer: _Trainer, *, total: int, start: int, lr: float, wa
          grad_clip: float, checkpoint_every: int, loss_at: Callable[[int], Callable[[], torch.Tensor]],
          save: Callable[[int], Path], validate: Callable[[], Iterator] | None = None, val_every: int = 0,
          val_cost: float = 0.0, prepare: Callable[[int], Iterator] | None = None,
-         message: str = "") -> Iterator[Progress]:
+         finish: Callable[[int], Iterator] | None = None, message: str = "") -> Iterator[Progress]:
     """The loop both stages share: lr schedule, timing, periodic and final checkpoints.
 
-    ``validate()`` and ``prepare(step)`` (work a checkpoint at ``step`` needs first: BatchNorm
-    statistics) are generators yielding (label, done, total); ``validate`` returns the metrics.
+    ``validate()``, ``prepare(step)`` (work a checkpoint at ``step`` needs first: BatchNorm
+    statistics) and ``finish(step)`` (work after the last step: choosing the object thresholds)
+    are generators yielding (label, done, total); ``validate`` returns the metrics.
     Each of their steps becomes an event with ``activity`` "<label> done/total", so they show
     progress and can be cancelled between steps. The ETA counts the validation passes still to
     come: at the time the last one took, or before the first at ``val_cost`` training steps each.
@@ -310,8 +311,11 @@ def _run(stage: str, trainer: _Trainer, *, total: int, start: int, lr: float, wa
                 val_s = time.perf_counter() - t_val
                 event.eta_s = eta(step)
             yield event
+        if finish is not None and step >= total:
+            yield from shown(finish(step), step)
         if prepare is not None:
             yield from shown(prepare(step), step)
+        yield Progress(stage, step, total, lr=rate, eta_s=eta(step), activity="saving the checkpoint")
         path, saved_at = save(step), step
     finally:
         if step > saved_at:  # cancelled or failed: keep what was learned
@@ -478,16 +482,18 @@ def finetune(items: Sequence[LabeledImage], out: str | os.PathLike, cfg: Finetun
         run_to_end(iter_calibrate(step))
 
     tuned: dict = {}
+    tunes = bool(val_items) and cfg.tune_postprocess and spec.task in ("glands", "nuclei") and trainer.main
 
-    def tune() -> None:
-        """Instance thresholds for the final weights, chosen on the validation images."""
-        from ..eval.tuning import instances_of_target, tune_postprocess
-
-        predictor = TorchPredictor(trainer.model, config_at(0), dev, precision=precision_of(cfg))
-        probs = [predict_image(predictor, it.image) for it in val_items]
-        gts = [(val_instances or {}).get(it.name) for it in val_items]
-        gts = [g if g is not None else instances_of_target(it.target, spec.task) for g, it in zip(gts, val_items)]
-        options, report = tune_postprocess(spec.task, probs, gts, mpp=cfg.mpp)
+    def iter_tune(step: int) -> Iterator[tuple[str, int, int]]:
+        """Instance thresholds for the final (averaged) weights, chosen on the validation images
+        (only rank 0 writes them): a stage of its own, shown step by step."""
+        with trainer.averaged():
+            calibrated["step"] = None if trainer.ema is not None else calibrated["step"]
+            yield from relay(iter_calibrate(step), lambda k: ("BatchNorm statistics", k, BN_CALIBRATION_BATCHES))
+            predictor = TorchPredictor(trainer.model, config_at(0), dev, precision=precision_of(cfg))
+            options, report = yield from iter_tune_on(predictor, val_items, val_instances, spec.task, cfg.mpp)
+        if trainer.ema is not None:
+            calibrated["step"] = None
         if options:
             tuned.update(postprocess=options, postprocess_tuning=report)
 
@@ -495,10 +501,7 @@ def finetune(items: Sequence[LabeledImage], out: str | os.PathLike, cfg: Finetun
         # with EMA the averaged weights are saved (a resumed run continues from them)
         with trainer.averaged():
             calibrated["step"] = None if trainer.ema is not None else calibrated["step"]
-            calibrate(step)
-            if step >= cfg.steps and val_items and cfg.tune_postprocess and spec.task in ("glands", "nuclei") \
-                    and not tuned and trainer.main:  # only rank 0 writes the thresholds
-                tune()
+            calibrate(step)  # (thresholds are chosen in their own stage, iter_tune; cancelled, the defaults stay)
             path = ddp.save(group, out, trainer.model, config_at(step), trainer.state(step, run))
         if trainer.ema is not None:
             calibrated["step"] = None
@@ -529,4 +532,5 @@ def finetune(items: Sequence[LabeledImage], out: str | os.PathLike, cfg: Finetun
                     loss_at=loss_at, save=save, validate=validate if val_items else None,
                     val_every=cfg.val_every, val_cost=val_cost, message=msg,
                     prepare=None if trainer.ema is not None else lambda step: relay(
-                        iter_calibrate(step), lambda k: ("BatchNorm statistics", k, BN_CALIBRATION_BATCHES)))
+                        iter_calibrate(step), lambda k: ("BatchNorm statistics", k, BN_CALIBRATION_BATCHES)),
+                    finish=iter_tune if tunes else None)

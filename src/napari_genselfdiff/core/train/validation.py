@@ -106,3 +106,22 @@ def evaluate_dice(predictor, items: Sequence[LabeledImage]) -> dict:
     from ..progress import run_to_end
 
     return run_to_end(iter_evaluate_dice(predictor, items))
+
+
+def iter_tune_on(predictor, items: Sequence[LabeledImage], instances: dict | None, task: str,
+                 mpp: float | None) -> Generator[tuple[str, int, int], None, tuple[dict, dict]]:
+    """The object thresholds a model's probabilities on ``items`` score best with
+    (:func:`..eval.tuning.tune_postprocess`; ``instances`` by image name are their true objects
+    where known): yields ("predicting the validation images" | "choosing object thresholds", done,
+    total); returns (options, report)."""
+    from ..eval.tuning import instances_of_target, iter_tune_postprocess
+    from ..progress import relay
+
+    probs = []
+    for i, it in enumerate(items, 1):
+        probs.append(predict_image(predictor, it.image))
+        yield "predicting the validation images", i, len(items)
+    gts = [(instances or {}).get(it.name) for it in items]
+    gts = [g if g is not None else instances_of_target(it.target, task) for g, it in zip(gts, items)]
+    return (yield from relay(iter_tune_postprocess(task, probs, gts, mpp=mpp),
+                             lambda kn: ("choosing object thresholds", *kn)))
