@@ -524,3 +524,19 @@ def test_a_pretraining_whose_pretext_name_was_edited_is_one_line(data, tmp_path,
     (out / "config.json").write_text(json.dumps(cfg))
     code, err = run(capsys, "sample", "--model", out, "--out", tmp_path / "s.png", "--n", 1, "--size", 32)
     assert code == 2 and "config.json's pretext [1] is not a pretext's name" in one_line(err)
+
+
+def test_the_step_check_leaves_no_trace_in_the_model():
+    import torch
+
+    from napari_genselfdiff.core.nets.unet import UNetConfig, seeded_model
+    from napari_genselfdiff.core.precision import resolve_precision
+    from napari_genselfdiff.core.train.memory import check_step_fits
+
+    cpu = torch.device("cpu")
+    model = seeded_model(UNetConfig.from_preset("tiny", in_channels=3, out_channels=2, norm="batch"), 0).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    check_step_fits(model, cpu, resolve_precision("fp32", cpu), 2, 64)
+    assert not model.training
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # BatchNorm's running statistics too

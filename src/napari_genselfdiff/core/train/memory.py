@@ -57,11 +57,15 @@ def check_step_fits(model: torch.nn.Module, device: torch.device, precision: Pre
     if free is None:
         return
     was = model.training
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}  # BatchNorm's running statistics
     model.train()
     try:
         need = step_bytes_per_pixel(model, device, precision, timestep) * batch * patch * patch
     finally:
         model.train(was)
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                b.copy_(buffers[name])  # the measurement leaves no trace in the model
     if need > free:
         raise GenSelfDiffError(f"one training step of {batch} patch(es) of {patch} px needs about "
                                f"{need / 2**30:.1f} GiB of memory, more than the {free / 2**30:.1f} GiB free on "
