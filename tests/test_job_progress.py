@@ -328,17 +328,23 @@ def test_batchnorm_statistics_before_a_checkpoint_are_reported_and_cancellable(t
 
 
 @pytest.mark.usefixtures("one_torch_thread")
-def test_the_stages_after_the_last_step_say_what_they_do_and_stop_on_cancel(tmp_path):
+def test_the_stages_after_the_last_step_say_what_they_do_and_stop_on_cancel(tmp_path, monkeypatch):
     """Issue 35 item 8: fine-tuning sat at "step 20/20, ETA 0:00" with no status while it chose the
     object thresholds and saved. Each is now a stage with its own text; a cancel during the choice
     keeps the model (with the default thresholds)."""
     from dataclasses import replace
 
     from napari_genselfdiff.core import checkpoint as ck
+    from napari_genselfdiff.core.train import training
 
+    calibrations = []
+    real = training.iter_recalibrate_batchnorm
+    monkeypatch.setattr(training, "iter_recalibrate_batchnorm",
+                        lambda *a, **k: (calibrations.append(1), real(*a, **k))[1])
     cfg = replace(FT, tune_postprocess=True, val_every=0, ema=0.9)
     events = list(finetune(_val_images(2, 96, 96), tmp_path / "a", cfg, val_items=_val_images(2, 96, 96),
                            device="cpu"))
+    assert len(calibrations) == 1  # the statistics of the averaged weights, made once for the choice and the save
     after = [ev.activity for ev in events if ev.step == cfg.steps and ev.activity]
     predicting = [a for a in after if a.startswith("predicting the validation images")]
     choosing = [a for a in after if a.startswith("choosing object thresholds")]

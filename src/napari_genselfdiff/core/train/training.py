@@ -492,15 +492,15 @@ def finetune(items: Sequence[LabeledImage], out: str | os.PathLike, cfg: Finetun
             yield from relay(iter_calibrate(step), lambda k: ("BatchNorm statistics", k, BN_CALIBRATION_BATCHES))
             predictor = TorchPredictor(trainer.model, config_at(0), dev, precision=precision_of(cfg))
             options, report = yield from iter_tune_on(predictor, val_items, val_instances, spec.task, cfg.mpp)
-        if trainer.ema is not None:
-            calibrated["step"] = None
+        calibrated["averaged"] = step  # the statistics are the averaged weights': the save right after keeps them
         if options:
             tuned.update(postprocess=options, postprocess_tuning=report)
 
     def save(step: int) -> Path:
         # with EMA the averaged weights are saved (a resumed run continues from them)
         with trainer.averaged():
-            calibrated["step"] = None if trainer.ema is not None else calibrated["step"]
+            if trainer.ema is not None and calibrated.get("averaged") != step:
+                calibrated["step"] = None
             calibrate(step)  # (thresholds are chosen in their own stage, iter_tune; cancelled, the defaults stay)
             path = ddp.save(group, out, trainer.model, config_at(step), trainer.state(step, run))
         if trainer.ema is not None:
