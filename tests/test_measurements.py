@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from napari_genselfdiff.core.errors import DataError
-from napari_genselfdiff.formats.measurements import measure_objects, region_summary, shape_of_one, write_csv
+from napari_genselfdiff.formats.measurements import measure_objects, region_summary, shape_row, shape_table, write_csv
 
 
 def _disc(shape, cy, cx, r):
@@ -90,9 +90,9 @@ def test_csv_round_trip_and_never_over_a_users_file(tmp_path):
     assert mine.read_text() == "patient,grade\n1,2\n"
 
 
-def test_shape_of_one_is_the_table_row():
+def test_one_objects_row_is_the_table_row():
     labels = _scene()
-    row = shape_of_one(labels == 2, mpp=0.25, downsample=2.0)
+    row = shape_row(shape_table((labels == 2).astype(np.uint8)), 0, mpp=0.25, downsample=2.0)
     t = measure_objects(labels, mpp=0.5)
     for k in ("Area µm^2", "Perimeter µm", "Circularity", "Solidity"):
         assert row[k] == pytest.approx(t[k][1])

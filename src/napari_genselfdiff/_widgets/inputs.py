@@ -339,7 +339,6 @@ class LayerChoices:
             for i in range(w.count()):
                 w.item(i).setSelected(w.item(i).text() in selected)
 
-
     def _explain_skipped(self, any_listed: bool) -> None:
         if self.explain is None:
             return

@@ -139,6 +139,44 @@ class JobRunner(QObject):
         self.stopped.emit(self._cancelled)
 
 
+def _tagged(job: Callable[..., Any], token: object, *args: Any) -> Any:
+    """``job(*args)``'s events, then (``token``, its return value)."""
+    value = yield from job(*args)
+    return token, value
+
+
+class LatestJob:
+    """A background job where only the newest request counts (the table of the last result, the
+    objects at the controls' last values): a request made while one runs waits, a newer one
+    replacing it, and a result that is not the newest request's is dropped. ``job(*args)`` is a
+    generator function; ``deliver(value)`` receives what the newest request's job returned, in the
+    GUI thread. ``runner`` is the :class:`JobRunner` it runs on."""
+
+    def __init__(self, what: str, parent: QObject, job: Callable[..., Any], deliver: Callable[[Any], None]):
+        self.runner = JobRunner(what, parent)
+        self._job, self._deliver = job, deliver
+        self._latest: object | None = None  # the token of the newest request
+        self._waiting: tuple | None = None  # (token, *args) of a request made while another ran
+        self.runner.result.connect(self._on_result)
+        self.runner.stopped.connect(lambda _cancelled: self._start())
+
+    def ask(self, *args: Any) -> None:
+        """Run ``job(*args)`` now, or once the running one ends; supersedes every earlier request."""
+        token = object()
+        self._latest, self._waiting = token, (token, *args)
+        self._start()
+
+    def _start(self) -> None:
+        if self._waiting is not None and not self.runner.running:
+            args, self._waiting = self._waiting, None
+            self.runner.start(_tagged, self._job, *args)
+
+    def _on_result(self, result: tuple) -> None:
+        token, value = result
+        if token is self._latest:
+            self._deliver(value)
+
+
 class StopsJobsOnClose(QObject):
     """Cancels ``runners`` when ``widget`` goes away: the widget closes, its dock is removed, or
     the viewer closes. A running job still saves its checkpoint (in the worker thread).

@@ -11,15 +11,15 @@ from qtpy.QtWidgets import QFileDialog, QPushButton, QWidget
 
 from ..core.errors import GenSelfDiffError
 from ..core.names import safe_name
-from .jobs import JobRunner
+from .jobs import LatestJob
 
 
-def measure_job(token: object, labels: np.ndarray, foreground: np.ndarray, mpp: float | None) -> Iterator[str]:
-    """The per-object table of a result, in a worker; returns (token, table)."""
+def measure_job(labels: np.ndarray, foreground: np.ndarray, mpp: float | None) -> Iterator[str]:
+    """The per-object table of a result, in a worker; returns the table."""
     from ..formats.measurements import measure_objects
 
     yield "measuring objects"
-    return token, measure_objects(labels, probability=foreground, mpp=mpp)
+    return measure_objects(labels, probability=foreground, mpp=mpp)
 
 
 class Measurements:
@@ -28,7 +28,8 @@ class Measurements:
 
     def __init__(self, viewer, parent: QWidget, status: Callable[[str], None]):
         self.viewer, self.parent, self.status = viewer, parent, status  # status: where a saved table is said
-        self.runner = JobRunner("measuring objects", parent)
+        self.job = LatestJob("measuring objects", parent, measure_job, self._on_measured)
+        self.runner = self.job.runner
         self.button = QPushButton("Save measurements (CSV)…")
         self.button.setToolTip("the objects of the last field-of-view result, one row each: area, perimeter, "
                                "circularity, eccentricity, solidity, mean probability; in µm when the pixel "
@@ -36,29 +37,16 @@ class Measurements:
         self.button.setEnabled(False)
         self.button.clicked.connect(lambda: self.save())  # not clicked's bool as the path
         self.layer = None  # the result layer the table belongs to
-        self._latest: tuple | None = None  # (token, layer) of the table asked for last
-        self._waiting: tuple | None = None  # the arguments of one asked for while another ran
-        self.runner.result.connect(self._on_measured)
-        self.runner.stopped.connect(lambda _cancelled: self._start())
+        self._asked_for = None  # the result layer of the newest table asked for
 
     def measure(self, layer, labels: np.ndarray, foreground: np.ndarray, mpp: float | None) -> None:
         """Measure ``labels`` (with the ``foreground`` probability, at ``mpp`` µm/px) for ``layer``."""
-        token = object()
-        self._latest = (token, layer)
-        self._waiting = (token, labels.copy(), foreground.copy(), mpp)  # the gathered canvas grows in place
+        self._asked_for = layer
         self.button.setEnabled(False)
-        self._start()
+        self.job.ask(labels.copy(), foreground.copy(), mpp)  # copies: the gathered canvas grows in place
 
-    def _start(self) -> None:
-        if self._waiting is not None and not self.runner.running:
-            args, self._waiting = self._waiting, None
-            self.runner.start(measure_job, *args)
-
-    def _on_measured(self, result: tuple) -> None:
-        token, table = result
-        if self._latest is None or token is not self._latest[0]:
-            return  # a newer result is being measured
-        layer = self._latest[1]
+    def _on_measured(self, table: dict) -> None:
+        layer = self._asked_for  # only the newest request's table arrives
         if layer in self.viewer.layers:
             layer.features = {"index": table["Object ID"], **table}
             self.layer = layer

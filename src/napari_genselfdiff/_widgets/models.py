@@ -18,6 +18,7 @@ from typing import Any
 from qtpy.QtCore import Qt, Signal
 from qtpy.QtWidgets import (QComboBox, QDialog, QFileDialog, QPushButton, QTextBrowser, QVBoxLayout, QWidget)
 
+from ..core.errors import describe_json_error
 from .inputs import info_label, row
 
 MODEL_CARD = "MODEL_CARD.md"
@@ -69,8 +70,7 @@ class ModelInfo:
             if not isinstance(cfg, dict):
                 raise ValueError("not a JSON object")
         except (OSError, ValueError, RecursionError) as e:
-            why = "nested too deeply" if isinstance(e, RecursionError) else e
-            return cls(path, name, card=card, problem=f"config.json unreadable ({why})")
+            return cls(path, name, card=card, problem=f"config.json unreadable ({describe_json_error(e)})")
         task = cfg.get("task")
         task = task.get("task") if isinstance(task, dict) else task
         validation = cfg.get("validation") if isinstance(cfg.get("validation"), dict) else {}

@@ -15,19 +15,19 @@ from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import QFormLayout, QGroupBox, QLabel, QPushButton, QSlider, QSpinBox, QWidget
 
 from .inputs import row
-from .jobs import JobRunner
+from .jobs import LatestJob
 
 #: Wait this long after the last move of a control before finding the objects again.
 SETTLE_MS = 250
 
 
-def relabel_job(token: object, probs: np.ndarray, task: str, options: dict) -> Iterator[str]:
-    """The objects of kept probabilities with other options, in a worker; returns (token, labels)."""
+def relabel_job(probs: np.ndarray, task: str, options: dict) -> Iterator[str]:
+    """The objects of kept probabilities with other options, in a worker; returns the labels."""
     from ..core.eval.postprocess import postprocess
 
     yield "finding objects…"
     _, instances = postprocess(probs, task, options)
-    return token, instances.astype(np.int32, copy=False)
+    return instances.astype(np.int32, copy=False)
 
 
 class ObjectControls:
@@ -63,16 +63,15 @@ class ObjectControls:
         self.timer.setSingleShot(True)
         self.timer.setInterval(SETTLE_MS)
         self.timer.timeout.connect(self._apply)
-        self.runner = JobRunner("finding objects", parent)
-        self.runner.result.connect(self._on_relabelled)
-        self.runner.stopped.connect(lambda _cancelled: self._start())
+        # a newer move of a control supersedes the objects still being found
+        self.job = LatestJob("finding objects", parent, relabel_job,
+                             lambda labels: self.relabelled(labels, self.values()))
+        self.runner = self.job.runner
         self.model_key: Any = None
         self.model_values: dict = {}  # the model's full post-processing options
         self.task = "glands"
         self.mpp: float | None = None
         self._probs: np.ndarray | None = None
-        self._latest: object | None = None  # the token of the objects asked for last
-        self._waiting: tuple | None = None  # a job asked for while another ran
         self.threshold.valueChanged.connect(self._changed)
         self.min_size.valueChanged.connect(self._changed)
         self.box.setEnabled(False)
@@ -125,17 +124,4 @@ class ObjectControls:
             self.timer.start()
 
     def _apply(self) -> None:
-        token = object()
-        self._latest = token
-        self._waiting = (token, self._probs, self.task, {**self.model_values, **self.values()})
-        self._start()
-
-    def _start(self) -> None:
-        if self._waiting is not None and not self.runner.running:
-            args, self._waiting = self._waiting, None
-            self.runner.start(relabel_job, *args)
-
-    def _on_relabelled(self, result: tuple) -> None:
-        token, labels = result
-        if token is self._latest:  # a newer move of a control supersedes this one
-            self.relabelled(labels, self.values())
+        self.job.ask(self._probs, self.task, {**self.model_values, **self.values()})

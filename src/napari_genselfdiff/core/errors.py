@@ -13,5 +13,11 @@ class CheckpointError(GenSelfDiffError):
     """A checkpoint folder that is missing, incomplete or inconsistent."""
 
 
+def describe_json_error(e: Exception) -> str:
+    """Why a JSON text could not be read, in words (a RecursionError's own text names Python's
+    recursion limit, not the file's problem)."""
+    return "nested too deeply" if isinstance(e, RecursionError) else str(e)
+
+
 class GenSelfDiffWarning(UserWarning):
     """A warning of this package a user should see (the widgets show it as a notification)."""

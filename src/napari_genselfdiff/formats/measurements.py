@@ -150,13 +150,11 @@ def measure_objects(labels: np.ndarray, *, image: np.ndarray | None = None, prob
     length, area = unit_names(mpp)
     s = mpp or 1.0
     t = shape_table(labels)
-    px_area, perim = t["area"], t["perimeter"]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        circ = np.where(perim > 0, np.minimum(1.0, 4 * np.pi * px_area / perim ** 2), 1.0)
     out = {"Object ID": t["label"],
            f"Centroid X {length}": t["centroid-1"] * s, f"Centroid Y {length}": t["centroid-0"] * s,
-           f"Area {area}": px_area * s * s, f"Perimeter {length}": perim * s,
-           "Circularity": circ, "Eccentricity": t["eccentricity"], "Solidity": t["solidity"]}
+           f"Area {area}": t["area"] * s * s, f"Perimeter {length}": t["perimeter"] * s,
+           "Circularity": circularity(t["area"], t["perimeter"]), "Eccentricity": t["eccentricity"],
+           "Solidity": t["solidity"]}
     if image is not None or probability is not None:
         from scipy import ndimage as ndi
 
@@ -164,6 +162,7 @@ def measure_objects(labels: np.ndarray, *, image: np.ndarray | None = None, prob
 
         def mean_of(values: np.ndarray) -> np.ndarray:
             return np.asarray(ndi.mean(values, labels, ids), np.float64) if len(ids) else np.zeros(0)
+
         if image is not None:
             from skimage.color import rgb2hed
 
@@ -175,20 +174,21 @@ def measure_objects(labels: np.ndarray, *, image: np.ndarray | None = None, prob
     return out
 
 
-def shape_of_one(mask: np.ndarray, mpp: float | None, downsample: float = 1.0) -> dict[str, float]:
-    """The shape columns of one object given as a boolean mask, with ``downsample`` full-resolution
-    pixels per mask pixel and ``mpp`` microns per full-resolution pixel."""
-    return shape_row(shape_table(np.asarray(mask, dtype=np.uint8)), 0, mpp, downsample)
-
-
 def shape_row(table: dict[str, np.ndarray], k: int, mpp: float | None, downsample: float = 1.0) -> dict[str, float]:
     """Row ``k`` of a :func:`shape_table` as the GeoJSON export's unit-named measurements."""
     length, area = unit_names(mpp)
     s = (mpp or 1.0) * downsample
     px_area, perim = float(table["area"][k]), float(table["perimeter"][k])
-    circ = min(1.0, 4 * math.pi * px_area / perim ** 2) if perim > 0 else 1.0
-    return {f"Area {area}": px_area * s * s, f"Perimeter {length}": perim * s, "Circularity": circ,
+    return {f"Area {area}": px_area * s * s, f"Perimeter {length}": perim * s,
+            "Circularity": float(circularity(px_area, perim)),
             "Eccentricity": float(table["eccentricity"][k]), "Solidity": float(table["solidity"][k])}
+
+
+def circularity(area: np.ndarray | float, perimeter: np.ndarray | float) -> np.ndarray:
+    """4 pi area / perimeter^2, at most 1 (a disc); 1 where the perimeter is 0."""
+    area, perimeter = np.asarray(area, np.float64), np.asarray(perimeter, np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(perimeter > 0, np.minimum(1.0, 4 * np.pi * area / perimeter ** 2), 1.0)
 
 
 def region_summary(labels: np.ndarray, region: np.ndarray | None = None, mpp: float | None = None) -> dict:

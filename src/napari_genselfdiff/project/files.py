@@ -17,7 +17,7 @@ import numpy as np
 
 from ..core.atomic import atomic_open, inside
 from ..core.data import LabeledImage, TaskSpec
-from ..core.errors import DataError
+from ..core.errors import DataError, describe_json_error
 from ..core.names import is_safe_name
 
 FORMAT = "napari-genselfdiff-project"
@@ -59,12 +59,6 @@ class ProjectFolder(Protocol):
     def training_items(self, spec: TaskSpec | None = None) -> list[LabeledImage]: ...
 
     def history(self) -> list[dict]: ...
-
-
-def describe_json_error(e: Exception) -> str:
-    """Why a JSON text could not be read, in words (a RecursionError's own text names Python's
-    recursion limit, not the file's problem)."""
-    return "nested too deeply" if isinstance(e, RecursionError) else str(e)
 
 
 def now() -> str:

@@ -56,7 +56,7 @@ import numpy as np
 
 from ..core.atomic import clean_stale_temps, inside, normal_permissions, write_json_atomic, write_png_atomic
 from ..core.data import LabeledImage, TaskSpec, mask_to_target, read_image, read_mask
-from ..core.errors import DataError, GenSelfDiffWarning
+from ..core.errors import DataError, GenSelfDiffWarning, describe_json_error
 from ..core.names import is_safe_name, safe_name
 from ..core.progress import Progress
 from ..formats.tiff import write_tiff
@@ -65,7 +65,6 @@ from . import refine as _refine
 from . import suggest as _suggest
 from .files import (FORMAT, FORMAT_VERSION, HISTORY, MANIFEST, PROJECT_FILE, REVIEWED, SOURCES, STORE_CHUNK,
                     REGION_ID, append_jsonl, check_history, check_meta, check_region, check_regions, count_objects,
-                    describe_json_error,
                     mask_dtype, model_path, now, read_jsonl, region_mpp, rewrite_jsonl)
 
 
@@ -410,7 +409,8 @@ class Project:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-            raise DataError(f"{path}: unreadable ({describe_json_error(e)}); delete it to forget the reviewed regions") from None
+            raise DataError(f"{path}: unreadable ({describe_json_error(e)}); delete it to forget the reviewed "
+                            "regions") from None
         if not isinstance(data, dict) or not all(isinstance(v, list) for v in data.values()):
             raise DataError(f"{path}: not a {{slide id: [[y, x, h, w], ...]}} object; delete it to forget "
                             "the reviewed regions")

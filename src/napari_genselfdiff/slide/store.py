@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from napari_genselfdiff.core.atomic import foreign_files
 from napari_genselfdiff.core.errors import DataError
 
 STORE_FORMAT = "genselfdiff-prediction"
@@ -35,8 +36,6 @@ def is_our_store(path: str | Path) -> bool:
     probabilities and its done-map) and nothing but ours is in it (a user's file put inside makes it
     theirs too), which a rerun with ``overwrite`` may replace."""
     import zarr
-
-    from ..core.atomic import foreign_files
 
     path = Path(path)
     if path.is_symlink() or not path.is_dir() or not ((path / "zarr.json").is_file() or (path / ".zgroup").is_file()):
@@ -105,7 +104,6 @@ class PredictionStore:
                                     f"({meta.get('settings')}); delete it, pass overwrite=True or "
                                     "choose another output path")
                 return cls(group, path)
-            from ..core.atomic import foreign_files
             foreign = foreign_files(path)
             if foreign:  # a user's file put inside our store makes it theirs too: never wiped
                 raise DataError(f"{path}: holds files genselfdiff did not write ({', '.join(foreign[:3])}); it "

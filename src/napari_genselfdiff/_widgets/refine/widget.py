@@ -30,7 +30,8 @@ class RefineWidget(QWidget):
         self.viewer = napari_viewer
         self.settings = settings or Settings("refine")
         images = narrow_combo()
-        self.ctx = RefineContext(napari_viewer, self.settings, LayerChoices(napari_viewer, is_rgb_image, images, why_not_rgb), self)
+        choices = LayerChoices(napari_viewer, is_rgb_image, images, why_not_rgb)
+        self.ctx = RefineContext(napari_viewer, self.settings, choices, self)
 
         self.refine_box = RefineBox(self.ctx)
         self.project_box = ProjectBox(self.ctx, self.refine_box.runner)
