@@ -211,6 +211,7 @@ def test_an_unreachable_scheduler_is_one_line(model, slides, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and f"--scheduler tcp://127.0.0.1:{port}: cannot connect" in err, err
     assert len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "o.zarr").exists()  # asked first: no empty store is left behind
 
 
 # --------------------------------------------------------------------------------------------

@@ -540,3 +540,78 @@ def test_the_step_check_leaves_no_trace_in_the_model():
     assert not model.training
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # BatchNorm's running statistics too
+
+
+def test_resume_with_nothing_saved_says_it_starts_a_new_run(data, tmp_path, capsys):
+    """``--resume`` on an empty --out starts from step 0 (a script that resumes in a loop works from
+    its first start) and says so, instead of silently looking like a resumed run."""
+    images, _ = data
+    out, ft = tmp_path / "p", tmp_path / "ft"
+    common = ["--images", images, "--out", out, "--preset", "tiny", "--patch", 32, "--batch", 1, "--device", "cpu"]
+
+    def said(*argv) -> str:
+        assert main([str(a) for a in argv]) == 0
+        return "".join(capsys.readouterr())
+
+    assert f"nothing saved at {out} yet: a new run" in said("pretrain", *common, "--steps", 1, "--resume")
+    assert (out / "config.json").exists()
+    text = said("pretrain", *common, "--steps", 2, "--resume")
+    assert "resumed at step 1" in text and "a new run" not in text, text
+    assert f"nothing saved at {ft} yet: a new run" in said(*finetune_argv(data, ft, "--resume"))
+    assert "a new run" not in said(*finetune_argv(data, ft, "--resume", "--steps", 2))
+
+
+def _low_disk(monkeypatch, free: int) -> None:
+    """The disk check sees ``free`` bytes free (the real disk is left alone)."""
+    import shutil
+
+    from napari_genselfdiff.core import diskspace
+
+    real = shutil.disk_usage
+    monkeypatch.setattr(diskspace.shutil, "disk_usage", lambda p: real(p)._replace(free=free))
+
+
+def test_a_prediction_its_disk_cannot_hold_is_refused_before_starting(store, tmp_path, capsys, monkeypatch):
+    import numpy as np
+    import zarr
+
+    from napari_genselfdiff.core.diskspace import tree_bytes
+    from napari_genselfdiff.slide.tiler import MIN_STORED_BYTES_PER_PX
+
+    # the estimate is a lower bound: the real store of the bundled sample holds more
+    group = zarr.open_group(store, mode="r")
+    c, h, w = group["probabilities"].shape
+    need = h * w * c * MIN_STORED_BYTES_PER_PX * float(np.asarray(group["tissue"][...]).mean())
+    assert tree_bytes(store / "probabilities") > 1.5 * need
+    _low_disk(monkeypatch, int(need) - 1)
+    out = tmp_path / "new.zarr"
+    code, err = run(capsys, "predict", "--model", "nuclei", "--input", sample_image_path(), "--out", out,
+                    "--device", "cpu")
+    line = one_line(err)
+    assert code == 2 and str(out) in line and "needs at least" in line and "free there" in line, line
+    assert not out.exists()
+    # a finished store asks for nothing more: reopening it works on a full disk
+    _low_disk(monkeypatch, 0)
+    assert run(capsys, "predict", "--model", "nuclei", "--input", sample_image_path(), "--out", store,
+               "--device", "cpu")[0] == 0
+
+
+@pytest.mark.parametrize("flag, name", [("--tiff", "o.tif"), ("--ome-zarr", "o.ome.zarr")])
+def test_an_export_its_disk_cannot_hold_is_refused_before_writing(flag, name, store, tmp_path, capsys, monkeypatch):
+    _low_disk(monkeypatch, 100)
+    target = tmp_path / name
+    code, err = run(capsys, "export", "--labels", store, flag, target)
+    line = one_line(err)
+    assert code == 2 and str(target) in line and "needs at least" in line, line
+    assert not target.exists() and not list(tmp_path.iterdir())
+    monkeypatch.undo()
+    assert run(capsys, "export", "--labels", store, flag, target)[0] == 0 and target.exists()
+
+
+def test_free_space_is_read_from_the_nearest_existing_folder(tmp_path):
+    import shutil
+
+    from napari_genselfdiff.core.diskspace import free_bytes, size_text
+
+    assert free_bytes(tmp_path / "not" / "yet" / "there.zarr") == shutil.disk_usage(tmp_path).free
+    assert [size_text(n) for n in (512, 812e6, 3.44e9, 15.2e9)] == ["512 bytes", "812 MB", "3.4 GB", "15 GB"]

@@ -104,6 +104,7 @@ def export_store(store: PredictionStore, *, name: str | None = None, geojson: st
         if ome_zarr and image:  # the slide is checked before anything is written
             pixels, note = _export_image(store, slide, tuple(labels.shape), stack)
             notes += [note] if note else []
+        _check_export_space(store, name, tiff, ome_zarr, pixels is not None)
         if ome_zarr and store.slide_mpp is None:
             notes.append("the slide states no pixel size: the OME-Zarr scales are in full-resolution pixels "
                          "(no unit); predict with --mpp to record one")
@@ -111,6 +112,20 @@ def export_store(store: PredictionStore, *, name: str | None = None, geojson: st
         objects = _export_labels(store, name, labels, geojson, tiff, ome_zarr, (pixels, image_name),
                                  object_type, force, sources)
     return Exported(name, geojson or None, objects, tiff or None, ome_zarr or None, missing, tuple(notes))
+
+
+def _check_export_space(store: PredictionStore, name: str, tiff: str | None, ome_zarr: str | None,
+                        image: bool) -> None:
+    """Refuse, before writing, an export its disk cannot hold: lower bounds of a quarter of the
+    stored labels' bytes, and for the OME-Zarr's image 0.75 byte per pixel (3 raw; H&E compresses
+    about 1.5-3x losslessly)."""
+    from ..core.diskspace import check_free_space, tree_bytes
+
+    stored = tree_bytes(store.path / "labels" / name / "0") / 4
+    h, w = (int(n) for n in store.labels(name).shape[:2])
+    for out, need in ((tiff, stored), (ome_zarr, stored + (0.75 * h * w if image else 0))):
+        if out:
+            check_free_space(out, need, f"the export of {h}x{w} {name} labels" + (" and image" if image and out == ome_zarr else ""))
 
 
 def _export_image(store: PredictionStore, slide: str | None, shape: tuple[int, int],
@@ -232,14 +247,17 @@ def predict_cli(a: argparse.Namespace) -> int:
 def _predict_on_cluster(a: argparse.Namespace, predictor, model: Path, targets: dict, kwargs: dict) -> None:
     """``--workers N`` / ``--scheduler ADDRESS``: the blocks of all inputs as one task graph on a
     Dask cluster (:mod:`..slide.distributed`), then the summary table. Every store is created (or
-    reopened to resume) before the cluster starts, so a refusal comes first."""
-    from ..slide.distributed import ManySlides, ModelSpec, connect, plan_job, summary_table
+    reopened to resume) before the cluster starts, so a refusal comes first; a scheduler is asked
+    who it is before that, so one that is not there leaves no empty store behind."""
+    from ..slide.distributed import ManySlides, ModelSpec, check_scheduler, connect, plan_job, summary_table
     from ..slide.reader import open_slide
     from ..slide.tiler import SlideSettings
 
     opts = kwargs.pop("postprocess_options")
     names = kwargs.pop("class_names")
     settings = SlideSettings(**kwargs, class_names=tuple(names), postprocess_options=dict(opts or {}))
+    if a.scheduler:
+        check_scheduler(a.scheduler)
     jobs = []
     for i, (inp, target) in enumerate(targets.items()):
         with open_slide(inp) as slide:

@@ -303,7 +303,8 @@ def plan_job(predictor: Predictor, slide: Slide, out_path: str | Path, settings:
     the graph: its blocks not yet done. ``slide`` is opened by the caller (its ``mpp`` may come
     from a flag); the tasks open it again by path."""
     out_path = Path(out_path).absolute()
-    plan = plan_slide(predictor, slide, out_path, settings)
+    # the tissue is detected here too (a thumbnail: about a second), only for the disk check
+    plan = plan_slide(predictor, slide, out_path, settings, detect_tissue(slide) if settings.tissue else None)
     done = np.asarray(plan.store.done[...]).astype(bool)
     todo = tuple((int(r), int(c)) for r in range(done.shape[0]) for c in range(done.shape[1]) if not done[r, c])
     return SlideJob(index, name or Path(slide.path).name, str(Path(slide.path).resolve()), str(out_path),

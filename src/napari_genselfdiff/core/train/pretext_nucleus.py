@@ -34,7 +34,7 @@ from ..pretext.pseudomask import NucleusStats, draw_batch, measure_tile, render_
 from ..pretext.translation import (LossWeights, TranslationConfig, TranslationNets, discriminator_loss,
                                    generator_losses, translator_config)
 from ..progress import Progress
-from .training import _now, _prepare_out, _run, _step_rngs
+from .training import _now, _prepare_out, _run, _step_rngs, start_note
 
 PRETEXT = "nucleus"
 #: terms reported per step (``last_losses``) and recorded in the checkpoint
@@ -220,8 +220,7 @@ def pretrain_nucleus(sources: Sequence[UnlabeledSource], out: str | os.PathLike,
 
     msg = (f"nucleus-aware pretraining ({cfg.preset}) on {len(sources)} source(s): pseudo masks of "
            f"~{stats.mean_area:.0f} px nuclei, {stats.density_mean:.1f} per 10,000 px; {why}, {trainer.precision.why}")
-    if start:
-        msg += f"; resumed at step {start}"
+    msg += start_note(start, resume, out)
     yield from _run("pretrain", trainer, total=cfg.steps, start=start, lr=cfg.lr, warmup=cfg.warmup,
                     batch=cfg.batch, grad_clip=cfg.grad_clip, checkpoint_every=cfg.checkpoint_every,
                     loss_at=loss_at, save=save, message=msg)

@@ -220,6 +220,12 @@ class _Trainer:
         return int(state["step"])
 
 
+def start_note(start: int, resume: bool, out: Path) -> str:
+    """The end of a run's first message: the step a resumed run starts at, or that ``--resume``
+    found nothing saved yet (the run starts from step 0, as a script resuming in a loop expects)."""
+    return f"; resumed at step {start}" if start else f"; nothing saved at {out} yet: a new run" if resume else ""
+
+
 def _prepare_out(out: Path, resume: bool, overwrite: bool, stage: str, inputs: Sequence = ()) -> dict | None:
     """The training state to resume from, or None for a fresh run; refuses to clobber work.
 
@@ -377,8 +383,7 @@ def pretrain(sources: Sequence[UnlabeledSource], out: str | os.PathLike, cfg: Pr
         return ddp.save(group, out, trainer.model, config, trainer.state(step, run))  # torchrun: rank 0 writes
 
     msg = f"pretraining {ucfg.preset or 'custom'} U-Net on {len(sources)} source(s), {why}, {trainer.precision.why}"
-    if start:
-        msg += f"; resumed at step {start}"
+    msg += start_note(start, resume, out)
     if state is not None and model_config is None and cfg.preset in PRESETS and \
             UNetConfig.from_preset(cfg.preset, in_channels=3, out_channels=3) != ucfg:
         msg += (f" with the checkpoint's own architecture (mults {list(ucfg.mults)}, base {ucfg.base}), "
@@ -526,7 +531,8 @@ def finetune(items: Sequence[LabeledImage], out: str | os.PathLike, cfg: Finetun
         return dict(latest)
 
     on = f", validating on {describe(val_items, val_set, cfg.val_crops, cfg.val_crop)}" if val_items else ""
-    msg = f"fine-tuning for {spec.task} ({spec.num_classes} classes) on {len(train)} image(s){on}; {how}; {why}, {trainer.precision.why}"
+    msg = (f"fine-tuning for {spec.task} ({spec.num_classes} classes) on {len(train)} image(s){on}; {how}; {why}, "
+           f"{trainer.precision.why}{start_note(0, resume and state is None, out)}")
     yield from _run("finetune", trainer, total=cfg.steps, start=start, lr=cfg.lr, warmup=cfg.warmup,
                     batch=cfg.batch, grad_clip=cfg.grad_clip, checkpoint_every=cfg.checkpoint_every,
                     loss_at=loss_at, save=save, validate=validate if val_items else None,
