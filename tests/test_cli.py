@@ -104,8 +104,9 @@ def test_end_to_end_on_glas_tiles(glas_dir, tmp_path, capsys):
         shutil.copy(glas_dir / "masks" / p.name, masks / p.name)
     common = ["--preset", "tiny", "--patch", "64", "--batch", "2", "--device", "cpu"]
     assert _run(capsys, "pretrain", "--images", str(imgs), "--out", str(tmp_path / "pre"), "--steps", "4", *common)[0] == 0
-    assert _run(capsys, "sample", "--model", str(tmp_path / "pre"), "--n", "4", "--steps", "3",
-                "--out", str(tmp_path / "grid.png"))[0] == 0
+    code, out, _ = _run(capsys, "sample", "--model", str(tmp_path / "pre"), "--n", "4", "--steps", "3",
+                        "--out", str(tmp_path / "grid.png"))
+    assert code == 0 and "after only 4 steps the tiles may well be coloured noise" in out, out
     assert (tmp_path / "grid.png").stat().st_size > 0
     code, out, _ = _run(capsys, "finetune", "--images", str(imgs), "--masks", str(masks), "--init",
                         str(tmp_path / "pre"), "--out", str(tmp_path / "seg"), "--steps", "4", *common)

@@ -87,3 +87,11 @@ def test_loss_is_reproducible_with_generator_and_positive():
     assert l1.item() == l2.item() and l1.item() > 0
     l1.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_what_generated_tiles_mean_depends_on_how_long_the_pretraining_ran():
+    from napari_genselfdiff.core.pretext.sampling import SHORT_PRETRAINING, samples_note
+
+    assert "after only 300 steps" in samples_note(300) and "not a fault" in samples_note(300)
+    for steps in (SHORT_PRETRAINING, 6613, None):
+        assert "not a fault" not in samples_note(steps) and "H&E-like colour" in samples_note(steps)

@@ -69,15 +69,15 @@ def _finished(events: Iterator[Progress]) -> Iterator[Progress]:
 def pretrain_job(sources: list[UnlabeledSource], out: str, cfg: PretrainConfig, device: str, resume: bool,
                  n_tiles: int, ddim_steps: int) -> Iterator[Progress | str]:
     """Pretrain (yielding the core's events), then say so and return a grid of ``n_tiles``
-    generated tiles."""
-    from ..core.pretext.sampling import generate_tiles, tile_grid
+    generated tiles and a sentence on what they mean after this many steps."""
+    from ..core.pretext.sampling import generate_tiles, samples_note, tile_grid
 
     last = yield from _finished(pretrain(sources, out, cfg, device=device, resume=resume))
     if not n_tiles or last is None:
         return None
     yield f"generating {n_tiles} tiles ({ddim_steps} DDIM steps) to show what the model learned…"
     tiles = generate_tiles(last.checkpoint, n_tiles, size=cfg.patch, steps=ddim_steps, device=device)
-    return tile_grid(tiles)
+    return tile_grid(tiles), samples_note(last.step)
 
 
 def nucleus_pretrain_job(sources: list[UnlabeledSource], out: str, cfg, device: str, resume: bool,
@@ -94,7 +94,9 @@ def nucleus_pretrain_job(sources: list[UnlabeledSource], out: str, cfg, device: 
     yield f"drawing {rows} pseudo mask(s) and their generated H&E to show what the model learned…"
     rng = np.random.default_rng(0)
     real = np.stack([sources[int(rng.integers(len(sources)))].sample(rng, cfg.patch) for _ in range(rows)])
-    return nucleus_samples(last.checkpoint, rows, size=cfg.patch, real=real, device=device)
+    return (nucleus_samples(last.checkpoint, rows, size=cfg.patch, real=real, device=device),
+            "generated H&E with dark nuclei where its mask has them, and predicted masks that follow a real "
+            "tile's nuclei, mean the pretext was learned")
 
 
 class PretrainWidget(QWidget):
@@ -215,9 +217,11 @@ class PretrainWidget(QWidget):
         self.runner.start(pretrain_job, sources, out, self.config(), self.device.device, self.resume.isChecked(),
                           self.n_tiles.value(), self.ddim_steps.value())
 
-    def _on_tiles(self, grid: np.ndarray | None) -> None:
-        if grid is None:
+    def _on_tiles(self, result: tuple[np.ndarray, str] | None) -> None:
+        """The job's (sample grid, what it means) as a layer and the status line."""
+        if result is None:
             return
+        grid, note = result
         name = self._layer
         if name in self.viewer.layers:
             self.viewer.layers[name].data = grid
@@ -229,4 +233,4 @@ class PretrainWidget(QWidget):
         self.controls.show_last_step()
         what = ("pseudo masks, H&E generated from them and masks predicted for real tiles" if name == NUCLEUS_LAYER
                 else "tiles the model generated")
-        self.progress.set_status(f"done: checkpoint in {self.out.text()}; the layer '{name}' shows {what}")
+        self.progress.set_status(f"done: checkpoint in {self.out.text()}; the layer '{name}' shows {what}: {note}")

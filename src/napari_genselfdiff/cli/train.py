@@ -137,7 +137,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 
 def cmd_sample(a: argparse.Namespace) -> int:
     from ..core.atomic import check_target, is_our_png, write_png_atomic
-    from ..core.pretext.sampling import generate_tiles, tile_grid
+    from ..core.pretext.sampling import generate_tiles, samples_note, tile_grid
 
     model = resolve_model(a.model)
     # checked before any work: an existing file is replaced only with --force and only a PNG of ours
@@ -151,7 +151,8 @@ def cmd_sample(a: argparse.Namespace) -> int:
     tiles = generate_tiles(model, a.n, size=a.size, steps=a.steps, sampler=a.sampler, seed=a.seed,
                            device=a.device)
     write_png_atomic(a.out, tile_grid(tiles))
-    print(f"wrote {a.out} ({a.n} tiles of {tiles.shape[1]}x{tiles.shape[2]})")
+    steps = (config.get("training") or {}).get("steps")
+    print(f"wrote {a.out} ({a.n} tiles of {tiles.shape[1]}x{tiles.shape[2]}): {samples_note(steps)}")
     return 0
 
 

@@ -17,6 +17,22 @@ from ..precision import autocast, resolve_precision
 from .diffusion import Diffusion, ScheduleConfig
 
 
+#: Fewer pretraining steps than this: generated tiles are expected to look like coloured noise. The
+#: shipped backbone's (resources/models/pretrained/MODEL_CARD.md) drew coloured noise early and H&E
+#: colour, texture and nucleus-sized blobs by about 6,600 steps.
+SHORT_PRETRAINING = 2000
+
+
+def samples_note(steps: int | None) -> str:
+    """One sentence on what generated tiles of a pretraining of ``steps`` steps mean."""
+    if isinstance(steps, int) and 0 <= steps < SHORT_PRETRAINING:
+        return (f"after only {steps} steps the tiles may well be coloured noise: that is expected of a short "
+                "pretraining, not a fault; H&E colour and texture come after thousands of steps (the shipped "
+                "backbone: 6,613), so resume it to go on")
+    return ("H&E-like colour and texture mean the pretext was learned; coloured noise means it needs more "
+            "steps (resume it to go on)")
+
+
 def generate_tiles(model_path: str | os.PathLike, n: int = 16, *, size: int | None = None, steps: int = 50,
                    sampler: str = "ddim", seed: int = 0, device: str = "auto") -> np.ndarray:
     """``n`` generated tiles, (n, size, size, 3) uint8, from a pretraining checkpoint."""
