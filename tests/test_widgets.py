@@ -23,6 +23,7 @@ from napari_genselfdiff._widgets.finetune import FinetuneWidget  # noqa: E402
 from napari_genselfdiff._widgets.pretrain import TILES_LAYER, PretrainWidget  # noqa: E402
 from napari_genselfdiff._widgets.settings import SETTINGS_FILE, Settings  # noqa: E402
 from napari_genselfdiff.core.data import LabeledImage  # noqa: E402
+from napari_genselfdiff.core.progress import Progress  # noqa: E402
 
 pytestmark = [pytest.mark.gui, pytest.mark.usefixtures("settings_dir")]
 
@@ -230,10 +231,16 @@ def test_cancel_stops_pretraining_and_keeps_a_checkpoint(viewer, qtbot, tmp_path
     w.start_btn.click()
     qtbot.waitUntil(lambda: w.progress.bar.value() >= 2, timeout=60_000)
     w.cancel_btn.click()
+    said = [w.progress.status.text()]
+    w.runner.event.connect(lambda ev: said.append(w.progress.status.text()))
+    if w.runner.running:  # a step event still in flight, as the worker's queue delivers them
+        w.runner.event.emit(Progress("pretrain", 3, 100_000, loss=0.5))
     wait_idle(qtbot, w, timeout=30_000)
     assert ticker.stop() >= 5
     state = training_state(out)
     assert 2 <= state["step"] < 100_000
+    # no step update replaces "cancelling…" while the job winds down (events still in flight)
+    assert said and all(t.startswith("cancelling") for t in said), said
     assert "cancelled" in w.progress.status.text()
     assert TILES_LAYER not in viewer.layers
     assert w.start_btn.isEnabled()  # and it can start again: resume the same run
@@ -688,9 +695,18 @@ def test_cancelled_whole_slide_prediction_can_be_run_again(make_napari_viewer, q
     qtbot.waitUntil(lambda: len(seen) >= 1, timeout=30_000)
     w.cancel_btn.click()
     wait_idle(qtbot, w)
-    assert "cancelled" in w.progress.status.text() and "resumes" in w.progress.status.text()
+    # one 320-px block, cancelled before it was stored: the message says nothing is kept, as the store does
+    import zarr
+
+    [store] = list((tmp_path / "pred").glob("*.zarr"))
+    assert not np.asarray(zarr.open_group(store, mode="r")["done"][...]).any()
+    status = w.progress.status.text()
+    assert status.startswith("cancelled") and "nothing is kept" in status and "starts over" in status, status
     assert "glands" not in viewer.layers
     assert seen[-1].step < seen[-1].total
+    w._blocks = (9, 63)  # had blocks been stored, the message counts them
+    w._on_stopped(True)
+    assert "9 of 63 blocks are kept" in w.progress.status.text() and "resumes" in w.progress.status.text()
     assert w.slide_btn.isEnabled() and w.fov_btn.isEnabled()
     w.slide_btn.click()
     wait_idle(qtbot, w)

@@ -87,6 +87,12 @@ class JobRunner(QObject):
     def running(self) -> bool:
         return self.worker is not None
 
+    @property
+    def cancelling(self) -> bool:
+        """Cancel was asked and the job has not stopped yet: events still in flight are no news to
+        show (the panels keep saying "cancelling…")."""
+        return self._cancelled and self.worker is not None
+
     def start(self, job: Callable[..., Any], *args, **kwargs) -> ClosingGeneratorWorker:
         """Start ``job(*args, **kwargs)`` (a generator function) in a worker thread."""
         if self.worker is not None:

@@ -198,6 +198,7 @@ class PredictWidget(QWidget):
         self._image_layer = None
         self._last_fov: FovResult | None = None  # what the Objects controls find objects in again
         self._whole_slide = False
+        self._blocks = (0, 0)
         self._shown: dict[str, Any] = {}  # layer name -> the layer this widget added under it last
         self.views = GatheredViews(napari_viewer)  # the fields of view gathered per result layer
         say_reader_preference(prefer_our_reader())  # File > Open gives slides to our reader
@@ -340,6 +341,7 @@ class PredictWidget(QWidget):
 
     def _start(self, layer, text: str, job, *args, **kwargs) -> None:
         self._image_layer, self._whole_slide = layer, job is slide_job
+        self._blocks = (0, 0)  # (finished, all) output blocks of a whole slide, as its events say
         self.progress.reset(text)
         self._set_running(True)
         self.runner.start(job, *args, **kwargs)
@@ -357,6 +359,10 @@ class PredictWidget(QWidget):
         self.cancel_btn.setEnabled(running)
 
     def _on_event(self, ev: Progress | str) -> None:
+        if not isinstance(ev, str) and ev.blocks_total:
+            self._blocks = (ev.blocks_done, ev.blocks_total)
+        if self.runner.cancelling:  # the line keeps saying "cancelling…"
+            return
         if isinstance(ev, str):
             self.progress.set_status(ev)
             return
@@ -384,8 +390,16 @@ class PredictWidget(QWidget):
     def _on_stopped(self, cancelled: bool) -> None:
         self._set_running(False)
         if cancelled:
-            resume = "; 'Predict whole slide' again resumes where it stopped" if self._whole_slide else ""
-            self.progress.set_status(f"cancelled{resume}")
+            self.progress.set_status("cancelled" + (self._kept() if self._whole_slide else ""))
+
+    def _kept(self) -> str:
+        """What a cancelled whole slide keeps: whole blocks only (a block is stored when all of it
+        is predicted), so the tiles counted so far may all be redone."""
+        done, total = self._blocks
+        if not done:
+            return (": no block was finished, so nothing is kept (a whole block is stored at once); "
+                    "'Predict whole slide' again starts over")
+        return f": {done} of {total} blocks are kept; 'Predict whole slide' again resumes from them"
 
     # -- results ---------------------------------------------------------------------------
 

@@ -91,6 +91,7 @@ class ProgressPanel(QWidget):
         self.idle()
         self.status = QLabel("idle")
         self.status.setWordWrap(True)
+        self._runner: JobRunner | None = None  # the job followed (:meth:`follow`)
         self.status.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         lay.addWidget(self.bar)
         lay.addWidget(self.status)
@@ -99,7 +100,9 @@ class ProgressPanel(QWidget):
             lay.addWidget(self.plot)
 
     def follow(self, runner: JobRunner) -> None:
-        """Show ``runner``'s failure, and leave no busy bar behind when it stops."""
+        """Show ``runner``'s failure, and leave no busy bar behind when it stops; while it is
+        cancelling, its late events leave the "cancelling…" line as it is."""
+        self._runner = runner
         runner.failed.connect(lambda exc: self.set_status(f"failed: {readable_error(exc)}"))
         runner.stopped.connect(self._on_stopped)
 
@@ -131,6 +134,8 @@ class ProgressPanel(QWidget):
 
     def show_progress(self, ev: Progress | str) -> None:
         """Show a core ``Progress``; a plain string is a phase without steps (busy bar)."""
+        if self._runner is not None and self._runner.cancelling:
+            return
         if isinstance(ev, str):
             self.bar.setRange(0, 0)
             self.status.setText(ev)
