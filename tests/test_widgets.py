@@ -49,7 +49,7 @@ def errors(monkeypatch) -> list[str]:
         seen.append(message)
         original(message)
 
-    for module in ("jobs", "pretrain", "finetune", "predict"):
+    for module in ("jobs", "pretrain", "finetune", "predict", "measure"):
         monkeypatch.setattr(f"napari_genselfdiff._widgets.{module}.show_error", record)
     return seen
 
@@ -599,7 +599,14 @@ def test_predict_field_of_view_adds_aligned_layers(viewer, qtbot, tmp_path, he_i
     yy, xx = np.argwhere(glands.data == one)[0]
     status = glands.get_status(tuple(np.array(glands.translate) + np.array(glands.scale) * (yy, xx)), world=True)
     assert "Circularity" in str(status)
-    csv_path = w.save_measurements(str(tmp_path / "glands.csv"))
+    # the optical densities come from the H&E under the view (read in the worker), object by object
+    from skimage.color import rgb2hed
+
+    hed = rgb2hed(he_image[y:y + h, x:x + wd])
+    k = list(feats["Object ID"]).index(one)
+    assert feats["Hematoxylin OD mean"][k] == pytest.approx(hed[..., 0][glands.data == one].mean(), rel=1e-5)
+    assert feats["Eosin OD mean"][k] == pytest.approx(hed[..., 1][glands.data == one].mean(), rel=1e-5)
+    csv_path = w.measurements.save(str(tmp_path / "glands.csv"))
     assert csv_path and (tmp_path / "glands.csv").read_text(encoding="utf-8").count("\n") == len(ids) + 1
     from qtpy.QtWidgets import QFileDialog  # the button asks where (the dialog answered here)
     monkeypatch.setattr(QFileDialog, "getSaveFileName", staticmethod(lambda *a, **k: (str(tmp_path / "b.csv"), "")))
@@ -613,6 +620,49 @@ def test_predict_field_of_view_adds_aligned_layers(viewer, qtbot, tmp_path, he_i
     glands = viewer.layers["glands"]
     viewer.layers.selection.active = glands
     screenshot(viewer, qtbot, "predict_widget")
+
+
+def test_objects_are_counted_in_regions_drawn_on_a_shapes_layer(viewer, qtbot, tmp_path, he_image, seg_model, errors):
+    """Issue 35 item 5: draw a rectangle and an ellipse over a result, 'Count in drawn regions':
+    each shape gets its count, density and area fraction (as region_summary gives them on the
+    labels' own grid), written on it. The image is 0.5 µm/px; the model runs at 1 µm/px, so the
+    labels have half the image's pixels and the regions are placed through world coordinates."""
+    from skimage.draw import ellipse
+
+    from napari_genselfdiff.formats.measurements import region_summary
+
+    viewer.add_image(he_image, name="H&E", rgb=True, scale=(0.5, 0.5), translate=(10, 20), units=("µm", "µm"))
+    w = predict_widget(viewer, seg_model, tmp_path / "pred")
+    w.measurements.count()  # nothing predicted yet: one clear line
+    assert errors and "predict first" in errors[-1]
+    viewer.reset_view()
+    w.fov_btn.click()
+    wait_idle(qtbot, w)
+    glands = viewer.layers["glands"]
+    labels = glands.data
+    assert labels.shape == (384, 512) and tuple(glands.scale) == pytest.approx((1.0, 1.0))
+    assert tuple(glands.translate) == pytest.approx((10.25, 20.25))  # label pixel j centred on world 10.25 + j
+    w.measurements.count()  # a result, but no regions drawn
+    assert "Shapes layer" in errors[-1]
+    shapes = viewer.add_shapes([np.array([[60, 120], [60, 320], [160, 320], [160, 120]]),
+                                np.array([[230, 330], [230, 390], [280, 390], [280, 330]])],
+                               shape_type=["rectangle", "ellipse"], name="regions")
+    rows = w.measurements.count()
+    assert rows is not None and [r["region"] for r in rows] == [1, 2]
+    rect = np.zeros(labels.shape, bool)
+    rect[50:150, 100:300] = True  # world 60..160 x 120..320: label pixel centres 50..149 x 100..299
+    oval = np.zeros(labels.shape, bool)
+    oval[ellipse(244.75, 339.75, 25, 30, shape=labels.shape)] = True
+    for row, mask in zip(rows, (rect, oval)):
+        want = region_summary(np.where(mask, labels, 0), mask, 1.0)
+        assert row["objects"] == want["objects"] and row["area mm^2"] == pytest.approx(want["area mm^2"], rel=0.03)
+        assert row["area fraction"] == pytest.approx(want["area fraction"], abs=0.02)
+    assert rows[0]["area mm^2"] == pytest.approx(100 * 200 * 1e-6) and rows[0]["objects per mm^2"] > 0
+    assert list(shapes.features["objects"]) == [r["objects"] for r in rows] and shapes.text.visible
+    status = w.progress.status.text()
+    assert f"#1 {rows[0]['objects']} · " in status and f"#2 {rows[1]['objects']} · " in status and "/mm²" in status
+    viewer.layers.selection.active = shapes
+    screenshot(viewer, qtbot, "predict_region_counts")
 
 
 def test_predict_field_of_view_on_a_multiscale_level(make_napari_viewer, qtbot, tmp_path, he_image, seg_model):

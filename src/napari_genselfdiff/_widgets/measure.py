@@ -14,12 +14,15 @@ from ..core.names import safe_name
 from .jobs import LatestJob
 
 
-def measure_job(labels: np.ndarray, foreground: np.ndarray, mpp: float | None) -> Iterator[str]:
-    """The per-object table of a result, in a worker; returns the table."""
+def measure_job(labels: np.ndarray, foreground: np.ndarray, mpp: float | None,
+                image_of: Callable[[], np.ndarray] | None = None) -> Iterator[str]:
+    """The per-object table of a result, in a worker; returns the table. ``image_of()`` reads the
+    RGB pixels under the labels (then the table has the haematoxylin and eosin optical densities)."""
     from ..formats.measurements import measure_objects
 
     yield "measuring objects"
-    return measure_objects(labels, probability=foreground, mpp=mpp)
+    image = None if image_of is None else np.asarray(image_of())[..., :3]
+    return measure_objects(labels, image=image, probability=foreground, mpp=mpp)
 
 
 class Measurements:
@@ -32,18 +35,25 @@ class Measurements:
         self.runner = self.job.runner
         self.button = QPushButton("Save measurements (CSV)…")
         self.button.setToolTip("the objects of the last field-of-view result, one row each: area, perimeter, "
-                               "circularity, eccentricity, solidity, mean probability; in µm when the pixel "
-                               "size is known (also shown in the status bar over an object)")
+                               "circularity, eccentricity, solidity, mean haematoxylin and eosin optical density, "
+                               "mean probability; in µm when the pixel size is known (also shown in the status "
+                               "bar over an object)")
         self.button.setEnabled(False)
         self.button.clicked.connect(lambda: self.save())  # not clicked's bool as the path
+        self.count_button = QPushButton("Count in drawn regions")
+        self.count_button.setToolTip("objects per region drawn on a Shapes layer (rectangle, ellipse, polygon): "
+                                     "count, density per mm² and area covered, written on each shape")
+        self.count_button.clicked.connect(lambda: self.count())
         self.layer = None  # the result layer the table belongs to
         self._asked_for = None  # the result layer of the newest table asked for
 
-    def measure(self, layer, labels: np.ndarray, foreground: np.ndarray, mpp: float | None) -> None:
-        """Measure ``labels`` (with the ``foreground`` probability, at ``mpp`` µm/px) for ``layer``."""
+    def measure(self, layer, labels: np.ndarray, foreground: np.ndarray, mpp: float | None,
+                image_of: Callable[[], np.ndarray] | None = None) -> None:
+        """Measure ``labels`` (with the ``foreground`` probability, at ``mpp`` µm/px, and the image
+        ``image_of()`` reads in the worker) for ``layer``."""
         self._asked_for = layer
         self.button.setEnabled(False)
-        self.job.ask(labels.copy(), foreground.copy(), mpp)  # copies: the gathered canvas grows in place
+        self.job.ask(labels.copy(), foreground.copy(), mpp, image_of)  # copies: the gathered canvas grows in place
 
     def _on_measured(self, table: dict) -> None:
         layer = self._asked_for  # only the newest request's table arrives
@@ -73,3 +83,18 @@ class Measurements:
             return None
         self.status(f"{n} objects measured: {path}")
         return path
+
+    def count(self) -> list[dict] | None:
+        """Counts per drawn region (:mod:`.regions`) on the shapes and in the status line; the rows."""
+        from .regions import count_regions, describe, pick_layers, show_counts
+
+        try:
+            shapes, labels = pick_layers(self.viewer, self.layer)
+            rows = count_regions(shapes, labels)
+        except GenSelfDiffError as e:
+            show_error(str(e))
+            return None
+        show_counts(shapes, rows)
+        pixel = " (pixel size unknown)" if "objects per Mpx" in rows[0] else ""
+        self.status(f"'{labels.name}' per region of '{shapes.name}'{pixel}: {describe(rows)}")
+        return rows

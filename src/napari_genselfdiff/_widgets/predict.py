@@ -265,7 +265,7 @@ class PredictWidget(QWidget):
         self.legend = Legend(self.viewer)
         lay.addWidget(self.legend)
         self.measure_btn = self.measurements.button
-        lay.addWidget(self.measure_btn)
+        lay.addWidget(row(self.measure_btn, self.measurements.count_button))
         lay.addStretch(1)
 
         self.fill_models()
@@ -465,7 +465,9 @@ class PredictWidget(QWidget):
         views = {FOV_KEY: {"regions": canvas.regions_in_array()}}
         shown = [self._put_labels(name, canvas.arrays[LABELS], place, grid, style=instance_style(predictor.task, of),
                                   meta=views)]
-        self.measurements.measure(shown[0], canvas.arrays[LABELS], canvas.arrays["probability"], result.mpp)
+        ch, cw = canvas.shape  # the H&E under the gathered views, read in the worker (optical densities)
+        self.measurements.measure(shown[0], canvas.arrays[LABELS], canvas.arrays["probability"], result.mpp,
+                                  lambda: result.fov[1].slide.levels[level][oy:oy + ch, ox:ox + cw])
         self.views.shown(name, canvas, shown[0])
         if "classes" in canvas.arrays:
             shown.append(self._put_labels("classes", canvas.arrays["classes"], place, grid,
@@ -487,10 +489,6 @@ class PredictWidget(QWidget):
         self._show_view(dataclasses.replace(last, instances=labels, objects=int(labels.max(initial=0))))
         self.progress.set_status(f"{self.progress.status.text()} · threshold {values['threshold']:.2f}, "
                                  f"smallest {values['min_size']} px")
-
-    def save_measurements(self, path: str | None = None) -> str | None:
-        """:meth:`.measure.Measurements.save`: the last field-of-view result's table as CSV."""
-        return self.measurements.save(path)
 
     def _explain(self, layers: list) -> None:
         """The legend of the new result layers; the scale bar on (once) when the image is in microns."""
