@@ -604,3 +604,60 @@ def test_the_live_object_controls_find_objects_again_without_the_model(viewer, q
     w.objects.min_size.setValue(100)
     assert w.objects.overrides() == {}
     assert w.objects.overrides() == {}
+
+
+def test_an_object_cut_by_a_new_view_keeps_its_id_across_the_border():
+    """Issue 35 item 6: a zoomed re-predict inside an earlier view cuts an earlier gland at the new
+    view's border; the part inside takes the earlier id (not a second one), while a new object
+    that only touches the border beside an unrelated earlier object stays its own."""
+    first = np.zeros((20, 30), np.int32)
+    first[5:15, 2:20] = 1  # a gland crossing column 10, where the next view starts
+    first[2:4, 25:28] = 2  # another, outside the next view
+    canvas, _ = gather(None, "k", (0, 0, 20, 30), {LABELS: first})
+    zoom = np.zeros((20, 10), np.int32)  # the view columns 10..19: the same gland's right part...
+    zoom[5:15, 0:10] = 1
+    zoom[17:20, 0:3] = 2  # ...and a new object at the border where the earlier view had nothing
+    gather(canvas, "k", (0, 10, 20, 10), {LABELS: zoom})
+    lab = canvas.arrays[LABELS]
+    assert set(np.unique(lab[5:15, 2:20])) == {1}  # one gland, one id, on both sides of the border
+    assert lab[18, 11] not in (0, 1, 2) and lab[3, 26] == 2
+    assert canvas.count == 4  # ids stay unique: the next paste is numbered after 4
+    # a new object lying mostly on background (under half on the cut gland) is not joined to it
+    other = np.zeros((20, 10), np.int32)
+    other[12:20, 0:4] = 1  # 32 px, 12 of them (rows 12..14) on the gland
+    gather(canvas, "k", (0, 10, 20, 10), {LABELS: other})
+    lab = canvas.arrays[LABELS]
+    assert lab[16, 11] == 5 and lab[5, 5] == 1
+
+
+@pytest.mark.gui
+def test_a_zoomed_re_predict_keeps_a_cut_object_one_object(viewer, qtbot, tmp_path, he_image, monkeypatch):
+    """Issue 35 item 6, tried as reported: predict the whole image, zoom in so that the view's
+    border runs through an object, predict again: the object keeps one id (it became ids 2 and 8)."""
+    from napari_genselfdiff._widgets.predict import region_on_screen
+
+    image = viewer.add_image(he_image, name="H&E", rgb=True)
+    stand_in(monkeypatch, Dark(mpp=None))
+    w = predict_widget(viewer, tmp_path)
+    viewer.reset_view()
+    predict_here(qtbot, w)
+    before = np.array(viewer.layers["glands"].data)
+    sizes = np.bincount(before.ravel())
+    sizes[0] = 0
+    big = int(sizes.argmax())
+    rows, cols = np.nonzero(before == big)
+    mid_row, mid_col = int(np.median(rows)), int(np.median(cols))
+    camera = viewer.camera
+    camera.zoom = camera.zoom * 3
+    _, _, _, h, wd = region_on_screen(viewer, image)
+    camera.center = (mid_row, mid_col + wd / 2)  # the view's left border through the object's middle
+    _, y, x, h, wd = region_on_screen(viewer, image)
+    inside = np.zeros(before.shape, bool)
+    inside[y:y + h, x:x + wd] = True
+    obj = before == big
+    assert (obj & inside).sum() > 100 and (obj & ~inside).sum() > 100  # the view cuts it
+    predict_here(qtbot, w)
+    after = viewer.layers["glands"].data
+    assert after.shape == before.shape  # the same canvas, the zoomed view pasted into it
+    ids = np.unique(after[obj & (after > 0)])
+    assert len(ids) == 1 and ids[0] == big, ids

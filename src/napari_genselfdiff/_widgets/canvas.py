@@ -7,6 +7,12 @@ A canvas is valid for one ``key`` (image, model, level); a result for another ke
 canvas. One that would grow past ``max_pixels`` (regions far apart) starts a new canvas too,
 and the widget keeps the old one as its own layer. Object ids stay unique across regions (each
 paste is numbered after the last); inside a new region the new result replaces the old.
+
+An object the new region cuts (an earlier view's object reaching across the new region's border)
+stays one object: the new object at that place, which touches the region's border and lies
+mostly (:data:`CONTINUES`) on the earlier object, takes its id, as whole-slide blocks are joined
+(:mod:`...slide.instances`). The probabilities are the same whatever the view (the tiles do not
+depend on it), so the two parts are the same object seen twice.
 """
 from __future__ import annotations
 
@@ -23,6 +29,9 @@ FOV_KEY = "genselfdiff_fov"
 MAX_CANVAS_PIXELS = 2 * MAX_VIEW_PIXELS
 #: The array holding instance labels (ids are renumbered when pasted); the others are pasted as they are.
 LABELS = "labels"
+#: A new object touching the region's border continues an earlier one cut there when at least this
+#: fraction of its pixels lay on that object.
+CONTINUES = 0.5
 
 
 @dataclass
@@ -82,12 +91,44 @@ def gather(canvas: Canvas | None, key: Hashable, bounds: Bounds, arrays: dict[st
     for name, a in arrays.items():
         part = a
         if name == LABELS:
-            part = np.where(a > 0, a.astype(np.int64) + canvas.count, 0).astype(canvas.arrays[name].dtype)
+            ids = np.arange(int(a.max(initial=0)) + 1, dtype=np.int64) + canvas.count
+            ids[0] = 0
+            for new_id, old_id in _continued(canvas.arrays[name], (oy, ox, h, w), a).items():
+                ids[new_id] = old_id
+            part = ids[a].astype(canvas.arrays[name].dtype)
             canvas.count += int(a.max()) if a.size else 0
         canvas.arrays[name][oy:oy + h, ox:ox + w] = part
     inside = [r for r in canvas.regions if box_overlap(r, (y, x, h, w)) == r[2] * r[3]]
     canvas.regions = [r for r in canvas.regions if r not in inside] + [(y, x, h, w)]
     return canvas, outcome
+
+
+def _continued(labels: np.ndarray, box: Bounds, new: np.ndarray) -> dict[int, int]:
+    """{new id: earlier id} for the objects of ``new`` (the labels about to be pasted at ``box``,
+    y, x, h, w in pixels of ``labels``) that continue an earlier object cut by the box's border:
+    the new object touches the border, the earlier one reaches just outside it, and at least
+    :data:`CONTINUES` of the new object's pixels lay on it."""
+    y, x, h, w = box
+    rows, cols = labels.shape[:2]
+    ring = [labels[y - 1, x:x + w] if y > 0 else (), labels[y + h, x:x + w] if y + h < rows else (),
+            labels[y:y + h, x - 1] if x > 0 else (), labels[y:y + h, x + w] if x + w < cols else ()]
+    cut = np.unique(np.concatenate([np.asarray(r, np.int64) for r in ring]))
+    cut = cut[cut > 0]
+    if not cut.size or not new.size:
+        return {}
+    edge = np.unique(np.concatenate([new[0], new[-1], new[:, 0], new[:, -1]]).astype(np.int64))
+    edge = edge[edge > 0]
+    old = labels[y:y + h, x:x + w].astype(np.int64)
+    both = np.isin(new, edge) & np.isin(old, cut)
+    if not both.any():
+        return {}
+    pairs, counts = np.unique(np.stack([new[both].astype(np.int64), old[both]]), axis=1, return_counts=True)
+    sizes = np.bincount(new.ravel().astype(np.int64))
+    best: dict[int, tuple[int, int]] = {}  # new id: (earlier id, pixels shared)
+    for (n, o), c in zip(pairs.T.tolist(), counts.tolist()):
+        if c >= CONTINUES * sizes[n] and c > best.get(n, (0, 0))[1]:
+            best[n] = (o, c)
+    return {n: o for n, (o, _) in best.items()}
 
 
 def _grow(canvas: Canvas, bounds: Bounds) -> None:
