@@ -74,6 +74,18 @@ def _never_the_users_config(tmp_path_factory, monkeypatch) -> None:
     monkeypatch.setenv("GENSELFDIFF_CONFIG_DIR", str(tmp_path_factory.getbasetemp() / "session-config"))
 
 
+@pytest.fixture(autouse=True)
+def _no_pixel_size_question(request, monkeypatch) -> None:
+    """Tests with a napari viewer: the once-per-image pixel size question (a modal dialog,
+    _widgets/pixelsize.py) is closed unanswered, as before it existed (the model's own resolution,
+    with its warning); the tests of that question answer it themselves."""
+    if "make_napari_viewer" not in request.fixturenames:
+        return  # no Qt imported for tests without a viewer
+    from napari_genselfdiff._widgets import pixelsize
+
+    monkeypatch.setattr(pixelsize, "ask", lambda parent, layer: (False, None))
+
+
 @pytest.fixture
 def settings_dir(tmp_path, monkeypatch) -> Path:
     """Widget settings go to a fresh folder, never the user's real config."""

@@ -661,3 +661,74 @@ def test_a_zoomed_re_predict_keeps_a_cut_object_one_object(viewer, qtbot, tmp_pa
     assert after.shape == before.shape  # the same canvas, the zoomed view pasted into it
     ids = np.unique(after[obj & (after > 0)])
     assert len(ids) == 1 and ids[0] == big, ids
+
+
+@pytest.mark.gui
+def test_the_pixel_size_question_offers_the_magnifications_a_pathologist_knows(viewer, qtbot):
+    from napari_genselfdiff._widgets.pixelsize import PixelSizeDialog
+
+    d = PixelSizeDialog(None, "tile.png")
+    qtbot.addWidget(d)
+    assert d.value() == 0.5  # 20x, the commonest scan, is the default answer
+    texts = [b.text() for b, _ in d.buttons]
+    assert texts[:3] == ["40x  (0.25 µm/px)", "20x  (0.5 µm/px)", "10x  (1 µm/px)"] and "don't know" in texts[-1]
+    d.buttons[0][0].setChecked(True)
+    assert d.value() == 0.25
+    d.value_spin.setValue(0.3)  # typing a value picks "another pixel size"
+    assert d.other.isChecked() and d.value() == pytest.approx(0.3)
+    d.buttons[-1][0].setChecked(True)
+    assert d.value() is None
+    d.buttons[1][0].setChecked(True)
+    d.show()
+    qtbot.waitExposed(d)
+    shots = Path(__file__).resolve().parents[1] / "screenshots"
+    shots.mkdir(exist_ok=True)
+    assert d.grab().save(str(shots / "pixel_size_question.png"))
+
+
+@pytest.mark.gui
+def test_a_pixel_size_the_file_lacks_is_asked_once_and_used_everywhere(viewer, qtbot, tmp_path, he_image, monkeypatch):
+    """Issue 35 item 4: an image without a pixel size: Predict asks once (40x), runs the 1 µm/px
+    model on a coarser level, keeps the answer on the layer; a second prediction does not ask again,
+    and Fine-tune and the Refine project read the same value. 'I don't know' is remembered too;
+    a dialog closed without an answer is asked again."""
+    from napari_genselfdiff._widgets import pixelsize
+    from napari_genselfdiff._widgets.finetune import FinetuneWidget
+    from napari_genselfdiff._widgets.geometry import known_mpp
+
+    asked: list[str] = []
+    answer = [(True, 0.25)]
+
+    def ask(parent, layer):
+        asked.append(layer.name)
+        return answer[0]
+
+    monkeypatch.setattr(pixelsize, "ask", ask)
+    image = viewer.add_image(he_image[:512, :512], name="tile", rgb=True)
+    stand_in(monkeypatch, Dark(mpp=1.0))
+    w = predict_widget(viewer, tmp_path)
+    viewer.reset_view()
+    predict_here(qtbot, w)
+    assert asked == ["tile"] and known_mpp(image) == 0.25
+    glands = viewer.layers["glands"]
+    # the level closest to the model's 1 µm/px that this 512-px image has: 0.5 µm/px (unknown: level 0)
+    assert glands.data.shape == (256, 256) and glands.metadata["genselfdiff"]["downsample"] == 2.0
+    assert "0.50 µm/px" in w.progress.status.text()
+    predict_here(qtbot, w)
+    assert asked == ["tile"]  # once per image
+    ft = FinetuneWidget(viewer)
+    qtbot.addWidget(ft)
+    ft.image_layer.setCurrentText("tile")
+    assert ft.pixel_size() == 0.25 and asked == ["tile"]
+    # another image: closed unanswered -> asked again; "I don't know" -> remembered, not asked again
+    other = viewer.add_image(he_image[:256, :256], name="other", rgb=True)
+    answer[0] = (False, None)
+    assert pixelsize.pixel_size_of(w, other) is None and pixelsize.pixel_size_of(w, other) is None
+    assert asked == ["tile", "other", "other"]
+    answer[0] = (True, None)
+    assert pixelsize.pixel_size_of(w, other) is None and pixelsize.pixel_size_of(w, other) is None
+    assert asked == ["tile", "other", "other", "other"]
+    # the Pixel size row replaces what was asked; the file's own value is never replaced
+    assert pixelsize.pixel_size_of(w, other, 0.5) == 0.5 and known_mpp(other) == 0.5
+    other.metadata["mpp"] = 0.23
+    assert pixelsize.pixel_size_of(w, other, 0.5) == 0.23

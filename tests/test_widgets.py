@@ -387,8 +387,8 @@ def test_finetune_widget_starts_from_the_shipped_backbone_and_can_train_the_head
     w = dock(viewer, FinetuneWidget(viewer), "Fine-tune")
     assert w.init.text() == "pretrained" and bundled_backbone() is not None  # the default starting point
     assert w.config().mpp == pytest.approx(0.5)  # the layer's pixel size reaches the model
-    w.mpp.setValue(0.25)
-    assert w.config().mpp == pytest.approx(0.25)  # the Pixel size row, where given, wins
+    w.mpp.setValue(0.25)  # the Pixel size row is for images that do not say, as in Predict: the file's wins
+    assert w.config().mpp == pytest.approx(0.5)
     w.mpp.setValue(0.0)
     w.freeze.setChecked(True)
     out = tmp_path / "head-only"

@@ -20,10 +20,10 @@ from ..core.nets.unet import PRESETS
 from ..core.progress import Progress, relay_last
 from ..core.train.losses import LOSSES, parse_loss
 from ..core.train.training import FinetuneConfig, finetune
-from .geometry import grid_of
 from .inputs import (LayerChoices, PathEdit, add_training_rows, is_labels, is_rgb_image, layer_to_rgb,
                      pixel_size_spin, scrolling_column, why_not_rgb)
 from .jobs import JobRunner, StopsJobsOnClose
+from .pixelsize import pixel_size_of
 from .progress import TrainingControls
 from .settings import Settings, remember_model
 
@@ -195,14 +195,13 @@ class FinetuneWidget(QWidget):
                               mpp=self.pixel_size())
 
     def pixel_size(self) -> float | None:
-        """µm/px of the training pixels: the Pixel size row, else the image layer's (a slide or image
-        opened in microns), else unknown."""
-        if self.mpp.value():
-            return float(self.mpp.value())
+        """µm/px of the training pixels: the Pixel size row, else the image layer's (its file's, or
+        the one given for it: asked once when nobody knows, :mod:`.pixelsize`), else unknown."""
         if self.source.currentText() == LAYERS and self.image_layer.currentText():
             layer = self.image_choices.by_name(self.image_layer.currentText())
-            return grid_of(layer).mpp if layer is not None else None
-        return None
+            if layer is not None:
+                return pixel_size_of(self, layer, self.mpp.value() or None)
+        return float(self.mpp.value()) if self.mpp.value() else None
 
     def start(self) -> None:
         try:

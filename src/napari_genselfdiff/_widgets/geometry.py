@@ -252,6 +252,18 @@ def box_overlap(a: Sequence[int], b: Sequence[int]) -> int:
 # ---------------------------------------------------------------------------------------------
 # adapters: the plain values above, read off napari objects (attribute reads only, no napari import)
 
+#: Layer metadata key of the pixel size a user gave for an image whose file does not say (µm/px, or
+#: None: asked, not known); see :mod:`.pixelsize`.
+GIVEN_MPP = "genselfdiff_mpp"
+
+
+def known_mpp(layer) -> float | None:
+    """µm/px of an image layer: its file's (``metadata["mpp"]``, or a layer in microns), else the one
+    a user gave (:data:`GIVEN_MPP`), else None."""
+    meta = layer.metadata or {}
+    return meta.get("mpp") or grid_of(layer).mpp or meta.get(GIVEN_MPP) or None
+
+
 def grid_of(layer) -> Grid:
     """A layer's :class:`Grid` (its scale, translate and units; None for napari's pixels)."""
     units = tuple(str(u) for u in getattr(layer, "units", ())[-2:]) or None

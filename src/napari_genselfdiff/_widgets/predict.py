@@ -36,6 +36,7 @@ from .inputs import (DeviceChooser, LayerChoices, PathEdit, PrecisionChooser, in
                      pixel_size_spin, row, scrolling_column, why_not_rgb)
 from .jobs import JobRunner, StopsJobsOnClose
 from .objects import ObjectControls
+from .pixelsize import pixel_size_of
 from .readers import prefer_our_reader, say_reader_preference
 from .legend import LEGEND_KEY, PROBABILITY_COLORMAP, Legend, classes_style, instance_style
 from .measure import Measurements
@@ -332,8 +333,9 @@ class PredictWidget(QWidget):
                     run_on, precision=self.precision.precision)
 
     def _slide(self, layer):
-        """The layer as a Slide with its pixel size; one warning when nobody knows it."""
-        slide = layer_slide(layer, self.mpp.value() or None)
+        """The layer as a Slide with its pixel size (asked once when the file does not say); one
+        warning when nobody knows it."""
+        slide = layer_slide(layer, pixel_size_of(self, layer, self.mpp.value() or None))
         if slide.mpp is None:
             show_warning(f"{layer.name}: pixel size unknown (not in the file, 'Pixel size' not set): the model "
                          "runs on the image as it is, assuming the model's own resolution")

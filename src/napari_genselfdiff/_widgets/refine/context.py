@@ -16,6 +16,7 @@ from ...core.errors import DataError
 from ...core.names import safe_name
 from ...formats.tiff import write_tiff
 from ...project import Project
+from ..geometry import known_mpp
 from ..inputs import LayerChoices, layer_file, layer_to_rgb, level0_data, level0_shape
 from ..settings import Settings
 
@@ -74,7 +75,7 @@ class RefineContext(QObject):
         else a copy saved in the project (``images/<layer name>.tif``)."""
         project = self.need_project()
         shape = level0_shape(layer)
-        mpp = layer.metadata.get("mpp")
+        mpp = known_mpp(layer)  # the file's, or the one given in Predict / Fine-tune (asked once)
         path = layer_file(layer)
         if path is None:
             known = self.known_slide_id(layer)
