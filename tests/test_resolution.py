@@ -132,7 +132,7 @@ def test_cli_predict_says_what_resolution_it_runs_at(one_torch_thread, tmp_path,
 def test_widget_pixel_size_applies_only_when_the_layer_has_none():
     from napari.layers import Image
 
-    from napari_genselfdiff._widgets.predict import layer_slide
+    from napari_genselfdiff._widgets.slide_layer import layer_slide
 
     plain = Image(np.zeros((64, 64, 3), np.uint8), rgb=True, name="tile")
     assert layer_slide(plain).mpp is None

@@ -100,3 +100,31 @@ def test_is_our_warning_by_category_or_file():
     assert jobs.is_our_warning(UserWarning, jobs.PACKAGE_DIR / "slide" / "tiler.py")
     assert not jobs.is_our_warning(DeprecationWarning, "/usr/lib/python3/site-packages/numpy/core.py")
     assert not jobs.is_our_warning(UserWarning, "<string>")
+
+
+def test_every_row_of_every_dock_explains_itself_on_hover(make_napari_viewer, qtbot):
+    """Issue 35 item 10: no jargon without a tooltip. Every form row (Tile, Overlap, Batch, Run on,
+    Pretext, Sampling steps, Loss, ...) has an explanation, shown over its label as over its field."""
+    from qtpy.QtCore import QEvent, QPoint
+    from qtpy.QtGui import QHelpEvent
+    from qtpy.QtWidgets import QApplication, QFormLayout, QLabel, QToolTip
+
+    from napari_genselfdiff._widgets.inputs import field_tip
+
+    viewer = make_napari_viewer(show=True)
+    widgets = [viewer.window.add_plugin_dock_widget("napari-genselfdiff", name)[1] for name in DOCKS]
+    labels = {}  # (dock, row label) -> the label widget
+    for name, w in zip(DOCKS, widgets):
+        for form in w.findChildren(QFormLayout):
+            for i in range(form.rowCount()):
+                item = form.itemAt(i, QFormLayout.ItemRole.LabelRole)
+                if item is not None and isinstance(item.widget(), QLabel) and item.widget().text():
+                    labels[(name, item.widget().text())] = item.widget()
+    missing = [key for key, lb in labels.items() if lb.buddy() is None or not field_tip(lb.buddy())]
+    assert len(labels) >= 40 and missing == [], missing
+    predict = widgets[DOCKS.index("Predict glands / nuclei")]
+    tile = labels[("Predict glands / nuclei", "Tile")]
+    qtbot.waitExposed(tile)
+    QApplication.sendEvent(tile, QHelpEvent(QEvent.Type.ToolTip, QPoint(2, 2), tile.mapToGlobal(QPoint(2, 2))))
+    qtbot.waitUntil(lambda: QToolTip.text() == predict.tile.toolTip(), timeout=3000)
+    assert "square tiles" in QToolTip.text()

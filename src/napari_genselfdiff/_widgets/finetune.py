@@ -20,7 +20,7 @@ from ..core.nets.unet import PRESETS
 from ..core.progress import Progress, relay_last
 from ..core.train.losses import LOSSES, parse_loss
 from ..core.train.training import FinetuneConfig, finetune
-from .inputs import (LayerChoices, PathEdit, add_training_rows, is_labels, is_rgb_image, layer_to_rgb,
+from .inputs import (LayerChoices, PathEdit, add_training_rows, explain_labels, is_labels, is_rgb_image, layer_to_rgb,
                      pixel_size_spin, scrolling_column, why_not_rgb)
 from .jobs import JobRunner, StopsJobsOnClose
 from .pixelsize import pixel_size_of
@@ -65,6 +65,7 @@ class FinetuneWidget(QWidget):
         self.runner = JobRunner("fine-tuning", self)
         self.stops_jobs = StopsJobsOnClose(self, [self.runner])
         self._build()
+        explain_labels(self)  # a row's label explains its field on hover, as the field does
         self.runner.result.connect(self._on_done)
 
     def _build(self) -> None:
@@ -74,8 +75,12 @@ class FinetuneWidget(QWidget):
         form = self._data_form = QFormLayout(data)
         self.source = QComboBox()
         self.source.addItems([LAYERS, FOLDERS])
+        self.source.setToolTip("where the labelled examples come from: an image layer with a Labels layer drawn "
+                               "over it, or folders of image and mask files with the same names")
         form.addRow("From", self.source)
         self.image_layer, self.labels_layer = QComboBox(), QComboBox()
+        self.image_layer.setToolTip("the H&E image layer the labels were drawn on")
+        self.labels_layer.setToolTip("the Labels layer: each object (gland, nucleus) its own id, 0 = background")
         self.image_choices = LayerChoices(self.viewer, is_rgb_image, self.image_layer, why_not_rgb)
         self.labels_choices = LayerChoices(self.viewer, is_labels, self.labels_layer)
         self.images_dir, self.masks_dir = PathEdit("dir", "folder of images"), PathEdit("dir", "folder of masks")
@@ -100,6 +105,8 @@ class FinetuneWidget(QWidget):
         form = QFormLayout(task)
         self.task = QComboBox()
         self.task.addItems(["glands", "nuclei"])
+        self.task.setToolTip("glands: each gland an object; nuclei: each nucleus, with a boundary class that "
+                             "separates touching ones")
         form.addRow("Task", self.task)
         self.boundary = QCheckBox("boundary class (separates touching nuclei)")
         form.addRow("", self.boundary)
@@ -126,7 +133,10 @@ class FinetuneWidget(QWidget):
         self.loss = QComboBox()
         self.loss.setEditable(True)
         self.loss.addItems(["focal+ssl", "ce+dice", "focal", "ce", "dice", "tversky"])
-        self.loss.setToolTip(f"a weighted sum of {', '.join(LOSSES)}, e.g. focal+ssl or 0.5*dice+ce")
+        self.loss.setToolTip(f"what training minimises, a weighted sum of {', '.join(LOSSES)}: focal (per pixel, "
+                             "hard pixels weigh more), ssl (structural similarity of the probability map), ce "
+                             "(cross-entropy), dice / tversky (overlap), contact (apart touching nuclei); focal+ssl "
+                             "is the paper's, 0.5*dice+ce another")
         form.addRow("Loss", self.loss)
         rows = add_training_rows(form, patch_tip="training tile size in pixels", steps=500, steps_step=50,
                                  out_tip="folder for the model",

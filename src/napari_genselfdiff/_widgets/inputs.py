@@ -12,7 +12,7 @@ import numpy as np
 from qtpy.QtCore import QEvent, QObject, QSize, Qt
 from qtpy.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout, QFrame, QGroupBox,
                             QHBoxLayout, QLabel, QLineEdit, QListWidget, QPushButton, QScrollArea, QSpinBox,
-                            QVBoxLayout, QWidget)
+                            QToolTip, QVBoxLayout, QWidget)
 
 from ..core.device import CHOICES, available_devices, pick_device
 from ..core.errors import DataError, GenSelfDiffError
@@ -34,6 +34,8 @@ class DeviceChooser(QWidget):
                 item = self.combo.model().item(self.combo.count() - 1)
                 item.setEnabled(False)
                 item.setToolTip(f"{name} is not available on this machine")
+        self.combo.setToolTip("where the network runs: auto takes a GPU (cuda, then mps) when this machine has "
+                              "one, else the CPU")
         self.info = QLabel()
         self.info.setWordWrap(True)
         self.combo.currentTextChanged.connect(self._explain)
@@ -68,6 +70,8 @@ class PrecisionChooser(QWidget):
         self.combo.setToolTip("the arithmetic the model runs in: auto takes bf16 where the processor computes it "
                               "natively (avx512_bf16 / amx_bf16 / Arm bf16, or a GPU), about twice as fast with "
                               "the same objects; fp32 elsewhere. bf16 on a CPU without it is emulated and slower")
+        self.combo.setToolTip("where the network runs: auto takes a GPU (cuda, then mps) when this machine has "
+                              "one, else the CPU")
         self.info = QLabel()
         self.info.setWordWrap(True)
         self.combo.currentTextChanged.connect(self._explain)
@@ -105,6 +109,7 @@ class PathEdit(QWidget):
         self.mode, self.file_filter = mode, file_filter
         self.edit = QLineEdit()
         self.edit.setPlaceholderText(placeholder)
+        self.edit.setToolTip(placeholder)
         self.button = QPushButton("…")
         self.button.setFixedWidth(30)
         self.button.setToolTip("browse")
@@ -170,8 +175,10 @@ def add_training_rows(form: QFormLayout, *, patch_tip: str, steps: int, steps_st
     """Add the rows both training widgets share to ``form``: patch, steps, batch, device, output
     folder, resume."""
     rows = TrainingRows(patch=int_spin(32, 1024, 256, 32, patch_tip),
-                        steps=int_spin(1, 1_000_000, steps, steps_step, "optimisation steps"),
-                        batch=int_spin(1, 256, 8, 1, "tiles per step"),
+                        steps=int_spin(1, 1_000_000, steps, steps_step, "how long training runs: each optimisation "
+                                       "step learns from one batch of tiles"),
+                        batch=int_spin(1, 256, 8, 1, "tiles per step: more gives steadier learning but takes more "
+                                       "memory and time per step"),
                         device=DeviceChooser(),
                         out=PathEdit("dir", out_tip),
                         resume=QCheckBox("resume the run in this folder, if there is one"))
@@ -394,3 +401,32 @@ def layer_file(layer) -> Path | None:
     """The file a layer was read from, when it still exists."""
     path = layer.source.path or layer.metadata.get("path")
     return Path(path) if path and Path(path).exists() else None
+
+
+class _FieldTips(QObject):
+    """Hovering a form row's label shows its field's tooltip (the field's own, or the first one of
+    its parts: a path's line edit, a chooser's combo box), read when shown, so it stays current."""
+
+    def eventFilter(self, obj: QObject, event: QEvent) -> bool:
+        if event.type() == QEvent.Type.ToolTip and isinstance(obj, QLabel) and obj.buddy() is not None:
+            text = field_tip(obj.buddy())
+            if text:
+                QToolTip.showText(event.globalPos(), text, obj)
+                return True
+        return False
+
+
+def field_tip(field: QWidget) -> str:
+    """The tooltip that explains ``field``: its own, else the first of its parts' (not 'browse')."""
+    return field.toolTip() or next((c.toolTip() for c in field.findChildren(QWidget)
+                                    if c.toolTip() and c.toolTip() != "browse"), "")
+
+
+def explain_labels(root: QWidget) -> None:
+    """Every form row label under ``root`` explains its field on hover (:class:`_FieldTips`)."""
+    tips = _FieldTips(root)
+    for form in root.findChildren(QFormLayout):
+        for i in range(form.rowCount()):
+            item = form.itemAt(i, QFormLayout.ItemRole.LabelRole)
+            if item is not None and isinstance(item.widget(), QLabel):
+                item.widget().installEventFilter(tips)

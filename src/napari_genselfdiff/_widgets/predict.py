@@ -30,10 +30,10 @@ from ..core.inference import PredictorCache
 from ..core.names import safe_name
 from ..core.progress import Progress, in_background
 from .canvas import FOV_KEY, LABELS, GatheredViews
-from .geometry import (Region, at_model_level, grid_of, layer_downsamples, placement, scale_bar_of, view_of,
+from .geometry import (Region, at_model_level, grid_of, placement, scale_bar_of, view_of,
                        visible_region)
-from .inputs import (DeviceChooser, LayerChoices, PathEdit, PrecisionChooser, int_spin, is_rgb_image, level0_data,
-                     pixel_size_spin, row, scrolling_column, why_not_rgb)
+from .inputs import (DeviceChooser, LayerChoices, PathEdit, PrecisionChooser, explain_labels, int_spin, is_rgb_image,
+                     level0_data, pixel_size_spin, row, scrolling_column, why_not_rgb)
 from .jobs import JobRunner, StopsJobsOnClose
 from .objects import ObjectControls
 from .pixelsize import pixel_size_of
@@ -43,39 +43,11 @@ from .measure import Measurements
 from .models import ModelChooser, fmt_mpp
 from .progress import ProgressPanel, format_duration
 from .settings import Settings, recent_models
+from .slide_layer import downsamples_of, layer_slide
 from .whole_slide import RunOnChooser, SlideResult, load_predictor, result_name, slide_job
 
 # ---------------------------------------------------------------------------------------------
 # layers as the jobs need them
-
-
-def downsamples_of(layer) -> list[float]:
-    """How many level-0 pixels one pixel of each of ``layer``'s levels spans."""
-    return layer_downsamples(layer.downsample_factors if layer.multiscale else None)
-
-
-def layer_slide(layer, mpp: float | None = None):
-    """The image layer as a :class:`~napari_genselfdiff.slide.reader.Slide` over the very arrays
-    napari shows (so predictions line up with the display), named after its file if it has one.
-    Its pixel size is the one read from the file (``layer.metadata["mpp"]``), else the layer's
-    scale when it is in microns, else ``mpp`` (the widget's field), else unknown."""
-    import dask.array as da
-
-    from ..slide.reader import Slide, coarsened_levels
-
-    if not layer.rgb:
-        raise DataError(f"layer {layer.name!r} is not an RGB image")
-    levels = list(layer.data) if layer.multiscale else [layer.data]
-    if levels[0].dtype != np.uint8:
-        raise DataError(f"layer {layer.name!r}: expected RGB uint8 pixels, got {levels[0].dtype}")
-    levels = [lv if isinstance(lv, da.Array) else da.from_array(lv, chunks=(1024, 1024, -1)) for lv in levels]
-    downsamples = downsamples_of(layer)
-    if len(levels) == 1:  # lazily coarsened levels, so a model trained at lower resolution can run
-        levels = [levels[0]] + coarsened_levels(levels[0])
-        downsamples = [2.0 ** i for i in range(len(levels))]
-    path = layer.source.path or layer.metadata.get("path") or layer.name
-    mpp = layer.metadata.get("mpp") or grid_of(layer).mpp or mpp or None
-    return Slide(path=Path(path), levels=levels, downsamples=downsamples, mpp=mpp)
 
 
 def region_on_screen(viewer, layer) -> Region:
@@ -205,6 +177,7 @@ class PredictWidget(QWidget):
         say_reader_preference(prefer_our_reader())  # File > Open gives slides to our reader
         self._scale_bar_shown = False
         self._build()
+        explain_labels(self)  # a row's label explains its field on hover, as the field does
         self.progress.follow(self.runner)
         self.runner.event.connect(self._on_event)
         self.runner.result.connect(self._on_result)
@@ -218,6 +191,7 @@ class PredictWidget(QWidget):
         self.model, self.browse = self.chooser.combo, self.chooser.browse
         form.addRow("Model", self.chooser)
         self.image_layer = QComboBox()
+        self.image_layer.setToolTip("the H&E image layer to segment")
         self.image_choices = LayerChoices(self.viewer, is_rgb_image, self.image_layer, why_not_rgb)
         form.addRow("Image layer", self.image_layer)
         self.device = DeviceChooser()
@@ -233,7 +207,8 @@ class PredictWidget(QWidget):
 
         box = QGroupBox("Tiling")
         form = QFormLayout(box)
-        self.tile = int_spin(64, 2048, 512, 64, "tile size the model sees, in pixels")
+        self.tile = int_spin(64, 2048, 512, 64, "the model sees the image in square tiles of this many pixels, "
+                             "blended where they overlap: larger tiles take more memory, not a different answer")
         form.addRow("Tile", self.tile)
         self.overlap = int_spin(-1, 512, -1, 8, "overlap between neighbouring tiles, in pixels (a multiple of 8); "
                                 "the model's default comes from its receptive field, so tiling cannot change the answer")

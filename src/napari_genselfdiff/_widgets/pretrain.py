@@ -24,8 +24,8 @@ from ..core.nets.unet import PRESETS
 from ..core.progress import Progress
 from ..core.train.training import PretrainConfig, pretrain
 from ..slide.sources import LazyArraySource, unlabeled_sources
-from .inputs import (LayerChoices, PathEdit, add_training_rows, int_spin, is_rgb_image, layer_to_rgb, scrolling_column,
-                     why_not_rgb)
+from .inputs import (LayerChoices, PathEdit, add_training_rows, explain_labels, int_spin, is_rgb_image, layer_to_rgb,
+                     scrolling_column, why_not_rgb)
 from .jobs import JobRunner, StopsJobsOnClose
 from .progress import TrainingControls
 from .settings import Settings
@@ -110,6 +110,7 @@ class PretrainWidget(QWidget):
         self.stops_jobs = StopsJobsOnClose(self, [self.runner])
         self._layer = TILES_LAYER  # the layer the running job's sample grid goes to
         self._build()
+        explain_labels(self)  # a row's label explains its field on hover, as the field does
         self.runner.result.connect(self._on_tiles)
 
     # -- layout ----------------------------------------------------------------------------
@@ -154,7 +155,8 @@ class PretrainWidget(QWidget):
         self.device, self.out, self.resume = rows.device, rows.out, rows.resume
         self.n_tiles = int_spin(0, 64, 16, 4, "tiles to generate at the end (0: none)")
         form.addRow("Generated tiles", self.n_tiles)
-        self.ddim_steps = int_spin(2, 200, 10, 5, "DDIM sampling steps for the generated tiles")
+        self.ddim_steps = int_spin(2, 200, 10, 5, "denoising steps that draw each generated tile (DDIM, a fast "
+                                  "sampler of diffusion models): more gives finer detail and takes longer")
         form.addRow("Sampling steps", self.ddim_steps)
         lay.addWidget(opts)
         self._on_pretext(self.pretext.currentText())

@@ -33,7 +33,8 @@ from ..geometry import (Bounds, Grid, box_overlap, covers, grid_of, placement, s
                         view_of)
 from ..inputs import form_and_column, is_labels, level0_data, level0_shape, row
 from ..jobs import JobRunner, readable_error
-from ..predict import FovResult, fov_job, layer_slide
+from ..predict import FovResult, fov_job
+from ..slide_layer import layer_slide
 from .context import RefineContext, read_pixels
 
 #: Largest side, in level-0 pixels, of a region opened for editing.

@@ -19,7 +19,7 @@ from ..geometry import (Bounds, bounds_centre_world, box_overlap, camera_of, gri
                         zoom_to_fit)
 from ..inputs import form_and_column, info_label, int_spin, layer_to_rgb, level0_data, row
 from ..jobs import JobRunner, readable_error
-from ..predict import layer_slide
+from ..slide_layer import layer_slide
 from .context import RefineContext
 
 SUGGESTION_LAYER = "suggested region"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from qtpy.QtWidgets import QWidget
 
 from ...project import Project
-from ..inputs import LayerChoices, is_rgb_image, narrow_combo, scrolling_column, why_not_rgb
+from ..inputs import LayerChoices, explain_labels, is_rgb_image, narrow_combo, scrolling_column, why_not_rgb
 from ..jobs import StopsJobsOnClose
 from ..settings import Settings
 from .annotate import AnnotateBox
@@ -30,6 +30,7 @@ class RefineWidget(QWidget):
         self.viewer = napari_viewer
         self.settings = settings or Settings("refine")
         images = narrow_combo()
+        images.setToolTip("the H&E image layer whose regions you correct")
         choices = LayerChoices(napari_viewer, is_rgb_image, images, why_not_rgb)
         self.ctx = RefineContext(napari_viewer, self.settings, choices, self)
 
@@ -64,3 +65,4 @@ class RefineWidget(QWidget):
         for box in boxes:
             lay.addWidget(box)
         lay.addStretch(1)
+        explain_labels(self)  # a row's label explains its field on hover, as the field does
