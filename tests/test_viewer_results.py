@@ -732,3 +732,26 @@ def test_a_pixel_size_the_file_lacks_is_asked_once_and_used_everywhere(viewer, q
     assert pixelsize.pixel_size_of(w, other, 0.5) == 0.5 and known_mpp(other) == 0.5
     other.metadata["mpp"] = 0.23
     assert pixelsize.pixel_size_of(w, other, 0.5) == 0.23
+
+
+@pytest.mark.gui
+def test_a_store_opened_again_looks_like_the_live_result(viewer, qtbot, tmp_path, he_image, monkeypatch):
+    """Issue 35 item 10: a whole-slide store opened through File > Open is drawn as the live result
+    was (nuclei outlined in the nucleus colour, not filled random colours; the same probability
+    layer), with the same legend entry."""
+    viewer.add_image(he_image[:256, :256], name="H&E", rgb=True)
+    stand_in(monkeypatch, Dark("nuclei", mpp=None))
+    w = predict_widget(viewer, tmp_path)
+    w.slide_btn.click()
+    qtbot.waitUntil(lambda: not w.runner.running, timeout=60_000)
+    live, live_prob = viewer.layers["nuclei"], viewer.layers["nuclei probability"]
+    [store] = list((tmp_path / "pred").glob("*.zarr"))
+    opened = {layer.name: layer for layer in viewer.open(str(store), plugin="napari-genselfdiff")}
+    labels = next(v for k, v in opened.items() if k.startswith("nuclei") and "probability" not in k)
+    prob = next(v for k, v in opened.items() if "probability" in k)
+    qtbot.waitUntil(lambda: labels.contour == live.contour == 2, timeout=3000)  # outlined once added
+    assert labels.opacity == pytest.approx(live.opacity)
+    for i in (1, 7, 123):
+        np.testing.assert_allclose(labels.colormap.map(i), live.colormap.map(i))
+    assert labels.metadata["genselfdiff_legend"] == live.metadata["genselfdiff_legend"]
+    assert prob.colormap.name == live_prob.colormap.name and prob.blending == live_prob.blending

@@ -61,6 +61,7 @@ def read_prediction_store(store) -> list[tuple]:
     import dask.array as da
 
     from ._widgets.geometry import Grid, placement, slide_scale
+    from ._widgets.legend import PROBABILITY_COLORMAP
     from .core.errors import GenSelfDiffWarning
 
     missing = store.unfinished()
@@ -78,11 +79,49 @@ def read_prediction_store(store) -> list[tuple]:
             warnings.warn(f"{store.path}: label set {name!r} is unfinished; showing what is there",
                           GenSelfDiffWarning, stacklevel=2)
         layers.append((levels if len(levels) > 1 else levels[0],
-                       {"name": name, "multiscale": len(levels) > 1, "opacity": 0.5, "metadata": grid, **place},
+                       {"name": name, "multiscale": len(levels) > 1, **_styled(name, store.class_names, grid), **place},
                        "labels"))
-    if len(store.class_names) > 1:
+    if len(store.class_names) > 1:  # named and drawn as the live result's probability layer
         fg = store.foreground_dask()
-        layers.append((fg, {"name": f"{Path(str(store.path)).name} probability", "colormap": "inferno",
+        name = store.label_names()[0] if store.label_names() else Path(str(store.path)).name
+        layers.append((fg, {"name": f"{name} probability", "colormap": PROBABILITY_COLORMAP,
                             "opacity": 0.5, "blending": "additive", "contrast_limits": (0, 255), **place},
                        "image"))
     return layers
+
+
+def _styled(name: str, class_names: list, grid: dict) -> dict:
+    """``add_labels`` keywords of a stored label set: drawn as the Predict widget draws the live
+    result (glands filled, nuclei outlined, in the task's colour; the legend entry in the metadata),
+    a label set of another name in napari's own colours."""
+    from ._widgets.legend import LEGEND_KEY, instance_style
+
+    if name not in ("glands", "nuclei"):
+        return {"opacity": 0.5, "metadata": grid}
+    style = instance_style(name, str(class_names[1]) if len(class_names) > 1 else name)
+    meta = {**grid, LEGEND_KEY: style.pop("legend")}
+    if style.get("contour"):  # not a layer keyword: set once napari has added the layer
+        meta[CONTOUR_KEY] = style.pop("contour")
+        _outline_when_added()
+    return {"opacity": 0.5, **style, "metadata": meta}
+
+
+#: Metadata key of a stored label set to draw as outlines this many pixels wide (nuclei).
+CONTOUR_KEY = "genselfdiff_contour"
+
+
+def _outline_when_added() -> None:
+    """Outline, right after napari adds them, the Labels layers this reader marked with
+    :data:`CONTOUR_KEY` (a reader returns layer data only, and ``contour`` is not a Labels keyword)."""
+    from qtpy.QtCore import QTimer
+
+    def outline() -> None:
+        import napari
+
+        viewer = napari.current_viewer()
+        for layer in viewer.layers if viewer is not None else []:
+            width = (layer.metadata or {}).get(CONTOUR_KEY)
+            if width and getattr(layer, "contour", None) == 0:
+                layer.contour = int(width)
+
+    QTimer.singleShot(0, outline)
