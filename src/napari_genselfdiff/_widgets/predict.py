@@ -225,7 +225,8 @@ class PredictWidget(QWidget):
         lay.addWidget(box)
 
         self.fov_btn = QPushButton("Predict field of view")
-        self.fov_btn.setToolTip("segment what is on screen now (fast)")
+        self.fov_btn.setToolTip("segment what is on screen now: seconds for a zoomed-in screen on a laptop CPU "
+                                "(the tiles it needs, kept for panning back); zoomed out over a slide, minutes")
         self.fov_btn.clicked.connect(self.predict_view)
         self.slide_btn = QPushButton("Predict whole slide")
         self.slide_btn.setToolTip("segment the whole image in the background; resumes an interrupted run")
