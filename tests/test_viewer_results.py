@@ -256,6 +256,7 @@ def test_every_layer_of_a_micron_slide_aligns(viewer, qtbot, tmp_path, he_image,
     for layer in layers:
         assert [str(u) for u in layer.units] == ["micrometer", "micrometer"], layer.name
         np.testing.assert_allclose(pixel_edges(layer), pixel_edges(image), atol=1e-6)
+    assert layers[0].metadata["genselfdiff"]["mpp"] == pytest.approx(0.5)  # region counts and GeoJSON in µm
     # the suggestion outline: the region's pixel edges, in microns
     refine = RefineWidget(viewer)
     viewer.window.add_dock_widget(refine, name="Annotate and refine", area="right")

@@ -70,7 +70,8 @@ def read_prediction_store(store) -> list[tuple]:
                       "(run the same prediction again to resume)", GenSelfDiffWarning, stacklevel=2)
     d = float(store.downsample)
     place = placement(Grid(**slide_scale(store.meta.get("slide_mpp"))), d)  # over the slide as read_slide shows it
-    grid = {"genselfdiff": {"downsample": d, "offset": [0, 0]}}
+    slide_mpp = store.meta.get("slide_mpp")  # the GeoJSON writer's and the region counts' microns
+    grid = {"genselfdiff": {"downsample": d, "offset": [0, 0], **({"mpp": float(slide_mpp)} if slide_mpp else {})}}
     layers: list[tuple] = []
     for name in store.label_names():
         levels = [da.from_zarr(lv) for lv in store.label_levels(name)]

@@ -3,8 +3,7 @@ on a Shapes layer over a result and asks how many objects lie in each, how dense
 when the pixel size is known) and what fraction of the region they cover
 (:func:`..formats.measurements.region_summary`, an object counted where its centroid is). The
 numbers go onto the shapes themselves (the Shapes layer's ``features``, shown as text on each
-shape) and into the status line; ``Save measurements`` saves the objects, the regions' table is the
-layer's features (napari's own CSV export of features, or :func:`count_regions`).
+shape) and into the status line; ``Save measurements`` saves the per-object table.
 
 Shapes are placed on the labels' pixel grid through world coordinates, so a region drawn on the
 slide's image counts a result predicted at another pyramid level correctly. A region whose
