@@ -606,6 +606,30 @@ def test_predict_field_of_view_adds_aligned_layers(viewer, qtbot, tmp_path, he_i
     k = list(feats["Object ID"]).index(one)
     assert feats["Hematoxylin OD mean"][k] == pytest.approx(hed[..., 0][glands.data == one].mean(), rel=1e-5)
     assert feats["Eosin OD mean"][k] == pytest.approx(hed[..., 1][glands.data == one].mean(), rel=1e-5)
+    # the table under the canvas: a row per object; a row selects its object and centres it, a click
+    # on an object selects its row
+    camera = viewer.scene.camera
+    view = (tuple(camera.center), camera.zoom)
+    table = w.measurements.show_table()
+    assert table is not None and table.rowCount() == len(ids) and "Objects table" in viewer.window.dock_widgets
+    assert w.measurements.show_table() is table  # shown again: the same dock, not a second one
+    assert table.horizontalHeaderItem(0).text() == "Object ID"
+    k_row = [int(table.item(r, 0).text()) for r in range(table.rowCount())].index(one)
+    table.selectRow(k_row)
+    assert glands.selected_label == one
+    centre = np.argwhere(glands.data == one).mean(axis=0)
+    np.testing.assert_allclose(camera.center[-2:], glands.data_to_world(centre)[-2:], atol=1e-6)
+    other = int(ids[-1])
+    oy, ox = np.argwhere(glands.data == other)[0]
+
+    class Click:  # the event napari hands a mouse callback: where, in world coordinates
+        position = tuple(glands.data_to_world((oy, ox)))
+
+    for callback in glands.mouse_drag_callbacks:
+        callback(glands, Click())
+    assert int(table.item(table.currentRow(), 0).text()) == other
+    screenshot(viewer, qtbot, "predict_object_table")
+    camera.center, camera.zoom = view  # back to the view predicted, for what follows
     csv_path = w.measurements.save(str(tmp_path / "glands.csv"))
     assert csv_path and (tmp_path / "glands.csv").read_text(encoding="utf-8").count("\n") == len(ids) + 1
     from qtpy.QtWidgets import QFileDialog  # the button asks where (the dialog answered here)

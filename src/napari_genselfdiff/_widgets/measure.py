@@ -44,6 +44,12 @@ class Measurements:
         self.count_button.setToolTip("objects per region drawn on a Shapes layer (rectangle, ellipse, polygon): "
                                      "count, density per mm² and area covered, written on each shape")
         self.count_button.clicked.connect(lambda: self.count())
+        self.table_button = QPushButton("Table")
+        self.table_button.setToolTip("the objects of the last field-of-view result as a table under the image: "
+                                     "click a row to find its object, click an object to find its row")
+        self.table_button.setEnabled(False)
+        self.table_button.clicked.connect(lambda: self.show_table())
+        self.table = None  # the docked ObjectTable, once shown
         self.layer = None  # the result layer the table belongs to
         self._asked_for = None  # the result layer of the newest table asked for
 
@@ -61,6 +67,29 @@ class Measurements:
             layer.features = {"index": table["Object ID"], **table}
             self.layer = layer
             self.button.setEnabled(True)
+            self.table_button.setEnabled(True)
+            if self._table_shown():
+                self.table.show_layer(layer)
+
+    def _table_shown(self) -> bool:
+        try:  # a dock the user closed is gone (its widget deleted by Qt, or without a parent)
+            return self.table is not None and self.table.parent() is not None
+        except RuntimeError:
+            return False
+
+    def show_table(self):
+        """The last measured result's objects in a table docked under the canvas (:mod:`.table`)."""
+        from .table import ObjectTable
+
+        if self.layer is None or self.layer not in self.viewer.layers:
+            show_error("no result to show: predict a field of view first")
+            return None
+        if not self._table_shown():
+            self.table = ObjectTable(self.viewer)
+            self.viewer.window.add_dock_widget(self.table, name="Objects table", area="bottom")
+        n = self.table.show_layer(self.layer)
+        self.status(f"{n} objects of '{self.layer.name}' in the table below the image")
+        return self.table
 
     def save(self, path: str | None = None) -> str | None:
         """Write the last measured result's table as CSV (asks where, unless given); the path."""

@@ -242,7 +242,7 @@ class PredictWidget(QWidget):
         self.legend = Legend(self.viewer)
         lay.addWidget(self.legend)
         self.measure_btn = self.measurements.button
-        lay.addWidget(row(self.measure_btn, self.measurements.count_button))
+        lay.addWidget(row(self.measure_btn, self.measurements.table_button, self.measurements.count_button))
         lay.addStretch(1)
 
         self.fill_models()
