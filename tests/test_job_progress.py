@@ -359,3 +359,21 @@ def test_the_stages_after_the_last_step_say_what_they_do_and_stop_on_cancel(tmp_
     gen.close()
     saved = ck.load_config(tmp_path / "b")
     assert saved["training"]["steps"] == cfg.steps and "postprocess_tuning" not in saved
+
+
+@pytest.mark.usefixtures("one_torch_thread")
+def test_the_eta_counts_the_finishing_stage_before_it_runs(tmp_path, monkeypatch):
+    """Issue 35 item 8: the ETA said 0:00 at the last step while choosing the object thresholds
+    still took a while. Before that stage it is counted (FINISH_PASSES validation passes); while
+    it runs, its guess until a few of its steps set the pace (no jump from 0 to 50 s)."""
+    from napari_genselfdiff.core.train import training
+
+    cfg = FinetuneConfig(**{**FT.__dict__, "tune_postprocess": True, "val_every": 2})
+    events = list(finetune(_val_images(2, 96, 96), tmp_path / "f", cfg, val_items=_val_images(3, 120, 120),
+                           device="cpu"))
+    last_step = [e for e in events if e.step == cfg.steps and not e.activity and e.metrics]
+    assert last_step and last_step[0].eta_s > 0  # the finishing stage is still to come
+    finishing = [e for e in events if e.activity.startswith(("predicting the validation", "choosing object"))]
+    assert finishing and all(np.isfinite(e.eta_s) and e.eta_s >= 0 for e in finishing)
+    # its first steps show the guess counting down (the pace of one step made it jump to 50 s)
+    assert finishing[0].eta_s <= last_step[0].eta_s and training.PACE_STEPS >= 2

@@ -34,7 +34,8 @@ from ..pretext.pseudomask import NucleusStats, draw_batch, measure_tile, render_
 from ..pretext.translation import (LossWeights, TranslationConfig, TranslationNets, discriminator_loss,
                                    generator_losses, translator_config)
 from ..progress import Progress
-from .training import _now, _prepare_out, _run, _step_rngs, start_note
+from .outdir import prepare_out, start_note
+from .training import _now, _run, _step_rngs
 
 PRETEXT = "nucleus"
 #: terms reported per step (``last_losses``) and recorded in the checkpoint
@@ -169,7 +170,7 @@ def pretrain_nucleus(sources: Sequence[UnlabeledSource], out: str | os.PathLike,
         raise DataError(f"unknown preset {cfg.preset!r}; choose one of {', '.join(PRESETS)}")
     out = Path(out)
     dev, why = pick_device(device)
-    state = _prepare_out(out, resume, overwrite, "pretrain", inputs)
+    state = prepare_out(out, resume, overwrite, "pretrain", inputs)
     if state is not None:
         pretext = state.get("run", {}).get("pretext", "diffusion")
         if pretext != PRETEXT:
