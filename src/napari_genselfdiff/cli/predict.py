@@ -123,9 +123,10 @@ def _check_export_space(store: PredictionStore, name: str, tiff: str | None, ome
 
     stored = tree_bytes(store.path / "labels" / name / "0") / 4
     h, w = (int(n) for n in store.labels(name).shape[:2])
-    for out, need in ((tiff, stored), (ome_zarr, stored + (0.75 * h * w if image else 0))):
+    image_need, with_image = (0.75 * h * w, "labels and image") if image else (0.0, "labels")
+    for out, need, what in ((tiff, stored, "labels"), (ome_zarr, stored + image_need, with_image)):
         if out:
-            check_free_space(out, need, f"the export of {h}x{w} {name} labels" + (" and image" if image and out == ome_zarr else ""))
+            check_free_space(out, need, f"the export of {h}x{w} {name} {what}")
 
 
 def _export_image(store: PredictionStore, slide: str | None, shape: tuple[int, int],
