@@ -115,6 +115,10 @@ def _outline_when_added() -> None:
     """Outline, right after napari adds them, the Labels layers this reader marked with
     :data:`CONTOUR_KEY` (a reader returns layer data only, and ``contour`` is not a Labels keyword)."""
     from qtpy.QtCore import QTimer
+    from qtpy.QtWidgets import QApplication
+
+    if QApplication.instance() is None:  # read without a viewer: nothing to outline
+        return
 
     def outline() -> None:
         import napari
