@@ -122,6 +122,10 @@ def test_every_row_of_every_dock_explains_itself_on_hover(make_napari_viewer, qt
                     labels[(name, item.widget().text())] = item.widget()
     missing = [key for key, lb in labels.items() if lb.buddy() is None or not field_tip(lb.buddy())]
     assert len(labels) >= 40 and missing == [], missing
+    # each row explains its own field, not a neighbour's
+    tip = {key: field_tip(lb.buddy()) for key, lb in labels.items()}
+    assert "arithmetic" in tip[("Predict glands / nuclei", "Precision")]
+    assert "where the network runs" in tip[("Predict glands / nuclei", "Device")]
     predict = widgets[DOCKS.index("Predict glands / nuclei")]
     tile = labels[("Predict glands / nuclei", "Tile")]
     qtbot.waitExposed(tile)

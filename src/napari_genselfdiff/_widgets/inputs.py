@@ -70,8 +70,6 @@ class PrecisionChooser(QWidget):
         self.combo.setToolTip("the arithmetic the model runs in: auto takes bf16 where the processor computes it "
                               "natively (avx512_bf16 / amx_bf16 / Arm bf16, or a GPU), about twice as fast with "
                               "the same objects; fp32 elsewhere. bf16 on a CPU without it is emulated and slower")
-        self.combo.setToolTip("where the network runs: auto takes a GPU (cuda, then mps) when this machine has "
-                              "one, else the CPU")
         self.info = QLabel()
         self.info.setWordWrap(True)
         self.combo.currentTextChanged.connect(self._explain)
