@@ -257,11 +257,15 @@ def box_overlap(a: Sequence[int], b: Sequence[int]) -> int:
 GIVEN_MPP = "genselfdiff_mpp"
 
 
+def stated_mpp(layer) -> float | None:
+    """µm/px of an image layer as its file states it (``metadata["mpp"]``, or a layer in microns)."""
+    return (layer.metadata or {}).get("mpp") or grid_of(layer).mpp or None
+
+
 def known_mpp(layer) -> float | None:
-    """µm/px of an image layer: its file's (``metadata["mpp"]``, or a layer in microns), else the one
-    a user gave (:data:`GIVEN_MPP`), else None."""
-    meta = layer.metadata or {}
-    return meta.get("mpp") or grid_of(layer).mpp or meta.get(GIVEN_MPP) or None
+    """µm/px of an image layer: its file's (:func:`stated_mpp`), else the one a user gave
+    (:data:`GIVEN_MPP`), else None."""
+    return stated_mpp(layer) or (layer.metadata or {}).get(GIVEN_MPP) or None
 
 
 def grid_of(layer) -> Grid:

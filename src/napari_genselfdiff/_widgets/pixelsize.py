@@ -14,7 +14,7 @@ from __future__ import annotations
 from qtpy.QtWidgets import (QButtonGroup, QDialog, QDialogButtonBox, QDoubleSpinBox, QLabel, QRadioButton,
                             QVBoxLayout, QWidget)
 
-from .geometry import GIVEN_MPP, grid_of
+from .geometry import GIVEN_MPP, stated_mpp
 
 #: The objectives a pathologist names, with the usual scanner pixel size at each.
 MAGNIFICATIONS = (("40x", 0.25), ("20x", 0.5), ("10x", 1.0))
@@ -73,7 +73,7 @@ def pixel_size_of(parent: QWidget | None, layer, typed: float | None = None) -> 
     """µm/px of ``layer`` for a job: the file's; else ``typed`` (a widget's Pixel size row), kept on
     the layer; else what was asked before; else asked now (once per layer), kept on the layer."""
     meta = layer.metadata
-    file_mpp = meta.get("mpp") or grid_of(layer).mpp
+    file_mpp = stated_mpp(layer)
     if file_mpp:
         return file_mpp
     if typed:

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from ..core.errors import DataError
-from .geometry import GIVEN_MPP, grid_of, layer_downsamples
+from .geometry import GIVEN_MPP, layer_downsamples, stated_mpp
 
 
 def downsamples_of(layer) -> list[float]:
@@ -37,5 +37,5 @@ def layer_slide(layer, mpp: float | None = None):
         levels = [levels[0]] + coarsened_levels(levels[0])
         downsamples = [2.0 ** i for i in range(len(levels))]
     path = layer.source.path or layer.metadata.get("path") or layer.name
-    mpp = layer.metadata.get("mpp") or grid_of(layer).mpp or mpp or layer.metadata.get(GIVEN_MPP) or None
+    mpp = stated_mpp(layer) or mpp or layer.metadata.get(GIVEN_MPP) or None
     return Slide(path=Path(path), levels=levels, downsamples=downsamples, mpp=mpp)

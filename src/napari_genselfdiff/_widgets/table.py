@@ -32,6 +32,7 @@ class ObjectTable(QTableWidget):
         self.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
         self.verticalHeader().setVisible(False)  # the Object ID column numbers the rows
         self.itemSelectionChanged.connect(self._on_row)
+        self._ids: list[int] = []  # the object id of each row
         self._rows: dict[int, int] = {}  # object id -> row
 
     def show_layer(self, layer) -> int:
@@ -51,8 +52,8 @@ class ObjectTable(QTableWidget):
                 self.setItem(r, c, QTableWidgetItem(cell_text(v)))
         self.blockSignals(False)
         self.resizeColumnsToContents()
-        ids = features[ID_COLUMN].to_numpy() if ID_COLUMN in features else np.zeros(0)
-        self._rows = {int(i): r for r, i in enumerate(ids)}
+        self._ids = [int(i) for i in features[ID_COLUMN]] if ID_COLUMN in features else []
+        self._rows = {i: r for r, i in enumerate(self._ids)}
         layer.mouse_drag_callbacks.append(self._on_click)
         return len(features)
 
@@ -69,8 +70,7 @@ class ObjectTable(QTableWidget):
         rows = {i.row() for i in self.selectedIndexes()}
         if self.layer is None or len(rows) != 1 or self.layer not in self.viewer.layers:
             return
-        row = rows.pop()
-        oid = next(k for k, r in self._rows.items() if r == row)
+        oid = self._ids[rows.pop()]
         self.layer.selected_label = oid
         data = self.layer.data[0] if self.layer.multiscale else self.layer.data
         where = np.argwhere(np.asarray(data) == oid)

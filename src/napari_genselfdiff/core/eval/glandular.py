@@ -55,6 +55,8 @@ MIN_CONFIDENT = 0.40
 #: One object with more unsure gland pixels (p < CONFIDENT_P) than this, in um^2, is not a gland the
 #: model knows: GlaS at most 80,300 over its 85 training images, about one GlaS field = 155,000.
 MAX_UNSURE_UM2 = 160_000.0
+#: The most unsure gland area in one object over the GlaS training images (train_24), in um^2.
+GLAS_MOST_UNSURE_UM2 = 80_300.0
 #: Less tissue than this (um^2) is too little to judge: about a third of a GlaS field (~155,000 um^2).
 MIN_TISSUE_UM2 = 50_000.0
 
@@ -120,8 +122,8 @@ def check_glands(labels: np.ndarray, prob_fg: np.ndarray, image: np.ndarray, mpp
     elif unsure_um2 > MAX_UNSURE_UM2:
         no = True
         reason = (f"one 'gland' holds {unsure_um2 / 1e6:.2f} mm^2 the glands model is unsure of (p < {CONFIDENT_P}), "
-                  f"more than a whole GlaS field (at most {80_300 / 1e6:.2f} mm^2 in one gland of the GlaS training "
-                  "images): this looks like tissue with no glands the model knows (it learned colon glands, GlaS)")
+                  f"more than a whole GlaS field (at most {GLAS_MOST_UNSURE_UM2 / 1e6:.2f} mm^2 in one gland of the "
+                  "GlaS training images): this looks like tissue with no glands the model knows (it learned colon glands, GlaS)")
     else:
         reason = f"glands over {100 * coverage:.0f}% of the tissue, {100 * confident:.0f}% confident"
     return GlandsCheck(no, reason, coverage, confident, tissue_um2)

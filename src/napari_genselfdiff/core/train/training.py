@@ -298,11 +298,10 @@ def _run(stage: str, trainer: _Trainer, *, total: int, start: int, lr: float, wa
                 val_s = time.perf_counter() - t_val
                 event.eta_s = eta(step)
             yield event
-        if finish is not None and step >= total:
-            guess = eta(step)  # no steps or validations left: the finishing stage's guess
-            finishing = True
-            yield from shown(finish(step), step, guess=guess)
+        guess = eta(step)  # no steps or validations left: the finishing stage's guess
         finishing = True
+        if finish is not None and step >= total:
+            yield from shown(finish(step), step, guess=guess)
         if prepare is not None:
             yield from shown(prepare(step), step)
         yield Progress(stage, step, total, lr=rate, eta_s=eta(step), activity="saving the checkpoint")
