@@ -332,8 +332,12 @@ def test_a_suggested_region_no_prediction_covers_is_predicted_to_prefill_it(view
     assert asked == [str(seg_model)] and fake.threads and threading.get_ident() not in fake.threads
     info = layer.metadata[EDIT_KEY]
     assert info["bounds"] == bounds and info["prefill"] == ["prediction"] and info["model"] == str(seg_model)
-    crop = he_image[y:y + h, x:x + wd]
-    _, expected = postprocess(fake(crop[None])[0], "glands")
+    # the region and a margin: the objects its border cuts are whole (those in the margin only are not)
+    from napari_genselfdiff.slide.fov import objects_in_view, view_margin, with_margin
+
+    (gy, gx, gh, gw), view = with_margin(bounds, view_margin("glands", fake.mpp), he_image.shape[:2])
+    _, grown = postprocess(fake(he_image[gy:gy + gh, gx:gx + gw][None])[0], "glands")
+    expected = objects_in_view(grown, view)[view[0]:view[0] + h, view[1]:view[1] + wd]
     assert expected.max() >= 3  # the region is full of dark objects
     np.testing.assert_array_equal(layer.data > 0, expected > 0)
     assert len(np.unique(layer.data)) == len(np.unique(expected))

@@ -432,12 +432,14 @@ def test_two_fields_of_view_leave_both_results_visible(viewer, qtbot, tmp_path, 
     (oy, ox), (h1, w1) = glands.metadata["genselfdiff"]["offset"], first.shape
     regions = glands.metadata["genselfdiff_fov"]["regions"]
     assert len(regions) == 2 and (oy, ox) == (y1, x1)  # the first view is the top-left one
+    vy, vx, vh, vw = regions[0]  # the first view itself (its result has a margin around it)
+    assert vy > y1 - oy and vh < h1
     kept = glands.data[y1 - oy:y1 - oy + h1, x1 - ox:x1 - ox + w1]
-    np.testing.assert_array_equal(kept, first)  # the first view's result, still there
+    np.testing.assert_array_equal(kept[vy:vy + vh, vx:vx + vw], first[vy:vy + vh, vx:vx + vw])  # still there
     np.testing.assert_array_equal(viewer.layers["glands probability"].data[:h1, :w1], first_prob)
     ry, rx, rh, rw = regions[1]
     second = glands.data[ry:ry + rh, rx:rx + rw]
-    assert second.max() > 0 and not set(np.unique(second[second > 0])) & set(np.unique(first[first > 0]))
+    assert second.max() > 0  # (an object reaching from one view into the other keeps one id: the canvas tests)
     assert "2 views" in w.progress.status.text()
     # placed over the image: label pixel (0, 0) is image pixel (oy, ox), in microns
     assert tuple(glands.translate) == pytest.approx((0.5 * oy, 0.5 * ox))
@@ -447,7 +449,7 @@ def test_two_fields_of_view_leave_both_results_visible(viewer, qtbot, tmp_path, 
     predict_here(qtbot, w)
     assert len(glands.metadata["genselfdiff_fov"]["regions"]) == 2
     np.testing.assert_array_equal(glands.data[ry:ry + rh, rx:rx + rw], second)
-    np.testing.assert_array_equal(glands.data[:h1, :w1] > 0, first > 0)
+    np.testing.assert_array_equal(glands.data[vy:vy + vh, vx:vx + vw] > 0, first[vy:vy + vh, vx:vx + vw] > 0)
 
 
 @pytest.mark.gui
@@ -593,8 +595,7 @@ def test_the_live_object_controls_find_objects_again_without_the_model(viewer, q
     assert w.objects.overrides() == {"threshold": 0.8, "min_size": 2000}
     meta = glands.metadata
     (y0, x0), (ry, rx, rh, rw) = meta["genselfdiff"]["offset"], meta["genselfdiff_fov"]["regions"][0]
-    predict_here(qtbot, w)  # the view again (the dock may have moved it): the model runs, with the controls' values
-    assert model.calls > calls
+    predict_here(qtbot, w)  # the view again (the dock may have moved it), with the controls' values
     (y1, x1) = glands.metadata["genselfdiff"]["offset"]
     again = glands.data[y0 + ry - y1:y0 + ry - y1 + rh, x0 + rx - x1:x0 + rx - x1 + rw]
     # the same objects, but for those the first view's border cut below the smallest size (whole now)
@@ -662,6 +663,87 @@ def test_a_zoomed_re_predict_keeps_a_cut_object_one_object(viewer, qtbot, tmp_pa
     assert after.shape == before.shape  # the same canvas, the zoomed view pasted into it
     ids = np.unique(after[obj & (after > 0)])
     assert len(ids) == 1 and ids[0] == big, ids
+
+
+def test_a_view_margin_finds_the_objects_its_border_cuts_whole_and_keeps_earlier_ones():
+    """Issue 35 item 6: the objects a view's border cuts come whole from its margin; objects lying
+    wholly in the margin are left out (a later view finds them) and never erase what an earlier view
+    found there; the view, not the margin, is the region recorded."""
+    from napari_genselfdiff.slide.fov import objects_in_view, view_margin, with_margin
+
+    assert with_margin((10, 5, 20, 30), 8, (100, 40)) == ((2, 0, 36, 40), (8, 5, 20, 30))  # clipped at the image
+    assert view_margin("nuclei", 0.5) == 32 and view_margin("glands", 1.24) == 81
+    grown = np.zeros((36, 40), np.int32)
+    grown[10:20, 0:9] = 3  # crosses the view's left border (column 5 of the grown box)
+    grown[0:4, 0:4] = 7  # wholly in the margin
+    grown[20:25, 20:25] = 9  # inside the view
+    kept = objects_in_view(grown, (8, 5, 20, 30))
+    assert set(np.unique(kept)) == {0, 1, 2}
+    assert (kept[10:20, 0:9] == 1).all() and (kept[20:25, 20:25] == 2).all() and not kept[0:4, 0:4].any()
+
+    first = np.zeros((20, 24), np.int32)  # view A: columns 0..23
+    first[8:12, 16:24] = 1  # a gland A's border (column 24) cuts: it goes on to column 27
+    first[2:6, 0:4] = 2  # another, far from the next view
+    first[15:19, 12:16] = 3  # one crossing B's border that B (at another threshold, say) does not find
+    canvas, _ = gather(None, "k", (0, 0, 20, 24), {LABELS: first})
+    nxt = np.zeros((20, 36), np.int32)  # view B, columns 14..39, with its margin: columns 4..39
+    nxt[8:12, 12:24] = 1  # the cut gland, whole (columns 16..27)
+    nxt[3:7, 30:34] = 2  # a new one inside B
+    gather(canvas, "k", (0, 4, 20, 36), {LABELS: nxt}, view=(0, 14, 20, 26))
+    lab = canvas.arrays[LABELS]
+    assert (lab[8:12, 16:28] == 1).all()  # one gland, whole, with its earlier id
+    assert (lab[2:6, 0:4] == 2).all()  # untouched
+    assert (lab[15:19, 12:14] == 3).all()  # in B's margin what A found is kept: the margin erases nothing
+    assert (lab[15:19, 14:16] == 0).all()  # in B's view B's result holds: nothing
+    assert len(set(np.unique(lab[3:7, 34:38]))) == 1 and lab[4, 35] > 3
+    assert canvas.regions == [(0, 0, 20, 24), (0, 14, 20, 26)]
+
+
+@pytest.mark.gui
+def test_the_first_view_finds_the_objects_its_border_cuts_whole(viewer, qtbot, tmp_path, he_image, monkeypatch):
+    """Issue 35 item 6: the first prediction of a zoomed view whose border runs through an object
+    shows the whole object (it stopped at the border), with the same pixels as the whole image's."""
+    from napari_genselfdiff._widgets.predict import region_on_screen
+    from napari_genselfdiff.slide.fov import VIEW_MARGIN_PX
+
+    image = viewer.add_image(he_image, name="H&E", rgb=True)
+    stand_in(monkeypatch, Dark(mpp=None))
+    w = predict_widget(viewer, tmp_path)
+    viewer.reset_view()
+    predict_here(qtbot, w)
+    whole = np.array(viewer.layers["glands"].data)
+    from scipy import ndimage
+
+    # the largest object narrower than the margin, so a border through its middle leaves it whole
+    boxes = ndimage.find_objects(whole)
+    sizes = np.bincount(whole.ravel())
+    fits = [i + 1 for i, b in enumerate(boxes) if b is not None and 16 < b[1].stop - b[1].start < VIEW_MARGIN_PX
+            and b[1].start > VIEW_MARGIN_PX]
+    big = max(fits, key=lambda i: sizes[i])
+    obj = whole == big
+    rows, cols = np.nonzero(obj)
+    for name in ["glands", "glands probability"]:  # kept aside: the next view starts a new canvas
+        viewer.layers[name].name = f"{name} (whole image)"
+    camera = viewer.camera
+    camera.zoom = camera.zoom * 3
+    _, _, _, h, wd = region_on_screen(viewer, image)
+    border = (int(cols.min()) + int(cols.max())) // 2  # the view's left border through the object's middle
+    camera.center = (int(np.median(rows)), border + wd / 2)
+    _, y, x, h, wd = region_on_screen(viewer, image)
+    inside = np.zeros(obj.shape, bool)
+    inside[y:y + h, x:x + wd] = True
+    assert (obj & ~inside).sum() > 20 and (obj & inside).sum() > 20  # the view's border cuts it
+    predict_here(qtbot, w)
+    canvas = w.views.current("glands")
+    oy, ox = canvas.origin
+    ch, cw = canvas.shape
+    assert ox < x  # the labels reach past the view's border
+    got = np.zeros(obj.shape, np.int64)
+    got[oy:oy + ch, ox:ox + cw] = canvas.arrays[LABELS]
+    ids = np.unique(got[obj])
+    assert len(ids) == 1 and ids[0] > 0, ids  # the whole object, one id (0 outside the view before)
+    assert ((got == ids[0]) == obj).mean() > 0.999
+    assert canvas.regions == [(y, x, h, wd)]
 
 
 @pytest.mark.gui

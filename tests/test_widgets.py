@@ -581,10 +581,17 @@ def test_predict_field_of_view_adds_aligned_layers(viewer, qtbot, tmp_path, he_i
     wait_idle(qtbot, w)
     assert ticker.stop() >= 3
     glands = viewer.layers["glands"]
-    assert glands.data.shape == (h, wd) and glands.data.dtype == np.int32
+    # the view with a margin around it where the objects its border cuts are found whole
+    from napari_genselfdiff.slide.fov import view_margin, with_margin
+
+    mpp = w._predictor.predictor.mpp
+    (y, x, gh, gw), view = with_margin((y, x, h, wd), view_margin("glands", mpp), he_image.shape[:2])
+    assert gh > h and gw > wd and glands.metadata["genselfdiff_fov"]["regions"] == [list(view)]
+    assert glands.data.shape == (gh, gw) and glands.data.dtype == np.int32
     assert tuple(glands.scale) == pytest.approx((0.5, 0.5))
     assert tuple(glands.translate) == pytest.approx((100 + 0.5 * y, 200 + 0.5 * x))
     assert glands.metadata["genselfdiff"] == {"downsample": 1.0, "offset": [y, x], "image": "H&E"}
+    h, wd = gh, gw
     prob = viewer.layers["glands probability"]
     assert prob.data.shape == (h, wd) and prob.data.dtype == np.float32
     assert 0.0 <= prob.data.min() and prob.data.max() <= 1.0

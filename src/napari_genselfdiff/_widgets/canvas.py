@@ -13,6 +13,10 @@ stays one object: the new object at that place, which touches the region's borde
 mostly (:data:`CONTINUES`) on the earlier object, takes its id, as whole-slide blocks are joined
 (:mod:`...slide.instances`). The probabilities are the same whatever the view (the tiles do not
 depend on it), so the two parts are the same object seen twice.
+
+A view comes with a margin (:func:`...slide.fov.with_margin`) where the objects its border cuts
+are found whole; only the view and those objects are pasted as labels, so the margin never
+erases what an earlier view found there, and an object found again keeps its id.
 """
 from __future__ import annotations
 
@@ -67,12 +71,17 @@ def _union(a: Bounds, b: Bounds) -> Bounds:
 
 
 def gather(canvas: Canvas | None, key: Hashable, bounds: Bounds, arrays: dict[str, np.ndarray],
-           max_pixels: int | None = None) -> tuple[Canvas, str]:
+           max_pixels: int | None = None, view: Bounds | None = None) -> tuple[Canvas, str]:
     """Paste the result of the region ``bounds`` (y, x, h, w in level pixels; ``arrays`` of
     shape (h, w)) into ``canvas``. Returns (canvas, what happened): 'grown' (the same canvas,
     possibly enlarged: its arrays may be new), 'new' (``canvas`` was None or for another key)
     or 'far' (the union would exceed ``max_pixels``, default ``MAX_CANVAS_PIXELS``: a new
-    canvas; the old one is untouched)."""
+    canvas; the old one is untouched).
+
+    ``view`` (y, x, h, w in level pixels, inside ``bounds``): the view itself, ``bounds`` being it
+    with a margin holding the whole of the objects its border cuts (:func:`...slide.fov.with_margin`).
+    Then the labels claim only the view and their objects: the rest of the margin keeps what
+    earlier views found there, and the view is the region recorded."""
     max_pixels = MAX_CANVAS_PIXELS if max_pixels is None else max_pixels
     y, x, h, w = (int(v) for v in bounds)
     for name, a in arrays.items():
@@ -88,47 +97,64 @@ def gather(canvas: Canvas | None, key: Hashable, bounds: Bounds, arrays: dict[st
         canvas = Canvas(key, (y, x), {name: np.zeros_like(a) for name, a in arrays.items()})
     _grow(canvas, (y, x, h, w))
     oy, ox = y - canvas.origin[0], x - canvas.origin[1]
+    claim = None
+    if view is not None and LABELS in arrays:
+        vy, vx, vh, vw = (int(v) for v in view)
+        claim = arrays[LABELS] > 0
+        claim[vy - y:vy - y + vh, vx - x:vx - x + vw] = True
     for name, a in arrays.items():
         part = a
         if name == LABELS:
             ids = np.arange(int(a.max(initial=0)) + 1, dtype=np.int64) + canvas.count
             ids[0] = 0
-            for new_id, old_id in _continued(canvas.arrays[name], (oy, ox, h, w), a).items():
+            for new_id, old_id in _continued(canvas.arrays[name], (oy, ox, h, w), a, claim).items():
                 ids[new_id] = old_id
             part = ids[a].astype(canvas.arrays[name].dtype)
             canvas.count += int(a.max()) if a.size else 0
-        canvas.arrays[name][oy:oy + h, ox:ox + w] = part
-    inside = [r for r in canvas.regions if box_overlap(r, (y, x, h, w)) == r[2] * r[3]]
-    canvas.regions = [r for r in canvas.regions if r not in inside] + [(y, x, h, w)]
+        if name == LABELS and claim is not None:
+            canvas.arrays[name][oy:oy + h, ox:ox + w][claim] = part[claim]
+        else:
+            canvas.arrays[name][oy:oy + h, ox:ox + w] = part
+    recorded = (y, x, h, w) if view is None else tuple(int(v) for v in view)
+    inside = [r for r in canvas.regions if box_overlap(r, recorded) == r[2] * r[3]]
+    canvas.regions = [r for r in canvas.regions if r not in inside] + [recorded]
     return canvas, outcome
 
 
-def _continued(labels: np.ndarray, box: Bounds, new: np.ndarray) -> dict[int, int]:
+def _continued(labels: np.ndarray, box: Bounds, new: np.ndarray, claim: np.ndarray | None = None) -> dict[int, int]:
     """{new id: earlier id} for the objects of ``new`` (the labels about to be pasted at ``box``,
     y, x, h, w in pixels of ``labels``) that continue an earlier object cut by the box's border:
     the new object touches the border, the earlier one reaches just outside it, and at least
-    :data:`CONTINUES` of the new object's pixels lay on it."""
+    :data:`CONTINUES` of the new object's pixels lay on it. With ``claim`` (the pixels of the box
+    the new labels cover, :func:`gather`'s ``view``: the new objects are whole) an earlier object
+    under at least :data:`CONTINUES` of a new object's pixels, or whose part in the box lies that much
+    under one (an object larger than both margins), is the same object found again. An
+    earlier id goes to one new object at most (the one sharing the most pixels with it)."""
     y, x, h, w = box
     rows, cols = labels.shape[:2]
-    ring = [labels[y - 1, x:x + w] if y > 0 else (), labels[y + h, x:x + w] if y + h < rows else (),
-            labels[y:y + h, x - 1] if x > 0 else (), labels[y:y + h, x + w] if x + w < cols else ()]
-    cut = np.unique(np.concatenate([np.asarray(r, np.int64) for r in ring]))
-    cut = cut[cut > 0]
-    if not cut.size or not new.size:
-        return {}
-    edge = np.unique(np.concatenate([new[0], new[-1], new[:, 0], new[:, -1]]).astype(np.int64))
-    edge = edge[edge > 0]
     old = labels[y:y + h, x:x + w].astype(np.int64)
-    both = np.isin(new, edge) & np.isin(old, cut)
+    if not new.size:
+        return {}
+    if claim is None:
+        ring = [labels[y - 1, x:x + w] if y > 0 else (), labels[y + h, x:x + w] if y + h < rows else (),
+                labels[y:y + h, x - 1] if x > 0 else (), labels[y:y + h, x + w] if x + w < cols else ()]
+        cut = np.unique(np.concatenate([np.asarray(r, np.int64) for r in ring]))
+        edge = np.unique(np.concatenate([new[0], new[-1], new[:, 0], new[:, -1]]).astype(np.int64))
+        both = np.isin(new, edge[edge > 0]) & np.isin(old, cut[cut > 0])
+    else:
+        both = (new > 0) & (old > 0)
     if not both.any():
         return {}
     pairs, counts = np.unique(np.stack([new[both].astype(np.int64), old[both]]), axis=1, return_counts=True)
     sizes = np.bincount(new.ravel().astype(np.int64))
-    best: dict[int, tuple[int, int]] = {}  # new id: (earlier id, pixels shared)
+    inside = np.bincount(old.ravel()) if claim is not None else None  # the earlier objects' pixels in the box
+    best: dict[int, tuple[int, int]] = {}  # earlier id: (new id, pixels shared)
     for (n, o), c in zip(pairs.T.tolist(), counts.tolist()):
-        if c >= CONTINUES * sizes[n] and c > best.get(n, (0, 0))[1]:
-            best[n] = (o, c)
-    return {n: o for n, (o, _) in best.items()}
+        # with a claim, also an earlier object whose part in the box lies mostly under a new one
+        size = sizes[n] if inside is None else min(sizes[n], inside[o])
+        if c >= CONTINUES * size and c > best.get(o, (0, 0))[1]:
+            best[o] = (n, c)
+    return {n: o for o, (n, _) in best.items()}
 
 
 def _grow(canvas: Canvas, bounds: Bounds) -> None:
@@ -168,13 +194,13 @@ class GatheredViews:
         return canvas
 
     def gather(self, name: str, key: Hashable, bounds: Bounds, arrays: dict[str, np.ndarray],
-               companions: dict[str, str] | None = None) -> tuple[Canvas, str, bool]:
+               companions: dict[str, str] | None = None, view: Bounds | None = None) -> tuple[Canvas, str, bool]:
         """Paste a view into the canvas of layer ``name``; returns (canvas, note, grown). A
         canvas far from the new view keeps its layers under new names (``name`` and the
         ``companions``: array name -> layer name, e.g. the probability layer) and the note says
         where."""
         old = self.current(name)
-        canvas, outcome = gather(old, key, bounds, arrays)
+        canvas, outcome = gather(old, key, bounds, arrays, view=view)
         note = ""
         if outcome == "far":
             oy, ox = old.origin

@@ -21,13 +21,16 @@ from .jobs import LatestJob
 SETTLE_MS = 250
 
 
-def relabel_job(probs: np.ndarray, task: str, options: dict) -> Iterator[str]:
-    """The objects of kept probabilities with other options, in a worker; returns the labels."""
+def relabel_job(probs: np.ndarray, task: str, options: dict, view=None) -> Iterator[str]:
+    """The objects of kept probabilities with other options, in a worker; returns the labels
+    (those with a pixel in ``view``, y, x, h, w, where the probabilities have a margin around it)."""
     from ..core.eval.postprocess import postprocess
+    from ..slide.fov import objects_in_view
 
     yield "finding objects…"
     _, instances = postprocess(probs, task, options)
-    return instances.astype(np.int32, copy=False)
+    instances = instances.astype(np.int32, copy=False)
+    return instances if view is None else objects_in_view(instances, view)
 
 
 class ObjectControls:
@@ -72,6 +75,7 @@ class ObjectControls:
         self.task = "glands"
         self.mpp: float | None = None
         self._probs: np.ndarray | None = None
+        self._view = None  # the view inside the probabilities (they have a margin around it)
         self.threshold.valueChanged.connect(self._changed)
         self.min_size.valueChanged.connect(self._changed)
         self.box.setEnabled(False)
@@ -108,10 +112,11 @@ class ObjectControls:
 
     # -- results -----------------------------------------------------------------------------
 
-    def result(self, model_key: Any, task: str, model_values: dict, probs: np.ndarray, mpp: float | None) -> None:
-        """A new field-of-view result: its probabilities are kept; a result of another model puts
-        the controls at that model's values."""
-        self._probs, self.task, self.mpp = probs, task, mpp
+    def result(self, model_key: Any, task: str, model_values: dict, probs: np.ndarray, mpp: float | None,
+               view=None) -> None:
+        """A new field-of-view result: its probabilities (and the view in them) are kept; a result
+        of another model puts the controls at that model's values."""
+        self._probs, self.task, self.mpp, self._view = probs, task, mpp, view
         if model_key != self.model_key:
             self.model_key, self.model_values = model_key, dict(model_values)
             self._set(self.model_values)
@@ -124,4 +129,4 @@ class ObjectControls:
             self.timer.start()
 
     def _apply(self) -> None:
-        self.job.ask(self._probs, self.task, {**self.model_values, **self.values()})
+        self.job.ask(self._probs, self.task, {**self.model_values, **self.values()}, self._view)

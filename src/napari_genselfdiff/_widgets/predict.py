@@ -30,7 +30,7 @@ from ..core.inference import PredictorCache
 from ..core.names import safe_name
 from ..core.progress import Progress, in_background
 from .canvas import FOV_KEY, LABELS, GatheredViews
-from .geometry import (Region, at_model_level, grid_of, placement, scale_bar_of, view_of,
+from .geometry import (Bounds, Region, at_model_level, grid_of, placement, scale_bar_of, view_of,
                        visible_region)
 from .inputs import (DeviceChooser, LayerChoices, PathEdit, PrecisionChooser, explain_labels, int_spin, is_rgb_image,
                      level0_data, pixel_size_spin, row, scrolling_column, why_not_rgb)
@@ -87,6 +87,7 @@ class FovResult:
     semantic: np.ndarray | None = None  # the class map, for models of more than one object class
     no_glands: str | None = None  # why a glands result does not look like glands (then no layer is added)
     model_values: dict = field(default_factory=dict)  # the model's own post-processing options
+    view: Bounds | None = None  # the view itself (y, x, h, w) inside ``region``, which has a margin around it
 
 
 def resolution_of(slide, level: int) -> str:
@@ -116,7 +117,7 @@ def fov_job(model: str, device: str, cache: PredictorCache | None, slide, source
     Objects controls, :mod:`.objects`).
     """
     from ..core.eval.postprocess import options_for, postprocess
-    from ..slide.fov import FieldOfViewPredictor
+    from ..slide.fov import FieldOfViewPredictor, objects_in_view, view_margin, with_margin
 
     cache, overlap = yield from load_predictor(model, device, cache, tile, overlap, precision)
     predictor = cache.predictor
@@ -124,32 +125,38 @@ def fov_job(model: str, device: str, cache: PredictorCache | None, slide, source
     if fov is None or fov[0] != key:
         fov = (key, FieldOfViewPredictor(predictor, slide, 0, tile, overlap, 256))
     region = at_model_level(region, slide.downsamples, [lv.shape for lv in slide.levels], slide.mpp, predictor.mpp)
-    level, y, x, h, w = region
+    level, vy, vx, vh, vw = region
+    shape = tuple(int(v) for v in slide.levels[level].shape[:2])
+    # a margin around the view: the objects its border cuts are found whole (the view's own objects only)
+    (y, x, h, w), view = with_margin((vy, vx, vh, vw), view_margin(predictor.task, predictor.mpp), shape)
     todo = fov[1].uncached(level, y, x, h, w)
-    if (h, w) == tuple(int(v) for v in slide.levels[level].shape[:2]) and todo > WHOLE_VIEW_TILES:
+    if (vh, vw) == shape and todo > WHOLE_VIEW_TILES:
         warnings.warn(GenSelfDiffWarning(
             f"the view shows all of {slide.path.name} ({todo} tiles at level {level}): this takes as long as "
             "'Predict whole slide', which also saves the result and resumes; zoom in for a quick look"))
-    yield f"predicting {w}x{h} pixels at {resolution_of(slide, level)}…"
+    yield f"predicting {vw}x{vh} pixels at {resolution_of(slide, level)}…"
     probs = yield from fov[1].iter_region(level, y, x, h, w)
     model_values = options_for("nuclei" if predictor.task == "nuclei" else "glands",
                                getattr(predictor, "postprocess_options", None))
     semantic, instances = yield from in_background(postprocess, probs, predictor.task,
                                                    {**model_values, **(overrides or {})},
                                                    status="finding objects…")
-    instances = instances.astype(np.int32, copy=False)
+    instances = objects_in_view(instances.astype(np.int32, copy=False), view)
+    region = (level, y, x, h, w)
     foreground = np.subtract(1.0, probs[0], dtype=np.float32)
     no_glands = None
     if predictor.task == "glands":
         from ..core.eval.glandular import check_glands, warn_no_glands
 
-        check = check_glands(instances, foreground, np.asarray(slide.levels[level][y:y + h, x:x + w]),
-                             slide.level_mpp(level))
+        iy, ix = view[:2]  # the view itself: the objects of the margin are not the view's
+        inner = (slice(iy, iy + vh), slice(ix, ix + vw))
+        check = check_glands(instances[inner], foreground[inner],
+                             np.asarray(slide.levels[level][vy:vy + vh, vx:vx + vw]), slide.level_mpp(level))
         no_glands = warn_no_glands(check)
     return FovResult(cache, fov, region, slide.downsamples[level], probs, instances, foreground,
                      int(instances.max(initial=0)), mpp=slide.level_mpp(level),
                      semantic=semantic if shows_classes(predictor) else None, no_glands=no_glands,
-                     model_values=model_values)
+                     model_values=model_values, view=view)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -361,7 +368,7 @@ class PredictWidget(QWidget):
                 self._show_view(result)
                 self._last_fov = result
                 self.objects.result(result.predictor.key, result.predictor.predictor.task, result.model_values,
-                                    result.probs, result.mpp)
+                                    result.probs, result.mpp, result.view)
         else:
             self._show_store(result.out, result.kind, result.no_glands)
 
@@ -435,8 +442,9 @@ class PredictWidget(QWidget):
         if result.semantic is not None:
             arrays["classes"] = result.semantic
         key = (self._image_layer.name, result.fov[0].source_id, result.predictor.key, level, result.downsample)
+        view = None if result.view is None else (y + result.view[0], x + result.view[1], *result.view[2:])
         canvas, kept, _ = self.views.gather(name, key, (y, x, h, w), arrays,
-                                            {"probability": f"{name} probability", "classes": "classes"})
+                                            {"probability": f"{name} probability", "classes": "classes"}, view)
         oy, ox = canvas.origin
         place = placement(grid_of(self._image_layer), result.downsample, oy, ox)
         grid = {"downsample": result.downsample, "offset": [oy, ox]}
@@ -457,7 +465,8 @@ class PredictWidget(QWidget):
         noun = name if n != 1 else of  # "1 gland", "2 glands"
         where = fmt_mpp(result.mpp) if result.mpp else f"level {level} (pixel size unknown)"
         held = f"; it holds {len(canvas.regions)} views" if len(canvas.regions) > 1 else ""
-        self.progress.set_status(f"{n} {noun} in the {w}x{h} view at {where} (layer '{name}'{held}){kept}")
+        vh, vw = result.view[2:] if result.view else (h, w)
+        self.progress.set_status(f"{n} {noun} in the {vw}x{vh} view at {where} (layer '{name}'{held}){kept}")
 
     def _relabelled(self, labels: np.ndarray, values: dict) -> None:
         """The last field of view's objects found again with the Objects controls' ``values``."""

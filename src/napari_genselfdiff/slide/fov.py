@@ -150,3 +150,41 @@ class FieldOfViewPredictor:
         return da.map_blocks(compute, chunks=((nc,), chunks_of(h), chunks_of(w)),
                              dtype=np.float32, meta=np.empty((0, 0, 0), np.float32),
                              name=f"genselfdiff-fov-{id(self)}-{level}")
+
+
+#: How far past a field of view's border its objects are looked for (microns, per task): an
+#: object the view's border cuts is found whole when it reaches no further than this beyond it
+#: (a nucleus is 5-15 µm across; most glands reach less than 100 µm past any line through them).
+VIEW_MARGIN_UM = {"nuclei": 16.0, "glands": 100.0}
+#: The margin in pixels of the model's level where the model's resolution is unknown.
+VIEW_MARGIN_PX = 32
+
+
+def view_margin(task: str, mpp: float | None) -> int:
+    """Pixels (at the model's resolution ``mpp``) predicted around a field of view so the objects
+    its border cuts are found whole (:data:`VIEW_MARGIN_UM`)."""
+    um = VIEW_MARGIN_UM.get(task, VIEW_MARGIN_UM["nuclei"])
+    return int(np.ceil(um / mpp)) if mpp else VIEW_MARGIN_PX
+
+
+def with_margin(box: tuple[int, int, int, int], margin: int,
+                shape: tuple[int, int]) -> tuple[tuple[int, int, int, int], tuple[int, int, int, int]]:
+    """The region ``box`` (y, x, h, w) grown by ``margin`` pixels on every side, inside an image of
+    ``shape``; returns (grown box, the original box in pixels of the grown one)."""
+    y, x, h, w = (int(v) for v in box)
+    rows, cols = (int(v) for v in shape[:2])
+    y0, x0 = max(0, y - margin), max(0, x - margin)
+    y1, x1 = min(rows, y + h + margin), min(cols, x + w + margin)
+    return (y0, x0, y1 - y0, x1 - x0), (y - y0, x - x0, h, w)
+
+
+def objects_in_view(labels: np.ndarray, view: tuple[int, int, int, int]) -> np.ndarray:
+    """``labels`` (instances of a grown region, :func:`with_margin`) keeping only the objects
+    with a pixel in ``view`` (y, x, h, w in its pixels), whole, numbered 1..n in their order;
+    the objects lying wholly in the margin are removed (a later view finds them)."""
+    y, x, h, w = view
+    inside = np.unique(labels[y:y + h, x:x + w])
+    inside = inside[inside > 0].astype(np.int64)
+    ids = np.zeros(int(labels.max(initial=0)) + 1, labels.dtype)
+    ids[inside] = np.arange(1, inside.size + 1, dtype=np.int64).astype(labels.dtype)
+    return ids[labels]
