@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -44,6 +45,24 @@ def test_every_dock_widget_scrolls_so_four_fit_stacked_on_a_1080_pixel_screen(ma
         # never narrower than its content (once napari's style has reached it): nothing is cut sideways
         qtbot.waitUntil(lambda: w.minimumSizeHint().width() >= content.minimumSizeHint().width(), timeout=3000)
     assert window.minimumSizeHint().height() <= 1080  # was 1987 without the scroll areas
+    # issue 35 item 10: stacked, the docks share the column (they got 89, 170, 306 and 442 px) and
+    # each dock's action buttons and progress stay in sight (pinned under its scroll area)
+    from qtpy.QtWidgets import QDockWidget
+
+    docks = [w.parentWidget() for w in widgets]
+    assert all(isinstance(d, QDockWidget) for d in docks)
+    qtbot.waitUntil(lambda: max(d.height() for d in docks) < 1.25 * min(d.height() for d in docks), timeout=3000)
+    qtbot.wait(200)
+    for w, buttons in zip(widgets[:3], [[widgets[0].start_btn, widgets[0].cancel_btn],
+                                        [widgets[1].start_btn, widgets[1].cancel_btn],
+                                        [widgets[2].fov_btn, widgets[2].slide_btn, widgets[2].cancel_btn]]):
+        for b in buttons + [w.progress.bar]:
+            seen = b.visibleRegion().boundingRect()
+            assert b.isVisible() and seen.height() == b.height() and seen.width() == b.width(), b.text()
+    assert widgets[0].progress.plot.isHidden() and widgets[1].progress.plot.isHidden()  # idle: no empty plot
+    shots = Path(__file__).resolve().parents[1] / "screenshots"
+    shots.mkdir(exist_ok=True)
+    assert window.grab().save(str(shots / "four_docks_stacked.png"))
     for w in widgets[:2]:  # the training widgets' wrapped device line gets all the height it needs
         label = w.device.info
         qtbot.waitUntil(lambda label=label: label.height() >= label.heightForWidth(label.width()), timeout=3000)

@@ -213,7 +213,7 @@ def test_pretrain_widget_trains_and_shows_generated_tiles(viewer, qtbot, tmp_pat
     tiles = viewer.layers[TILES_LAYER]
     assert tiles.rgb and tiles.data.dtype == np.uint8
     assert tiles.data.shape == (2 * 34 + 2, 2 * 34 + 2, 3)  # 4 tiles of 32 px in a 2x2 grid, 2 px gaps
-    assert len(w.progress.plot.values) == 4
+    assert len(w.progress.plot.values) == 4 and not w.progress.plot.isHidden()  # hidden until the first loss
     assert w.progress.bar.value() == w.progress.bar.maximum()
     assert "generated" in w.progress.status.text()
     assert "after only 4 steps the tiles may well be coloured noise" in w.progress.status.text()  # not a fault

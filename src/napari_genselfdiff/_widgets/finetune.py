@@ -21,7 +21,7 @@ from ..core.progress import Progress, relay_last
 from ..core.train.losses import LOSSES, parse_loss
 from ..core.train.training import FinetuneConfig, finetune
 from .inputs import (LayerChoices, PathEdit, add_training_rows, explain_labels, is_labels, is_rgb_image, layer_to_rgb,
-                     pixel_size_spin, scrolling_column, why_not_rgb)
+                     pixel_size_spin, pinned_footer, scrolling_column, why_not_rgb)
 from .jobs import JobRunner, StopsJobsOnClose
 from .pixelsize import pixel_size_of
 from .progress import TrainingControls
@@ -145,7 +145,8 @@ class FinetuneWidget(QWidget):
         self.device, self.out, self.resume = rows.device, rows.out, rows.resume
         lay.addWidget(task)
 
-        self.controls = TrainingControls(lay, self.runner, "Start fine-tuning", self.start, self.out, self.resume)
+        self.controls = TrainingControls(lay, self.runner, "Start fine-tuning", self.start, self.out, self.resume,
+                                         footer=pinned_footer(self))
         self.start_btn, self.cancel_btn, self.progress = (self.controls.start_btn, self.controls.cancel_btn,
                                                           self.controls.progress)
 

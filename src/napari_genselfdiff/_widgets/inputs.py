@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-from qtpy.QtCore import QEvent, QObject, QSize, Qt
-from qtpy.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFileDialog, QFormLayout, QFrame, QGroupBox,
+from qtpy.QtCore import QEvent, QObject, QSize, Qt, QTimer
+from qtpy.QtWidgets import (QCheckBox, QComboBox, QDockWidget, QDoubleSpinBox, QFileDialog, QFormLayout, QFrame,
+                            QGroupBox, QMainWindow,
                             QHBoxLayout, QLabel, QLineEdit, QListWidget, QPushButton, QScrollArea, QSpinBox,
                             QToolTip, QVBoxLayout, QWidget)
 
@@ -219,6 +220,13 @@ class VerticalScroll(QScrollArea):
         self.setFrameShape(QFrame.Shape.NoFrame)
         self.setWidget(body)
 
+    def showEvent(self, event) -> None:  # noqa: N802 (Qt's name)
+        """Shown docked for the first time: the docks stacked with it share the column's height."""
+        super().showEvent(event)
+        if not getattr(self, "_shared", False):
+            self._shared = True
+            QTimer.singleShot(0, lambda: share_dock_height(self))
+
     def eventFilter(self, watched: QObject, event: QEvent) -> bool:  # noqa: N802 (Qt's name)
         """The content's hints changed (e.g. napari's style arrived): so did this area's."""
         if watched is self.widget() and event.type() == QEvent.Type.LayoutRequest:
@@ -239,15 +247,50 @@ class VerticalScroll(QScrollArea):
                      content.height() + 2 * self.frameWidth())
 
 
+def share_dock_height(widget: QWidget) -> list[QDockWidget]:
+    """Give the docks stacked in the column of ``widget``'s dock equal heights: Qt gives a newly
+    stacked dock what is left (four of ours got 89, 170, 306 and 442 px). Tabbed docks count once
+    (the tab shown), floating ones not at all. Returns the docks resized (none when not docked)."""
+    dock = widget
+    while dock is not None and not isinstance(dock, QDockWidget):
+        dock = dock.parentWidget()
+    window = None if dock is None else dock.parentWidget()
+    if dock is None or dock.isFloating() or not isinstance(window, QMainWindow):
+        return []
+    area = window.dockWidgetArea(dock)
+    column = [d for d in window.findChildren(QDockWidget)
+              if d.isVisible() and not d.isFloating() and window.dockWidgetArea(d) == area
+              and abs(d.x() - dock.x()) < 8]
+    if len(column) > 1:
+        each = sum(d.height() for d in column) // len(column)
+        window.resizeDocks(column, [each] * len(column), Qt.Orientation.Vertical)
+    return column
+
+
 def scrolling_column(widget: QWidget) -> QVBoxLayout:
     """Give a dock widget a :class:`VerticalScroll` holding its content; returns the column
-    layout to add the content to (every dock widget of this plugin is laid out this way)."""
+    layout to add the content to (every dock widget of this plugin is laid out this way).
+    :func:`pinned_footer` gives the layout under the scroll area, for what must stay in sight."""
     outer = QVBoxLayout(widget)
     outer.setContentsMargins(0, 0, 0, 0)
+    outer.setSpacing(0)
     body = QWidget()
     column = QVBoxLayout(body)
-    outer.addWidget(VerticalScroll(body))
+    outer.addWidget(VerticalScroll(body), 1)
+    footer = QVBoxLayout()
+    footer.setContentsMargins(column.contentsMargins().left(), 4, column.contentsMargins().right(), 4)
+    outer.addLayout(footer)
+    widget.setProperty("genselfdiff_footer", True)
     return column
+
+
+def pinned_footer(widget: QWidget) -> QVBoxLayout:
+    """The layout under a :func:`scrolling_column`'s scroll area: what is added there (the action
+    buttons and the progress) stays in sight however little height a stacked dock gets."""
+    outer = widget.layout()
+    if outer is None or not widget.property("genselfdiff_footer"):
+        raise ValueError("pinned_footer needs a widget laid out by scrolling_column")
+    return outer.itemAt(1).layout()
 
 
 def form_and_column(box: QGroupBox) -> tuple[QFormLayout, QVBoxLayout]:

@@ -33,7 +33,8 @@ from .canvas import FOV_KEY, LABELS, GatheredViews
 from .geometry import (Bounds, Region, at_model_level, grid_of, placement, scale_bar_of, view_of,
                        visible_region)
 from .inputs import (DeviceChooser, LayerChoices, PathEdit, PrecisionChooser, explain_labels, int_spin, is_rgb_image,
-                     level0_data, pixel_size_spin, row, scrolling_column, why_not_rgb)
+                     level0_data, pinned_footer, pixel_size_spin, row, scrolling_column,
+                     why_not_rgb)
 from .jobs import JobRunner, StopsJobsOnClose
 from .objects import ObjectControls
 from .pixelsize import pixel_size_of
@@ -241,10 +242,11 @@ class PredictWidget(QWidget):
         self.cancel_btn = QPushButton("Cancel")
         self.cancel_btn.setEnabled(False)
         self.cancel_btn.clicked.connect(self.cancel)
-        lay.addWidget(self.fov_btn)
-        lay.addWidget(row(self.slide_btn, self.cancel_btn))
+        footer = pinned_footer(self)  # in sight however little height the dock gets (stacked with others)
+        footer.addWidget(self.fov_btn)
+        footer.addWidget(row(self.slide_btn, self.cancel_btn))
         self.progress = ProgressPanel(with_plot=False)
-        lay.addWidget(self.progress)
+        footer.addWidget(self.progress)
         lay.addWidget(self.objects.box)
         self.legend = Legend(self.viewer)
         lay.addWidget(self.legend)

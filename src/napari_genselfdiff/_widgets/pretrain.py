@@ -25,7 +25,7 @@ from ..core.progress import Progress
 from ..core.train.training import PretrainConfig, pretrain
 from ..slide.sources import LazyArraySource, unlabeled_sources
 from .inputs import (LayerChoices, PathEdit, add_training_rows, explain_labels, int_spin, is_rgb_image, layer_to_rgb,
-                     scrolling_column, why_not_rgb)
+                     pinned_footer, scrolling_column, why_not_rgb)
 from .jobs import JobRunner, StopsJobsOnClose
 from .progress import TrainingControls
 from .settings import Settings
@@ -161,7 +161,8 @@ class PretrainWidget(QWidget):
         lay.addWidget(opts)
         self._on_pretext(self.pretext.currentText())
 
-        self.controls = TrainingControls(lay, self.runner, "Start pretraining", self.start, self.out, self.resume)
+        self.controls = TrainingControls(lay, self.runner, "Start pretraining", self.start, self.out, self.resume,
+                                         footer=pinned_footer(self))
         self.start_btn, self.cancel_btn, self.progress = (self.controls.start_btn, self.controls.cancel_btn,
                                                           self.controls.progress)
 

@@ -98,6 +98,7 @@ class ProgressPanel(QWidget):
         self.plot = LossPlot() if with_plot else None
         if self.plot is not None:
             lay.addWidget(self.plot)
+            self.plot.setVisible(False)  # from a run's first loss on: idle, its height goes to the form
 
     def follow(self, runner: JobRunner) -> None:
         """Show ``runner``'s failure, and leave no busy bar behind when it stops; while it is
@@ -148,6 +149,7 @@ class ProgressPanel(QWidget):
             parts.append(f"loss {ev.loss:.4f}")
             if self.plot is not None:
                 self.plot.add(ev.loss)
+                self.plot.setVisible(True)
         if ev.images_per_s:
             parts.append(f"{ev.images_per_s:.1f} img/s")
         if ev.eta_s is not None and math.isfinite(ev.eta_s):
@@ -167,20 +169,22 @@ class TrainingControls:
     last :class:`Progress` and the last validation metrics).
 
     The widget owns one (``self.controls = TrainingControls(...)``) and hands it everything it
-    uses: the layout to add to, the runner, the Start callback and the output-folder inputs.
+    uses: the layout to add to, the runner, the Start callback and the output-folder inputs, and
+    the footer pinned under its scroll area where the buttons and progress go.
     """
 
     def __init__(self, layout: QVBoxLayout, runner: JobRunner, start_text: str, start: Callable[[], None],
-                 out: PathEdit, resume: QCheckBox):
+                 out: PathEdit, resume: QCheckBox, footer: QVBoxLayout | None = None):
         self.runner, self.out, self.resume = runner, out, resume
         self.last: Progress | None = None
         self.metrics: dict = {}
         row, self.start_btn, self.cancel_btn = start_cancel_row(start_text)
         self.start_btn.clicked.connect(start)
         self.cancel_btn.clicked.connect(self.cancel)
-        layout.addWidget(row)
+        footer = layout if footer is None else footer  # the widget's pinned footer: always in sight
+        footer.addWidget(row)
         self.progress = ProgressPanel()
-        layout.addWidget(self.progress)
+        footer.addWidget(self.progress)
         layout.addStretch(1)
         self.progress.follow(runner)
         runner.event.connect(self.progress.show_progress)
