@@ -57,6 +57,44 @@ def test_pretrain_cancel_saves_and_resume_continues_the_same_run(tmp_path):
     _assert_same_weights(_weights(tmp_path / "full"), _weights(tmp_path / "cut"))
 
 
+@pytest.mark.parametrize("where", ["forward", "backward"])
+def test_a_cancel_inside_a_step_stops_it_there_and_the_run_resumes_the_same(tmp_path, where):
+    """Issue 35 item 8 (pretraining Cancel took 4.1-4.5 s, a whole CPU step): the stop is set in the
+    middle of step 4's forward (or backward) pass; the pass stops at the next layer, the step is not
+    taken, the three steps done are saved, and resuming gives the uninterrupted run's weights."""
+    import threading
+
+    from napari_genselfdiff.core.progress import stoppable
+
+    full = drain(pretrain(_sources(), tmp_path / "full", PRE, device="cpu"))
+    stop, calls, handles = threading.Event(), {"after": 0}, []
+
+    def arm(module, *_):
+        if not any(True for _ in module.children()):
+            calls["after"] += stop.is_set()  # layers reached after the stop was set: the next one stops
+            stop.set()
+
+    register = {"forward": torch.nn.modules.module.register_module_forward_pre_hook,
+                "backward": torch.nn.modules.module.register_module_full_backward_pre_hook}[where]
+    with stoppable(stop):
+        gen = pretrain(_sources(), tmp_path / "cut", PRE, device="cpu")
+        try:
+            events = []
+            for ev in gen:
+                events.append(ev)
+                if ev.step == 3 and not handles:  # step 4's first layer (or first gradient) sets the stop
+                    handles.append(register(arm))
+        finally:
+            for h in handles:
+                h.remove()
+    assert stop.is_set() and calls["after"] <= 1  # stopped at that layer or the next
+    assert events[-1].step == 3 and not events[-1].done  # no event after the stop: the job ends there
+    assert ck.load_training_state(tmp_path / "cut")["step"] == 3
+    resumed = drain(pretrain(_sources(), tmp_path / "cut", PRE, device="cpu", resume=True))
+    assert resumed.step == 6
+    _assert_same_weights(_weights(tmp_path / "full"), _weights(tmp_path / "cut"))
+
+
 def test_resuming_says_when_the_checkpoint_is_not_the_preset_asked_for(tmp_path):
     """Resume continues the saved run with the saved architecture; when that is not the preset now
     asked for (e.g. the preset was redefined since), the first message says so."""

@@ -12,6 +12,7 @@ notification, each message once per job; the others go to the log.
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -22,6 +23,7 @@ from qtpy.QtWidgets import QWidget
 from superqt.utils import GeneratorWorker
 
 from ..core.errors import GenSelfDiffError, GenSelfDiffWarning
+from ..core.progress import stoppable
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +50,14 @@ class ClosingGeneratorWorker(GeneratorWorker):
     ``finally`` blocks (the core's checkpoint save) in the worker thread and before ``finished``.
     """
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.stop_event = threading.Event()  # set by Cancel: a training stops inside its step
+
     def work(self):
         try:
-            return super().work()
+            with stoppable(self.stop_event):
+                return super().work()
         finally:
             self._gen.close()
 
@@ -113,6 +120,7 @@ class JobRunner(QObject):
         """Ask the job to stop at its next step; ``stopped(True)`` follows once it has."""
         if self.worker is not None:
             self._cancelled = True
+            self.worker.stop_event.set()  # a training step in progress stops between layers
             self.worker.quit()
 
     def _on_yielded(self, value: Any) -> None:

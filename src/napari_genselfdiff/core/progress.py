@@ -10,6 +10,7 @@ and 'done'; ``phase`` is another name for ``stage``).
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Generator, Iterable, Iterator, TypeVar
@@ -19,6 +20,30 @@ from .errors import GenSelfDiffError
 T = TypeVar("T")
 U = TypeVar("U")
 R = TypeVar("R")
+
+_stopping = threading.local()
+
+
+class StopRequested(Exception):
+    """A job's stop was asked for in the middle of a step (see :func:`stoppable`)."""
+
+
+@contextlib.contextmanager
+def stoppable(event: threading.Event) -> Iterator[None]:
+    """Inside, the work this thread starts can be stopped in the middle of a step by setting
+    ``event``: a training built here (:func:`stop_event` at its start) checks it between the
+    layers of every forward and backward pass, so Cancel need not wait for a whole step."""
+    before = getattr(_stopping, "event", None)
+    _stopping.event = event
+    try:
+        yield
+    finally:
+        _stopping.event = before
+
+
+def stop_event() -> threading.Event | None:
+    """The event of the innermost :func:`stoppable` around this thread, or None."""
+    return getattr(_stopping, "event", None)
 
 
 @dataclass

@@ -35,7 +35,7 @@ from ..pretext.translation import (LossWeights, TranslationConfig, TranslationNe
                                    generator_losses, translator_config)
 from ..progress import Progress
 from .outdir import prepare_out, start_note
-from .training import _now, _run, _step_rngs
+from .training import _now, _run, _step_rngs, check_stop_inside
 
 PRETEXT = "nucleus"
 #: terms reported per step (``last_losses``) and recorded in the checkpoint
@@ -80,6 +80,7 @@ class _GanTrainer:
 
     def __init__(self, nets: TranslationNets, device: torch.device, lr: float, precision: str, weights: LossWeights):
         self.nets = nets.to(device)
+        check_stop_inside(self.nets)  # Cancel stops inside a step (core.progress.stoppable)
         self.model = self.net = nets.translator
         self.group, self.stream, self.main = None, None, True  # one process (no torchrun / DDP here)
         self.device, self.weights = device, weights

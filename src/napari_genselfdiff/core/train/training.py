@@ -32,7 +32,7 @@ from ..inference import TorchPredictor
 from ..nets.unet import PRESETS, UNet, UNetConfig, iter_recalibrate_batchnorm, seeded_model
 from ..precision import Precision, autocast, precision_of, resolve_precision
 from ..pretext.diffusion import Diffusion, ScheduleConfig
-from ..progress import Progress, relay, run_to_end
+from ..progress import Progress, StopRequested, relay, run_to_end, stop_event
 from . import ddp
 from .losses import build_loss, parse_loss
 from .memory import check_step_fits
@@ -123,6 +123,27 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def check_stop_inside(module: torch.nn.Module) -> None:
+    """Let a job's Cancel (:func:`...core.progress.stoppable` around the thread building the
+    training) stop ``module``'s forward and backward passes between layers: a forward pre-hook on
+    each layer and a gradient hook on each parameter raise :class:`StopRequested` once it is set
+    (a CPU step of several seconds stopped within a fraction of one). Nothing outside a job."""
+    event = stop_event()
+    if event is None:
+        return
+
+    def check(*_):
+        if event.is_set():
+            raise StopRequested()
+
+    for m in module.modules():
+        if not any(True for _ in m.children()):
+            m.register_forward_pre_hook(check)
+    for p in module.parameters():
+        if p.requires_grad:
+            p.register_hook(check)
+
+
 class _Trainer:
     """Optimizer, mixed precision (autocast forward; fp32 weights and loss), checkpoints and resuming."""
 
@@ -130,6 +151,7 @@ class _Trainer:
                  ema: float = 0.0, group: ddp.Group | None = None):
         # channels_last: 1.3-1.4x faster steps on the CPU (benchmarks/speed.py); inputs follow the weights
         self.model = model.to(device, memory_format=channels_last_for(device))
+        check_stop_inside(self.model)
         tune_allocator()  # no page faults for every step's activations (core/device.py)
         self.group, self.net = group, ddp.wrap(group, self.model)  # torchrun: DDP averages the gradients
         self.stream, self.main = (None, True) if group is None else (group.rank, group.main)
@@ -283,7 +305,10 @@ def _run(stage: str, trainer: _Trainer, *, total: int, start: int, lr: float, wa
             rate = _lr_at(step, total, lr, warmup)
             trainer.set_lr(rate)
             t0 = time.perf_counter()
-            loss = trainer.step(loss_at(step), grad_clip)
+            try:
+                loss = trainer.step(loss_at(step), grad_clip)
+            except StopRequested:  # cancelled in the middle of a step: not taken; what was learned is saved
+                return
             train_s += time.perf_counter() - t0
             step, steps_run, images = step + 1, steps_run + 1, images + batch
             ips = images / train_s if train_s > 0 else 0.0
