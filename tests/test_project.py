@@ -363,6 +363,28 @@ def test_refine_records_scores_and_switches_model_cancel_keeps_it(tmp_path, slid
     assert [h["status"] for h in proj.history()] == ["finished", "cancelled"]
     assert proj.history()[1]["base_model"] == proj.relative(current)
 
+    # Cancel inside a step (the widget's stop event): the run ends there, recorded as cancelled, never scored
+    import threading
+
+    import torch
+    from napari_genselfdiff.core.progress import stoppable
+
+    stop, handles = threading.Event(), []
+    with stoppable(stop):
+        events = []
+        try:
+            for ev in proj.refine(steps=3, device="cpu", **FAST):
+                events.append(ev)
+                if ev.stage == "finetune" and ev.step == 1 and not handles:
+                    handles.append(torch.nn.modules.module.register_module_forward_pre_hook(lambda *_: stop.set()))
+        finally:
+            for h in handles:
+                h.remove()
+    assert stop.is_set() and not any(e.done for e in events)
+    assert not any("scoring the refined" in (e.message or "") for e in events)
+    assert [h["status"] for h in proj.history()] == ["finished", "cancelled", "cancelled"]
+    assert Project.open(proj.folder).current_model == current
+
 
 def test_refine_with_one_region_validates_on_it_and_says_so(tmp_path, slide_file, base_model):
     _needs_instances()

@@ -85,6 +85,9 @@ def _refine(project: ProjectFolder, base_model, steps: int, device: str, val_fra
             if ev.done:
                 break
             yield ev
+        else:  # it ended unfinished: Cancel stopped it inside a step (core.progress.stoppable)
+            status = "cancelled"
+            return
         yield Progress("refine", step, steps, message="scoring the refined model")
         after = score(out, split.val, device)
         status = "finished"

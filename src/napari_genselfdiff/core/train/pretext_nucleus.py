@@ -35,7 +35,8 @@ from ..pretext.translation import (LossWeights, TranslationConfig, TranslationNe
                                    generator_losses, translator_config)
 from ..progress import Progress
 from .outdir import prepare_out, start_note
-from .training import _now, _run, _step_rngs, check_stop_inside
+from .stops import StopChecks
+from .training import _now, _run, _step_rngs
 
 PRETEXT = "nucleus"
 #: terms reported per step (``last_losses``) and recorded in the checkpoint
@@ -80,7 +81,7 @@ class _GanTrainer:
 
     def __init__(self, nets: TranslationNets, device: torch.device, lr: float, precision: str, weights: LossWeights):
         self.nets = nets.to(device)
-        check_stop_inside(self.nets)  # Cancel stops inside a step (core.progress.stoppable)
+        self.stops = StopChecks(self.nets)  # Cancel stops inside a step (core.progress.stoppable)
         self.model = self.net = nets.translator
         self.group, self.stream, self.main = None, None, True  # one process (no torchrun / DDP here)
         self.device, self.weights = device, weights
@@ -106,6 +107,10 @@ class _GanTrainer:
         opt.step()
 
     def step(self, batch: Callable[[], tuple], grad_clip: float) -> float:
+        with self.stops.armed():
+            return self._step(batch, grad_clip)
+
+    def _step(self, batch: Callable[[], tuple], grad_clip: float) -> float:
         he, mask, target, gen = batch()
         nets = self.nets.train()
         discs = nets.discriminator_side()

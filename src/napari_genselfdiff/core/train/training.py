@@ -32,7 +32,8 @@ from ..inference import TorchPredictor
 from ..nets.unet import PRESETS, UNet, UNetConfig, iter_recalibrate_batchnorm, seeded_model
 from ..precision import Precision, autocast, precision_of, resolve_precision
 from ..pretext.diffusion import Diffusion, ScheduleConfig
-from ..progress import Progress, StopRequested, relay, run_to_end, stop_event
+from ..progress import Progress, StopRequested, relay, run_to_end
+from .stops import StopChecks
 from . import ddp
 from .losses import build_loss, parse_loss
 from .memory import check_step_fits
@@ -123,27 +124,6 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def check_stop_inside(module: torch.nn.Module) -> None:
-    """Let a job's Cancel (:func:`...core.progress.stoppable` around the thread building the
-    training) stop ``module``'s forward and backward passes between layers: a forward pre-hook on
-    each layer and a gradient hook on each parameter raise :class:`StopRequested` once it is set
-    (a CPU step of several seconds stopped within a fraction of one). Nothing outside a job."""
-    event = stop_event()
-    if event is None:
-        return
-
-    def check(*_):
-        if event.is_set():
-            raise StopRequested()
-
-    for m in module.modules():
-        if not any(True for _ in m.children()):
-            m.register_forward_pre_hook(check)
-    for p in module.parameters():
-        if p.requires_grad:
-            p.register_hook(check)
-
-
 class _Trainer:
     """Optimizer, mixed precision (autocast forward; fp32 weights and loss), checkpoints and resuming."""
 
@@ -151,7 +131,7 @@ class _Trainer:
                  ema: float = 0.0, group: ddp.Group | None = None):
         # channels_last: 1.3-1.4x faster steps on the CPU (benchmarks/speed.py); inputs follow the weights
         self.model = model.to(device, memory_format=channels_last_for(device))
-        check_stop_inside(self.model)
+        self.stops = StopChecks(self.model)  # Cancel stops inside a step
         tune_allocator()  # no page faults for every step's activations (core/device.py)
         self.group, self.net = group, ddp.wrap(group, self.model)  # torchrun: DDP averages the gradients
         self.stream, self.main = (None, True) if group is None else (group.rank, group.main)
@@ -168,15 +148,16 @@ class _Trainer:
         self.net.train()
         self.opt.zero_grad(set_to_none=True)
         try:
-            with autocast(self.device, self.precision):
-                loss = loss_fn()
-            if not torch.isfinite(value := ddp.mean(self.group, loss)):  # torchrun: over ranks, all stop
-                raise GenSelfDiffError(f"training diverged (loss {value.item()}); lower the learning rate")
-            if self.scaler is not None and self.scaler.is_enabled():
-                self.scaler.scale(loss).backward()
-                self.scaler.unscale_(self.opt)
-            else:
-                loss.backward()
+            with self.stops.armed():  # Cancel stops the forward and backward passes between layers
+                with autocast(self.device, self.precision):
+                    loss = loss_fn()
+                if not torch.isfinite(value := ddp.mean(self.group, loss)):  # torchrun: over ranks, all stop
+                    raise GenSelfDiffError(f"training diverged (loss {value.item()}); lower the learning rate")
+                if self.scaler is not None and self.scaler.is_enabled():
+                    self.scaler.scale(loss).backward()
+                    self.scaler.unscale_(self.opt)
+                else:
+                    loss.backward()
             if grad_clip:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), grad_clip)
             if self.scaler is not None and self.scaler.is_enabled():
