@@ -95,6 +95,27 @@ def test_a_cancel_inside_a_step_stops_it_there_and_the_run_resumes_the_same(tmp_
     _assert_same_weights(_weights(tmp_path / "full"), _weights(tmp_path / "cut"))
 
 
+def test_a_model_with_stop_checks_can_be_copied_for_validation():
+    """The fused copy validation makes (deepcopy) of a model with Cancel's checks inside a job
+    (the fine-tune widget's validation failed: 'cannot pickle _thread.lock')."""
+    import copy
+    import threading
+
+    from napari_genselfdiff.core.progress import StopRequested, stoppable
+    from napari_genselfdiff.core.train.stops import StopChecks
+
+    stop = threading.Event()
+    with stoppable(stop):
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU())
+        checks = StopChecks(model)
+    twin = copy.deepcopy(model)
+    x = torch.randn(1, 3, 8, 8)
+    stop.set()
+    assert twin(x).shape == (1, 4, 6, 6)  # outside a step: never stopped
+    with checks.armed(), pytest.raises(StopRequested):
+        twin(x)
+
+
 def test_resuming_says_when_the_checkpoint_is_not_the_preset_asked_for(tmp_path):
     """Resume continues the saved run with the saved architecture; when that is not the preset now
     asked for (e.g. the preset was redefined since), the first message says so."""

@@ -27,6 +27,9 @@ class StopChecks:
             if p.requires_grad:
                 p.register_hook(self._check)
 
+    def __deepcopy__(self, memo):  # a copy of the model (fused for validation) shares the one checker
+        return self
+
     def _check(self, *_):
         if self.active and self.event.is_set():
             raise StopRequested()
