@@ -219,13 +219,20 @@ class VerticalScroll(QScrollArea):
         self.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
         self.setFrameShape(QFrame.Shape.NoFrame)
         self.setWidget(body)
+        self._shared = False  # the column's height shared out once, at the first show
 
     def showEvent(self, event) -> None:  # noqa: N802 (Qt's name)
         """Shown docked for the first time: the docks stacked with it share the column's height."""
         super().showEvent(event)
-        if not getattr(self, "_shared", False):
+        if not self._shared:
             self._shared = True
-            QTimer.singleShot(0, lambda: share_dock_height(self))
+            QTimer.singleShot(0, self._share)
+
+    def _share(self) -> None:
+        try:
+            share_dock_height(self)
+        except RuntimeError:  # closed before the event loop came back: nothing to share
+            pass
 
     def eventFilter(self, watched: QObject, event: QEvent) -> bool:  # noqa: N802 (Qt's name)
         """The content's hints changed (e.g. napari's style arrived): so did this area's."""
