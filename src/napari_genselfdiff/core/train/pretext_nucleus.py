@@ -107,10 +107,6 @@ class _GanTrainer:
         opt.step()
 
     def step(self, batch: Callable[[], tuple], grad_clip: float) -> float:
-        with self.stops.armed():
-            return self._step(batch, grad_clip)
-
-    def _step(self, batch: Callable[[], tuple], grad_clip: float) -> float:
         he, mask, target, gen = batch()
         nets = self.nets.train()
         discs = nets.discriminator_side()
@@ -118,9 +114,11 @@ class _GanTrainer:
             for p in discs:  # the generator step needs no discriminator gradients
                 p.requires_grad_(False)
             try:
-                with autocast(self.device, self.precision):
-                    g = generator_losses(nets, he, mask, target, gen, self.weights)
-                self._update(self.opt, g["total"], nets.generator_side(), grad_clip)
+                # Cancel stops the step only before its first update: a step is taken whole or not at all
+                with self.stops.armed():
+                    with autocast(self.device, self.precision):
+                        g = generator_losses(nets, he, mask, target, gen, self.weights)
+                    self._update(self.opt, g["total"], nets.generator_side(), grad_clip)
             finally:
                 for p in discs:
                     p.requires_grad_(True)
