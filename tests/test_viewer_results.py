@@ -608,6 +608,77 @@ def test_the_live_object_controls_find_objects_again_without_the_model(viewer, q
     assert w.objects.overrides() == {}
 
 
+@pytest.mark.gui
+def test_the_object_controls_find_a_whole_slides_objects_again(viewer, qtbot, tmp_path, he_image, monkeypatch):
+    """Issue 35 item 11 for a whole slide: 'Apply to whole slide' finds its objects again with the
+    controls' values from the stored probabilities (the model does not run), equal to labelling the
+    probabilities in one piece; the store keeps them, a cancel keeps the objects as they were."""
+    from napari_genselfdiff.core.eval.postprocess import glands_from_probabilities
+    from napari_genselfdiff.slide.instances import compare_partitions
+    from napari_genselfdiff.slide.store import PredictionStore
+
+    viewer.add_image(he_image, name="H&E", rgb=True, **slide_scale(0.5))
+    stand_in(monkeypatch, model := Graded(mpp=0.5))
+    w = predict_widget(viewer, tmp_path)
+    assert not w.objects.slide_btn.isEnabled()  # no whole slide yet
+    w.slide_btn.click()
+    qtbot.waitUntil(lambda: not w.runner.running, timeout=60_000)
+    glands, calls = viewer.layers["glands"], model.calls
+    first = np.asarray(glands.data[0] if glands.multiscale else glands.data)
+    assert w.objects.slide_btn.isEnabled() and w.objects.box.isEnabled()
+    assert w.objects.values() == {"threshold": 0.5, "min_size": 100}  # what the slide's objects were found with
+    w.objects.threshold.setValue(80)
+    w.objects.min_size.setValue(2000)
+    w.objects.slide_btn.click()
+    assert w.cancel_btn.isEnabled() and not w.objects.slide_btn.isEnabled()
+    qtbot.waitUntil(lambda: not w.runner.running, timeout=60_000)
+    [out] = list((tmp_path / "pred").glob("*.zarr"))
+    store = PredictionStore.open(out)
+    shown = viewer.layers["glands"]
+    after = np.asarray(shown.data[0] if shown.multiscale else shown.data)
+    fg = np.asarray(store.probabilities[1])
+    assert compare_partitions(glands_from_probabilities(fg, threshold=0.8, min_size=2000), after).identical
+    assert 0 < len(np.unique(after)) - 1 < len(np.unique(first)) - 1
+    assert model.calls == calls  # the network did not run again
+    assert store.label_options("glands")["threshold"] == pytest.approx(0.8)
+    assert "done" in w.progress.status.text() and w.objects.slide_btn.isEnabled()
+    viewer.window._qt_window.resize(1920, 1080)
+    SHOTS.mkdir(exist_ok=True)
+    viewer.screenshot(str(SHOTS / "predict_whole_slide_relabelled.png"), canvas_only=False)
+    # the next time the slide is shown (its store resumed), the controls say what its objects were found with
+    w.objects.threshold.setValue(50)
+    w.slide_btn.click()
+    qtbot.waitUntil(lambda: not w.runner.running, timeout=60_000)
+    assert w.objects.values() == {"threshold": 0.8, "min_size": 2000} and model.calls == calls
+    # cancelled, the slide keeps its objects (each block made slow, so Cancel comes before the end)
+    from napari_genselfdiff.slide import relabel
+
+    def slowly(*args, **kwargs):
+        return (yield from _slow_steps(original(*args, **kwargs)))
+
+    original = relabel.label_store
+    monkeypatch.setattr(relabel, "label_store", slowly)
+    w.objects.threshold.setValue(30)
+    w.objects.slide_btn.click()
+    w.cancel_btn.click()
+    qtbot.waitUntil(lambda: not w.runner.running, timeout=60_000)
+    assert "keeps its objects as they were" in w.progress.status.text()
+    assert compare_partitions(np.asarray(store.labels("glands")), after).identical
+
+
+def _slow_steps(gen):
+    """``gen``'s steps, 0.2 s apart; its return value."""
+    import time
+
+    while True:
+        try:
+            step = next(gen)
+        except StopIteration as stop:
+            return stop.value
+        time.sleep(0.2)
+        yield step
+
+
 def test_an_object_cut_by_a_new_view_keeps_its_id_across_the_border():
     """Issue 35 item 6: a zoomed re-predict inside an earlier view cuts an earlier gland at the new
     view's border; the part inside takes the earlier id (not a second one), while a new object

@@ -4,7 +4,11 @@ worker thread as the controls move; the network does not run again.
 
 The controls start at the model's own values (those it was tuned with, :mod:`core.eval.postprocess`)
 whenever a result of another model arrives; what differs from them is used for the next
-fields of view too (:meth:`ObjectControls.overrides`). A whole-slide run keeps the model's values.
+fields of view too (:meth:`ObjectControls.overrides`). A whole-slide run predicts with the model's
+values; "Apply to whole slide" then finds the last whole slide's objects again with the controls'
+values, block by block from its stored probabilities (:mod:`napari_genselfdiff.slide.relabel`, a
+job of the Predict widget with its progress and Cancel): minutes for a large slide, so it waits
+for the click instead of following every move.
 """
 from __future__ import annotations
 
@@ -37,11 +41,12 @@ class ObjectControls:
     """The "Objects" box of the Predict widget: a threshold slider and a minimum-size field.
     ``relabelled(labels, options)`` receives the new objects of the last result (GUI thread)."""
 
-    def __init__(self, parent: QWidget, relabelled: Callable[[np.ndarray, dict], None]):
+    def __init__(self, parent: QWidget, relabelled: Callable[[np.ndarray, dict], None],
+                 apply_to_slide: Callable[[dict], None] | None = None):
         self.relabelled = relabelled
         self.box = QGroupBox("Objects (live)")
         self.box.setToolTip("change what counts as an object in the last field-of-view result without "
-                            "running the model again; whole-slide runs keep the model's values")
+                            "running the model again; 'Apply to whole slide' does it for the last whole slide")
         form = QFormLayout(self.box)
         self.threshold = QSlider(Qt.Orientation.Horizontal)
         self.threshold.setRange(5, 95)
@@ -61,7 +66,12 @@ class ObjectControls:
         self.reset.setToolTip("the threshold and minimum size the model was tuned with")
         self.reset.clicked.connect(self.use_model_values)
         form.addRow("Smallest", row(self.min_size, self.min_size_text))
-        form.addRow("", self.reset)
+        self.slide_btn = QPushButton("Apply to whole slide")
+        self.slide_btn.setToolTip("find the objects of the last whole-slide result again with these values, from "
+                                  "its stored probabilities (the model does not run again); its store keeps them")
+        self.slide_btn.setEnabled(False)
+        self.slide_btn.clicked.connect(lambda: apply_to_slide and apply_to_slide({**self.model_values, **self.values()}))
+        form.addRow("", row(self.reset, self.slide_btn))
         self.timer = QTimer(parent)
         self.timer.setSingleShot(True)
         self.timer.setInterval(SETTLE_MS)
@@ -76,6 +86,7 @@ class ObjectControls:
         self.mpp: float | None = None
         self._probs: np.ndarray | None = None
         self._view = None  # the view inside the probabilities (they have a margin around it)
+        self.slide: tuple[str, str] | None = None  # (store, label set) of the last whole-slide result
         self.threshold.valueChanged.connect(self._changed)
         self.min_size.valueChanged.connect(self._changed)
         self.box.setEnabled(False)
@@ -122,6 +133,19 @@ class ObjectControls:
             self._set(self.model_values)
         self._show_values()
         self.box.setEnabled(True)
+
+    def slide_result(self, model_key: Any, task: str, model_values: dict, values: dict, out: str,
+                     mpp: float | None) -> None:
+        """A whole-slide result (its store ``out``): the controls show the ``values`` its objects
+        were found with, and "Apply to whole slide" acts on it. The field of view of another model
+        is no longer what the controls act on."""
+        if model_key != self.model_key:
+            self._probs = None
+            self.model_key, self.model_values = model_key, dict(model_values)
+        self.slide, self.task, self.mpp = (out, task), task, mpp
+        self._set(values)
+        self.box.setEnabled(True)
+        self.slide_btn.setEnabled(True)
 
     def _changed(self, *_: Any) -> None:
         self._show_values()

@@ -14,24 +14,22 @@ the colours mean. The model chooser (:mod:`.models`) says what each model is.
 """
 from __future__ import annotations
 
-import warnings
 import dataclasses
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 from napari.utils.notifications import show_error, show_warning
 from qtpy.QtWidgets import QCheckBox, QComboBox, QFormLayout, QGroupBox, QPushButton, QWidget
 
 from ..bundled import bundled_models
-from ..core.errors import DataError, GenSelfDiffError, GenSelfDiffWarning
+from ..core.errors import DataError, GenSelfDiffError
 from ..core.inference import PredictorCache
 from ..core.names import safe_name
-from ..core.progress import Progress, in_background
+from ..core.progress import Progress
 from .canvas import FOV_KEY, LABELS, GatheredViews
-from .geometry import (Bounds, Region, at_model_level, grid_of, placement, scale_bar_of, view_of,
-                       visible_region)
+from .fov_job import FovKey, FovResult, fov_job, region_on_screen  # noqa: F401  (region_on_screen: tests use it here)
+from .geometry import grid_of, placement, scale_bar_of
 from .inputs import (DeviceChooser, LayerChoices, PathEdit, PrecisionChooser, explain_labels, int_spin, is_rgb_image,
                      level0_data, pinned_footer, pixel_size_spin, row, scrolling_column,
                      why_not_rgb)
@@ -44,121 +42,8 @@ from .measure import Measurements
 from .models import ModelChooser, fmt_mpp
 from .progress import ProgressPanel, format_duration
 from .settings import Settings, recent_models
-from .slide_layer import downsamples_of, layer_slide
-from .whole_slide import RunOnChooser, SlideResult, load_predictor, result_name, slide_job
-
-# ---------------------------------------------------------------------------------------------
-# layers as the jobs need them
-
-
-def region_on_screen(viewer, layer) -> Region:
-    """(level, y, x, h, w): the part of ``layer`` on screen, in pixels of the level napari shows."""
-    level = layer.data_level if layer.multiscale else 0
-    shape = (layer.data[level] if layer.multiscale else layer.data).shape[:2]
-    return visible_region(view_of(viewer), grid_of(layer), level, downsamples_of(layer)[level], shape, layer.name)
-
-
-# ---------------------------------------------------------------------------------------------
-# jobs (run in a worker thread; no Qt, no layers)
-
-@dataclass
-class FovKey:
-    """What a field-of-view predictor (and its tile cache) is valid for."""
-
-    model: Any  # the predictor cache's key: model path, device, weights' mtime
-    source_id: int  # id of the layer's level-0 array (the cached slide keeps it alive)
-    tile: int
-    overlap: int
-
-
-@dataclass
-class FovResult:
-    """What :func:`fov_job` returns: the region predicted, its probabilities and objects, and
-    the layers' data prepared in the worker (so the GUI thread only hands arrays to napari)."""
-
-    predictor: PredictorCache
-    fov: tuple[FovKey, Any]  # (key, FieldOfViewPredictor), kept for the next view
-    region: Region  # at the level the model ran on
-    downsample: float  # of that level
-    probs: np.ndarray
-    instances: np.ndarray  # int32, as the labels layer shows it
-    foreground: np.ndarray  # 1 - background probability, float32, as the probability layer shows it
-    objects: int  # the largest object id
-    mpp: float | None = None  # microns per pixel of that level (None: unknown)
-    semantic: np.ndarray | None = None  # the class map, for models of more than one object class
-    no_glands: str | None = None  # why a glands result does not look like glands (then no layer is added)
-    model_values: dict = field(default_factory=dict)  # the model's own post-processing options
-    view: Bounds | None = None  # the view itself (y, x, h, w) inside ``region``, which has a margin around it
-
-
-def resolution_of(slide, level: int) -> str:
-    """How a person reads the resolution of ``level``: '1.00 um/px (~10x)', not 'level 1'."""
-    mpp = slide.level_mpp(level)
-    return fmt_mpp(mpp) if mpp else f"level {level} (pixel size unknown)"
-
-
-def shows_classes(predictor) -> bool:
-    """Whether a model's class map is worth a layer of its own (more than one object class)."""
-    return predictor.task not in ("glands", "nuclei") and len(predictor.class_names) > 2
-
-
-#: A field of view showing the whole image and needing more tiles than this gets a warning.
-WHOLE_VIEW_TILES = 16
-
-
-def fov_job(model: str, device: str, cache: PredictorCache | None, slide, source_id: int, region: Region,
-            tile: int, overlap: int, fov: tuple[FovKey, Any] | None, precision: str = "auto",
-            overrides: dict | None = None) -> Iterator[Any]:
-    """Predict the visible region; returns a :class:`FovResult`.
-
-    Yields the tiler's progress after every model call (so Cancel stops within about half a
-    second, and the panel shows tiles, speed and ETA), and warns when the view is the whole image.
-    The FOV predictor (and its tile cache) is kept while the model, the image and the tiling are
-    the same. ``overrides``: post-processing values to use instead of the model's (the live
-    Objects controls, :mod:`.objects`).
-    """
-    from ..core.eval.postprocess import options_for, postprocess
-    from ..slide.fov import FieldOfViewPredictor, objects_in_view, view_margin, with_margin
-
-    cache, overlap = yield from load_predictor(model, device, cache, tile, overlap, precision)
-    predictor = cache.predictor
-    key = FovKey(cache.key, source_id, tile, overlap)
-    if fov is None or fov[0] != key:
-        fov = (key, FieldOfViewPredictor(predictor, slide, 0, tile, overlap, 256))
-    region = at_model_level(region, slide.downsamples, [lv.shape for lv in slide.levels], slide.mpp, predictor.mpp)
-    level, vy, vx, vh, vw = region
-    shape = tuple(int(v) for v in slide.levels[level].shape[:2])
-    # a margin around the view: the objects its border cuts are found whole (the view's own objects only)
-    (y, x, h, w), view = with_margin((vy, vx, vh, vw), view_margin(predictor.task, predictor.mpp), shape)
-    todo = fov[1].uncached(level, y, x, h, w)
-    if (vh, vw) == shape and todo > WHOLE_VIEW_TILES:
-        warnings.warn(GenSelfDiffWarning(
-            f"the view shows all of {slide.path.name} ({todo} tiles at level {level}): this takes as long as "
-            "'Predict whole slide', which also saves the result and resumes; zoom in for a quick look"))
-    yield f"predicting {vw}x{vh} pixels at {resolution_of(slide, level)}…"
-    probs = yield from fov[1].iter_region(level, y, x, h, w)
-    model_values = options_for("nuclei" if predictor.task == "nuclei" else "glands",
-                               getattr(predictor, "postprocess_options", None))
-    semantic, instances = yield from in_background(postprocess, probs, predictor.task,
-                                                   {**model_values, **(overrides or {})},
-                                                   status="finding objects…")
-    instances = objects_in_view(instances.astype(np.int32, copy=False), view)
-    region = (level, y, x, h, w)
-    foreground = np.subtract(1.0, probs[0], dtype=np.float32)
-    no_glands = None
-    if predictor.task == "glands":
-        from ..core.eval.glandular import check_glands, warn_no_glands
-
-        iy, ix = view[:2]  # the view itself: the objects of the margin are not the view's
-        inner = (slice(iy, iy + vh), slice(ix, ix + vw))
-        check = check_glands(instances[inner], foreground[inner],
-                             np.asarray(slide.levels[level][vy:vy + vh, vx:vx + vw]), slide.level_mpp(level))
-        no_glands = warn_no_glands(check)
-    return FovResult(cache, fov, region, slide.downsamples[level], probs, instances, foreground,
-                     int(instances.max(initial=0)), mpp=slide.level_mpp(level),
-                     semantic=semantic if shows_classes(predictor) else None, no_glands=no_glands,
-                     model_values=model_values, view=view)
-
+from .slide_layer import layer_slide
+from .whole_slide import RunOnChooser, SlideResult, kept_after_cancel, relabel_job, result_name, slide_job
 
 # ---------------------------------------------------------------------------------------------
 # the widget
@@ -172,13 +57,14 @@ class PredictWidget(QWidget):
         self.settings = settings or Settings("predict")
         self.runner = JobRunner("prediction", self)
         self.measurements = Measurements(napari_viewer, self, lambda text: self.progress.set_status(text))
-        self.objects = ObjectControls(self, self._relabelled)
+        self.objects = ObjectControls(self, self._relabelled, self.apply_to_slide)
         self.stops_jobs = StopsJobsOnClose(self, [self.runner, self.measurements.runner, self.objects.runner])
         self._predictor: PredictorCache | None = None
         self._fov: tuple[FovKey, Any] | None = None  # (key, FieldOfViewPredictor)
         self._image_layer = None
         self._last_fov: FovResult | None = None  # what the Objects controls find objects in again
-        self._whole_slide = False
+        self._job = None  # the job running (or last run)
+        self._slide_layer = None  # the image of the last whole-slide result
         self._blocks = (0, 0)
         self._shown: dict[str, Any] = {}  # layer name -> the layer this widget added under it last
         self.views = GatheredViews(napari_viewer)  # the fields of view gathered per result layer
@@ -317,6 +203,16 @@ class PredictWidget(QWidget):
                     self._predictor, slide, str(out), self.tile.value(), self.overlap.value(), self.batch.value(),
                     run_on, precision=self.precision.precision)
 
+    def apply_to_slide(self, options: dict) -> None:
+        """Find the objects of the whole slide shown last again with ``options`` (the Objects
+        controls'), from its stored probabilities: the model does not run again."""
+        out, kind = self.objects.slide
+        if self._slide_layer not in self.viewer.layers:
+            show_error(f"the image of {Path(out).name} is no longer open: open it, or predict its whole slide again")
+            return
+        self._start(self._slide_layer, f"finding the {kind} of {Path(out).name} again…", relabel_job,
+                    self._predictor, out, kind, options)
+
     def _slide(self, layer):
         """The layer as a Slide with its pixel size (asked once when the file does not say); one
         warning when nobody knows it."""
@@ -327,7 +223,7 @@ class PredictWidget(QWidget):
         return slide
 
     def _start(self, layer, text: str, job, *args, **kwargs) -> None:
-        self._image_layer, self._whole_slide = layer, job is slide_job
+        self._image_layer, self._job = layer, job
         self._blocks = (0, 0)  # (finished, all) output blocks of a whole slide, as its events say
         self.progress.reset(text)
         self._set_running(True)
@@ -341,8 +237,8 @@ class PredictWidget(QWidget):
             self.progress.set_status("cancelling…")
 
     def _set_running(self, running: bool) -> None:
-        for b in (self.fov_btn, self.slide_btn, self.model, self.browse):
-            b.setEnabled(not running)
+        for b in (self.fov_btn, self.slide_btn, self.model, self.browse, self.objects.slide_btn):
+            b.setEnabled(not running and (b is not self.objects.slide_btn or self.objects.slide is not None))
         self.cancel_btn.setEnabled(running)
 
     def _on_event(self, ev: Progress | str) -> None:
@@ -373,20 +269,18 @@ class PredictWidget(QWidget):
                                     result.probs, result.mpp, result.view)
         else:
             self._show_store(result.out, result.kind, result.no_glands)
+            if result.kind and not result.no_glands:
+                self._slide_layer = self._image_layer
+                self.objects.slide_result(result.predictor.key, result.kind, result.model_values, result.values,
+                                          result.out, result.mpp)
+                if self._job is relabel_job:
+                    self.progress.set_status(f"{self.progress.status.text()} · found again with threshold "
+                                             f"{result.values['threshold']:.2f}, smallest {result.values['min_size']} px")
 
     def _on_stopped(self, cancelled: bool) -> None:
         self._set_running(False)
         if cancelled:
-            self.progress.set_status("cancelled" + (self._kept() if self._whole_slide else ""))
-
-    def _kept(self) -> str:
-        """What a cancelled whole slide keeps: whole blocks only (a block is stored when all of it
-        is predicted), so the tiles counted so far may all be redone."""
-        done, total = self._blocks
-        if not done:
-            return (": no block was finished, so nothing is kept (a whole block is stored at once); "
-                    "'Predict whole slide' again starts over")
-        return f": {done} of {total} blocks are kept; 'Predict whole slide' again resumes from them"
+            self.progress.set_status("cancelled" + kept_after_cancel(self._job, self._blocks))
 
     # -- results ---------------------------------------------------------------------------
 

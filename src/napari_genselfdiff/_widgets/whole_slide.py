@@ -21,6 +21,7 @@ from qtpy.QtWidgets import QComboBox, QHBoxLayout, QLineEdit, QWidget
 
 from ..core.errors import DataError, GenSelfDiffError
 from ..core.inference import PredictorCache, cached_predictor
+from ..core.progress import Progress, relay
 from .inputs import int_spin
 
 #: What the "Run on" chooser offers, in order.
@@ -59,6 +60,9 @@ class SlideResult:
     out: str
     kind: str | None  # the label set ("glands" / "nuclei"), None for other models
     no_glands: str | None = None  # why a glands result does not look like glands (then no labels layer)
+    model_values: dict = dataclasses.field(default_factory=dict)  # the model's own post-processing options
+    values: dict = dataclasses.field(default_factory=dict)  # those the slide's objects were found with
+    mpp: float | None = None  # microns per pixel of the level the model ran on
 
 
 def result_name(predictor) -> str:
@@ -108,7 +112,59 @@ def slide_job(model: str, device: str, cache: PredictorCache | None, slide, out:
         from ..slide.store import PredictionStore
 
         no_glands = warn_no_glands(check_store_glands(PredictionStore.open(out), slide))
-    return SlideResult(cache, out, kind, no_glands)
+    return with_values(SlideResult(cache, out, kind, no_glands))
+
+
+def with_values(result: SlideResult) -> SlideResult:
+    """``result`` with the model's post-processing values and those its store's objects were found
+    with (the live Objects controls start at them)."""
+    from ..core.eval.postprocess import options_for
+    from ..slide.store import PredictionStore
+
+    if result.kind is None:
+        return result
+    model = options_for(result.kind, getattr(result.predictor.predictor, "postprocess_options", None))
+    store = PredictionStore.open(result.out)
+    found = store.label_options(result.kind) if result.kind in store.label_names() else {}
+    return dataclasses.replace(result, model_values=model, values={**model, **found}, mpp=store.mpp)
+
+
+def relabel_job(cache: PredictorCache, out: str, kind: str, options: dict) -> Iterator[Any]:
+    """Find the objects of the whole slide in ``out`` again with ``options`` (the Objects controls'
+    values) from its stored probabilities (:mod:`..slide.relabel`), block by block; returns a
+    :class:`SlideResult`. Cancelled, the slide keeps its objects as they were."""
+    import time
+
+    from ..slide.relabel import relabel_store
+    from ..slide.store import PredictionStore
+
+    store = PredictionStore.open(out, mode="r+")
+    h, w = store.probabilities.shape[1:]
+    start = time.perf_counter()
+
+    def event(step: tuple[int, int]) -> Progress:
+        done, total = step
+        s = max(time.perf_counter() - start, 1e-9)
+        return Progress("objects", done, total, eta_s=s / max(done, 1) * (total - done),
+                        megapixels_per_s=done / total * h * w / s / 1e6)
+
+    yield f"finding the {kind} of {Path(out).name} again, threshold {options.get('threshold', 0.5):.2f}…"
+    yield from relay(relabel_store(store, kind, options), event)
+    return with_values(SlideResult(cache, out, kind))
+
+
+def kept_after_cancel(job, blocks: tuple[int, int]) -> str:
+    """What a cancelled job keeps, for the status line: a whole slide keeps whole blocks only (a block
+    is stored when all of it is predicted), so the tiles counted so far may all be redone."""
+    if job is relabel_job:
+        return ": the slide keeps its objects as they were"
+    if job is not slide_job:
+        return ""
+    done, total = blocks
+    if not done:
+        return (": no block was finished, so nothing is kept (a whole block is stored at once); "
+                "'Predict whole slide' again starts over")
+    return f": {done} of {total} blocks are kept; 'Predict whole slide' again resumes from them"
 
 
 def on_cluster(model: str, device: str, predictor, slide, out: str, settings, run_on: RunOn,

@@ -340,20 +340,22 @@ class _ChannelView:
 
 
 def label_store(store: Any, kind: str, *, block: int, min_size: int | None = None,
-                options: Mapping[str, Any] | None = None) -> Generator[tuple[int, int], None, StitchStats | None]:
+                options: Mapping[str, Any] | None = None,
+                parent: str = "labels") -> Generator[tuple[int, int], None, StitchStats | None]:
     """Label instances ('glands' or 'nuclei') of a
     :class:`~napari_genselfdiff.slide.store.PredictionStore` from its class-1 probabilities (and
     class 2 as the nucleus boundary of 3-class models, the channel after the classes as the
     nucleus distance map of models that have one) into ``labels/<kind>``, with a pyramid.
     Yields (steps done, steps total) like the blockwise functions; returns their stats, or None
-    when the store already holds complete labels of ``kind``."""
+    when the store already holds complete labels of ``kind``. ``parent``: another group to write
+    them into (always written; :mod:`.relabel` swaps them in when complete)."""
     probs = store.probabilities
     nc = int(probs.shape[0])
     if nc < 2:
         raise GenSelfDiffError(f"postprocess '{kind}' needs a model with >= 2 classes, got {nc}")
-    if store.labels_complete(kind):
+    if parent == "labels" and store.labels_complete(kind):
         return None
-    lab_group, lab0 = store.create_labels(kind, block)
+    lab_group, lab0 = store.create_labels(kind, block, parent)
     fg = _ChannelView(probs, 1)
     opts = dict(options or {})
     if min_size is not None:
@@ -369,5 +371,5 @@ def label_store(store: Any, kind: str, *, block: int, min_size: int | None = Non
         stats = yield from gen
         n_levels = write_label_pyramid(lab_group, block=block)
     store.finish_labels(lab_group, kind, n_levels, count=stats.count, truncated=stats.truncated,
-                        conflicts=stats.conflicts)
+                        conflicts=stats.conflicts, options=opts)
     return stats

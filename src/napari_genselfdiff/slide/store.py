@@ -225,13 +225,20 @@ class PredictionStore:
         lab = self.group["labels"][name]
         return [lab[k] for k in sorted(lab.array_keys(), key=int)]
 
+    def label_options(self, name: str) -> dict:
+        """The post-processing options the label set ``name`` was found with, as far as it says
+        (a store labelled before they were recorded says nothing: the model's own then)."""
+        return dict(dict(self.group["labels"][name].attrs).get("options") or {})
+
     def labels_complete(self, name: str) -> bool:
         labels = self.group["labels"] if "labels" in self.group else None
         return labels is not None and name in labels and bool(dict(labels[name].attrs).get("complete"))
 
-    def create_labels(self, name: str, block: int) -> tuple[Any, Any]:
-        """A fresh (overwritten) label set ``name``: (its group, its level-0 int32 array)."""
-        labels = self.group.require_group("labels")
+    def create_labels(self, name: str, block: int, parent: str = "labels") -> tuple[Any, Any]:
+        """A fresh (overwritten) label set ``name`` in the group ``parent`` (``labels``; a label set
+        being made again is written beside it first, :mod:`.relabel`): (its group, its level-0
+        int32 array)."""
+        labels = self.group.require_group(parent)
         h, w = self.probabilities.shape[1:]
         lab_group = labels.create_group(name, overwrite=True)
         lab0 = lab_group.create_array("0", shape=(h, w), chunks=(block, block), dtype="int32",
@@ -240,10 +247,12 @@ class PredictionStore:
 
     @staticmethod
     def finish_labels(lab_group: Any, name: str, n_levels: int, *, count: int, truncated: int = 0,
-                      conflicts: int = 0) -> None:
-        """Mark a label set complete, with its object counts and OME multiscales metadata."""
+                      conflicts: int = 0, options: dict | None = None) -> None:
+        """Mark a label set complete, with its object counts, the post-processing ``options`` it was
+        found with (when given) and OME multiscales metadata."""
         lab_group.attrs.update({
             "complete": True, "count": count, "truncated": truncated, "conflicts": conflicts,
+            **({"options": dict(options)} if options is not None else {}),
             "multiscales": [{"version": "0.4", "name": name,
                              "axes": [{"name": "y", "type": "space"}, {"name": "x", "type": "space"}],
                              "datasets": [{"path": str(k), "coordinateTransformations": [
