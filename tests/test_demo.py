@@ -20,6 +20,9 @@ def test_demo_writes_labels_geojson_and_overlay(tmp_path, capsys, request):
         fc = json.loads((tmp_path / f"{name}.geojson").read_text())
         assert len(fc["features"]) == info["objects"]
         assert (tmp_path / f"{name}_labels.tif").exists()
+        with open(tmp_path / f"{name}_measurements.csv", encoding="utf-8") as f:  # a row per object, in microns
+            header, rows = f.readline(), f.readlines()
+        assert len(rows) == info["objects"] and "Area µm^2" in header and "Hematoxylin OD mean" in header
     ov = imread(tmp_path / "overlay.png")
     assert ov.shape == (768, 1024, 3)
     # the outlines are drawn: the overlay differs from the sample image where objects were found
@@ -44,7 +47,8 @@ def _snapshot(folder):
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-@pytest.mark.parametrize("name", ["overlay.png", "summary.json", "nuclei.zarr", "glands.geojson", "nuclei_labels.tif"])
+@pytest.mark.parametrize("name", ["overlay.png", "summary.json", "nuclei.zarr", "glands.geojson", "nuclei_labels.tif",
+                                  "nuclei_measurements.csv"])
 def test_demo_never_replaces_a_users_file_and_says_so_before_any_work(name, tmp_path, capsys):
     import zarr
 

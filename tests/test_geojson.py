@@ -16,7 +16,7 @@ from skimage import draw
 
 from napari_genselfdiff.core.errors import DataError
 from napari_genselfdiff.formats import geojson as gj
-from napari_genselfdiff.formats import geojson_export as gje
+from napari_genselfdiff.formats import label_blocks
 
 CANVAS = 2000
 CELL = 36
@@ -137,7 +137,7 @@ def test_synthetic_fixture_has_the_hard_cases(synthetic):
     assert labels[0].any() and labels[-1].any() and labels[:, 0].any() and labels[:, -1].any()
     present = {kinds[i] for i in counts}
     assert set(KINDS) | {"big"} <= present
-    assert max(counts) > gje._DIRECT_MAX_LABEL       # the np.unique path is exercised
+    assert max(counts) > label_blocks._DIRECT_MAX_LABEL       # the np.unique path is exercised
     # objects touching each other (different ids on 4-adjacent pixels)
     h = (labels[:, 1:] != labels[:, :-1]) & (labels[:, 1:] > 0) & (labels[:, :-1] > 0)
     assert h.any()
@@ -374,7 +374,7 @@ def test_direct_and_compacted_bounding_boxes_agree(monkeypatch):
     rng = np.random.default_rng(3)
     labels = rng.integers(0, 6, (50, 70)) * (rng.random((50, 70)) < 0.5)
     direct = list(gj.labels_to_features(labels))
-    monkeypatch.setattr(gje, "_DIRECT_MAX_LABEL", 0)
+    monkeypatch.setattr(label_blocks, "_DIRECT_MAX_LABEL", 0)
     _same_features(list(gj.labels_to_features(labels)), direct)
 
 

@@ -167,3 +167,44 @@ def test_solidity_is_area_over_the_convex_hull_of_the_outline():
     ell[1:4, 1] = ell[3, 1:4] = 1  # an L of 5 pixels; its outline's hull (1,1) (1,2) (3,4) (4,4) (4,1): area 7
     assert shape_table(ell)["solidity"][0] == pytest.approx(5 / 7)  # QuPath's ROI solidity
     assert shape_table(np.zeros((4, 4), np.int32))["label"].size == 0
+
+
+def test_a_label_array_larger_than_memory_is_measured_as_in_one_piece():
+    """A whole slide's labels are measured group by group (chunks far smaller than the objects that
+    cross them): the same table as measuring the array in one piece, each object once."""
+    from skimage.segmentation import expand_labels
+
+    from napari_genselfdiff.core.progress import run_to_end
+    from napari_genselfdiff.formats.measurements import iter_measure_label_array
+
+    rng = np.random.default_rng(0)
+    seeds = np.zeros((300, 260), np.int32)
+    seeds[rng.integers(0, 300, 90), rng.integers(0, 260, 90)] = np.arange(1, 91)
+    labels = expand_labels(seeds, 9)  # touching objects, many across the 64-px chunk borders
+    labels[labels == 7] = 0  # an id missing from the sequence
+    image = rng.integers(0, 256, (300, 260, 3), dtype=np.uint8)
+    prob = rng.random((300, 260)).astype(np.float32)
+    whole = measure_objects(labels, image=image, probability=prob, mpp=0.5)
+    steps = []
+    gen = iter_measure_label_array(labels, chunk=64, image=image, probability=prob, mpp=0.5)
+    table = run_to_end(_recording(gen, steps))
+    assert list(table) == list(whole)
+    assert np.array_equal(table["Object ID"], whole["Object ID"]) and len(table["Object ID"]) == 89
+    for column in whole:
+        np.testing.assert_allclose(table[column], whole[column], rtol=1e-9, atol=1e-9, err_msg=column)
+    assert steps[-1][0] == steps[-1][1] > 1  # measured in several groups
+    empty = run_to_end(iter_measure_label_array(np.zeros((50, 50), np.int32), chunk=16, image=image[:50, :50]))
+    assert "Hematoxylin OD mean" in empty and len(empty["Object ID"]) == 0
+    with pytest.raises(DataError, match="not the same pixels"):
+        run_to_end(iter_measure_label_array(labels, image=image[:10]))
+
+
+def _recording(gen, steps):
+    """``gen``'s steps, each also appended to ``steps``; its return value."""
+    while True:
+        try:
+            step = next(gen)
+        except StopIteration as stop:
+            return stop.value
+        steps.append(step)
+        yield step

@@ -124,3 +124,46 @@ def test_the_cli_tiles_slides_like_the_library_by_default():
 
     args = build_parser().parse_args(["predict", "--model", "m", "--input", "s.tif", "--out", "o.zarr"])
     assert args.tile == DEFAULT_TILE == SlideSettings().tile
+
+
+def test_csv_export_measures_every_object_of_the_store(tiny_glands, tmp_path, capsys):
+    """Issue 35 item 5 for a whole slide: `export --csv` writes a row per object of the store, the
+    table measure_objects gives the whole label array with the slide's pixels at the predicted level."""
+    import csv
+    import shutil
+
+    from napari_genselfdiff.formats.measurements import measure_objects
+    from napari_genselfdiff.slide.reader import open_slide
+    from napari_genselfdiff.slide.store import PredictionStore
+
+    slide = tmp_path / "case.tif"
+    shutil.copy(sample_image_path(), slide)
+    out = tmp_path / "pred.zarr"
+    assert main(["predict", "--model", str(tiny_glands), "--input", str(slide), "--out", str(out), "--tile", "256",
+                 "--overlap", "32", "--level", "1", "--no-tissue", "--device", "cpu"]) == 0
+    capsys.readouterr()
+    assert main(["export", "--labels", str(out), "--csv", str(tmp_path / "m.csv")]) == 0
+    store = PredictionStore.open(out)
+    labels = np.asarray(store.labels("glands"))
+    with open_slide(slide) as opened:
+        expected = measure_objects(labels, image=np.asarray(opened.levels[1]), probability=store.foreground()[:, :],
+                                   mpp=store.mpp)
+    with open(tmp_path / "m.csv", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(np.unique(labels[labels > 0])) == len(expected["Object ID"]) > 0
+    assert f"csv: {len(rows)} objects measured" in capsys.readouterr().out
+    assert list(rows[0]) == list(expected) and "Hematoxylin OD mean" in rows[0] and "Area µm^2" in rows[0]
+    for column, values in expected.items():
+        np.testing.assert_allclose([float(r[column]) for r in rows], values, rtol=1e-5, err_msg=column)
+    # the slide moved: the shapes are measured, the note says why there are no optical densities
+    slide.rename(tmp_path / "moved.tif")
+    assert main(["export", "--labels", str(out), "--csv", str(tmp_path / "m.csv"), "--force"]) == 0
+    err = capsys.readouterr().err
+    assert "case.tif is not there" in err and "optical densities" in err
+    with open(tmp_path / "m.csv", encoding="utf-8") as f:
+        header = f.readline()
+    assert "Hematoxylin" not in header and "Probability mean" in header
+    # a CSV that is not ours is never replaced, --force or not
+    (tmp_path / "mine.csv").write_text("patient,notes\n1,keep me\n")
+    assert main(["export", "--labels", str(out), "--csv", str(tmp_path / "mine.csv"), "--force"]) == 2
+    assert (tmp_path / "mine.csv").read_text() == "patient,notes\n1,keep me\n"

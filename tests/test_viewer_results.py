@@ -627,6 +627,18 @@ def test_the_object_controls_find_a_whole_slides_objects_again(viewer, qtbot, tm
     first = np.asarray(glands.data[0] if glands.multiscale else glands.data)
     assert w.objects.slide_btn.isEnabled() and w.objects.box.isEnabled()
     assert w.objects.values() == {"threshold": 0.5, "min_size": 100}  # what the slide's objects were found with
+    # item 5 for a whole slide: its objects measured from the store (a worker), a row each, in µm
+    qtbot.waitUntil(w.measure_btn.isEnabled, timeout=60_000)
+    ids = np.unique(first[first > 0])
+    assert list(glands.features["Object ID"]) == list(ids) and "Area µm^2" in glands.features
+    assert "Hematoxylin OD mean" in glands.features  # the image's pixels at the level the model ran on
+    assert f"{len(ids)} glands measured" in w.progress.status.text()
+    table = w.measurements.show_table()
+    assert table.model().rowCount() == len(ids)
+    k = len(ids) // 2
+    table.selectRow(k)  # the row's object is centred from its centroid in the table
+    centre = np.argwhere(first == ids[k]).mean(axis=0)
+    np.testing.assert_allclose(viewer.scene.camera.center[-2:], glands.data_to_world(centre)[-2:], atol=1e-6)
     w.objects.threshold.setValue(80)
     w.objects.min_size.setValue(2000)
     w.objects.slide_btn.click()
@@ -642,6 +654,10 @@ def test_the_object_controls_find_a_whole_slides_objects_again(viewer, qtbot, tm
     assert model.calls == calls  # the network did not run again
     assert store.label_options("glands")["threshold"] == pytest.approx(0.8)
     assert "done" in w.progress.status.text() and w.objects.slide_btn.isEnabled()
+    qtbot.waitUntil(lambda: len(shown.features) == len(np.unique(after)) - 1, timeout=60_000)  # measured again
+    assert table.model().rowCount() == len(shown.features)
+    assert w.measurements.save(str(tmp_path / "slide.csv"))
+    assert (tmp_path / "slide.csv").read_text(encoding="utf-8").count("\n") == len(shown.features) + 1
     viewer.window._qt_window.resize(1920, 1080)
     SHOTS.mkdir(exist_ok=True)
     viewer.screenshot(str(SHOTS / "predict_whole_slide_relabelled.png"), canvas_only=False)

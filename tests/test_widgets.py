@@ -16,7 +16,7 @@ import torch
 import napari  # noqa: E402,F401  (declared: missing or broken is a failure, never a skip)
 import pytestqt  # noqa: E402,F401
 
-from qtpy.QtCore import QThreadPool, QTimer  # noqa: E402
+from qtpy.QtCore import QThreadPool, Qt, QTimer  # noqa: E402
 
 from napari_genselfdiff._sample_data import SAMPLE_NAME, sample_he  # noqa: E402
 from napari_genselfdiff._widgets.finetune import FinetuneWidget  # noqa: E402
@@ -618,10 +618,11 @@ def test_predict_field_of_view_adds_aligned_layers(viewer, qtbot, tmp_path, he_i
     camera = viewer.scene.camera
     view = (tuple(camera.center), camera.zoom)
     table = w.measurements.show_table()
-    assert table is not None and table.rowCount() == len(ids) and "Objects table" in viewer.window.dock_widgets
+    model = table.model()
+    assert table is not None and model.rowCount() == len(ids) and "Objects table" in viewer.window.dock_widgets
     assert w.measurements.show_table() is table  # shown again: the same dock, not a second one
-    assert table.horizontalHeaderItem(0).text() == "Object ID"
-    k_row = [int(table.item(r, 0).text()) for r in range(table.rowCount())].index(one)
+    assert model.headerData(0, Qt.Orientation.Horizontal) == "Object ID"
+    k_row = [int(model.index(r, 0).data()) for r in range(model.rowCount())].index(one)
     table.selectRow(k_row)
     assert glands.selected_label == one
     centre = np.argwhere(glands.data == one).mean(axis=0)
@@ -634,7 +635,7 @@ def test_predict_field_of_view_adds_aligned_layers(viewer, qtbot, tmp_path, he_i
 
     for callback in glands.mouse_drag_callbacks:
         callback(glands, Click())
-    assert int(table.item(table.currentRow(), 0).text()) == other
+    assert int(model.index(table.currentIndex().row(), 0).data()) == other
     screenshot(viewer, qtbot, "predict_object_table")
     camera.center, camera.zoom = view  # back to the view predicted, for what follows
     csv_path = w.measurements.save(str(tmp_path / "glands.csv"))

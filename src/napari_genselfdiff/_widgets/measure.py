@@ -1,6 +1,8 @@
 """The per-object table of a Predict result (formats.measurements): made in a worker thread (about
 a second for 800 nuclei: too long for the GUI thread), shown as the result layer's ``features``
-(napari's status bar shows an object's row under the cursor), saved as CSV by a button."""
+(napari's status bar shows an object's row under the cursor), saved as CSV by a button. A whole
+slide's objects are measured from its store, part by part (:func:`measure_store_job`), the status
+line counting the parts."""
 from __future__ import annotations
 
 from typing import Callable, Iterator
@@ -14,15 +16,36 @@ from ..core.names import safe_name
 from .jobs import LatestJob
 
 
-def measure_job(labels: np.ndarray, foreground: np.ndarray, mpp: float | None,
+def measure_job(layer, labels: np.ndarray, foreground: np.ndarray, mpp: float | None,
                 image_of: Callable[[], np.ndarray] | None = None) -> Iterator[str]:
-    """The per-object table of a result, in a worker; returns the table. ``image_of()`` reads the
-    RGB pixels under the labels (then the table has the haematoxylin and eosin optical densities)."""
+    """The per-object table of a result, in a worker; returns (``layer``, the table). ``image_of()``
+    reads the RGB pixels under the labels (then the table has the haematoxylin and eosin optical
+    densities). ``layer`` is only handed back (the worker never touches it)."""
     from ..formats.measurements import measure_objects
 
     yield "measuring objects"
     image = None if image_of is None else np.asarray(image_of())[..., :3]
-    return measure_objects(labels, image=image, probability=foreground, mpp=mpp)
+    return layer, measure_objects(labels, image=image, probability=foreground, mpp=mpp)
+
+
+def measure_store_job(layer, out: str, kind: str, levels: list, said: str) -> Iterator[str]:
+    """The per-object table of the whole slide in the store ``out`` (its label set ``kind``), in a
+    worker, with the optical densities when ``levels`` (the image's pyramid) has the level the model
+    ran on; yields status lines (``said`` and the parts measured); returns (``layer``, the table)."""
+    from ..formats.measurements import iter_measure_label_array
+    from ..slide.store import PredictionStore
+
+    store = PredictionStore.open(out)
+    labels = store.labels(kind)
+    image = levels[store.level] if store.level < len(levels) else None
+    image = image if image is not None and tuple(image.shape[:2]) == tuple(labels.shape) else None
+    gen = iter_measure_label_array(labels, image=image, probability=store.foreground(), mpp=store.mpp)
+    while True:
+        try:
+            done, total = next(gen)
+        except StopIteration as stop:
+            return layer, stop.value
+        yield f"{said} · measuring the {kind}: {done}/{total} parts"
 
 
 class Measurements:
@@ -32,9 +55,14 @@ class Measurements:
     def __init__(self, viewer, parent: QWidget, status: Callable[[str], None]):
         self.viewer, self.parent, self.status = viewer, parent, status  # status: where a saved table is said
         self.job = LatestJob("measuring objects", parent, measure_job, self._on_measured)
+        self.store_job = LatestJob("measuring a whole slide's objects", parent, measure_store_job, self._on_measured)
+        self.store_job.runner.event.connect(lambda line: isinstance(line, str) and self.status(line))
         self.runner = self.job.runner
+        self.runners = [self.job.runner, self.store_job.runner]
+        self._said = ""  # the status line a whole slide's measuring adds to
         self.button = QPushButton("Save measurements (CSV)…")
-        self.button.setToolTip("the objects of the last field-of-view result, one row each: area, perimeter, "
+        self.button.setToolTip("the objects of the last result (field of view or whole slide), one row each: area, "
+                               "perimeter, "
                                "circularity, eccentricity, solidity, mean haematoxylin and eosin optical density, "
                                "mean probability; in µm when the pixel size is known (also shown in the status "
                                "bar over an object)")
@@ -45,7 +73,7 @@ class Measurements:
                                      "count, density per mm² and area covered, written on each shape")
         self.count_button.clicked.connect(lambda: self.count())
         self.table_button = QPushButton("Table")
-        self.table_button.setToolTip("the objects of the last field-of-view result as a table under the image: "
+        self.table_button.setToolTip("the objects of the last result as a table under the image: "
                                      "click a row to find its object, click an object to find its row")
         self.table_button.setEnabled(False)
         self.table_button.clicked.connect(lambda: self.show_table())
@@ -57,12 +85,24 @@ class Measurements:
                 image_of: Callable[[], np.ndarray] | None = None) -> None:
         """Measure ``labels`` (with the ``foreground`` probability, at ``mpp`` µm/px, and the image
         ``image_of()`` reads in the worker) for ``layer``."""
-        self._asked_for = layer
+        self._asked_for, self._said = layer, ""
         self.button.setEnabled(False)
-        self.job.ask(labels.copy(), foreground.copy(), mpp, image_of)  # copies: the gathered canvas grows in place
+        self.job.ask(layer, labels.copy(), foreground.copy(), mpp, image_of)  # copies: the canvas grows in place
 
-    def _on_measured(self, table: dict) -> None:
-        layer = self._asked_for  # only the newest request's table arrives
+    def measure_store(self, layer, out: str, kind: str, levels: list, said: str) -> None:
+        """Measure the whole slide's objects (the store ``out``, label set ``kind``) for ``layer``;
+        ``levels``: the image's pyramid (for the optical densities); ``said``: the status line the
+        progress and the count are added to."""
+        self._asked_for, self._said = layer, said
+        self.button.setEnabled(False)
+        self.store_job.ask(layer, out, kind, levels, said)
+
+    def _on_measured(self, result: tuple) -> None:
+        layer, table = result
+        if layer is not self._asked_for:  # a newer result was asked for meanwhile
+            return
+        if self._said:
+            self.status(f"{self._said} · {len(table['Object ID'])} {layer.name} measured (Table, Save measurements)")
         if layer in self.viewer.layers:
             layer.features = {"index": table["Object ID"], **table}
             self.layer = layer

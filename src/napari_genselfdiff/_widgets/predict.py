@@ -58,7 +58,7 @@ class PredictWidget(QWidget):
         self.runner = JobRunner("prediction", self)
         self.measurements = Measurements(napari_viewer, self, lambda text: self.progress.set_status(text))
         self.objects = ObjectControls(self, self._relabelled, self.apply_to_slide)
-        self.stops_jobs = StopsJobsOnClose(self, [self.runner, self.measurements.runner, self.objects.runner])
+        self.stops_jobs = StopsJobsOnClose(self, [self.runner, *self.measurements.runners, self.objects.runner])
         self._predictor: PredictorCache | None = None
         self._fov: tuple[FovKey, Any] | None = None  # (key, FieldOfViewPredictor)
         self._image_layer = None
@@ -269,13 +269,15 @@ class PredictWidget(QWidget):
                                     result.probs, result.mpp, result.view)
         else:
             self._show_store(result.out, result.kind, result.no_glands)
-            if result.kind and not result.no_glands:
+            if result.kind and not result.no_glands and result.kind in self._shown:
                 self._slide_layer = self._image_layer
                 self.objects.slide_result(result.predictor.key, result.kind, result.model_values, result.values,
                                           result.out, result.mpp)
                 if self._job is relabel_job:
                     self.progress.set_status(f"{self.progress.status.text()} · found again with threshold "
                                              f"{result.values['threshold']:.2f}, smallest {result.values['min_size']} px")
+                self.measurements.measure_store(self._shown[result.kind], result.out, result.kind,
+                                                layer_slide(self._image_layer).levels, self.progress.status.text())
 
     def _on_stopped(self, cancelled: bool) -> None:
         self._set_running(False)

@@ -359,19 +359,25 @@ def build_parser() -> argparse.ArgumentParser:
                         "shared file system); see README 'Many slides'")
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("export", help="export predicted instance labels (zarr) to GeoJSON / OME-Zarr / TIFF")
+    p = sub.add_parser("export", help="export predicted instance labels (zarr) to GeoJSON / OME-Zarr / TIFF, "
+                                      "and their measurements to CSV")
     p.add_argument("--labels", required=True, help="a prediction store written by 'predict' (OUT.zarr)")
     p.add_argument("--name", default=None, help="which label set in the store (default: the first)")
     p.add_argument("--geojson", default=None, type=output_file, help="QuPath GeoJSON output")
     p.add_argument("--object-type", default=None, choices=["annotation", "detection"],
                    help="GeoJSON objectType (default: annotation for glands, detection for nuclei)")
     p.add_argument("--tiff", default=None, type=output_file, help="label TIFF output (pyramidal, tiled)")
+    p.add_argument("--csv", default=None, type=output_file,
+                   help="per-object measurements (area, perimeter, circularity, eccentricity, solidity in µm; mean "
+                        "haematoxylin / eosin optical density when the slide is there; mean probability) as CSV")
     p.add_argument("--ome-zarr", default=None,
                    help="OME-Zarr output: the slide's image at the predicted level, the labels in labels/<name>, "
                         "scales in micrometres")
     p.add_argument("--slide", default=None,
-                   help="the slide the prediction was made from, for the OME-Zarr's image (default: the one the store records)")
-    p.add_argument("--no-image", action="store_true", help="OME-Zarr: the labels only, without the slide's image")
+                   help="the slide the prediction was made from, for the OME-Zarr's image and the CSV's optical "
+                        "densities (default: the one the store records)")
+    p.add_argument("--no-image", action="store_true",
+                   help="without the slide's pixels: an OME-Zarr of the labels only, a CSV without optical densities")
     p.add_argument("--force", action="store_true",
                    help="replace existing outputs, but only exports genselfdiff wrote (never the store or a user's file)")
     p.add_argument("--partial", action="store_true",

@@ -57,10 +57,12 @@ def predict_sample(models: dict[str, Path], image_path: Path, out: Path, device:
                 print(f"glands: skipped, no glands here: {check.reason}")
                 continue
         written = export_store(store, geojson=str(out / f"{name}.geojson"), tiff=str(out / f"{name}_labels.tif"),
+                               csv=str(out / f"{name}_measurements.csv"),
                                force=True)  # ours only (check_demo_outputs ran first; export_store checks again)
         labels[name] = store.labels_at_level0(name, image.shape[:2])
         summary[name] = {"objects": written.objects, "foreground_fraction": float((labels[name] > 0).mean()),
-                         "level": store.level, "geojson": written.geojson, "labels": written.tiff}
+                         "level": store.level, "geojson": written.geojson, "labels": written.tiff,
+                         "measurements": written.csv}
         print(f"{name}: {written.objects} objects, {100 * summary[name]['foreground_fraction']:.1f}% of the image "
               f"(pyramid level {summary[name]['level']})")
         if name == "glands" and summary[name]["foreground_fraction"] > GLANDS_IMPLAUSIBLE:
@@ -107,7 +109,8 @@ def check_demo_outputs(out: Path, names) -> None:
     from ..slide.store import is_our_store
 
     for name in names:
-        check_exports(geojson=str(out / f"{name}.geojson"), tiff=str(out / f"{name}_labels.tif"), force=True)
+        check_exports(geojson=str(out / f"{name}.geojson"), tiff=str(out / f"{name}_labels.tif"),
+                      csv=str(out / f"{name}_measurements.csv"), force=True)
         check_target(out / f"{name}.zarr", kind="prediction store", force=True, ours=is_our_store)
     check_exports(overlay=str(out / "overlay.png"), force=True)
     check_target(out / "summary.json", kind="demo summary", force=True, ours=lambda p: is_our_json(p, SUMMARY_KIND))

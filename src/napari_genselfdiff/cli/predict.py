@@ -32,7 +32,8 @@ class Exported:
     """What :func:`export_store` wrote: the label set, and per format its path (None: not asked
     for); ``objects`` is the number of GeoJSON features (None without GeoJSON); ``missing`` is
     what an unfinished prediction lacked when it was exported with ``partial`` (None: finished);
-    ``notes`` are what the user should read about the OME-Zarr (no image in it, pixel units)."""
+    ``notes`` are what the user should read about the OME-Zarr (no image in it, pixel units) and the
+    CSV (no optical densities); ``measured`` is the number of CSV rows (None without a CSV)."""
 
     name: str
     geojson: str | None = None
@@ -41,22 +42,25 @@ class Exported:
     ome_zarr: str | None = None
     missing: str | None = None
     notes: tuple[str, ...] = ()
+    csv: str | None = None
+    measured: int | None = None
 
 
 def check_exports(*, geojson: str | None = None, tiff: str | None = None, ome_zarr: str | None = None,
-                  overlay: str | None = None, force: bool = False, inputs: list = ()) -> None:
+                  overlay: str | None = None, csv: str | None = None, force: bool = False, inputs: list = ()) -> None:
     """Refuse (DataError, one line) any output that may not be written: the rule of
     :func:`~..core.atomic.check_target` with each format's own test of "ours"."""
     from ..formats.geojson import is_our_geojson
+    from ..formats.measurements import is_our_csv
     from ..formats.ome_zarr import is_our_ome_zarr
     from ..formats.tiff import is_our_tiff
 
     for path, kind, ours in ((geojson, "GeoJSON export", is_our_geojson), (tiff, "label TIFF", is_our_tiff),
                              (ome_zarr, "OME-Zarr labels export", is_our_ome_zarr),
-                             (overlay, "overlay PNG", is_our_png)):
+                             (overlay, "overlay PNG", is_our_png), (csv, "measurements CSV", is_our_csv)):
         if path:
             check_target(path, kind=kind, force=force, ours=ours, inputs=inputs)
-    outputs = [Path(p).absolute() for p in (geojson, tiff, ome_zarr, overlay) if p]
+    outputs = [Path(p).absolute() for p in (geojson, tiff, ome_zarr, overlay, csv) if p]
     if len(set(outputs)) < len(outputs):
         raise DataError("two outputs have the same path; give each its own")
 
@@ -83,7 +87,7 @@ def _label_set(store: PredictionStore, name: str | None, partial: bool) -> tuple
 def export_store(store: PredictionStore, *, name: str | None = None, geojson: str | None = None,
                  tiff: str | None = None, ome_zarr: str | None = None,
                  object_type: str | None = None, force: bool = False, partial: bool = False,
-                 inputs: list = (), slide: str | None = None, image: bool = True) -> Exported:
+                 inputs: list = (), slide: str | None = None, image: bool = True, csv: str | None = None) -> Exported:
     """Write the chosen exports of a prediction store's instance labels; returns what was written.
 
     Every output is checked first (:func:`check_exports`; the store, the slide and ``inputs`` are
@@ -91,27 +95,51 @@ def export_store(store: PredictionStore, *, name: str | None = None, geojson: st
     export of ours). An unfinished prediction is refused unless ``partial``; then ``missing`` in
     the result says what was not there (missing blocks export as background). The OME-Zarr holds
     the slide's image at the predicted level (unless not ``image``), read from ``slide`` or else
-    the slide the store records; its scales are in micrometres when the pixel size is known."""
+    the slide the store records; its scales are in micrometres when the pixel size is known. The
+    measurements ``csv`` has a row per object (:mod:`..formats.measurements`), with the mean
+    haematoxylin and eosin optical densities when the slide's pixels are there (and ``image``)."""
     import contextlib
 
     name, missing = _label_set(store, name, partial)
     sources = [store.path, *inputs, *(p for p in (slide, store.slide_path) if p)]
-    check_exports(geojson=geojson, tiff=tiff, ome_zarr=ome_zarr, force=force, inputs=sources)
+    check_exports(geojson=geojson, tiff=tiff, ome_zarr=ome_zarr, csv=csv, force=force, inputs=sources)
     labels = store.labels(name)
     notes: list[str] = []
     with contextlib.ExitStack() as stack:
         pixels = None
-        if ome_zarr and image:  # the slide is checked before anything is written
-            pixels, note = _export_image(store, slide, tuple(labels.shape), stack)
-            notes += [note] if note else []
+        if (ome_zarr or csv) and image:  # the slide is checked before anything is written
+            pixels, where = _export_image(store, slide, tuple(labels.shape), stack)
+            if where and ome_zarr:
+                notes.append(f"{where}: the OME-Zarr holds the labels only (a viewer opening its root finds no "
+                             "image); pass --slide to include the image")
+            if where and csv:
+                notes.append(f"{where}: the CSV has no haematoxylin and eosin optical densities; pass --slide to "
+                             "measure them")
         _check_export_space(store, name, tiff, ome_zarr, pixels is not None)
         if ome_zarr and store.slide_mpp is None:
             notes.append("the slide states no pixel size: the OME-Zarr scales are in full-resolution pixels "
                          "(no unit); predict with --mpp to record one")
         image_name = Path(slide).name if slide else (store.slide_path.name if store.slide_path else "image")
-        objects = _export_labels(store, name, labels, geojson, tiff, ome_zarr, (pixels, image_name),
-                                 object_type, force, sources)
-    return Exported(name, geojson or None, objects, tiff or None, ome_zarr or None, missing, tuple(notes))
+        objects = _export_labels(store, name, labels, geojson, tiff, ome_zarr,
+                                 (pixels if ome_zarr else None, image_name), object_type, force, sources)
+        measured = _export_csv(store, labels, pixels, csv, force, sources) if csv else None
+    return Exported(name, geojson or None, objects, tiff or None, ome_zarr or None, missing, tuple(notes),
+                    csv or None, measured)
+
+
+def _export_csv(store: PredictionStore, labels, pixels, path: str, force: bool, sources: list) -> int:
+    """The per-object measurements of the store's labels as CSV (with a bar); the number of rows."""
+    from ..core.progress import Progress, relay
+    from ..formats.measurements import iter_measure_label_array, write_csv
+
+    table: dict = {}
+
+    def events():
+        gen = iter_measure_label_array(labels, image=pixels, probability=store.foreground(), mpp=store.mpp)
+        table.update((yield from relay(gen, lambda step: Progress("measure", step[0], step[1]))))
+
+    progress_bar(events(), "measuring objects")
+    return write_csv(path, table, force=force, inputs=sources)
 
 
 def _check_export_space(store: PredictionStore, name: str, tiff: str | None, ome_zarr: str | None,
@@ -131,16 +159,16 @@ def _check_export_space(store: PredictionStore, name: str, tiff: str | None, ome
 
 def _export_image(store: PredictionStore, slide: str | None, shape: tuple[int, int],
                   stack) -> tuple[object | None, str | None]:
-    """The slide's level the prediction ran on, as the OME-Zarr's image (open until ``stack``
-    closes), and a note when there is none. A ``slide`` given that cannot be read, or whose level
-    does not match the prediction, is a DataError; the recorded slide, when it has moved, a note."""
+    """The slide's level the prediction ran on (the OME-Zarr's image, the CSV's optical densities;
+    open until ``stack`` closes), and why there is none. A ``slide`` given that cannot be read, or
+    whose level does not match the prediction, is a DataError; the recorded slide, when it has
+    moved, a reason."""
     from ..slide.reader import open_slide
 
     path = Path(slide) if slide else store.slide_path
     if path is None or (not slide and not path.exists()):
         where = f"the slide {path} is not there" if path else "the store records no slide"
-        return None, (f"{where}: the OME-Zarr holds the labels only (a viewer opening its root finds no "
-                      "image); pass --slide to include the image")
+        return None, where
     opened = stack.enter_context(open_slide(path))
     level = store.level
     have = tuple(int(n) for n in opened.levels[level].shape[:2]) if level < len(opened.levels) else None
@@ -325,13 +353,14 @@ def write_overlay(image_path: str | Path, store: PredictionStore, path: Path, ma
 
 
 def export_cli(a: argparse.Namespace) -> int:
-    if not (a.geojson or a.tiff or a.ome_zarr):
-        print("genselfdiff export: nothing to do: give --geojson, --tiff and/or --ome-zarr", file=sys.stderr)
+    csv = getattr(a, "csv", None)
+    if not (a.geojson or a.tiff or a.ome_zarr or csv):
+        print("genselfdiff export: nothing to do: give --geojson, --tiff, --ome-zarr and/or --csv", file=sys.stderr)
         return 2
     written = export_store(PredictionStore.open(a.labels), name=a.name, geojson=a.geojson, tiff=a.tiff,
                            ome_zarr=a.ome_zarr, object_type=a.object_type, force=bool(getattr(a, "force", False)),
                            partial=bool(getattr(a, "partial", False)), slide=getattr(a, "slide", None),
-                           image=not getattr(a, "no_image", False))
+                           image=not getattr(a, "no_image", False), csv=csv)
     if written.missing:
         print(f"partial export of an unfinished prediction ({written.missing}); what is missing is "
               "background in the exports: rerun predict to finish it", file=sys.stderr)
@@ -341,6 +370,8 @@ def export_cli(a: argparse.Namespace) -> int:
         print(f"tiff: {written.tiff}")
     if written.ome_zarr:
         print(f"ome_zarr: {written.ome_zarr}")
+    if written.csv:
+        print(f"csv: {written.measured} objects measured -> {written.csv}")
     for note in written.notes:
         print(f"note: {note}", file=sys.stderr)
     return 0

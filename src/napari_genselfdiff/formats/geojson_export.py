@@ -50,20 +50,17 @@ from typing import Any
 
 import numpy as np
 import shapely
-from scipy import ndimage
 from shapely.geometry import MultiPolygon, Polygon
 from skimage.measure import find_contours
 
 from ..core.atomic import atomic_file, check_target
+from .label_blocks import object_groups
 from .measurements import shape_row, shape_table
 from .qupath import OBJECT_KINDS
 
 log = logging.getLogger(__name__)
 
 DEFAULT_COLOR = (0, 200, 0)
-# Blocks whose largest id is at most this are indexed with ndimage.find_objects directly (a
-# list as long as the largest id); above it ids are first compacted with np.unique (a sort).
-_DIRECT_MAX_LABEL = 1 << 20
 #: What marks a GeoJSON export of ours (a member of the FeatureCollection, first line).
 MARKER = {"kind": "labels-export", "version": 1}
 _HEADER = ('{"type":"FeatureCollection","genselfdiff":'
@@ -292,52 +289,6 @@ def _make_feature(mask: np.ndarray, origin: tuple[int, int], label: int, opts: _
     }
 
 
-def _block_boxes(block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Ids > 0 present in ``block`` and their boxes (k, 4) = (row0, col0, row1, col1)."""
-    top = int(block.max(initial=0))
-    if top == 0:
-        return np.empty(0, np.int64), np.empty((0, 4), np.int64)
-    if int(block.min()) < 0:
-        raise ValueError("label images must not contain negative ids")
-    if top <= _DIRECT_MAX_LABEL:
-        found = ndimage.find_objects(block)
-        pairs = [(i + 1, s) for i, s in enumerate(found) if s is not None]
-        ids = np.array([p[0] for p in pairs], dtype=np.int64)
-    else:
-        uniq, inverse = np.unique(block, return_inverse=True)
-        compact = inverse.reshape(block.shape)
-        if uniq[0] != 0:
-            compact = compact + 1
-            uniq = np.concatenate([[0], uniq])
-        pairs = list(enumerate(ndimage.find_objects(compact), start=1))
-        ids = uniq[[p[0] for p in pairs]].astype(np.int64)
-    boxes = np.array([[s[0].start, s[1].start, s[0].stop, s[1].stop] for _, s in pairs],
-                     dtype=np.int64)
-    return ids, boxes
-
-
-def _label_boxes(array: Any, chunk: int) -> tuple[np.ndarray, np.ndarray]:
-    """One pass over ``chunk`` x ``chunk`` blocks: every id and its bounding box in the whole
-    array (boxes of an id seen in several blocks are merged)."""
-    height, width = array.shape
-    all_ids, all_boxes = [], []
-    for r in range(0, height, chunk):
-        for c in range(0, width, chunk):
-            ids, boxes = _block_boxes(np.asarray(array[r:r + chunk, c:c + chunk]))
-            all_ids.append(ids)
-            all_boxes.append(boxes + np.array([r, c, r, c]))
-    ids = np.concatenate(all_ids)
-    boxes = np.concatenate(all_boxes)
-    order = np.argsort(ids, kind="stable")
-    ids, boxes = ids[order], boxes[order]
-    if ids.size == 0:
-        return ids, boxes
-    starts = np.flatnonzero(np.concatenate([[True], ids[1:] != ids[:-1]]))
-    merged = np.concatenate([np.minimum.reduceat(boxes[:, :2], starts, axis=0),
-                             np.maximum.reduceat(boxes[:, 2:], starts, axis=0)], axis=1)
-    return ids[starts], merged
-
-
 def _check_label_array(labels: Any, probabilities: Any | None) -> None:
     if len(labels.shape) != 2:
         raise ValueError(f"labels must be 2-D, got shape {tuple(labels.shape)}")
@@ -350,29 +301,16 @@ def _check_label_array(labels: Any, probabilities: Any | None) -> None:
 
 def _iter_array_features(array: Any, chunk: int, probabilities: Any | None,
                          opts: _ExportOptions) -> Iterator[dict[str, Any]]:
-    """Features of every object of a (possibly lazy) 2-D label array, each exactly once.
-
-    Objects are grouped by the block holding the top-left corner of their bounding box; each
-    group's joint box (at most one block plus the largest object) is read once, so memory is
-    bounded by a block plus the largest object, never the whole array.
-    """
-    ids, boxes = _label_boxes(array, chunk)
-    if ids.size == 0:
-        return
-    n_col_blocks = -(-array.shape[1] // chunk)
-    owner = (boxes[:, 0] // chunk) * n_col_blocks + boxes[:, 1] // chunk
-    order = np.lexsort((ids, owner))
-    ids, boxes, owner = ids[order], boxes[order], owner[order]
-    bounds = np.flatnonzero(np.concatenate([[True], owner[1:] != owner[:-1], [True]]))
-    for start, stop in zip(bounds[:-1], bounds[1:]):
-        g_ids, g_boxes = ids[start:stop], boxes[start:stop]
-        r0, c0 = g_boxes[:, :2].min(axis=0)
-        r1, c1 = g_boxes[:, 2:].max(axis=0)
+    """Features of every object of a (possibly lazy) 2-D label array, each exactly once, read group
+    by group (:func:`.label_blocks.object_groups`: memory bounded by a block plus the largest
+    object, never the whole array)."""
+    for group in object_groups(array, chunk):
+        r0, c0, r1, c1 = group.window
         region = np.asarray(array[r0:r1, c0:c1])
         probs = None if probabilities is None else np.asarray(probabilities[r0:r1, c0:c1])
         # the group's shape measurements in one pass (objects of other groups left out: they may be cut)
-        table = shape_table(np.where(np.isin(region, g_ids), region, 0))
-        for label, (br0, bc0, br1, bc1) in zip(g_ids.tolist(), g_boxes.tolist()):
+        table = shape_table(np.where(np.isin(region, group.ids), region, 0))
+        for label, (br0, bc0, br1, bc1) in zip(group.ids.tolist(), group.boxes.tolist()):
             window = (slice(br0 - r0, br1 - r0), slice(bc0 - c0, bc1 - c0))
             mask = region[window] == label
             row = shape_row(table, int(np.searchsorted(table["label"], label)), opts.mpp, opts.downsample)

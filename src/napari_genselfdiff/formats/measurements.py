@@ -241,3 +241,40 @@ def _cell(v) -> str:
     if isinstance(v, (int, np.integer)):
         return str(int(v))
     return f"{float(v):.6g}"
+
+
+def iter_measure_label_array(labels, *, chunk: int = 1024, image=None, probability=None,
+                             mpp: float | None = None):
+    """:func:`measure_objects` of a label array larger than memory (a whole slide's zarr labels),
+    group by group (:func:`.label_blocks.object_groups`: a block plus the largest object in memory at
+    a time), every object measured whole and once; centroids in the whole array's grid. ``image``
+    (H, W, 3) and ``probability`` (H, W): sliceable arrays of the same pixels, or None. Yields
+    (groups done, groups); returns the table in id order."""
+    from .label_blocks import object_groups
+
+    if len(labels.shape) != 2:
+        raise DataError(f"labels must be 2-D, got shape {tuple(labels.shape)}")
+    for name, arr in (("the image", image), ("the probability", probability)):
+        if arr is not None and tuple(arr.shape[:2]) != tuple(labels.shape):
+            raise DataError(f"{name} is {tuple(arr.shape[:2])}, the labels {tuple(labels.shape)}: not the same pixels")
+    length, _ = unit_names(mpp)
+    s = mpp or 1.0
+    groups = object_groups(labels, chunk)
+    parts = []
+    for k, group in enumerate(groups, 1):
+        r0, c0, r1, c1 = group.window
+        region = np.asarray(labels[r0:r1, c0:c1])
+        part = measure_objects(np.where(np.isin(region, group.ids), region, 0), mpp=mpp,
+                               image=None if image is None else np.asarray(image[r0:r1, c0:c1])[..., :3],
+                               probability=None if probability is None else np.asarray(probability[r0:r1, c0:c1]))
+        part[f"Centroid X {length}"] = part[f"Centroid X {length}"] + c0 * s
+        part[f"Centroid Y {length}"] = part[f"Centroid Y {length}"] + r0 * s
+        parts.append(part)
+        yield k, len(groups)
+    if not parts:  # no objects: the columns all the same
+        return measure_objects(np.zeros((1, 1), np.int32), mpp=mpp,
+                               image=None if image is None else np.zeros((1, 1, 3), np.uint8),
+                               probability=None if probability is None else np.zeros((1, 1), np.float32))
+    table = {c: np.concatenate([p[c] for p in parts]) for c in parts[0]}
+    order = np.argsort(table["Object ID"], kind="stable")
+    return {c: v[order] for c, v in table.items()}
