@@ -198,7 +198,8 @@ def main() -> None:
             from references import table as ref_table
             saved = json.loads(refs.read_text())
             table += "\n\n  Reference arms on the same test split (benchmarks/references.py):\n\n" + "\n".join(
-                "  " + line for line in ref_table({k: v for k, v in saved.items() if k.startswith(names[0])}).splitlines())
+                "  " + line for line in ref_table({k: v for k, v in saved.items()
+                                                if any(k.startswith(f"{n}/") for n in names)}).splitlines())
         tuned = json.loads((out / "config.json").read_text()).get("postprocess", {})
         post = ("connected components with hole filling" if ds.task == "glands"
                 else f"marker-controlled watershed (markers: the maxima, at least {tuned['distance_h']} high, of the "
