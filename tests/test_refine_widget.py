@@ -750,3 +750,36 @@ def test_a_suggestion_run_that_finds_nothing_says_so(viewer, tmp_path, seg_model
     box._on_suggested((None, []))
     assert box.info.text() == "no unreviewed tissue region left to suggest"
     assert not box.skip_btn.isEnabled()
+
+
+def test_a_project_starts_from_the_pretrained_backbone_and_learns_from_labelled_regions(viewer, qtbot, tmp_path,
+                                                                                         he_image, messages):
+    """Issue 33 item 5, the few-label loop: a project started from the pretrained backbone (for tissue
+    the bundled models do not know) has nothing to prefill; regions labelled by hand are accepted and
+    Refine trains the backbone on them into the project's first segmentation model, adopted."""
+    from napari_genselfdiff.bundled import bundled_backbone
+    from napari_genselfdiff.core.checkpoint import load_config
+
+    backbone = bundled_backbone()
+    assert backbone is not None, "resources/models/pretrained is part of the package"
+    viewer.add_image(he_image, name="H&E", rgb=True)
+    chooser = RefineWidget(viewer).project_box.model
+    listed = [chooser.combo.itemText(i) for i in range(chooser.combo.count())]
+    assert any(t.startswith("pretrained backbone (bundled)") and "Refine learns it" in t for t in listed), listed
+    w = refine_widget(viewer, tmp_path, backbone)
+    assert w.project.current_model == backbone
+    look_at(viewer, (200, 250), 4)
+    layer = w.annotate.edit_region()
+    assert layer is not None and not np.asarray(layer.data).any()  # a backbone segments nothing: no prefill
+    assert any("paint every gland in this region" in m for m in messages["info"]), messages
+    accept_two_regions(viewer, w)
+    w.refine_box.refine_btn.click()
+    wait_idle(qtbot, w.refine_box.runner)
+    (record,) = w.project.history()
+    assert record["status"] == "finished" and record["before"] is None and record["after"] is not None
+    first = w.project.folder / "models" / "refine-1"
+    assert w.project.current_model == first  # adopted: the backbone could not be scored, so nothing was worse
+    config = load_config(first)
+    assert config["kind"] == "segmentation" and config["task"]["task"] == "glands"
+    assert config["model"]["norm"] == load_config(backbone)["model"]["norm"]  # the backbone's own network
+    assert "n/a →" in w.refine_box.dice.text()

@@ -95,6 +95,8 @@ class ModelInfo:
         """One line for the list: 'glands · 1.24 um/px (~8x) · Dice 0.85 · 2026-12-01'."""
         if self.problem:
             return self.problem
+        if self.kind == "pretrain":
+            return "pretrained, no segmentation yet: Refine learns it from the regions you label"
         if not self.segments:
             return f"{self.kind or 'unknown'} model (not a segmentation model)"
         parts = [self.task or "task unknown", fmt_mpp(self.mpp)]

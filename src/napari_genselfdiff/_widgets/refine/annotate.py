@@ -33,7 +33,7 @@ from ..geometry import (Bounds, Grid, box_overlap, covers, grid_of, placement, s
                         view_of)
 from ..inputs import form_and_column, is_labels, level0_data, level0_shape, row
 from ..jobs import JobRunner, readable_error
-from ..predict import FovResult, fov_job
+from ..fov_job import FovResult, fov_job
 from ..slide_layer import layer_slide
 from .context import RefineContext, read_pixels
 
@@ -152,6 +152,10 @@ class AnnotateBox(QGroupBox):
                 "genselfdiff": {"downsample": 1.0, "offset": [y, x], "image": image.name}}
         layer = self.viewer.add_labels(labels, name=request.name, opacity=0.6, metadata=meta,
                                        **placement(grid_of(image), 1.0, y, x))
+        if not prefill and self._segmentation_model(project) is None:  # the few-label start (a backbone)
+            one = {"glands": "gland", "nuclei": "nucleus"}.get(project.spec.task, "object")
+            show_info(f"the project's model segments nothing yet: paint every {one} in this region (what is left "
+                      "unpainted is background), accept it, and Refine after a few regions")
         return self._show(layer)
 
     def _show(self, layer):

@@ -7,7 +7,7 @@ import html
 from napari.utils.notifications import show_error, show_info
 from qtpy.QtWidgets import QComboBox, QGroupBox, QPushButton
 
-from ...bundled import bundled_models
+from ...bundled import bundled_backbone, bundled_models
 from ...core.errors import DataError, GenSelfDiffError
 from ...project import Project
 from ...project.refine import fmt_score
@@ -18,6 +18,16 @@ from ..settings import recent_models
 from .context import RefineContext
 
 TASKS = ("glands", "nuclei")
+
+
+def starting_points() -> dict:
+    """What a project may start from: the bundled segmentation models, then the pretrained backbone
+    (the few-label start: it segments nothing until a refine on the regions labelled by hand)."""
+    models = dict(bundled_models())
+    backbone = bundled_backbone()
+    if backbone is not None:
+        models["pretrained backbone"] = backbone
+    return models
 
 
 class ProjectBox(QGroupBox):
@@ -37,8 +47,9 @@ class ProjectBox(QGroupBox):
         form.addRow("Task", self.task)
         self.model = ModelChooser(allow_none=True)
         self.model.combo.setToolTip("the segmentation model a new project starts from ('Use model' sets it on an "
-                                    "open project)")
-        self.model.fill(bundled_models(), recent_models(ctx.settings.path))
+                                    "open project); or the pretrained backbone, for tissue the bundled models do "
+                                    "not know: label every object in a few regions, Refine learns from them")
+        self.model.fill(starting_points(), recent_models(ctx.settings.path))
         self.model.setText(self.model.bundled_for(self.task.currentText()) or "")
         self.task.currentTextChanged.connect(self.model.prefer_task)
         form.addRow("Model", self.model)
