@@ -723,7 +723,7 @@ def test_an_object_cut_by_a_new_view_keeps_its_id_across_the_border():
 def test_a_zoomed_re_predict_keeps_a_cut_object_one_object(viewer, qtbot, tmp_path, he_image, monkeypatch):
     """Issue 35 item 6, tried as reported: predict the whole image, zoom in so that the view's
     border runs through an object, predict again: the object keeps one id (it became ids 2 and 8)."""
-    from napari_genselfdiff._widgets.predict import region_on_screen
+    from napari_genselfdiff._widgets.fov_job import region_on_screen
 
     image = viewer.add_image(he_image, name="H&E", rgb=True)
     stand_in(monkeypatch, Dark(mpp=None))
@@ -790,7 +790,7 @@ def test_a_view_margin_finds_the_objects_its_border_cuts_whole_and_keeps_earlier
 def test_the_first_view_finds_the_objects_its_border_cuts_whole(viewer, qtbot, tmp_path, he_image, monkeypatch):
     """Issue 35 item 6: the first prediction of a zoomed view whose border runs through an object
     shows the whole object (it stopped at the border), with the same pixels as the whole image's."""
-    from napari_genselfdiff._widgets.predict import region_on_screen
+    from napari_genselfdiff._widgets.fov_job import region_on_screen
     from napari_genselfdiff.slide.fov import VIEW_MARGIN_PX
 
     image = viewer.add_image(he_image, name="H&E", rgb=True)

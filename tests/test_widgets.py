@@ -564,7 +564,7 @@ def pixel_edges(layer) -> np.ndarray:
 
 
 def test_predict_field_of_view_adds_aligned_layers(viewer, qtbot, tmp_path, he_image, seg_model, monkeypatch):
-    from napari_genselfdiff._widgets.predict import region_on_screen
+    from napari_genselfdiff._widgets.fov_job import region_on_screen
 
     image = viewer.add_image(he_image, name="H&E", rgb=True, scale=(0.5, 0.5), translate=(100, 200))
     w = predict_widget(viewer, seg_model, tmp_path / "pred")

@@ -28,7 +28,7 @@ from ..core.inference import PredictorCache
 from ..core.names import safe_name
 from ..core.progress import Progress
 from .canvas import FOV_KEY, LABELS, GatheredViews
-from .fov_job import FovKey, FovResult, fov_job, region_on_screen  # noqa: F401  (region_on_screen: tests use it here)
+from .fov_job import FovKey, FovResult, fov_job, region_on_screen
 from .geometry import grid_of, placement, scale_bar_of
 from .inputs import (DeviceChooser, LayerChoices, PathEdit, PrecisionChooser, explain_labels, int_spin, is_rgb_image,
                      level0_data, pinned_footer, pixel_size_spin, row, scrolling_column,
