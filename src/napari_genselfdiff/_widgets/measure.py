@@ -97,6 +97,13 @@ class Measurements:
         self.button.setEnabled(False)
         self.store_job.ask(layer, out, kind, levels, said)
 
+    def stop_store(self) -> None:
+        """Stop measuring a whole slide (its labels are about to be replaced: the table would be
+        of the old objects, read while they go)."""
+        self._asked_for = None
+        if self.store_job.runner.running:
+            self.store_job.runner.cancel()
+
     def _on_measured(self, result: tuple) -> None:
         layer, table = result
         if layer is not self._asked_for:  # a newer result was asked for meanwhile

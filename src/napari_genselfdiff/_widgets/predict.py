@@ -210,6 +210,7 @@ class PredictWidget(QWidget):
         if self._slide_layer not in self.viewer.layers:
             show_error(f"the image of {Path(out).name} is no longer open: open it, or predict its whole slide again")
             return
+        self.measurements.stop_store()  # its labels are about to be replaced
         self._start(self._slide_layer, f"finding the {kind} of {Path(out).name} again…", relabel_job,
                     self._predictor, out, kind, options)
 
