@@ -766,6 +766,8 @@ def test_a_project_starts_from_the_pretrained_backbone_and_learns_from_labelled_
     chooser = RefineWidget(viewer).project_box.model
     listed = [chooser.combo.itemText(i) for i in range(chooser.combo.count())]
     assert any(t.startswith("pretrained backbone (bundled)") and "Refine learns it" in t for t in listed), listed
+    chooser.setText(str(backbone))
+    assert "<b>pretrained backbone</b>" in chooser.info.text() and "no segmentation yet" in chooser.info.text()
     w = refine_widget(viewer, tmp_path, backbone)
     assert w.project.current_model == backbone
     look_at(viewer, (200, 250), 4)

@@ -96,7 +96,7 @@ class ModelInfo:
         if self.problem:
             return self.problem
         if self.kind == "pretrain":
-            return "pretrained, no segmentation yet: Refine learns it from the regions you label"
+            return "no segmentation yet: Refine learns it from the regions you label"
         if not self.segments:
             return f"{self.kind or 'unknown'} model (not a segmentation model)"
         parts = [self.task or "task unknown", fmt_mpp(self.mpp)]
@@ -110,7 +110,8 @@ class ModelInfo:
         """The facts under the chooser (rich text)."""
         if self.problem:
             return f"<b>{html.escape(self.name)}</b>: {html.escape(self.problem)}"
-        lines = [f"<b>{html.escape(self.task or self.kind or 'model')}</b>"
+        what = "pretrained backbone" if self.kind == "pretrain" else self.task or self.kind or "model"
+        lines = [f"<b>{html.escape(what)}</b>"
                  + (f", runs at {fmt_mpp(self.mpp)}" if self.segments else f" ({html.escape(self.summary())})")]
         scores = []
         if self.val_dice is not None:
