@@ -148,9 +148,11 @@ def test_create_and_open_show_the_project_status(viewer, tmp_path, seg_model, me
     w.project_box.create_btn.click()  # the folder is a project now: a readable error, nothing changes
     assert any("already a project" in m for m in messages["error"])
     other = RefineWidget(viewer)
+    other.refine_box.patch.setValue(256)  # the default (the first widget's 32 is remembered)
     other.project_box.folder.setText(str(tmp_path / "project"))
     other.project_box.open_btn.click()
     assert other.project is not None and other.project.folder == w.project.folder
+    assert other.refine_box.patch.value() == 256  # a project of a segmentation model keeps the default patch
     other.project_box.folder.setText(str(tmp_path / "nothing here"))
     other.project_box.open_btn.click()
     assert any("no such project folder" in m for m in messages["error"])
@@ -768,6 +770,13 @@ def test_a_project_starts_from_the_pretrained_backbone_and_learns_from_labelled_
     assert any(t.startswith("pretrained backbone (bundled)") and "Refine learns it" in t for t in listed), listed
     chooser.setText(str(backbone))
     assert "<b>pretrained backbone</b>" in chooser.info.text() and "no segmentation yet" in chooser.info.text()
+    fresh = RefineWidget(viewer)  # started from the backbone, a default patch becomes 128 px (4x quicker steps)
+    viewer.window.add_dock_widget(fresh, name="first", area="right")
+    fresh.refine_box.patch.setValue(256)
+    fresh.project_box.folder.setText(str(tmp_path / "first"))
+    fresh.project_box.model.setText(str(backbone))
+    fresh.project_box.create_btn.click()
+    assert fresh.refine_box.patch.value() == 128 and "Patch 128 px" in fresh.refine_box.progress.status.text()
     w = refine_widget(viewer, tmp_path, backbone)
     assert w.project.current_model == backbone
     look_at(viewer, (200, 250), 4)

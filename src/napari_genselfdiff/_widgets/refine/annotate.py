@@ -35,7 +35,7 @@ from ..inputs import form_and_column, is_labels, level0_data, level0_shape, row
 from ..jobs import JobRunner, readable_error
 from ..fov_job import FovResult, fov_job
 from ..slide_layer import layer_slide
-from .context import RefineContext, read_pixels
+from .context import RefineContext, read_pixels, segmentation_model
 
 #: Largest side, in level-0 pixels, of a region opened for editing.
 MAX_EDIT = 2048
@@ -169,15 +169,7 @@ class AnnotateBox(QGroupBox):
     @staticmethod
     def _segmentation_model(project: Project) -> str | None:
         """The project's model when it can segment (not a pretrained diffusion model), else None."""
-        from ...core.checkpoint import load_config
-
-        model = project.current_model
-        if model is None:
-            return None
-        try:
-            return str(model) if load_config(model).get("kind") == "segmentation" else None
-        except GenSelfDiffError:
-            return None
+        return segmentation_model(project)
 
     def _predict(self, request: EditRequest, model: str) -> bool:
         """Predict ``request``'s region with ``model`` in a worker thread (the layer opens after);

@@ -113,6 +113,21 @@ class RefineContext(QObject):
         self._verified.add(key)
 
 
+def segmentation_model(project: Project) -> str | None:
+    """The project's model when it can segment (not a pretrained diffusion model, the few-label
+    start), else None."""
+    from ...core.checkpoint import load_config
+    from ...core.errors import GenSelfDiffError
+
+    model = project.current_model
+    if model is None:
+        return None
+    try:
+        return str(model) if load_config(model).get("kind") == "segmentation" else None
+    except GenSelfDiffError:
+        return None
+
+
 def read_pixels(layer, bounds) -> np.ndarray:
     """The level-0 RGB pixels of ``layer`` in ``bounds`` (y, x, h, w)."""
     y, x, h, w = bounds
