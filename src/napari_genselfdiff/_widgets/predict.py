@@ -56,7 +56,9 @@ class PredictWidget(QWidget):
         self.viewer = napari_viewer
         self.settings = settings or Settings("predict")
         self.runner = JobRunner("prediction", self)
-        self.measurements = Measurements(napari_viewer, self, lambda text: self.progress.set_status(text))
+        # what the measurements say (a saved table, a whole slide's parts measured) never covers a running job's
+        self.measurements = Measurements(napari_viewer, self, lambda text: self.runner.running or
+                                         self.progress.set_status(text))
         self.objects = ObjectControls(self, self._relabelled, self.apply_to_slide)
         self.stops_jobs = StopsJobsOnClose(self, [self.runner, *self.measurements.runners, self.objects.runner])
         self._predictor: PredictorCache | None = None
