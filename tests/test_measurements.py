@@ -201,10 +201,6 @@ def test_a_label_array_larger_than_memory_is_measured_as_in_one_piece():
 
 def _recording(gen, steps):
     """``gen``'s steps, each also appended to ``steps``; its return value."""
-    while True:
-        try:
-            step = next(gen)
-        except StopIteration as stop:
-            return stop.value
-        steps.append(step)
-        yield step
+    from napari_genselfdiff.core.progress import relay
+
+    return (yield from relay(gen, lambda step: steps.append(step) or step))

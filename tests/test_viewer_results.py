@@ -686,13 +686,9 @@ def _slow_steps(gen):
     """``gen``'s steps, 0.2 s apart; its return value."""
     import time
 
-    while True:
-        try:
-            step = next(gen)
-        except StopIteration as stop:
-            return stop.value
-        time.sleep(0.2)
-        yield step
+    from napari_genselfdiff.core.progress import relay
+
+    return (yield from relay(gen, lambda step: time.sleep(0.2) or step))
 
 
 def test_an_object_cut_by_a_new_view_keeps_its_id_across_the_border():

@@ -32,6 +32,7 @@ def measure_store_job(layer, out: str, kind: str, levels: list, said: str) -> It
     """The per-object table of the whole slide in the store ``out`` (its label set ``kind``), in a
     worker, with the optical densities when ``levels`` (the image's pyramid) has the level the model
     ran on; yields status lines (``said`` and the parts measured); returns (``layer``, the table)."""
+    from ..core.progress import relay
     from ..formats.measurements import iter_measure_label_array
     from ..slide.store import PredictionStore
 
@@ -40,12 +41,8 @@ def measure_store_job(layer, out: str, kind: str, levels: list, said: str) -> It
     image = levels[store.level] if store.level < len(levels) else None
     image = image if image is not None and tuple(image.shape[:2]) == tuple(labels.shape) else None
     gen = iter_measure_label_array(labels, image=image, probability=store.foreground(), mpp=store.mpp)
-    while True:
-        try:
-            done, total = next(gen)
-        except StopIteration as stop:
-            return layer, stop.value
-        yield f"{said} · measuring the {kind}: {done}/{total} parts"
+    table = yield from relay(gen, lambda step: f"{said} · measuring the {kind}: {step[0]}/{step[1]} parts")
+    return layer, table
 
 
 class Measurements:

@@ -30,26 +30,16 @@ def _folders(store: Any, name: str) -> tuple[Path, Path, Path]:
     return root / "labels" / name, root / RELABEL / name, root / RELABEL / f"{name}.old"
 
 
-def _complete(folder: Path) -> bool:
-    import json
-
-    try:
-        meta = json.loads((folder / "zarr.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return bool((meta.get("attributes") or {}).get("complete"))
-
-
 def mend(store: Any, name: str) -> bool:
     """Finish a swap a killed process left half done (the label set gone, its complete
     replacement beside it) and remove what an unfinished run left; True when a swap was finished."""
     current, new, _ = _folders(store, name)
     finished = False
-    if not current.exists() and _complete(new):
+    if not current.exists() and store.labels_complete(name, parent=RELABEL):
         os.replace(new, current)
         finished = True
-    if current.parent.parent.joinpath(RELABEL).exists():
-        shutil.rmtree(current.parent.parent / RELABEL)  # ours: only this module writes there
+    if new.parent.exists():
+        shutil.rmtree(new.parent)  # the relabel group: ours, only this module writes there
     return finished
 
 

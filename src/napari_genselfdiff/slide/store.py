@@ -230,8 +230,9 @@ class PredictionStore:
         (a store labelled before they were recorded says nothing: the model's own then)."""
         return dict(dict(self.group["labels"][name].attrs).get("options") or {})
 
-    def labels_complete(self, name: str) -> bool:
-        labels = self.group["labels"] if "labels" in self.group else None
+    def labels_complete(self, name: str, parent: str = "labels") -> bool:
+        """Whether the label set ``name`` of the group ``parent`` was written to its end."""
+        labels = self.group[parent] if parent in self.group else None
         return labels is not None and name in labels and bool(dict(labels[name].attrs).get("complete"))
 
     def create_labels(self, name: str, block: int, parent: str = "labels") -> tuple[Any, Any]:

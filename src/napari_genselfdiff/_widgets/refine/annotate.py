@@ -135,7 +135,7 @@ class AnnotateBox(QGroupBox):
         regions = None if pred is None else pred.metadata.get(FOV_KEY, {}).get("regions")  # gathered views
         if suggested is not None and not (pred is not None and covers(level0_data(pred).shape, grid_of(pred),
                                                                        grid_of(image), bounds, regions)):
-            model = self._segmentation_model(project)
+            model = segmentation_model(project)
             if model is not None and self._predict(request, model):
                 return None
         sampled = None if pred is None else sample_labels(level0_data(pred), grid_of(pred), grid_of(image), bounds)
@@ -152,7 +152,7 @@ class AnnotateBox(QGroupBox):
                 "genselfdiff": {"downsample": 1.0, "offset": [y, x], "image": image.name}}
         layer = self.viewer.add_labels(labels, name=request.name, opacity=0.6, metadata=meta,
                                        **placement(grid_of(image), 1.0, y, x))
-        if not prefill and self._segmentation_model(project) is None:  # the few-label start (a backbone)
+        if not prefill and segmentation_model(project) is None:  # the few-label start (a backbone)
             one = {"glands": "gland", "nuclei": "nucleus"}.get(project.spec.task, "object")
             show_info(f"the project's model segments nothing yet: paint every {one} in this region (what is left "
                       "unpainted is background), accept it, and Refine after a few regions")
@@ -165,11 +165,6 @@ class AnnotateBox(QGroupBox):
         return layer
 
     # -- predicting a suggested region ---------------------------------------------------------
-
-    @staticmethod
-    def _segmentation_model(project: Project) -> str | None:
-        """The project's model when it can segment (not a pretrained diffusion model), else None."""
-        return segmentation_model(project)
 
     def _predict(self, request: EditRequest, model: str) -> bool:
         """Predict ``request``'s region with ``model`` in a worker thread (the layer opens after);
