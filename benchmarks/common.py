@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy import ndimage as ndi
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
@@ -79,10 +80,11 @@ def split_by_image(names: list[str], seed: int = 2024, test: float = 0.2, val: f
 
 def load_dataset(ds: Dataset, root: Path, boundary: bool = False, boundary_width: int = 1):
     """(train, val, test) LabeledImage lists at the model resolution, and GT instances by name
-    (only the images that have true instance labels). ``boundary`` (nuclei): targets with a third
-    class on each nucleus's inner boundary, drawn at the model resolution from the true instances
-    where there are some, else from the binary mask with touching nuclei split
-    (core.data.split_touching); ``boundary_width`` pixels deep."""
+    (only the images that have true instance labels). ``boundary``: targets with a third
+    class on each object's inner boundary (a nucleus's boundary, a gland's contour), drawn at the
+    model resolution from the true instances where there are some, else from the binary mask
+    (nuclei: touching ones split, core.data.split_touching; glands: its connected components);
+    ``boundary_width`` pixels deep."""
     spec = TaskSpec.make(ds.task, boundary, boundary_width=boundary_width)
     folder = root / ds.folder
     items = [downscale_item(it, ds.downsample) for it in load_labeled_folder(folder / "images", folder / "masks",
@@ -98,7 +100,8 @@ def load_dataset(ds: Dataset, root: Path, boundary: bool = False, boundary_width
                 inst[p.stem] = lab[::step, ::step][: by_name[p.stem].target.shape[0], : by_name[p.stem].target.shape[1]]
     if boundary:
         for name, it in list(by_name.items()):
-            objects = inst[name] if name in inst else split_touching(it.target > 0)
+            objects = inst[name] if name in inst else split_touching(it.target > 0) if ds.task == "nuclei" \
+                else ndi.label(it.target > 0, structure=np.ones((3, 3), bool))[0]
             by_name[name] = LabeledImage(name, it.image, mask_to_target(objects.astype(np.int32), spec))
     return [by_name[n] for n in train], [by_name[n] for n in val], [by_name[n] for n in test], inst
 

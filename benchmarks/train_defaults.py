@@ -28,8 +28,7 @@ CARD = """# Default {task} model ({dataset_title})
 
 - **What it does**: {task} segmentation of H&E ({classes}); instances by {post}.
 - **Architecture**: GenSelfDiff-HIS U-Net, preset `{preset}` ({params:,} parameters), weights in float16. {arch_pre}
-  the segmentation network is its tile-invariant form (BatchNorm with frozen statistics, no attention), so tiling
-  cannot change the answer. Effective receptive field
+  {invariant}, so tiling cannot change the answer. Effective receptive field
   (99.9 % of the gradient mass): {rf} px in each direction; default tile overlap {halo} px.
 - **Resolution**: expects about **{mpp:.2f} microns per pixel** (the predictor reads the closest pyramid level).
 - **Pretraining**: {pretraining}
@@ -52,8 +51,19 @@ CARD = """# Default {task} model ({dataset_title})
 
 PRE_DIFFUSION = """DDPM (T=1000, quadratic schedule, P2-weighted loss), {pre_steps} steps x {pre_batch} tiles of
   {patch}x{patch} on unlabeled tiles: GlaS + MoNuSeg training images without labels, plus the two unlabeled slides."""
+PRE_BACKBONE = """the bundled backbone (`resources/models/pretrained`, {pre_steps} steps of
+  `benchmarks/pretrain_backbone.py`: DDPM on the unlabeled training images of every data set and the two slides,
+  issue #33), the same network, so every tensor but the head carries over."""
 PRE_SCRATCH = """none. On nuclei, diffusion pretraining was measured to hurt at 100 % labels on the CPU budget
   (benchmarks/RESULTS.md, "Quality: what pretraining buys"), so this model is fine-tuned from random weights."""
+
+
+def nuclei_augment(a: argparse.Namespace) -> AugmentConfig:
+    """The nuclei fine-tuning's augmentation: the defaults with the flags' scale and stain changes."""
+    base = AugmentConfig()
+    return dataclasses.replace(base, scale=a.scale_aug or base.scale,
+                               stain_sigma=base.stain_sigma if a.stain_sigma is None else a.stain_sigma,
+                               stain_p=base.stain_p if a.stain_p is None else a.stain_p)
 
 
 def bundle(src: Path, dst: Path, card: str, metrics: dict, extra: dict | None = None) -> None:
@@ -106,10 +116,16 @@ def main() -> None:
                     help="nuclei: also learn each nucleus's distance map, whose peaks are the watershed's markers")
     ap.add_argument("--nuclei-loss", default=None,
                     help="nuclei fine-tuning loss, e.g. 'focal+ssl+dice' (the bundled model's; default: FinetuneConfig's)")
+    ap.add_argument("--glands-contour", type=int, default=0,
+                    help="glands: a contour class this many pixels deep at the model's resolution (0: none)")
+    ap.add_argument("--glands-loss", default=None, help="glands fine-tuning loss (default focal+ssl)")
     ap.add_argument("--ema", type=float, default=0.99, help="EMA decay of the weights (0: off)")
     ap.add_argument("--val-every", type=int, default=200)
     ap.add_argument("--scale-aug", type=float, default=0.0,
                     help="nuclei: draw training patches at a random scale in [1/(1+s), 1+s] (0: off)")
+    ap.add_argument("--stain-sigma", type=float, default=None,
+                    help="nuclei: HED stain perturbation amplitude (default 0.05, Tellez's 'light'; 0.2 'strong')")
+    ap.add_argument("--stain-p", type=float, default=None, help="nuclei: share of patches perturbed (default 0.5)")
     ap.add_argument("--nuclei-mpp", type=float, default=None,
                     help="microns per pixel the nuclei model learns at (default 0.5; MoNuSeg is stored at 0.25)")
     ap.add_argument("--bundle-to", default=str(REPO / "resources" / "models"),
@@ -121,8 +137,10 @@ def main() -> None:
     if a.nuclei_mpp:
         for n in a.nuclei_data:
             datasets[n] = dataclasses.replace(datasets[n], downsample=a.nuclei_mpp / datasets[n].mpp_native)
-    splits = {name: load_dataset(ds, root, boundary=boundary and ds.task == "nuclei",
-                                 boundary_width=a.boundary_width) for name, ds in datasets.items()}
+    contour = a.glands_contour > 0
+    splits = {name: load_dataset(ds, root, boundary=boundary if ds.task == "nuclei" else contour,
+                                 boundary_width=a.boundary_width if ds.task == "nuclei" else max(1, a.glands_contour))
+              for name, ds in datasets.items()}
     pre = work / "pretrained"
     tasks = {"glands": ["glas"], "nuclei": list(a.nuclei_data)}
     wanted = [t for t in tasks if not a.only or t == a.only]
@@ -153,11 +171,12 @@ def main() -> None:
         steps = a.nuclei_steps if ds.task == "nuclei" and a.nuclei_steps else a.finetune_steps
         cfg = FinetuneConfig(task=ds.task, preset=a.preset, steps=steps, patch=patch, batch=a.batch, lr=1e-3,
                              warmup=20, checkpoint_every=100, val_every=a.val_every, mpp=ds.mpp, ema=a.ema,
-                             boundary=boundary and ds.task == "nuclei", boundary_width=a.boundary_width,
+                             boundary=boundary if ds.task == "nuclei" else contour,
+                             boundary_width=a.boundary_width if ds.task == "nuclei" else max(1, a.glands_contour),
                              distance=a.distance and boundary and ds.task == "nuclei",
                              **({"loss": a.nuclei_loss} if a.nuclei_loss and ds.task == "nuclei" else {}),
-                             **({"augment": AugmentConfig(scale=a.scale_aug)} if a.scale_aug and ds.task == "nuclei"
-                                else {}))
+                             **({"loss": a.glands_loss} if a.glands_loss and ds.task == "glands" else {}),
+                             **({"augment": nuclei_augment(a)} if ds.task == "nuclei" else {}))
         with Timer() as t:
             resume = (out / "training_state.json").is_file() and not a.fresh  # an interrupted run continues
             init = None if task in a.scratch else pre
@@ -201,7 +220,10 @@ def main() -> None:
                 "  " + line for line in ref_table({k: v for k, v in saved.items()
                                                 if any(k.startswith(f"{n}/") for n in names)}).splitlines())
         tuned = json.loads((out / "config.json").read_text()).get("postprocess", {})
-        post = ("connected components with hole filling" if ds.task == "glands"
+        post = ("interiors (gland class) as connected components with hole filling, each grown back over the "
+                f"foreground by up to {tuned.get('grow')} px; the contour class keeps touching glands apart"
+                if ds.task == "glands" and cfg.boundary
+                else "connected components with hole filling" if ds.task == "glands"
                 else f"marker-controlled watershed (markers: the maxima, at least {tuned['distance_h']} high, of the "
                      "learned distance map within the mask, flooding its negative)"
                 if cfg.distance
@@ -213,20 +235,30 @@ def main() -> None:
         post += f"; thresholds tuned on the validation split and stored in config.json: {tuned}"
         titles = {"glas": "GlaS", "monuseg": "MoNuSeg", "consep": "CoNSeP"}
         card = CARD.format(task=ds.task, dataset_title=" + ".join(titles[n] for n in names),
-                           classes={"glands": "background / gland",
+                           classes={"glands": f"background / gland / gland contour ({cfg.boundary_width} px deep)"
+                                    if cfg.boundary else "background / gland",
                                     "nuclei": "background / nucleus / nucleus boundary, and a distance map"
                                     if cfg.distance else "background / nucleus / nucleus boundary" if cfg.boundary
                                     else "background / nucleus"}[ds.task],
                            post=post, preset=a.preset, params=params, mpp=ds.mpp,
                            arch_pre="Trained from random weights;" if init is None else
+                           "Pretrained as the same network (per-pixel LayerNorm, no attention), so nothing changes "
+                           "between pretext and segmentation;" if a.preset == "backbone" else
                            "Pretrained with the paper's GroupNorm + attention network;",
-                           pretraining=PRE_SCRATCH if init is None else PRE_DIFFUSION.format(
+                           pretraining=PRE_SCRATCH if init is None else PRE_BACKBONE.format(pre_steps=a.pretrain_steps)
+                           if a.preset == "backbone" else PRE_DIFFUSION.format(
                                pre_steps=a.pretrain_steps, pre_batch=a.batch, patch=a.patch),
+                           invariant="its normalisation is per pixel (LayerNorm over channels) and it has no attention"
+                           if a.preset == "backbone" else
+                           "the segmentation network is its tile-invariant form (BatchNorm with frozen statistics, "
+                           "no attention)",
                            ft_patch=patch, ft_steps=steps,
                            ft_batch=a.batch, loss=cfg.loss, dataset=name, n_train=len({it.name for it in train}), n_val=len(val),
                            n_test=len(test), machine=machine(), metrics=table,
-                           scale_aug=f", patches at a random scale (x{1 / (1 + cfg.augment.scale):.2f} to "
-                           f"x{1 + cfg.augment.scale:.2f})" if cfg.augment.scale else "",
+                           scale_aug=(f", patches at a random scale (x{1 / (1 + cfg.augment.scale):.2f} to "
+                                      f"x{1 + cfg.augment.scale:.2f})" if cfg.augment.scale else "")
+                           + (f", HED stain perturbation +-{cfg.augment.stain_sigma} on {cfg.augment.stain_p:.0%} of the "
+                              "patches" if (cfg.augment.stain_sigma, cfg.augment.stain_p) != (0.05, 0.5) else ""),
                            rf=field['receptive_field']['radius']['0.999'], halo=field['halo'],
                            ema=f"decay {a.ema}" if a.ema else "off")
         bundle(out, Path(a.bundle_to) / ds.task, card, metrics, {**field, "test_metrics_per_set": per_set})

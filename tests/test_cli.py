@@ -148,3 +148,21 @@ def test_progress_bar_drives_any_job_to_its_done_event_and_closes_it(capsys):
                         units={"predict": "tile", "postprocess": "block"})
     assert last.done and last.stage == "postprocess" and closed == [True, True]
     assert progress_bar(iter([]), "nothing") is None
+
+
+def test_finetune_glands_with_a_contour_class_and_evaluate(tmp_path, capsys):
+    """--task glands --boundary: a 3-class model (background, gland, contour, 2 px deep) whose tuned
+    options include the interiors' threshold and growth, read back by evaluate."""
+    imgs, masks = _folder(tmp_path, "d", n=4, size=(64, 64))
+    code, out, err = _run(capsys, "finetune", "--images", str(imgs), "--masks", str(masks), "--scratch", "--boundary",
+                          "--out", str(tmp_path / "seg"), "--steps", "2", "--preset", "tiny", "--patch", "32",
+                          "--batch", "2", "--val-fraction", "0.25", "--device", "cpu")
+    assert code == 0, err
+    config = json.loads((tmp_path / "seg" / "config.json").read_text())
+    assert config["task"]["class_names"] == ["background", "gland", "contour"]
+    assert config["task"]["boundary_width"] == 2 and config["model"]["out_channels"] == 3
+    assert {"marker_threshold", "grow"} <= set(config["postprocess"])
+    code, _, err = _run(capsys, "evaluate", "--model", str(tmp_path / "seg"), "--images", str(imgs), "--masks",
+                        str(masks), "--json", str(tmp_path / "m.json"), "--device", "cpu")
+    assert code == 0, err
+    assert 0 <= json.loads((tmp_path / "m.json").read_text())["mean"]["object_f1"] <= 1

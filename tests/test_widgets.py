@@ -357,8 +357,15 @@ def test_finetune_widget_trains_a_nuclei_model_with_a_distance_map(viewer, qtbot
     viewer.add_labels(painted_labels(image.shape[:2]), name="nuclei drawn")
     w = dock(viewer, FinetuneWidget(viewer), "Fine-tune")
     w.task.setCurrentText("glands")
-    assert not w.boundary.isEnabled() and not w.distance.isEnabled()
+    assert w.boundary.isEnabled() and not w.distance.isEnabled()  # glands: a contour class, no distance map
+    assert "contour" in w.boundary.text() and w.distance.isHidden()
+    w.boundary.setChecked(True)
+    w.distance.setChecked(True)
+    assert w.spec().class_names == ("background", "gland", "contour") and not w.spec().distance
+    assert w.config().boundary_width == 2
+    screenshot(viewer, qtbot, "finetune_widget_glands_contour")
     w.task.setCurrentText("nuclei")
+    assert "nuclei" in w.boundary.text()
     w.boundary.setChecked(False)
     assert w.boundary.isEnabled() and not w.distance.isEnabled()  # the map needs the boundary class
     w.distance.setChecked(True)

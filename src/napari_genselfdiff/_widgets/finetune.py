@@ -102,13 +102,15 @@ class FinetuneWidget(QWidget):
         lay.addWidget(data)
 
         task = QGroupBox("Model")
-        form = QFormLayout(task)
+        form = self._model_form = QFormLayout(task)
         self.task = QComboBox()
         self.task.addItems(["glands", "nuclei"])
-        self.task.setToolTip("glands: each gland an object; nuclei: each nucleus, with a boundary class that "
-                             "separates touching ones")
+        self.task.setToolTip("glands: each gland an object; nuclei: each nucleus; a boundary class separates "
+                             "touching ones")
         form.addRow("Task", self.task)
         self.boundary = QCheckBox("boundary class (separates touching nuclei)")
+        self.boundary.setToolTip("a third class on each object's edge: touching objects' interiors stay apart "
+                                 "(nuclei: their inner boundary; glands: a contour, as DCAN)")
         form.addRow("", self.boundary)
         self.distance = QCheckBox("distance map (its peaks mark each nucleus)")
         self.distance.setToolTip("also learn each nucleus's distance to its edge; the watershed starts from its "
@@ -162,10 +164,13 @@ class FinetuneWidget(QWidget):
         self._show_source_rows()
 
     def _enable_nuclei_options(self, *_: object) -> None:
-        """The boundary class is for nuclei; the distance map for nuclei with a boundary class."""
+        """The boundary class separates touching nuclei or (as a contour class) glands; the distance
+        map is for nuclei with a boundary class."""
         nuclei = self.task.currentText() == "nuclei"
-        self.boundary.setEnabled(nuclei)
+        self.boundary.setText("boundary class (separates touching nuclei)" if nuclei
+                              else "contour class (separates touching glands)")
         self.distance.setEnabled(nuclei and self.boundary.isChecked())
+        self._model_form.setRowVisible(self.distance, nuclei)  # glands have no distance map
 
     def _show_source_rows(self) -> None:
         """Layer choosers or folder fields, whichever the "From" choice needs."""
@@ -198,7 +203,8 @@ class FinetuneWidget(QWidget):
     def config(self) -> FinetuneConfig:
         spec = self.spec()
         steps = self.steps.value()
-        return FinetuneConfig(task=spec.task, boundary=spec.boundary, distance=spec.distance,
+        return FinetuneConfig(task=spec.task, boundary=spec.boundary, boundary_width=spec.boundary_width,
+                              distance=spec.distance,
                               preset=self.preset.currentText(), steps=steps,
                               patch=self.patch.value(), batch=self.batch.value(), loss=self.loss.currentText().strip(),
                               checkpoint_every=max(1, min(100, steps // 5)), val_every=max(1, min(100, steps // 5)),

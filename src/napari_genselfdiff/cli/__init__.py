@@ -279,7 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
                                   "or a segmentation model to refine")
     g.add_argument("--scratch", action="store_true", help="start from random weights (the baseline)")
     p.add_argument("--task", default="glands", choices=["glands", "nuclei", "multiclass"], help="what to segment")
-    p.add_argument("--boundary", action="store_true", help="nuclei: add a boundary class to separate touching nuclei")
+    p.add_argument("--boundary", action="store_true",
+                   help="add a boundary class to separate touching objects (nuclei: their inner boundary; "
+                        "glands: a contour, as DCAN)")
     p.add_argument("--distance", action="store_true",
                    help="nuclei with --boundary: also learn each nucleus's distance map (the watershed's markers)")
     p.add_argument("--num-classes", type=class_count, default=None, help="multiclass: number of classes incl. background")
@@ -408,7 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--slides", nargs="*", default=[], help="slide files to add")
     q.add_argument("--mpp", type=pixel_size, default=None,
                    help="microns per pixel of the slides when their files do not say")
-    q.add_argument("--boundary", action="store_true", help="nuclei: boundary class")
+    q.add_argument("--boundary", action="store_true", help="a boundary class (nuclei) or contour class (glands)")
     q = psub.add_parser("refine", help="fine-tune the current model on the accepted corrections")
     q.add_argument("folder")
     q.add_argument("--steps", type=positive_int, default=200, help="fine-tuning steps (default 200)")

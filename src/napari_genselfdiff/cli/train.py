@@ -96,9 +96,11 @@ def cmd_finetune(a: argparse.Namespace) -> int:
     if a.distance and not (a.task == "nuclei" and a.boundary):
         raise GenSelfDiffError("--distance needs --task nuclei --boundary (its targets come from the separated nuclei)")
     init = None if a.scratch or a.init is None else init_model(a.init)  # checked before the images load
-    items = load_labeled_folder(a.images, a.masks, TaskSpec.make(a.task, a.boundary, a.num_classes))
+    spec = TaskSpec.make(a.task, a.boundary, a.num_classes)
+    items = load_labeled_folder(a.images, a.masks, spec)
     train, val = split_items(items, a.val_fraction, a.seed)
-    cfg = FinetuneConfig(task=a.task, boundary=a.boundary, distance=a.distance, num_classes=a.num_classes,
+    cfg = FinetuneConfig(task=a.task, boundary=a.boundary, boundary_width=spec.boundary_width, distance=a.distance,
+                         num_classes=a.num_classes,
                          preset=a.preset, steps=a.steps, patch=a.patch, batch=a.batch, lr=a.lr, loss=a.loss, seed=a.seed,
                          label_fraction=a.label_fraction, checkpoint_every=a.checkpoint_every,
                          val_every=a.val_every, val_crops=a.val_crops, amp=not a.no_amp,

@@ -81,6 +81,12 @@ def read_mask(path: str | os.PathLike) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 # tasks: from stored masks to training targets
 
+#: The boundary class's default depth in pixels at the model's resolution: a nucleus's 1-px inner
+#: boundary (0.5 um/px); a gland's 2-px contour (1.24 um/px), so touching glands' interiors lie 4 px
+#: (5 um) apart, as the bundled glands model learned them.
+BOUNDARY_WIDTH = {"nuclei": 1, "glands": 2}
+
+
 @dataclass(frozen=True)
 class TaskSpec:
     """What a segmentation model predicts."""
@@ -88,7 +94,7 @@ class TaskSpec:
     task: str = "glands"  # glands | nuclei | multiclass
     num_classes: int = 2
     class_names: tuple[str, ...] = ("background", "gland")
-    boundary: bool = False  # nuclei: a third class on object boundaries, to separate touching nuclei
+    boundary: bool = False  # a third class on object boundaries, to separate touching nuclei / glands
     boundary_width: int = 1  # pixels (at the model's resolution) of each object's inner boundary
     # nuclei with a boundary class: one more output, each nucleus's distance to its own edge over
     # its largest (0..1, :func:`distance_target`), whose peaks are the watershed's markers
@@ -106,16 +112,21 @@ class TaskSpec:
 
     @classmethod
     def make(cls, task: str, boundary: bool = False, num_classes: int | None = None,
-             boundary_width: int = 1, distance: bool = False) -> "TaskSpec":
+             boundary_width: int | None = None, distance: bool = False) -> "TaskSpec":
+        """``boundary_width`` None: the task's :data:`BOUNDARY_WIDTH`."""
+        if boundary_width is None:
+            boundary_width = BOUNDARY_WIDTH.get(task, 1)
         if distance and not (task == "nuclei" and boundary):
             raise DataError("a distance map is learned for nuclei with a boundary class only "
                             "(its targets are drawn from the nuclei the boundary class separates)")
+        if boundary and task in ("glands", "nuclei") and int(boundary_width) < 1:
+            raise DataError(f"boundary width must be at least 1 pixel, got {boundary_width}")
         if task == "glands":
+            if boundary:  # a contour class, as DCAN: touching glands' interiors stay apart
+                return cls("glands", 3, ("background", "gland", "contour"), True, int(boundary_width))
             return cls("glands", 2, ("background", "gland"), False)
         if task == "nuclei":
             if boundary:
-                if int(boundary_width) < 1:
-                    raise DataError(f"boundary width must be at least 1 pixel, got {boundary_width}")
                 return cls("nuclei", 3, ("background", "nucleus", "boundary"), True, int(boundary_width),
                            bool(distance))
             return cls("nuclei", 2, ("background", "nucleus"), False)
@@ -145,7 +156,8 @@ def mask_to_target(mask: np.ndarray, spec: TaskSpec, source: object = "mask") ->
     0/255 masks are binary; masks whose values are all < num_classes are class ids (for binary
     tasks any value > 0 is foreground, which also covers instance-id masks). With a boundary class,
     the inner boundaries of objects become 2: of the instances of an instance-id mask, or, for a
-    binary mask, of its objects with touching ones split apart (:func:`split_touching`);
+    binary mask, of its objects (nuclei: with touching ones split apart, :func:`split_touching`;
+    glands: its connected components, a pathologist's touching glands being drawn apart);
     ``spec.boundary_width`` pixels deep (each layer peeled off the object before the next; past
     the first, only while the object keeps some interior, which its watershed marker needs).
     """
@@ -160,7 +172,11 @@ def mask_to_target(mask: np.ndarray, spec: TaskSpec, source: object = "mask") ->
     fg = mask > 0
     if not spec.boundary:
         return fg.astype(np.uint8)
-    return boundary_target(mask if len(values) > 2 else split_touching(fg), spec.boundary_width)
+    if len(values) > 2:
+        objects = mask
+    else:
+        objects = split_touching(fg) if spec.task == "nuclei" else ndi.label(fg, structure=np.ones((3, 3), bool))[0]
+    return boundary_target(objects, spec.boundary_width)
 
 
 def boundary_target(instances: np.ndarray, width: int = 1) -> np.ndarray:
@@ -183,14 +199,15 @@ def boundary_target(instances: np.ndarray, width: int = 1) -> np.ndarray:
     return target
 
 
-def target_instances(target: np.ndarray) -> np.ndarray:
-    """The nuclei of a class map with a boundary class (0 background, 1 nucleus, 2 boundary): the
-    4-connected interiors grown back over their boundary pixels (up to two pixels, within the
-    foreground), so touching nuclei, whose interiors the boundary class keeps apart, stay apart."""
+def target_instances(target: np.ndarray, grow: int = 2) -> np.ndarray:
+    """The objects of a class map with a boundary class (0 background, 1 nucleus or gland, 2 its
+    boundary): the 4-connected interiors grown back over their boundary pixels (up to ``grow``
+    pixels, within the foreground), so touching objects, whose interiors the boundary class keeps
+    apart, stay apart."""
     from skimage.segmentation import expand_labels
 
     interiors, n = ndi.label(target == 1, structure=ndi.generate_binary_structure(2, 1))
-    nuclei = expand_labels(interiors, 2)
+    nuclei = expand_labels(interiors, grow)
     nuclei[target == 0] = 0
     rest, _ = ndi.label((target > 0) & (nuclei == 0))  # a nucleus all boundary: an object of its own
     nuclei[rest > 0] = rest[rest > 0] + n
@@ -474,7 +491,7 @@ def rescale_patch(image: np.ndarray, target: np.ndarray, size: int,
         return image, target
     shrink = image.shape[0] > size
     img = resize(image, (size, size), order=1, anti_aliasing=shrink, preserve_range=True)
-    labels = target_instances(target) if boundary_width > 0 else target
+    labels = target_instances(target, max(2, boundary_width)) if boundary_width > 0 else target
     lab = resize(labels, (size, size), order=0, anti_aliasing=False, preserve_range=True).astype(labels.dtype)
     tgt = boundary_target(lab, boundary_width) if boundary_width > 0 else lab
     return np.round(img).astype(np.uint8), tgt

@@ -35,9 +35,11 @@ from napari_genselfdiff.core.allocator import large_arrays_mapped
 from napari_genselfdiff.core.errors import GenSelfDiffError
 # the one-piece rules each block is labelled by (glands_from_probabilities is the reference
 # the blockwise result equals; benchmarks/tiler.py reads it from here)
-from napari_genselfdiff.core.eval.postprocess import (EIGHT, FOUR, GLAND_MIN_SIZE, NUCLEUS_MIN_SIZE,  # noqa: F401
-                                                      as_float, glands_from_probabilities, nuclei_from_probabilities)
-from napari_genselfdiff.core.progress import run_to_end
+from napari_genselfdiff.core.eval.postprocess import glands_from_probabilities  # noqa: F401
+from napari_genselfdiff.core.eval.postprocess import (EIGHT, FOUR, GLAND_GROW, GLAND_MIN_SIZE, GLAND_PLAIN,
+                                                      NUCLEUS_MIN_SIZE, as_float, grow_labels,
+                                                      nuclei_from_probabilities)
+from napari_genselfdiff.core.progress import relay, run_to_end
 
 Steps = Generator[tuple[int, int], None, "StitchStats"]
 
@@ -198,8 +200,61 @@ def _resolve_glands(h: int, w: int, block: int, nf: int, nb: int, fg_counts: lis
 
 
 def glands_blockwise(prob_fg: Any, out: Any, *, block: int, **kwargs: Any) -> StitchStats:
-    """Run :func:`iter_glands_blockwise` to the end."""
+    """Run :func:`iter_glands_blockwise` (or, given ``prob_interior``,
+    :func:`iter_contoured_glands_blockwise`) to the end."""
+    if kwargs.get("prob_interior") is not None:
+        return run_to_end(iter_contoured_glands_blockwise(prob_fg, kwargs.pop("prob_interior"), out, block=block,
+                                                          **kwargs))
+    kwargs.pop("prob_interior", None)
     return run_to_end(iter_glands_blockwise(prob_fg, out, block=block, **kwargs))
+
+
+class _Interior:
+    """2-D view of the gland interiors' probability where the foreground is (0 elsewhere), the
+    seeds of :func:`glands_from_probabilities` with a contour class."""
+
+    def __init__(self, prob_fg: Any, prob_interior: Any, threshold: float) -> None:
+        self.fg, self.interior, self.threshold = prob_fg, prob_interior, threshold
+        self.shape = tuple(prob_fg.shape)
+
+    def __getitem__(self, key: tuple[slice, slice]) -> np.ndarray:
+        return np.where(as_float(self.fg[key]) >= self.threshold, as_float(self.interior[key]), 0.0)
+
+
+def iter_contoured_glands_blockwise(prob_fg: Any, prob_interior: Any, out: Any, *, block: int,
+                                    threshold: float = 0.5, min_size: int = GLAND_MIN_SIZE,
+                                    fill_holes: bool = True, marker_threshold: float = 0.5,
+                                    grow: int = GLAND_GROW) -> Steps:
+    """Blockwise :func:`glands_from_probabilities` of a model with a contour class (``prob_fg``:
+    gland + contour, ``prob_interior``: gland), exactly: the interiors are labelled and stitched
+    like glands (:func:`iter_glands_blockwise`, two passes); a third pass grows them block by block
+    with a halo of ``grow`` pixels (:func:`grow_labels` depends on nothing farther), writing the
+    grown pixels negative so that a later block's halo sees only interiors, and counts each gland's
+    size; a fourth drops the glands under ``min_size`` pixels and renumbers the rest 1..N."""
+    h, w = prob_fg.shape
+    regions = _block_regions(h, w, block)
+    total = 4 * len(regions)
+    seeds = iter_glands_blockwise(_Interior(prob_fg, prob_interior, threshold), out, block=block,
+                                  threshold=marker_threshold, min_size=0, fill_holes=fill_holes)
+    stats = yield from relay(seeds, lambda step: (step[0], total))
+    sizes = np.zeros(stats.count + 1, np.int64)
+    for step, (_, _, y0, y1, x0, x1) in enumerate(regions, 2 * len(regions) + 1):
+        ry0, ry1, rx0, rx1 = max(y0 - grow, 0), min(y1 + grow, h), max(x0 - grow, 0), min(x1 + grow, w)
+        window = np.maximum(np.asarray(out[ry0:ry1, rx0:rx1]), 0)  # grown pixels (< 0) are not seeds
+        fg = as_float(prob_fg[ry0:ry1, rx0:rx1]) >= threshold
+        grown = grow_labels(window, fg | (window > 0), grow)[y0 - ry0:y1 - ry0, x0 - rx0:x1 - rx0]
+        core = window[y0 - ry0:y1 - ry0, x0 - rx0:x1 - rx0]
+        sizes += np.bincount(grown.ravel(), minlength=stats.count + 1)
+        out[y0:y1, x0:x1] = np.where(core > 0, core, -grown).astype(np.int32)
+        yield step, total
+    keep = sizes >= min_size
+    keep[0] = False
+    lut = np.zeros(stats.count + 1, np.int32)
+    lut[keep] = np.arange(1, int(keep.sum()) + 1, dtype=np.int32)
+    for step, (_, _, y0, y1, x0, x1) in enumerate(regions, 3 * len(regions) + 1):
+        out[y0:y1, x0:x1] = lut[np.abs(np.asarray(out[y0:y1, x0:x1]))]
+        yield step, total
+    return StitchStats(int(keep.sum()))
 
 
 # --------------------------------------------------------------------------------------------
@@ -339,13 +394,25 @@ class _ChannelView:
         return np.asarray(self.arr[(self.channel,) + tuple(key)])
 
 
+class _ChannelSum(_ChannelView):
+    """2-D view of the sum of some channels of a (C, H, W) uint8 zarr array, as floats (0..1)."""
+
+    def __init__(self, arr: Any, channels: tuple[int, ...]) -> None:
+        super().__init__(arr, channels[0])
+        self.channels = channels
+
+    def __getitem__(self, key: tuple[slice, slice]) -> np.ndarray:
+        return sum(as_float(self.arr[(c,) + tuple(key)]) for c in self.channels)
+
+
 def label_store(store: Any, kind: str, *, block: int, min_size: int | None = None,
                 options: Mapping[str, Any] | None = None,
                 parent: str = "labels") -> Generator[tuple[int, int], None, StitchStats | None]:
     """Label instances ('glands' or 'nuclei') of a
     :class:`~napari_genselfdiff.slide.store.PredictionStore` from its class-1 probabilities (and
-    class 2 as the nucleus boundary of 3-class models, the channel after the classes as the
-    nucleus distance map of models that have one) into ``labels/<kind>``, with a pyramid.
+    class 2 as the nucleus boundary or the gland contour of 3-class models, the channel after the
+    classes as the nucleus distance map of models that have one) into ``labels/<kind>``, with a
+    pyramid.
     Yields (steps done, steps total) like the blockwise functions; returns their stats, or None
     when the store already holds complete labels of ``kind``. ``parent``: another group to write
     them into (always written; :mod:`.relabel` swaps them in when complete)."""
@@ -360,10 +427,13 @@ def label_store(store: Any, kind: str, *, block: int, min_size: int | None = Non
     opts = dict(options or {})
     if min_size is not None:
         opts["min_size"] = min_size
-    if kind == "glands":
+    classes = len(store.class_names) or nc
+    if kind == "glands" and classes == 3:  # background, gland, contour
+        gen = iter_contoured_glands_blockwise(_ChannelSum(probs, (1, 2)), fg, lab0, block=block, **opts)
+    elif kind == "glands":  # without a contour class: its options only (they are recorded with the labels)
+        opts = {k: v for k, v in opts.items() if k in GLAND_PLAIN}
         gen = iter_glands_blockwise(fg, lab0, block=block, **opts)
     else:
-        classes = len(store.class_names) or nc
         boundary = _ChannelView(probs, 2) if classes >= 3 else None
         distance = _ChannelView(probs, classes) if nc > classes else None
         gen = iter_nuclei_blockwise(fg, lab0, prob_boundary=boundary, distance=distance, block=block, **opts)

@@ -12,6 +12,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 GLAND_MIN_SIZE = 100
+GLAND_GROW = 3  # pixels a gland's interior grows back over its contour (models with a contour class)
 NUCLEUS_MIN_SIZE = 10
 EIGHT = np.ones((3, 3), bool)
 FOUR = ndi.generate_binary_structure(2, 1)
@@ -44,15 +45,57 @@ def remove_small(labels: np.ndarray, min_size: int) -> np.ndarray:
 
 
 def glands_from_probabilities(prob_fg: Any, threshold: float = 0.5,
-                              min_size: int = GLAND_MIN_SIZE, fill_holes: bool = True) -> np.ndarray:
+                              min_size: int = GLAND_MIN_SIZE, fill_holes: bool = True,
+                              prob_interior: Any | None = None, marker_threshold: float = 0.5,
+                              grow: int = GLAND_GROW) -> np.ndarray:
     """Gland instances: pixels with p >= ``threshold``, holes filled (background not
     4-connected to the image border), 8-connected components, objects under ``min_size``
-    pixels removed. Returns int32 labels 1..N (0 = background)."""
+    pixels removed. Returns int32 labels 1..N (0 = background).
+
+    With a contour class (3-class models: background, gland, contour; ``prob_fg`` = gland +
+    contour, ``prob_interior`` = gland), touching glands are kept apart as DCAN does: the
+    objects are the interiors (foreground pixels with gland probability >= ``marker_threshold``),
+    their holes filled, as 8-connected components, each grown back over the foreground by up
+    to ``grow`` pixels (:func:`grow_labels`); foreground no interior reaches is dropped."""
     fg = as_float(prob_fg) >= threshold
+    if prob_interior is not None:
+        seeds = glands_from_probabilities(np.where(fg, as_float(prob_interior), 0.0), marker_threshold, 0,
+                                          fill_holes)
+        return remove_small(grow_labels(seeds, fg | (seeds > 0), grow), min_size)
     if fill_holes:
         fg = ndi.binary_fill_holes(fg, structure=FOUR)
     labels, _ = ndi.label(fg, structure=EIGHT)
     return remove_small(labels, min_size)
+
+
+#: Each step of :func:`grow_labels` looks at the 4-neighbours first, then the diagonal ones, in
+#: this fixed order: which object takes a contested pixel depends on where they lie, never on
+#: their ids, so a region cut out of a slide grows like the same pixels of the whole slide.
+_GROW_ORDER = ((-1, 0), (0, -1), (0, 1), (1, 0), (-1, -1), (-1, 1), (1, -1), (1, 1))
+
+
+def grow_labels(labels: np.ndarray, within: np.ndarray, steps: int) -> np.ndarray:
+    """``labels`` grown ``steps`` times by one pixel into the pixels of ``within`` that are
+    still 0: each step a pixel takes the label of its first labelled neighbour in
+    :data:`_GROW_ORDER` (4-connected steps alternate with 8-connected ones, an octagon). A pixel's
+    result depends only on the pixels within ``steps`` of it (a block grown with a halo of
+    ``steps`` pixels equals the same pixels grown whole)."""
+    out = np.array(labels, np.int32)
+    h, w = out.shape
+    for step in range(int(steps)):
+        prev = out.copy()
+        free = (prev == 0) & within
+        if not free.any():
+            break
+        for dy, dx in _GROW_ORDER[:4] if step % 2 == 0 else _GROW_ORDER:
+            # the neighbour at (y + dy, x + dx) of every pixel (y, x); 0 outside the image
+            nb = np.zeros_like(prev)
+            nb[max(-dy, 0):h - max(dy, 0), max(-dx, 0):w - max(dx, 0)] = \
+                prev[max(dy, 0):h - max(-dy, 0), max(dx, 0):w - max(-dx, 0)]
+            take = free & (nb > 0)
+            out[take] = nb[take]
+            free &= ~take
+    return out
 
 
 def tie_breaker(shape: tuple[int, int], origin: tuple[int, int]) -> np.ndarray:
@@ -151,16 +194,21 @@ def nuclei_from_probabilities(prob_fg: Any, prob_boundary: Any | None = None,
 #: What each task's post-processing takes from a checkpoint's ``config["postprocess"]`` (tuned on
 #: the validation images by :mod:`.tuning` at the end of fine-tuning), with the defaults used
 #: when a checkpoint has none.
-OPTIONS = {"glands": {"threshold": 0.5, "min_size": GLAND_MIN_SIZE, "fill_holes": True},
+OPTIONS = {"glands": {"threshold": 0.5, "min_size": GLAND_MIN_SIZE, "fill_holes": True,
+                      "marker_threshold": 0.5, "grow": GLAND_GROW},
            "nuclei": {"threshold": 0.5, "marker_threshold": 0.5, "min_size": NUCLEUS_MIN_SIZE,
                       "min_distance": 4, "split": 0.0, "distance_h": 0.1}}
+
+
+#: The glands options a model without a contour class reads.
+GLAND_PLAIN = ("threshold", "min_size", "fill_holes")
 
 
 #: The microns per pixel the pixel-valued defaults (and the tuning grids) are written for: the
 #: bundled models' own. A model at another um/px gets them rescaled (:func:`at_mpp`), so a nucleus
 #: model at 0.25 um/px drops objects under the same area in um^2, not in pixels.
 REFERENCE_MPP = {"glands": 1.24, "nuclei": 0.5}
-AREAS, LENGTHS = ("min_size",), ("min_distance",)
+AREAS, LENGTHS = ("min_size",), ("min_distance", "grow")
 
 
 def at_mpp(task: str, options: dict, mpp: float | None) -> dict:
@@ -179,7 +227,7 @@ def at_mpp(task: str, options: dict, mpp: float | None) -> dict:
 
 #: What each post-processing option may be: (type, smallest, largest).
 _BOUNDS = {"threshold": (float, 0.0, 1.0), "marker_threshold": (float, 0.0, 1.0), "min_size": (int, 0, 10 ** 9),
-           "min_distance": (int, 0, 10 ** 4), "split": (float, 0.0, 10 ** 4), "distance_h": (float, 0.0, 1.0),
+           "min_distance": (int, 0, 10 ** 4), "grow": (int, 0, 10 ** 3), "split": (float, 0.0, 10 ** 4), "distance_h": (float, 0.0, 1.0),
            "fill_holes": (bool, None, None)}
 
 
@@ -217,7 +265,8 @@ def postprocess(probs: np.ndarray, task: str, options: dict | None = None) -> tu
     post-processing ``options`` (:func:`options_for`). The whole-slide path
     (:func:`napari_genselfdiff.slide.instances.label_store`) applies the same rules block by
     block: the foreground is class 1 for glands (everything but background when a model has more
-    classes) and for nuclei the interior, class 2 being the nucleus boundary of 3-class models."""
+    classes) and for nuclei the interior, class 2 being the nucleus boundary of 3-class nuclei
+    models and the gland contour of 3-class glands models."""
     classes = min(probs.shape[0], 3) if task == "nuclei" else probs.shape[0]
     semantic = probs[:classes].argmax(0).astype(np.uint8)
     opts = options_for("nuclei" if task == "nuclei" else "glands", options)
@@ -225,6 +274,8 @@ def postprocess(probs: np.ndarray, task: str, options: dict | None = None) -> tu
         boundary = probs[2] if classes > 2 else None
         distance = probs[classes] if probs.shape[0] > classes else None
         inst = nuclei_from_probabilities(probs[1], boundary, distance=distance, **opts)
+    elif task == "glands" and classes == 3:  # background, gland, contour
+        inst = glands_from_probabilities(as_float(probs[1]) + as_float(probs[2]), prob_interior=probs[1], **opts)
     else:
-        inst = glands_from_probabilities(1.0 - probs[0], **opts)
+        inst = glands_from_probabilities(1.0 - probs[0], **{k: opts[k] for k in GLAND_PLAIN})
     return semantic, inst

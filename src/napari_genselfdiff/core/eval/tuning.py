@@ -19,24 +19,26 @@ from ..progress import run_to_end
 from .postprocess import at_mpp, options_for, postprocess
 
 #: The values tried, per task (every combination).
-GRIDS = {"glands": {"threshold": (0.3, 0.4, 0.5, 0.6, 0.7), "min_size": (50, 100, 200, 400)},
+GRIDS = {"glands": {"threshold": (0.3, 0.4, 0.5, 0.6, 0.7), "min_size": (50, 100, 200, 400),
+                    "marker_threshold": (0.5, 0.4, 0.6, 0.7), "grow": (3, 6)},
          "nuclei": {"threshold": (0.3, 0.4, 0.5, 0.6), "marker_threshold": (0.4, 0.5, 0.6, 0.7, 0.8),
                     "min_size": (5, 10, 20), "split": (0.0, 0.5, 1.0),
                     "distance_h": (0.05, 0.1, 0.2, 0.3)}}
 
 
 def instances_of_target(target: np.ndarray, task: str) -> np.ndarray:
-    """Ground-truth objects recovered from a class-id target: for 3-class nuclei targets the
-    interiors (class 1) grown into their boundary pixels (class 2); binary nuclei masks with
-    touching nuclei split (:func:`..data.split_touching`); glands: connected components."""
+    """Ground-truth objects recovered from a class-id target: for 3-class targets the
+    interiors (class 1) grown into their boundary pixels (class 2, nuclei boundary or gland
+    contour); binary nuclei masks with touching nuclei split (:func:`..data.split_touching`);
+    binary glands masks: connected components."""
     from ..data import split_touching, target_instances
 
     target = np.asarray(target)
     fg = target > 0
+    if task in ("nuclei", "glands") and (target == 2).any():
+        return target_instances(target, grow=GRIDS["glands"]["grow"][0] if task == "glands" else 2).astype(np.int32)
     if task != "nuclei":
         return ndi.label(fg, structure=np.ones((3, 3), bool))[0].astype(np.int32)
-    if (target == 2).any():
-        return target_instances(target).astype(np.int32)
     return split_touching(fg)
 
 
@@ -56,8 +58,12 @@ def redundant(opts: dict, grid: dict, probabilities: Sequence[np.ndarray]) -> bo
     """Combinations that repeat another: nuclei markers from a learned distance map (a 4th
     channel) read ``distance_h`` only, the others never read it; markers by h-maxima
     (``split`` > 0) do not read ``marker_threshold``, and models without a boundary class read
-    neither."""
+    neither; glands models without a contour class read neither ``marker_threshold`` nor
+    ``grow``."""
     first = {k: v[0] for k, v in grid.items()}
+    if "grow" in opts:  # glands
+        two_class = all(p.shape[0] < 3 for p in probabilities)
+        return two_class and any(opts.get(k) != first[k] for k in ("marker_threshold", "grow") if k in opts)
     if "distance_h" in opts:
         if all(p.shape[0] > 3 for p in probabilities):
             return any(opts.get(k) != first[k] for k in ("split", "marker_threshold") if k in opts)
