@@ -1,6 +1,8 @@
 """Make docs/napari_nuclei.png for the README: the sample image (skin), the bundled nuclei model
 predicted over the whole image from the Predict widget, docked in a real napari window; then the
-glands model over the same view, which adds no layer there and says why (no glands in skin).
+glands model over the same view: skin has no glands, and the bundled glands model (colon, GlaS)
+outlines its epidermis (epithelium) instead; a model that labels nearly all the tissue, unsure, adds
+no layer and says why (core/eval/glandular.py).
 
     xvfb-run -a .venv/bin/python scripts/readme_screenshot.py
 """
