@@ -202,10 +202,9 @@ def _resolve_glands(h: int, w: int, block: int, nf: int, nb: int, fg_counts: lis
 def glands_blockwise(prob_fg: Any, out: Any, *, block: int, **kwargs: Any) -> StitchStats:
     """Run :func:`iter_glands_blockwise` (or, given ``prob_interior``,
     :func:`iter_contoured_glands_blockwise`) to the end."""
-    if kwargs.get("prob_interior") is not None:
-        return run_to_end(iter_contoured_glands_blockwise(prob_fg, kwargs.pop("prob_interior"), out, block=block,
-                                                          **kwargs))
-    kwargs.pop("prob_interior", None)
+    interior = kwargs.pop("prob_interior", None)
+    if interior is not None:
+        return run_to_end(iter_contoured_glands_blockwise(prob_fg, interior, out, block=block, **kwargs))
     return run_to_end(iter_glands_blockwise(prob_fg, out, block=block, **kwargs))
 
 

@@ -227,8 +227,8 @@ def at_mpp(task: str, options: dict, mpp: float | None) -> dict:
 
 #: What each post-processing option may be: (type, smallest, largest).
 _BOUNDS = {"threshold": (float, 0.0, 1.0), "marker_threshold": (float, 0.0, 1.0), "min_size": (int, 0, 10 ** 9),
-           "min_distance": (int, 0, 10 ** 4), "grow": (int, 0, 10 ** 3), "split": (float, 0.0, 10 ** 4), "distance_h": (float, 0.0, 1.0),
-           "fill_holes": (bool, None, None)}
+           "min_distance": (int, 0, 10 ** 4), "grow": (int, 0, 10 ** 3), "split": (float, 0.0, 10 ** 4),
+           "distance_h": (float, 0.0, 1.0), "fill_holes": (bool, None, None)}
 
 
 def check_options(options: dict) -> None:
