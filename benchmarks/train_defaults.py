@@ -124,7 +124,7 @@ def main() -> None:
     ap.add_argument("--scale-aug", type=float, default=0.0,
                     help="nuclei: draw training patches at a random scale in [1/(1+s), 1+s] (0: off)")
     ap.add_argument("--stain-sigma", type=float, default=None,
-                    help="nuclei: HED stain perturbation amplitude (default 0.05, Tellez's 'light'; 0.2 'strong')")
+                    help="nuclei: HED stain perturbation amplitude (default 0.05; 0.2 is a wide range, after Tellez et al.)")
     ap.add_argument("--stain-p", type=float, default=None, help="nuclei: share of patches perturbed (default 0.5)")
     ap.add_argument("--nuclei-mpp", type=float, default=None,
                     help="microns per pixel the nuclei model learns at (default 0.5; MoNuSeg is stored at 0.25)")
