@@ -12,13 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy import ndimage as ndi
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
 from napari_genselfdiff.core.data import (ImageSource, LabeledImage, TaskSpec, downscale_item,  # noqa: E402
-                                          load_labeled_folder, mask_to_target, read_mask, split_touching)
+                                          load_labeled_folder, mask_to_target, objects_of_mask, read_mask)
 from napari_genselfdiff.core.eval.evaluation import evaluate_items  # noqa: E402
 from napari_genselfdiff.core.inference import TorchPredictor  # noqa: E402
 from napari_genselfdiff.core.progress import drain  # noqa: E402,F401  (re-exported for the benchmark scripts)
@@ -100,8 +99,7 @@ def load_dataset(ds: Dataset, root: Path, boundary: bool = False, boundary_width
                 inst[p.stem] = lab[::step, ::step][: by_name[p.stem].target.shape[0], : by_name[p.stem].target.shape[1]]
     if boundary:
         for name, it in list(by_name.items()):
-            objects = inst[name] if name in inst else split_touching(it.target > 0) if ds.task == "nuclei" \
-                else ndi.label(it.target > 0, structure=np.ones((3, 3), bool))[0]
+            objects = inst[name] if name in inst else objects_of_mask(it.target > 0, ds.task)
             by_name[name] = LabeledImage(name, it.image, mask_to_target(objects.astype(np.int32), spec))
     return [by_name[n] for n in train], [by_name[n] for n in val], [by_name[n] for n in test], inst
 

@@ -23,10 +23,9 @@ def check_store_glands(store: PredictionStore, slide: Slide, name: str = "glands
     k = next((i for i, lv in enumerate(levels) if max(lv.shape) <= max_side), len(levels) - 1)
     labels = np.asarray(levels[k])
     f = 2 ** k  # label level k spans 2**k stored pixels (PredictionStore.finish_labels)
-    # the foreground: the gland class, and the contour class of models that have one
-    classes = min(len(store.class_names) or int(store.probabilities.shape[0]), 3)
-    prob = sum(np.asarray(store.probabilities[c, ::f, ::f]).astype(np.float32) / 255.0
-               for c in range(1, classes))[:labels.shape[0], :labels.shape[1]]
+    # the foreground (1 - background: the gland class, and the contour class of models that have
+    # one), as the field-of-view check reads it
+    prob = store.foreground()[::f, ::f][:labels.shape[0], :labels.shape[1]]
     want = store.downsample * f  # level-0 slide pixels per label pixel
     lv = max((i for i, d in enumerate(slide.downsamples) if d <= want + 1e-6), default=0)
     step = max(int(round(want / slide.downsamples[lv])), 1)

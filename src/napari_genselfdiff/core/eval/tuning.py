@@ -13,10 +13,9 @@ import itertools
 from typing import Iterator, Sequence
 
 import numpy as np
-from scipy import ndimage as ndi
 
 from ..progress import run_to_end
-from .postprocess import at_mpp, options_for, postprocess
+from .postprocess import GLAND_GROW, at_mpp, options_for, postprocess
 
 #: The values tried, per task (every combination).
 GRIDS = {"glands": {"threshold": (0.3, 0.4, 0.5, 0.6, 0.7), "min_size": (50, 100, 200, 400),
@@ -31,15 +30,12 @@ def instances_of_target(target: np.ndarray, task: str) -> np.ndarray:
     interiors (class 1) grown into their boundary pixels (class 2, nuclei boundary or gland
     contour); binary nuclei masks with touching nuclei split (:func:`..data.split_touching`);
     binary glands masks: connected components."""
-    from ..data import split_touching, target_instances
+    from ..data import objects_of_mask, target_instances
 
     target = np.asarray(target)
-    fg = target > 0
     if task in ("nuclei", "glands") and (target == 2).any():
-        return target_instances(target, grow=GRIDS["glands"]["grow"][0] if task == "glands" else 2).astype(np.int32)
-    if task != "nuclei":
-        return ndi.label(fg, structure=np.ones((3, 3), bool))[0].astype(np.int32)
-    return split_touching(fg)
+        return target_instances(target, grow=GLAND_GROW if task == "glands" else 2).astype(np.int32)
+    return objects_of_mask(target > 0, task)
 
 
 def score(task: str, instances: np.ndarray, gt_instances: np.ndarray) -> float:
