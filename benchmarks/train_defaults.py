@@ -138,8 +138,9 @@ def main() -> None:
         for n in a.nuclei_data:
             datasets[n] = dataclasses.replace(datasets[n], downsample=a.nuclei_mpp / datasets[n].mpp_native)
     contour = a.glands_contour > 0
-    splits = {name: load_dataset(ds, root, boundary=boundary if ds.task == "nuclei" else contour,
-                                 boundary_width=a.boundary_width if ds.task == "nuclei" else max(1, a.glands_contour))
+    # each task's boundary class, (on, width in px): the targets and the fine-tuning both read it
+    heads = {"nuclei": (boundary, a.boundary_width), "glands": (contour, max(1, a.glands_contour))}
+    splits = {name: load_dataset(ds, root, boundary=heads[ds.task][0], boundary_width=heads[ds.task][1])
               for name, ds in datasets.items()}
     pre = work / "pretrained"
     tasks = {"glands": ["glas"], "nuclei": list(a.nuclei_data)}
@@ -171,8 +172,7 @@ def main() -> None:
         steps = a.nuclei_steps if ds.task == "nuclei" and a.nuclei_steps else a.finetune_steps
         cfg = FinetuneConfig(task=ds.task, preset=a.preset, steps=steps, patch=patch, batch=a.batch, lr=1e-3,
                              warmup=20, checkpoint_every=100, val_every=a.val_every, mpp=ds.mpp, ema=a.ema,
-                             boundary=boundary if ds.task == "nuclei" else contour,
-                             boundary_width=a.boundary_width if ds.task == "nuclei" else max(1, a.glands_contour),
+                             boundary=heads[ds.task][0], boundary_width=heads[ds.task][1],
                              distance=a.distance and boundary and ds.task == "nuclei",
                              **({"loss": a.nuclei_loss} if a.nuclei_loss and ds.task == "nuclei" else {}),
                              **({"loss": a.glands_loss} if a.glands_loss and ds.task == "glands" else {}),

@@ -19,6 +19,7 @@ def test_tiny_shapes_and_time_conditioning():
 def test_presets_sizes():
     sizes = {name: count_parameters(UNet(UNetConfig.from_preset(name))) for name in PRESETS}
     assert sizes["tiny"] < 1e6 < sizes["small"] < 2e7 < sizes["paper"] < 6e7
+    assert 3.5 * sizes["tiny"] < sizes["wide"] < sizes["small"]  # twice tiny's width
     paper = UNetConfig.from_preset("paper")
     assert (paper.base, paper.mults, paper.blocks, paper.groups) == (64, (1, 2, 4, 8), 2, 8)
 
@@ -139,3 +140,12 @@ def test_fused_for_inference_computes_the_same_function_and_leaves_the_model_alo
     assert any(isinstance(m, ResBlock) for m in net.modules())
     group = UNet(UNetConfig.from_preset("tiny", in_channels=3, out_channels=2))
     assert fused_for_inference(group) is group  # GroupNorm: nothing to fold
+
+
+def test_cli_preset_choices_are_the_presets():
+    from napari_genselfdiff.cli import build_parser
+
+    for cmd in ("pretrain", "finetune"):
+        action = next(a for a in build_parser()._subparsers._group_actions[0].choices[cmd]._actions
+                      if a.dest == "preset")
+        assert set(action.choices) == set(PRESETS)

@@ -43,6 +43,9 @@ PRESETS: dict[str, dict] = {
     # bottleneck's full attention at 1/8 resolution: with three (1, 2, 2) it ran at 1/4 and made a
     # 512-px tile ~5x slower to predict on a CPU for no gain (benchmarks/RESULTS.md)
     "tiny": dict(base=16, mults=(1, 2, 2, 4), blocks=1, heads=2, head_dim=16, linear_attention=False),
+    # tiny at twice the width (4x the arithmetic per pixel, no linear attention): the middle row of
+    # the capacity table (benchmarks/RESULTS.md, "Capacity per CPU-minute")
+    "wide": dict(base=32, mults=(1, 2, 2, 4), blocks=1, heads=2, head_dim=16, linear_attention=False),
     # a CPU-friendly model that still learns: one block per level, linear attention only at the
     # two coarsest levels (at full resolution it dominates CPU time)
     "small": dict(base=32, mults=(1, 2, 4, 8), blocks=1, heads=4, head_dim=32, linear_attention_from=2),
