@@ -128,6 +128,8 @@ def main() -> None:
     ap.add_argument("--stain-p", type=float, default=None, help="nuclei: share of patches perturbed (default 0.5)")
     ap.add_argument("--nuclei-mpp", type=float, default=None,
                     help="microns per pixel the nuclei model learns at (default 0.5; MoNuSeg is stored at 0.25)")
+    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                    help="training arithmetic (core/precision.py: auto is bf16 where the CPU computes it natively)")
     ap.add_argument("--bundle-to", default=str(REPO / "resources" / "models"),
                     help="where the bundled models are written (a trial run: somewhere else)")
     a = ap.parse_args()
@@ -148,7 +150,7 @@ def main() -> None:
     if any(t not in a.scratch for t in wanted) and not pretrained_enough(pre, a.pretrain_steps, a.preset):
         sources = unlabeled_pool(root, {n: s[0] for n, s in splits.items()})
         cfg = PretrainConfig(preset=a.preset, steps=a.pretrain_steps, patch=a.patch, batch=a.batch, lr=1e-3,
-                             warmup=20, checkpoint_every=100)
+                             warmup=20, checkpoint_every=100, precision=a.precision)
         with Timer() as t:
             drain(pretrain(sources, pre, cfg, device=a.device, resume=pre.exists()),
                   lambda e: print(f"pretrain {e.step}/{e.total} loss {e.loss:.4f}", flush=True)
@@ -172,6 +174,7 @@ def main() -> None:
         steps = a.nuclei_steps if ds.task == "nuclei" and a.nuclei_steps else a.finetune_steps
         cfg = FinetuneConfig(task=ds.task, preset=a.preset, steps=steps, patch=patch, batch=a.batch, lr=1e-3,
                              warmup=20, checkpoint_every=100, val_every=a.val_every, mpp=ds.mpp, ema=a.ema,
+                             precision=a.precision,
                              boundary=heads[ds.task][0], boundary_width=heads[ds.task][1],
                              distance=a.distance and boundary and ds.task == "nuclei",
                              **({"loss": a.nuclei_loss} if a.nuclei_loss and ds.task == "nuclei" else {}),

@@ -103,8 +103,9 @@ def test_training_in_bf16_keeps_fp32_weights_and_says_so(tmp_path, he_tile):
     assert any("bf16" in (e.message or "") for e in events)
     losses = [e.loss for e in events if e.step > 0 and e.loss == e.loss]  # NaN: an event without a loss
     assert losses and all(np.isfinite(losses))  # (a non-finite loss would have stopped the run)
-    model, _ = load_model(tmp_path / "m")
+    model, config = load_model(tmp_path / "m")
     assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert config["training"]["precision"] == "bf16"  # the checkpoint records what ran
 
 
 def test_cli_precision_flag(capsys):

@@ -219,7 +219,7 @@ def pretrain_nucleus(sources: Sequence[UnlabeledSource], out: str | os.PathLike,
                   "training": {"stage": "pretrain", "pretext": PRETEXT, "steps": step, "seed": cfg.seed,
                                "batch": cfg.batch, "lr": cfg.lr, "losses": dict(trainer.last),
                                "sources": source_names[:50], "n_sources": len(source_names),
-                               "device": str(dev), "time": _now()},
+                               "device": str(dev), "precision": trainer.precision.name, "time": _now()},
                   "versions": ckpt.versions()}
         return ckpt.save_checkpoint(out, trainer.model, config, trainer.state(step, run))
 

@@ -367,7 +367,7 @@ def pretrain(sources: Sequence[UnlabeledSource], out: str | os.PathLike, cfg: Pr
                   "normalization": NORMALIZATION, "patch_size": cfg.patch,
                   "training": {"stage": "pretrain", "steps": step, "seed": cfg.seed, "batch": cfg.batch,
                                "lr": cfg.lr, "sources": source_names[:50], "n_sources": len(source_names),
-                               "time": _now(), **ddp.provenance(group, dev)},
+                               "precision": trainer.precision.name, "time": _now(), **ddp.provenance(group, dev)},
                   "versions": ckpt.versions()}
         return ddp.save(group, out, trainer.model, config, trainer.state(step, run))  # torchrun: rank 0 writes
 
@@ -440,7 +440,8 @@ def finetune(items: Sequence[LabeledImage], out: str | os.PathLike, cfg: Finetun
                 "training": {"stage": "finetune", "steps": step, "seed": cfg.seed, "loss": cfg.loss,
                              "label_fraction": cfg.label_fraction, "train_images": [it.name for it in train],
                              "val_images": [it.name for it in val_items], "init_info": init_info,
-                             "batch": cfg.batch, "lr": cfg.lr, "time": _now(), **ddp.provenance(group, dev)},
+                             "batch": cfg.batch, "lr": cfg.lr, "precision": trainer.precision.name, "time": _now(),
+                             **ddp.provenance(group, dev)},
                 "validation": latest, "versions": ckpt.versions(), **tuned}
 
     calibrated = {"step": None, "trained_to": start}
