@@ -199,3 +199,19 @@ def test_compare_partitions_hand_worked():
     assert (r.cut, r.merged, r.n_reference, r.n_labels) == (1, 0, 2, 3)
     r = ins.compare_partitions(ref, merged)
     assert (r.cut, r.merged) == (0, 1)
+
+
+def test_tie_breaker_is_the_position_hash_at_any_origin():
+    """The hash of a pixel's global position, whatever block it is computed in (so blocks of a
+    slide flood their ties alike), written out here from its definition."""
+    from napari_genselfdiff.core.eval.postprocess import tie_breaker
+
+    origin, shape = (123_456, 98_765), (37, 53)
+    yy, xx = np.mgrid[origin[0]:origin[0] + shape[0], origin[1]:origin[1] + shape[1]]
+    want = ((yy.astype(np.uint64) * np.uint64(73856093)) ^ (xx.astype(np.uint64) * np.uint64(19349663))) \
+        % np.uint64(1000003) / 1000003.0
+    got = tie_breaker(shape, origin)
+    assert got.dtype == np.float64 and got.shape == shape
+    assert np.array_equal(got, want)
+    assert np.array_equal(tie_breaker((10, 20), (origin[0] + 5, origin[1] + 7)), want[5:15, 7:27])
+    assert 0.0 <= got.min() and got.max() < 1.0 and len(np.unique(got)) > 0.9 * got.size

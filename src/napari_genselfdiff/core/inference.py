@@ -106,6 +106,7 @@ class TorchPredictor:
         self.config = config
         self.amp = amp
         self.batch_size = batch_size
+        self._threads: int | None = None  # torch's threads before share_cpu took some
         # tiles per forward pass: on a CPU one at a time is faster per pixel than several at once
         # (512-px tiles on the 2-core machine: 1.27 vs 0.92 Mpx/s for 4; the activations of one tile
         # stay in cache); callers still hand over ``batch_size`` tiles per call
@@ -157,6 +158,21 @@ class TorchPredictor:
         fit = max(0, (tile // 2) // m * m)
         return fit, (f"tile {tile} is too small for this model's overlap of {self.overlap} px (its receptive field): "
                      f"using {fit}; tiles larger than {self.overlap} px (e.g. 512) give the exact answer")
+
+    def share_cpu(self, cores: int) -> None:
+        """Leave ``cores`` CPU cores to other work (the labelling of a slide beside its prediction,
+        slide/labeller.py) by running on that many fewer threads, at least one; 0 gives them back.
+        Two threads fighting a third process for two cores ran a tile 2.8x slower, one thread
+        beside it 1.9x (benchmarks/RESULTS.md, session 22). torch's thread count is the process's:
+        nothing else should run torch meanwhile. Nothing changes on a GPU."""
+        if self.device.type != "cpu":
+            return
+        if cores > 0:
+            self._threads = self._threads or torch.get_num_threads()
+            torch.set_num_threads(max(1, self._threads - int(cores)))
+        elif self._threads:
+            torch.set_num_threads(self._threads)
+            self._threads = None
 
     def _probabilities(self, x: torch.Tensor) -> torch.Tensor:
         """Softmax of the network on ``x``, averaged over the ``tta`` flipped / turned views

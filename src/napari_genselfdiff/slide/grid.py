@@ -96,6 +96,44 @@ class TileGrid:
         return span(self.ys, tid[0], self.height) * span(self.xs, tid[1], self.width)
 
 
+@dataclass
+class Blocks:
+    """Output blocks of ``size`` pixels (a multiple of the tile stride) over an (h, w) level: the
+    units a slide prediction stores, resumes and labels by (:mod:`.tiler`, :mod:`.labeller`)."""
+
+    h: int
+    w: int
+    size: int
+
+    @property
+    def ny(self) -> int:
+        return -(-self.h // self.size)
+
+    @property
+    def nx(self) -> int:
+        return -(-self.w // self.size)
+
+    def region(self, b: tuple[int, int]) -> tuple[int, int, int, int]:
+        y0, x0 = b[0] * self.size, b[1] * self.size
+        return y0, min(y0 + self.size, self.h), x0, min(x0 + self.size, self.w)
+
+    def of_point(self, y: int, x: int) -> tuple[int, int]:
+        return y // self.size, x // self.size
+
+    def touched(self, ty: int, tx: int, t: int) -> list[tuple[int, int]]:
+        r0, c0 = self.of_point(max(ty, 0), max(tx, 0))
+        r1, c1 = self.of_point(min(ty + t, self.h) - 1, min(tx + t, self.w) - 1)
+        return [(r, c) for r in range(r0, r1 + 1) for c in range(c0, c1 + 1)]
+
+
+def block_size_for(tile: int, overlap: int, block: int) -> int:
+    """Output block size: the multiple of the tile stride closest to ``block``, at least one
+    tile (so a tile touches at most two blocks per axis)."""
+    stride = tile - overlap
+    k = max(int(round(block / stride)), -(-tile // stride), 1)
+    return k * stride
+
+
 def _window_1d(tile: int, overlap: int, eps: float, open_start: bool = False, open_end: bool = False) -> np.ndarray:
     i = np.arange(tile, dtype=np.float64)
     if overlap <= 0:

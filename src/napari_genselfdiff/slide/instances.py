@@ -406,7 +406,8 @@ class _ChannelSum(_ChannelView):
 
 def label_store(store: Any, kind: str, *, block: int, min_size: int | None = None,
                 options: Mapping[str, Any] | None = None,
-                parent: str = "labels") -> Generator[tuple[int, int], None, StitchStats | None]:
+                parent: str = "labels", probabilities: Any | None = None
+                ) -> Generator[tuple[int, int], None, StitchStats | None]:
     """Label instances ('glands' or 'nuclei') of a
     :class:`~napari_genselfdiff.slide.store.PredictionStore` from its class-1 probabilities (and
     class 2 as the nucleus boundary or the gland contour of 3-class models, the channel after the
@@ -414,8 +415,10 @@ def label_store(store: Any, kind: str, *, block: int, min_size: int | None = Non
     pyramid.
     Yields (steps done, steps total) like the blockwise functions; returns their stats, or None
     when the store already holds complete labels of ``kind``. ``parent``: another group to write
-    them into (always written; :mod:`.relabel` swaps them in when complete)."""
-    probs = store.probabilities
+    them into (always written; :mod:`.relabel` swaps them in when complete). ``probabilities``:
+    what to read them from instead of the store's own array, with its shape and slicing (the
+    labelling alongside prediction reads through a view that waits for each block, :mod:`.labeller`)."""
+    probs = store.probabilities if probabilities is None else probabilities
     nc = int(probs.shape[0])
     if nc < 2:
         raise GenSelfDiffError(f"postprocess '{kind}' needs a model with >= 2 classes, got {nc}")

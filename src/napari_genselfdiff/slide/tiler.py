@@ -18,8 +18,9 @@ the slide's height. Finished blocks go to a :class:`~napari_genselfdiff.slide.st
 and are marked in its ``done`` array, so an interrupted run resumes where it stopped (only the
 few tiles of finished blocks that spill into unfinished ones are recomputed).
 
-Tissue detection lives in :mod:`.tissue`, the store layout in :mod:`.store`, and the lazy
-viewer-side prediction (same grid, window and blending) in :mod:`.fov`.
+Tissue detection lives in :mod:`.tissue`, the store layout in :mod:`.store`, the instance labels
+in :mod:`.instances` (made by a second process while the blocks are predicted on large slides,
+:mod:`.labeller`), and the lazy viewer-side prediction (same grid, window and blending) in :mod:`.fov`.
 
 Nothing here keeps global state: the functions take everything they need as arguments.
 :func:`predict_block` is the pure "one output block of one slide" function: the task that
@@ -29,7 +30,7 @@ few tiles a block shares with its neighbours, which :func:`predict_slide` comput
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence, runtime_checkable
 
@@ -38,9 +39,12 @@ import numpy as np
 from napari_genselfdiff.core.diskspace import check_free_space
 from napari_genselfdiff.core.errors import DataError, GenSelfDiffError
 from napari_genselfdiff.core.progress import Progress, relay
+from napari_genselfdiff.slide.labeller import ChildFailed, LabellingAlongside, start_alongside
+from napari_genselfdiff.slide.labeller import by_default as alongside_by_default
 from napari_genselfdiff.slide.levels import level_for_mpp
 from napari_genselfdiff.slide.reader import Slide, open_slide
-from napari_genselfdiff.slide.grid import BlendWindows, TileGrid, TileId, add_tile, blend_to_uint8
+from napari_genselfdiff.slide.grid import (BlendWindows, Blocks, TileGrid, TileId, add_tile, blend_to_uint8,
+                                          block_size_for)
 from napari_genselfdiff.slide.store import PredictionStore
 from napari_genselfdiff.slide.tissue import TissueMask, clear_background, detect_tissue
 
@@ -247,49 +251,13 @@ class SlideSettings:
     postprocess_options: Mapping[str, Any] = field(default_factory=dict)
     metadata: Mapping[str, Any] = field(default_factory=dict)
     overwrite: bool = False
+    label_alongside: bool | None = None  # None: on slides of labeller.MIN_PIXELS and more
 
     def __post_init__(self) -> None:
         if self.postprocess not in (None, "glands", "nuclei"):
             raise GenSelfDiffError(f"postprocess must be 'glands', 'nuclei' or None, not {self.postprocess!r}")
         if self.batch < 1 or self.progress_every < 1:
             raise GenSelfDiffError("batch and progress_every must be >= 1")
-
-
-@dataclass
-class _Blocks:
-    """Output blocks of ``size`` pixels (a multiple of the tile stride) over an (h, w) level."""
-
-    h: int
-    w: int
-    size: int
-
-    @property
-    def ny(self) -> int:
-        return -(-self.h // self.size)
-
-    @property
-    def nx(self) -> int:
-        return -(-self.w // self.size)
-
-    def region(self, b: tuple[int, int]) -> tuple[int, int, int, int]:
-        y0, x0 = b[0] * self.size, b[1] * self.size
-        return y0, min(y0 + self.size, self.h), x0, min(x0 + self.size, self.w)
-
-    def of_point(self, y: int, x: int) -> tuple[int, int]:
-        return y // self.size, x // self.size
-
-    def touched(self, ty: int, tx: int, t: int) -> list[tuple[int, int]]:
-        r0, c0 = self.of_point(max(ty, 0), max(tx, 0))
-        r1, c1 = self.of_point(min(ty + t, self.h) - 1, min(tx + t, self.w) - 1)
-        return [(r, c) for r in range(r0, r1 + 1) for c in range(c0, c1 + 1)]
-
-
-def block_size_for(tile: int, overlap: int, block: int) -> int:
-    """Output block size: the multiple of the tile stride closest to ``block``, at least one
-    tile (so a tile touches at most two blocks per axis)."""
-    stride = tile - overlap
-    k = max(int(round(block / stride)), -(-tile // stride), 1)
-    return k * stride
 
 
 @dataclass
@@ -300,7 +268,7 @@ class _Run:
     slide: Slide
     level: int
     grid: TileGrid
-    blocks: _Blocks
+    blocks: Blocks
     store: PredictionStore
     mask: TissueMask | None
     settings: SlideSettings
@@ -335,7 +303,7 @@ def predict_slide(predictor: Predictor, slide_or_path: Slide | str | Path, out_p
                   progress_every: int = 1, block: int = 2048,
                   postprocess_options: dict[str, Any] | None = None,
                   metadata: dict[str, Any] | None = None,
-                  overwrite: bool = False) -> Iterator[Progress]:
+                  overwrite: bool = False, label_alongside: bool | None = None) -> Iterator[Progress]:
     """Predict a whole slide level into a prediction store at ``out_path``; a generator of
     :class:`~napari_genselfdiff.core.progress.Progress` events (stages 'predict', then
     'postprocess', then one 'done'; ``step``/``total`` count tiles, then block passes).
@@ -354,12 +322,15 @@ def predict_slide(predictor: Predictor, slide_or_path: Slide | str | Path, out_p
     a second (:class:`BatchSizer`), so a cancel waits at most about that long on any device.
     An event is yielded after every ``progress_every`` predictor calls (from the first one on,
     with the ETA and rate) and after each block. The store layout is described in :mod:`.store`.
+    ``label_alongside``: label instances in a second process while the blocks are predicted
+    (:mod:`.labeller`; the same labels); None: on slides of ``labeller.MIN_PIXELS`` and more
+    (``labeller.by_default``).
     """
     settings = SlideSettings(level=level, tile=tile, overlap=overlap, batch=batch, tissue=tissue,
                              class_names=None if class_names is None else tuple(class_names),
                              postprocess=postprocess, min_size=min_size, progress_every=progress_every,
                              block=block, postprocess_options=dict(postprocess_options or {}),
-                             metadata=dict(metadata or {}), overwrite=overwrite)
+                             metadata=dict(metadata or {}), overwrite=overwrite, label_alongside=label_alongside)
     own = not isinstance(slide_or_path, Slide)
     slide = open_slide(slide_or_path) if own else slide_or_path
     try:
@@ -377,7 +348,7 @@ class SlidePlan:
 
     level: int
     grid: TileGrid
-    blocks: _Blocks
+    blocks: Blocks
     store: PredictionStore
 
 
@@ -396,7 +367,7 @@ def plan_slide(predictor: Predictor, slide: Slide, out_path: Path, cfg: SlideSet
     check_tile(predictor, cfg.tile)
     h, w = (int(s) for s in slide.levels[lvl].shape[:2])
     grid = TileGrid.make(h, w, cfg.tile, cfg.overlap, int(getattr(predictor, "tile_multiple", 1) or 1))
-    blocks = _Blocks(h, w, block_size_for(grid.tile, grid.overlap, cfg.block))
+    blocks = Blocks(h, w, block_size_for(grid.tile, grid.overlap, cfg.block))
     nc = int(predictor.num_classes)
     names = list(cfg.class_names) if cfg.class_names is not None else (
         ["background"] + [f"class_{i}" for i in range(1, nc)])
@@ -422,7 +393,7 @@ def plan_slide(predictor: Predictor, slide: Slide, out_path: Path, cfg: SlideSet
     return SlidePlan(lvl, grid, blocks, store)
 
 
-def predict_block(predictor: Predictor, slide: Slide, level: int, grid: TileGrid, blocks: _Blocks,
+def predict_block(predictor: Predictor, slide: Slide, level: int, grid: TileGrid, blocks: Blocks,
                   b: tuple[int, int], *, tissue: TissueMask | None = None, batch: int = 4) -> np.ndarray:
     """The stored (C, h, w) uint8 probabilities of output block ``b`` on its own: every tile
     touching it predicted (``batch`` per call) and blended, background outside the tissue. A pure
@@ -452,15 +423,23 @@ def _predict_slide(predictor: Predictor, slide: Slide, out_path: Path,
     if mask is not None:
         store.write_tissue(mask.mask, mask.downsample)
     run = _Run(predictor, slide, lvl, grid, blocks, store, mask, cfg, str(out_path), start)
-    yield from _predict_blocks(run)
-    store.set_status(status="probabilities_done")
-    if cfg.postprocess is not None:
-        yield from _postprocess(run)
+    alongside = None if cfg.postprocess is None else start_alongside(
+        store, cfg.postprocess, block=blocks.size, min_size=cfg.min_size, options=cfg.postprocess_options,
+        wanted=cfg.label_alongside if cfg.label_alongside is not None else alongside_by_default(grid.height * grid.width))
+    try:
+        yield from _predict_blocks(run, alongside)
+        store.set_status(status="probabilities_done")
+        labelled = alongside is not None and (yield from _finish_alongside(run, alongside))
+        if cfg.postprocess is not None and not labelled:
+            yield from _postprocess(run)
+    finally:
+        if alongside is not None:
+            alongside.close()
     store.set_status(status="complete")
     yield run.event("done", grid.count, grid.count, blocks.ny * blocks.nx)
 
 
-def _predict_blocks(run: _Run) -> Iterator[Progress]:
+def _predict_blocks(run: _Run, alongside: LabellingAlongside | None = None) -> Iterator[Progress]:
     """The block loop of predict_slide (see the module docstring for the scheme)."""
     predictor, grid, blocks = run.predictor, run.grid, run.blocks
     windows = BlendWindows(grid)
@@ -498,6 +477,8 @@ def _predict_blocks(run: _Run) -> Iterator[Progress]:
                 run.area_done += grid.cell_area(tid)
                 in_block += blocks.of_point(*grid.origin(tid)) == b
                 _distribute(tid, pred, grid, blocks, b, done, windows(tid), sums, wsum, pending)
+            if alongside is not None:
+                alongside.pace(predictor)
             if results[0][2]:
                 batches += 1
                 if batches % run.settings.progress_every == 0:
@@ -509,11 +490,13 @@ def _predict_blocks(run: _Run) -> Iterator[Progress]:
         del sums, wsum, block_probs  # freed before the next block's are allocated: one block's in memory
         done[b] = True
         done_arr[b] = 1
+        if alongside is not None:
+            alongside.release(b)
         tiles_done += int(owned[b])
         yield run.event("predict", tiles_done, grid.count, int(done.sum()))
 
 
-def _distribute(tid: TileId, pred: np.ndarray, grid: TileGrid, blocks: _Blocks,
+def _distribute(tid: TileId, pred: np.ndarray, grid: TileGrid, blocks: Blocks,
                 current: tuple[int, int], done: np.ndarray, window: np.ndarray,
                 sums: np.ndarray, wsum: np.ndarray,
                 pending: dict[tuple[int, int], list[tuple[int, int, np.ndarray, np.ndarray]]]
@@ -534,6 +517,18 @@ def _distribute(tid: TileId, pred: np.ndarray, grid: TileGrid, blocks: _Blocks,
         w = window[py0 - ty:py1 - ty, px0 - tx:px1 - tx]
         psum = pred[:, py0 - ty:py1 - ty, px0 - tx:px1 - tx] * w
         pending.setdefault(b, []).append((py0, px0, psum, w.copy()))
+
+
+def _finish_alongside(run: _Run, alongside: LabellingAlongside) -> Iterator[Progress]:
+    """The child's last blocks, as 'postprocess' events; returns whether it labelled the store
+    (False: it failed, and the caller labels in-process)."""
+    n_blocks = run.blocks.ny * run.blocks.nx
+    try:
+        yield from relay(alongside.finish(), lambda step: run.event("postprocess", step[0], step[1], n_blocks))
+    except ChildFailed as e:
+        yield replace(run.event("postprocess", 0, 1, n_blocks), message=f"{e}; labelling in this process instead")
+        return False
+    return True
 
 
 def _postprocess(run: _Run) -> Iterator[Progress]:

@@ -105,9 +105,16 @@ def tie_breaker(shape: tuple[int, int], origin: tuple[int, int]) -> np.ndarray:
     its heap, so a region cut out of a larger map could be flooded differently at ties. A tiny
     hash of the global position makes the elevations distinct and identical wherever the
     region is cut from."""
-    yy, xx = np.mgrid[origin[0]:origin[0] + shape[0], origin[1]:origin[1] + shape[1]]
-    h = (yy.astype(np.uint64) * np.uint64(73856093)) ^ (xx.astype(np.uint64) * np.uint64(19349663))
-    return ((h % np.uint64(1000003)).astype(np.float64) / 1000003.0)
+    # a column of rows and a row of columns, broadcast: two block-sized arrays at a time, not
+    # seven (a 2,176-px nuclei labelling block: 76 MB at the peak instead of 181)
+    yy = np.arange(origin[0], origin[0] + shape[0], dtype=np.uint64)[:, None] * np.uint64(73856093)
+    xx = np.arange(origin[1], origin[1] + shape[1], dtype=np.uint64)[None, :] * np.uint64(19349663)
+    h = yy ^ xx
+    np.remainder(h, np.uint64(1000003), out=h)
+    out = h.astype(np.float64)
+    del h
+    out /= 1000003.0
+    return out
 
 
 def h_maxima_by_object(score: np.ndarray, h: float) -> np.ndarray:
@@ -186,7 +193,10 @@ def nuclei_from_probabilities(prob_fg: Any, prob_boundary: Any | None = None,
         return np.zeros(p.shape, np.int32)
     # elevation steps are >= 1/255 (probabilities) or ~1/(2 * radius) (distances): 1e-5 only
     # orders what was equal
-    elevation = elevation + 1e-5 * tie_breaker(p.shape, origin)
+    ties = tie_breaker(p.shape, origin)
+    ties *= 1e-5
+    elevation = ties + elevation
+    del ties
     labels = watershed(elevation, markers, mask=mask)
     return remove_small(labels, min_size)
 
