@@ -1,6 +1,7 @@
 """Reference arms the default models must beat, on the same split by image.
 
     python benchmarks/references.py [--plain-minutes 25] [--skip-plain]
+    python benchmarks/references.py --nuclei-mixed-minutes 34   # the plain arm on MoNuSeg + CoNSeP
 
 (a) ``classical``: no learning. Nuclei: colour deconvolution (haematoxylin channel, Ruifrok &
     Johnston), Otsu threshold, holes filled, small objects dropped, touching nuclei split by a
@@ -10,7 +11,10 @@
     Its few knobs (smoothing, smallest object, marker height) are chosen on the VALIDATION split.
 (b) ``plain``: a plain BatchNorm U-Net (tiny preset's widths, no attention, no pretraining, cross
     entropy, no stain augmentation) trained from scratch for a fixed wall time (default 25 min),
-    evaluated with the default post-processing.
+    evaluated with the default post-processing. ``--nuclei-mixed-minutes M``: the same arm trained
+    once on the MoNuSeg + CoNSeP training splits together, each image weighted by its area (as the
+    shipped nuclei model is, ``train_defaults.py``), for M minutes (the shipped model's fine-tuning
+    time), scored on both sets' validation and test splits.
 
 Results: benchmarks/_work/references/references.json and a Markdown table to copy into
 benchmarks/RESULTS.md. Nuclei AJI / PQ are averaged over the test images with true instance
@@ -101,7 +105,10 @@ def main() -> None:
     ap.add_argument("--plain-minutes", type=float, default=25.0)
     ap.add_argument("--skip-plain", action="store_true")
     ap.add_argument("--only", choices=list(DATASETS), default=None)
+    ap.add_argument("--nuclei-mixed-minutes", type=float, default=None)
     a = ap.parse_args()
+    if a.nuclei_mixed_minutes is not None:
+        return plain_mixed_nuclei(a.nuclei_mixed_minutes)
     root = data_dir()
     work = REPO / "benchmarks" / "_work" / "references"
     work.mkdir(parents=True, exist_ok=True)
@@ -118,25 +125,61 @@ def main() -> None:
         print(name, "classical", params, json.dumps(m), flush=True)
         if not a.skip_plain:
             out = work / f"{name}_plain"
-            # steps for the wall time: measured on the first 20 steps
-            cfg = FinetuneConfig(task=ds.task, preset="tiny", steps=100_000, patch=128 if ds.task == "nuclei" else 192,
-                                 batch=8, lr=1e-3, warmup=20, loss="ce", checkpoint_every=0, val_every=0,
-                                 mpp=ds.mpp, tune_postprocess=False)
-            from dataclasses import replace
-
-            from napari_genselfdiff.core.data import AugmentConfig
-            cfg = replace(cfg, augment=AugmentConfig(stain_p=0.0, color_jitter=0.0, blur_p=0.0))
-            t0, steps = time.perf_counter(), 20
-            drain(finetune(train, out, replace(cfg, steps=steps), device="cpu", overwrite=True))
-            per_step = (time.perf_counter() - t0) / steps
-            steps = max(20, int(a.plain_minutes * 60 / per_step))
-            t0 = time.perf_counter()
-            drain(finetune(train, out, replace(cfg, steps=steps), device="cpu", overwrite=True))
+            steps, seconds = train_for(train, out, ds.task, ds.mpp, a.plain_minutes)
             m = evaluate(out, test, inst)
-            results[f"{name}/plain"] = {"steps": steps, "seconds": time.perf_counter() - t0, **m}
+            results[f"{name}/plain"] = {"steps": steps, "seconds": seconds, **m}
             print(name, "plain", steps, json.dumps(m), flush=True)
         path.write_text(json.dumps({**results, "machine": machine()}, indent=2))
     print(table(results))
+
+
+def plain_config(task: str, mpp: float, steps: int):
+    """The plain arm's fine-tuning: tiny's widths, cross entropy, no augmentation of stain, colour
+    or blur, no validation, the default post-processing."""
+    from dataclasses import replace
+
+    from napari_genselfdiff.core.data import AugmentConfig
+
+    cfg = FinetuneConfig(task=task, preset="tiny", steps=steps, patch=128 if task == "nuclei" else 192,
+                         batch=8, lr=1e-3, warmup=20, loss="ce", checkpoint_every=0, val_every=0,
+                         mpp=mpp, tune_postprocess=False)
+    return replace(cfg, augment=AugmentConfig(stain_p=0.0, color_jitter=0.0, blur_p=0.0))
+
+
+def train_for(train: list, out, task: str, mpp: float, minutes: float) -> tuple[int, float]:
+    """The plain arm trained for ``minutes`` of wall time (steps from the time of the first 20);
+    returns (steps, seconds)."""
+    t0, steps = time.perf_counter(), 20
+    drain(finetune(train, out, plain_config(task, mpp, steps), device="cpu", overwrite=True))
+    steps = max(20, int(minutes * 60 / ((time.perf_counter() - t0) / steps)))
+    t0 = time.perf_counter()
+    drain(finetune(train, out, plain_config(task, mpp, steps), device="cpu", overwrite=True))
+    return steps, time.perf_counter() - t0
+
+
+def plain_mixed_nuclei(minutes: float) -> None:
+    """The plain arm on MoNuSeg + CoNSeP together (see the module docstring)."""
+    from common import by_area
+
+    root = data_dir()
+    work = REPO / "benchmarks" / "_work" / "references"
+    work.mkdir(parents=True, exist_ok=True)
+    sets = {n: load_dataset(DATASETS[n], root) for n in ("monuseg", "consep")}
+    train = [it for n in sets for it in by_area(sets[n][0], 128)]
+    out = work / "mixed_nuclei_plain"
+    steps, seconds = train_for(train, out, "nuclei", DATASETS["monuseg"].mpp, minutes)
+    results = {"machine": machine(), "steps": steps, "seconds": seconds}
+    for n, (_, val, test, inst) in sets.items():
+        for split, items in (("val", val), ("test", test)):
+            results[f"{n}/{split}"] = evaluate(out, items, inst)
+            print(n, split, json.dumps(results[f"{n}/{split}"]), flush=True)
+    (work / "mixed_nuclei_plain.json").write_text(json.dumps(results, indent=2))
+    print(f"plain U-Net on MoNuSeg + CoNSeP: {steps} steps, {seconds / 60:.1f} min")
+    print("| split | data set | Dice | AJI | PQ |\n|---|---|---|---|---|")
+    for key, r in results.items():
+        if "/" in key:
+            n, split = key.split("/")
+            print(f"| {split} | {n} | {r['dice']:.3f} | {r['aji']:.3f} | {r['pq']:.3f} |")
 
 
 def table(results: dict) -> str:

@@ -70,6 +70,7 @@ def test_labels_made_alongside_equal_labels_made_afterwards(slide_path, tmp_path
 
 
 def test_small_slides_label_in_process_unless_asked(slide_path, tmp_path, monkeypatch):  # noqa: F811
+    monkeypatch.delenv(labeller.ENV, raising=False)
     spy = Spy(monkeypatch)
     list(predict_slide(PixelPredictor(), slide_path, tmp_path / "s.zarr", tile=TILE, overlap=OVERLAP, block=BLOCK,
                        postprocess="glands", min_size=30))
@@ -192,3 +193,22 @@ def test_the_environment_can_rule_the_child_in_or_out(monkeypatch):
     monkeypatch.setenv(labeller.ENV, "yes")
     with pytest.raises(GenSelfDiffError, match="GENSELFDIFF_LABEL_ALONGSIDE must be 0 .* not 'yes'"):
         labeller.by_default(big)
+
+
+def test_large_store_blocks_are_labelled_in_parts_with_the_same_objects(slide_path, tmp_path):  # noqa: F811
+    from napari_genselfdiff.core.eval.postprocess import nuclei_from_probabilities
+    from napari_genselfdiff.slide import instances
+
+    assert instances.label_block(288) == 288 and instances.label_block(2336) == 779
+    assert instances.label_block(2048) == 1024 and all(
+        instances.label_block(b) <= instances.LABEL_BLOCK_MAX for b in range(1, 5000, 97))
+    out = tmp_path / "big.zarr"
+    # one 1,056-px store block over the 1,024-px slide, labelled in 528-px parts
+    list(predict_slide(PixelPredictor(), slide_path, out, tile=TILE, overlap=OVERLAP, block=1100,
+                       postprocess="nuclei", min_size=4, postprocess_options={"halo": 48}, label_alongside=True))
+    group = zarr.open_group(out, mode="r")
+    assert group["done"].shape == (1, 1) and group["labels/nuclei/0"].chunks == (528, 528)
+    labels = np.asarray(group["labels/nuclei/0"][...])
+    reference = nuclei_from_probabilities(np.asarray(group["probabilities"][1]), min_size=4)
+    report = instances.compare_partitions(reference, labels)
+    assert report.identical and report.n_reference > 100

@@ -44,6 +44,20 @@ from napari_genselfdiff.core.progress import relay, run_to_end
 Steps = Generator[tuple[int, int], None, "StitchStats"]
 
 
+#: The largest block a slide's instances are labelled in. A nuclei block's arrays peak at about 70
+#: bytes a pixel with its halo, and the labelling runs beside the prediction (:mod:`.labeller`): on
+#: the 16k slide's 2,336-px prediction blocks, labelling 2x2 blocks of them took 522 MB in 2,336-px
+#: blocks, 378 MB in 1,168 and 272 MB in 779-px ones, for 13.0 / 12.7 / 13.7 s (benchmarks/RESULTS.md,
+#: session 22).
+LABEL_BLOCK_MAX = 1024
+
+
+def label_block(store_block: int) -> int:
+    """The block a store of ``store_block``-pixel blocks is labelled in: the store's block cut
+    into equal parts of at most :data:`LABEL_BLOCK_MAX` pixels."""
+    return -(-store_block // -(-store_block // LABEL_BLOCK_MAX))
+
+
 @dataclass(frozen=True)
 class StitchStats:
     """Result of a blockwise labelling: object ``count``; for nuclei, ``truncated`` objects

@@ -111,6 +111,7 @@ def _emit_to(out: TextIO) -> Callable[[dict], None]:
 def main(stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> int:
     """The child: label the store the first stdin line names, block by block as they come."""
     from napari_genselfdiff.core.allocator import KEEP_MB, tune_allocator
+    from napari_genselfdiff.core.progress import run_to_end
     from napari_genselfdiff.slide.instances import label_store
     from napari_genselfdiff.slide.store import PredictionStore
 
@@ -122,13 +123,7 @@ def main(stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> int:
     emit({"ready": True, "busy": True})
     gen = label_store(store, job["kind"], block=int(job["block"]), min_size=job.get("min_size"),
                       options=job.get("options") or {}, probabilities=_GatedProbabilities(store.probabilities, gate))
-    while True:
-        try:
-            step, total = next(gen)
-        except StopIteration as stop:
-            stats = stop.value
-            break
-        emit({"step": step, "total": total})
+    stats = run_to_end(gen, lambda step: emit({"step": step[0], "total": step[1]}))
     emit({"busy": False, "stats": None if stats is None else
           {"count": stats.count, "truncated": stats.truncated, "conflicts": stats.conflicts}})
     return 0
@@ -154,9 +149,12 @@ class LabellingAlongside:
         self.busy, self.failed, self._shared, self._predictor = False, False, 0, None
         self._messages: queue.Queue = queue.Queue()
         self._log: list[str] = []
+        # the child imports this very package, wherever it was imported from here
+        here = str(Path(__file__).resolve().parents[2])
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)}
         self.proc = subprocess.Popen(command or [sys.executable, "-m", "napari_genselfdiff.slide.labeller"],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True, bufsize=1)
+                                     text=True, bufsize=1, env=env)
         self._reader = threading.Thread(target=self._read, name="labelling-alongside", daemon=True)
         self._reader.start()
         self._send(json.dumps({"store": str(store_path), "kind": kind, "block": int(block),
@@ -254,8 +252,10 @@ def start_alongside(store: Any, kind: str, *, block: int, min_size: int | None, 
     complete, or no Python to start (a frozen app)."""
     if not wanted or store.labels_complete(kind):
         return None
+    from napari_genselfdiff.slide.instances import label_block
+
     try:
-        return LabellingAlongside(store.path, kind, block=block, store_block=block, min_size=min_size,
+        return LabellingAlongside(store.path, kind, block=label_block(block), store_block=block, min_size=min_size,
                                   options=options, done=np.asarray(store.done[...]).astype(bool))
     except OSError:
         return None
