@@ -162,8 +162,8 @@ class TorchPredictor:
     def share_cpu(self, cores: int) -> None:
         """Leave ``cores`` CPU cores to other work (the labelling of a slide beside its prediction,
         slide/labeller.py) by running on that many fewer threads, at least one; 0 gives them back.
-        Two threads fighting a third process for two cores ran a tile 2.8x slower, one thread
-        beside it 1.9x (benchmarks/RESULTS.md, session 22). torch's thread count is the process's:
+        Two threads fighting a labelling process for two cores ran a tile 2.9x slower than alone,
+        one thread beside it 1.7x (benchmarks/RESULTS.md, session 22). torch's thread count is the process's:
         nothing else should run torch meanwhile. Nothing changes on a GPU."""
         if self.device.type != "cpu":
             return
