@@ -40,8 +40,7 @@ class Spy:
 
         def start(*args, **kwargs):
             if command is not None:
-                return labeller.LabellingAlongside(args[0].path, args[1], block=kwargs["block"],
-                                                   store_block=kwargs["block"], min_size=kwargs["min_size"],
+                return labeller.LabellingAlongside(args[0].path, args[1], min_size=kwargs["min_size"],
                                                    options=kwargs["options"], done=np.zeros((4, 4), bool),
                                                    command=command)
             child = real(*args, **kwargs)
@@ -141,7 +140,7 @@ class Sharing(PixelPredictor):
 
 
 def test_the_predictor_gives_a_core_up_only_while_the_child_labels(tmp_path):
-    child = labeller.LabellingAlongside(tmp_path / "none.zarr", "nuclei", block=64, store_block=64, min_size=None,
+    child = labeller.LabellingAlongside(tmp_path / "none.zarr", "nuclei", min_size=None,
                                         options={}, done=np.zeros((2, 2), bool),
                                         command=[sys.executable, "-c", "import sys; sys.stdin.read()"])
     pred = Sharing()

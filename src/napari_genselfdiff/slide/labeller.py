@@ -112,16 +112,17 @@ def main(stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> int:
     """The child: label the store the first stdin line names, block by block as they come."""
     from napari_genselfdiff.core.allocator import KEEP_MB, tune_allocator
     from napari_genselfdiff.core.progress import run_to_end
-    from napari_genselfdiff.slide.instances import label_store
+    from napari_genselfdiff.slide.instances import label_block, label_store
     from napari_genselfdiff.slide.store import PredictionStore
 
     job = json.loads(stdin.readline())
     emit = _emit_to(stdout)
     tune_allocator(KEEP_MB["predict"])  # the parent's allocator, so large_arrays_mapped works the same
     store = PredictionStore.open(job["store"], mode="r+")
-    gate = _Gate(tuple(store.done.shape), int(job["store_block"]), stdin, emit)
+    block = int(store.meta["settings"]["block"])  # the blocks the parent predicts and releases
+    gate = _Gate(tuple(store.done.shape), block, stdin, emit)
     emit({"ready": True, "busy": True})
-    gen = label_store(store, job["kind"], block=int(job["block"]), min_size=job.get("min_size"),
+    gen = label_store(store, job["kind"], block=label_block(block), min_size=job.get("min_size"),
                       options=job.get("options") or {}, probabilities=_GatedProbabilities(store.probabilities, gate))
     stats = run_to_end(gen, lambda step: emit({"step": step[0], "total": step[1]}))
     emit({"busy": False, "stats": None if stats is None else
@@ -143,8 +144,7 @@ class LabellingAlongside:
     (step, total), returning the stats or raising :class:`ChildFailed`) once all is predicted, and
     always ``close``."""
 
-    def __init__(self, store_path: str | Path, kind: str, *, block: int, store_block: int,
-                 min_size: int | None, options: Mapping[str, Any], done: np.ndarray,
+    def __init__(self, store_path: str | Path, kind: str, *, min_size: int | None, options: Mapping[str, Any], done: np.ndarray,
                  command: list[str] | None = None) -> None:
         self.busy, self.failed, self._shared, self._predictor = False, False, 0, None
         self._messages: queue.Queue = queue.Queue()
@@ -157,8 +157,7 @@ class LabellingAlongside:
                                      text=True, bufsize=1, env=env)
         self._reader = threading.Thread(target=self._read, name="labelling-alongside", daemon=True)
         self._reader.start()
-        self._send(json.dumps({"store": str(store_path), "kind": kind, "block": int(block),
-                               "store_block": int(store_block), "min_size": min_size,
+        self._send(json.dumps({"store": str(store_path), "kind": kind, "min_size": min_size,
                                "options": dict(options)}))
         for r, c in zip(*np.nonzero(done)):
             self.release((int(r), int(c)))
@@ -245,17 +244,17 @@ class LabellingAlongside:
 
 
 
-def start_alongside(store: Any, kind: str, *, block: int, min_size: int | None, options: Mapping[str, Any],
-                    wanted: bool) -> LabellingAlongside | None:
-    """A labelling child for ``store`` (a :class:`~.store.PredictionStore` being predicted, blocks
-    of ``block`` pixels), or None where the labels are made afterwards: not ``wanted``, already
-    complete, or no Python to start (a frozen app)."""
+def start_alongside(store: Any, kind: str, *, min_size: int | None, options: Mapping[str, Any],
+                    wanted: bool | None = None) -> LabellingAlongside | None:
+    """A labelling child for ``store`` (a :class:`~.store.PredictionStore` being predicted), or
+    None where the labels are made afterwards: not ``wanted`` (None: :func:`by_default` for the
+    store's size), already complete, or no Python to start (a frozen app)."""
+    if wanted is None:
+        wanted = by_default(int(np.prod(store.probabilities.shape[1:])))
     if not wanted or store.labels_complete(kind):
         return None
-    from napari_genselfdiff.slide.instances import label_block
-
     try:
-        return LabellingAlongside(store.path, kind, block=label_block(block), store_block=block, min_size=min_size,
+        return LabellingAlongside(store.path, kind, min_size=min_size,
                                   options=options, done=np.asarray(store.done[...]).astype(bool))
     except OSError:
         return None

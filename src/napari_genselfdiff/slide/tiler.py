@@ -40,7 +40,6 @@ from napari_genselfdiff.core.diskspace import check_free_space
 from napari_genselfdiff.core.errors import DataError, GenSelfDiffError
 from napari_genselfdiff.core.progress import Progress, relay
 from napari_genselfdiff.slide.labeller import ChildFailed, LabellingAlongside, start_alongside
-from napari_genselfdiff.slide.labeller import by_default as alongside_by_default
 from napari_genselfdiff.slide.levels import level_for_mpp
 from napari_genselfdiff.slide.reader import Slide, open_slide
 from napari_genselfdiff.slide.grid import (BlendWindows, Blocks, TileGrid, TileId, add_tile, blend_to_uint8,
@@ -424,8 +423,7 @@ def _predict_slide(predictor: Predictor, slide: Slide, out_path: Path,
         store.write_tissue(mask.mask, mask.downsample)
     run = _Run(predictor, slide, lvl, grid, blocks, store, mask, cfg, str(out_path), start)
     alongside = None if cfg.postprocess is None else start_alongside(
-        store, cfg.postprocess, block=blocks.size, min_size=cfg.min_size, options=cfg.postprocess_options,
-        wanted=cfg.label_alongside if cfg.label_alongside is not None else alongside_by_default(grid.height * grid.width))
+        store, cfg.postprocess, min_size=cfg.min_size, options=cfg.postprocess_options, wanted=cfg.label_alongside)
     try:
         yield from _predict_blocks(run, alongside)
         store.set_status(status="probabilities_done")
