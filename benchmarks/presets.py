@@ -11,6 +11,10 @@ against the shipped ``tiny``. A ``-seg`` suffix times the segmentation network t
 its inference through ``fused_for_inference`` as the predictor runs it:
 
     python benchmarks/presets.py --presets tiny-seg backbone-seg
+
+``--precision bf16`` times both under bf16 autocast (training: fp32 master weights, as
+``finetune`` trains; inference: the predictor's autocast), as they run on a CPU with native bf16.
+``s2d-seg`` is the space-to-depth preset (issue 32 item 6, no layer at full resolution).
 """
 from __future__ import annotations
 
@@ -21,12 +25,14 @@ import torch
 import torch.nn.functional as F
 
 from common import machine, time_per_call  # also puts src/ on the path
+from napari_genselfdiff.core import precision as P
 from napari_genselfdiff.core.nets import unet as U
 
 VARIANTS = {"tiny": {}, "tiny-3level": {"mults": (1, 2, 2)}}
 
 
-def measure(cfg: U.UNetConfig, patch: int, batch: int, infer_size: int, repeats: int, seg: bool = False) -> dict:
+def measure(cfg: U.UNetConfig, patch: int, batch: int, infer_size: int, repeats: int, seg: bool = False,
+            precision: str = "fp32") -> dict:
     torch.manual_seed(0)
     model = U.UNet(cfg)
     layout = torch.channels_last if seg else torch.contiguous_format
@@ -37,7 +43,9 @@ def measure(cfg: U.UNetConfig, patch: int, batch: int, infer_size: int, repeats:
 
     def step():
         opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(xb), yb).backward()
+        with P.autocast("cpu", precision):
+            out = model(xb)
+        F.cross_entropy(out.float(), yb).backward()
         opt.step()
 
     xi = torch.randn(1, 3, infer_size, infer_size).to(memory_format=layout)
@@ -47,7 +55,7 @@ def measure(cfg: U.UNetConfig, patch: int, batch: int, infer_size: int, repeats:
     net = U.fused_for_inference(model).to(memory_format=layout) if seg else model
 
     def infer():
-        with torch.inference_mode():
+        with torch.inference_mode(), P.autocast("cpu", precision):
             net(xi)
 
     return {"params": U.count_parameters(model), "train_img_s": train, "norm": cfg.norm,
@@ -61,6 +69,7 @@ def main() -> None:
     ap.add_argument("--infer-size", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--presets", nargs="+", default=["tiny", "tiny-3level", "small"])
+    ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32")
     a = ap.parse_args()
     rows = {}
     for name in a.presets:
@@ -68,10 +77,10 @@ def main() -> None:
         cfg = U.UNetConfig.from_preset(preset, out_channels=2, **VARIANTS.get(name, {}))
         if seg:
             cfg = U.segmentation_config(cfg, 2)
-        rows[name] = measure(cfg, a.patch, a.batch, a.infer_size, a.repeats, seg)
+        rows[name] = measure(cfg, a.patch, a.batch, a.infer_size, a.repeats, seg, a.precision)
         print(json.dumps({name: rows[name]}), flush=True)
     ref = rows.get("tiny") or rows.get("tiny-seg") or next(iter(rows.values()))
-    print(f"\n{machine()}; patch {a.patch}, batch {a.batch}, inference on one {a.infer_size}x{a.infer_size} tile\n")
+    print(f"\n{machine()}; {a.precision}; patch {a.patch}, batch {a.batch}, inference on one {a.infer_size}x{a.infer_size} tile\n")
     print("| variant | mults | norm | parameters | train img/s | vs ref | infer MP/s | vs ref |\n"
           "|---|---|---|---|---|---|---|---|")
     for name, r in rows.items():

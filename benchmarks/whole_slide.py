@@ -1,6 +1,6 @@
 """A full-tissue slide predicted end to end by the user's own command, for both default models.
 
-    python benchmarks/whole_slide.py [--size 16384] [--tile 768] [--batch 4] [--models glands nuclei]
+    python benchmarks/whole_slide.py [--size 16384] [--tile 768] [--batch 4] [--models glands nuclei [NAME=PATH]]
                                      [--labelling alongside|after|both]
 
 Builds (once, into ``--work``) a ``--size`` x ``--size`` pyramidal BigTIFF at 0.5 um/px covered
@@ -163,7 +163,9 @@ def main() -> int:
     ap.add_argument("--tile", type=int, default=DEFAULT_TILE, help="tile size (default: the CLI's, %(default)s)")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--models", nargs="+", default=["glands", "nuclei"], choices=["glands", "nuclei"])
+    ap.add_argument("--models", nargs="+", default=["glands", "nuclei"], metavar="MODEL",
+                    help="glands, nuclei (the bundled defaults) or NAME=PATH, a checkpoint folder (a candidate "
+                         "default, e.g. another preset)")
     ap.add_argument("--work", type=Path, default=ROOT / "benchmarks" / "_work" / "whole_slide")
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--labelling", choices=["alongside", "after", "both"], default="alongside",
@@ -183,12 +185,20 @@ def main() -> int:
     slide = build_slide(a.work / f"full{a.size}_{a.mpp}.tif", a.size, a.mpp)
     rows = {}
     modes = {"alongside": [True], "after": [False], "both": [False, True]}[a.labelling]
-    for model, alongside in ((m, x) for m in a.models for x in modes):
-        out = a.work / f"{model}_{a.size}_{a.tile}.zarr"
+    models = {}
+    for m in a.models:
+        name, _, path = m.partition("=")
+        if not name or (not path and name not in ("glands", "nuclei")) or (path and not Path(path).is_dir()):
+            print(f"whole_slide: --models {m}: give glands, nuclei or NAME=PATH to a checkpoint folder",
+                  file=sys.stderr)
+            return 2
+        models[name] = path or name
+    for (name, model), alongside in ((m, x) for m in models.items() for x in modes):
+        out = a.work / f"{name}_{a.size}_{a.tile}.zarr"
         run = run_predict(model, slide, out, a.tile, a.batch, alongside)
         h, w = model_pixels(out)
         raw = raw_forward_mpx_s(model, slide, a.batch, a.repeats)
-        key = model if a.labelling != "both" else f"{model}, labelled {run['labelling']}"
+        key = name if a.labelling != "both" else f"{name}, labelled {run['labelling']}"
         cfg = json.loads((Path(resolve_model(model)) / "config.json").read_text())
         model_mpp = float(cfg.get("mpp") or a.mpp)
         seen_mpp = round(a.mpp * a.size / w, 3)  # the pyramid level (and resampling) the CLI chose

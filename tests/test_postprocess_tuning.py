@@ -247,3 +247,43 @@ def test_h_maxima_object_by_object_equals_the_whole_map():
         assert ours.any() and (ours == h_maxima(score, h)).all()
     assert not h_maxima_by_object(score, 3.0)[5:9, 150:154].any()  # at most 2 px deep x 1.5 < 3
     assert not h_maxima_by_object(np.zeros((8, 8)), 1.0).any()
+
+
+def _h_maxima_each_object(score, h):
+    """The definition: skimage's h_maxima of each object alone, surrounded by zeros."""
+    from scipy import ndimage as ndi
+    from skimage.morphology import h_maxima
+
+    objects, _ = ndi.label(score > 0, structure=np.ones((3, 3), bool))
+    out = np.zeros(score.shape, np.uint8)
+    for i, box in enumerate(ndi.find_objects(objects), 1):
+        own = objects[box] == i
+        sub = np.where(own, score[box], 0.0)
+        if sub.max() >= h:
+            out[box] |= h_maxima(np.pad(sub, 1), h)[1:-1, 1:-1].astype(np.uint8) & own
+    return out
+
+
+def test_h_maxima_by_flooding_equals_skimage_on_maps_with_many_maxima():
+    """Smooth random maps (many regional maxima per object, plateaus where clipped, objects
+    touching the border) and a real nuclei score: the flooding gives skimage's markers, object by
+    object and, where no object is lower than h, on the whole map."""
+    from scipy import ndimage as ndi
+    from skimage.morphology import h_maxima
+
+    from napari_genselfdiff.core.eval.postprocess import h_maxima_by_object
+
+    rng = np.random.default_rng(0)
+    kept = 0
+    for trial in range(12):
+        raw = ndi.gaussian_filter(rng.normal(size=(96, 128)), rng.uniform(1, 4))
+        score = np.clip(raw * 10 + rng.uniform(-1, 1), 0, None)
+        score[score > np.quantile(score, 0.98)] = np.quantile(score, 0.98)  # plateaus
+        for h in (0.2, 1.0, 3.0):
+            ours = h_maxima_by_object(score, h)
+            np.testing.assert_array_equal(ours, _h_maxima_each_object(score, h), err_msg=f"{trial} {h}")
+            kept += int(ours.sum())
+    assert kept > 100
+    lab = discs((120, 160), [(30, 30), (30, 44), (80, 100), (90, 40), (100, 140)], 9)
+    score = ndi.distance_transform_edt(lab > 0) * (1 + 0.3 * np.sin(np.arange(160) / 3))[None, :]
+    np.testing.assert_array_equal(h_maxima_by_object(score, 0.5), h_maxima(score, 0.5))

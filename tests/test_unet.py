@@ -149,3 +149,77 @@ def test_cli_preset_choices_are_the_presets():
         action = next(a for a in build_parser()._subparsers._group_actions[0].choices[cmd]._actions
                       if a.dest == "preset")
         assert set(action.choices) == set(PRESETS)
+
+
+def test_space_to_depth_stem_runs_nothing_at_full_resolution_and_stays_shift_equivariant():
+    """The ``s2d`` preset (issue 32 item 6): the stem folds 2x2 pixels into channels and the head
+    unfolds them, so no convolution sees a full-resolution input, the output has the input's size,
+    and (eval mode) shifting the input by the model's multiple shifts the output by the same: what
+    tiling relies on. A shift by 1 pixel changes the answer (the 2x2 phase matters), which is why
+    tiles start at multiples."""
+    from napari_genselfdiff.core.nets.unet import fused_for_inference
+
+    torch.manual_seed(0)
+    cfg = segmentation_config(UNetConfig.from_preset("s2d", out_channels=3), 2)
+    assert cfg.stem == "s2d" and cfg.tile_invariant and cfg.multiple == 8
+    net = UNet(cfg)
+    net.train()
+    with torch.no_grad():
+        net(torch.randn(4, 3, 64, 64))  # BatchNorm statistics
+    net.eval()
+    sizes = []
+    hooks = [m.register_forward_pre_hook(lambda mod, inp: sizes.append(inp[0].shape[-1]))
+             for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+    x = torch.randn(1, 3, 192, 192)
+    with torch.no_grad():
+        full = net(x)
+    for h in hooks:
+        h.remove()
+    assert full.shape == (1, 2, 192, 192)
+    assert sizes and max(sizes) == 96, "a convolution ran at full resolution"
+    with torch.no_grad():
+        shifted = net(x[..., 8:, 16:])
+        by_one = net(x[..., 1:185, :184])
+    torch.testing.assert_close(shifted[..., 40:120, 40:120], full[..., 48:128, 56:136], rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(by_one[..., 40:120, 40:120], full[..., 41:121, 40:120], atol=1e-3)
+    with torch.no_grad():
+        torch.testing.assert_close(fused_for_inference(net)(x), full, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="stem"):
+        UNetConfig(stem="strided")
+    assert UNetConfig.from_dict({k: v for k, v in UNetConfig().to_dict().items() if k != "stem"}).stem == "conv"
+
+
+def test_space_to_depth_preset_goes_from_pretext_to_prediction(tmp_path):
+    """``--preset s2d`` end to end at toy size: the diffusion pretext trains it (the noise predicted
+    at full resolution through the depth-to-space head), fine-tuning takes every pretrained tensor
+    but the head, and the saved model predicts an image whose size is not a multiple of 8."""
+    import numpy as np
+
+    from conftest import random_labeled, random_sources
+    from napari_genselfdiff.core import checkpoint as ck
+    from napari_genselfdiff.core.data import TaskSpec
+    from napari_genselfdiff.core.inference import TorchPredictor, predict_image
+    from napari_genselfdiff.core.progress import drain
+    from napari_genselfdiff.core.train.segmenter import build_segmentation_model
+    from napari_genselfdiff.core.train.training import FinetuneConfig, PretrainConfig, finetune, pretrain
+
+    torch.set_num_threads(1)
+    pre = tmp_path / "pre"
+    drain(pretrain(random_sources(), pre, PretrainConfig(preset="s2d", steps=2, patch=32, batch=2, lr=1e-3, warmup=1,
+                                                          checkpoint_every=0), device="cpu"))
+    weights = ck.load_weights(pre)
+    assert weights["final_conv.weight"].shape[0] == 3 * 4  # RGB noise, 2x2 positions per output
+    model, _, _ = build_segmentation_model(TaskSpec.make("nuclei", boundary=True), pre, "tiny", seed=0)
+    assert model.config.stem == "s2d"
+    own = model.state_dict()
+    assert own["final_conv.weight"].shape[0] == 3 * 4
+    for k in own:
+        if not k.startswith("final_conv.") and k in weights:
+            assert torch.equal(own[k], weights[k].to(own[k].dtype)), k
+    ft = tmp_path / "ft"
+    drain(finetune(random_labeled(), ft, FinetuneConfig(steps=2, patch=32, batch=2, lr=1e-3, warmup=1,
+                                                         checkpoint_every=0, val_every=0), init=pre, device="cpu"))
+    pred = TorchPredictor.from_checkpoint(ft, device="cpu")
+    assert pred.tile_multiple == 8
+    probs = predict_image(pred, np.random.default_rng(0).integers(0, 255, (44, 52, 3), dtype=np.uint8))
+    assert probs.shape[-2:] == (44, 52) and np.isfinite(probs).all()

@@ -2,7 +2,10 @@
 
 Shape of the network (the paper's reference setup, after the DDPM U-Net it builds on):
 
-* a 7x7 stem convolution to ``base`` channels;
+* a 7x7 stem convolution to ``base`` channels (or, ``stem="s2d"``, space-to-depth: each 2x2 block
+  of pixels folded into 12 channels and a 3x3 convolution, the output unfolded by depth-to-space,
+  so that no layer runs at full resolution, where narrow layers are bound by memory traffic on a
+  CPU: the ``s2d`` preset);
 * per level (channel multipliers ``mults``, e.g. (1, 2, 4, 8)): ``blocks`` residual blocks
   (conv3x3 -> GroupNorm -> SiLU, the time embedding added as a per-channel scale and shift),
   optional *linear* attention, then a stride-2 downsampling (not after the last level);
@@ -54,6 +57,12 @@ PRESETS: dict[str, dict] = {
     # one network from pretext to segmentation: tiny's widths, a per-pixel LayerNorm, no attention
     "backbone": dict(base=16, mults=(1, 2, 2, 4), blocks=1, heads=2, head_dim=16, linear_attention=False,
                      mid_attention=False, norm="layer"),
+    # issue 32 item 6: no layer at full resolution. The stem folds each 2x2 pixel block into
+    # channels (space-to-depth) and the head unfolds the output (depth-to-space), so the network
+    # runs at 1/2 .. 1/8 resolution with tiny's widths there: tiny minus its narrow full-resolution
+    # level, which is bound by memory traffic on a CPU
+    "s2d": dict(base=32, mults=(1, 1, 2), blocks=1, heads=2, head_dim=16, linear_attention=False,
+                stem="s2d"),
 }
 
 
@@ -73,6 +82,9 @@ class UNetConfig:
     linear_attention_from: int = 0  # first level (0 = full resolution) with linear attention
     mid_attention: bool = True
     norm: str = "group"  # "group" (tile-dependent) | "batch" (frozen at inference) | "layer" (per pixel)
+    # "conv": a 7x7 convolution at full resolution; "s2d": space-to-depth by 2 and a 3x3 convolution
+    # (the whole network at half resolution or less, the output unfolded back by depth-to-space)
+    stem: str = "conv"
     # the diffusion timestep a segmenter is told (its input is a clean image either way): a
     # pretrained denoiser's features are most telling at small noise levels (Baranchuk et al.,
     # ICLR 2022); 0 = a clean image. One constant: tile-invariant, folded at inference
@@ -84,6 +96,8 @@ class UNetConfig:
             raise ValueError(f"feature_t must be a whole number from 0 to 10000, got {self.feature_t!r}")
         if self.norm not in NORMS:
             raise ValueError(f"unknown normalisation {self.norm!r}; choose one of {', '.join(NORMS)}")
+        if self.stem not in STEMS:
+            raise ValueError(f"unknown stem {self.stem!r}; choose one of {', '.join(STEMS)}")
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "UNetConfig":
@@ -94,7 +108,12 @@ class UNetConfig:
     @property
     def multiple(self) -> int:
         """Input height and width must be multiples of this."""
-        return 2 ** (len(self.mults) - 1)
+        return 2 ** (len(self.mults) - 1) * self.stem_factor
+
+    @property
+    def stem_factor(self) -> int:
+        """Pixels per side that the stem folds into one position (1: none)."""
+        return 2 if self.stem == "s2d" else 1
 
     def with_outputs(self, out_channels: int) -> "UNetConfig":
         return replace(self, out_channels=out_channels)
@@ -117,6 +136,7 @@ class UNetConfig:
 
 
 NORMS = ("group", "batch", "layer")
+STEMS = ("conv", "s2d")
 
 
 def segmentation_config(cfg: UNetConfig, num_classes: int) -> UNetConfig:
@@ -219,7 +239,11 @@ class UNet(nn.Module):
         tdim = cfg.base * 4
         g = cfg.groups
         self.time_mlp = nn.Sequential(nn.Linear(cfg.base, tdim), nn.GELU(), nn.Linear(tdim, tdim))
-        self.stem = nn.Conv2d(cfg.in_channels, cfg.base, 7, padding=3)
+        f = cfg.stem_factor
+        if f > 1:  # space-to-depth: each f x f block of pixels becomes f*f*in_channels channels
+            self.stem = nn.Sequential(nn.PixelUnshuffle(f), nn.Conv2d(cfg.in_channels * f * f, cfg.base, 3, padding=1))
+        else:
+            self.stem = nn.Conv2d(cfg.in_channels, cfg.base, 7, padding=3)
         chans = [cfg.base * m for m in cfg.mults]
 
         def attn(ch: int, level: int) -> nn.Module:
@@ -259,7 +283,8 @@ class UNet(nn.Module):
             self.up.append(level)
 
         self.final_block = ResBlock(ch + cfg.base, cfg.base, tdim, g, cfg.norm)
-        self.final_conv = nn.Conv2d(cfg.base, cfg.out_channels, 1)
+        # with a space-to-depth stem the head predicts f*f outputs per position, unfolded in forward
+        self.final_conv = nn.Conv2d(cfg.base, cfg.out_channels * f * f, 1)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
         m = self.config.multiple
@@ -285,7 +310,8 @@ class UNet(nn.Module):
             if not isinstance(level["up"], nn.Identity):
                 h = level["up"](F.interpolate(h, scale_factor=2.0, mode="nearest"))
         h = self.final_block(torch.cat([h, stem], dim=1), temb)
-        return self.final_conv(h)
+        out = self.final_conv(h)
+        return F.pixel_shuffle(out, self.config.stem_factor) if self.config.stem_factor > 1 else out
 
 
 def seeded_model(cfg: UNetConfig, seed: int) -> UNet:
