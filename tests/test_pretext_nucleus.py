@@ -83,9 +83,11 @@ def test_measured_statistics_recover_synthetic_nuclei():
     assert got.n_tiles == 6 and got.n_nuclei >= 20
 
 
-def test_network_shapes():
-    tcfg = TranslationConfig.from_preset("tiny")
-    nets = _seeded_nets(translator_config("tiny"), tcfg, 0)
+@pytest.mark.parametrize("preset", ["tiny", "s2d", "backbone"])
+def test_network_shapes(preset):
+    """Every U-Net preset gets a translation setup (s2d and backbone: their own base width)."""
+    tcfg = TranslationConfig.from_preset(preset)
+    nets = _seeded_nets(translator_config(preset), tcfg, 0)
     x = torch.rand(2, 3, PATCH, PATCH) * 2 - 1
     masks, targets, _ = draw_batch(STATS, np.random.default_rng(0), 2, PATCH)
     m = torch.from_numpy(masks)

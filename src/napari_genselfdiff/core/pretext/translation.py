@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..nets.unet import UNet, UNetConfig, segmentation_config
+from ..nets.unet import PRESETS, UNet, UNetConfig, segmentation_config
 
 MASK_CHANNELS = 3  # foreground, boundary, distance
 TRANSLATOR_OUTPUTS = 4  # background / nucleus / boundary logits + distance
@@ -52,7 +52,12 @@ class TranslationConfig:
 
     @classmethod
     def from_preset(cls, name: str) -> "TranslationConfig":
-        return cls(**NETWORK_PRESETS[name])
+        """The widths listed for ``name``; other U-Net presets (wide, backbone, s2d) give their own
+        base width to the generator and discriminators."""
+        if name in NETWORK_PRESETS:
+            return cls(**NETWORK_PRESETS[name])
+        base = PRESETS[name]["base"]
+        return cls(gen_base=base, disc_base=base, style_dim=max(8, base // 2))
 
     def to_dict(self) -> dict:
         return asdict(self)
