@@ -151,7 +151,7 @@ def h_maxima_by_object(score: np.ndarray, h: float) -> np.ndarray:
     surrounded by zeros. Objects lower than ``h`` have none.
 
     Computed by flooding rather than by skimage's reconstruction, which sorts every pixel of every
-    object (58 % of a slide's nuclei labelling, session 23): an h-maximum is a regional maximum
+    object (about 60 % of a slide's nuclei labelling time, session 23): an h-maximum is a regional maximum
     (an 8-connected plateau higher than its surroundings) from which every path to a higher pixel
     descends to at least ``h`` below it. The regional maxima seed a watershed of ``-score`` over
     the objects; the basins' pass levels (the best ``min`` of two adjacent pixels across each
