@@ -58,7 +58,7 @@ def measure(cfg: U.UNetConfig, patch: int, batch: int, infer_size: int, repeats:
         with torch.inference_mode(), P.autocast("cpu", precision):
             net(xi)
 
-    return {"params": U.count_parameters(model), "train_img_s": train, "norm": cfg.norm,
+    return {"params": U.count_parameters(model), "train_img_s": train, "norm": cfg.norm, "mults": cfg.mults,
             "infer_mp_s": infer_size**2 / 1e6 / time_per_call(infer, repeats)}
 
 
@@ -73,7 +73,9 @@ def main() -> None:
     a = ap.parse_args()
     rows = {}
     for name in a.presets:
-        preset, seg = name.split("-")[0], name.endswith("-seg")
+        seg = name.endswith("-seg")
+        preset = name.removesuffix("-seg")
+        preset = preset if preset in U.PRESETS else preset.split("-")[0]  # a variant: tiny-3level
         cfg = U.UNetConfig.from_preset(preset, out_channels=2, **VARIANTS.get(name, {}))
         if seg:
             cfg = U.segmentation_config(cfg, 2)
@@ -84,7 +86,7 @@ def main() -> None:
     print("| variant | mults | norm | parameters | train img/s | vs ref | infer MP/s | vs ref |\n"
           "|---|---|---|---|---|---|---|---|")
     for name, r in rows.items():
-        mults = VARIANTS.get(name, {}).get("mults") or U.PRESETS[name.split("-")[0]]["mults"]
+        mults = VARIANTS.get(name, {}).get("mults") or r["mults"]
         norm = r["norm"]
         print(f"| {name} | {tuple(mults)} | {norm} | {r['params']:,} | {r['train_img_s']:.2f} | "
               f"{r['train_img_s'] / ref['train_img_s']:.2f} | {r['infer_mp_s']:.3f} | "

@@ -97,7 +97,9 @@ def write_samples(ckpt: Path, path: Path, n: int = 8, size: int = 128) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--work", default=str(REPO / "benchmarks" / "_work" / "backbone"))
+    ap.add_argument("--preset", default="backbone", choices=["backbone", "s2d-backbone"],
+                    help="the one network to pretrain (s2d-backbone: no level at full resolution)")
+    ap.add_argument("--work", default=None, help="default benchmarks/_work/<preset>")
     ap.add_argument("--hours", type=float, default=1.0, help="stop (with a checkpoint) after this long")
     ap.add_argument("--total", type=int, default=100_000, help="length of the (near-flat) learning-rate schedule")
     ap.add_argument("--patch", type=int, default=128)
@@ -108,7 +110,7 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--bundle", action="store_true", help="copy the checkpoint to resources/models/pretrained")
     a = ap.parse_args()
-    work = Path(a.work)
+    work = Path(a.work or REPO / "benchmarks" / "_work" / a.preset)
     ckpt = work / "pretrained"
     if a.bundle:
         bundle(ckpt, work)
@@ -119,7 +121,7 @@ def main() -> None:
     val = [it for n, s in sp.items() for it in s[1]]
     patches = fixed_patches(val, a.patch)
     work.mkdir(parents=True, exist_ok=True)
-    cfg = PretrainConfig(preset="backbone", steps=a.total, patch=a.patch, batch=a.batch, lr=a.lr, warmup=100,
+    cfg = PretrainConfig(preset=a.preset, steps=a.total, patch=a.patch, batch=a.batch, lr=a.lr, warmup=100,
                          checkpoint_every=a.checkpoint_every)
     deadline = time.time() + a.hours * 3600
     print(f"{machine()}; {len(pool)} unlabeled sources; until {time.ctime(deadline)}", flush=True)

@@ -36,10 +36,11 @@ def _random_affine(model: torch.nn.Module) -> None:
                 m.bias.copy_(0.3 * torch.randn(m.bias.shape, generator=g))
 
 
-@pytest.fixture(scope="module")
-def backbone_run(tmp_path_factory):
+@pytest.fixture(scope="module", params=["backbone", "s2d-backbone"])
+def backbone_run(tmp_path_factory, request):
+    """A toy pretraining of each one-network preset (s2d-backbone: no level at full resolution)."""
     out = tmp_path_factory.mktemp("bb") / "pretrained"
-    cfg = PretrainConfig(preset="backbone", steps=4, patch=32, batch=2, lr=1e-3, warmup=1, checkpoint_every=0)
+    cfg = PretrainConfig(preset=request.param, steps=4, patch=32, batch=2, lr=1e-3, warmup=1, checkpoint_every=0)
     drain(pretrain(_sources(), out, cfg, device="cpu"))
     return out
 
@@ -62,10 +63,11 @@ def test_backbone_answer_does_not_depend_on_the_batch_even_while_training():
     assert (bn(x)[:1] - bn(x[:1])).abs().max() > 1e-3  # the property the test checks is real
 
 
-def test_backbone_is_its_own_segmentation_network_and_tile_invariant():
-    cfg = UNetConfig.from_preset("backbone")
+@pytest.mark.parametrize("preset", ["backbone", "s2d-backbone"])
+def test_backbone_is_its_own_segmentation_network_and_tile_invariant(preset):
+    cfg = UNetConfig.from_preset(preset)
     seg = segmentation_config(cfg, 3)
-    assert seg.norm == "layer" and seg.tile_invariant and cfg.tile_invariant
+    assert seg == cfg.with_outputs(3) and seg.norm == "layer" and seg.tile_invariant and cfg.tile_invariant
     assert segmentation_config(UNetConfig.from_preset("tiny"), 3).norm == "batch"  # GroupNorm -> BatchNorm as before
 
 
@@ -88,7 +90,7 @@ def test_every_pretrained_tensor_reaches_the_segmenter_unchanged(backbone_run):
     assert set(body) == set(pre) - {"final_conv.weight", "final_conv.bias"}  # nothing unused, nothing initialised
     for k in body:
         assert torch.equal(own[k], pre[k]), k
-    assert own["final_conv.weight"].shape[0] == 3
+    assert own["final_conv.weight"].shape[0] == 3 * model.config.stem_factor ** 2  # s2d: 2x2 positions each
 
 
 def test_frozen_backbone_trains_the_head_alone(backbone_run, tmp_path):

@@ -126,3 +126,22 @@ def test_nuclei_relabel_follows_min_size(tmp_path):
     after = np.bincount(np.asarray(store.labels("nuclei")).ravel())[1:]
     assert after[after > 0].min() >= cut
     assert 0 < stats.count < int((sizes > 0).sum())
+
+
+def test_labelling_blocks_are_capped_inside_label_store_for_every_caller(tmp_path, monkeypatch):
+    """The labelling block cap lives in label_store: a store labelled in its whole prediction blocks
+    (as stores were before the cap) is found again in the capped blocks, and the objects do not
+    change with the blocks."""
+    import napari_genselfdiff.slide.instances as ins
+
+    store = make_store(tmp_path / "old.zarr")  # labelled in BLOCK-px chunks
+    assert store.labels("glands").chunks == (BLOCK, BLOCK)
+    before = np.asarray(store.labels("glands"))
+    monkeypatch.setattr(ins, "LABEL_BLOCK_MAX", 100)  # 128-px prediction blocks -> two 64-px parts
+    assert ins.label_block(BLOCK) == 64
+    options = store.label_options("glands")
+    run_to_end(relabel_store(store, "glands", options))
+    assert store.labels("glands").chunks == (64, 64)
+    assert compare_partitions(before, np.asarray(store.labels("glands"))).identical
+    run_to_end(label_store(store, "nuclei"))  # no block given: the store's blocks, capped
+    assert store.labels("nuclei").chunks == (64, 64)

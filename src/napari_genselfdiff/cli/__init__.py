@@ -236,12 +236,14 @@ def _common(p: argparse.ArgumentParser) -> None:
 def _training(p: argparse.ArgumentParser, steps: int) -> None:
     p.add_argument("--out", required=True, help="checkpoint folder to write (model.safetensors + config.json)")
     # core.nets.unet.PRESETS, written out: importing it would load torch for every --help (a test checks they agree)
-    p.add_argument("--preset", default="small", choices=["tiny", "wide", "small", "paper", "backbone", "s2d"],
+    p.add_argument("--preset", default="small", choices=["tiny", "wide", "small", "paper", "backbone", "s2d",
+                                                           "s2d-backbone"],
                    help="model size: tiny (tests; the widths of the bundled backbone), wide (tiny at twice the width), small "
                         "(CPU-friendly), paper (the reference), backbone (tiny's widths, per-pixel LayerNorm, no "
                         "attention: the one network from pretext to segmentation, as the shipped backbone), s2d "
                         "(no layer at full resolution: space-to-depth stem, the bundled nuclei model; 1.7-2.3x tiny's "
-                        "speed on a CPU); "
+                        "speed on a CPU), s2d-backbone (s2d with backbone's per-pixel LayerNorm: "
+                        "the one network without a full-resolution level); "
                         "default small")
     p.add_argument("--steps", type=positive_int, default=steps, help=f"optimisation steps (default {steps})")
     p.add_argument("--patch", type=patch_size, default=256, help="training patch size in pixels (default 256)")

@@ -188,12 +188,12 @@ def block_task(job: SlideJob, model: ModelSpec, b: tuple[int, int], mask: Tissue
 
 def labels_task(job: SlideJob, kind: str, min_size: int | None, options: Mapping[str, Any]) -> tuple[int, float]:
     """Instance labels of a slide whose probabilities are all written: (objects, worker seconds)."""
-    from napari_genselfdiff.slide.instances import label_block, label_store
+    from napari_genselfdiff.slide.instances import label_store
 
     start = time.perf_counter()
     store = PredictionStore.open(job.store, mode="r+")
     with _local_dask():
-        stats = run_to_end(label_store(store, kind, block=label_block(job.blocks.size), min_size=min_size, options=options))
+        stats = run_to_end(label_store(store, kind, min_size=min_size, options=options))
     count = stats.count if stats is not None else _label_count(store, kind)
     return count, time.perf_counter() - start
 

@@ -418,7 +418,7 @@ class _ChannelSum(_ChannelView):
         return sum(as_float(self.arr[(c,) + tuple(key)]) for c in self.channels)
 
 
-def label_store(store: Any, kind: str, *, block: int, min_size: int | None = None,
+def label_store(store: Any, kind: str, *, block: int | None = None, min_size: int | None = None,
                 options: Mapping[str, Any] | None = None,
                 parent: str = "labels", probabilities: Any | None = None
                 ) -> Generator[tuple[int, int], None, StitchStats | None]:
@@ -428,11 +428,15 @@ def label_store(store: Any, kind: str, *, block: int, min_size: int | None = Non
     classes as the nucleus distance map of models that have one) into ``labels/<kind>``, with a
     pyramid.
     Yields (steps done, steps total) like the blockwise functions; returns their stats, or None
-    when the store already holds complete labels of ``kind``. ``parent``: another group to write
+    when the store already holds complete labels of ``kind``. ``block``: the labelling's blocks
+    (and the labels' chunks); by default the store's prediction blocks cut by :func:`label_block`,
+    whoever labels (the tiler, the labelling child, a Dask worker, a relabelling). ``parent``: another group to write
     them into (always written; :mod:`.relabel` swaps them in when complete). ``probabilities``:
     what to read them from instead of the store's own array, with its shape and slicing (the
     labelling alongside prediction reads through a view that waits for each block, :mod:`.labeller`)."""
     probs = store.probabilities if probabilities is None else probabilities
+    if block is None:
+        block = label_block(int(store.probabilities.chunks[-1]))  # the store's prediction blocks
     nc = int(probs.shape[0])
     if nc < 2:
         raise GenSelfDiffError(f"postprocess '{kind}' needs a model with >= 2 classes, got {nc}")

@@ -112,7 +112,7 @@ def main(stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> int:
     """The child: label the store the first stdin line names, block by block as they come."""
     from napari_genselfdiff.core.allocator import KEEP_MB, tune_allocator
     from napari_genselfdiff.core.progress import run_to_end
-    from napari_genselfdiff.slide.instances import label_block, label_store
+    from napari_genselfdiff.slide.instances import label_store
     from napari_genselfdiff.slide.store import PredictionStore
 
     job = json.loads(stdin.readline())
@@ -122,7 +122,7 @@ def main(stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout) -> int:
     block = int(store.meta["settings"]["block"])  # the blocks the parent predicts and releases
     gate = _Gate(tuple(store.done.shape), block, stdin, emit)
     emit({"ready": True, "busy": True})
-    gen = label_store(store, job["kind"], block=label_block(block), min_size=job.get("min_size"),
+    gen = label_store(store, job["kind"], min_size=job.get("min_size"),
                       options=job.get("options") or {}, probabilities=_GatedProbabilities(store.probabilities, gate))
     stats = run_to_end(gen, lambda step: emit({"step": step[0], "total": step[1]}))
     emit({"busy": False, "stats": None if stats is None else

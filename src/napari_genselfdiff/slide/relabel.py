@@ -47,8 +47,9 @@ def relabel_store(store: Any, name: str, options: Mapping[str, Any]
                   ) -> Generator[tuple[int, int], None, StitchStats]:
     """Find the objects of the label set ``name`` ('glands' or 'nuclei') of a finished
     :class:`~napari_genselfdiff.slide.store.PredictionStore` again with ``options`` (those of
-    :func:`~napari_genselfdiff.core.eval.postprocess.options_for`), in blocks of the set's own
-    chunks; yields (steps done, steps total), returns the new set's stats. The store's labels are
+    :func:`~napari_genselfdiff.core.eval.postprocess.options_for`), in the blocks a first labelling
+    uses (:func:`~napari_genselfdiff.slide.instances.label_store`'s default: the prediction blocks
+    cut to at most 1,024 px, also for a set labelled in larger blocks before that cap); yields (steps done, steps total), returns the new set's stats. The store's labels are
     replaced only when the new set is complete."""
     if name not in ("glands", "nuclei"):
         raise GenSelfDiffError(f"only glands and nuclei are found again, not {name!r}")
@@ -56,8 +57,7 @@ def relabel_store(store: Any, name: str, options: Mapping[str, Any]
     missing = store.unfinished(name)
     if missing:
         raise DataError(f"{store.path}: {missing}; finish the prediction first ('Predict whole slide' resumes it)")
-    block = int(store.labels(name).chunks[0])
-    stats = yield from label_store(store, name, block=block, options=dict(options), parent=RELABEL)
+    stats = yield from label_store(store, name, options=dict(options), parent=RELABEL)
     current, new, old = _folders(store, name)
     os.replace(current, old)
     os.replace(new, current)

@@ -531,9 +531,9 @@ def _finish_alongside(run: _Run, alongside: LabellingAlongside) -> Iterator[Prog
 
 def _postprocess(run: _Run) -> Iterator[Progress]:
     """Instance labels from the stored probabilities into the store (:mod:`.instances`)."""
-    from napari_genselfdiff.slide.instances import label_block, label_store
+    from napari_genselfdiff.slide.instances import label_store
 
     n_blocks = run.blocks.ny * run.blocks.nx
-    gen = label_store(run.store, run.settings.postprocess, block=label_block(run.blocks.size),
+    gen = label_store(run.store, run.settings.postprocess,
                       min_size=run.settings.min_size, options=run.settings.postprocess_options)
     yield from relay(gen, lambda step: run.event("postprocess", step[0], step[1], n_blocks))

@@ -63,6 +63,10 @@ PRESETS: dict[str, dict] = {
     # level, which is bound by memory traffic on a CPU
     "s2d": dict(base=32, mults=(1, 1, 2), blocks=1, heads=2, head_dim=16, linear_attention=False,
                 stem="s2d"),
+    # the one network (backbone) without a full-resolution level: s2d's stem and widths with the
+    # per-pixel LayerNorm and no attention, so a diffusion pretraining transfers unchanged
+    "s2d-backbone": dict(base=32, mults=(1, 1, 2), blocks=1, heads=2, head_dim=16, linear_attention=False,
+                         mid_attention=False, norm="layer", stem="s2d"),
 }
 
 
