@@ -3,6 +3,7 @@ no attention, the same network the segmenter fine-tunes), resumable over many se
 
     nohup python benchmarks/pretrain_backbone.py [--hours 1.2] > benchmarks/_work/backbone/log.txt 2>&1 &
     python benchmarks/pretrain_backbone.py --bundle      # copy the checkpoint to resources/models/pretrained
+    python benchmarks/pretrain_backbone.py --preset s2d-backbone   # the one network without a full-resolution level
 
 Data: every unlabeled image in ../shared/data that is not in a benchmark's TEST split (GlaS,
 MoNuSeg and CoNSeP training and validation images by image / tile, labels never read) plus the
@@ -34,6 +35,8 @@ from common import DATASETS, REPO, PretrainConfig, data_dir, load_dataset, machi
 from napari_genselfdiff.core.data import to_model_input
 from napari_genselfdiff.core.pretext.diffusion import Diffusion, ScheduleConfig
 
+STEM_WORDS = {"conv": "a 7x7 stem at full resolution",
+              "s2d": "a space-to-depth stem (no layer at full resolution; the output unfolded by depth-to-space)"}
 EVAL_T = (50, 200, 500)  # noise levels of the held-out denoising loss (of the schedule's 1000)
 
 
@@ -182,9 +185,9 @@ def card(cfg: dict, curve: list[dict]) -> str:
 Fine-tune widget's default). It predicts noise, not masks: it is not a segmentation model and is not
 offered for prediction.
 
-- **Network**: the `backbone` preset (core/nets/unet.py): base {cfg['model']['base']}, levels {cfg['model']['mults']},
-  a per-pixel LayerNorm, no attention: the same network the segmenter is, so every tensor but the
-  head transfers unchanged and tiling cannot change a fine-tuned model's answer.
+- **Network**: the `{cfg['model'].get('preset')}` preset (core/nets/unet.py): base {cfg['model']['base']}, levels {cfg['model']['mults']},
+  {STEM_WORDS[cfg['model'].get('stem', 'conv')]}, a per-pixel LayerNorm, no attention: the same network the segmenter is, so every
+  tensor but the head transfers unchanged and tiling cannot change a fine-tuned model's answer.
 - **Pretext**: DDPM noise prediction ({cfg['schedule']}), {t['steps']} steps of batch {t['batch']},
   patch {cfg['patch_size']} px, lr {t['lr']} (held), on unlabeled sources drawn group by group (each dataset and the slides equally often): the GlaS
   (1.24 um/px), MoNuSeg and CoNSeP (0.5 um/px) training and validation images of the benchmarks'
