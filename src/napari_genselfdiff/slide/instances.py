@@ -430,8 +430,9 @@ def label_store(store: Any, kind: str, *, block: int | None = None, min_size: in
     Yields (steps done, steps total) like the blockwise functions; returns their stats, or None
     when the store already holds complete labels of ``kind``. ``block``: the labelling's blocks
     (and the labels' chunks); by default the store's prediction blocks cut by :func:`label_block`,
-    whoever labels (the tiler, the labelling child, a Dask worker, a relabelling). ``parent``: another group to write
-    them into (always written; :mod:`.relabel` swaps them in when complete). ``probabilities``:
+    whoever labels (the tiler, the labelling child, a Dask worker, a relabelling). ``parent``:
+    another group to write them into (always written; :mod:`.relabel` swaps them in when
+    complete). ``probabilities``:
     what to read them from instead of the store's own array, with its shape and slicing (the
     labelling alongside prediction reads through a view that waits for each block, :mod:`.labeller`)."""
     probs = store.probabilities if probabilities is None else probabilities

@@ -49,8 +49,9 @@ def relabel_store(store: Any, name: str, options: Mapping[str, Any]
     :class:`~napari_genselfdiff.slide.store.PredictionStore` again with ``options`` (those of
     :func:`~napari_genselfdiff.core.eval.postprocess.options_for`), in the blocks a first labelling
     uses (:func:`~napari_genselfdiff.slide.instances.label_store`'s default: the prediction blocks
-    cut to at most 1,024 px, also for a set labelled in larger blocks before that cap); yields (steps done, steps total), returns the new set's stats. The store's labels are
-    replaced only when the new set is complete."""
+    cut to at most 1,024 px, also for a set labelled in larger blocks before that cap); yields
+    (steps done, steps total), returns the new set's stats. The store's labels are replaced only
+    when the new set is complete."""
     if name not in ("glands", "nuclei"):
         raise GenSelfDiffError(f"only glands and nuclei are found again, not {name!r}")
     mend(store, name)
