@@ -30,7 +30,7 @@ CARD = """# Default {task} model ({dataset_title})
 - **Architecture**: GenSelfDiff-HIS U-Net, preset `{preset}` ({params:,} parameters), weights in float16. {arch_pre}
   {invariant}, so tiling cannot change the answer. Effective receptive field
   (99.9 % of the gradient mass): {rf} px in each direction; default tile overlap {halo} px.
-- **Resolution**: expects about **{mpp:.2f} microns per pixel** (the predictor reads the closest pyramid level).
+- **Resolution**: expects about **{mpp:.2f} microns per pixel** (an image at another pixel size is resampled to it; on a slide the predictor reads the closest pyramid level and resamples it, slide/rescale.py).
 - **Pretraining**: {pretraining}
 - **Fine-tuning**: {ft_steps} steps x {ft_batch} patches of {ft_patch}x{ft_patch}, loss `{loss}`, on the {dataset} training
   split ({n_train} images, each weighted by its area when sets are mixed; split by image, CoNSeP by tile, seed 2024),

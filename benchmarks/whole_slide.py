@@ -128,12 +128,14 @@ def run_predict(model: str, slide: Path, out: Path, tile: int, batch: int, along
             "log": [line for line in lines if not line.startswith("VmHWM ")][-3:]}
 
 
-def model_pixels(out: Path) -> tuple[int, int]:
-    """(height, width) of the probabilities the model wrote: the slide at the model's um/px."""
+def model_pixels(out: Path) -> tuple[int, int, float]:
+    """(height, width) of the slide on the model's grid (the stored level, times the factor it was
+    resampled by to the model's um/px, slide/rescale.py), and that factor."""
     from napari_genselfdiff.slide.store import PredictionStore
 
-    shape = PredictionStore.open(out).probabilities.shape
-    return int(shape[-2]), int(shape[-1])
+    store = PredictionStore.open(out)
+    shape, f = store.probabilities.shape, float(store.settings.get("resample", 1.0))
+    return int(round(shape[-2] * f)), int(round(shape[-1] * f)), f
 
 
 def raw_forward_mpx_s(model: str, slide: Path, batch: int, repeats: int) -> float:
@@ -196,18 +198,20 @@ def main() -> int:
     for (name, model), alongside in ((m, x) for m in models.items() for x in modes):
         out = a.work / f"{name}_{a.size}_{a.tile}.zarr"
         run = run_predict(model, slide, out, a.tile, a.batch, alongside)
-        h, w = model_pixels(out)
+        h, w, f = model_pixels(out)
         raw = raw_forward_mpx_s(model, slide, a.batch, a.repeats)
         key = name if a.labelling != "both" else f"{name}, labelled {run['labelling']}"
         cfg = json.loads((Path(resolve_model(model)) / "config.json").read_text())
         model_mpp = float(cfg.get("mpp") or a.mpp)
-        seen_mpp = round(a.mpp * a.size / w, 3)  # the pyramid level (and resampling) the CLI chose
+        seen_mpp = round(a.mpp * a.size / w, 3)  # the pyramid level and resampling the CLI chose
+        level_mpp = round(seen_mpp * f, 3)  # the level it read
         mpx_model = h * w / 1e6
         e2e = mpx_model / run["seconds"]
         W, H, mpp40 = FORTY_X
         proj_mpx = W * H * (mpp40 / seen_mpp) ** 2 / 1e6
         rows[key] = {
             "slide_mpx": round(a.size * a.size / 1e6, 1), "model_mpp": model_mpp, "predicted_at_mpp": seen_mpp,
+            "level_mpp": level_mpp, "resampled": round(f, 4),
             "model_pixels": [h, w], "model_mpx": round(mpx_model, 1), **run,
             "slide_mpx_s": round(a.size * a.size / 1e6 / run["seconds"], 3),
             "model_mpx_s": round(e2e, 3), "raw_forward_mpx_s": round(raw, 3),

@@ -665,3 +665,34 @@ def test_coarse_level_regions_are_rescaled_by_their_own_resolution(tmp_path, sli
     assert training_mpp(proj, None) == pytest.approx(1.0)
     proj.accept_region(sid, img[:16, :24], lab[:16, :24], (100, 100, 16, 24))  # level 0: 0.5 um/px
     assert training_mpp(proj, None) is None  # regions disagree: no single resolution to record
+
+
+class _At05:
+    """The same fake classes from a model that learned 0.5 um/px, recording what it was given."""
+
+    num_classes = 2
+    mpp = 0.5
+
+    def __init__(self):
+        self.shapes = []
+
+    def __call__(self, tiles):
+        self.shapes.append(tiles.shape[1:3])
+        return _uncertain_where_green_is_high(tiles)
+
+
+def test_suggestions_score_a_level_at_the_models_resolution(tmp_path, slide_file):
+    """A level at 0.25 um/px is scored by a 0.5 um/px model on regions resampled to its pixel size
+    (64-px cells seen as 32 px), and ranks them as at its own resolution."""
+    from napari_genselfdiff.slide.consistency import image_slide
+
+    proj = Project.create(tmp_path / "p")
+    sid = proj.add_slide(slide_file, shape=(256, 256))
+    img = _test_image()
+    model = _At05()
+    sugg = proj.suggest_regions(model, image_slide(img, mpp=0.25), region_size=64, top_k=16, slide_id=sid)
+    assert model.shapes and all(s == (32, 32) for s in model.shapes)
+    assert [s["bounds"][0] < 128 for s in sugg[:4]] == [True] * 4 and all(s["bounds"][1] >= 128 for s in sugg)
+    model.shapes.clear()
+    proj.suggest_regions(model, image_slide(img, mpp=0.5), region_size=64, top_k=16, slide_id=sid)
+    assert model.shapes and all(s == (64, 64) for s in model.shapes)  # at the model's own: as it is

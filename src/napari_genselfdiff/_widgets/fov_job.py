@@ -101,7 +101,8 @@ def fov_job(model: str, device: str, cache: PredictorCache | None, slide, source
     level, vy, vx, vh, vw = region
     shape = tuple(int(v) for v in slide.levels[level].shape[:2])
     # a margin around the view: the objects its border cuts are found whole (the view's own objects only)
-    (y, x, h, w), view = with_margin((vy, vx, vh, vw), view_margin(predictor.task, predictor.mpp), shape)
+    (y, x, h, w), view = with_margin((vy, vx, vh, vw), view_margin(predictor.task, slide.level_mpp(level) or predictor.mpp),
+                                     shape)
     todo = fov[1].uncached(level, y, x, h, w)
     if (vh, vw) == shape and todo > WHOLE_VIEW_TILES:
         warnings.warn(GenSelfDiffWarning(
@@ -111,8 +112,9 @@ def fov_job(model: str, device: str, cache: PredictorCache | None, slide, source
     probs = yield from fov[1].iter_region(level, y, x, h, w)
     model_values = options_for("nuclei" if predictor.task == "nuclei" else "glands",
                                getattr(predictor, "postprocess_options", None))
-    semantic, instances = yield from in_background(postprocess, probs, predictor.task,
-                                                   {**model_values, **(overrides or {})},
+    # in the level's pixels where the level is resampled to the model's um/px (slide/rescale.py)
+    level_values = fov[1].scale(level).level_options({**model_values, **(overrides or {})})
+    semantic, instances = yield from in_background(postprocess, probs, predictor.task, level_values,
                                                    status="finding objects…")
     instances = objects_in_view(instances.astype(np.int32, copy=False), view)
     region = (level, y, x, h, w)

@@ -325,7 +325,8 @@ def _resolution(slide, mpp: float | None, predictor, level) -> str | None:
     lv = slide.level_for_mpp(predictor.mpp) if level == "auto" else int(level)
     have = slide.level_mpp(lv)
     if abs(have - predictor.mpp) > TOLERANCE * predictor.mpp:
-        return (f"{name}: the model learned {predictor.mpp:.3g} um/px; the closest level ({lv}) is {have:.3g} um/px")
+        return (f"{name}: the model learned {predictor.mpp:.3g} um/px; level {lv} ({have:.3g} um/px) is resampled "
+                f"x{have / predictor.mpp:.3g} to it")
     return None
 
 

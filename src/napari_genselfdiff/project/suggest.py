@@ -18,6 +18,7 @@ import numpy as np
 from ..core.errors import DataError
 from ..core.inference import predict_padded_batch
 from ..core.progress import Progress, run_to_end
+from ..core.resolution import Rescale, resize_image
 from ..slide.tissue import is_background
 from .files import ProjectFolder
 
@@ -126,6 +127,8 @@ class _LevelView:
         else:
             raise DataError(f"cannot read regions from a {type(source).__name__}: give an (H, W, 3) array "
                             "or an object with read_region(level, y, x, h, w) and shape")
+        level_mpp = getattr(source, "level_mpp", None)
+        self.mpp = level_mpp(level) if callable(level_mpp) else None  # None: unknown
 
     def grid(self, size: int) -> list[Cell]:
         """Non-overlapping squares covering the level (the last row/column shifted to fit)."""
@@ -205,8 +208,12 @@ def _score_cells(predictor, view: _LevelView, cells: Sequence[Cell], colour_test
                  batch: int) -> Iterator[Progress]:
     """Yield a Progress per batch; return a :class:`ScoredCell` for each tissue cell among ``cells``."""
     classes = getattr(predictor, "num_classes", None)  # the class probabilities, not a distance map
+    model_mpp = getattr(predictor, "mpp", None)
 
     def predicted(batch_tiles: np.ndarray) -> np.ndarray:
+        r = Rescale(batch_tiles.shape[1:3], view.mpp, model_mpp)
+        if r.needed:  # a level at another um/px: scored at the model's (the mean entropy needs no way back)
+            batch_tiles = np.stack([resize_image(t, r.model_shape) for t in batch_tiles])
         return predict_padded_batch(predictor, batch_tiles)[:, :classes]
 
     out: list[ScoredCell] = []

@@ -15,6 +15,7 @@ import numpy as np
 
 from napari_genselfdiff.core.progress import Progress, run_to_end
 from napari_genselfdiff.slide.reader import Slide
+from napari_genselfdiff.slide.rescale import LevelScale
 from napari_genselfdiff.slide.grid import BlendWindows, TileGrid, TileId, add_tile, normalise_blend
 from napari_genselfdiff.slide.tiler import (BatchSizer, Predictor, channels_of, check_tile, iter_tile_predictions,
                                            resolve_level, split_by_tissue)
@@ -54,10 +55,15 @@ class FieldOfViewPredictor:
         """The tile grid of ``level``."""
         if level not in self._grids:
             h, w = self.slide.levels[level].shape[:2]
-            self._grids[level] = TileGrid.make(int(h), int(w), self.tile, self.overlap,
-                                               int(getattr(self.predictor, "tile_multiple", 1) or 1))
+            scale = self.scale(level)  # tile and overlap are in model pixels
+            self._grids[level] = TileGrid.make(int(h), int(w), scale.level_length(self.tile),
+                                               scale.level_length(self.overlap), scale.multiple)
             self._windows[level] = BlendWindows(self._grids[level])
         return self._grids[level]
+
+    def scale(self, level: int) -> LevelScale:
+        """How ``level`` maps to the model's pixels (resampled where its um/px differ, :mod:`.rescale`)."""
+        return LevelScale.of(self.slide, level, self.predictor)
 
     def _tissue(self) -> TissueMask | None:
         if self.use_tissue and self._mask is None:

@@ -40,6 +40,7 @@ from napari_genselfdiff.core.eval.postprocess import (EIGHT, FOUR, GLAND_GROW, G
                                                       NUCLEUS_MIN_SIZE, as_float, grow_labels,
                                                       nuclei_from_probabilities)
 from napari_genselfdiff.core.progress import relay, run_to_end
+from napari_genselfdiff.slide.rescale import LevelScale
 
 Steps = Generator[tuple[int, int], None, "StitchStats"]
 
@@ -448,11 +449,15 @@ def label_store(store: Any, kind: str, *, block: int | None = None, min_size: in
     opts = dict(options or {})
     if min_size is not None:
         opts["min_size"] = min_size
+    recorded = dict(opts)  # as given: in the model's pixels
+    # a level predicted at another um/px than the model's (slide/rescale.py): its options in the level's pixels
+    opts = LevelScale(float(store.settings.get("resample", 1.0))).level_options(opts)
     classes = len(store.class_names) or nc
     if kind == "glands" and classes == 3:  # background, gland, contour
         gen = iter_contoured_glands_blockwise(_ChannelSum(probs, (1, 2)), fg, lab0, block=block, **opts)
     elif kind == "glands":  # without a contour class: its options only (they are recorded with the labels)
         opts = {k: v for k, v in opts.items() if k in GLAND_PLAIN}
+        recorded = {k: v for k, v in recorded.items() if k in GLAND_PLAIN}
         gen = iter_glands_blockwise(fg, lab0, block=block, **opts)
     else:
         boundary = _ChannelView(probs, 2) if classes >= 3 else None
@@ -462,5 +467,5 @@ def label_store(store: Any, kind: str, *, block: int | None = None, min_size: in
         stats = yield from gen
         n_levels = write_label_pyramid(lab_group, block=block)
     store.finish_labels(lab_group, kind, n_levels, count=stats.count, truncated=stats.truncated,
-                        conflicts=stats.conflicts, options=opts)
+                        conflicts=stats.conflicts, options=recorded)
     return stats

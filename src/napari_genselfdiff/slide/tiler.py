@@ -42,6 +42,7 @@ from napari_genselfdiff.core.progress import Progress, relay
 from napari_genselfdiff.slide.labeller import ChildFailed, LabellingAlongside, start_alongside
 from napari_genselfdiff.slide.levels import level_for_mpp
 from napari_genselfdiff.slide.reader import Slide, open_slide
+from napari_genselfdiff.slide.rescale import LevelScale
 from napari_genselfdiff.slide.grid import (BlendWindows, Blocks, TileGrid, TileId, add_tile, blend_to_uint8,
                                           block_size_for)
 from napari_genselfdiff.slide.store import PredictionStore
@@ -206,17 +207,24 @@ def iter_tile_predictions(predictor: Predictor, slide: Slide, level: int, grid: 
         return
     todo.sort(key=grid.origin)
     xs = [grid.origin(tid)[1] for tid in todo]
-    rows = _Rows(slide, level, grid, min(xs), max(xs) + t)
+    scale = LevelScale.of(slide, level, predictor)  # a level at another um/px: resampled (.rescale)
+    reach = scale.reach if scale.needed else (lambda o, n, axis: (o, o + n))
+    rows = _Rows(slide, level, grid, max(0, min(reach(x, t, 1)[0] for x in xs)), max(reach(x, t, 1)[1] for x in xs))
     sizer = sizer or BatchSizer(batch, None)
     i = 0
     while i < len(todo):
         chunk = todo[i:i + sizer.size]
         i += len(chunk)
         origins = [grid.origin(tid) for tid in chunk]
-        pixels, top = rows.cover(min(o[0] for o in origins), max(o[0] for o in origins) + t)
-        stack = np.stack([pixels[oy - top:oy - top + t, ox - rows.x0:ox - rows.x0 + t] for oy, ox in origins])
+        oys = [o[0] for o in origins]
+        pixels, top = rows.cover(max(0, min(reach(y, t, 0)[0] for y in oys)), max(reach(y, t, 0)[1] for y in oys))
         start = sizer.clock()
-        preds = _call_predictor(predictor, stack)
+        if scale.needed:
+            windows = scale.to_model(pixels, top, rows.x0, origins, t)
+            preds = scale.to_level(_call_predictor(predictor, windows), origins, t)
+        else:
+            preds = _call_predictor(predictor, np.stack([pixels[oy - top:oy - top + t, ox - rows.x0:ox - rows.x0 + t]
+                                                         for oy, ox in origins]))
         sizer.record(len(chunk), sizer.clock() - start)
         yield [(tid, preds[k], True) for k, tid in enumerate(chunk)]
 
@@ -365,7 +373,8 @@ def plan_slide(predictor: Predictor, slide: Slide, out_path: Path, cfg: SlideSet
     lvl = resolve_level(slide, cfg.level, predictor)
     check_tile(predictor, cfg.tile)
     h, w = (int(s) for s in slide.levels[lvl].shape[:2])
-    grid = TileGrid.make(h, w, cfg.tile, cfg.overlap, int(getattr(predictor, "tile_multiple", 1) or 1))
+    scale = LevelScale.of(slide, lvl, predictor)  # tile and overlap are in model pixels
+    grid = TileGrid.make(h, w, scale.level_length(cfg.tile), scale.level_length(cfg.overlap), scale.multiple)
     blocks = Blocks(h, w, block_size_for(grid.tile, grid.overlap, cfg.block))
     nc = int(predictor.num_classes)
     names = list(cfg.class_names) if cfg.class_names is not None else (
@@ -376,6 +385,8 @@ def plan_slide(predictor: Predictor, slide: Slide, out_path: Path, cfg: SlideSet
     settings = {"slide": str(Path(slide.path).resolve()), "level": lvl, "shape": [h, w],
                 "tile": cfg.tile, "overlap": cfg.overlap, "block": blocks.size, "num_classes": nc,
                 "tissue": bool(cfg.tissue)}
+    if scale.needed:  # model pixels per level pixel: the labels' options are scaled by it (instances.label_store)
+        settings["resample"] = round(scale.factor, 6)
     if channels != nc:  # maps after the classes (a nucleus distance map): their names
         settings["maps"] = list(getattr(predictor, "channel_names", []))[nc:] or [f"map_{i}" for i in range(channels - nc)]
     info = {"downsample": slide.downsamples[lvl], "mpp": slide.level_mpp(lvl),
