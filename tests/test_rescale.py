@@ -127,3 +127,12 @@ def test_a_resampled_slide_labels_objects_at_the_models_sizes(one_torch_thread, 
     # min_size in level pixels is 4x the model's: no object smaller than that survived
     sizes = np.bincount(labels.ravel())[1:]
     assert sizes[sizes > 0].min() >= 4 * opts["min_size"]
+
+
+def test_predict_says_the_level_is_resampled():
+    from napari_genselfdiff.cli.predict import _resolution
+
+    img = np.zeros((64, 64, 3), np.uint8)
+    note = _resolution(image_slide(img, mpp=1.0, name="s.tif"), None, _Local(1.24), "auto")
+    assert note == "s.tif: the model learned 1.24 um/px; level 0 (1 um/px) is resampled x0.806 to it"
+    assert _resolution(image_slide(img, mpp=1.22, name="s.tif"), None, _Local(1.24), "auto") is None  # within 5 %

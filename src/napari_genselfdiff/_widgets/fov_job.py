@@ -108,12 +108,14 @@ def fov_job(model: str, device: str, cache: PredictorCache | None, slide, source
         warnings.warn(GenSelfDiffWarning(
             f"the view shows all of {slide.path.name} ({todo} tiles at level {level}): this takes as long as "
             "'Predict whole slide', which also saves the result and resumes; zoom in for a quick look"))
-    yield f"predicting {vw}x{vh} pixels at {resolution_of(slide, level)}…"
+    scale = fov[1].scale(level)
+    at_model = f", resampled to the model's {fmt_mpp(predictor.mpp)}" if scale.needed and predictor.mpp else ""
+    yield f"predicting {vw}x{vh} pixels at {resolution_of(slide, level)}{at_model}…"
     probs = yield from fov[1].iter_region(level, y, x, h, w)
     model_values = options_for("nuclei" if predictor.task == "nuclei" else "glands",
                                getattr(predictor, "postprocess_options", None))
     # in the level's pixels where the level is resampled to the model's um/px (slide/rescale.py)
-    level_values = fov[1].scale(level).level_options({**model_values, **(overrides or {})})
+    level_values = scale.level_options({**model_values, **(overrides or {})})
     semantic, instances = yield from in_background(postprocess, probs, predictor.task, level_values,
                                                    status="finding objects…")
     instances = objects_in_view(instances.astype(np.int32, copy=False), view)

@@ -103,10 +103,12 @@ class PredictWidget(QWidget):
 
         box = QGroupBox("Tiling")
         form = QFormLayout(box)
-        self.tile = int_spin(64, 2048, 512, 64, "the model sees the image in square tiles of this many pixels, "
-                             "blended where they overlap: larger tiles take more memory, not a different answer")
+        self.tile = int_spin(64, 2048, 512, 64, "the model sees the image in square tiles of this many pixels "
+                             "(of the model's resolution), blended where they overlap: larger tiles take more "
+                             "memory, not a different answer")
         form.addRow("Tile", self.tile)
-        self.overlap = int_spin(-1, 512, -1, 8, "overlap between neighbouring tiles, in pixels (a multiple of 8); "
+        self.overlap = int_spin(-1, 512, -1, 8, "overlap between neighbouring tiles, in pixels of the model's "
+                                "resolution (a multiple of 8); "
                                 "the model's default comes from its receptive field, so tiling cannot change the answer")
         self.overlap.setSpecialValueText("model's default")
         form.addRow("Overlap", self.overlap)

@@ -341,12 +341,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", nargs="+", required=True, metavar="SLIDE_OR_IMAGE", help="slides or images")
     p.add_argument("--out", required=True, help="output .zarr (one per input; with several inputs, a folder)")
     p.add_argument("--tile", type=patch_size, default=768,  # = slide.tiler.DEFAULT_TILE (a test checks)
-                   help="tile size (default 768)")
+                   help="tile size in pixels of the model's resolution (default 768)")
     p.add_argument("--overlap", type=nonnegative_int, default=None,
                    help="overlap between tiles (default: the model's, derived from its receptive field; 64 for older models)")
     p.add_argument("--mpp", type=pixel_size, default=None,
                    help="microns per pixel of the input when its file does not say (TIFF/OME/Aperio tags are read); "
-                        "the pyramid level closest to the model's resolution is used")
+                        "the pyramid level closest to the model's resolution is read and resampled to it")
     p.add_argument("--batch", type=batch_size, default=4, help="tiles per model call (default 4; on a CPU the network takes them one at a time, which is faster there)")
     p.add_argument("--tta", type=tta_views, default=1, help=TTA_HELP)
     p.add_argument("--level", default="auto", type=level, help="pyramid level, or auto (match the model's microns per pixel)")
