@@ -101,8 +101,8 @@ def fov_job(model: str, device: str, cache: PredictorCache | None, slide, source
     level, vy, vx, vh, vw = region
     shape = tuple(int(v) for v in slide.levels[level].shape[:2])
     # a margin around the view: the objects its border cuts are found whole (the view's own objects only)
-    (y, x, h, w), view = with_margin((vy, vx, vh, vw), view_margin(predictor.task, slide.level_mpp(level) or predictor.mpp),
-                                     shape)
+    margin = view_margin(predictor.task, slide.level_mpp(level) or predictor.mpp)  # in the level's pixels
+    (y, x, h, w), view = with_margin((vy, vx, vh, vw), margin, shape)
     todo = fov[1].uncached(level, y, x, h, w)
     if (vh, vw) == shape and todo > WHOLE_VIEW_TILES:
         warnings.warn(GenSelfDiffWarning(
