@@ -36,7 +36,7 @@ class _Local:
 
 def test_level_scale_converts_model_pixels_to_level_pixels():
     s = LevelScale(0.5, 8)
-    assert s.needed and s.level_length(256) == 512 and s.level_length(176) == 352
+    assert s.needed and s.level_length(256) == 512 and s.level_length(176) == 352 and s.level_length(0) == 0
     assert LevelScale(1.0 / 1.24, 8).level_length(768) == 960  # 768 / 0.806 = 952.3, up to a multiple of 8
     opts = s.level_options({"min_size": 400, "grow": 3, "min_distance": 4, "threshold": 0.6, "fill_holes": True})
     assert opts == {"min_size": 1600, "grow": 6, "min_distance": 8, "threshold": 0.6, "fill_holes": True}

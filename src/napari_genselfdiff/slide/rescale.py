@@ -55,7 +55,7 @@ class LevelScale:
     def level_length(self, model_px: int) -> int:
         """``model_px`` model pixels in level pixels, rounded up to the multiple (a tile size or an
         overlap given in model pixels)."""
-        if not self.needed:
+        if not self.needed or model_px <= 0:
             return int(model_px)
         m = self.multiple
         return max(m, int(math.ceil(model_px / self.factor / m)) * m)
