@@ -28,7 +28,7 @@ from napari_genselfdiff.bundled import resolve_model
 from napari_genselfdiff.core.eval.metrics import aggregate, segmentation_report
 from napari_genselfdiff.core.eval.postprocess import postprocess
 from napari_genselfdiff.core.inference import TorchPredictor
-from napari_genselfdiff.core.resolution import resize_image
+from napari_genselfdiff.core.resolution import resize_image, resize_labels
 from napari_genselfdiff.slide import fov as fov_module
 from napari_genselfdiff.slide import tiler as tiler_module
 from napari_genselfdiff.slide.consistency import image_slide
@@ -38,12 +38,6 @@ from napari_genselfdiff.slide.rescale import LevelScale
 # (model, data set, the level's um/px)
 CASES = [("glands", "glas", 1.0), ("glands", "glas", 2.0), ("nuclei", "monuseg", 0.25), ("nuclei", "consep", 0.25)]
 KEYS = {"glands": ("dice", "object_f1", "object_dice"), "nuclei": ("dice", "aji", "pq")}
-
-
-def _nearest(labels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    ys = np.minimum(((np.arange(shape[0]) + 0.5) * labels.shape[0] / shape[0]).astype(int), labels.shape[0] - 1)
-    xs = np.minimum(((np.arange(shape[1]) + 0.5) * labels.shape[1] / shape[1]).astype(int), labels.shape[1] - 1)
-    return labels[ys][:, xs]
 
 
 def score(predictor, items, instances, native_mpp: float, level_mpp: float, resample: bool) -> dict:
@@ -66,10 +60,10 @@ def score(predictor, items, instances, native_mpp: float, level_mpp: float, resa
             opts = fov.scale(0).level_options(predictor.postprocess_options)
             _, inst = postprocess(probs, task, opts)
             gt_inst = instances.get(it.name)
-            gt = _nearest((it.target > 0).astype(np.uint8), shape)
+            gt = resize_labels((it.target > 0).astype(np.uint8), shape)
             reports.append(segmentation_report((inst > 0).astype(np.uint8), gt, task=task, num_classes=2,
                                                pred_instances=inst,
-                                               gt_instances=None if gt_inst is None else _nearest(gt_inst, shape)))
+                                               gt_instances=None if gt_inst is None else resize_labels(gt_inst, shape)))
     finally:
         LevelScale.of = saved
     return aggregate(reports)

@@ -63,15 +63,9 @@ class LevelScale:
     def level_options(self, options: Mapping[str, Any] | None) -> dict[str, Any]:
         """Post-processing ``options`` written in model pixels, in level pixels (areas by f^2,
         lengths by f; at least 1)."""
-        from napari_genselfdiff.core.eval.postprocess import AREAS, LENGTHS
+        from napari_genselfdiff.core.eval.postprocess import scale_pixel_options
 
-        out = dict(options or {})
-        if not self.needed:
-            return out
-        for k in AREAS + LENGTHS:
-            if k in out and out[k] is not None:
-                out[k] = max(1, int(round(out[k] / (self.factor ** 2 if k in AREAS else self.factor))))
-        return out
+        return scale_pixel_options(options or {}, 1.0 / self.factor) if self.needed else dict(options or {})
 
     # ---------------------------------------------------------------------------------------
     # the model window of a level tile, one axis at a time (0: rows, 1: columns)

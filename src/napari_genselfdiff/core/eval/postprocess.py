@@ -6,7 +6,7 @@ on each block, so a tile and a slide are segmented by the same rules.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -292,10 +292,16 @@ def at_mpp(task: str, options: dict, mpp: float | None) -> dict:
     ref = REFERENCE_MPP.get(task)
     if not mpp or not ref or abs(mpp - ref) < 1e-6:
         return dict(options)
-    f = ref / float(mpp)
+    return scale_pixel_options(options, ref / float(mpp))
+
+
+def scale_pixel_options(options: Mapping[str, Any], f: float) -> dict:
+    """``options`` with their pixel areas times ``f``^2 and pixel lengths times ``f`` (at least 1;
+    None left as it is): the one rule for a model at another um/px (:func:`at_mpp`) and for a slide
+    level resampled to the model's (``slide.rescale.LevelScale.level_options``)."""
     out = dict(options)
     for k in AREAS + LENGTHS:
-        if k in out:
+        if k in out and out[k] is not None:
             out[k] = max(1, int(round(out[k] * (f * f if k in AREAS else f))))
     return out
 
