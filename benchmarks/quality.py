@@ -340,6 +340,8 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.minorticks_off()  # the log axis's own minor labels clash with the fractions below
         images = {r["fraction"]: r["n_train_images"] for r in rows if r["dataset"] == name}  # this dataset's own
         ax.set_xticks([100 * f for f in sorted(images)])
+        # room around the fractions: with one fraction alone the axis would zoom onto the arms' nudges
+        ax.set_xlim(100 * min(images) * 0.8, 100 * max(images) * 1.25)
         ax.set_xticklabels([f"{100 * f:.3g}\n({images[f]} img)" for f in sorted(images)])
         ax.set_ylim(0, 1)
         ax.grid(alpha=0.3)
