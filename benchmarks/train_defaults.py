@@ -54,6 +54,11 @@ PRE_DIFFUSION = """DDPM (T=1000, quadratic schedule, P2-weighted loss), {pre_ste
 PRE_BACKBONE = """the bundled backbone (`resources/models/pretrained`, {pre_steps} steps of
   `benchmarks/pretrain_backbone.py`: DDPM on the unlabeled training images of every data set and the two slides,
   issue #33), the same network, so every tensor but the head carries over."""
+PRE_S2D_BACKBONE = """{pre_steps} steps of `benchmarks/pretrain_backbone.py --preset s2d-backbone` (DDPM, batch 8 x
+  128 px, on the unlabeled training images of every data set and the two slides, issue #33; not bundled: the
+  bundled backbone `resources/models/pretrained` is the full-resolution `backbone`, which does better with few
+  labels), the same network, so every tensor but the head carries over."""
+BACKBONES = ("backbone", "s2d-backbone")  # presets pretrained as the segmenter's own network
 PRE_SCRATCH = """none. Started from the bundled backbone instead (`preset backbone`, the same 2,000-step
   recipe), the nuclei model was no better on validation (MoNuSeg AJI 0.636 -> 0.625, CoNSeP 0.514 -> 0.508;
   benchmarks/RESULTS.md, "Capacity per CPU-minute"), so it is fine-tuned from random weights. The backbone
@@ -248,13 +253,14 @@ def main() -> None:
                            post=post, preset=a.preset, params=params, mpp=ds.mpp,
                            arch_pre="Trained from random weights;" if init is None else
                            "Pretrained as the same network (per-pixel LayerNorm, no attention), so nothing changes "
-                           "between pretext and segmentation;" if a.preset == "backbone" else
+                           "between pretext and segmentation;" if a.preset in BACKBONES else
                            "Pretrained with the paper's GroupNorm + attention network;",
                            pretraining=PRE_SCRATCH if init is None else PRE_BACKBONE.format(pre_steps=a.pretrain_steps)
-                           if a.preset == "backbone" else PRE_DIFFUSION.format(
+                           if a.preset == "backbone" else PRE_S2D_BACKBONE.format(pre_steps=a.pretrain_steps)
+                           if a.preset == "s2d-backbone" else PRE_DIFFUSION.format(
                                pre_steps=a.pretrain_steps, pre_batch=a.batch, patch=a.patch),
                            invariant="its normalisation is per pixel (LayerNorm over channels) and it has no attention"
-                           if a.preset == "backbone" else
+                           if a.preset in BACKBONES else
                            "the segmentation network is its tile-invariant form (BatchNorm with frozen statistics, "
                            "no attention)",
                            ft_patch=patch, ft_steps=steps,

@@ -288,7 +288,8 @@ def test_non_finite_output_is_refused_naming_the_model(tmp_path):
     tiles = np.full((1, 64, 64, 3), 200, np.uint8)
     assert np.isfinite(predictor(tiles)).all()
     with torch.no_grad():
-        predictor.network.stem.weight.fill_(float("nan"))  # the network that runs (BatchNorm folded in)
+        first = next(m for m in predictor.network.modules() if isinstance(m, torch.nn.Conv2d))
+        first.weight.fill_(float("nan"))  # of the network that runs (BatchNorm folded in)
     with pytest.raises(CheckpointError, match=rf"{model}: .*NaN or infinite"):
         predictor(tiles)
 

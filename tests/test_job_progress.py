@@ -24,7 +24,8 @@ from napari_genselfdiff.core.train.validation import validation_crops, validatio
 from napari_genselfdiff.slide.fov import FieldOfViewPredictor
 from napari_genselfdiff.slide.grid import TileGrid
 from napari_genselfdiff.slide.reader import open_slide
-from napari_genselfdiff.slide.tiler import BatchSizer, predict_slide
+from napari_genselfdiff.slide.batching import BatchSizer
+from napari_genselfdiff.slide.tiler import predict_slide
 
 REPO = Path(__file__).resolve().parents[1]
 TILE, OVERLAP, BLOCK = 128, 32, 256  # stride 96, output blocks of 288 px: 4 x 4 blocks on 1024 px

@@ -751,6 +751,34 @@ def test_predict_whole_slide_writes_a_store_and_shows_its_labels(make_napari_vie
     assert "glands" in viewer.layers and w.slide_btn.isEnabled()
 
 
+def test_predict_normalises_the_stain_when_asked(make_napari_viewer, qtbot, tmp_path, he_image, seg_model):
+    """The stain box: the field of view is predicted on the stain-normalised image (other
+    probabilities than without), its tile cache is kept apart from the plain one's, and a whole
+    slide's store records the normalisation; the status says what it was normalised to."""
+    viewer = make_napari_viewer()
+    viewer.add_image(he_image[:256, :384], name="H&E crop", rgb=True)
+    w = predict_widget(viewer, seg_model, tmp_path / "pred")
+    lines = []
+    w.runner.event.connect(lambda e: lines.append(e) if isinstance(e, str) else None)
+    viewer.reset_view()
+    w.fov_btn.click()
+    wait_idle(qtbot, w)
+    plain = np.array(viewer.layers["glands probability"].data)
+    assert not w._fov[0].stain
+    w.stain.setChecked(True)
+    w.fov_btn.click()
+    wait_idle(qtbot, w)
+    assert w._fov[0].stain and any("stain normalised to the model's 'training'" in s for s in lines)
+    normed = np.array(viewer.layers["glands probability"].data)
+    assert normed.shape == plain.shape and np.abs(normed - plain).max() > 0.01
+    w.slide_btn.click()
+    wait_idle(qtbot, w)
+    from napari_genselfdiff.slide.store import PredictionStore
+
+    store = PredictionStore.open(tmp_path / "pred" / "H_E_crop-glands-tiny.zarr")
+    assert store.settings["stain"]["target_name"] == "training"
+
+
 def test_predict_whole_slide_runs_at_the_models_resolution(make_napari_viewer, qtbot, tmp_path, he_image,
                                                            seg_model):
     """The model was trained at 1.0 micron per pixel, the slide is 0.5: level 1 (downsample 2) is

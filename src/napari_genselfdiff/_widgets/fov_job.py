@@ -17,7 +17,7 @@ from ..core.progress import in_background
 from .geometry import Bounds, Region, at_model_level, grid_of, view_of, visible_region
 from .models import fmt_mpp
 from .slide_layer import downsamples_of
-from .whole_slide import load_predictor
+from .whole_slide import load_predictor, stained
 
 # ---------------------------------------------------------------------------------------------
 # layers as the jobs need them
@@ -41,6 +41,7 @@ class FovKey:
     source_id: int  # id of the layer's level-0 array (the cached slide keeps it alive)
     tile: int
     overlap: int
+    stain: bool = False  # tiles stain-normalised (core/stain.py)
 
 
 @dataclass
@@ -80,23 +81,25 @@ WHOLE_VIEW_TILES = 16
 
 def fov_job(model: str, device: str, cache: PredictorCache | None, slide, source_id: int, region: Region,
             tile: int, overlap: int, fov: tuple[FovKey, Any] | None, precision: str = "auto",
-            overrides: dict | None = None) -> Iterator[Any]:
+            overrides: dict | None = None, stain: bool = False) -> Iterator[Any]:
     """Predict the visible region; returns a :class:`FovResult`.
 
     Yields the tiler's progress after every model call (so Cancel stops within about half a
     second, and the panel shows tiles, speed and ETA), and warns when the view is the whole image.
     The FOV predictor (and its tile cache) is kept while the model, the image and the tiling are
     the same. ``overrides``: post-processing values to use instead of the model's (the live
-    Objects controls, :mod:`.objects`).
+    Objects controls, :mod:`.objects`). ``stain``: the tiles' stain normalised to the model's
+    training stain (core/stain.py; the image's statistics taken once, as a whole-slide run does).
     """
     from ..core.eval.postprocess import options_for, postprocess
     from ..slide.fov import FieldOfViewPredictor, objects_in_view, view_margin, with_margin
 
     cache, overlap = yield from load_predictor(model, device, cache, tile, overlap, precision)
     predictor = cache.predictor
-    key = FovKey(cache.key, source_id, tile, overlap)
+    key = FovKey(cache.key, source_id, tile, overlap, stain)
     if fov is None or fov[0] != key:
-        fov = (key, FieldOfViewPredictor(predictor, slide, 0, tile, overlap, 256))
+        fov = (key, FieldOfViewPredictor((yield from stained(predictor, slide)) if stain else predictor,
+                                         slide, 0, tile, overlap, 256))
     region = at_model_level(region, slide.downsamples, [lv.shape for lv in slide.levels], slide.mpp, predictor.mpp)
     level, vy, vx, vh, vw = region
     shape = tuple(int(v) for v in slide.levels[level].shape[:2])

@@ -87,19 +87,36 @@ def load_predictor(model: str, device: str, cache: PredictorCache | None, tile: 
     return cache, overlap
 
 
+def stained(predictor, slide):
+    """``predictor`` with the stain of ``slide`` (at the level the model reads) normalised to the
+    model's training stain (core/stain.py); yields a status line, returns the wrapped predictor."""
+    from ..core.stain import with_stain
+    from ..slide.stain import slide_normalizer
+    from ..slide.tiler import resolve_level
+
+    yield "measuring the image's stain…"
+    norm = slide_normalizer(slide, resolve_level(slide, "auto", predictor), predictor.config,
+                            f"{getattr(predictor, 'source', 'the model')}/config.json")
+    yield f"stain normalised to the model's {norm.target_name!r}"
+    return with_stain(predictor, norm)
+
+
 def slide_job(model: str, device: str, cache: PredictorCache | None, slide, out: str, tile: int, overlap: int,
-              batch: int, run_on: RunOn = RunOn(), precision: str = "auto") -> Iterator[Any]:
+              batch: int, run_on: RunOn = RunOn(), precision: str = "auto", stain: bool = False) -> Iterator[Any]:
     """Predict the whole slide into the zarr store ``out`` (resumes a run with the same settings),
     at the pyramid level closest to the model's training resolution when both are known, here or
-    on a Dask cluster (``run_on``); returns a :class:`SlideResult`."""
+    on a Dask cluster (``run_on``); returns a :class:`SlideResult`. ``stain``: the tiles' stain
+    normalised to the model's training stain (core/stain.py), as the store records."""
     from ..slide.tiler import SlideSettings, predict_slide
 
     cache, overlap = yield from load_predictor(model, device, cache, tile, overlap, precision)
     predictor = cache.predictor
     kind = result_name(predictor) if predictor.task in ("glands", "nuclei") else None
     options = dict(getattr(predictor, "postprocess_options", None) or {})
+    norm = (yield from stained(predictor, slide)).normalizer.to_dict() if stain else None
     settings = SlideSettings(level="auto", tile=tile, overlap=overlap, batch=batch, tissue=True,
-                             class_names=tuple(predictor.class_names), postprocess=kind, postprocess_options=options)
+                             class_names=tuple(predictor.class_names), postprocess=kind, postprocess_options=options,
+                             stain=norm)
     if run_on.where == RUN_ON[0]:
         yield from predict_slide(predictor, slide, out, **{f.name: getattr(settings, f.name)
                                                            for f in dataclasses.fields(settings)})

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -232,6 +232,11 @@ def predict_cli(a: argparse.Namespace) -> int:
                                                tta=getattr(a, "tta", 1), precision=precision)
     if not cluster:  # which device and arithmetic run the model, and why (workers say their own)
         print(f"model: {predictor.device.type}, {predictor.precision.why}")
+    stain = bool(getattr(a, "stain_normalize", False))
+    if stain:  # a model that records no training stain is refused before any work
+        from ..core.stain import model_targets
+
+        model_targets(predictor.config, f"{model}/config.json")
     task = predictor.task
     post = task if task in ("glands", "nuclei") else None
     level = a.level if a.level == "auto" else int(a.level)
@@ -250,7 +255,9 @@ def predict_cli(a: argparse.Namespace) -> int:
                 note = _resolution(slide, getattr(a, "mpp", None), predictor, level)
                 if note:
                     print(note)
-                progress_bar(predict_slide(predictor, slide, target, **kwargs), Path(inp).name, units=PREDICT_UNITS)
+                norm = _stain(slide, predictor, level, model) if stain else None
+                progress_bar(predict_slide(predictor, slide, target, **kwargs, stain=norm), Path(inp).name,
+                             units=PREDICT_UNITS)
             print(f"{inp} -> {target}")
         if post == "glands":  # kept as asked for, with one line when it does not look like glands
             from ..slide.glands_check import no_glands_line
@@ -273,6 +280,18 @@ def predict_cli(a: argparse.Namespace) -> int:
     return 0
 
 
+def _stain(slide, predictor, level, model) -> dict:
+    """The stain normalisation of ``slide`` for ``predictor`` (core/stain.py), said in one line."""
+    from ..slide.stain import slide_normalizer
+    from ..slide.tiler import resolve_level
+
+    norm = slide_normalizer(slide, resolve_level(slide, level, predictor), predictor.config, f"{model}/config.json")
+    s, t = norm.source, norm.target
+    print(f"stain: normalised to the model's {norm.target_name!r} stain (tissue Lab mean {s.mean[0]:.0f}/{s.mean[1]:.0f}/"
+          f"{s.mean[2]:.0f} -> {t.mean[0]:.0f}/{t.mean[1]:.0f}/{t.mean[2]:.0f})")
+    return norm.to_dict()
+
+
 def _predict_on_cluster(a: argparse.Namespace, predictor, model: Path, targets: dict, kwargs: dict) -> None:
     """``--workers N`` / ``--scheduler ADDRESS``: the blocks of all inputs as one task graph on a
     Dask cluster (:mod:`..slide.distributed`), then the summary table. Every store is created (or
@@ -293,7 +312,8 @@ def _predict_on_cluster(a: argparse.Namespace, predictor, model: Path, targets: 
             note = _resolution(slide, getattr(a, "mpp", None), predictor, kwargs["level"])
             if note:
                 print(note)
-            jobs.append(plan_job(predictor, slide, target, settings, i, Path(inp).name))
+            norm = _stain(slide, predictor, kwargs["level"], model) if getattr(a, "stain_normalize", False) else None
+            jobs.append(plan_job(predictor, slide, target, replace(settings, stain=norm), i, Path(inp).name))
     spec = ModelSpec(str(model.resolve()), a.device, a.batch, getattr(a, "tta", 1), getattr(a, "precision", "auto"))
     with connect(a.workers, a.scheduler) as client:
         print(f"dask: {len(client.nthreads())} workers at {client.scheduler.address}"

@@ -128,7 +128,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
                      inputs=[model])
     result = evaluate_folder(model, a.images, a.masks, instances_dir=a.instances, device=a.device,
                              mpp=a.mpp, mpp_of=file_mpp, tta=getattr(a, "tta", 1),
-                             precision=getattr(a, "precision", "auto"))
+                             precision=getattr(a, "precision", "auto"), stain=getattr(a, "stain_normalize", False))
     print(format_report(result))
     if a.json:
         from ..core.atomic import json_marker, write_json_atomic

@@ -73,6 +73,7 @@ class SlideJob:
     tissue: bool
     todo: tuple[tuple[int, int], ...]  # blocks not yet done, raster order
     mpp: float | None  # microns per level-0 pixel (for the tissue area)
+    stain: Any = None  # the tiles' stain normalisation (core.stain.StainNormalizer.to_dict()), or None
 
 
 @dataclass(frozen=True)
@@ -175,7 +176,9 @@ def block_task(job: SlideJob, model: ModelSpec, b: tuple[int, int], mask: Tissue
     """Predict output block ``b`` of the slide and write it into the slide's store (only whole
     chunks, each atomically); the caller marks it done once this returns."""
     start = time.perf_counter()
-    predictor = worker_predictor(model)
+    from napari_genselfdiff.core.stain import with_stain
+
+    predictor = with_stain(worker_predictor(model), job.stain)  # a wrapper per task: slides differ
     with _local_dask(), open_slide(job.slide) as slide:
         data = predict_block(predictor, slide, job.level, job.grid, job.blocks, b, tissue=mask, batch=model.batch)
         downsample = slide.downsamples[job.level]
@@ -308,7 +311,8 @@ def plan_job(predictor: Predictor, slide: Slide, out_path: str | Path, settings:
     done = np.asarray(plan.store.done[...]).astype(bool)
     todo = tuple((int(r), int(c)) for r in range(done.shape[0]) for c in range(done.shape[1]) if not done[r, c])
     return SlideJob(index, name or Path(slide.path).name, str(Path(slide.path).resolve()), str(out_path),
-                    plan.level, plan.grid, plan.blocks, bool(settings.tissue), todo, slide.mpp)
+                    plan.level, plan.grid, plan.blocks, bool(settings.tissue), todo, slide.mpp,
+                    dict(settings.stain) if settings.stain else None)
 
 
 @dataclass

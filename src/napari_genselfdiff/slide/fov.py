@@ -17,7 +17,8 @@ from napari_genselfdiff.core.progress import Progress, run_to_end
 from napari_genselfdiff.slide.reader import Slide
 from napari_genselfdiff.slide.rescale import LevelScale
 from napari_genselfdiff.slide.grid import BlendWindows, TileGrid, TileId, add_tile, normalise_blend
-from napari_genselfdiff.slide.tiler import (BatchSizer, Predictor, channels_of, check_tile, iter_tile_predictions,
+from napari_genselfdiff.slide.batching import BatchSizer
+from napari_genselfdiff.slide.tiler import (Predictor, channels_of, check_tile, iter_tile_predictions,
                                            resolve_level, split_by_tissue)
 from napari_genselfdiff.slide.tissue import TissueMask, clear_background, detect_tissue
 

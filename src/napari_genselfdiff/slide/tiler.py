@@ -32,13 +32,15 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence, runtime_checkable
+from typing import Any, Iterator, Mapping, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
 from napari_genselfdiff.core.diskspace import check_free_space
 from napari_genselfdiff.core.errors import DataError, GenSelfDiffError
 from napari_genselfdiff.core.progress import Progress, relay
+from napari_genselfdiff.core.stain import with_stain
+from napari_genselfdiff.slide.batching import BatchSizer
 from napari_genselfdiff.slide.labeller import ChildFailed, LabellingAlongside, start_alongside
 from napari_genselfdiff.slide.levels import level_for_mpp
 from napari_genselfdiff.slide.reader import Slide, open_slide
@@ -121,27 +123,6 @@ def _read_padded(slide: Slide, level: int, grid: TileGrid, y0: int, x0: int, y1:
         pad = np.pad(inner, ((0, max(py, 0)), (0, max(px, 0)), (0, 0)), mode="reflect")
         pixels[:pad.shape[0], :pad.shape[1]] = pad
     return pixels
-
-
-class BatchSizer:
-    """How many tiles go to the model in one call: at most ``batch``, fewer while one call would
-    take longer than ``target_s`` seconds. A job yields (and so can be cancelled) between calls,
-    so this bounds how long Cancel waits whatever the batch setting: a CPU ends up at one tile per
-    call, a GPU at the full batch. Tiles are predicted independently, so the size never changes
-    the answer. The first call takes one tile; after each call the size becomes the number of
-    tiles that fit in ``target_s`` at the measured speed (at most twice the last size).
-    ``target_s=None`` keeps the size at ``batch``. ``clock`` is for tests."""
-
-    def __init__(self, batch: int, target_s: float | None = 0.5, clock: Callable[[], float] = time.perf_counter):
-        self.batch, self.target_s, self.clock = max(int(batch), 1), target_s, clock
-        self.size = 1 if target_s else self.batch
-
-    def record(self, tiles: int, seconds: float) -> None:
-        """A call of ``tiles`` tiles took ``seconds``."""
-        if not self.target_s or tiles < 1:
-            return
-        fit = int(self.target_s * tiles / seconds) if seconds > 0 else self.batch
-        self.size = max(1, min(self.batch, fit, 2 * tiles))
 
 
 def split_by_tissue(grid: TileGrid, tiles: Sequence[TileId], tissue: TissueMask | None,
@@ -259,6 +240,7 @@ class SlideSettings:
     metadata: Mapping[str, Any] = field(default_factory=dict)
     overwrite: bool = False
     label_alongside: bool | None = None  # None: on slides of labeller.MIN_PIXELS and more
+    stain: Mapping[str, Any] | None = None  # core.stain.StainNormalizer.to_dict(): tiles normalised first
 
     def __post_init__(self) -> None:
         if self.postprocess not in (None, "glands", "nuclei"):
@@ -310,7 +292,8 @@ def predict_slide(predictor: Predictor, slide_or_path: Slide | str | Path, out_p
                   progress_every: int = 1, block: int = 2048,
                   postprocess_options: dict[str, Any] | None = None,
                   metadata: dict[str, Any] | None = None,
-                  overwrite: bool = False, label_alongside: bool | None = None) -> Iterator[Progress]:
+                  overwrite: bool = False, label_alongside: bool | None = None,
+                  stain: Mapping[str, Any] | None = None) -> Iterator[Progress]:
     """Predict a whole slide level into a prediction store at ``out_path``; a generator of
     :class:`~napari_genselfdiff.core.progress.Progress` events (stages 'predict', then
     'postprocess', then one 'done'; ``step``/``total`` count tiles, then block passes).
@@ -331,13 +314,15 @@ def predict_slide(predictor: Predictor, slide_or_path: Slide | str | Path, out_p
     with the ETA and rate) and after each block. The store layout is described in :mod:`.store`.
     ``label_alongside``: label instances in a second process while the blocks are predicted
     (:mod:`.labeller`; the same labels); None: on slides of ``labeller.MIN_PIXELS`` and more
-    (``labeller.by_default``).
+    (``labeller.by_default``). ``stain``: the tiles' stain normalisation (``slide.stain.slide_normalizer``),
+    recorded in the store's settings.
     """
     settings = SlideSettings(level=level, tile=tile, overlap=overlap, batch=batch, tissue=tissue,
                              class_names=None if class_names is None else tuple(class_names),
                              postprocess=postprocess, min_size=min_size, progress_every=progress_every,
                              block=block, postprocess_options=dict(postprocess_options or {}),
-                             metadata=dict(metadata or {}), overwrite=overwrite, label_alongside=label_alongside)
+                             metadata=dict(metadata or {}), overwrite=overwrite, label_alongside=label_alongside,
+                             stain=stain)
     own = not isinstance(slide_or_path, Slide)
     slide = open_slide(slide_or_path) if own else slide_or_path
     try:
@@ -387,6 +372,8 @@ def plan_slide(predictor: Predictor, slide: Slide, out_path: Path, cfg: SlideSet
                 "tissue": bool(cfg.tissue)}
     if scale.needed:  # model pixels per level pixel: the labels' options are scaled by it (instances.label_store)
         settings["resample"] = round(scale.factor, 6)
+    if cfg.stain:  # the tiles are stain-normalised: a resumed run must normalise alike
+        settings["stain"] = dict(cfg.stain)
     if channels != nc:  # maps after the classes (a nucleus distance map): their names
         settings["maps"] = list(getattr(predictor, "channel_names", []))[nc:] or [f"map_{i}" for i in range(channels - nc)]
     info = {"downsample": slide.downsamples[lvl], "mpp": slide.level_mpp(lvl),
@@ -432,7 +419,7 @@ def _predict_slide(predictor: Predictor, slide: Slide, out_path: Path,
     lvl, grid, blocks, store = plan.level, plan.grid, plan.blocks, plan.store
     if mask is not None:
         store.write_tissue(mask.mask, mask.downsample)
-    run = _Run(predictor, slide, lvl, grid, blocks, store, mask, cfg, str(out_path), start)
+    run = _Run(with_stain(predictor, cfg.stain), slide, lvl, grid, blocks, store, mask, cfg, str(out_path), start)
     alongside = None if cfg.postprocess is None else start_alongside(
         store, cfg.postprocess, min_size=cfg.min_size, options=cfg.postprocess_options, wanted=cfg.label_alongside)
     try:

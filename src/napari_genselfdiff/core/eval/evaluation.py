@@ -9,7 +9,7 @@ model's own is assumed; ``result["resolution"]`` says which, in one line per cas
 from __future__ import annotations
 
 import os
-from typing import Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
 
@@ -19,14 +19,23 @@ from ..inference import TorchPredictor
 from ..resolution import resolution_note, segment_at_mpp
 from .postprocess import postprocess
 
+if TYPE_CHECKING:
+    from ..stain import LabStats
+
 
 def evaluate_items(predictor: TorchPredictor, items: Sequence[LabeledImage],
                    gt_instances: dict[str, np.ndarray] | None = None, *, mpp: float | None = None,
-                   mpps: dict[str, float | None] | None = None) -> dict:
+                   mpps: dict[str, float | None] | None = None, stain: bool = False,
+                   stain_of: Mapping[str, LabStats] | None = None) -> dict:
     """Per-image and mean metrics of ``predictor`` on labeled images held in memory, each run at
     the model's resolution: ``mpps[name]`` or else ``mpp`` is the image's pixel size (None:
-    unknown, the model's own assumed)."""
+    unknown, the model's own assumed). ``stain``: each image's stain normalised to the nearest the
+    model records first (core/stain.py), from the image's own statistics or ``stain_of[name]`` (those
+    of the slide or tile it was cut from, as a slide's run takes them once for the whole slide)."""
+    from ..stain import lab_stats, model_targets, normalizer_for, with_stain
     from .metrics import aggregate, segmentation_report
+
+    targets = model_targets(predictor.config, f"{getattr(predictor, 'source', 'the model')}/config.json") if stain else {}
 
     spec = TaskSpec.from_dict(predictor.config["task"])
     binary = spec.task != "multiclass"
@@ -35,7 +44,9 @@ def evaluate_items(predictor: TorchPredictor, items: Sequence[LabeledImage],
     for it in items:
         item_mpp = (mpps or {}).get(it.name, mpp)
         by_mpp[item_mpp] = by_mpp.get(item_mpp, 0) + 1
-        _, semantic, inst, _ = segment_at_mpp(predictor, it.image, item_mpp, lambda p: postprocess(p, spec.task, getattr(predictor, "postprocess_options", None)))
+        source = (stain_of or {}).get(it.name) or lab_stats([it.image], it.name) if stain else None
+        run = with_stain(predictor, normalizer_for(source, targets)) if stain else predictor
+        _, semantic, inst, _ = segment_at_mpp(run, it.image, item_mpp, lambda p: postprocess(p, spec.task, getattr(predictor, "postprocess_options", None)))
         # glands / nuclei: the pixels of the objects the user gets (post-processing included)
         pred = (inst > 0).astype(np.uint8) if spec.task in ("glands", "nuclei") else \
             (semantic > 0).astype(np.uint8) if binary else semantic
@@ -54,11 +65,12 @@ def evaluate_items(predictor: TorchPredictor, items: Sequence[LabeledImage],
 
 def evaluate_folder(model: str | os.PathLike, images_dir, masks_dir, *, instances_dir=None,
                     device: str = "auto", predictor: TorchPredictor | None = None, mpp: float | None = None,
-                    mpp_of=None, tta: int = 1, precision: str = "auto") -> dict:
+                    mpp_of=None, tta: int = 1, precision: str = "auto", stain: bool = False) -> dict:
     """Metrics of ``model`` on a folder of images with masks (and optional instance labels).
     ``mpp``: the images' pixel size (overrides the files); ``mpp_of(path) -> float | None`` reads
     it from a file (``slide.reader.file_mpp``) when ``mpp`` is not given. ``tta``: test-time
-    augmentation views (core.inference.TTA_VIEWS); ``precision``: auto / fp32 / bf16 (core/precision.py)."""
+    augmentation views (core.inference.TTA_VIEWS); ``precision``: auto / fp32 / bf16 (core/precision.py);
+    ``stain``: stain normalisation (core/stain.py)."""
     predictor = predictor or TorchPredictor.from_checkpoint(model, device=device, tta=tta, precision=precision)
     spec = TaskSpec.from_dict(predictor.config["task"])
     items = load_labeled_folder(images_dir, masks_dir, spec)
@@ -70,13 +82,15 @@ def evaluate_folder(model: str | os.PathLike, images_dir, masks_dir, *, instance
         files = {p.stem: p for p in list_images(instances_dir)}
         gt_inst = {it.name: read_mask(files[it.name]) for it in items if it.name in files}
     return {"model": str(model), "precision": predictor.precision.name,
-            **evaluate_items(predictor, items, gt_inst, mpp=mpp, mpps=mpps)}
+            **({"stain": "normalised to the model's training stain"} if stain else {}),
+            **evaluate_items(predictor, items, gt_inst, mpp=mpp, mpps=mpps, stain=stain)}
 
 
 def format_report(result: dict) -> str:
     lines = [f"{result['task']} model {result.get('model', '')} on {result['n_images']} image(s)"
              + (f" in {result['precision']}" if result.get("precision") else "") + ":"]
     lines += [f"  resolution: {note}" for note in result.get("resolution", [])]
+    lines += [f"  stain: {result['stain']}"] if result.get("stain") else []
     for k, v in result["mean"].items():
         lines.append(f"  {k:<20} {v:.4f}" if isinstance(v, float) else f"  {k:<20} {v}")
     return "\n".join(lines)

@@ -33,6 +33,7 @@ from ..nets.unet import PRESETS, UNet, UNetConfig, iter_recalibrate_batchnorm, s
 from ..precision import Precision, autocast, precision_of, resolve_precision
 from ..pretext.diffusion import Diffusion, ScheduleConfig
 from ..progress import Progress, StopRequested, relay, run_to_end
+from ..stain import training_stain
 from .stops import StopChecks
 from . import ddp
 from .losses import build_loss, parse_loss
@@ -424,6 +425,8 @@ def finetune(items: Sequence[LabeledImage], out: str | os.PathLike, cfg: Finetun
     loss_fn, bw = build_loss(cfg.loss, spec.num_classes), spec.boundary_width if spec.boundary else 0
     run = {"stage": "finetune", **asdict(cfg)}
     latest: dict = dict(saved.get("validation") or {}) if state is not None else {}  # a resumed run keeps its scores
+    # the training images' stain, which --stain-normalize moves other images to (core/stain.py)
+    stain_targets = training_stain(train)
 
     def loss_at(step: int):
         calibrated["trained_to"] = step + 1
@@ -442,7 +445,7 @@ def finetune(items: Sequence[LabeledImage], out: str | os.PathLike, cfg: Finetun
                              "val_images": [it.name for it in val_items], "init_info": init_info,
                              "batch": cfg.batch, "lr": cfg.lr, "precision": trainer.precision.name, "time": _now(),
                              **ddp.provenance(group, dev)},
-                "validation": latest, "versions": ckpt.versions(), **tuned}
+                "validation": latest, "stain_targets": stain_targets, "versions": ckpt.versions(), **tuned}
 
     calibrated = {"step": None, "trained_to": start}
 
