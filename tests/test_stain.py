@@ -215,7 +215,7 @@ def test_a_cluster_job_carries_the_stain(tissue, tmp_path):
     tifffile.imwrite(img, _tinted(tissue[0]), resolution=(1e4 / 0.5, 1e4 / 0.5), resolutionunit="CENTIMETER")
     pred = TorchPredictor.from_checkpoint(require_bundled("nuclei")["nuclei"], device="cpu")
     with open_slide(img) as slide:
-        norm = slide_normalizer(slide, 0, pred.config).to_dict()
+        norm = slide_normalizer(slide, pred, 0).to_dict()
         job = plan_job(pred, slide, tmp_path / "s.zarr", SlideSettings(tile=256, overlap=64, stain=norm))
     assert job.stain == norm
     from napari_genselfdiff.slide.store import PredictionStore

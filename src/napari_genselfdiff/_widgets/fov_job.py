@@ -17,7 +17,7 @@ from ..core.progress import in_background
 from .geometry import Bounds, Region, at_model_level, grid_of, view_of, visible_region
 from .models import fmt_mpp
 from .slide_layer import downsamples_of
-from .whole_slide import load_predictor, stained
+from .whole_slide import load_predictor, stain_normalizer
 
 # ---------------------------------------------------------------------------------------------
 # layers as the jobs need them
@@ -92,14 +92,15 @@ def fov_job(model: str, device: str, cache: PredictorCache | None, slide, source
     training stain (core/stain.py; the image's statistics taken once, as a whole-slide run does).
     """
     from ..core.eval.postprocess import options_for, postprocess
+    from ..core.stain import with_stain
     from ..slide.fov import FieldOfViewPredictor, objects_in_view, view_margin, with_margin
 
     cache, overlap = yield from load_predictor(model, device, cache, tile, overlap, precision)
     predictor = cache.predictor
     key = FovKey(cache.key, source_id, tile, overlap, stain)
     if fov is None or fov[0] != key:
-        fov = (key, FieldOfViewPredictor((yield from stained(predictor, slide)) if stain else predictor,
-                                         slide, 0, tile, overlap, 256))
+        run = with_stain(predictor, (yield from stain_normalizer(predictor, slide))) if stain else predictor
+        fov = (key, FieldOfViewPredictor(run, slide, 0, tile, overlap, 256))
     region = at_model_level(region, slide.downsamples, [lv.shape for lv in slide.levels], slide.mpp, predictor.mpp)
     level, vy, vx, vh, vw = region
     shape = tuple(int(v) for v in slide.levels[level].shape[:2])

@@ -87,18 +87,15 @@ def load_predictor(model: str, device: str, cache: PredictorCache | None, tile: 
     return cache, overlap
 
 
-def stained(predictor, slide):
-    """``predictor`` with the stain of ``slide`` (at the level the model reads) normalised to the
-    model's training stain (core/stain.py); yields a status line, returns the wrapped predictor."""
-    from ..core.stain import with_stain
+def stain_normalizer(predictor, slide):
+    """The normaliser of ``slide``'s stain (at the level the model reads) to the model's training
+    stain (core/stain.py); yields status lines, returns the :class:`~..core.stain.StainNormalizer`."""
     from ..slide.stain import slide_normalizer
-    from ..slide.tiler import resolve_level
 
     yield "measuring the image's stain…"
-    norm = slide_normalizer(slide, resolve_level(slide, "auto", predictor), predictor.config,
-                            f"{getattr(predictor, 'source', 'the model')}/config.json")
+    norm = slide_normalizer(slide, predictor)
     yield f"stain normalised to the model's {norm.target_name!r}"
-    return with_stain(predictor, norm)
+    return norm
 
 
 def slide_job(model: str, device: str, cache: PredictorCache | None, slide, out: str, tile: int, overlap: int,
@@ -113,7 +110,7 @@ def slide_job(model: str, device: str, cache: PredictorCache | None, slide, out:
     predictor = cache.predictor
     kind = result_name(predictor) if predictor.task in ("glands", "nuclei") else None
     options = dict(getattr(predictor, "postprocess_options", None) or {})
-    norm = (yield from stained(predictor, slide)).normalizer.to_dict() if stain else None
+    norm = (yield from stain_normalizer(predictor, slide)).to_dict() if stain else None
     settings = SlideSettings(level="auto", tile=tile, overlap=overlap, batch=batch, tissue=True,
                              class_names=tuple(predictor.class_names), postprocess=kind, postprocess_options=options,
                              stain=norm)

@@ -255,7 +255,7 @@ def predict_cli(a: argparse.Namespace) -> int:
                 note = _resolution(slide, getattr(a, "mpp", None), predictor, level)
                 if note:
                     print(note)
-                norm = _stain(slide, predictor, level, model) if stain else None
+                norm = _stain(slide, predictor, level) if stain else None
                 progress_bar(predict_slide(predictor, slide, target, **kwargs, stain=norm), Path(inp).name,
                              units=PREDICT_UNITS)
             print(f"{inp} -> {target}")
@@ -280,12 +280,11 @@ def predict_cli(a: argparse.Namespace) -> int:
     return 0
 
 
-def _stain(slide, predictor, level, model) -> dict:
+def _stain(slide, predictor, level) -> dict:
     """The stain normalisation of ``slide`` for ``predictor`` (core/stain.py), said in one line."""
     from ..slide.stain import slide_normalizer
-    from ..slide.tiler import resolve_level
 
-    norm = slide_normalizer(slide, resolve_level(slide, level, predictor), predictor.config, f"{model}/config.json")
+    norm = slide_normalizer(slide, predictor, level)
     s, t = norm.source, norm.target
     print(f"stain: normalised to the model's {norm.target_name!r} stain (tissue Lab mean {s.mean[0]:.0f}/{s.mean[1]:.0f}/"
           f"{s.mean[2]:.0f} -> {t.mean[0]:.0f}/{t.mean[1]:.0f}/{t.mean[2]:.0f})")
@@ -312,7 +311,7 @@ def _predict_on_cluster(a: argparse.Namespace, predictor, model: Path, targets: 
             note = _resolution(slide, getattr(a, "mpp", None), predictor, kwargs["level"])
             if note:
                 print(note)
-            norm = _stain(slide, predictor, kwargs["level"], model) if getattr(a, "stain_normalize", False) else None
+            norm = _stain(slide, predictor, kwargs["level"]) if getattr(a, "stain_normalize", False) else None
             jobs.append(plan_job(predictor, slide, target, replace(settings, stain=norm), i, Path(inp).name))
     spec = ModelSpec(str(model.resolve()), a.device, a.batch, getattr(a, "tta", 1), getattr(a, "precision", "auto"))
     with connect(a.workers, a.scheduler) as client:

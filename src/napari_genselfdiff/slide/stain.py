@@ -2,12 +2,11 @@
 model reads: the whole level when it is small (an image), else windows spread over its tissue."""
 from __future__ import annotations
 
-from typing import Mapping
-
 import numpy as np
 
 from napari_genselfdiff.core.stain import LabStats, StainNormalizer, lab_stats, model_targets, normalizer_for
 from napari_genselfdiff.slide.reader import Slide
+from napari_genselfdiff.slide.tiler import resolve_level
 from napari_genselfdiff.slide.tissue import detect_tissue
 
 #: A level of at most this many pixels is read whole.
@@ -37,6 +36,8 @@ def slide_stats(slide: Slide, level: int) -> LabStats:
     return lab_stats(windows, what)
 
 
-def slide_normalizer(slide: Slide, level: int, model_config: Mapping, source: str = "config.json") -> StainNormalizer:
-    """The normaliser from ``slide``'s level to the nearest stain the model records."""
-    return normalizer_for(slide_stats(slide, level), model_targets(model_config, source))
+def slide_normalizer(slide: Slide, predictor, level: int | str = "auto") -> StainNormalizer:
+    """The normaliser from the level of ``slide`` that ``predictor`` reads (``level``: a pyramid
+    level, or 'auto' as the tiler resolves it) to the nearest stain the predictor's model records."""
+    targets = model_targets(predictor.config, f"{getattr(predictor, 'source', 'the model')}/config.json")
+    return normalizer_for(slide_stats(slide, resolve_level(slide, level, predictor)), targets)
